@@ -1,0 +1,237 @@
+"""Configs are data: frozen, keyword-only dataclasses that validate themselves and round-trip through JSON.
+
+``BlockConfig`` describes one ``ConfigurableBlock`` (seed 001): which attention / mixer, FFN, norm and
+position encoding to build, by registry name, and their sizes. ``ConfigBase`` gives every config
+``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` and type checking of its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from typing import Any, ClassVar, TypeVar
+
+__all__ = ["ConfigBase", "BlockConfig"]
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+def _allowed_types(hint: Any) -> tuple[tuple[type, ...], bool]:
+    """Map a field's type hint to (accepted runtime types, whether None is accepted)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        accepted: tuple[type, ...] = ()
+        optional = False
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                optional = True
+            else:
+                accepted += _allowed_types(arg)[0]
+        return accepted, optional
+    if origin is not None:  # dict[str, Any], tuple[...], ...
+        return (origin,), False
+    if hint is Any:
+        return (object,), True
+    return (hint,), False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigBase:
+    """Base of every seqblocks config: field type checks, exact dict / JSON round-trip."""
+
+    _hints: ClassVar[dict[str, Any] | None] = None
+
+    @classmethod
+    def _field_hints(cls) -> dict[str, Any]:
+        if cls.__dict__.get("_hints") is None:
+            cls._hints = typing.get_type_hints(cls)
+        return cls._hints
+
+    def __post_init__(self) -> None:
+        hints = self._field_hints()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            accepted, optional = _allowed_types(hints[f.name])
+            if value is None:
+                if not optional:
+                    raise ValueError(f"{type(self).__name__}.{f.name} must not be None")
+                continue
+            # bool is a subclass of int: an int field must not silently take True/False.
+            if isinstance(value, bool) and bool not in accepted:
+                raise TypeError(f"{type(self).__name__}.{f.name} must be {_names(accepted)}, got bool {value!r}")
+            if float in accepted and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                continue
+            if not isinstance(value, accepted):
+                raise TypeError(
+                    f"{type(self).__name__}.{f.name} must be {_names(accepted)}, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be finite, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as plain JSON-compatible Python values."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build a config from ``to_dict`` output. Unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _names(accepted: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in accepted)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ConfigBase):
+        return value.to_dict()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _require(condition: bool, field: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"BlockConfig.{field}={value!r} is invalid: expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockConfig(ConfigBase):
+    """One residual block: components by registry name, and their sizes (seed 001).
+
+    Args:
+        attention (str): mixer registry name ("mha", "gqa", "mla", "sliding_window", "mamba", "none", ...).
+            Default: "mha".
+        ffn (str): FFN registry name ("standard", "relu", "gated", "geglu", "relu2", "none").
+            Default: "standard".
+        norm (str): norm registry name ("layer_norm", "rms_norm"). Default: "layer_norm".
+        position (str): position registry name ("rope", "alibi", "sinusoidal", "learned", "none").
+            Rotary and bias positions act inside attention; additive ones ("sinusoidal", "learned") are
+            added to the token embeddings by the model. Default: "sinusoidal".
+        d_model (int): model width. Default: 512.
+        n_heads (int): query heads. Default: 8.
+        n_kv_heads (int | None): key/value heads (GQA / MQA); must divide ``n_heads``.
+            Default: None (= n_heads).
+        head_dim (int | None): width of one head; need not equal d_model // n_heads.
+            Default: None (resolved to d_model // n_heads).
+        d_ff (int): FFN hidden width. Default: 2048.
+        bias (bool): biases in the linear layers. Default: True.
+        dropout (float): dropout on each sublayer's output (and on attention weights unless
+            ``attention_dropout`` is set). Default: 0.0.
+        norm_eps (float): epsilon of the norms. Default: 1e-5.
+        rope_theta (float): RoPE base. Default: 10000.0.
+        max_seq_len (int): longest sequence (learned positions, default cache size). Default: 2048.
+        pre_norm (bool): pre-norm layout when True, post-norm otherwise. Default: True.
+        causal (bool): causal self-attention. Default: True.
+        window_size (int | None): sliding-window size (a query sees itself and window_size - 1
+            earlier keys). Default: None (global).
+        attention_dropout (float | None): dropout on attention weights. Default: None (= dropout).
+        attention_type (str): attention backend ("auto", "standard", "memory_efficient", "flash",
+            "flex", "linear"). Default: "auto".
+        attention_block_size (int): key block of the memory-efficient backend. Default: 128.
+        linear_attention_chunk_size (int): chunk of the linear backend. Default: 64.
+        kv_lora_rank (int | None): MLA latent KV width. Default: None.
+        q_lora_rank (int | None): MLA query low-rank width (None: full-rank queries). Default: None.
+        rope_dim (int | None): MLA decoupled RoPE width. Default: None.
+        rotary_dim (int | None): rotary width for partial RoPE. Default: None (= head_dim).
+        rope_scaling (float): linear position-interpolation factor for RoPE. Default: 1.0.
+        d_state (int): state width of recurrent mixers. Default: 16.
+        mixer_kwargs (dict): extra constructor arguments for the mixer (JSON values). Default: {}.
+    """
+
+    attention: str = "mha"
+    ffn: str = "standard"
+    norm: str = "layer_norm"
+    position: str = "sinusoidal"
+    d_model: int = 512
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 2048
+    bias: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    pre_norm: bool = True
+    causal: bool = True
+    window_size: int | None = None
+    attention_dropout: float | None = None
+    attention_type: str = "auto"
+    attention_block_size: int = 128
+    linear_attention_chunk_size: int = 64
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    rope_dim: int | None = None
+    rotary_dim: int | None = None
+    rope_scaling: float = 1.0
+    d_state: int = 16
+    mixer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("attention", "ffn", "norm", "position", "attention_type"):
+            _require(bool(getattr(self, name).strip()), name, getattr(self, name), "a non-empty name")
+        for name in ("d_model", "n_heads", "d_ff", "max_seq_len", "attention_block_size",
+                     "linear_attention_chunk_size", "d_state"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        for name in ("n_kv_heads", "head_dim", "window_size", "kv_lora_rank", "q_lora_rank", "rope_dim",
+                     "rotary_dim"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, value, "a positive integer or None")
+        if self.head_dim is None:
+            _require(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                     f"a multiple of n_heads={self.n_heads} (or set head_dim explicitly)")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_kv_heads is not None:
+            _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                     f"a divisor of n_heads={self.n_heads}")
+        if self.rotary_dim is not None:
+            _require(self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
+                     self.rotary_dim, f"an even width <= head_dim={self.head_dim}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
+        if self.attention_dropout is not None:
+            _require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", self.attention_dropout,
+                     "a probability in [0, 1)")
+        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "a positive float")
+        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a positive float")
+        _require(self.rope_scaling > 0, "rope_scaling", self.rope_scaling, "a positive float")
+        _require(all(isinstance(k, str) for k in self.mixer_kwargs), "mixer_kwargs", self.mixer_kwargs,
+                 "a dict with string keys")
+        try:
+            json.dumps(self.mixer_kwargs)
+        except TypeError as err:
+            raise ValueError(f"BlockConfig.mixer_kwargs must hold JSON values: {err}") from None
+
+    @property
+    def effective_n_kv_heads(self) -> int:
+        """Key/value heads after resolving the None default."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def effective_attention_dropout(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout

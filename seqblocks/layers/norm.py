@@ -1,0 +1,96 @@
+"""LayerNorm and RMSNorm that compute in fp32 whatever the input dtype.
+
+Shapes: x [..., D]; weight, bias [D].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqblocks.ops.add_norm import add_norm
+from seqblocks.registry import NORMS
+
+__all__ = ["LayerNorm", "RMSNorm", "is_fusable_norm", "norm_params"]
+
+
+class _Norm(nn.Module):
+    is_rms: bool = False
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"{type(self).__name__}: dim={dim} must be positive")
+        if eps <= 0:
+            raise ValueError(f"{type(self).__name__}: eps={eps} must be positive")
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_config(cls, config) -> _Norm:
+        return cls(config.d_model, eps=config.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension in fp32; the output has ``x``'s dtype."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__}({self.dim}) got input with last dimension {x.shape[-1]}")
+        return add_norm(x, None, self.weight, self.bias, self.eps, is_rms=self.is_rms)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+@NORMS.register("layer_norm")
+class LayerNorm(_Norm):
+    """LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias, computed in fp32.
+
+    Args:
+        dim (int): normalised width.
+        eps (float): added to the variance. Default: 1e-5.
+        bias (bool): learn a shift. Default: True.
+    """
+
+    is_rms = False
+
+
+@NORMS.register("rms_norm")
+class RMSNorm(_Norm):
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in fp32.
+
+    Args:
+        dim (int): normalised width.
+        eps (float): added to the mean square. Default: 1e-5.
+    """
+
+    is_rms = True
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, device=None, dtype=None) -> None:
+        super().__init__(dim, eps, bias=False, device=device, dtype=dtype)
+
+
+def is_fusable_norm(norm: nn.Module) -> bool:
+    """Whether ``ops.add_norm`` can stand in for ``norm`` (ours, or torch's LayerNorm / RMSNorm)."""
+    if isinstance(norm, _Norm):
+        return True
+    if isinstance(norm, nn.LayerNorm):
+        return len(norm.normalized_shape) == 1
+    rms = getattr(nn, "RMSNorm", None)
+    return rms is not None and isinstance(norm, rms) and len(norm.normalized_shape) == 1
+
+
+def norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, float, bool]:
+    """``(weight, bias, eps, is_rms)`` of a fusable norm, for ``ops.add_norm``."""
+    if isinstance(norm, _Norm):
+        return norm.weight, norm.bias, norm.eps, norm.is_rms
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight, norm.bias, norm.eps, False
+    eps = norm.eps if norm.eps is not None else torch.finfo(dtype).eps
+    return norm.weight, None, eps, True

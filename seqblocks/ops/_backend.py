@@ -1,0 +1,72 @@
+"""The one place that decides between the PyTorch path and the Triton kernels.
+
+Every op takes ``backend="auto" | "torch" | "triton"``:
+
+- ``"auto"`` runs the Triton kernel when the inputs are on a CUDA device, Triton imports, and the op has
+  a kernel; otherwise the PyTorch path. Both compute the same function (tested), so the choice never
+  changes results beyond floating-point rounding.
+- ``"torch"`` always runs the PyTorch path (CPU and GPU).
+- ``"triton"`` runs the kernel or raises: ``ImportError`` (with the install command) without Triton,
+  ``ValueError`` for CPU tensors unless ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by CI).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install counts as absent; "triton" requests report it below
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True under ``TRITON_INTERPRET=1``: kernels then run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor | None, op: str, has_kernel: bool = True) -> str:
+    """Return "torch" or "triton" for a call of ``op`` on ``tensors``.
+
+    Args:
+        backend (str): "auto", "torch" or "triton".
+        *tensors: the op's tensor inputs (None entries ignored); their device decides "auto".
+        op (str): the op's name, for error messages.
+        has_kernel (bool): whether a Triton kernel exists for this op and these options. Default: True.
+
+    Raises:
+        ValueError: unknown ``backend``; or "triton" requested for inputs it cannot run on.
+        ImportError: "triton" requested without Triton installed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if (has_kernel and on_cuda and triton_available()) else "torch"
+    if not has_kernel:
+        raise ValueError(f"{op}: no Triton kernel serves this call; use backend='torch' or 'auto'")
+    if not triton_available():
+        raise ImportError(f"{op}: backend='triton' needs Triton: pip install 'seqblocks[triton]'")
+    if not on_cuda and not interpreter_enabled():
+        raise ValueError(
+            f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+            f"got device {next((t.device for t in tensors if t is not None), 'none')}"
+        )
+    return "triton"
