@@ -27,9 +27,9 @@ def add_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``r = x + residual``; ``y = norm(r) * weight + bias``; returns ``y`` or ``(y, r)``.
 
-    The sum is formed in fp32 and stored as ``r`` in fp32 when ``residual_in_fp32``, else in the
-    residual's dtype (``x``'s when ``residual`` is None). The norm reads that stored ``r``, computes in
-    fp32 and returns ``y`` in ``x``'s dtype.
+    The sum is formed in fp32 (float64 inputs: float64) and stored as ``r`` in fp32 when
+    ``residual_in_fp32``, else in the residual's dtype (``x``'s when ``residual`` is None). The norm
+    reads that stored ``r``, computes in fp32 and returns ``y`` in ``x``'s dtype.
 
     Args:
         x (Tensor): [..., D] the new branch output (or the first block's input).
