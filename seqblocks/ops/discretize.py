@@ -33,10 +33,12 @@ DISCRETIZATIONS = ("zoh", "bilinear", "dirac", "mamba")
 
 def _zoh_gamma(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     # (exp(dt A) - 1) / A, written as dt * expm1(z) / z with z = dt A so that A -> 0 tends to dt.
+    # Below |z| = 1e-4 the series (to z^3, remainder < z^4 / 120 ~ 1e-18) replaces the quotient,
+    # whose autograd derivative e^z / z - expm1(z) / z^2 cancels catastrophically there.
     z = dt * A
     small = z.abs() < 1e-4
     z_safe = torch.where(small, torch.ones_like(z), z)
-    ratio = torch.where(small, 1 + z / 2 + z * z / 6, _expm1(z_safe) / z_safe)
+    ratio = torch.where(small, 1 + z / 2 + z * z / 6 + z * z * z / 24, _expm1(z_safe) / z_safe)
     return dt * ratio
 
 
@@ -49,6 +51,20 @@ def _expm1(z: torch.Tensor) -> torch.Tensor:
         real = torch.expm1(x) * torch.cos(y) - 2 * torch.sin(y / 2).square()
         return torch.complex(real, ex * torch.sin(y))
     return torch.expm1(z)
+
+
+def _bilinear_decay(z: torch.Tensor) -> torch.Tensor:
+    # (1 + z/2) / (1 - z/2). For complex z, a plain complex division can round |Ā| one ulp above 1
+    # when Re(z) is tiny against Im(z) (fp32), so form it in polar coordinates: with h = z/2,
+    # |1 + h|^2 = |1 - h|^2 + 4 Re(h) exactly, hence log|Ā| = log1p(4 Re(h) / |1 - h|^2) / 2 <= 0
+    # whenever Re(z) <= 0, in floating point too.
+    if not z.is_complex():
+        return (1 + z / 2) / (1 - z / 2)
+    x, y = z.real / 2, z.imag / 2
+    den = (1 - x).square() + y.square()
+    log_mag = 0.5 * torch.log1p(4 * x / den)
+    phase = torch.atan2(y, 1 + x) - torch.atan2(-y, 1 - x)
+    return torch.polar(torch.exp(log_mag), phase)
 
 
 def discretize(
@@ -73,8 +89,7 @@ def discretize(
     dt = torch.as_tensor(dt, device=A.device, dtype=A.real.dtype)
     step_A = dt if dt_A is None else torch.as_tensor(dt_A, device=A.device, dtype=A.real.dtype)
     if method == "bilinear":
-        half = step_A * A / 2
-        A_bar = (1 + half) / (1 - half)
+        A_bar = _bilinear_decay(step_A * A)
         gamma = dt / (1 - dt * A / 2)
         return A_bar, gamma
     A_bar = torch.exp(step_A * A)

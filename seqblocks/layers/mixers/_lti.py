@@ -1,0 +1,261 @@
+"""Shared machinery of the linear time-invariant SSM mixers (LRU, S4, S4D, S5, Centaurus).
+
+Each of these computes ``y = SSM(u) + skip(u)`` followed by an optional pointwise ``post`` map, where
+the SSM is a linear system with a complex state. ``LTIMixer`` owns everything that is the same for
+all of them, and each subclass implements ``_ssm`` (one direction of the system, convolution or
+recurrence) and names its state shape:
+
+- ``mode``: "conv" evaluates the system as a long convolution with its impulse response (FFT, the
+  parallel training form of S4 / S4D); "scan" runs the recurrence (``seqblocks.ops.scan``, the
+  parallel-scan form of S5 / LRU). Both compute the same function (tested). A call with a cache
+  (prefill, continuation, decode step) always runs the recurrence, because it must produce the state.
+- ``bidirectional``: a forward pass plus a reversed pass through the same dynamics with their own
+  output map (``C`` and ``C_bwd``, as S4 and S5 do), summed; the skip term is added once. Not causal,
+  so it keeps no cache.
+- ``lengths``: padded positions are zeroed before the system (so the reversed pass and the
+  convolution never read them), the recurrence passes the state through them untouched, the final
+  state is each sequence's own, and outputs at padding are 0.
+
+Shapes: B batch, T time, H (= D) model width, S the state's shape per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqblocks.cache import Cache
+from seqblocks.layers.mixer import Mixer
+from seqblocks.ops.fftconv import fftconv
+from seqblocks.ops.scan import linear_scan
+from seqblocks.ops.scan.reference import state_dtype
+from seqblocks.ops.ssm_kernels import ssm_powers
+
+__all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "complex_dtype", "post_layers",
+           "diag_states", "complex_linear", "real_readout"]
+
+MODES = ("conv", "scan")
+
+
+@dataclasses.dataclass(eq=False)
+class SSMCache(Cache):
+    """Decoding state of an LTI SSM mixer.
+
+    Attributes:
+        state (Tensor): [B, *S] complex64 (complex128 for a float64 module), updated in place.
+    """
+
+    state: torch.Tensor = None
+
+
+def complex_dtype(real: torch.dtype) -> torch.dtype:
+    """complex64 for fp32 (and lower), complex128 for float64."""
+    return torch.complex128 if real == torch.float64 else torch.complex64
+
+
+def pad_mask(lengths: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+    """[B, T, 1] bool, True at valid positions (None without lengths)."""
+    if lengths is None:
+        return None
+    return (torch.arange(T, device=device) < lengths.unsqueeze(1)).unsqueeze(-1)
+
+
+def reverse_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Reverse each row's valid prefix along dim 1, leaving padding in place (an involution)."""
+    if lengths is None:
+        return x.flip(1)
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device)
+    n = lengths.unsqueeze(1)
+    idx = torch.where(t < n, n - 1 - t, t)
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.gather(x, 1, idx)
+
+
+class LTIMixer(Mixer):
+    """Base of the LTI SSM mixers; see the module docstring. Subclasses set ``d_model``, ``mode``,
+    ``bidirectional`` and implement ``_ssm``, ``state_shape`` and optionally ``_skip`` / ``_post``."""
+
+    d_model: int
+    mode: str
+    bidirectional: bool
+
+    def _init_common(self, d_model: int, mode: str, bidirectional: bool) -> None:
+        if not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"{type(self).__name__}: d_model must be a positive int, got {d_model!r}")
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: unknown mode {mode!r}; expected one of {MODES}")
+        self.d_model = d_model
+        self.mode = mode
+        self.bidirectional = bool(bidirectional)
+        self.causal = not self.bidirectional
+
+    # ---- subclass interface -------------------------------------------------------------------
+    def state_shape(self) -> tuple[int, ...]:
+        """The state's shape S per sequence."""
+        raise NotImplementedError  # abstract: every concrete mixer defines it
+
+    def _ssm(self, u: torch.Tensor, *, mode: str, reverse: bool, h0: torch.Tensor | None,
+             lengths: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One direction of the system without the skip: u [B, T, H] (zero at padding, compute dtype)
+        -> (y [B, T, H] real, final state [B, *S] or None when ``mode == "conv"``)."""
+        raise NotImplementedError  # abstract: every concrete mixer defines it
+
+    def _skip(self, u: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    # ---- shared -------------------------------------------------------------------------------
+    def _param_dtype(self) -> torch.dtype:
+        p = next(self.parameters())
+        return p.dtype
+
+    def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        """Real dtype the system runs in: fp32, or float64 when the input or the module is."""
+        d = state_dtype(x_dtype, self._param_dtype())
+        return d if not d.is_complex else torch.float32
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> SSMCache:
+        """A zero state ``[batch_size, *S]`` (complex64, or complex128 for a float64 module).
+
+        Raises:
+            ValueError: a bidirectional mixer (it is not causal, so it cannot decode).
+        """
+        if self.bidirectional:
+            raise ValueError(f"{type(self).__name__}(bidirectional=True) is not causal and keeps no cache")
+        p = next(self.parameters())
+        cdt = complex_dtype(p.dtype)
+        state = torch.zeros(batch_size, *self.state_shape(), dtype=cdt, device=p.device)
+        return SSMCache.empty(batch_size, max_seqlen, device=p.device, state=state)
+
+    def _check_call(self, x: torch.Tensor, cache: SSMCache | None, lengths: torch.Tensor | None) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name}: x must be [B, T, {self.d_model}], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+        B, T = x.shape[:2]
+        if lengths is not None:
+            if (not isinstance(lengths, torch.Tensor) or lengths.shape != (B,)
+                    or lengths.dtype not in (torch.int32, torch.int64)):
+                raise ValueError(f"{name}: lengths must be an integer tensor of shape ({B},), got {lengths!r}")
+            if bool(((lengths < 0) | (lengths > T)).any()):
+                raise ValueError(f"{name}: lengths must lie in [0, T={T}], got {lengths.tolist()}")
+        if cache is not None:
+            if self.bidirectional:
+                raise ValueError(f"{name}(bidirectional=True) is not causal and cannot run with a cache")
+            if not isinstance(cache, SSMCache):
+                raise TypeError(f"{name}: cache must be an SSMCache, got {type(cache).__name__}")
+            expected = (B, *self.state_shape())
+            if tuple(cache.state.shape) != expected:
+                raise ValueError(f"{name}: cache state has shape {tuple(cache.state.shape)}, expected {expected}")
+
+    def forward(self, x: torch.Tensor, cache: SSMCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """y = post(SSM(x) + skip(x)).
+
+        Args:
+            x (Tensor): [B, T, D] input, any float dtype (the system runs in fp32 / complex64).
+            cache (SSMCache | None): continue from and update this state (prefill / decode step).
+                Default: None.
+            lengths (Tensor | None): [B] valid prefix lengths; see the module docstring. Default: None.
+
+        Returns:
+            Tensor: [B, T, D] in x's dtype.
+        """
+        return self._forward(x, cache, lengths)
+
+    def _forward(self, x: torch.Tensor, cache: SSMCache | None, lengths: torch.Tensor | None,
+                 **kwargs: Any) -> torch.Tensor:
+        # ``kwargs`` go to ``_ssm`` (S5's integration_timesteps).
+        self._check_call(x, cache, lengths)
+        B, T, _ = x.shape
+        if T == 0:  # nothing to read: the state stays as it is
+            return x.new_zeros(x.shape)
+        cdt = self.compute_dtype(x.dtype)
+        u = x.to(cdt)
+        valid = pad_mask(lengths, T, x.device)
+        if valid is not None:
+            u = u.masked_fill(~valid, 0.0)
+        if cache is not None:
+            y, final = self._ssm(u, mode="scan", reverse=False, h0=cache.state, lengths=lengths, **kwargs)
+            cache.state.copy_(final)
+            cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset.dtype))
+        else:
+            y, _ = self._ssm(u, mode=self.mode, reverse=False, h0=None, lengths=lengths, **kwargs)
+            if self.bidirectional:
+                y_rev, _ = self._ssm(u, mode=self.mode, reverse=True, h0=None, lengths=lengths, **kwargs)
+                y = y + y_rev
+        skip = self._skip(u)
+        if skip is not None:
+            y = y + skip
+        y = self._post(y)
+        if valid is not None:
+            y = y.masked_fill(~valid, 0.0)
+        return y.to(x.dtype)
+
+
+def post_layers(d_model: int, activation: str | None, final_act: str | None, dropout: float,
+                device=None, dtype=None) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """S4's pointwise tail: (activation, dropout, output map) as in lrnnx / the S4 repository.
+
+    ``final_act``: "glu" (Linear D -> 2D then GLU), "id" (Linear D -> D), None (nothing).
+    """
+    acts = {None: nn.Identity, "id": nn.Identity, "gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU,
+            "tanh": nn.Tanh}
+    if activation not in acts:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {list(acts)}")
+    if final_act == "glu":
+        out = nn.Sequential(nn.Linear(d_model, 2 * d_model, device=device, dtype=dtype), nn.GLU(dim=-1))
+    elif final_act == "id":
+        out = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+    elif final_act is None:
+        out = nn.Identity()
+    else:
+        raise ValueError(f"unknown final_act {final_act!r}; expected 'glu', 'id' or None")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return acts[activation](), (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), out
+
+
+def diag_states(log_lam: torch.Tensor, v: torch.Tensor, *, mode: str, reverse: bool, h0: torch.Tensor | None,
+                lengths: torch.Tensor | None, a: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """States of the diagonal system ``h_t = λ h_{t-1} + v_t`` (``h_{t+1}`` when ``reverse``).
+
+    Args:
+        log_lam (Tensor): [*S] complex log of the decay (``Δ A`` for ZOH; exact powers ``exp(l log λ)``).
+        v (Tensor): [B, T, *S] complex inputs ``B̄ u``, zero at padding.
+        mode (str): "scan" (``linear_scan``) or "conv" (FFT convolution with ``λ^l``; no state).
+        a (Tensor | None): [B, T, *S] time-varying decay overriding ``exp(log_lam)`` (scan only).
+
+    Returns:
+        (h [B, T, *S], final state [B, *S] or None in conv mode).
+    """
+    if mode == "scan" or a is not None:
+        decay = torch.exp(log_lam) if a is None else a
+        return linear_scan(decay, v, h0, reverse=reverse, lengths=lengths)
+    B, T = v.shape[:2]
+    S = v.shape[2:]
+    flat = v.reshape(B, T, -1)
+    k = ssm_powers(log_lam.reshape(-1), T)
+    # Padding holds v = 0, so the anti-causal convolution of the whole row is the reversed pass.
+    h = fftconv(flat.flip(1), k).flip(1) if reverse else fftconv(flat, k)
+    return h.reshape(B, T, *S), None
+
+
+def complex_linear(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``u @ W^T`` for real u [..., H] and complex W [P, H], as two real matrix products."""
+    return torch.complex(u @ W.real.T, u @ W.imag.T)
+
+
+def real_readout(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``Re(h @ C^T)`` for complex h [..., P] and C [H, P], as two real matrix products."""
+    return h.real @ C.real.T - h.imag @ C.imag.T

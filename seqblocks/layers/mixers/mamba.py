@@ -1,0 +1,271 @@
+"""Mamba (S6): the selective state-space mixer of Gu & Dao (2023), with STREAM's event form.
+
+    x, z   = in_proj(u).chunk(2)                         # [B, T, E] each, E = expand * D
+    x      = silu(causal_conv1d(x))                      # short depthwise conv, width d_conv
+    dt, B, C = x_proj(x)                                 # dt through a rank-R bottleneck
+    dt     = softplus(dt_proj(dt))                       # [B, T, E], bias initialised so dt in [dt_min, dt_max]
+    y      = selective_scan(x, dt, A, B, C, D, z)        # A = -exp(A_log), S4D-real: A[:, n] = -(n + 1)
+    out    = out_proj(y)
+
+Event form (STREAM, ``integration_timesteps`` [B, T] given): the step of ``Ā`` is the learned,
+input-dependent ``dt`` scaled by the time elapsed since the previous event, ``Ā = exp(A dt tau_t)``,
+while ``B̄`` keeps ``dt``. Intervals of exactly 1 reproduce the regular model bit for bit.
+
+Shapes: B batch, T time, D model width, E inner width, N state, R dt rank, W conv width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqblocks.cache import Cache
+from seqblocks.layers.mixer import Mixer
+from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from seqblocks.ops.discretize import DISCRETIZATIONS
+from seqblocks.ops.selective_scan import selective_scan, selective_state_update
+from seqblocks.registry import MIXERS
+
+__all__ = ["Mamba", "MambaCache", "check_timesteps", "check_lengths_arg"]
+
+
+@dataclasses.dataclass(eq=False)
+class MambaCache(Cache):
+    """Decoding state of ``Mamba``.
+
+    Attributes:
+        conv_state (Tensor): [B, W - 1, E] the last W - 1 conv inputs, in the activation dtype.
+        ssm_state (Tensor): [B, E, N] the recurrent state, fp32 (float64 for a float64 module).
+    """
+
+    conv_state: torch.Tensor = None
+    ssm_state: torch.Tensor = None
+
+
+def check_lengths_arg(name: str, lengths: torch.Tensor | None, B: int, T: int) -> None:
+    """Validate a mixer's ``lengths`` argument: integer [B] in [0, T]."""
+    if lengths is None:
+        return
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32,
+                                                                                                 torch.int64):
+        got = (tuple(lengths.shape), lengths.dtype) if isinstance(lengths, torch.Tensor) else type(lengths)
+        raise ValueError(f"{name}: lengths must be an integer tensor of shape ({B},), got {got}")
+    if bool(((lengths < 0) | (lengths > T)).any()):
+        raise ValueError(f"{name}: lengths must lie in [0, T={T}], got {lengths.tolist()}")
+
+
+def check_timesteps(name: str, ts: torch.Tensor | None, B: int, T: int) -> None:
+    """Validate ``integration_timesteps``: a real [B, T] tensor (intervals, normally positive)."""
+    if ts is None:
+        return
+    if not isinstance(ts, torch.Tensor) or not ts.is_floating_point():
+        raise TypeError(f"{name}: integration_timesteps must be a floating-point tensor, got "
+                        f"{getattr(ts, 'dtype', type(ts))}")
+    if ts.shape != (B, T):
+        raise ValueError(f"{name}: integration_timesteps must have shape [{B}, {T}] ([B, T]), got {tuple(ts.shape)}")
+
+
+def check_input(name: str, x: torch.Tensor, d_model: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{name}: x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
+
+
+def check_cache(name: str, cache: Cache, cls: type, B: int) -> None:
+    if not isinstance(cache, cls):
+        raise TypeError(f"{name}: cache must be a {cls.__name__} (from allocate_inference_cache), got "
+                        f"{type(cache).__name__}")
+    if cache.batch_size != B:
+        raise ValueError(f"{name}: cache was allocated for batch_size={cache.batch_size}, got a batch of {B}")
+
+
+@MIXERS.register("Mamba")
+class Mamba(Mixer):
+    """Mamba (S6) selective state-space mixer, optionally in STREAM's event form.
+
+    Args:
+        d_model (int): model width D.
+        d_state (int): state size N per channel. Default: 16.
+        d_conv (int): width W of the causal depthwise conv. Default: 4.
+        expand (int): inner width E = expand * d_model. Default: 2.
+        dt_rank (int | str): rank R of the dt projection; "auto" = ceil(d_model / 16). Default: "auto".
+        dt_min (float): smallest initial dt. Default: 0.001.
+        dt_max (float): largest initial dt. Default: 0.1.
+        dt_init (str): "random" (uniform in +-R^-0.5 * dt_scale) or "constant" init of dt_proj's
+            weight. Default: "random".
+        dt_scale (float): scale of dt_proj's weight init. Default: 1.0.
+        dt_init_floor (float): lower clamp of the initial dt. Default: 1e-4.
+        conv_bias (bool): bias in the conv. Default: True.
+        bias (bool): biases in in_proj and out_proj. Default: False.
+        discretization (str): "mamba", "zoh", "bilinear" or "dirac". Default: "mamba".
+        layer_idx (int | None): position in the stack. Default: None.
+        device, dtype: parameter placement. Default: None.
+
+    Raises:
+        ValueError: non-positive sizes, dt_min > dt_max, unknown dt_init or discretization.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        discretization: str = "mamba",
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"Mamba: {name} must be a positive int, got {v!r}")
+        if dt_rank != "auto" and (not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank <= 0):
+            raise ValueError(f"Mamba: dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if discretization not in DISCRETIZATIONS:
+            raise ValueError(f"Mamba: unknown discretization {discretization!r}; expected one of {DISCRETIZATIONS}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.dt_min, self.dt_max, self.dt_init, self.dt_scale = dt_min, dt_max, dt_init, dt_scale
+        self.dt_init_floor = dt_init_floor
+        self.discretization = discretization
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **fk)
+        self.conv_weight = nn.Parameter(torch.empty(self.d_inner, d_conv, **fk))
+        self.conv_bias = nn.Parameter(torch.empty(self.d_inner, **fk)) if conv_bias else None
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+        # A and D stay fp32 whatever the module dtype, as in Mamba: they set the recurrence's dynamics.
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation: S4D-real A, dt bias = softplus^-1 of log-uniform [dt_min, dt_max]."""
+        self.in_proj.reset_parameters()
+        self.x_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        with torch.no_grad():
+            # nn.Conv1d's default init for a depthwise filter (fan_in = W).
+            bound = 1 / math.sqrt(self.d_conv)
+            self.conv_weight.uniform_(-bound, bound)
+            if self.conv_bias is not None:
+                self.conv_bias.uniform_(-bound, bound)
+            std = self.dt_rank ** -0.5 * self.dt_scale
+            if self.dt_init == "constant":
+                self.dt_proj.weight.fill_(std)
+            else:
+                self.dt_proj.weight.uniform_(-std, std)
+            lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+            dt = torch.exp(torch.rand(self.d_inner, device=self.D.device) * (hi - lo) + lo)
+            dt = dt.clamp(min=self.dt_init_floor)
+            # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 for small dt.
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            n = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(n).expand(self.d_inner, -1))
+            self.D.fill_(1.0)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> MambaCache:
+        """A zeroed ``MambaCache`` for ``batch_size`` sequences (``max_seqlen`` does not change its size)."""
+        device = self.in_proj.weight.device
+        # fp32 state (float64 for a float64 module), whatever the activation dtype.
+        state_dtype = torch.promote_types(torch.float32, self.in_proj.weight.dtype)
+        conv_dtype = dtype or self.in_proj.weight.dtype
+        return MambaCache.empty(
+            batch_size, max_seqlen, device=device,
+            conv_state=torch.zeros(batch_size, self.d_conv - 1, self.d_inner, device=device, dtype=conv_dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
+        )
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None, *, lengths: torch.Tensor | None = None,
+                integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> y [B, T, D].
+
+        Args:
+            x (Tensor): [B, T, D] input (fp32, bf16 or fp16; the state is fp32).
+            cache (MambaCache | None): continue from and update this cache (prefill, or a decode step
+                when T = 1). Default: None.
+            lengths (Tensor | None): [B] valid prefix of each row; the cache then holds each row's own
+                state and advances by its length. Default: None.
+            integration_timesteps (Tensor | None): [B, T] time since the previous event (STREAM form);
+                [B] is accepted for a one-token step. Default: None (regular Mamba).
+
+        Raises:
+            TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
+        """
+        check_input("Mamba", x, self.d_model)
+        Bsz, T, _ = x.shape
+        check_lengths_arg("Mamba", lengths, Bsz, T)
+        if isinstance(integration_timesteps, torch.Tensor) and integration_timesteps.dim() == 1 and T == 1:
+            integration_timesteps = integration_timesteps.unsqueeze(1)  # a decode step's [B] intervals
+        check_timesteps("Mamba", integration_timesteps, Bsz, T)
+        if cache is not None:
+            check_cache("Mamba", cache, MambaCache, Bsz)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
+        if cache is not None and T == 1 and lengths is None:
+            return self._step(xs[:, 0], z[:, 0], cache, integration_timesteps)
+
+        xs, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias, activation="silu",
+                                       initial_state=None if cache is None else cache.conv_state, lengths=lengths)
+        dt, Bm, Cm = self._dt_B_C(xs)
+        A = -torch.exp(self.A_log.to(self._acc(x)))
+        kw = self._step_kwargs(dt, integration_timesteps)
+        y, final = selective_scan(xs, A=A, B=Bm, C=Cm, D=self.D.to(self._acc(x)), z=z,
+                                  discretization=self.discretization, lengths=lengths,
+                                  initial_state=None if cache is None else cache.ssm_state, **kw)
+        if cache is not None:
+            cache.conv_state.copy_(conv_final)
+            cache.ssm_state.copy_(final)
+            cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
+        return self.out_proj(y)
+
+    def _dt_B_C(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), Bm, Cm  # the bias enters as delta_bias
+
+    @staticmethod
+    def _acc(t: torch.Tensor) -> torch.dtype:
+        # The SSM's parameters and steps are computed in fp32 at least (float64 for float64 inputs).
+        return torch.promote_types(torch.float32, t.dtype)
+
+    def _step_kwargs(self, dt: torch.Tensor, ts: torch.Tensor | None) -> dict[str, Any]:
+        acc = self._acc(dt)
+        if ts is None:
+            return {"delta": dt, "delta_bias": self.dt_proj.bias.to(acc), "delta_softplus": True}
+        # Event form: the same softplus'd step (computed exactly as the op computes it), scaled by each
+        # event's interval, drives Ā only; B̄ keeps the step itself.
+        step = F.softplus(dt.to(acc) + self.dt_proj.bias.to(acc))
+        return {"delta": step, "delta_A": step * ts.to(acc).unsqueeze(-1)}
+
+    def _step(self, xs: torch.Tensor, z: torch.Tensor, cache: MambaCache, ts: torch.Tensor | None) -> torch.Tensor:
+        # One token: xs, z [B, E]; updates the conv and SSM states in place.
+        xs = causal_conv1d_update(xs, cache.conv_state, self.conv_weight, self.conv_bias, activation="silu")
+        dt, Bm, Cm = self._dt_B_C(xs)
+        kw = self._step_kwargs(dt, None if ts is None else ts[:, 0])
+        y = selective_state_update(cache.ssm_state, xs, A=-torch.exp(self.A_log.to(self._acc(xs))), B=Bm, C=Cm,
+                                   D=self.D.to(self._acc(xs)), z=z, discretization=self.discretization, **kw)
+        cache.advance(1)
+        return self.out_proj(y).unsqueeze(1)

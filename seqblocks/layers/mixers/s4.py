@@ -1,0 +1,226 @@
+"""S4: structured state spaces with a diagonal-plus-low-rank state matrix (Gu, Goel & Ré 2022,
+"Efficiently modeling long sequences with structured state spaces").
+
+Each channel h is a SISO system of N states whose matrix is the HiPPO matrix in its
+normal-plus-low-rank form, diagonalised: ``A = Λ - P P^*`` (one eigenvalue of each conjugate pair
+stored, so N/2 complex parameters), discretised with the bilinear transform:
+
+    conv mode:  K = Cauchy + Woodbury kernel (seqblocks.ops.ssm_kernels.dplr_kernel),  y = K * u + D u
+    scan mode:  x_t = Ā x_{t-1} + B̄ u_t,  y_t = C x_t + D u_t  with the dense Ā (N x N per channel)
+
+followed, as in S4 / lrnnx, by an activation (GELU), dropout and a position-wise output map (GLU).
+
+The output vector is the true ``C`` (S4's code trains ``C̃ = C (I - Ā^L)`` tied to one length); the
+kernel generator applies the truncation correction for the length at hand, so the convolution and
+the recurrence agree at every length. Ā is not diagonal (and diagonalising HiPPO matrices is
+ill-conditioned), so the recurrence cannot use ``linear_scan``: scan mode runs the dense recurrence
+chunk by chunk (``dense_scan``: batched contractions inside chunks, a Python loop over T / 16 chunk
+ends). It is the prefill and decoding form; train in conv mode.
+
+Shapes: B batch, T time, H model width (= D), N state size, n = N / 2, r low rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
+from seqblocks.layers.mixers.s4d import REAL_TRANSFORMS, inverse_real_part, real_part, set_optim
+from seqblocks.layers.ssm_init import HIPPO_MEASURES, log_uniform, nplr
+from seqblocks.ops.fftconv import fftconv
+from seqblocks.ops.ssm_kernels import dplr_bilinear, dplr_kernel
+from seqblocks.registry import MIXERS
+
+__all__ = ["S4"]
+
+
+def dense_scan(A_bar: torch.Tensor, B_bar: torch.Tensor, u: torch.Tensor, h0: torch.Tensor,
+               chunk: int = 16) -> torch.Tensor:
+    """All states of ``x_t = Ā x_{t-1} + B̄ u_t`` with a dense per-channel Ā, chunk by chunk.
+
+    Inside a chunk of C steps the states are ``x_{c,j} = Ā^{j+1} x_{c-1} + sum_{i<=j} Ā^{j-i} B̄ u_{c,i}``:
+    the sum is one batched contraction with the Toeplitz matrix of ``Ā^k B̄`` and the carry one with the
+    powers ``Ā^{j+1}``; only the chunk-end states ``x_c = Ā^C x_{c-1} + ...`` are stepped in a Python
+    loop (T / C matrix-vector products).
+
+    Args:
+        A_bar (Tensor): [H, N, N]; B_bar (Tensor): [H, N]; u (Tensor): [B, T, H]; h0 (Tensor): [B, H, N],
+            all of one complex dtype.
+        chunk (int): C. Default: 16.
+
+    Returns:
+        Tensor: [B, T, H, N].
+    """
+    Bsz, T, H = u.shape
+    if T == 0:
+        return u.new_zeros(Bsz, 0, H, A_bar.shape[-1])
+    C = min(chunk, T)
+    n_chunks = -(-T // C)
+    u = torch.cat((u, u.new_zeros(Bsz, n_chunks * C - T, H)), 1).view(Bsz, n_chunks, C, H)
+    powers = [A_bar]  # Ā^{j+1}, j < C
+    for _ in range(C - 1):
+        powers.append(powers[-1] @ A_bar)
+    P = torch.stack(powers)  # [C, H, N, N]
+    S = torch.cat((B_bar.unsqueeze(0), torch.einsum("khij,hj->khi", P[:-1], B_bar)))  # Ā^k B̄: [C, H, N]
+    lag = torch.arange(C, device=u.device)
+    lag = lag[:, None] - lag[None, :]  # j - i
+    toeplitz = torch.where((lag >= 0)[:, :, None, None], S[lag.clamp(min=0)], torch.zeros((), dtype=S.dtype,
+                                                                                         device=S.device))
+    local = torch.einsum("jihn,bcih->bcjhn", toeplitz, u)  # [B, n_chunks, C, H, N], zero incoming state
+    carry, carries = h0, []
+    for c in range(n_chunks):
+        carries.append(carry)
+        carry = torch.einsum("hij,bhj->bhi", P[-1], carry) + local[:, c, -1]
+    states = local + torch.einsum("jhik,bchk->bcjhi", P, torch.stack(carries, 1))
+    return states.reshape(Bsz, n_chunks * C, H, -1)[:, :T]
+
+
+@MIXERS.register("S4")
+class S4(LTIMixer):
+    """S4 with the DPLR (normal plus low-rank) HiPPO parameterisation.
+
+    Args:
+        d_model (int): model width H.
+        d_state (int): state size N of each channel (even). Default: 64.
+        l_max (int | None): accepted for lrnnx compatibility; kernels are computed for the input length.
+            Default: None.
+        dt_min (float): smallest initial step (log-uniform per channel). Default: 0.001.
+        dt_max (float): largest initial step. Default: 0.1.
+        rank (int): rank r of the low-rank term; raised to what the measure needs (legt needs 2).
+            Default: 1.
+        init (str): HiPPO measure: "legs", "legt" or "fourier". Default: "legs".
+        real_transform (str): how Re(Λ) is stored: "exp", "softplus", "relu" or "none". Default: "exp".
+        dropout (float): dropout after the activation. Default: 0.0.
+        activation (str | None): pointwise activation after the SSM. Default: "gelu".
+        final_act (str | None): output map: "glu", "id" or None. Default: "glu".
+        lr (float | None): learning-rate hint on the SSM parameters. Default: None.
+        wd (float): weight-decay hint on the SSM parameters. Default: 0.0.
+        mode (str): "conv" or "scan". Default: "conv".
+        bidirectional (bool): add a reversed pass with its own C. Default: False.
+        layer_idx, device, dtype: as every mixer.
+
+    Raises:
+        ValueError: odd or non-positive d_state, unknown init / transform / mode, rank < 1.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
+                 dt_max: float = 0.1, rank: int = 1, init: str = "legs", real_transform: str = "exp",
+                 dropout: float = 0.0, activation: str | None = "gelu", final_act: str | None = "glu",
+                 lr: float | None = None, wd: float = 0.0, mode: str = "conv", bidirectional: bool = False,
+                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self._init_common(d_model, mode, bidirectional)
+        if not isinstance(d_state, int) or d_state <= 0 or d_state % 2:
+            raise ValueError(f"S4: d_state must be a positive even int, got {d_state!r}")
+        if init not in HIPPO_MEASURES:
+            raise ValueError(f"S4: unknown init {init!r}; the DPLR form needs one of {HIPPO_MEASURES}")
+        if real_transform not in REAL_TRANSFORMS:
+            raise ValueError(f"S4: unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"S4: rank must be a positive int, got {rank!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"S4: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_state, self.l_max = d_state, l_max
+        self.dt_min, self.dt_max = float(dt_min), float(dt_max)
+        self.init, self.real_transform = init, real_transform
+        self.layer_idx = layer_idx
+        self.scan_chunk = 16  # chunk length of the dense recurrence in scan mode (see ``dense_scan``)
+        self.rank = max(rank, 2 if init == "legt" else 1)
+        H, n, r = d_model, d_state // 2, self.rank
+        kw = {"device": device, "dtype": dtype}
+        self.A_real = nn.Parameter(torch.empty(H, n, **kw))
+        self.A_imag = nn.Parameter(torch.empty(H, n, **kw))
+        self.P_re = nn.Parameter(torch.empty(H, r, n, **kw))
+        self.P_im = nn.Parameter(torch.empty(H, r, n, **kw))
+        self.B_re = nn.Parameter(torch.empty(H, n, **kw))
+        self.B_im = nn.Parameter(torch.empty(H, n, **kw))
+        self.C_re = nn.Parameter(torch.empty(H, n, **kw))
+        self.C_im = nn.Parameter(torch.empty(H, n, **kw))
+        if self.bidirectional:
+            self.C_bwd_re = nn.Parameter(torch.empty(H, n, **kw))
+            self.C_bwd_im = nn.Parameter(torch.empty(H, n, **kw))
+        self.log_dt = nn.Parameter(torch.empty(H, **kw))
+        self.D = nn.Parameter(torch.empty(H, **kw))
+        self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw)
+        set_optim((self.A_real, self.A_imag, self.P_re, self.P_im, self.B_re, self.B_im, self.log_dt), lr, wd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        H, N, r = self.d_model, self.d_state, self.rank
+        lam, P, B, _ = nplr(self.init, N)
+        P_full = torch.zeros(r, N // 2, dtype=torch.complex128)
+        P_full[: P.shape[0]] = P
+        with torch.no_grad():
+            # Re(Λ) is 0 for legt / fourier; keep it slightly negative so the transforms are defined.
+            self.A_real.copy_(inverse_real_part(lam.real.clamp(max=-1e-4), self.real_transform).expand(H, -1))
+            self.A_imag.copy_(lam.imag.expand(H, -1))
+            self.P_re.copy_(P_full.real.expand(H, -1, -1))
+            self.P_im.copy_(P_full.imag.expand(H, -1, -1))
+            self.B_re.copy_(B.real.expand(H, -1))
+            self.B_im.copy_(B.imag.expand(H, -1))
+            names = ("C_re", "C_im", "C_bwd_re", "C_bwd_im") if self.bidirectional else ("C_re", "C_im")
+            for name in names:
+                getattr(self, name).normal_(0.0, math.sqrt(0.5))
+            self.log_dt.copy_(torch.log(log_uniform(H, self.dt_min, self.dt_max)))
+            self.D.normal_(0.0, 1.0)
+        for m in self.output_linear.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.d_model, self.d_state)
+
+    def dplr(self, dtype: torch.dtype = torch.float32):
+        """``(Λ [H, n], P [H, r, n], B [H, n], dt [H])`` in complex / real ``dtype``."""
+        cd = complex_dtype(dtype)
+        lam = torch.complex(real_part(self.A_real.to(dtype), self.real_transform), self.A_imag.to(dtype))
+        P = torch.complex(self.P_re.to(dtype), self.P_im.to(dtype))
+        B = torch.complex(self.B_re.to(dtype), self.B_im.to(dtype))
+        return lam.to(cd), P.to(cd), B.to(cd), torch.exp(self.log_dt.to(dtype))
+
+    def _C(self, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
+        re, im = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
+        return torch.complex(re.to(dtype), im.to(dtype))
+
+    def kernel(self, L: int, reverse: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The convolution kernel K [H, L] (Cauchy + Woodbury)."""
+        lam, P, B, dt = self.dplr(dtype)
+        return dplr_kernel(lam, P, B, self._C(reverse, dtype), dt, L)
+
+    def _ssm(self, u, *, mode, reverse, h0, lengths):
+        cdt = u.dtype
+        T = u.shape[1]
+        if mode == "conv":
+            K = self.kernel(T, reverse, cdt)
+            y = fftconv(u.flip(1), K).flip(1) if reverse else fftconv(u, K)
+            return y, None
+        lam, P, B, dt = self.dplr(cdt)
+        A_bar, B_bar = dplr_bilinear(lam, P, B, dt)  # [H, N, N], [H, N]
+        C = self._C(reverse, cdt)
+        C_full = torch.cat((C, C.conj()), -1)  # [H, N]
+        x = reverse_rows(u, lengths) if reverse else u
+        if h0 is None:
+            h0 = torch.zeros(u.shape[0], *self.state_shape(), dtype=A_bar.dtype, device=u.device)
+        states = dense_scan(A_bar, B_bar, x.to(A_bar.dtype), h0.to(A_bar.dtype), self.scan_chunk)
+        y = (C_full * states).sum(-1).real
+        if lengths is None:
+            final = states[:, -1] if T > 0 else h0
+        else:
+            # The state after each row's own last token; a row of length 0 keeps its initial state.
+            idx = (lengths - 1).clamp(min=0)
+            final = states[torch.arange(u.shape[0], device=u.device), idx]
+            final = torch.where((lengths > 0)[:, None, None], final, h0.to(final.dtype))
+        if reverse:
+            y = reverse_rows(y, lengths)
+        return y, final
+
+    def _skip(self, u):
+        return u * self.D.to(u.dtype)
+
+    def _post(self, y):
+        w = next(self.output_linear.parameters(), None)
+        y = self.drop(self.activation(y))
+        return self.output_linear(y.to(w.dtype) if w is not None else y)

@@ -1,0 +1,45 @@
+"""Input validation of the causal conv1d op (kept apart so the package namespace stays free of ``torch``).
+
+Shapes: B batch, T time, D channels, W filter width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqblocks.ops.causal_conv1d.reference import ACTIVATIONS
+
+__all__ = ["check_conv_inputs"]
+
+
+def check_conv_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      activation: str | None, state: torch.Tensor | None, lengths: torch.Tensor | None,
+                      step: bool = False) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the offending argument."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("state", state)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a real floating-point tensor, got {t.dtype}")
+    if x.dim() != (2 if step else 3):
+        raise ValueError(f"{op}: x must have shape {'[B, D]' if step else '[B, T, D]'}, got {tuple(x.shape)}")
+    D = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[0] != D or weight.shape[1] < 1:
+        raise ValueError(f"{op}: weight must have shape [D={D}, W >= 1], got {tuple(weight.shape)}")
+    W = weight.shape[1]
+    if bias is not None and bias.shape != (D,):
+        raise ValueError(f"{op}: bias must have shape [{D}], got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if state is not None and state.shape != (x.shape[0], W - 1, D):
+        raise ValueError(f"{op}: state must have shape [{x.shape[0]}, {W - 1}, {D}] ([B, W - 1, D]), got "
+                         f"{tuple(state.shape)}")
+    if lengths is not None:
+        B, T = x.shape[:2]
+        if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: lengths must be an integer tensor of shape ({B},), got shape "
+                             f"{tuple(lengths.shape)} dtype {lengths.dtype}")
+        if bool(((lengths < 0) | (lengths > T)).any()):
+            raise ValueError(f"{op}: lengths must lie in [0, T={T}], got {lengths.tolist()}")
