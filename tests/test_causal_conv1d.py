@@ -1,0 +1,101 @@
+"""causal_conv1d / causal_conv1d_update: fast path vs the tap-by-tap reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
+from seqblocks.testing import assert_close
+
+F64 = torch.float64
+
+
+def make(B=3, T=9, D=5, W=4, dtype=F64, grad=False):
+    ts = dict(x=torch.randn(B, T, D, dtype=dtype), weight=torch.randn(D, W, dtype=dtype),
+              bias=torch.randn(D, dtype=dtype), initial_state=torch.randn(B, W - 1, D, dtype=dtype))
+    if grad:
+        for v in ts.values():
+            v.requires_grad_(True)
+    return ts
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_matches_reference_forward_backward(W, activation, T):
+    ts = make(T=T, W=W, grad=True)
+    lengths = torch.tensor([T, T // 2, 0])
+    y1, f1 = causal_conv1d(**ts, activation=activation, lengths=lengths)
+    y2, f2 = causal_conv1d_ref(**ts, activation=activation, lengths=lengths)
+    assert_close(y1, y2, atol=1e-12)
+    assert_close(f1, f2, atol=0)
+    cot = (torch.randn_like(y1), torch.randn_like(f1))
+    leaves = list(ts.values())
+    for name, a, b in zip(ts, torch.autograd.grad((y1, f1), leaves, cot),
+                          torch.autograd.grad((y2, f2), leaves, cot)):
+        assert_close(a, b, atol=1e-12, msg=f"grad of {name}")
+
+
+def test_lengths_match_separate_runs():
+    ts = make()
+    lengths = torch.tensor([9, 2, 0])
+    y, f = causal_conv1d(**ts, lengths=lengths)
+    for b in range(3):
+        n = int(lengths[b])
+        ys, fs = causal_conv1d(ts["x"][b : b + 1, :n], ts["weight"], ts["bias"],
+                               initial_state=ts["initial_state"][b : b + 1])
+        assert_close(y[b : b + 1, :n], ys, atol=1e-12)
+        assert torch.all(y[b, n:] == 0)
+        assert_close(f[b : b + 1], fs, atol=0)
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_continuation_and_steps(split):
+    ts = make()
+    x, w, b = ts["x"], ts["weight"], ts["bias"]
+    full, f_full = causal_conv1d(x, w, b, activation="silu")
+    a, s = causal_conv1d(x[:, :split], w, b, activation="silu")
+    rest, f_rest = causal_conv1d(x[:, split:], w, b, activation="silu", initial_state=s)
+    assert_close(torch.cat((a, rest), 1), full, atol=1e-12)
+    assert_close(f_rest, f_full, atol=0)
+    state = s.clone()
+    steps = [causal_conv1d_update(x[:, t], state, w, b, "silu") for t in range(split, x.shape[1])]
+    assert_close(torch.stack(steps, 1), rest, atol=1e-12)
+    assert_close(state, f_full, atol=0)  # updated in place
+
+
+def test_width_one_update():
+    ts = make(W=1)
+    state = torch.zeros(3, 0, 5, dtype=F64)
+    y = causal_conv1d_update(ts["x"][:, 0], state, ts["weight"], ts["bias"])
+    assert_close(y, ts["x"][:, 0] * ts["weight"][:, 0] + ts["bias"], atol=1e-12)
+
+
+def test_low_precision_and_autocast():
+    ts = make(dtype=torch.float32)
+    y32, _ = causal_conv1d(ts["x"], ts["weight"], ts["bias"], activation="silu")
+    for dt in (torch.bfloat16, torch.float16):
+        y, f = causal_conv1d(ts["x"].to(dt), ts["weight"].to(dt), ts["bias"].to(dt), activation="silu")
+        assert y.dtype == dt and f.dtype == dt
+        assert_close(y, y32, atol=0.05 * float(y32.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = causal_conv1d(ts["x"], ts["weight"], ts["bias"], activation="silu")
+    assert_close(y, y32, atol=1e-5)  # the op accumulates in fp32 even under autocast
+
+
+def test_errors():
+    ts = make()
+    x, w = ts["x"], ts["weight"]
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d(x, w[:3])
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, w, activation="relu")
+    with pytest.raises(ValueError, match="state"):
+        causal_conv1d(x, w, initial_state=torch.zeros(3, 2, 5, dtype=F64))
+    with pytest.raises(ValueError, match="lengths"):
+        causal_conv1d(x, w, lengths=torch.tensor([1, 2, 10]))
+    with pytest.raises(ValueError, match="x must have shape"):
+        causal_conv1d_update(x, torch.zeros(3, 3, 5, dtype=F64), w)
+    with pytest.raises(TypeError, match="floating"):
+        causal_conv1d(x.long(), w)
