@@ -1,0 +1,28 @@
+"""Attention mixers, their caches and FlexAttention-style score / mask mods."""
+
+from seqblocks.layers.attention.cache import (
+    CrossAttentionCache,
+    KVCache,
+    LinearAttentionCache,
+    MLACache,
+    RollingKVCache,
+)
+from seqblocks.layers.attention.mha import GQA, MHA, MQA, CrossAttention, SlidingWindowAttention
+from seqblocks.layers.attention.mla import MLA
+from seqblocks.layers.attention.score_mods import (
+    additive_bias,
+    alibi_score_mod,
+    and_masks,
+    causal_mask,
+    compose,
+    document_mask,
+    or_masks,
+    prefix_lm_mask,
+    sliding_window_mask,
+    soft_cap,
+)
+
+__all__ = ["MHA", "GQA", "MQA", "MLA", "SlidingWindowAttention", "CrossAttention", "KVCache", "RollingKVCache",
+           "MLACache", "LinearAttentionCache", "CrossAttentionCache", "causal_mask", "sliding_window_mask",
+           "prefix_lm_mask", "document_mask", "alibi_score_mod", "soft_cap", "additive_bias", "compose",
+           "and_masks", "or_masks"]

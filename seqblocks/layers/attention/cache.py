@@ -1,0 +1,169 @@
+"""Inference caches of the attention mixers: preallocated, static shapes, updated in place.
+
+- ``KVCache``: keys / values of every position, ``[B, Hkv, max_seqlen, K]``, slot = absolute position.
+- ``RollingKVCache``: the last ``window`` keys / values of a sliding-window layer, slot = position mod
+  window, with the absolute position of each slot (-1 when empty), so memory stays O(window).
+- ``MLACache``: MLA's compressed latents ``c_kv`` and the shared rotary key ``k_pe`` per position.
+- ``LinearAttentionCache``: the recurrent state (S, z) of linear attention.
+- ``CrossAttentionCache``: the keys / values of the encoder output, computed once per memory.
+
+``seqlen_offset`` [B] (a tensor) counts each sequence's tokens; ``key_valid`` [B, slots] marks slots that
+hold a real, unpadded token. Writing past ``max_seqlen`` raises ``ValueError`` (every cache kind, the
+rolling one included, so that a model's limit does not depend on its layer mix).
+
+Shapes: B batch, Hkv key/value heads, S max_seqlen (slots), W window, K key width, V value width,
+R latent width, P rotary width, M memory length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from seqblocks.cache import Cache
+
+__all__ = ["KVCache", "RollingKVCache", "MLACache", "LinearAttentionCache", "CrossAttentionCache",
+           "capture_safe"]
+
+
+def capture_safe() -> bool:
+    """True while compiling or capturing a CUDA graph: host reads of cache tensors must be skipped."""
+    compiling = torch.compiler.is_compiling()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return compiling or capturing
+
+
+@dataclasses.dataclass(eq=False)
+class KVCache(Cache):
+    """Keys / values of every position so far.
+
+    Attributes:
+        k (Tensor): [B, Hkv, S, K]. v (Tensor): [B, Hkv, S, V].
+        key_valid (Tensor): [B, S] bool, True where a real (unpadded) token was written.
+    """
+
+    k: torch.Tensor = None
+    v: torch.Tensor = None
+    key_valid: torch.Tensor = None
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int,
+                 *, device=None, dtype=None) -> KVCache:
+        cache = cls.empty(batch_size, max_seqlen, device=device)
+        cache.k = torch.zeros(batch_size, num_kv_heads, max_seqlen, head_dim, device=device, dtype=dtype)
+        cache.v = torch.zeros(batch_size, num_kv_heads, max_seqlen, v_dim, device=device, dtype=dtype)
+        cache.key_valid = torch.zeros(batch_size, max_seqlen, dtype=torch.bool, device=device)
+        return cache
+
+
+@dataclasses.dataclass(eq=False)
+class RollingKVCache(Cache):
+    """The last ``window`` keys / values; the token at position p lives in slot p % window.
+
+    Attributes:
+        k (Tensor): [B, Hkv, W, K]. v (Tensor): [B, Hkv, W, V].
+        slot_positions (Tensor): [B, W] int64 absolute position held by each slot, -1 when empty.
+        key_valid (Tensor): [B, W] bool, True where the slot holds a real (unpadded) token.
+    """
+
+    k: torch.Tensor = None
+    v: torch.Tensor = None
+    slot_positions: torch.Tensor = None
+    key_valid: torch.Tensor = None
+
+    @property
+    def window(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_seqlen: int, window: int, num_kv_heads: int, head_dim: int,
+                 v_dim: int, *, device=None, dtype=None) -> RollingKVCache:
+        cache = cls.empty(batch_size, max_seqlen, device=device)
+        cache.k = torch.zeros(batch_size, num_kv_heads, window, head_dim, device=device, dtype=dtype)
+        cache.v = torch.zeros(batch_size, num_kv_heads, window, v_dim, device=device, dtype=dtype)
+        cache.slot_positions = torch.full((batch_size, window), -1, dtype=torch.long, device=device)
+        cache.key_valid = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
+        return cache
+
+    def reset(self) -> None:
+        super().reset()
+        self.slot_positions.fill_(-1)
+
+
+@dataclasses.dataclass(eq=False)
+class MLACache(Cache):
+    """MLA's per-position latents: what DeepSeek-V2 caches instead of per-head keys and values.
+
+    Attributes:
+        c_kv (Tensor): [B, S, R] normalised compressed key/value latent.
+        k_pe (Tensor): [B, S, P] rotated decoupled key (shared by all heads).
+        key_valid (Tensor): [B, S] bool.
+    """
+
+    c_kv: torch.Tensor = None
+    k_pe: torch.Tensor = None
+    key_valid: torch.Tensor = None
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_seqlen: int, kv_lora_rank: int, rope_dim: int, *, device=None,
+                 dtype=None) -> MLACache:
+        cache = cls.empty(batch_size, max_seqlen, device=device)
+        cache.c_kv = torch.zeros(batch_size, max_seqlen, kv_lora_rank, device=device, dtype=dtype)
+        cache.k_pe = torch.zeros(batch_size, max_seqlen, rope_dim, device=device, dtype=dtype)
+        cache.key_valid = torch.zeros(batch_size, max_seqlen, dtype=torch.bool, device=device)
+        return cache
+
+
+@dataclasses.dataclass(eq=False)
+class LinearAttentionCache(Cache):
+    """Linear attention's recurrent state (fp32; float64 for float64 models).
+
+    Attributes:
+        state (Tensor): [B, Hkv, K, V] sum of phi(k) v^T. normalizer (Tensor): [B, Hkv, K] sum of phi(k).
+    """
+
+    state: torch.Tensor = None
+    normalizer: torch.Tensor = None
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int, *,
+                 device=None, dtype=None) -> LinearAttentionCache:
+        dt = torch.float64 if dtype == torch.float64 else torch.float32
+        cache = cls.empty(batch_size, max_seqlen, device=device)
+        cache.state = torch.zeros(batch_size, num_kv_heads, head_dim, v_dim, device=device, dtype=dt)
+        cache.normalizer = torch.zeros(batch_size, num_kv_heads, head_dim, device=device, dtype=dt)
+        return cache
+
+
+@dataclasses.dataclass(eq=False)
+class CrossAttentionCache(Cache):
+    """Keys / values of an encoder output ("memory"), computed once and reused by every decode step.
+
+    ``max_seqlen`` is the memory length M. ``filled`` is False until the first call with a memory
+    computes them; ``reset`` empties it (a new memory). ``seqlen_offset`` counts decoder tokens.
+
+    Attributes:
+        k (Tensor): [B, Hkv, M, K]. v (Tensor): [B, Hkv, M, V]. key_valid (Tensor): [B, M] bool.
+        memory_positions (Tensor): [B, M] absolute positions of the memory tokens.
+    """
+
+    k: torch.Tensor = None
+    v: torch.Tensor = None
+    key_valid: torch.Tensor = None
+    memory_positions: torch.Tensor = None
+    filled: bool = False
+
+    @classmethod
+    def allocate(cls, batch_size: int, memory_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int, *,
+                 device=None, dtype=None) -> CrossAttentionCache:
+        cache = cls.empty(batch_size, memory_seqlen, device=device)
+        cache.k = torch.zeros(batch_size, num_kv_heads, memory_seqlen, head_dim, device=device, dtype=dtype)
+        cache.v = torch.zeros(batch_size, num_kv_heads, memory_seqlen, v_dim, device=device, dtype=dtype)
+        cache.key_valid = torch.zeros(batch_size, memory_seqlen, dtype=torch.bool, device=device)
+        cache.memory_positions = torch.zeros(batch_size, memory_seqlen, dtype=torch.long, device=device)
+        return cache
+
+    def reset(self) -> None:
+        super().reset()
+        self.filled = False

@@ -1,0 +1,226 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2): keys and values from a small cached latent.
+
+Per token, MLA computes a compressed latent ``c_kv = norm(W_dkv x)`` of width R = ``kv_lora_rank`` and
+a decoupled rotary key ``k_pe`` of width P = ``qk_rope_head_dim`` shared by all heads; per-head keys and
+values are up-projections of the latent (``[k_nope, v] = W_ukv c_kv``). Queries are full-rank or,
+with ``q_lora_rank``, also low-rank (``W_uq norm(W_dq x)``), and split into ``q_nope`` and a rotary
+``q_pe``. The score of head h is ``(q_nope . k_nope + q_pe . k_pe) * (Kn + P) ** -0.5``.
+
+The decoding cache (``MLACache``) stores only ``c_kv`` and the rotated ``k_pe``: R + P numbers per
+token instead of 2 * H * K. Each call up-projects the cached latents it attends to (the "naive" MLA
+form; the weight-absorbed form is an optimisation of the same function).
+
+Shapes: B batch, T time, D width, H heads, R kv_lora_rank, Rq q_lora_rank, Kn qk_nope_head_dim,
+P qk_rope_head_dim, V v_head_dim, S cache slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqblocks.layers.attention.cache import MLACache, capture_safe
+from seqblocks.layers.attention.mha import _and, _AttentionCore, _length_valid, _positions, _split_mask
+from seqblocks.layers.norm import RMSNorm
+from seqblocks.layers.position import PositionBase, RotaryEmbedding
+from seqblocks.registry import MIXERS
+
+__all__ = ["MLA"]
+
+
+@MIXERS.register("mla")
+class MLA(_AttentionCore):
+    """Multi-head latent attention with a latent KV cache.
+
+    Args:
+        d_model (int): model width D.
+        num_heads (int): heads H.
+        kv_lora_rank (int | None): latent width R. Default: None (= 4 * qk_nope_head_dim, DeepSeek-V2's
+            512 for 128-wide heads).
+        q_lora_rank (int | None): low-rank query width; None keeps full-rank queries. Default: None.
+        qk_nope_head_dim (int | None): per-head non-rotary query/key width. Default: None (= D // H).
+        qk_rope_head_dim (int | None): decoupled rotary width P (even). Default: None
+            (= qk_nope_head_dim // 2 rounded to even, at least 2).
+        v_head_dim (int | None): per-head value width. Default: None (= qk_nope_head_dim).
+        causal (bool): causal attention. Default: True.
+        rope_base (float): RoPE base of the decoupled keys. Default: 10000.0.
+        softmax_scale (float | None): Default: None ((Kn + P) ** -0.5).
+        bias (bool): biases in the projections. Default: False.
+        layer_idx (int | None): Default: None.
+        attention_type (str): "auto", "standard", "memory_efficient", "flash", "flex". Default: "auto".
+        attention_block_size (int): key block of "memory_efficient". Default: 128.
+        dropout (float): attention dropout, training only. Default: 0.0.
+        score_mod, mask_mod (Callable | None): as ``MHA``. Default: None.
+        position (PositionBase | None): an ALiBi module adds its bias; a rotary one is ignored (MLA
+            rotates its decoupled keys itself). Default: None.
+        norm_eps (float): eps of the latent RMSNorms. Default: 1e-6.
+        device, dtype: parameter placement. Default: None.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int | None = None,
+        kv_lora_rank: int | None = None,
+        q_lora_rank: int | None = None,
+        qk_nope_head_dim: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        causal: bool = True,
+        rope_base: float = 10000.0,
+        softmax_scale: float | None = None,
+        bias: bool = False,
+        layer_idx: int | None = None,
+        *,
+        attention_type: str = "auto",
+        attention_block_size: int = 128,
+        dropout: float = 0.0,
+        score_mod: Callable | None = None,
+        mask_mod: Callable | None = None,
+        position: PositionBase | None = None,
+        norm_eps: float = 1e-6,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_heads is None or num_heads <= 0:
+            raise ValueError(f"MLA needs a positive num_heads, got {num_heads!r}")
+        if attention_type == "linear":
+            raise ValueError("MLA: attention_type='linear' is not offered (MLA is softmax attention)")
+        if qk_nope_head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"MLA: d_model={d_model} is not a multiple of num_heads={num_heads}; set "
+                                 f"qk_nope_head_dim")
+            qk_nope_head_dim = d_model // num_heads
+        if qk_rope_head_dim is None:
+            qk_rope_head_dim = max(2, (qk_nope_head_dim // 2) // 2 * 2)
+        if qk_rope_head_dim <= 0 or qk_rope_head_dim % 2:
+            raise ValueError(f"MLA: qk_rope_head_dim={qk_rope_head_dim} must be positive and even")
+        kv_lora_rank = 4 * qk_nope_head_dim if kv_lora_rank is None else kv_lora_rank
+        v_head_dim = qk_nope_head_dim if v_head_dim is None else v_head_dim
+        for name, val in (("kv_lora_rank", kv_lora_rank), ("v_head_dim", v_head_dim)):
+            if val <= 0:
+                raise ValueError(f"MLA: {name}={val} must be positive")
+        if q_lora_rank is not None and q_lora_rank <= 0:
+            raise ValueError(f"MLA: q_lora_rank={q_lora_rank} must be positive or None")
+        if position is not None and position.kind == "rotary":
+            position = None  # MLA's decoupled RoPE is its rotary encoding
+        qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        self._init_core(num_heads=num_heads, attention_type=attention_type,
+                        attention_block_size=attention_block_size, linear_attention_chunk_size=64,
+                        linear_feature_map="elu", dropout=dropout, score_mod=score_mod, mask_mod=mask_mod,
+                        softmax_scale=qk_dim**-0.5 if softmax_scale is None else softmax_scale,
+                        window_size=None, position=position)
+        self.d_model, self.causal, self.layer_idx = d_model, causal, layer_idx
+        self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        factory = {"device": device, "dtype": dtype}
+        H = num_heads
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, H * qk_dim, bias=bias, **factory)
+        else:
+            self.q_a_proj = nn.Linear(d_model, q_lora_rank, bias=bias, **factory)
+            self.q_a_norm = RMSNorm(q_lora_rank, eps=norm_eps, **factory)
+            self.q_b_proj = nn.Linear(q_lora_rank, H * qk_dim, bias=False, **factory)
+        self.kv_a_proj = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=bias, **factory)
+        self.kv_a_norm = RMSNorm(kv_lora_rank, eps=norm_eps, **factory)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, H * (qk_nope_head_dim + v_head_dim), bias=False, **factory)
+        self.out_proj = nn.Linear(H * v_head_dim, d_model, bias=bias, **factory)
+        self.rotary = RotaryEmbedding(qk_rope_head_dim, base=rope_base, device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> MLA:
+        """Build from a ``BlockConfig``: n_heads, kv_lora_rank, q_lora_rank, rope_dim, head_dim (as
+        qk_nope_head_dim), rope_theta, bias, causal, attention_type, attention_block_size, dropout."""
+        if config.window_size is not None:
+            raise ValueError(f"MLA does not take a sliding window (BlockConfig.window_size={config.window_size})")
+        args: dict[str, Any] = dict(
+            num_heads=config.n_heads, kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank,
+            qk_nope_head_dim=config.head_dim, qk_rope_head_dim=config.rope_dim, rope_base=config.rope_theta,
+            bias=config.bias, causal=config.causal, attention_type=config.attention_type,
+            attention_block_size=config.attention_block_size, dropout=config.effective_attention_dropout,
+            position=position, norm_eps=config.norm_eps,
+        )
+        args.update(config.mixer_kwargs)
+        args.update(kwargs)
+        return cls(config.d_model, **args)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, "
+                f"q_lora_rank={self.q_lora_rank}, qk_nope={self.qk_nope_head_dim}, "
+                f"qk_rope={self.qk_rope_head_dim}, v={self.v_head_dim}, causal={self.causal}")
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> MLACache:
+        """An ``MLACache`` of the latents (R + P numbers per token)."""
+        if not self.causal:
+            raise ValueError("MLA: a non-causal attention cannot decode with a cache")
+        w = self.kv_a_proj.weight
+        return MLACache.allocate(batch_size, max_seqlen, self.kv_lora_rank, self.qk_rope_head_dim,
+                                 device=w.device, dtype=dtype or w.dtype)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cache: MLACache | None = None, mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> y [B, T, D]; cache, mask, position_ids, lengths as ``MHA``."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MLA: x must be [B, T, {self.d_model}], got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        H, Kn, P, V = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        R = self.kv_lora_rank
+        index = (torch.arange(T, device=x.device)[None] if cache is None
+                 else cache.seqlen_offset[:, None] + torch.arange(T, device=x.device))
+        rope_pos = _positions(position_ids, index)
+        q = self._queries(x).view(B, T, H, Kn + P)
+        q_nope, q_pe = q.split((Kn, P), dim=-1)
+        q = torch.cat((q_nope, self.rotary.rotate(q_pe, rope_pos)), dim=-1)
+        c_kv, k_pe = self.kv_a_proj(x).split((R, P), dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # [B, T, R]
+        k_pe = self.rotary.rotate(k_pe[:, :, None], rope_pos)[:, :, 0]  # [B, T, P]
+        key_valid, attn_mask = _split_mask(mask, B, T, T, "MLA")
+        length_valid = _length_valid(lengths, B, T, x.device, "MLA")
+        key_valid = _and(key_valid, length_valid)
+        q_pos = None
+        if cache is not None:
+            if attn_mask is not None:
+                raise ValueError("MLA: with a cache, mask must be a [B, T] key-padding mask")
+            if not self.causal:
+                raise ValueError("MLA: a non-causal attention cannot decode with a cache")
+            S = cache.max_seqlen
+            if not capture_safe():
+                cache.check_capacity(T, "MLA")
+                used = int(cache.seqlen_offset.max()) + T
+                S = used if used == T or not self._static_kv(x) else S
+            b_idx = torch.arange(B, device=x.device)[:, None]
+            cache.c_kv[b_idx, index] = c_kv.to(cache.c_kv.dtype)
+            cache.k_pe[b_idx, index] = k_pe.to(cache.k_pe.dtype)
+            cache.key_valid[b_idx, index] = (key_valid if key_valid is not None
+                                             else torch.ones(B, T, dtype=torch.bool, device=x.device))
+            if not (S == T and key_valid is None):
+                # Otherwise (an empty cache, no padding) this call's latents are all there is to attend to.
+                c_kv, k_pe = cache.c_kv[:, :S].to(x.dtype), cache.k_pe[:, :S].to(x.dtype)
+                key_valid, q_pos = cache.key_valid[:, :S], index
+        Tk = c_kv.shape[1]
+        k_nope, v = self.kv_b_proj(c_kv).view(B, Tk, H, Kn + V).split((Kn, V), dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(B, Tk, H, P)), dim=-1)
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=self.causal,
+                           window=None, q_pos=q_pos, kv_pos=None, key_valid=key_valid, attn_mask=attn_mask)
+        if cache is not None:
+            cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
+        y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * V))
+        if length_valid is not None:
+            y = y * length_valid[..., None].to(y.dtype)
+        return y

@@ -1,0 +1,300 @@
+"""Transformer encoder, decoder and encoder-decoder models over ``EncoderBlock`` / ``DecoderBlock``.
+
+- ``TransformerEncoder``: embeddings (or [B, T, D] inputs), positions, N encoder blocks, final norm.
+- ``TransformerDecoder``: N decoder blocks with cross-attention to a memory (or, with
+  ``cross_attention=False``, causal encoder blocks: a decoder-only LM), final norm, LM head.
+- ``TransformerEncoderDecoder``: both, with ``encode`` / ``decode`` / ``forward`` and greedy ``generate``.
+
+Positions (``position``): "sinusoidal" or "learned" are added to the embeddings at the model input at
+absolute positions (cache offset + index); "rope" and "alibi" act inside self-attention; "none".
+While decoding, each layer caches its self-attention K/V, and its cross-attention K/V are computed
+once, on the first decode call after ``allocate_inference_cache`` (or ``cache.reset()``).
+
+Shapes: B batch, T time, S source length, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqblocks.blocks.encoder_decoder import DecoderBlock, EncoderBlock
+from seqblocks.cache import Cache
+from seqblocks.layers.position import LearnedPosition, SinusoidalPosition, positions_from_offset
+from seqblocks.registry import NORMS
+
+__all__ = ["TransformerEncoder", "TransformerDecoder", "TransformerEncoderDecoder", "TransformerCache",
+           "POSITION_TYPES"]
+
+POSITION_TYPES = ("sinusoidal", "learned", "rope", "alibi", "none")
+
+
+@dataclasses.dataclass(eq=False)
+class TransformerCache(Cache):
+    """Per-layer caches of a transformer stack; ``seqlen_offset`` is the model's own token counter."""
+
+    layers: list = dataclasses.field(default_factory=list)
+
+    def reset(self) -> None:
+        self.seqlen_offset.zero_()
+        for c in self.layers:
+            c.reset()
+
+
+class _Stack(nn.Module):
+    def _build_io(self, vocab_size, d_model, position, max_seq_len, norm_type, norm_eps, pre_norm, dropout_rate,
+                  padding_idx, device, dtype) -> None:
+        owner = type(self).__name__
+        if position not in POSITION_TYPES:
+            raise ValueError(f"{owner}: position={position!r}; expected one of {POSITION_TYPES}")
+        if vocab_size is not None and vocab_size <= 0:
+            raise ValueError(f"{owner}: vocab_size={vocab_size} must be positive or None")
+        self.vocab_size, self.d_model, self.position_type, self.max_seq_len = vocab_size, d_model, position, max_seq_len
+        factory = {"device": device, "dtype": dtype}
+        self.embedding = (nn.Embedding(vocab_size, d_model, padding_idx=padding_idx, **factory)
+                          if vocab_size is not None else None)
+        if position == "sinusoidal":
+            self.pos_embedding = SinusoidalPosition(d_model, device=device)
+        elif position == "learned":
+            self.pos_embedding = LearnedPosition(max_seq_len, d_model, **factory)
+        else:
+            self.pos_embedding = None
+        self.embed_dropout = nn.Dropout(dropout_rate)
+        # Pre-norm stacks leave the residual stream unnormalised: a final norm closes them.
+        self.final_norm = NORMS.get(norm_type)(d_model, eps=norm_eps, **factory) if pre_norm else None
+
+    def _block_kwargs(self, position: str, rope_max: int) -> dict[str, Any]:
+        return {"use_rope": position == "rope", "alibi": position == "alibi", "rope_max_positions": rope_max}
+
+    def _embed(self, inputs: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        owner = type(self).__name__
+        if self.embedding is not None:
+            if inputs.dim() != 2 or inputs.dtype.is_floating_point:
+                raise ValueError(f"{owner}: expected token ids [B, T], got {inputs.dtype} {tuple(inputs.shape)}")
+            x = self.embedding(inputs)
+        else:
+            if inputs.dim() != 3 or inputs.shape[-1] != self.d_model:
+                raise ValueError(f"{owner}: expected embeddings [B, T, {self.d_model}], got {tuple(inputs.shape)}")
+            x = inputs
+        if self.pos_embedding is not None:
+            T = x.shape[1]
+            pos = positions_from_offset(0 if offset is None else offset, T, device=x.device)
+            x = self.pos_embedding.embed(x, pos)
+        return self.embed_dropout(x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+class TransformerEncoder(_Stack):
+    """A stack of ``EncoderBlock``: bidirectional by default.
+
+    Args:
+        vocab_size (int | None): token vocabulary; None takes [B, T, d_model] inputs. Default: None.
+        d_model (int): width. Default: 512.
+        num_layers (int): blocks. Default: 6.
+        num_heads (int): heads. Default: 8.
+        d_ff (int): FFN width. Default: 2048.
+        position (str): "sinusoidal", "learned", "rope", "alibi" or "none". Default: "sinusoidal".
+        max_seq_len (int): longest sequence (learned / rope tables). Default: 2048.
+        causal (bool): causal self-attention. Default: False.
+        padding_idx (int | None): embedding padding index. Default: None.
+        **block_kwargs: further ``EncoderBlock`` arguments (dropout_rate, pre_norm, attention_type,
+            norm_type, ff_activation, num_kv_heads, attention_window, score_mod, rope_base, ...).
+        device, dtype: parameter placement. Default: None.
+    """
+
+    def __init__(self, vocab_size: int | None = None, d_model: int = 512, num_layers: int = 6, num_heads: int = 8,
+                 d_ff: int = 2048, *, position: str = "sinusoidal", max_seq_len: int = 2048, causal: bool = False,
+                 padding_idx: int | None = None, device=None, dtype=None, **block_kwargs: Any) -> None:
+        super().__init__()
+        if num_layers <= 0:
+            raise ValueError(f"TransformerEncoder: num_layers={num_layers} must be positive")
+        pre_norm = block_kwargs.get("pre_norm", True)
+        self._build_io(vocab_size, d_model, position, max_seq_len, block_kwargs.get("norm_type", "layer_norm"),
+                       block_kwargs.get("norm_eps", 1e-5), pre_norm, block_kwargs.get("dropout_rate", 0.0),
+                       padding_idx, device, dtype)
+        self.causal = causal
+        self.layers = nn.ModuleList(
+            EncoderBlock(d_model, num_heads, d_ff, causal=causal, layer_idx=i, device=device, dtype=dtype,
+                         **self._block_kwargs(position, max_seq_len), **block_kwargs)
+            for i in range(num_layers)
+        )
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> TransformerCache:
+        """Per-layer self-attention caches (causal encoders only)."""
+        layers = [blk.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) for blk in self.layers]
+        offset = torch.zeros(batch_size, dtype=torch.long, device=layers[0].seqlen_offset.device)
+        return TransformerCache(seqlen_offset=offset, max_seqlen=max_seqlen, layers=layers)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, cache: TransformerCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: token ids [B, T] (or embeddings [B, T, D]) -> hidden states [B, T, D].
+
+        ``mask`` [B, T] bool marks real tokens (key padding) or is a full attention mask.
+        """
+        x = self._embed(inputs, None if cache is None else cache.seqlen_offset)
+        for i, blk in enumerate(self.layers):
+            x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i], lengths=lengths)
+        if cache is not None:
+            cache.advance(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
+        return self._finish(x)
+
+
+class TransformerDecoder(_Stack):
+    """A stack of ``DecoderBlock`` with an LM head (or of causal ``EncoderBlock`` without cross-attention).
+
+    Args:
+        vocab_size (int): target vocabulary.
+        d_model, num_layers, num_heads, d_ff, position, max_seq_len, padding_idx: as ``TransformerEncoder``.
+        cross_attention (bool): attend to a memory (encoder output). Default: True.
+        memory_dim (int | None): memory width. Default: None (= d_model).
+        tie_embeddings (bool): share the LM head with the token embedding. Default: True.
+        **block_kwargs: further ``DecoderBlock`` arguments.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 512, num_layers: int = 6, num_heads: int = 8,
+                 d_ff: int = 2048, *, position: str = "sinusoidal", max_seq_len: int = 2048,
+                 cross_attention: bool = True, memory_dim: int | None = None, tie_embeddings: bool = True,
+                 padding_idx: int | None = None, device=None, dtype=None, **block_kwargs: Any) -> None:
+        super().__init__()
+        if vocab_size is None:
+            raise ValueError("TransformerDecoder needs vocab_size")
+        if num_layers <= 0:
+            raise ValueError(f"TransformerDecoder: num_layers={num_layers} must be positive")
+        pre_norm = block_kwargs.get("pre_norm", True)
+        self._build_io(vocab_size, d_model, position, max_seq_len, block_kwargs.get("norm_type", "layer_norm"),
+                       block_kwargs.get("norm_eps", 1e-5), pre_norm, block_kwargs.get("dropout_rate", 0.0),
+                       padding_idx, device, dtype)
+        self.cross_attention = cross_attention
+        pos_kwargs = self._block_kwargs(position, max_seq_len)
+        if cross_attention:
+            self.layers = nn.ModuleList(
+                DecoderBlock(d_model, num_heads, d_ff, memory_dim=memory_dim, layer_idx=i, device=device,
+                             dtype=dtype, **pos_kwargs, **block_kwargs) for i in range(num_layers))
+        else:
+            self.layers = nn.ModuleList(
+                EncoderBlock(d_model, num_heads, d_ff, causal=True, layer_idx=i, device=device, dtype=dtype,
+                             **pos_kwargs, **block_kwargs) for i in range(num_layers))
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
+        if tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, *,
+                                 memory_seqlen: int | None = None, **kwargs: Any) -> TransformerCache:
+        """Per-layer caches for ``max_seqlen`` target tokens (and a memory of ``memory_seqlen`` tokens)."""
+        if self.cross_attention:
+            if memory_seqlen is None:
+                raise ValueError("TransformerDecoder.allocate_inference_cache needs memory_seqlen (the encoder "
+                                 "output's length) when cross_attention=True")
+            layers = [blk.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, memory_seqlen=memory_seqlen)
+                      for blk in self.layers]
+        else:
+            layers = [blk.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) for blk in self.layers]
+        offset = torch.zeros(batch_size, dtype=torch.long, device=self.lm_head.weight.device)
+        return TransformerCache(seqlen_offset=offset, max_seqlen=max_seqlen, layers=layers)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: TransformerCache | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V].
+
+        Args:
+            memory (Tensor | None): [B, S, Dm] encoder output (cross_attention=True); with a cache, needed
+                on the first call only.
+            memory_mask (Tensor | None): [B, S] bool, True for real source tokens.
+            mask (Tensor | None): [B, T] bool target key padding.
+            cache (TransformerCache | None): from ``allocate_inference_cache``.
+            lengths (Tensor | None): [B] valid prefix of each target row.
+        """
+        if self.cross_attention and memory is None and (cache is None or not self._memory_cached(cache)):
+            raise ValueError("TransformerDecoder: memory is required (cross_attention=True and no cached memory)")
+        x = self._embed(tokens, None if cache is None else cache.seqlen_offset)
+        for i, blk in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.cross_attention:
+                x = blk(x, memory, mask=mask, memory_mask=memory_mask, cache=layer_cache, lengths=lengths)
+            else:
+                x = blk(x, mask=mask, cache=layer_cache, lengths=lengths)
+        if cache is not None:
+            cache.advance(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
+        return self.lm_head(self._finish(x))
+
+    @staticmethod
+    def _memory_cached(cache: TransformerCache) -> bool:
+        return all(c.cross_attn.filled for c in cache.layers)
+
+
+class TransformerEncoderDecoder(nn.Module):
+    """Encoder-decoder transformer (Vaswani et al.) over ``TransformerEncoder`` and ``TransformerDecoder``.
+
+    Args:
+        src_vocab_size (int): source vocabulary.
+        tgt_vocab_size (int | None): target vocabulary. Default: None (= src_vocab_size).
+        d_model, num_heads, d_ff: sizes. Defaults: 512, 8, 2048.
+        num_encoder_layers, num_decoder_layers (int): depths. Default: 6 each.
+        position (str): position encoding of both stacks. Default: "sinusoidal".
+        max_seq_len (int): longest sequence. Default: 2048.
+        share_embeddings (bool): one embedding for source and target (same vocabulary). Default: False.
+        **block_kwargs: further block arguments for both stacks.
+    """
+
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int | None = None, d_model: int = 512,
+                 num_heads: int = 8, d_ff: int = 2048, num_encoder_layers: int = 6, num_decoder_layers: int = 6, *,
+                 position: str = "sinusoidal", max_seq_len: int = 2048, share_embeddings: bool = False,
+                 device=None, dtype=None, **block_kwargs: Any) -> None:
+        super().__init__()
+        tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
+        common = dict(d_model=d_model, num_heads=num_heads, d_ff=d_ff, position=position, max_seq_len=max_seq_len,
+                      device=device, dtype=dtype, **block_kwargs)
+        self.encoder = TransformerEncoder(src_vocab_size, num_layers=num_encoder_layers, **common)
+        self.decoder = TransformerDecoder(tgt_vocab_size, num_layers=num_decoder_layers, **common)
+        if share_embeddings:
+            if src_vocab_size != tgt_vocab_size:
+                raise ValueError(f"share_embeddings needs equal vocabularies, got {src_vocab_size} and "
+                                 f"{tgt_vocab_size}")
+            self.decoder.embedding.weight = self.encoder.embedding.weight
+            self.decoder.lm_head.weight = self.encoder.embedding.weight
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src [B, S] -> memory [B, S, D]; ``src_mask`` [B, S] bool marks real source tokens."""
+        return self.encoder(src, mask=src_mask)
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor | None, src_mask: torch.Tensor | None = None,
+               cache: TransformerCache | None = None, tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tgt [B, T] -> logits [B, T, V] given the memory (None once a cache holds its K/V)."""
+        return self.decoder(tgt, memory, memory_mask=src_mask, mask=tgt_mask, cache=cache)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
+                tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] of ``tgt`` given ``src``."""
+        return self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask=tgt_mask)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, *,
+                                 memory_seqlen: int, **kwargs: Any) -> TransformerCache:
+        """The decoder's caches for ``max_seqlen`` target tokens and a source of ``memory_seqlen`` tokens."""
+        return self.decoder.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, memory_seqlen=memory_seqlen)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, bos_token_id: int, max_new_tokens: int,
+                 src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding with caches: returns [B, 1 + max_new_tokens] tokens starting with BOS."""
+        if max_new_tokens <= 0:
+            raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be positive")
+        memory = self.encode(src, src_mask)
+        B, S = src.shape
+        cache = self.allocate_inference_cache(B, max_new_tokens + 1, memory_seqlen=S)
+        tokens = torch.full((B, 1), bos_token_id, dtype=torch.long, device=src.device)
+        out = [tokens]
+        logits = self.decode(tokens, memory, src_mask, cache=cache)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out.append(nxt)
+            if len(out) > max_new_tokens:
+                break
+            logits = self.decode(nxt, None, src_mask, cache=cache)
+        return torch.cat(out, dim=1)
