@@ -1,0 +1,277 @@
+"""Checkpoints: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for seqblocks models.
+
+A checkpoint is a directory (or a Hugging Face Hub repository) holding
+
+- ``config.json``: the model's **full** configuration as JSON (every constructor argument,
+  ``mixer_kwargs`` included), a ``model_type`` naming the class and a ``torch_dtype``;
+- ``model.safetensors``: the weights. Tied weights are stored once.
+
+The directory / Hub plumbing is ``huggingface_hub.ModelHubMixin``'s (so ``push_to_hub`` and Hub ids
+work); this module only supplies what the mixin leaves to frameworks: how a model turns into files and
+back. Loading never unpickles: weights are read with ``safetensors`` only, and a directory that holds
+only a pickle (``pytorch_model.bin``) is refused. Loading is strict: a missing, unexpected or
+mis-shaped tensor raises ``ValueError`` naming it, and a corrupted file raises ``ValueError`` naming
+the file.
+
+A model class takes part by subclassing ``CheckpointMixin`` and implementing ``checkpoint_config()``
+(a JSON-able dict) and the classmethod ``from_checkpoint_config(config, device=None, dtype=None)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from huggingface_hub import ModelHubMixin, hf_hub_download
+
+    _HUB_ERROR: ImportError | None = None
+except ImportError as err:  # a declared dependency; the package still imports without it
+    _HUB_ERROR = err
+
+    class ModelHubMixin:  # type: ignore[no-redef]
+        """Stand-in used when huggingface_hub is not installed: checkpoints then raise ImportError."""
+
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            super().__init_subclass__()
+
+    hf_hub_download = None  # type: ignore[assignment]
+
+__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "load_pretrained", "register_model_type"]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
+_MODEL_TYPES: dict[str, type] = {}
+
+
+def register_model_type(cls: type) -> type:
+    """Record ``cls`` under its name so ``load_pretrained`` can rebuild it from ``config.json``."""
+    _MODEL_TYPES[cls.__name__] = cls
+    return cls
+
+
+def _require_hub() -> None:
+    if _HUB_ERROR is not None:
+        raise ImportError(
+            f"checkpoints need huggingface_hub ({_HUB_ERROR}); install it with `pip install huggingface_hub`"
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float32"`` / ``"torch.float32"`` / a dtype -> the dtype; None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r} in the checkpoint config")
+    return dtype
+
+
+def _shared_keys(model: nn.Module) -> dict[str, str]:
+    """{duplicate key: first key} for state-dict entries that are the same tensor (tied weights)."""
+    first: dict[int, str] = {}
+    dup: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        ident = id(tensor)
+        if ident in first:
+            dup[key] = first[ident]
+        else:
+            first[ident] = key
+    return dup
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s state dict to a safetensors file, each shared tensor once."""
+    shared = _shared_keys(model)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in shared}
+    metadata = {"format": "pt"}
+    if shared:
+        metadata["tied"] = json.dumps(shared, sort_keys=True)
+    import safetensors.torch
+
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None) -> None:
+    """Load a safetensors file into ``model`` strictly (every key, every shape), never unpickling.
+
+    Raises:
+        ValueError: the file is not valid safetensors, or its tensors do not match the model's
+            (missing / unexpected keys, wrong shapes); the message names them.
+    """
+    import safetensors.torch
+
+    path = str(path)
+    try:
+        state = safetensors.torch.load_file(path, device=str(torch.device(device or "cpu")))
+    except Exception as err:  # SafetensorError, OSError on truncated headers, ...
+        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from None
+    shared = _shared_keys(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in shared}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected}")
+        if wrong:
+            parts.append(f"shape mismatches: {wrong}")
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
+    with torch.no_grad():
+        for key, param in expected.items():
+            if state[key].dtype.is_floating_point != param.dtype.is_floating_point and not (
+                state[key].is_complex() and param.is_complex()
+            ):
+                raise ValueError(f"checkpoint {path}: {key} has dtype {state[key].dtype}, model {param.dtype}")
+    model.load_state_dict(state, strict=False)
+
+
+class CheckpointMixin(ModelHubMixin):
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` through ``huggingface_hub.ModelHubMixin``.
+
+    Subclasses implement ``checkpoint_config() -> dict`` (JSON values only) and the classmethod
+    ``from_checkpoint_config(config, device=None, dtype=None)``.
+    """
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        raise TypeError(f"{type(self).__name__} does not define checkpoint_config()")
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any], device=None, dtype=None) -> CheckpointMixin:
+        raise TypeError(f"{cls.__name__} does not define from_checkpoint_config()")
+
+    def full_checkpoint_config(self) -> dict[str, Any]:
+        """``checkpoint_config()`` plus ``model_type``, ``torch_dtype`` and the library version."""
+        from seqblocks import __version__
+
+        config = dict(self.checkpoint_config())
+        params = list(self.parameters())  # type: ignore[attr-defined]
+        dtype = params[0].dtype if params else torch.get_default_dtype()
+        config.update(model_type=type(self).__name__, torch_dtype=dtype_name(dtype), seqblocks_version=__version__)
+        try:
+            json.dumps(config)
+        except TypeError as err:
+            raise ValueError(
+                f"{type(self).__name__}: the config cannot be written as JSON ({err}); constructor arguments "
+                f"such as mixer_kwargs must hold JSON values (numbers, strings, lists, dicts)"
+            ) from None
+        return config
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """Write ``config.json``, ``model.safetensors`` and a model card into ``save_directory``.
+
+        Keyword arguments go to ``huggingface_hub.ModelHubMixin.save_pretrained`` (``push_to_hub``,
+        ``repo_id``, ...). Returns the commit URL when pushing, else None.
+        """
+        _require_hub()
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        config = self.full_checkpoint_config()
+        save_weights(self, Path(save_directory) / WEIGHTS_NAME)  # type: ignore[arg-type]
+        (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, **hub_kwargs: Any):
+        """Rebuild a model from a directory written by ``save_pretrained`` or a Hub repository id.
+
+        Args:
+            pretrained_model_name_or_path (str | Path): a local directory or a Hub id ("user/name").
+            device (torch.device | str | None): where to place the model. Default: None (CPU).
+            dtype (torch.dtype | None): parameter dtype. Default: None (the dtype it was saved in).
+            **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
+
+        Raises:
+            FileNotFoundError: a local path that does not exist, or a directory without the files.
+            ValueError: unreadable ``config.json`` / weights, a config of another model class, or
+                weights that do not match the config.
+        """
+        _require_hub()
+        unknown = sorted(set(hub_kwargs) - {"revision", "token", "cache_dir", "force_download", "local_files_only"})
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}; the model's "
+                            f"configuration comes from config.json")
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            _check_local_dir(Path(path))
+        elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+            # Hub ids are "name" or "owner/name"; anything else was meant as a local directory.
+            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: {path!r} is not a checkpoint directory")
+        return super().from_pretrained(path, device=device, dtype=dtype, **hub_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
+                         local_files_only: bool, token: Any, config: dict[str, Any] | None = None,
+                         device=None, dtype=None, **model_kwargs: Any):
+        if not isinstance(config, dict):
+            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no {CONFIG_NAME} found for {model_id!r}")
+        # The mixin copies config values named like constructor arguments into model_kwargs; anything
+        # else there was passed by the caller, which from_pretrained has already refused.
+        stray = sorted(k for k, v in model_kwargs.items() if config.get(k, object()) != v)
+        if stray:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {stray}")
+        model_type = config.get("model_type")
+        if model_type != cls.__name__:
+            raise ValueError(f"{model_id}: config.json describes a {model_type!r}, not a {cls.__name__!r}; "
+                             f"load it with seqblocks.checkpoint.load_pretrained or that class")
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, WEIGHTS_NAME)
+        else:
+            weights = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
+                                      cache_dir=cache_dir, force_download=force_download, token=token,
+                                      local_files_only=local_files_only)
+        params = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "seqblocks_version")}
+        dtype = dtype if dtype is not None else parse_dtype(config.get("torch_dtype"))
+        model = cls.from_checkpoint_config(params, device=device, dtype=dtype)
+        load_weights(model, weights, device=device)
+        model.eval()
+        return model
+
+
+def _check_local_dir(path: Path) -> None:
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}; it is not a seqblocks checkpoint")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON (corrupted?): {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config} must hold a JSON object, got {type(data).__name__}")
+    if not (path / WEIGHTS_NAME).is_file():
+        pickles = [n for n in _PICKLE_NAMES if (path / n).is_file()]
+        extra = f" (found {pickles}: seqblocks never unpickles weights)" if pickles else ""
+        raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}{extra}")
+
+
+def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, dtype=None, **hub_kwargs: Any):
+    """Load any seqblocks model from a checkpoint, choosing the class from ``config.json``'s ``model_type``."""
+    _require_hub()
+    path = str(pretrained_model_name_or_path)
+    if os.path.isdir(path):
+        _check_local_dir(Path(path))
+        config = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    else:
+        config_file = hf_hub_download(repo_id=path, filename=CONFIG_NAME, **hub_kwargs)
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    import seqblocks.models  # noqa: F401  (registers the model classes)
+
+    model_type = config.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"{path}: unknown model_type {model_type!r}; known: {sorted(_MODEL_TYPES)}")
+    return _MODEL_TYPES[model_type].from_pretrained(path, device=device, dtype=dtype, **hub_kwargs)

@@ -1,0 +1,382 @@
+"""Token generation for seqblocks language models, as small functions over a static cache (gpt-fast style).
+
+- ``prefill(model, input_ids, caches, ...)``: run the prompt through ``model.forward`` with the caches,
+  return the logits that predict each row's next token.
+- ``decode_one_token(model, tokens, caches, ...)``: one ``model.step``; the caches advance in place.
+- ``process_logits`` / ``sample``: repetition penalty, temperature, top-k, top-p, min-p, then a draw.
+- ``CUDAGraphDecoder``: ``decode_one_token`` captured once in a CUDA graph and replayed.
+- ``generate``: the loop, with stop tokens, a seed / generator, a streaming callback, batched prompts
+  of different lengths and the returned scores.
+
+Batched prompts of different lengths come right-padded with ``lengths``. When every mixer takes
+``lengths``, the padded batch is prefilled in one call and each row's caches advance by its own length
+(per-row ``seqlen_offset``). Otherwise the common prefix is prefilled and each row's remaining prompt
+tokens are fed one per step, in lockstep with the other rows' generated tokens; both give each row
+exactly what it would get alone.
+
+Shapes: B batch, T prompt length, N new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["GenerationOutput", "generate", "prefill", "decode_one_token", "process_logits", "sample",
+           "CUDAGraphDecoder"]
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """What ``generate`` returns.
+
+    Attributes:
+        sequences (Tensor): [B, T + N] each row's prompt then its generated tokens, right-padded with
+            ``pad_token_id``.
+        tokens (Tensor): [B, N] the generated tokens; ``pad_token_id`` after a row stopped.
+        lengths (Tensor): [B] valid length of each row of ``sequences``.
+        num_generated (Tensor): [B] tokens generated per row (a stop token included).
+        scores (Tensor | None): [B, N, V] fp32 logits that each generated token was drawn from, before
+            any processing (penalty, temperature, filtering); None unless ``return_scores``.
+    """
+
+    sequences: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    num_generated: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+def process_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+                   seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply, in order, the repetition penalty, temperature, top-k, top-p and min-p to ``logits``.
+
+    Args:
+        logits (Tensor): [B, V].
+        temperature (float): divide the logits by it; 0 means greedy (filters are then skipped, the
+            argmax is unchanged by them). Default: 1.0.
+        top_k (int | None): keep the k largest logits. Default: None.
+        top_p (float | None): keep the smallest set of tokens whose probability reaches top_p. Default: None.
+        min_p (float | None): drop tokens whose probability is below min_p times the largest. Default: None.
+        repetition_penalty (float): CTRL's penalty on tokens in ``seen``: positive logits divided by it,
+            negative ones multiplied. Default: 1.0 (off).
+        seen (Tensor | None): [B, V] bool, tokens already in each row's context. Default: None.
+
+    Returns:
+        Tensor: [B, V] fp32 logits, removed tokens at -inf.
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature == 0:
+        return logits
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove = mass_before >= top_p
+        remove[..., 0] = False  # the most likely token always stays
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from processed ``logits`` [B, V] -> [B] int64 (argmax when temperature is 0).
+
+    The draw is ``argmax(p / E)`` with E ~ Exp(1) i.i.d., which picks token i with probability p_i
+    (the race of exponential clocks) without a host synchronisation.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, caches: dict, *, lengths: torch.Tensor | None = None,
+            integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt [B, T] through ``model.forward`` with ``caches``; return [B, V], the logits at each
+    row's last valid position (``lengths - 1``, or T - 1)."""
+    if lengths is None:
+        out = model(input_ids, inference_params=caches, num_last_tokens=1,
+                    integration_timesteps=integration_timesteps)
+        return out.logits[:, -1]
+    logits = model(input_ids, inference_params=caches, lengths=lengths,
+                   integration_timesteps=integration_timesteps).logits
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]
+
+
+def decode_one_token(model: Any, tokens: torch.Tensor, caches: dict,
+                     integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed ``tokens`` [B, 1] and return the next-token logits [B, V]; ``caches`` advance in place."""
+    return model.step(tokens, caches, integration_timesteps=integration_timesteps).logits[:, -1]
+
+
+class CUDAGraphDecoder:
+    """``decode_one_token`` captured in a CUDA graph over fixed input / cache / output buffers.
+
+    Capture runs two warm-up steps and the captured step on the given caches, then restores every
+    cache tensor, so build the decoder on freshly allocated caches before the prefill. Replays read
+    the caches the prefill wrote in place.
+
+    Args:
+        model: a seqblocks language model on a CUDA device.
+        caches (InferenceCaches): from ``model.allocate_inference_cache``.
+        timestep_dtype (torch.dtype | None): dtype of a per-step ``integration_timesteps`` input;
+            None captures a step without one. Default: None.
+
+    Raises:
+        ValueError: the caches are not on a CUDA device.
+        RuntimeError: the step could not be captured (e.g. a mixer synchronises with the host in its
+            step); the message carries the cause.
+    """
+
+    def __init__(self, model: Any, caches: Any, timestep_dtype: torch.dtype | None = None) -> None:
+        device = caches.seqlen_offset.device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and caches on a CUDA device, not {device}")
+        batch = caches.batch_size
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.timesteps = (None if timestep_dtype is None
+                          else torch.ones(batch, 1, dtype=timestep_dtype, device=device))
+        saved = [t.clone() for t in caches.tensors()]
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    decode_one_token(model, self.tokens, caches, self.timesteps)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_one_token(model, self.tokens, caches, self.timesteps)
+        except RuntimeError as err:
+            _release_rng_from_capture(device)
+            raise RuntimeError(f"could not capture the decode step in a CUDA graph: {err}") from err
+        finally:
+            for t, s in zip(caches.tensors(), saved):
+                t.copy_(s)
+
+    def __call__(self, tokens: torch.Tensor, integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay on ``tokens`` [B, 1]; returns the logits buffer [B, V] (overwritten by the next replay)."""
+        self.tokens.copy_(tokens)
+        if self.timesteps is not None:
+            self.timesteps.copy_(integration_timesteps)
+        self.graph.replay()
+        return self.logits
+
+
+def _release_rng_from_capture(device: torch.device) -> None:
+    """After a capture that failed midway, the device's default generator is left in capture mode and
+    every later random op on the device raises; give it a fresh copy of its state (same seed and
+    offset) so eager work, such as decoding without a graph, can go on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    try:
+        generator.graphsafe_set_state(generator.clone_state())
+    except RuntimeError:  # nothing more can be done; the capture error is what the caller sees
+        pass
+
+
+def _stop_ids(stop_tokens: int | Sequence[int] | None, vocab: int, device) -> torch.Tensor | None:
+    if stop_tokens is None:
+        return None
+    ids = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens)
+    if not ids or any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+        raise ValueError(f"stop_tokens must be token ids in [0, {vocab}), got {stop_tokens!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    *,
+    lengths: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    return_scores: bool = False,
+    cuda_graph: bool = False,
+    integration_timesteps: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+        model: a seqblocks language model (``LRNNLMHeadModel``, ``LanguageModel``, or anything with
+            their ``forward`` / ``step`` / ``allocate_inference_cache`` / ``vocab_size``).
+        input_ids (Tensor): [B, T] prompts, right-padded when their lengths differ.
+        max_new_tokens (int): tokens to generate per row. Default: 20.
+        lengths (Tensor | None): [B] prompt lengths in [1, T]. Default: None (all T).
+        temperature (float): sampling temperature; 0 is greedy decoding. Default: 1.0.
+        top_k (int | None): sample among the k most likely tokens (1 is greedy). Default: None.
+        top_p (float | None): nucleus sampling mass in (0, 1]. Default: None.
+        min_p (float | None): drop tokens below min_p times the top probability, in [0, 1]. Default: None.
+        repetition_penalty (float): > 0; penalise tokens already in the row (prompt or generated).
+            Default: 1.0 (off).
+        stop_tokens (int | Sequence[int] | None): a row stops after generating one of these (it is
+            kept in the output); generation ends when every row has stopped. Default: None.
+        pad_token_id (int): filler after a row's end in ``sequences`` / ``tokens``. Default: 0.
+        seed (int | None): seed of a fresh generator for the draws. Default: None (torch's global RNG).
+        generator (torch.Generator | None): the generator for the draws (on the model's device);
+            overrides ``seed``. Default: None.
+        callback (Callable | None): called after every decoding step as ``callback(tokens, active)``
+            with tokens [B] (the token each row just generated) and active [B] bool (which rows did
+            generate one). Default: None.
+        return_scores (bool): return the raw logits of every generated token. Default: False.
+        cuda_graph (bool): replay the decode step from a CUDA graph (CUDA only); same tokens as eager
+            decoding. Default: False.
+        integration_timesteps (Tensor | None): [B, C] time delta of each position, for event /
+            time-varying mixers. C >= T + max_new_tokens - 1 covers prompts and generated tokens;
+            C == T covers the prompts only, and generated tokens then get the mixers' default.
+            Default: None.
+        max_seqlen (int | None): cache capacity. Default: None (T + max_new_tokens).
+
+    Returns:
+        GenerationOutput
+
+    Raises:
+        ValueError / TypeError: invalid arguments (the message names them).
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive int or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p!r} must lie in [0, 1]")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0")
+    B, T = input_ids.shape
+    N = max_new_tokens
+    V = model.vocab_size
+    device = input_ids.device
+    if not 0 <= pad_token_id:
+        raise ValueError(f"pad_token_id={pad_token_id} must be >= 0")
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=device)
+    elif not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype.is_floating_point:
+        raise ValueError(f"lengths must be an integer tensor of shape [{B}], got {getattr(lengths, 'shape', lengths)}")
+    lengths = lengths.to(device=device, dtype=torch.long)
+    min_len, max_len = int(lengths.min()), int(lengths.max())
+    if min_len < 1 or max_len > T:
+        raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
+    uniform = min_len == T
+    padded = not uniform and model.accepts_lengths()
+    needed = T + N - 1 if uniform or padded else max_len + N - 1
+    max_seqlen = max_seqlen if max_seqlen is not None else T + N
+    if max_seqlen < needed:
+        raise ValueError(f"max_seqlen={max_seqlen} is too small: generation needs {needed} cached tokens")
+    position = getattr(model, "position", None)
+    if position is not None and getattr(position, "max_seq_len", None) is not None and needed > position.max_seq_len:
+        raise ValueError(f"prompt + new tokens ({needed}) exceed the learned positions ({position.max_seq_len})")
+    stop_ids = _stop_ids(stop_tokens, V, device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    ts_decode = False
+    if integration_timesteps is not None:
+        C = integration_timesteps.shape[-1]
+        if integration_timesteps.shape[0] != B or integration_timesteps.dim() != 2:
+            raise ValueError(f"integration_timesteps must be [B, C] with B={B}, "
+                             f"got {tuple(integration_timesteps.shape)}")
+        if C >= needed:
+            ts_decode = True
+        elif C != T or not (uniform or padded):
+            raise ValueError(f"integration_timesteps has {C} columns; give {T} (prompts only, equal-length or "
+                             f"padded prefill) or at least {needed} (prompts and generated tokens)")
+
+    caches = model.allocate_inference_cache(B, max_seqlen)
+    decoder = None
+    if cuda_graph:
+        decoder = CUDAGraphDecoder(model, caches, integration_timesteps.dtype if ts_decode else None)
+
+    ts = integration_timesteps
+    if uniform or padded:
+        logits = prefill(model, input_ids, caches, lengths=None if uniform else lengths,
+                         integration_timesteps=None if ts is None else ts[:, :T])
+        fed = lengths.clone()
+    else:
+        logits = prefill(model, input_ids[:, :min_len], caches,
+                         integration_timesteps=None if ts is None else ts[:, :min_len])
+        fed = torch.full((B,), min_len, dtype=torch.long, device=device)
+
+    rows = torch.arange(B, device=device)
+    valid = torch.arange(T, device=device)[None] < lengths[:, None]
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+        seen[rows[:, None].expand(B, T), torch.where(valid, input_ids, V)] = True
+        seen = seen[:, :V].contiguous()
+    tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
+    scores = torch.zeros(B, N, V, dtype=torch.float32, device=device) if return_scores else None
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    iterations = int((lengths - fed).max()) + N
+    for it in range(iterations):
+        in_prompt = fed < lengths
+        active = ~in_prompt & ~finished & (n_gen < N)
+        processed = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repetition_penalty=repetition_penalty, seen=seen)
+        drawn = sample(processed, temperature=temperature, generator=generator)
+        slot = n_gen.clamp(max=N - 1)
+        tokens[rows, slot] = torch.where(active, drawn, tokens[rows, slot])
+        if scores is not None:
+            scores[rows, slot] = torch.where(active[:, None], logits.float(), scores[rows, slot])
+        if seen is not None:
+            seen[rows, drawn] |= active
+        if stop_ids is not None:
+            finished |= active & torch.isin(drawn, stop_ids)
+        n_gen += active.long()
+        if callback is not None:
+            callback(torch.where(active, drawn, torch.full_like(drawn, pad_token_id)), active)
+        if it == iterations - 1:
+            break
+        if stop_ids is not None and not bool((in_prompt | (~finished & (n_gen < N))).any()):
+            break
+        prompt_next = input_ids.gather(1, fed.clamp(max=T - 1)[:, None])[:, 0]
+        next_tokens = torch.where(in_prompt, prompt_next, torch.where(active, drawn, torch.zeros_like(drawn)))
+        step_ts = None
+        if ts_decode:
+            step_ts = ts.gather(1, fed[:, None])
+        if decoder is not None:
+            logits = decoder(next_tokens[:, None], step_ts)
+        else:
+            logits = decode_one_token(model, next_tokens[:, None], caches, step_ts)
+        fed += 1
+
+    sequences = torch.full((B, T + N), pad_token_id, dtype=torch.long, device=device)
+    sequences[:, :T] = torch.where(valid, input_ids, torch.full_like(input_ids, pad_token_id))
+    offsets = torch.arange(N, device=device)[None]
+    generated = torch.where(offsets < n_gen[:, None], tokens, torch.full_like(tokens, pad_token_id))
+    sequences.scatter_(1, lengths[:, None] + offsets, generated)
+    return GenerationOutput(sequences=sequences, tokens=generated, lengths=lengths + n_gen, num_generated=n_gen,
+                            scores=scores)
