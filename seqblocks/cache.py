@@ -16,7 +16,18 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["Cache"]
+__all__ = ["Cache", "capture_safe"]
+
+
+def capture_safe() -> bool:
+    """True while compiling or capturing a CUDA graph.
+
+    Checks that read tensor values on the host (and so synchronise) must be skipped then: they would
+    break the capture or a compiled graph. Validation then happens at warm-up, before capture.
+    """
+    compiling = torch.compiler.is_compiling()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return compiling or capturing
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,8 +74,10 @@ class Cache:
     def check_capacity(self, num_tokens: int, name: str) -> None:
         """Raise ``ValueError`` if adding ``num_tokens`` would pass ``max_seqlen``.
 
-        Reads ``seqlen_offset`` on the host: call it outside captured regions.
+        Reads ``seqlen_offset`` on the host, so it does nothing while capturing or compiling.
         """
+        if capture_safe():
+            return
         needed = int(self.seqlen_offset.max()) + num_tokens
         if needed > self.max_seqlen:
             raise ValueError(

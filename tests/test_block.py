@@ -5,7 +5,7 @@ import torch
 from stand_ins import CausalMeanMixer, TupleMixer
 from torch import nn
 
-from seqblocks import Block, GatedMLP, IdentityMixer, LayerNorm, RMSNorm
+from seqblocks import MHA, Block, GatedMLP, IdentityMixer, LayerNorm, RMSNorm
 from seqblocks.testing import assert_close
 
 NORMS = [nn.LayerNorm, LayerNorm, RMSNorm, nn.RMSNorm]
@@ -142,23 +142,35 @@ def test_block_cache_prefill_then_steps_equals_full_pass():
 
 
 def test_seed_000_usage_example():
-    # Seed 000's example with its import lines changed and a stand-in causal mixer for MHA.
+    # Seed 000's example with only the import lines changed.
     block = Block(
         dim=768,
-        mixer_cls=lambda dim: CausalMeanMixer(dim),
+        mixer_cls=lambda dim: MHA(
+            embed_dim=dim,
+            num_heads=12,
+            causal=True
+        ),
         mlp_cls=lambda dim: GatedMLP(in_features=dim),
         norm_cls=nn.LayerNorm,
-        fused_add_norm=True,
+        fused_add_norm=True
     )
-    x = torch.randn(2, 128, 768)
+    x = torch.randn(2, 128, 768)  # (batch, seq_len, dim)
     hidden_states, residual = block(x)
     assert hidden_states.shape == residual.shape == (2, 128, 768)
+    # causal: the first 64 outputs ignore the last 64 tokens
+    x2 = x.clone()
+    x2[:, 64:] = torch.randn(2, 64, 768)
+    assert_close(block(x2)[0][:, :64], hidden_states[:, :64], atol=1e-5)
 
     class MyModel(nn.Module):
         def __init__(self, dim=768, n_layers=24):
             super().__init__()
             self.layers = nn.ModuleList([
-                Block(dim=dim, mixer_cls=lambda d: CausalMeanMixer(d), mlp_cls=lambda d: GatedMLP(in_features=d))
+                Block(
+                    dim=dim,
+                    mixer_cls=lambda d: MHA(embed_dim=d, num_heads=12),
+                    mlp_cls=lambda d: GatedMLP(in_features=d),
+                )
                 for _ in range(n_layers)
             ])
 
@@ -168,9 +180,8 @@ def test_seed_000_usage_example():
                 x, residual = layer(x, residual=residual)
             return x
 
-    model = MyModel(dim=64, n_layers=3)
-    x = torch.randn(2, 10, 64)
-    out = model(x)
-    assert out.shape == (2, 10, 64) and torch.isfinite(out).all()
+    model = MyModel(n_layers=2)
+    out = model(torch.randn(2, 16, 768))
+    assert out.shape == (2, 16, 768) and torch.isfinite(out).all()
     cache = block.allocate_inference_cache(batch_size=1, max_seqlen=2048, dtype=torch.float16)
     assert cache.batch_size == 1 and cache.max_seqlen == 2048

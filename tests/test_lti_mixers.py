@@ -342,3 +342,17 @@ def test_lti_gpu_matches_cpu(name):
     cache = g.allocate_inference_cache(2, 301)
     g(x[:, :50].float().cuda(), cache=cache)
     g.step(x[:, 50:51].float().cuda(), cache)
+
+
+def test_s4_inference_memo_follows_parameter_updates():
+    # Decoding reuses the discretised system; an in-place update (an optimizer step) must invalidate it.
+    s4 = S4(8, d_state=4).double().eval()
+    with torch.no_grad():
+        first = s4.discrete_system(torch.float64)
+        assert s4.discrete_system(torch.float64)[0] is first[0]  # memoised
+        s4.log_dt.add_(0.1)
+        second = s4.discrete_system(torch.float64)
+    assert not torch.allclose(first[0], second[0])
+    exact = s4.discrete_system(torch.float64)  # with autograd: recomputed, differentiable
+    assert exact[0].requires_grad
+    torch.testing.assert_close(exact[0].detach(), second[0])

@@ -21,17 +21,10 @@ import dataclasses
 
 import torch
 
-from seqblocks.cache import Cache
+from seqblocks.cache import Cache, capture_safe
 
 __all__ = ["KVCache", "RollingKVCache", "MLACache", "LinearAttentionCache", "CrossAttentionCache",
            "capture_safe"]
-
-
-def capture_safe() -> bool:
-    """True while compiling or capturing a CUDA graph: host reads of cache tensors must be skipped."""
-    compiling = torch.compiler.is_compiling()
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return compiling or capturing
 
 
 @dataclasses.dataclass(eq=False)

@@ -190,6 +190,24 @@ class S4(LTIMixer):
         lam, P, B, dt = self.dplr(dtype)
         return dplr_kernel(lam, P, B, self._C(reverse, dtype), dt, L)
 
+    def discrete_system(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear ``(Ā [H, N, N], B̄ [H, N])``, by dense solves.
+
+        Without autograd (inference, decoding) the result is memoised, keyed on the parameters' storage
+        and in-place version counters: a decode step then costs two small matmuls instead of H dense
+        solves, and it stays capturable in a CUDA graph (``linalg.solve`` synchronises with the host).
+        Any update of the parameters (an optimizer step, ``load_state_dict``, ``.to``) changes the key.
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return dplr_bilinear(*self.dplr(dtype))
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        memo = self.__dict__.get("_discrete_memo")
+        if memo is None or memo[0] != key:
+            with torch.no_grad():
+                memo = (key, *dplr_bilinear(*self.dplr(dtype)))
+            self.__dict__["_discrete_memo"] = memo
+        return memo[1], memo[2]
+
     def _ssm(self, u, *, mode, reverse, h0, lengths):
         cdt = u.dtype
         T = u.shape[1]
@@ -197,8 +215,7 @@ class S4(LTIMixer):
             K = self.kernel(T, reverse, cdt)
             y = fftconv(u.flip(1), K).flip(1) if reverse else fftconv(u, K)
             return y, None
-        lam, P, B, dt = self.dplr(cdt)
-        A_bar, B_bar = dplr_bilinear(lam, P, B, dt)  # [H, N, N], [H, N]
+        A_bar, B_bar = self.discrete_system(cdt)  # [H, N, N], [H, N]
         C = self._C(reverse, cdt)
         C_full = torch.cat((C, C.conj()), -1)  # [H, N]
         x = reverse_rows(u, lengths) if reverse else u
