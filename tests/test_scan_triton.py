@@ -1,0 +1,159 @@
+"""The Triton linear-scan kernels against the reference, forward and backward, on the CPU.
+
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), so CI checks them without a GPU.
+Triton fixes the mode process-wide when it is first imported (its own library functions are decorated
+then), and ``resolve_backend`` reads the variable too, so setting it inside this pytest process would
+leak into every other test. Instead: in a process without the variable, this module holds one test,
+which runs this same file in a child pytest process with ``TRITON_INTERPRET=1`` and reports the child's
+per-case results on failure; in the child (or under ``TRITON_INTERPRET=1 pytest tests/...``) the real
+cases below are collected and run directly.
+
+Shapes: B batch, T time, S state shape.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
+
+from seqblocks.ops.scan.reference import linear_scan_ref  # noqa: E402
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+if not INTERPRETER:
+
+    def test_kernels_under_interpreter():
+        """Run this file's cases in a child process under TRITON_INTERPRET=1."""
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+        assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _scan(*args, **kwargs):
+    from seqblocks.ops.scan import triton as scan_triton
+
+    return scan_triton.linear_scan_triton(*args, **kwargs)
+
+
+def _inputs(B, T, S, *, complex_=False, dtype=torch.float32, lti=False):
+    mag = torch.rand(B, T, *S) * 0.5 + 0.5
+    if complex_:
+        a = torch.polar(mag, torch.randn(B, T, *S))
+        b = torch.randn(B, T, *S, dtype=torch.complex64)
+    else:
+        a, b = mag.to(dtype), torch.randn(B, T, *S).to(dtype)
+    if lti:
+        a = a[0, 0].clone()
+    return a, b
+
+
+def _check(a, b, h0=None, *, atol=1e-5, **kw):
+    """Forward and backward (random cotangents on h and on the final state) against the reference in
+    float64 / complex128."""
+    ins = [x.detach().requires_grad_() for x in (a, b, h0) if x is not None]
+    wide = torch.complex128 if any(x.is_complex() for x in ins) else torch.float64
+    ref_in = [x.detach().to(wide if x.is_complex() else torch.float64).requires_grad_() for x in ins]
+    h, hT = _scan(*ins[:2], ins[2] if h0 is not None else None, **kw)
+    hr, hTr = linear_scan_ref(*ref_in[:2], ref_in[2] if h0 is not None else None, **kw)
+    assert h.dtype == torch.promote_types(a.dtype, b.dtype)
+    assert hT.dtype == (torch.complex64 if hTr.is_complex() else torch.float32)
+    gh, gT = torch.randn_like(hr), torch.randn_like(hTr)
+    grads = torch.autograd.grad([h, hT], ins, [gh.to(h.dtype), gT.to(hT.dtype)])
+    grads_r = torch.autograd.grad([hr, hTr], ref_in, [gh, gT])
+    scale = max(1.0, hr.abs().max().item())
+    torch.testing.assert_close(h.to(hr.dtype), hr, atol=atol * scale, rtol=0)
+    torch.testing.assert_close(hT.to(hTr.dtype), hTr, atol=1e-5 * scale, rtol=0)
+    for name, g, gr in zip(("a", "b", "h0"), grads, grads_r):
+        assert g.dtype == ins[("a", "b", "h0").index(name)].dtype, name
+        s = max(1.0, gr.abs().max().item())
+        torch.testing.assert_close(g.to(gr.dtype), gr, atol=atol * s, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("T", [1, 7, 63, 65])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_lengths_and_initial_state(T, with_h0):
+    a, b = _inputs(2, T, (5,))
+    _check(a, b, torch.randn(2, 5) if with_h0 else None)
+
+
+@pytest.mark.parametrize("T", [7, 33])
+def test_reverse(T):
+    a, b = _inputs(2, T, (2, 3))
+    _check(a, b, torch.randn(2, 2, 3), reverse=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_variable_lengths(reverse):
+    a, b = _inputs(3, 21, (5,))
+    _check(a, b, torch.randn(3, 5), lengths=torch.tensor([21, 0, 9]), reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_packed_sequences(reverse):
+    a, b = _inputs(1, 40, (5,))
+    cu = torch.tensor([0, 0, 1, 17, 17, 40])  # empty sequences and a length-1 one included
+    _check(a, b, torch.randn(5, 5), cu_seqlens=cu, reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_complex(reverse):
+    a, b = _inputs(2, 19, (5,), complex_=True)
+    _check(a, b, torch.randn(2, 5, dtype=torch.complex64), reverse=reverse)
+    _check(a, b, None, lengths=torch.tensor([19, 4]))
+
+
+def test_mixed_real_decay_complex_input():
+    a, _ = _inputs(2, 9, (3,))
+    _, b = _inputs(2, 9, (3,), complex_=True)
+    _check(a, b)
+
+
+def test_time_invariant_decay():
+    a, b = _inputs(2, 19, (5,), lti=True)  # a: [S], broadcast over batch and time
+    _check(a, b, torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    a, b = _inputs(2, 37, (6,), dtype=dtype)
+    # outputs and gradients are rounded to the input dtype; the state stays fp32
+    _check(a, b, torch.randn(2, 6), atol=2e-2)
+
+
+def test_only_final_state_used():
+    a, b = _inputs(2, 20, (4,))
+    a.requires_grad_()
+    b.requires_grad_()
+    _, hT = _scan(a, b)
+    ga, gb = torch.autograd.grad(hT.sum(), [a, b])
+    _, hTr = linear_scan_ref(a.double(), b.double())
+    ga_r, gb_r = torch.autograd.grad(hTr.sum(), [a, b])
+    torch.testing.assert_close(ga, ga_r.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gb, gb_r.float(), atol=1e-5, rtol=0)
+
+
+def test_dispatch_through_op():
+    """``linear_scan(backend="triton")`` reaches the kernel on CPU tensors under the interpreter."""
+    from seqblocks.ops.scan import linear_scan
+
+    a, b = _inputs(2, 9, (3,))
+    h, hT = linear_scan(a, b, backend="triton")
+    hr, hTr = linear_scan_ref(a, b)
+    torch.testing.assert_close(h, hr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hT, hTr, atol=1e-5, rtol=0)
+
+
+if not INTERPRETER:
+    # Outside the interpreter the cases above run in the child process only (see the module docstring).
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
+        del globals()[_name]

@@ -1,0 +1,150 @@
+"""The Triton selective-scan kernels against the reference, forward and backward, on the CPU.
+
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``). As in ``test_scan_triton.py``:
+Triton fixes compile-or-interpret process-wide at import, so in a process without the variable this
+module holds one test that runs this file in a child pytest process with ``TRITON_INTERPRET=1``; in the
+child the cases below run directly.
+
+Shapes: B batch, T time, D channels, N state, G groups.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
+
+from seqblocks.ops.selective_scan.reference import selective_scan_ref  # noqa: E402
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+if not INTERPRETER:
+
+    def test_kernels_under_interpreter():
+        """Run this file's cases in a child process under TRITON_INTERPRET=1."""
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+        assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_A", "initial_state")
+
+
+@pytest.fixture(params=["sequential", "chunked"])
+def kernels(request):
+    """Both kernel designs: time loops (the default) and chunked associative scans."""
+    from seqblocks.ops.selective_scan import triton as ss_triton
+
+    old = ss_triton.SEQUENTIAL_FORWARD, ss_triton.SEQUENTIAL_BACKWARD
+    ss_triton.SEQUENTIAL_FORWARD = ss_triton.SEQUENTIAL_BACKWARD = request.param == "sequential"
+    yield
+    ss_triton.SEQUENTIAL_FORWARD, ss_triton.SEQUENTIAL_BACKWARD = old
+
+
+def _check(*, Bsz=2, T=11, D=8, N=4, G=None, method="mamba", skip=True, gate=True, bias=True,
+           softplus=True, delta_A=None, h0=False, lengths=None, cu_seqlens=None, dtype=torch.float32,
+           tol=1e-4):
+    from seqblocks.ops.selective_scan.triton import selective_scan_triton
+
+    u = torch.randn(Bsz, T, D).to(dtype)
+    delta = (torch.randn(Bsz, T, D) * 0.5).to(dtype)
+    A = -torch.rand(D, N) * 2 - 0.1
+    Bm = torch.randn(Bsz, T, *((G,) if G else ()), N).to(dtype)
+    Cm = torch.randn(Bsz, T, *((G,) if G else ()), N).to(dtype)
+    dA = {None: None, "full": torch.rand(Bsz, T, D), "shared": torch.rand(Bsz, T)}[delta_A]
+    n_seq = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
+    ins = [u, delta, A, Bm, Cm, torch.randn(D) if skip else None, torch.randn(Bsz, T, D).to(dtype) if gate else None,
+           torch.randn(D) * 0.3 if bias else None, dA, torch.randn(n_seq, D, N) if h0 else None]
+    ins = [x.requires_grad_() if x is not None else None for x in ins]
+    ref_in = [x.detach().double().requires_grad_() if x is not None else None for x in ins]
+
+    def kw(L):
+        return dict(delta_bias=L[7], delta_softplus=softplus, discretization=method, delta_A=L[8],
+                    initial_state=L[9], lengths=lengths, cu_seqlens=cu_seqlens)
+
+    y, hT = selective_scan_triton(*ins[:7], **kw(ins))
+    yr, hTr = selective_scan_ref(*ref_in[:7], **kw(ref_in))
+    assert y.dtype == dtype and y.shape == yr.shape
+    assert hT.dtype == torch.float32 and hT.shape == hTr.shape
+    gy, gh = torch.randn_like(yr), torch.randn_like(hTr)
+    live = [i for i, x in enumerate(ins) if x is not None]
+    grads = torch.autograd.grad([y, hT], [ins[i] for i in live], [gy.to(dtype), gh.float()])
+    grads_r = torch.autograd.grad([yr, hTr], [ref_in[i] for i in live], [gy, gh])
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    assert rel(y, yr) < tol, ("y", rel(y, yr))
+    assert rel(hT, hTr) < tol, ("final state", rel(hT, hTr))
+    for i, g, gr in zip(live, grads, grads_r):
+        assert g.dtype == ins[i].dtype, NAMES[i]
+        assert rel(g, gr) < (tol if dtype == torch.float32 else 3 * tol), (NAMES[i], rel(g, gr))
+
+
+@pytest.mark.parametrize("method", ["mamba", "zoh", "bilinear", "dirac"])
+def test_discretizations(method, kernels):
+    _check(method=method, h0=True)
+
+
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_odd_lengths(T, kernels):
+    _check(T=T, D=4)
+
+
+@pytest.mark.parametrize(("method", "delta_A"), [("zoh", "full"), ("mamba", "shared"), ("bilinear", "full")])
+def test_separate_A_step(method, delta_A):
+    _check(method=method, delta_A=delta_A, h0=True)
+
+
+def test_groups_and_no_options():
+    _check(G=2, h0=True)
+    _check(skip=False, gate=False, bias=False, softplus=False, T=9)
+
+
+def test_variable_lengths(kernels):
+    _check(Bsz=3, T=13, lengths=torch.tensor([13, 0, 6]), h0=True)
+
+
+def test_packed_sequences(kernels):
+    _check(Bsz=1, T=15, cu_seqlens=torch.tensor([0, 1, 9, 9, 15]), h0=True)
+
+
+def test_bf16_inputs():
+    # inputs and outputs rounded to bf16; the state and every reduction stay fp32
+    _check(dtype=torch.bfloat16, T=9, tol=1e-2)
+
+
+def test_d_state_not_a_power_of_two():
+    _check(N=5, D=4, T=7, h0=True)
+
+
+def test_d_state_256():
+    _check(N=256, D=2, T=5, h0=True, method="zoh")
+
+
+
+def test_dispatch_through_op():
+    """``selective_scan(backend="triton")`` reaches the kernel on CPU tensors under the interpreter."""
+    from seqblocks.ops.selective_scan import selective_scan
+
+    u, delta, z = torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    A, Bm, Cm = -torch.rand(4, 3) - 0.1, torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    y, hT = selective_scan(u, delta, A, Bm, Cm, None, z, delta_softplus=True, backend="triton")
+    yr, hTr = selective_scan_ref(u, delta, A, Bm, Cm, None, z, delta_softplus=True)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hT, hTr, atol=1e-5, rtol=1e-5)
+
+
+if not INTERPRETER:
+    # Outside the interpreter the cases above run in the child process only (see the module docstring).
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
+        del globals()[_name]
