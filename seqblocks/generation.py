@@ -156,13 +156,16 @@ class CUDAGraphDecoder:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    decode_one_token(model, self.tokens, caches, self.timesteps)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = decode_one_token(model, self.tokens, caches, self.timesteps)
+            # Decoding never records autograd; capturing without it also lets mixers use their
+            # inference-only paths (e.g. S4's memoised discretisation) whatever the caller's grad mode.
+            with torch.no_grad():
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        decode_one_token(model, self.tokens, caches, self.timesteps)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = decode_one_token(model, self.tokens, caches, self.timesteps)
         except RuntimeError as err:
             _release_rng_from_capture(device)
             raise RuntimeError(f"could not capture the decode step in a CUDA graph: {err}") from err

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from test_lm import REAL_TYPES, STAND_INS, no_grad, stand_in_mixers, tiny_lm  # noqa: F401 (fixtures)
+from test_lm import REAL_TYPES, STAND_INS, DecayMixer, no_grad, stand_in_mixers, tiny_lm  # noqa: F401 (fixtures)
 
 from seqblocks import LRNNLMHeadModel, generate
 from seqblocks.generation import CUDAGraphDecoder
@@ -51,16 +51,24 @@ def test_cuda_graph_hybrid(capture_errors):
     check_graph_matches_eager(cuda_lm([t for t in TYPES if capture_errors[t] is None]))
 
 
-def test_failed_capture_is_clear_and_eager_still_works(capture_errors):
+class HostSyncMixer(DecayMixer):
+    """A decay mixer whose step reads a value on the host, which a CUDA graph cannot capture."""
+
+    def forward(self, x, cache=None, **kwargs):
+        if cache is not None and float(x.float().abs().sum()) < 0:
+            raise AssertionError("unreachable")
+        return super().forward(x, cache, **kwargs)
+
+
+def test_failed_capture_is_clear_and_eager_still_works():
     """A step that cannot be captured raises naming the cause, and leaves the device usable."""
-    bad = [t for t in TYPES if capture_errors[t] is not None]
-    if not bad:
-        pytest.skip("every registered mixer's decode step can be captured")
-    model = cuda_lm([bad[0], "sbtest_decay"])
-    prompt = torch.randint(0, 37, (2, 4), device="cuda")
-    with pytest.raises(RuntimeError, match="could not capture the decode step"):
-        generate(model, prompt, 3, cuda_graph=True)
-    out = generate(model, prompt, 3, temperature=1.0, seed=0)
+    with MIXERS.scoped():
+        MIXERS.register("sbtest_host_sync", HostSyncMixer)
+        model = cuda_lm(["sbtest_host_sync", "sbtest_decay"])
+        prompt = torch.randint(0, 37, (2, 4), device="cuda")
+        with pytest.raises(RuntimeError, match="could not capture the decode step"):
+            generate(model, prompt, 3, cuda_graph=True)
+        out = generate(model, prompt, 3, temperature=1.0, seed=0)
     assert out.tokens.shape == (2, 3) and torch.randn(3, device="cuda").isfinite().all()
 
 
