@@ -22,14 +22,12 @@ Shapes: B batch, T time, H model width (= D), N state size, n = N / 2, r low ran
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
-from seqblocks.layers.mixers.s4d import REAL_TRANSFORMS, inverse_real_part, real_part, set_optim
-from seqblocks.layers.ssm_init import HIPPO_MEASURES, log_uniform, nplr
+from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
+from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr
 from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.ssm_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
@@ -79,7 +77,7 @@ def dense_scan(A_bar: torch.Tensor, B_bar: torch.Tensor, u: torch.Tensor, h0: to
 
 
 @MIXERS.register("S4")
-class S4(LTIMixer):
+class S4(DiagonalSSMParams, LTIMixer):
     """S4 with the DPLR (normal plus low-rank) HiPPO parameterisation.
 
     Args:
@@ -113,62 +111,31 @@ class S4(LTIMixer):
                  layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
-        if not isinstance(d_state, int) or d_state <= 0 or d_state % 2:
-            raise ValueError(f"S4: d_state must be a positive even int, got {d_state!r}")
         if init not in HIPPO_MEASURES:
             raise ValueError(f"S4: unknown init {init!r}; the DPLR form needs one of {HIPPO_MEASURES}")
-        if real_transform not in REAL_TRANSFORMS:
-            raise ValueError(f"S4: unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"S4: rank must be a positive int, got {rank!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"S4: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        self.d_state, self.l_max = d_state, l_max
-        self.dt_min, self.dt_max = float(dt_min), float(dt_max)
-        self.init, self.real_transform = init, real_transform
+        kw = {"device": device, "dtype": dtype}
+        self._init_diagonal("S4", d_state, dt_min, dt_max, real_transform, l_max, kw)
+        self.init = init
         self.layer_idx = layer_idx
         self.scan_chunk = 16  # chunk length of the dense recurrence in scan mode (see ``dense_scan``)
         self.rank = max(rank, 2 if init == "legt" else 1)
         H, n, r = d_model, d_state // 2, self.rank
-        kw = {"device": device, "dtype": dtype}
-        self.A_real = nn.Parameter(torch.empty(H, n, **kw))
-        self.A_imag = nn.Parameter(torch.empty(H, n, **kw))
         self.P_re = nn.Parameter(torch.empty(H, r, n, **kw))
         self.P_im = nn.Parameter(torch.empty(H, r, n, **kw))
-        self.B_re = nn.Parameter(torch.empty(H, n, **kw))
-        self.B_im = nn.Parameter(torch.empty(H, n, **kw))
-        self.C_re = nn.Parameter(torch.empty(H, n, **kw))
-        self.C_im = nn.Parameter(torch.empty(H, n, **kw))
-        if self.bidirectional:
-            self.C_bwd_re = nn.Parameter(torch.empty(H, n, **kw))
-            self.C_bwd_im = nn.Parameter(torch.empty(H, n, **kw))
-        self.log_dt = nn.Parameter(torch.empty(H, **kw))
-        self.D = nn.Parameter(torch.empty(H, **kw))
         self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw)
         set_optim((self.A_real, self.A_imag, self.P_re, self.P_im, self.B_re, self.B_im, self.log_dt), lr, wd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        H, N, r = self.d_model, self.d_state, self.rank
-        lam, P, B, _ = nplr(self.init, N)
-        P_full = torch.zeros(r, N // 2, dtype=torch.complex128)
+        lam, P, B, _ = nplr(self.init, self.d_state)
+        P_full = torch.zeros(self.rank, self.d_state // 2, dtype=torch.complex128)
         P_full[: P.shape[0]] = P
         with torch.no_grad():
-            # Re(Λ) is 0 for legt / fourier; keep it slightly negative so the transforms are defined.
-            self.A_real.copy_(inverse_real_part(lam.real.clamp(max=-1e-4), self.real_transform).expand(H, -1))
-            self.A_imag.copy_(lam.imag.expand(H, -1))
-            self.P_re.copy_(P_full.real.expand(H, -1, -1))
-            self.P_im.copy_(P_full.imag.expand(H, -1, -1))
-            self.B_re.copy_(B.real.expand(H, -1))
-            self.B_im.copy_(B.imag.expand(H, -1))
-            names = ("C_re", "C_im", "C_bwd_re", "C_bwd_im") if self.bidirectional else ("C_re", "C_im")
-            for name in names:
-                getattr(self, name).normal_(0.0, math.sqrt(0.5))
-            self.log_dt.copy_(torch.log(log_uniform(H, self.dt_min, self.dt_max)))
-            self.D.normal_(0.0, 1.0)
-        for m in self.output_linear.modules():
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
+            self.P_re.copy_(P_full.real.expand(self.d_model, -1, -1))
+            self.P_im.copy_(P_full.imag.expand(self.d_model, -1, -1))
+        self._reset_diagonal(lam, B)
 
     def state_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_state)
@@ -180,10 +147,6 @@ class S4(LTIMixer):
         P = torch.complex(self.P_re.to(dtype), self.P_im.to(dtype))
         B = torch.complex(self.B_re.to(dtype), self.B_im.to(dtype))
         return lam.to(cd), P.to(cd), B.to(cd), torch.exp(self.log_dt.to(dtype))
-
-    def _C(self, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
-        re, im = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
-        return torch.complex(re.to(dtype), im.to(dtype))
 
     def kernel(self, L: int, reverse: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The convolution kernel K [H, L] (Cauchy + Woodbury)."""

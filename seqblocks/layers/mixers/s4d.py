@@ -28,7 +28,7 @@ from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.ssm_kernels import vandermonde_kernel
 from seqblocks.registry import MIXERS
 
-__all__ = ["S4D", "REAL_TRANSFORMS", "real_part", "inverse_real_part"]
+__all__ = ["S4D", "DiagonalSSMParams", "REAL_TRANSFORMS", "real_part", "inverse_real_part"]
 
 REAL_TRANSFORMS = ("exp", "softplus", "relu", "none")
 
@@ -68,8 +68,58 @@ def set_optim(params, lr: float | None, wd: float | None) -> None:
             p._optim = dict(hints)
 
 
+class DiagonalSSMParams:
+    """The parameters S4 and S4D share, and their initialisation.
+
+    A diagonal A = A_real + i A_imag (one of each conjugate pair, Re(A) through ``real_transform``),
+    B and C (and C_bwd for the reversed pass) as real / imaginary parts, a per-channel log step and
+    the skip D. S4 adds its low-rank correction P on top.
+    """
+
+    def _init_diagonal(self, name: str, d_state: int, dt_min: float, dt_max: float, real_transform: str,
+                       l_max: int | None, kw: dict) -> None:
+        if not isinstance(d_state, int) or d_state <= 0 or d_state % 2:
+            raise ValueError(f"{name}: d_state must be a positive even int, got {d_state!r}")
+        if real_transform not in REAL_TRANSFORMS:
+            raise ValueError(f"{name}: unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"{name}: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_state, self.l_max = d_state, l_max
+        self.dt_min, self.dt_max = float(dt_min), float(dt_max)
+        self.real_transform = real_transform
+        H, n = self.d_model, d_state // 2
+        for param in ("A_real", "A_imag", "B_re", "B_im", "C_re", "C_im") + (
+                ("C_bwd_re", "C_bwd_im") if self.bidirectional else ()):
+            setattr(self, param, nn.Parameter(torch.empty(H, n, **kw)))
+        self.log_dt = nn.Parameter(torch.empty(H, **kw))
+        self.D = nn.Parameter(torch.empty(H, **kw))
+
+    def _reset_diagonal(self, lam: torch.Tensor, B: torch.Tensor) -> None:
+        """Set A and B from ``lam`` / ``B`` [n] (shared by every channel), C complex standard normal, log
+        steps log-uniform in [dt_min, dt_max], D standard normal, and the output layers."""
+        H = self.d_model
+        with torch.no_grad():
+            # Re(Λ) can be 0 (legt / fourier); keep it slightly negative so the transforms are defined.
+            self.A_real.copy_(inverse_real_part(lam.real.clamp(max=-1e-4), self.real_transform).expand(H, -1))
+            self.A_imag.copy_(lam.imag.expand(H, -1))
+            self.B_re.copy_(B.real.expand(H, -1))
+            self.B_im.copy_(B.imag.expand(H, -1))
+            names = ("C_re", "C_im", "C_bwd_re", "C_bwd_im") if self.bidirectional else ("C_re", "C_im")
+            for name in names:  # complex standard normal: each part has variance 1/2
+                getattr(self, name).normal_(0.0, math.sqrt(0.5))
+            self.log_dt.copy_(torch.log(log_uniform(H, self.dt_min, self.dt_max)))
+            self.D.normal_(0.0, 1.0)
+        for m in self.output_linear.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def _C(self, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
+        re, im = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
+        return torch.complex(re.to(dtype), im.to(dtype))
+
+
 @MIXERS.register("S4D")
-class S4D(LTIMixer):
+class S4D(DiagonalSSMParams, LTIMixer):
     """Diagonal S4: per-channel complex diagonal SSMs evaluated as a Vandermonde-kernel convolution.
 
     Args:
@@ -103,53 +153,21 @@ class S4D(LTIMixer):
                  layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
-        if not isinstance(d_state, int) or d_state <= 0 or d_state % 2:
-            raise ValueError(f"S4D: d_state must be a positive even int, got {d_state!r}")
         if init not in S4D_INITS:
             raise ValueError(f"S4D: unknown init {init!r}; expected one of {S4D_INITS}")
         if disc not in ("zoh", "bilinear"):
             raise ValueError(f"S4D: unknown disc {disc!r}; expected 'zoh' or 'bilinear'")
-        if real_transform not in REAL_TRANSFORMS:
-            raise ValueError(f"S4D: unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"S4D: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        self.d_state, self.l_max = d_state, l_max
-        self.dt_min, self.dt_max = float(dt_min), float(dt_max)
-        self.init, self.disc, self.real_transform = init, disc, real_transform
-        self.layer_idx = layer_idx
-        H, n = d_model, d_state // 2
         kw = {"device": device, "dtype": dtype}
-        self.A_real = nn.Parameter(torch.empty(H, n, **kw))
-        self.A_imag = nn.Parameter(torch.empty(H, n, **kw))
-        self.B_re = nn.Parameter(torch.empty(H, n, **kw))
-        self.B_im = nn.Parameter(torch.empty(H, n, **kw))
-        self.C_re = nn.Parameter(torch.empty(H, n, **kw))
-        self.C_im = nn.Parameter(torch.empty(H, n, **kw))
-        if self.bidirectional:
-            self.C_bwd_re = nn.Parameter(torch.empty(H, n, **kw))
-            self.C_bwd_im = nn.Parameter(torch.empty(H, n, **kw))
-        self.log_dt = nn.Parameter(torch.empty(H, **kw))
-        self.D = nn.Parameter(torch.empty(H, **kw))
+        self._init_diagonal("S4D", d_state, dt_min, dt_max, real_transform, l_max, kw)
+        self.init, self.disc = init, disc
+        self.layer_idx = layer_idx
+        H = d_model
         self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw)
         set_optim((self.A_real, self.A_imag, self.B_re, self.B_im, self.log_dt), lr, wd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        H, N = self.d_model, self.d_state
-        lam, B = s4d_init(self.init, N)
-        with torch.no_grad():
-            self.A_real.copy_(inverse_real_part(lam.real.clamp(max=-1e-4), self.real_transform).expand(H, -1))
-            self.A_imag.copy_(lam.imag.expand(H, -1))
-            self.B_re.copy_(B.real.expand(H, -1))
-            self.B_im.copy_(B.imag.expand(H, -1))
-            names = ("C_re", "C_im", "C_bwd_re", "C_bwd_im") if self.bidirectional else ("C_re", "C_im")
-            for name in names:  # complex standard normal: each part has variance 1/2
-                getattr(self, name).normal_(0.0, math.sqrt(0.5))
-            self.log_dt.copy_(torch.log(log_uniform(H, self.dt_min, self.dt_max)))
-            self.D.normal_(0.0, 1.0)
-        for m in self.output_linear.modules():
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
+        self._reset_diagonal(*s4d_init(self.init, self.d_state))
 
     def state_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_state // 2)
@@ -167,10 +185,6 @@ class S4D(LTIMixer):
         log_lam, B_bar = self.discrete(dtype)
         C = self._C(reverse, dtype)
         return 2 * vandermonde_kernel(C * B_bar, log_lam, L).real
-
-    def _C(self, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
-        re, im = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
-        return torch.complex(re.to(dtype), im.to(dtype))
 
     def _ssm(self, u, *, mode, reverse, h0, lengths):
         cdt = u.dtype
