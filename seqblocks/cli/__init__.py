@@ -1,0 +1,145 @@
+"""The ``seqblocks`` command line: list, info, train, generate, eval, bench.
+
+``main(argv)`` parses the arguments and runs one subcommand; it returns the process exit status
+(0 on success, 2 on a usage or configuration error, which is printed as one clear line; set
+``SEQBLOCKS_DEBUG=1`` to see the traceback instead).
+See ``docs/cli.md`` for a tour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Training flags; each defaults to None so only the ones given override the preset's values."""
+    g = p.add_argument_group("training (defaults come from the preset's 'train' section, then TrainConfig)")
+    g.add_argument("--steps", type=int, help="optimizer steps of the schedule")
+    g.add_argument("--batch-size", type=int, help="sequences per optimizer step, over all processes")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, help="final learning rate / peak")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--seed", type=int, help="seed of initialisation and data")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, else fp32")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile-backend", help="torch.compile backend (default inductor)")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: at the end only)")
+    g.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (0: all)")
+    g.add_argument("--log-every", type=int, help="metrics line every N steps")
+    g.add_argument("--sample-tokens", type=int, help="characters to sample at the end (language tasks)")
+    g.add_argument("--sample-prompt", help="prompt of the final sample")
+    g.add_argument("--sample-temperature", type=float)
+
+
+def _add_task_options(p: argparse.ArgumentParser, help_task: str) -> None:
+    p.add_argument("--task", help=help_task)
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. --task-opt seq_len=256 (repeatable; see `seqblocks list`)")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=300)
+    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop after generating this token (a character, or an id for synthetic tasks)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqblocks",
+        description="Train, sample, evaluate and compare sequence models on embedded tasks (no download).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="registered mixers, FFNs, norms, positions, presets and tasks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("info", help="parameters, layer pattern and memory estimate of a preset or config file")
+    p.add_argument("config", nargs="?", default=None, help="preset name or JSON config file (default: tiny)")
+    p.add_argument("--vocab-size", type=int, help="override the config's vocabulary size")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length of the estimate (default: preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch of the estimate (default: preset's)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train", help="train a model on a task (torchrun for several processes)")
+    p.add_argument("config", nargs="?", default=None, help="preset name or JSON config file (default: tiny)")
+    p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps of the schedule (resume later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_task_options(p, "task name (default: the preset's, usually chars)")
+    _add_train_options(p)
+
+    p = sub.add_parser("generate", help="sample from a checkpoint, streaming to the terminal")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest checkpoint)")
+    p.add_argument("--prompt", "-p", default="def ", help="prompt text (token ids separated by spaces for "
+                   "checkpoints without a tokenizer)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    _add_generation_options(p)
+
+    p = sub.add_parser("eval", help="loss / perplexity / accuracy of a checkpoint on a task's held-out split")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory")
+    _add_task_options(p, "task name (default: the task the checkpoint was trained on)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--seed", type=int, default=None, help="task seed (default: the training seed)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="mixer speed (default) or `bench tasks`: MQAR across mixer types")
+    p.add_argument("what", nargs="?", choices=["speed", "tasks"], default="speed")
+    p.add_argument("--mixers", help="comma-separated mixer names (default: every registered causal mixer for "
+                   "speed; attn,mamba,rglru,s4d,lru for tasks, those registered)")
+    p.add_argument("--out", "-o", default="bench", help="directory for the table, JSON and plot (default: bench)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--d-model", type=int, help="width (speed default 256, tasks default 64)")
+    p.add_argument("--seq-len", type=int, help="sequence length (speed default 512; tasks default 32)")
+    p.add_argument("--batch-size", type=int, help="batch (speed default 4; tasks default 64)")
+    p.add_argument("--repeats", type=int, default=5, help="speed: timed repetitions (median reported)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="speed: input and weight dtype")
+    p.add_argument("--steps", type=int, help="tasks: training steps per mixer (default 300)")
+    p.add_argument("--num-kv-pairs", default=None, help="tasks: comma-separated MQAR pair counts (default 4)")
+    p.add_argument("--lr", type=float, help="tasks: learning rate (default 3e-3)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    from seqblocks.cli import commands
+
+    args = build_parser().parse_args(argv)
+    handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
+               "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench}
+    try:
+        return handler[args.command](args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("SEQBLOCKS_DEBUG"):
+            raise
+        print(f"seqblocks {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `seqblocks list | head`: the reader left; exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"seqblocks {args.command}: interrupted", file=sys.stderr)
+        return 130

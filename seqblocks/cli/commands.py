@@ -1,0 +1,391 @@
+"""The subcommands of ``seqblocks``: each ``cmd_<name>(args)`` returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["cmd_list", "cmd_info", "cmd_train", "cmd_generate", "cmd_eval", "cmd_bench", "parse_task_options",
+           "load_checkpoint", "stream_sample"]
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def parse_task_options(pairs: list[str]) -> dict[str, Any]:
+    """``["seq_len=256", "root=/tmp"]`` -> ``{"seq_len": 256, "root": "/tmp"}`` (Python literals or strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--task-opt {pair!r} must look like KEY=VALUE")
+        try:
+            options[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value
+    return options
+
+
+# ---------------------------------------------------------------- list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import seqblocks  # noqa: F401  (registers the built-in components)
+    from seqblocks.presets import PRESETS
+    from seqblocks.registry import FFNS, MIXERS, NORMS, POSITIONS
+    from seqblocks.tasks import TASKS, task_options
+
+    sections = {}
+    for title, registry in (("mixers", MIXERS), ("ffns", FFNS), ("norms", NORMS), ("positions", POSITIONS)):
+        sections[title] = {name: registry.describe(name) for name in registry.keys()}
+    sections["presets"] = {name: p["description"] for name, p in sorted(PRESETS.items())}
+    sections["tasks"] = {name: TASKS.describe(name) for name in TASKS.keys()}
+    if args.json:
+        _out(json.dumps(sections, indent=2))
+        return 0
+    for title, entries in sections.items():
+        _out(f"{title}:")
+        width = max(len(n) for n in entries) if entries else 0
+        for name, description in entries.items():
+            line = f"  {name:<{width}}  {description}"
+            if title == "presets":
+                missing = [m for m in PRESETS[name]["model"]["mixer_types"] if m not in MIXERS]
+                if missing:
+                    line += f"  [unavailable: mixer(s) {sorted(set(missing))} not registered]"
+            if title == "tasks":
+                opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items())
+                line += f"\n  {'':<{width}}  options: {opts}"
+            _out(line)
+        _out()
+    return 0
+
+
+# ---------------------------------------------------------------- info
+
+
+def _build_for_info(model_config: dict[str, Any]):
+    """The model on the meta device (no memory, fast even at 130M); on CPU if a mixer's init needs real tensors."""
+    from seqblocks.presets import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(model_config), "meta"
+    except (RuntimeError, NotImplementedError, TypeError):
+        return build_model(model_config), "cpu"
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def model_summary(model: torch.nn.Module, model_config: dict[str, Any], seq_len: int, batch_size: int) -> dict:
+    """Parameter counts, per-layer pattern and memory estimates of a model (any device, meta included)."""
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    embedding = model.embedding.weight.numel() if hasattr(model, "embedding") else 0
+    layers = []
+    for i, layer in enumerate(getattr(model, "layers", [])):
+        mixer = getattr(layer, "mixer", None)
+        mlp = getattr(layer, "mlp", None)
+        layers.append({
+            "layer": i, "mixer": model_config["mixer_types"][i], "class": type(mixer).__name__,
+            "mixer_params": sum(p.numel() for p in mixer.parameters()) if mixer is not None else 0,
+            "mlp": type(mlp).__name__ if mlp is not None else None,
+            "mlp_params": sum(p.numel() for p in mlp.parameters()) if mlp is not None else 0,
+        })
+    cache_bytes, cache_note = None, ""
+    try:
+        cache = model.allocate_inference_cache(1, seq_len, dtype=torch.bfloat16)
+        cache_bytes = _tensor_bytes(dict(cache))
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+        cache_note = f"cannot allocate a decode cache: {err}"
+    d, n_layer = model_config["d_model"], model_config["n_layer"]
+    # A rough floor for training activations: a few [B, T, D] tensors per layer kept for backward,
+    # plus fp32 logits; the mixers' internal expansions (Mamba's 2x width, attention scores) add more.
+    activations = batch_size * seq_len * (16 * d * n_layer * 2 + 4 * model.vocab_size * 3)
+    return {
+        "parameters": total, "embedding_parameters": embedding, "non_embedding_parameters": total - embedding,
+        "layers": layers,
+        "memory": {
+            "weights_fp32": 4 * total, "weights_bf16": 2 * total,
+            "train_state_fp32_adamw": 16 * total,
+            "activations_estimate": activations,
+            "decode_cache_per_sequence_bf16": cache_bytes,
+        },
+        "seq_len": seq_len, "batch_size": batch_size, "note": cache_note,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import seqblocks  # noqa: F401
+    from seqblocks.presets import DEFAULT_PRESET, load_config
+    from seqblocks.train.config import TrainConfig
+
+    name = args.config or DEFAULT_PRESET
+    config = load_config(name)
+    model_config = dict(config["model"])
+    if args.vocab_size is not None:
+        model_config["vocab_size"] = args.vocab_size
+    train_cfg = {**TrainConfig().to_dict(), **config["train"]}
+    seq_len = args.seq_len or train_cfg["task_options"].get("seq_len", 128)
+    batch_size = args.batch_size or train_cfg["batch_size"]
+    model, where = _build_for_info(model_config)
+    summary = model_summary(model, model_config, seq_len, batch_size)
+    summary["source"] = config["source"]
+    if args.json:
+        _out(json.dumps(summary, indent=2))
+        return 0
+    _out(f"{config['source']}: {config['description']}".rstrip(": "))
+    _out(f"parameters: {summary['parameters']:,} ({summary['parameters'] / 1e6:.2f}M; "
+         f"{summary['non_embedding_parameters']:,} without the embedding)")
+    _out(f"d_model {model_config['d_model']}, d_state {model_config['d_state']}, vocab {model_config['vocab_size']}, "
+         f"d_intermediate {model_config.get('d_intermediate', 0)}")
+    _out("layers:")
+    for row in summary["layers"]:
+        mlp = f" + {row['mlp']} ({row['mlp_params']:,})" if row["mlp"] else ""
+        _out(f"  {row['layer']:>3}  {row['mixer']:<10} {row['class']:<24} {row['mixer_params']:>12,}{mlp}")
+    mem = summary["memory"]
+    _out(f"memory (batch {batch_size} x seq_len {seq_len}):")
+    _out(f"  weights              {_human(mem['weights_fp32'])} fp32 / {_human(mem['weights_bf16'])} bf16")
+    _out(f"  training state       {_human(mem['train_state_fp32_adamw'])} (fp32 weights + grads + AdamW moments)")
+    _out(f"  activations (rough)  {_human(mem['activations_estimate'])}")
+    cache = mem["decode_cache_per_sequence_bf16"]
+    _out(f"  decode cache         {_human(cache) + ' per sequence (bf16)' if cache is not None else summary['note']}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+
+_TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                "grad_clip", "seed", "precision", "compile", "compile_backend", "parallel", "device", "eval_every",
+                "eval_batch_size", "ckpt_every", "keep_checkpoints", "log_every", "sample_tokens", "sample_prompt",
+                "sample_temperature")
+
+
+def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any]):
+    """TrainConfig defaults, overridden by the preset's ``train`` section, overridden by the flags given."""
+    from seqblocks.train.config import TrainConfig
+
+    values = {**TrainConfig().to_dict(), **preset_train}
+    if args.task is not None and args.task != values["task"]:
+        values["task"], values["task_options"] = args.task, {}
+    values["task_options"] = {**values["task_options"], **parse_task_options(args.task_opt)}
+    for flag in _TRAIN_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[flag] = value
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training options {unknown} in the config's 'train' section; valid: "
+                         f"{sorted(f.name for f in dataclasses.fields(TrainConfig))}")
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import seqblocks  # noqa: F401
+    from seqblocks.presets import DEFAULT_PRESET, load_config
+    from seqblocks.train import train
+
+    name = args.config or DEFAULT_PRESET
+    out = Path(args.out) if args.out else Path("runs") / Path(name).stem
+    if args.resume:
+        if args.config is not None or args.task is not None or args.task_opt or any(
+                getattr(args, f, None) is not None for f in _TRAIN_FLAGS):
+            print("seqblocks train: --resume continues with the run's saved configuration; the other model and "
+                  "training options given are ignored", file=sys.stderr)
+        model_config, config = {}, None
+    else:
+        loaded = load_config(name)
+        model_config, config = loaded["model"], train_config_from_args(args, loaded["train"])
+    try:
+        result = train(model_config, config, out, resume=args.resume, stop_after=args.stop_after,
+                       progress=not args.no_progress)
+    finally:
+        main_process = _is_main_process()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not main_process:
+        return 0
+    metrics = result.metrics
+    if "val_loss" in metrics:
+        _out(f"final: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f} "
+             f"(ppl {metrics['val_ppl']:.2f}, acc {metrics['val_acc']:.3f})")
+    if result.checkpoint is not None:
+        _out(f"checkpoint: {result.checkpoint}")
+    cfg = config if config is not None else _saved_train_config(result.checkpoint)
+    if result.task.is_language and cfg.sample_tokens > 0 and result.step == cfg.steps:
+        _out(f"--- sample ({cfg.sample_tokens} characters, temperature {cfg.sample_temperature}) ---")
+        stream_sample(result.model.eval(), result.task.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                      temperature=cfg.sample_temperature, seed=cfg.seed)
+        _out("---")
+        if result.checkpoint is not None:
+            _out(f"sample more with: seqblocks generate {out} --prompt {cfg.sample_prompt!r}")
+    return 0
+
+
+def _saved_train_config(checkpoint: Path | None):
+    from seqblocks.train.checkpointing import load_train_state
+    from seqblocks.train.config import TrainConfig
+
+    return TrainConfig.from_dict(load_train_state(checkpoint)["train_config"])
+
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+# ---------------------------------------------------------------- checkpoints, sampling
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, task info dict or None, tokenizer or None) from a checkpoint or run directory."""
+    import seqblocks.models.lm  # noqa: F401  (registers the model classes)
+    from seqblocks.checkpoint import load_pretrained
+    from seqblocks.tasks import CharTokenizer
+    from seqblocks.train.checkpointing import TASK_FILE, TOKENIZER_FILE, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    model = load_pretrained(ckpt, device=device)
+    task = json.loads((ckpt / TASK_FILE).read_text()) if (ckpt / TASK_FILE).is_file() else None
+    tokenizer = CharTokenizer.load(ckpt / TOKENIZER_FILE) if (ckpt / TOKENIZER_FILE).is_file() else None
+    return model, task, tokenizer, ckpt
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream: bool = True,
+                  stop: list[str] | None = None, **options: Any) -> str:
+    """Generate after ``prompt`` with ``seqblocks.generation.generate`` and print the text as it comes.
+
+    ``tokenizer`` None means token ids: the prompt is ids separated by spaces, and so is the output.
+    Returns the generated text (without the prompt).
+    """
+    from seqblocks.generation import generate
+
+    device = next(model.parameters()).device
+    if tokenizer is not None:
+        ids = tokenizer.encode(prompt)
+        decode = tokenizer.decode
+        stop_ids = [tokenizer.encode(s)[0] for s in (stop or []) if s]
+    else:
+        try:
+            ids = [int(t) for t in prompt.split()]
+            stop_ids = [int(s) for s in (stop or [])]
+        except ValueError:
+            raise ValueError(f"this checkpoint has no tokenizer: give the prompt (and --stop) as token ids "
+                             f"separated by spaces, got {prompt!r}") from None
+        decode = lambda toks: "".join(f" {t}" for t in toks)
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one character (or token id)")
+    pieces: list[str] = []
+
+    def on_token(tokens: torch.Tensor, active: torch.Tensor) -> None:
+        if bool(active[0]):
+            piece = decode([int(tokens[0])])
+            pieces.append(piece)
+            if stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(prompt if tokenizer is not None else " ".join(str(i) for i in ids))
+        sys.stdout.flush()
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    with torch.no_grad():
+        generate(model, input_ids, max_new_tokens, stop_tokens=stop_ids or None, callback=on_token, **options)
+    if stream:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    model, _, tokenizer, ckpt = load_checkpoint(args.checkpoint, device=device)
+    temperature = 0.0 if args.greedy else args.temperature
+    options = {"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+               "repetition_penalty": args.repetition_penalty}
+    print(f"[{ckpt}]", file=sys.stderr)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            _out(f"--- sample {i + 1} ---")
+        text = stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, stream=not args.no_stream,
+                             stop=args.stop, seed=args.seed + i, **options)
+        if args.no_stream:
+            _out(args.prompt + text)
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from seqblocks.tasks import get_task
+    from seqblocks.train import evaluate
+    from seqblocks.train.checkpointing import load_train_state
+
+    device = _device(args.device)
+    model, task_info, _, ckpt = load_checkpoint(args.checkpoint, device=device)
+    if args.task is not None:
+        name, options = args.task, parse_task_options(args.task_opt)
+    elif task_info is not None:
+        name, options = task_info["name"], {**task_info["options"], **parse_task_options(args.task_opt)}
+    else:
+        raise ValueError(f"{ckpt} does not say which task it was trained on; give --task")
+    task = get_task(name, **options)
+    if task.vocab_size > model.vocab_size:
+        raise ValueError(f"task {name!r} has {task.vocab_size} tokens but the model only {model.vocab_size}")
+    seed = args.seed
+    if seed is None:
+        try:
+            seed = load_train_state(ckpt)["train_config"]["seed"]
+        except FileNotFoundError:
+            seed = 0
+    result = evaluate(model, task, args.batch_size, device, args.precision, seed)
+    result = {"checkpoint": str(ckpt), "task": name, **result}
+    if args.json:
+        _out(json.dumps(result))
+    else:
+        _out(f"{ckpt} on {name} (held-out split, {result['tokens']:,} scored tokens): loss {result['loss']:.4f}, "
+             f"perplexity {result['ppl']:.3f}, accuracy {result['acc']:.4f}, sequence accuracy {result['seq_acc']:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from seqblocks.cli import bench
+
+    if args.what == "tasks":
+        return bench.run_task_bench(args)
+    return bench.run_speed_bench(args)

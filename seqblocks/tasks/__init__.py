@@ -1,0 +1,43 @@
+"""Embedded tasks: synthetic recall / copying probes and character-level LM on the stdlib's source.
+
+``TASKS`` maps task names to task classes; ``get_task(name, **options)`` builds one and raises
+``ValueError`` listing the valid names (or the task's valid options) on a mistake.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from seqblocks.registry import Registry
+from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task
+from seqblocks.tasks.chars import CharTokenizer, StdlibChars
+from seqblocks.tasks.synthetic import MQAR, Copying, InductionHeads, SelectiveCopying
+
+__all__ = ["TASKS", "IGNORE_INDEX", "Batch", "Task", "CharTokenizer", "StdlibChars", "MQAR", "Copying",
+           "InductionHeads", "SelectiveCopying", "get_task", "task_options"]
+
+TASKS: Registry = Registry("task")
+for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying):
+    TASKS.register(_cls.name, _cls, description=_cls.description)
+TASKS.register("stdlib", StdlibChars, description="alias of 'chars'")
+
+
+def task_options(name: str) -> dict[str, Any]:
+    """The options task ``name`` accepts, with their defaults."""
+    params = inspect.signature(TASKS.get(name).__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build task ``name`` with ``options``.
+
+    Raises:
+        ValueError: unknown task name (lists the valid ones) or unknown option (lists the valid ones).
+    """
+    cls = TASKS.get(name)
+    valid = task_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"task {name!r} has no option(s) {unknown}; valid options: {valid}")
+    return cls(**options)

@@ -1,0 +1,107 @@
+"""``TrainConfig``: everything a training run needs besides the model, as validated, JSON-able data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from seqblocks.config import ConfigBase
+
+__all__ = ["TrainConfig"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(ConfigBase):
+    """A training run.
+
+    Args:
+        task (str): task name (``seqblocks.tasks.TASKS``). Default: "chars".
+        task_options (dict): the task's constructor options (``seq_len``, ...). Default: {}.
+        steps (int): optimizer steps of the whole schedule. Default: 300.
+        batch_size (int): sequences per optimizer step, over all processes and accumulation steps.
+            Default: 16.
+        grad_accum (int): micro-batches per optimizer step; must divide ``batch_size / world_size``.
+            Default: 1.
+        lr (float): peak learning rate. Default: 3e-3.
+        min_lr_ratio (float): final learning rate as a fraction of the peak. Default: 0.1.
+        warmup_steps (int): linear warmup steps (compressed into the run when ``steps`` is smaller).
+            Default: 30.
+        weight_decay (float): AdamW decay of matrices (not norms, biases, embeddings). Default: 0.1.
+        beta1 (float): AdamW beta1. Default: 0.9.
+        beta2 (float): AdamW beta2. Default: 0.95.
+        grad_clip (float): clip the global gradient norm to this; 0 disables. Default: 1.0.
+        seed (int): seeds the model initialisation and the data. Default: 0.
+        precision (str): "auto" (bf16 autocast on a CUDA device with bf16, else fp32), "fp32" or "bf16".
+            Default: "auto".
+        compile (bool): ``torch.compile`` the model. Default: False.
+        compile_backend (str): the ``torch.compile`` backend. Default: "inductor".
+        parallel (str): data parallelism under torchrun: "ddp" or "fsdp" (FSDP2 ``fully_shard``).
+            Default: "ddp".
+        device (str): "auto", "cpu", "cuda", "cuda:N". Default: "auto".
+        eval_every (int): evaluate on the held-out split every N steps (and at the end); 0: only at the
+            end. Default: 100.
+        eval_batch_size (int): batch size of evaluation. Default: 64.
+        ckpt_every (int): checkpoint every N steps (and at the end); 0: only at the end. Default: 100.
+        keep_checkpoints (int): checkpoints kept, newest first; 0 keeps all. Default: 2.
+        log_every (int): write a metrics line every N steps. Default: 10.
+        sample_tokens (int): characters sampled at the end of a language task; 0: none. Default: 300.
+        sample_prompt (str): prompt of that sample. Default: "def ".
+        sample_temperature (float): its temperature. Default: 0.8.
+    """
+
+    task: str = "chars"
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    parallel: str = "ddp"
+    device: str = "auto"
+    eval_every: int = 100
+    eval_batch_size: int = 64
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_tokens: int = 300
+    sample_prompt: str = "def "
+    sample_temperature: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
+                     "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r} must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"TrainConfig.parallel={self.parallel!r} must be one of {PARALLEL}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be a multiple of "
+                             f"grad_accum={self.grad_accum}")
+        if self.sample_temperature < 0:
+            raise ValueError(f"TrainConfig.sample_temperature={self.sample_temperature!r} must be >= 0")

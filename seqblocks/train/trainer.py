@@ -1,0 +1,359 @@
+"""The training loop: one function, ``train``, for a single process, DDP and FSDP2 alike.
+
+Data is a pure function of (seed, step): optimizer step ``s`` uses the task's ``s``-th global batch of
+``batch_size`` rows, cut into ``grad_accum`` micro-batches, each cut into ``world_size`` equal slices,
+one per rank. So a resumed run continues with exactly the batches it would have seen, and N processes
+see exactly the global batch one process would. The loss of a step is the sum of the per-token
+cross-entropies of the global batch divided by its number of scored tokens; each rank backpropagates
+its share scaled by ``world_size`` (DDP and FSDP average gradients over ranks), so the gradient is the
+same whatever the world size and accumulation.
+
+Shapes: B batch, T time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqblocks.tasks import IGNORE_INDEX, Batch, Task, get_task
+from seqblocks.train.checkpointing import (
+    CHECKPOINT_DIR,
+    TASK_FILE,
+    TOKENIZER_FILE,
+    TRAIN_STATE,
+    latest_checkpoint,
+    load_train_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from seqblocks.train.config import TrainConfig
+from seqblocks.train.distributed import DistInfo, barrier, init_distributed, reshard, wrap_model
+from seqblocks.train.optim import make_optimizer, make_scheduler
+
+__all__ = ["TrainResult", "train", "evaluate", "autocast_context", "METRICS_FILE", "LOSS_PLOT"]
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` hands back.
+
+    Attributes:
+        model (nn.Module): the trained, unwrapped model (on rank 0 under FSDP: an unsharded CPU copy).
+        task (Task): the task it was trained on.
+        metrics (dict): the final evaluation (``loss``, ``ppl``, ``acc``) and the last training loss.
+        checkpoint (Path | None): the last checkpoint written (rank 0), or None.
+        step (int): optimizer steps completed.
+    """
+
+    model: nn.Module
+    task: Task
+    metrics: dict[str, float]
+    checkpoint: Path | None
+    step: int
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision`` "bf16" (or "auto" on a CUDA device with bf16), else nothing."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over scored positions, in fp32 (logits may be bf16 under autocast)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.device | str = "cpu",
+             precision: str = "fp32", seed: int = 0) -> dict[str, float]:
+    """Loss, perplexity and accuracy of ``model`` on ``task``'s held-out split.
+
+    Args:
+        model (nn.Module): maps input ids [B, T] to an output with ``.logits`` [B, T, V].
+        task (Task): the task; its ``eval_batches`` is the held-out set.
+        batch_size (int): rows per forward. Default: 64.
+        device (torch.device | str): where to run. Default: "cpu".
+        precision (str): "fp32", "bf16" or "auto". Default: "fp32".
+        seed (int): the task seed (synthetic tasks draw their held-out set from it). Default: 0.
+
+    Returns:
+        dict: ``loss`` (mean cross-entropy per scored token), ``ppl`` (exp(loss)), ``acc`` (argmax
+        accuracy per scored token), ``seq_acc`` (rows with every scored token right), ``tokens``.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, correct, count, rows_right, rows = 0.0, 0, 0, 0, 0
+    try:
+        for batch in task.eval_batches(batch_size, seed):
+            batch = batch.to(device)
+            with autocast_context(device, precision):
+                logits = model(batch.input_ids).logits
+            logits = logits[..., : task.vocab_size].float()
+            scored = batch.targets != IGNORE_INDEX
+            total += float(_loss_sum(logits, batch.targets))
+            right = (logits.argmax(-1) == batch.targets) & scored
+            correct += int(right.sum())
+            count += int(scored.sum())
+            rows_right += int(((right | ~scored).all(dim=1)).sum())
+            rows += batch.input_ids.shape[0]
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / max(count, 1),
+            "seq_acc": rows_right / max(rows, 1), "tokens": count}
+
+
+def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -> tuple[list[Batch], int]:
+    """This rank's micro-batches of optimizer step ``step`` and the global batch's scored-token count."""
+    full = task.batch("train", step, config.batch_size, config.seed)
+    micro = config.batch_size // config.grad_accum
+    per_rank = micro // info.world_size
+    parts = [full[m * micro + info.rank * per_rank: m * micro + (info.rank + 1) * per_rank]
+             for m in range(config.grad_accum)]
+    return parts, full.num_targets
+
+
+def _write_checkpoint(out_dir: Path, step: int, info: DistInfo, module: nn.Module, saver: nn.Module | None,
+                      optimizer, scheduler, config: TrainConfig, model_config: dict, task: Task,
+                      extra: dict[str, Any]) -> Path | None:
+    """Collect the full state on every rank (collective under FSDP) and write it from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim_state = get_optimizer_state_dict(module, optimizer, options=options)
+    model_state = get_model_state_dict(module, options=options) if config.parallel == "fsdp" and \
+        info.distributed else None
+    path = None
+    if info.is_main:
+        target = module
+        if model_state is not None:
+            saver.load_state_dict(model_state)
+            target = saver
+
+        def write(tmp: Path) -> None:
+            target.save_pretrained(tmp)
+            state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                     "rng": rng_state(), "data": {"next_step": step, "seed": config.seed},
+                     "train_config": config.to_dict(), "model_config": model_config,
+                     "world_size": info.world_size, **extra}
+            torch.save(state, tmp / TRAIN_STATE)
+            (tmp / TASK_FILE).write_text(json.dumps({"name": config.task, "options": task.config()}, indent=2))
+            tokenizer = getattr(task, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER_FILE)
+
+        path = save_checkpoint(out_dir, step, write, keep=config.keep_checkpoints)
+    barrier(info)
+    return path
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto_step]
+
+
+def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          stop_after: int | None = None, progress: bool = True,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train an ``LRNNLMHeadModel`` on a task.
+
+    Args:
+        model_config (dict): ``LRNNLMHeadModel`` keyword arguments (``vocab_size`` is set from the task).
+        config (TrainConfig): the run.
+        out_dir (str | Path): run directory: ``metrics.jsonl``, ``loss.png``, ``checkpoints/``.
+        resume (bool): continue from the latest checkpoint in ``out_dir``; the model and training
+            configuration then come from the checkpoint and the arguments given here are ignored.
+            Default: False.
+        stop_after (int | None): stop (with a checkpoint) once this many steps of the schedule are done,
+            to split a run across jobs; the schedule still spans ``config.steps``. Default: None.
+        progress (bool): show a tqdm progress bar (rank 0). Default: True.
+        log (Callable[[str], None] | None): where rank 0's messages go. Default: None (stderr).
+
+    Raises:
+        FileNotFoundError: ``resume`` with no checkpoint in ``out_dir``.
+        ValueError: a batch size that does not split over processes and accumulation steps, and the
+            errors of the task and model configs.
+    """
+    from seqblocks.presets import build_model
+
+    out_dir = Path(out_dir)
+    state = None
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: {str(out_dir)!r} holds no checkpoint to resume from")
+        state = load_train_state(ckpt)
+        config = TrainConfig.from_dict(state["train_config"])
+        model_config = state["model_config"]
+    info = init_distributed(config.device)
+    say = (log or (lambda msg: print(msg, file=sys.stderr))) if info.is_main else (lambda msg: None)
+    micro = config.batch_size // config.grad_accum
+    if micro % info.world_size:
+        raise ValueError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
+                         f"micro-batch do not split over {info.world_size} processes")
+    task = get_task(config.task, **config.task_options)
+    model_config = {**model_config, "vocab_size": task.vocab_size}
+
+    torch.manual_seed(config.seed)
+    module = build_model(model_config)
+    if state is not None:
+        from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
+
+        load_weights(module, ckpt / WEIGHTS_NAME)
+    module.to(info.device)
+    module.train()
+    fsdp = config.parallel == "fsdp" and info.distributed
+    saver = build_model(model_config) if fsdp and info.is_main else None
+    wrapped = wrap_model(module, info, config.parallel)
+    runner = torch.compile(wrapped, backend=config.compile_backend) if config.compile else wrapped
+    optimizer = make_optimizer(module, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    scheduler = make_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
+    start, tokens_seen, elapsed = 0, 0, 0.0
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed_s"]
+        say(f"resumed from {ckpt} at step {start}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = out_dir / CHECKPOINT_DIR
+    if state is None and info.is_main and stale.exists():
+        # A fresh run owns its directory: an older run's checkpoints must not be resumed into it later.
+        say(f"starting a fresh run in {out_dir}: removing the previous run's checkpoints")
+        shutil.rmtree(stale)
+    barrier(info)
+    metrics_path = out_dir / METRICS_FILE
+    history = _read_metrics(metrics_path, start) if resume else []
+    if info.is_main:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        (out_dir / "run.json").write_text(json.dumps({"model": model_config, "train": config.to_dict(),
+                                                       "task": task.config()}, indent=2))
+    n_params = sum(p.numel() for p in module.parameters())
+    say(f"task {config.task} (vocab {task.vocab_size}, seq_len {task.seq_len}), {n_params / 1e6:.2f}M parameters, "
+        f"{config.steps} steps of {config.batch_size} x {task.seq_len} tokens on {info.device}"
+        f"{f' x {info.world_size} processes ({config.parallel})' if info.distributed else ''}")
+
+    end = config.steps if stop_after is None else max(start, min(config.steps, stop_after))
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+    ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
+    # Throughput counts training steps only (evaluation and checkpoint time excluded).
+    window_loss, window_steps, window_tokens, window_time, rate_ema = 0.0, 0, 0, 0.0, None
+    metrics_file = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 (closed in finally)
+    last_ckpt, final_eval, loss_value = None, {}, float("nan")
+
+    def checkpoint(step: int) -> Path | None:
+        extra = {"tokens_seen": tokens_seen, "elapsed_s": elapsed}
+        return _write_checkpoint(out_dir, step, info, module, saver, optimizer, scheduler, config, model_config,
+                                 task, extra)
+
+    def run_eval(step: int) -> dict[str, float]:
+        result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed)
+        if fsdp:
+            reshard(module)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
+            metrics_file.flush()
+        say(f"step {step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}, acc {result['acc']:.3f}")
+        return result
+
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            parts, count = _micro_batches(task, step, config, info)
+            lr = scheduler.get_last_lr()[0]
+            step_loss = torch.zeros((), device=info.device)
+            for m, part in enumerate(parts):
+                part = part.to(info.device)
+                sync = contextlib.nullcontext() if not ddp or m == len(parts) - 1 else wrapped.no_sync()
+                with sync:
+                    with autocast_context(info.device, config.precision):
+                        logits = runner(part.input_ids).logits
+                    loss = _loss_sum(logits, part.targets)
+                    (loss * (info.world_size / max(count, 1))).backward()
+                step_loss += loss.detach()
+            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if info.distributed:
+                torch.distributed.all_reduce(step_loss)
+            loss_value = float(step_loss) / max(count, 1)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"step {step + 1}: the loss is {loss_value}; lower the learning rate "
+                                         f"(lr={config.lr}) or check the model")
+            dt = time.perf_counter() - t0
+            done = step + 1
+            step_tokens = config.batch_size * task.seq_len
+            tokens_seen += step_tokens
+            elapsed += dt
+            window_loss += loss_value
+            window_steps += 1
+            window_tokens += step_tokens
+            window_time += dt
+            rate_ema = step_tokens / dt if rate_ema is None else 0.9 * rate_ema + 0.1 * step_tokens / dt
+            if bar is not None:
+                rate = rate_ema
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+            if done % config.log_every == 0 or done == end:
+                rate = window_tokens / max(window_time, 1e-9)
+                row = {"type": "train", "step": done, "loss": window_loss / window_steps, "lr": lr,
+                       "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": rate,
+                       "elapsed_s": elapsed}
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+            is_last = done == end
+            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+                final_eval = run_eval(done)
+            if (config.ckpt_every and done % config.ckpt_every == 0) or is_last:
+                last_ckpt = checkpoint(done)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    if info.is_main:
+        from seqblocks.train.plot import plot_loss_curve
+
+        plotted = plot_loss_curve(metrics_path, out_dir / LOSS_PLOT)
+        say(f"loss curve: {out_dir / LOSS_PLOT}" if plotted is True else plotted)
+    result_model = saver if saver is not None else module
+    metrics = {"train_loss": loss_value, **{f"val_{k}": v for k, v in final_eval.items()}}
+    return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end)
