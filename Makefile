@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m seqblocks.demo
+	$(BIN)/seqblocks train
+	$(BIN)/seqblocks generate runs/tiny --prompt "def "
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
