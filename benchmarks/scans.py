@@ -275,16 +275,17 @@ def section_selective(bw, er, quick, sweep=False):
 
     tag = f"mamba bf16 ({Bsz},{T},{D},{N}) D+z+softplus"
     if sweep:
-        for pre in (True, False):
-            ss_triton.FWD_PREFETCH = pre
+        # ring 4 / 2: the default time loop and its 2-slot ring; 0: the older time loop
+        for ring in (4, 2, 0):
+            ss_triton.FWD_RING = ring
             for fcfg in [(16, 1), (32, 1), (64, 2), (32, 2), (128, 4)]:
                 ss_triton.FWD_CONFIG_OVERRIDE = fcfg
                 with torch.no_grad():
                     f = bench(lambda: call("triton"), 5, 30)
-                print(f"  sweep sequential fwd prefetch={pre} BD={fcfg[0]} warps={fcfg[1]}: fwd {f:.3f} ms "
+                print(f"  sweep sequential fwd ring={ring} BD={fcfg[0]} warps={fcfg[1]}: fwd {f:.3f} ms "
                       f"({100*fl_f/f:.0f}%)", flush=True)
         ss_triton.FWD_CONFIG_OVERRIDE = None
-        ss_triton.FWD_PREFETCH = True
+        ss_triton.FWD_RING = 4
         for cfg in [(16, 32, 1), (8, 32, 1), (16, 16, 1), (16, 64, 2), (8, 64, 2)]:
             ss_triton.CONFIG_OVERRIDE = cfg
             try:

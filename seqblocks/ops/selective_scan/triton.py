@@ -3,7 +3,17 @@
 Imported only through the dispatcher in ``seqblocks/ops/selective_scan/__init__.py`` once
 ``seqblocks.ops._backend.resolve_backend`` has chosen "triton"; nothing else imports this module.
 
-Design (see docs/kernels.md):
+Design (see docs/kernels.md). The default kernels are time loops (``_ss_fwd_ring_kernel``,
+``_ss_bwd_ring_kernel``): one program owns one sequence and ``BLOCK_D`` channels with the
+[BLOCK_D, N] fp32 state in registers (one channel per thread, its N states in the thread), and steps
+through time one step at a time. Their loads run a ring of register slots: the loop body runs RING
+steps, each slot holds one step's inputs as loaded (no arithmetic on them, so nothing waits for them)
+and is refilled with the step RING ahead right after its step consumed it. Per step they issue few
+instructions: ``exp`` as one flush-to-zero ``ex2`` (``_ex2``), γ per channel where it does not depend
+on A, B and C in fp32 (no per-step conversions) and loaded unmasked when N is a power of two. The
+same maths as below (checkpoints every BLOCK_T steps, backward by recomputation per chunk).
+
+The chunked-scan kernels (``_ss_fwd_kernel``, ``_ss_bwd_kernel``; slower, kept for comparison):
 
 - One program owns one sequence and a block of ``BLOCK_D`` channels (all inside one group of B / C)
   and walks the sequence in chunks of ``BLOCK_T`` steps. Per chunk it loads [BLOCK_T, BLOCK_D] tiles
@@ -42,7 +52,18 @@ MAX_D_STATE = 256
 SEQUENTIAL_FORWARD = True
 # Backward as time loops (``_ss_bwd_seq_kernel``) rather than chunked scans; benchmarks flip it.
 SEQUENTIAL_BACKWARD = True
-# Whether the time-loop forward loads the next two steps ahead (loop-carried) or each step in place.
+# Register slots of the time-loop forward's load ring (``_ss_fwd_ring_kernel``: 2 or 4); 0 runs the
+# older ``_ss_fwd_seq_kernel`` instead (benchmarks compare them).
+FWD_RING = 4
+# Whether the time-loop backward pipelines its loads (``_ss_bwd_ring_kernel``) or not
+# (``_ss_bwd_seq_kernel``); benchmarks compare them.
+BWD_RING = True
+# Whether the ring backward's adjoint walk also loads B, C and the recomputed state a step pair ahead
+# (True) or where used (False); None: ahead for d_state <= 16. At the benchmark shape True measured
+# 3% faster (6.45 against 6.67 ms forward + backward) with 750 bytes of register spills; it passes the
+# interpreter tests but has not run the GPU tests yet, so the default stays False.
+BWD_FULL: bool | None = False
+# Whether the older time-loop forward loads the next two steps ahead (loop-carried) or each step in place.
 FWD_PREFETCH = True
 # (BLOCK_D, num_warps) of the sequential forward, forced by benchmarks; None: the defaults.
 FWD_CONFIG_OVERRIDE: tuple[int, int] | None = None
@@ -117,6 +138,76 @@ def _discretize(A3, dt3, dtA3, METHOD: tl.constexpr, HAS_DA: tl.constexpr):
 
 
 @triton.jit
+def _ex2(x, FAST: tl.constexpr):
+    # 2^x. On the GPU the flush-to-zero approximation, one MUFU instruction: the default lowering adds
+    # a four-instruction range fix-up for results under 2^-126, which are zeros for every use here.
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _lg2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softplus_f(x, FAST: tl.constexpr):
+    # _softplus through _ex2 / _lg2 (the time-loop kernels, one value per channel and step)
+    e = _ex2(x * 1.4426950408889634, FAST)
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, _lg2(1.0 + e, FAST) * 0.6931471805599453))
+
+
+@triton.jit
+def _sigmoid_f(x, FAST: tl.constexpr):
+    return _rcp(1.0 + _ex2(x * -1.4426950408889634, FAST), FAST)
+
+
+@triton.jit
+def _discretize_row(A, A2, dt, dtA, METHOD: tl.constexpr, HAS_DA: tl.constexpr, FAST: tl.constexpr):
+    # _discretize for one step of the time-loop kernels: A, A2 = A log2(e) [BD, BN]; dt, dt_A [BD, 1].
+    # Returns (Ā, γ, E); γ stays [BD, 1] where it does not depend on A (mamba: dt, dirac: 1), which
+    # saves a [BD, BN] multiply per use. The exponential methods go through _ex2 (ZOH keeps the
+    # precise exp: its γ = dt (E - 1) / log E needs E above the flush-to-zero range).
+    if METHOD == 2:
+        s = dtA * A * 0.5
+        Abar = (1.0 + s) / (1.0 - s)
+        gamma = dt / (1.0 - dt * A * 0.5)
+        E = Abar
+    elif METHOD == 1:
+        Abar = tl.exp(dtA * A)
+        E = Abar
+        if HAS_DA:
+            E = tl.exp(dt * A)
+        lg = tl.log(E)
+        safe = tl.where(lg == 0.0, 1.0, lg)
+        gamma = tl.where(lg == 0.0, dt + 0.0 * A, dt * (E - 1.0) / safe)
+    else:
+        Abar = _ex2(dtA * A2, FAST)
+        E = Abar
+        if METHOD == 3:
+            gamma = dt * 0.0 + 1.0
+        else:
+            gamma = dt
+    return Abar, gamma, E
+
+
+@triton.jit
 def _ss_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, h0_ptr,
     y_ptr, hT_ptr, ck_ptr, lens_ptr, cu_ptr,
@@ -184,7 +275,8 @@ def _ss_fwd_kernel(
 @triton.jit
 def _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start, tt, L, dd, nn, dmask, nmask,
               grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr, HAS_Z: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr, HAS_Z: tl.constexpr,
+              FAST: tl.constexpr = False):
     # One time step's inputs (u, dt, dt_A, z as [BD]; B, C as [BN]); past the end: masked.
     t = tl.where(tt < L, start + tt, 0)
     md = dmask & ((dd * 0 + tt) < L)
@@ -195,7 +287,7 @@ def _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start, t
     if HAS_BIAS:
         dt += bias
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = _softplus_f(dt, FAST)
     dtA = dt
     if HAS_DA:
         dtA = tl.load(dA_ptr + row * s_dAb + t * s_dAt + dd * s_dAd, mask=md, other=0.0).to(tl.float32)
@@ -282,6 +374,172 @@ def _ss_fwd_seq_kernel(
         if PREFETCH:
             u0, dt0, dA0, z0, B0, C0 = u1, dt1, dA1, z1, B1, C1
             u1, dt1, dA1, z1, B1, C1 = u2, dt2, dA2, z2, B2, C2
+    tl.store(hT_ptr + st_off, h, mask=dn_mask)
+
+
+@triton.jit
+def _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt, L, dd, nn, dmask, nmask,
+              grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, HAS_DA: tl.constexpr, HAS_Z: tl.constexpr,
+              WANT_C: tl.constexpr = True, WANT_B: tl.constexpr = True, EVEN_N: tl.constexpr = False):
+    # One time step's inputs as loaded (input dtype, no arithmetic), so that nothing waits for them
+    # before their step is computed; past the end: masked (zeros).
+    t = tl.where(tt < L, start + tt, 0)
+    md = dmask & ((dd * 0 + tt) < L)
+    mn = nmask & ((nn * 0 + tt) < L)
+    off = row * s_b + t * s_t + dd
+    uu = tl.load(u_ptr + off, mask=md, other=0.0)
+    dt = tl.load(delta_ptr + off, mask=md, other=0.0)
+    dtA = dt
+    if HAS_DA:
+        dtA = tl.load(dA_ptr + row * s_dAb + t * s_dAt + dd * s_dAd, mask=md, other=0.0)
+    zz = uu
+    if HAS_Z:
+        zz = tl.load(z_ptr + off, mask=md, other=0.0)
+    offn = row * s_Bb + t * s_Bt + grp * s_Bg + nn
+    Bt = uu  # placeholders for rows not wanted
+    Ct = uu
+    if EVEN_N:
+        # t is clamped to a row of the sequence: in bounds (a row past the end is never used)
+        if WANT_B:
+            Bt = tl.load(B_ptr + offn)
+        if WANT_C:
+            Ct = tl.load(C_ptr + offn)
+    else:
+        if WANT_B:
+            Bt = tl.load(B_ptr + offn, mask=mn, other=0.0)
+        if WANT_C:
+            Ct = tl.load(C_ptr + offn, mask=mn, other=0.0)
+    return uu, dt, dtA, zz, Bt, Ct
+
+
+@triton.jit
+def _bc_load(B_ptr, C_ptr, row, start, tt, L, nn, nmask, grp, s_Bb, s_Bt, s_Bg, EVEN_N: tl.constexpr = False):
+    # One time step's rows of B and C (input dtype); past the end: masked (zeros), or with EVEN_N
+    # a clamped row.
+    t = tl.where(tt < L, start + tt, 0)
+    mn = nmask & ((nn * 0 + tt) < L)
+    offn = row * s_Bb + t * s_Bt + grp * s_Bg + nn
+    if EVEN_N:
+        return tl.load(B_ptr + offn), tl.load(C_ptr + offn)
+    else:
+        return tl.load(B_ptr + offn, mask=mn, other=0.0), tl.load(C_ptr + offn, mask=mn, other=0.0)
+
+
+@triton.jit
+def _fwd_step(h, A, A2, bias, Dv, uu, dt, dtA, zz, Bt, Ct, tt, L, y_ptr, row, start, s_b, s_t, dd, dmask,
+              METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, FAST: tl.constexpr):
+    # One step of the recurrence from raw inputs; a step past the end leaves h unchanged (dt = dt_A
+    # = 0 gives Ā = 1 and, with u = B = 0, no input) and stores nothing.
+    ok = (dd * 0 + tt) < L  # [BD, 1]
+    u = uu.to(tl.float32)
+    d = dt.to(tl.float32)
+    if HAS_BIAS:
+        d += bias
+    if SOFTPLUS:
+        d = _softplus_f(d, FAST)
+    d = tl.where(ok, d, 0.0)
+    dA = d
+    if HAS_DA:
+        dA = dtA.to(tl.float32)
+    Abar, gamma, _E = _discretize_row(A, A2, d, dA, METHOD, HAS_DA, FAST)
+    if METHOD == 0 or METHOD == 3:
+        h = Abar * h + Bt.to(tl.float32) * (gamma * u)  # γ per channel: one [BD, 1] product
+    else:
+        h = Abar * h + gamma * (Bt.to(tl.float32) * u)
+    y = tl.sum(Ct.to(tl.float32) * h, axis=1, keep_dims=True)
+    if HAS_D:
+        y += Dv * u
+    if HAS_Z:
+        z = zz.to(tl.float32)
+        y = y * z * _sigmoid_f(z, FAST)
+    off = row * s_b + (start + tl.where(tt < L, tt, 0)) * s_t + dd
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=dmask & ok)
+    return h
+
+
+@triton.jit
+def _ss_fwd_ring_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, h0_ptr,
+    y_ptr, hT_ptr, ck_ptr, lens_ptr, cu_ptr,
+    T, Dm, N, NC, CH_PER_G,
+    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SEQ_MODE: tl.constexpr,
+    SAVE: tl.constexpr, RING: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # The forward as a time loop over a ring of RING (2 or 4) register slots: the loop body runs RING
+    # steps; each slot holds one step's raw inputs and is refilled with the step RING ahead right after
+    # its step consumed it. Loads then stay in flight for RING steps of work (their values are first
+    # touched, converted and transformed, where their step runs), and the loop needs no register
+    # rotation (a rotation would copy, i.e. wait for, the values just loaded).
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    nn = tl.arange(0, BLOCK_N)
+    dmask = dd < Dm
+    nmask = nn < N
+    grp = (pid_d * BLOCK_D) // CH_PER_G
+    dn_mask = dmask[:, None] & nmask[None, :]
+    A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + st_off, mask=dn_mask, other=0.0)
+    dd2 = dd[:, None]
+    nn2 = nn[None, :]
+    dmask2 = dmask[:, None]
+    nmask2 = nmask[None, :]
+    bias = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
+    u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 0, L, dd2, nn2,
+                                       dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+                                       HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+    u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 1, L, dd2, nn2,
+                                       dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+                                       HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+    if RING == 4:
+        u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 2, L, dd2,
+                                           nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+        u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 3, L, dd2,
+                                           nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+    for it in range(0, tl.cdiv(L, RING)):
+        tt = it * RING
+        if SAVE:
+            # RING divides BLOCK_T: a checkpoint falls on the first step of an iteration
+            if tt % BLOCK_T == 0:
+                ck = ((pid_s.to(tl.int64) * NC + tt // BLOCK_T) * Dm + dd[:, None]) * N + nn[None, :]
+                tl.store(ck_ptr + ck, h, mask=dn_mask)
+        h = _fwd_step(h, A, A2, bias, Dv, u0, d0, a0, z0, b0, c0, tt, L, y_ptr, row, start, s_b, s_t, dd2, dmask2,
+                      METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
+        u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + RING, L,
+                                           dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+        h = _fwd_step(h, A, A2, bias, Dv, u1, d1, a1, z1, b1, c1, tt + 1, L, y_ptr, row, start, s_b, s_t, dd2, dmask2,
+                      METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
+        u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start,
+                                           tt + RING + 1, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
+                                           s_Bg, s_dAb, s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+        if RING == 4:
+            h = _fwd_step(h, A, A2, bias, Dv, u2, d2, a2, z2, b2, c2, tt + 2, L, y_ptr, row, start, s_b, s_t, dd2,
+                          dmask2, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
+            u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 6,
+                                               L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+            h = _fwd_step(h, A, A2, bias, Dv, u3, d3, a3, z3, b3, c3, tt + 3, L, y_ptr, row, start, s_b, s_t, dd2,
+                          dmask2, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
+            u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 7,
+                                               L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
     tl.store(hT_ptr + st_off, h, mask=dn_mask)
 
 
@@ -456,7 +714,7 @@ def _ss_bwd_seq_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
     DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
-    HAS_GT: tl.constexpr,
+    HAS_GT: tl.constexpr, FAST: tl.constexpr = False,
 ):
     # The backward as time loops. Per chunk of BLOCK_T steps (walked from the end): recompute the
     # chunk's states from its checkpoint, one step at a time, into this program's private history
@@ -472,6 +730,7 @@ def _ss_bwd_seq_kernel(
     grp = (pid_d * BLOCK_D) // CH_PER_G
     dn_mask = dmask[:, None] & nmask[None, :]
     A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
     st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
     hist = hist_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (BLOCK_T * BLOCK_D * BLOCK_N) \
         + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
@@ -505,8 +764,8 @@ def _ss_bwd_seq_kernel(
         for r in range(0, n_steps):
             uu, dt, dtA, zz, Bt, Ct = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start,
                                                 t0 + r, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                                s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z)
-            Abar, gamma, _E = _discretize(A, dt, dtA, METHOD, HAS_DA)
+                                                s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z, FAST)
+            Abar, gamma, _E = _discretize_row(A, A2, dt, dtA, METHOD, HAS_DA, FAST)
             h = Abar * h + gamma * (Bt * uu)
             tl.store(hist + r * (BLOCK_D * BLOCK_N), h)
         for rr in range(0, n_steps):
@@ -514,13 +773,13 @@ def _ss_bwd_seq_kernel(
             tt = t0 + r
             uu, dt, dtA, zz, Bt, Ct = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start,
                                                 tt, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                                s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z)
+                                                s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z, FAST)
             h = tl.load(hist + r * (BLOCK_D * BLOCK_N))
             t = start + tt
             off = row * s_b + t * s_t + dd2
             gy = tl.load(gy_ptr + off, mask=dmask2, other=0.0).to(tl.float32)
             if HAS_Z:
-                sg = tl.sigmoid(zz)
+                sg = _sigmoid_f(zz, FAST)
                 ypre = tl.sum(Ct * h, axis=1, keep_dims=True)
                 if HAS_D:
                     ypre += Dv * uu
@@ -531,7 +790,7 @@ def _ss_bwd_seq_kernel(
                 dD_acc += gy * uu
             dt2 = dt
             dtA2 = dtA
-            Abar, gamma, E = _discretize(A, dt2, dtA2, METHOD, HAS_DA)
+            Abar, gamma, E = _discretize_row(A, A2, dt2, dtA2, METHOD, HAS_DA, FAST)
             Bu = Bt * uu
             x = gamma * Bu
             delta = Ct * gy + carry
@@ -579,12 +838,300 @@ def _ss_bwd_seq_kernel(
                 ddt += ddtA
             if SOFTPLUS:
                 raw = tl.load(delta_ptr + off, mask=dmask2, other=0.0).to(tl.float32) + bias
-                ddt = ddt * tl.sigmoid(raw)
+                ddt = ddt * _sigmoid_f(raw, FAST)
             ddt = tl.where(dmask2, ddt, 0.0)
             tl.store(ddelta_ptr + off, ddt.to(ddelta_ptr.dtype.element_ty), mask=dmask2)
             if HAS_BIAS:
                 dbias_acc += ddt
             carry = Abar * delta
+    tl.store(dh0_ptr + st_off, carry, mask=dn_mask)
+    tl.atomic_add(dAm_ptr + dd[:, None] * N + nn[None, :], dA_acc, mask=dn_mask)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + dd2, dD_acc, mask=dmask2)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + dd2, dbias_acc, mask=dmask2)
+
+
+@triton.jit
+def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
+              METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+              FAST: tl.constexpr):
+    # One step of the backward's state recomputation from raw inputs into the history slot; a step
+    # past the end of the chunk leaves h unchanged (its history row is never read).
+    ok = (uu * 0 + tt) < L
+    d = dt.to(tl.float32)
+    if HAS_BIAS:
+        d += bias
+    if SOFTPLUS:
+        d = _softplus_f(d, FAST)
+    d = tl.where(ok, d, 0.0)
+    dA = d
+    if HAS_DA:
+        dA = dtA.to(tl.float32)
+    Abar, gamma, _E = _discretize_row(A, A2, d, dA, METHOD, HAS_DA, FAST)
+    if METHOD == 0 or METHOD == 3:
+        h = Abar * h + Bt.to(tl.float32) * (gamma * uu.to(tl.float32))
+    else:
+        h = Abar * h + gamma * (Bt.to(tl.float32) * uu.to(tl.float32))
+    tl.store(hist_r, h)
+    return h
+
+
+@triton.jit
+def _bwd_step(carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, uu, dt, dtA, zz, Bt, Ct, gy, h, tt,
+              row, start, pid_d, n_rows, T, N, s_b, s_t, s_ddAb, s_ddAt, s_ddAd, dd2, nn2, dmask2, nmask2, dn_mask,
+              dz_ptr, dC_ptr, dB_ptr, du_ptr, ddelta_ptr, ddA_ptr,
+              BLOCK_D: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+              HAS_DA: tl.constexpr, DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+              FAST: tl.constexpr):
+    # One step of the adjoint walk (see _ss_bwd_seq_kernel) from raw inputs, h = the recomputed h_t.
+    uu = uu.to(tl.float32)
+    raw = dt.to(tl.float32)
+    if HAS_BIAS:
+        raw += bias
+    dt2 = raw
+    if SOFTPLUS:
+        dt2 = _softplus_f(raw, FAST)
+    dtA2 = dt2
+    if HAS_DA:
+        dtA2 = dtA.to(tl.float32)
+    Bt = Bt.to(tl.float32)
+    Ct = Ct.to(tl.float32)
+    gy = gy.to(tl.float32)
+    t = start + tt
+    off = row * s_b + t * s_t + dd2
+    if HAS_Z:
+        zz = zz.to(tl.float32)
+        sg = _sigmoid_f(zz, FAST)
+        ypre = tl.sum(Ct * h, axis=1, keep_dims=True)
+        if HAS_D:
+            ypre += Dv * uu
+        dz = gy * ypre * sg * (1.0 + zz * (1.0 - sg))
+        tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=dmask2)
+        gy = gy * zz * sg
+    if HAS_D:
+        dD_acc += gy * uu
+    Abar, gamma, E = _discretize_row(A, A2, dt2, dtA2, METHOD, HAS_DA, FAST)
+    Bu = Bt * uu
+    if METHOD == 0 or METHOD == 3:
+        x = Bt * (gamma * uu)  # rounded as in _rec_step, so h - x is exact when h_{t-1} = 0
+    else:
+        x = gamma * Bu
+    delta = Ct * gy + carry
+    delta = tl.where(dn_mask, delta, 0.0)
+    offn = (pid_d * n_rows + row) * T + t
+    tl.store(dC_ptr + offn * N + nn2, tl.sum(gy * h, axis=0, keep_dims=True), mask=nmask2)
+    tl.store(dB_ptr + offn * N + nn2, tl.sum(delta * gamma * uu, axis=0, keep_dims=True), mask=nmask2)
+    du = tl.sum(delta * gamma * Bt, axis=1, keep_dims=True)
+    if HAS_D:
+        du += gy * Dv
+    tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=dmask2)
+    # Through Ā, with Ā_t h_{t-1} = h_t - x_t.
+    hx = delta * (h - x)
+    if METHOD == 2:
+        s_ = dtA2 * A * 0.5
+        w = hx / ((1.0 + s_) * (1.0 - s_))
+        w = tl.where(dn_mask, w, 0.0)
+    else:
+        w = hx
+    ddtA = tl.sum(w * A, axis=1, keep_dims=True)
+    dA_acc += w * dtA2
+    dgam = delta * Bu
+    if METHOD == 0:
+        ddt = tl.sum(dgam, axis=1, keep_dims=True)
+    elif METHOD == 1:
+        ddt = tl.sum(dgam * E, axis=1, keep_dims=True)
+        zt = dt2 * A
+        small = tl.abs(zt) < 1e-2
+        safeA = tl.where(small, 1.0, A)
+        ser = dt2 * dt2 * (0.5 + zt * (1.0 / 3.0 + zt * (0.125 + zt / 30.0)))
+        dA_acc += dgam * tl.where(small, ser, (dt2 * E - gamma) / safeA)
+    elif METHOD == 2:
+        q = 1.0 / (1.0 - dt2 * A * 0.5)
+        ddt = tl.sum(dgam * q * q, axis=1, keep_dims=True)
+        dA_acc += dgam * (0.5 * dt2 * dt2) * q * q
+    else:
+        ddt = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_DA:
+        if DA_SHARED:
+            tl.atomic_add(ddA_ptr + row * s_ddAb + t * s_ddAt, tl.sum(tl.where(dmask2, ddtA, 0.0)))
+        else:
+            tl.store(ddA_ptr + row * s_ddAb + t * s_ddAt + dd2 * s_ddAd,
+                     ddtA.to(ddA_ptr.dtype.element_ty), mask=dmask2)
+    else:
+        ddt += ddtA
+    if SOFTPLUS:
+        ddt = ddt * _sigmoid_f(raw, FAST)
+    ddt = tl.where(dmask2, ddt, 0.0)
+    tl.store(ddelta_ptr + off, ddt.to(ddelta_ptr.dtype.element_ty), mask=dmask2)
+    if HAS_BIAS:
+        dbias_acc += ddt
+    carry = Abar * delta
+    return carry, dA_acc, dD_acc, dbias_acc
+
+
+@triton.jit
+def _ss_bwd_ring_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, ck_ptr,
+    gy_ptr, ghT_ptr, hist_ptr,
+    du_ptr, ddelta_ptr, dAm_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, ddA_ptr, dh0_ptr,
+    lens_ptr, cu_ptr,
+    T, Dm, N, NC, CH_PER_G, n_rows,
+    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_ddAb, s_ddAt, s_ddAd,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+    DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
+    HAS_GT: tl.constexpr, FULL: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # _ss_bwd_seq_kernel with its loads pipelined like _ss_fwd_ring_kernel's: the recomputation runs
+    # over a ring of 4 register slots of raw inputs, the adjoint walk over a ring of 2 slots (its steps
+    # are long; each slot also holds the step's output cotangent and recomputed state). Each slot is
+    # refilled with the step a full ring ahead right after its step consumed it.
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    nn = tl.arange(0, BLOCK_N)
+    dmask = dd < Dm
+    nmask = nn < N
+    grp = (pid_d * BLOCK_D) // CH_PER_G
+    dn_mask = dmask[:, None] & nmask[None, :]
+    A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
+    hist = hist_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (BLOCK_T * BLOCK_D * BLOCK_N) \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
+    carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_GT:
+        carry = tl.load(ghT_ptr + st_off, mask=dn_mask, other=0.0)
+    dd2 = dd[:, None]
+    nn2 = nn[None, :]
+    dmask2 = dmask[:, None]
+    nmask2 = nmask[None, :]
+    bias = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    HS: tl.constexpr = BLOCK_D * BLOCK_N
+    n_chunks = tl.cdiv(L, BLOCK_T)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        t0 = c * BLOCK_T
+        n_steps = tl.minimum(L - t0, BLOCK_T)
+        Lc = t0 + n_steps  # loads past the chunk are masked off
+        ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
+        h = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+        # Recompute the chunk's states (ring of 4; BLOCK_T is a multiple of 4).
+        u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0, Lc, dd2,
+                                           nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+        u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + 1, Lc,
+                                           dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+        u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + 2, Lc,
+                                           dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+        u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + 3, Lc,
+                                           dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+        for r in range(0, n_steps, 4):
+            tt = t0 + r
+            h = _rec_step(h, A, A2, bias, u0, d0, a0, b0, tt, Lc, hist + r * HS, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA,
+                          FAST)
+            u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 4,
+                                               Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+            h = _rec_step(h, A, A2, bias, u1, d1, a1, b1, tt + 1, Lc, hist + (r + 1) * HS, METHOD, HAS_BIAS,
+                          SOFTPLUS, HAS_DA, FAST)
+            u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 5,
+                                               Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+            h = _rec_step(h, A, A2, bias, u2, d2, a2, b2, tt + 2, Lc, hist + (r + 2) * HS, METHOD, HAS_BIAS,
+                          SOFTPLUS, HAS_DA, FAST)
+            u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 6,
+                                               Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+            h = _rec_step(h, A, A2, bias, u3, d3, a3, b3, tt + 3, Lc, hist + (r + 3) * HS, METHOD, HAS_BIAS,
+                          SOFTPLUS, HAS_DA, FAST)
+            u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 7,
+                                               Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+        # Walk the chunk backwards (ring of 2): an odd step count runs its last step first, alone.
+        m = n_steps
+        if n_steps % 2 == 1:
+            m = n_steps - 1
+            tt = t0 + m
+            uo, do_, ao, zo, bo, co = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt, Lc,
+                                                dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                                s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+            go = tl.load(gy_ptr + row * s_b + (start + tt) * s_t + dd2, mask=dmask2, other=0.0)
+            ho = tl.load(hist + m * HS)
+            carry, dA_acc, dD_acc, dbias_acc = _bwd_step(
+                carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, uo, do_, ao, zo, bo, co, go, ho, tt,
+                row, start, pid_d, n_rows, T, N, s_b, s_t, s_ddAb, s_ddAt, s_ddAd, dd2, nn2, dmask2, nmask2,
+                dn_mask, dz_ptr, dC_ptr, dB_ptr, du_ptr, ddelta_ptr, ddA_ptr,
+                BLOCK_D, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, DA_SHARED, HAS_D, HAS_Z, FAST)
+        # slots: steps m - 1 and m - 2 (chunk-relative); m - 2 may be -1 (m = 0 runs no pair)
+        r0 = tl.maximum(m - 1, 0)
+        r1 = tl.maximum(m - 2, 0)
+        u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + r0, Lc,
+                                           dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+        g0 = tl.load(gy_ptr + row * s_b + (start + t0 + r0) * s_t + dd2, mask=dmask2, other=0.0)
+        h0 = g0
+        if FULL:
+            h0 = tl.load(hist + r0 * HS)
+        u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + r1, Lc,
+                                           dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
+                                           s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+        g1 = tl.load(gy_ptr + row * s_b + (start + t0 + r1) * s_t + dd2, mask=dmask2, other=0.0)
+        h1 = g0
+        if FULL:
+            h1 = tl.load(hist + r1 * HS)
+        for i in range(0, m // 2):
+            r = m - 1 - 2 * i
+            tt = t0 + r
+            bs0, cs0, hs0 = b0, c0, h0
+            if not FULL:
+                bs0, cs0 = _bc_load(B_ptr, C_ptr, row, start, tt, Lc, nn2, nmask2, grp, s_Bb, s_Bt,
+                                      s_Bg, EVEN_N=EVEN_N)
+                hs0 = tl.load(hist + r * HS)
+            carry, dA_acc, dD_acc, dbias_acc = _bwd_step(
+                carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, u0, d0, a0, z0, bs0, cs0, g0, hs0, tt,
+                row, start, pid_d, n_rows, T, N, s_b, s_t, s_ddAb, s_ddAt, s_ddAd, dd2, nn2, dmask2, nmask2,
+                dn_mask, dz_ptr, dC_ptr, dB_ptr, du_ptr, ddelta_ptr, ddA_ptr,
+                BLOCK_D, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, DA_SHARED, HAS_D, HAS_Z, FAST)
+            rn = tl.maximum(r - 2, 0)  # past the chunk's start: a harmless reload, never used
+            u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + rn,
+                                               Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+            g0 = tl.load(gy_ptr + row * s_b + (start + t0 + rn) * s_t + dd2, mask=dmask2, other=0.0)
+            h0 = g0
+            if FULL:
+                h0 = tl.load(hist + rn * HS)
+            bs1, cs1, hs1 = b1, c1, h1
+            if not FULL:
+                bs1, cs1 = _bc_load(B_ptr, C_ptr, row, start, tt - 1, Lc, nn2, nmask2, grp, s_Bb, s_Bt,
+                                      s_Bg, EVEN_N=EVEN_N)
+                hs1 = tl.load(hist + (r - 1) * HS)
+            carry, dA_acc, dD_acc, dbias_acc = _bwd_step(
+                carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, u1, d1, a1, z1, bs1, cs1, g1, hs1, tt - 1,
+                row, start, pid_d, n_rows, T, N, s_b, s_t, s_ddAb, s_ddAt, s_ddAd, dd2, nn2, dmask2, nmask2,
+                dn_mask, dz_ptr, dC_ptr, dB_ptr, du_ptr, ddelta_ptr, ddA_ptr,
+                BLOCK_D, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, DA_SHARED, HAS_D, HAS_Z, FAST)
+            rn1 = tl.maximum(r - 3, 0)
+            u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + rn1,
+                                               Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
+                                               s_dAt, s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+            g1 = tl.load(gy_ptr + row * s_b + (start + t0 + rn1) * s_t + dd2, mask=dmask2, other=0.0)
+            h1 = g0
+            if FULL:
+                h1 = tl.load(hist + rn1 * HS)
     tl.store(dh0_ptr + st_off, carry, mask=dn_mask)
     tl.atomic_add(dAm_ptr + dd[:, None] * N + nn[None, :], dA_acc, mask=dn_mask)
     if HAS_D:
@@ -639,8 +1186,10 @@ def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens):
     p.G = B.shape[2] if grouped else 1
     p.ch_per_g = p.D // p.G
     p.Bshape = B.shape
-    p.B4 = (B if grouped else B.unsqueeze(2)).contiguous()
-    p.C4 = (C if grouped else C.unsqueeze(2)).contiguous()
+    # B and C in fp32: every program of a group reads each row (broadcast over its channels), and
+    # fp32 rows skip a conversion per element and step in the time loops; the copies are small.
+    p.B4 = (B if grouped else B.unsqueeze(2)).to(torch.float32).contiguous()
+    p.C4 = (C if grouped else C.unsqueeze(2)).to(torch.float32).contiguous()
     if cu_seqlens is not None:
         p.seq_mode, p.n_seq = 2, cu_seqlens.numel() - 1
     elif lengths is not None:
@@ -697,8 +1246,12 @@ class _SelectiveScanTriton(torch.autograd.Function):
             else:
                 fbd, fwarps = max(1, 2048 // p.bn), 4
             fbd = max(1, min(fbd, _largest_pow2_divisor(p.ch_per_g)))
-            kernel, grid, warps = _ss_fwd_seq_kernel, (p.n_seq, triton.cdiv(p.D, fbd)), fwarps
-            extra = dict(PREFETCH=FWD_PREFETCH)
+            grid, warps = (p.n_seq, triton.cdiv(p.D, fbd)), fwarps
+            ring = min(FWD_RING, p.bt)  # the ring divides BLOCK_T (both powers of two)
+            if ring >= 2:
+                kernel, extra = _ss_fwd_ring_kernel, dict(RING=ring, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
+            else:
+                kernel, extra = _ss_fwd_seq_kernel, dict(PREFETCH=FWD_PREFETCH)
         else:
             kernel, grid, fbd, warps = _ss_fwd_kernel, p.grid, p.bd, p.warps
             extra = {}
@@ -750,9 +1303,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
         ghT_ = ghT.to(torch.float32).contiguous() if ghT is not None else dh0
         if SEQUENTIAL_BACKWARD:
             hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
-            kernel, extra = _ss_bwd_seq_kernel, (hist,)
+            if BWD_RING and p.bt % 4 == 0:
+                kernel, extra = _ss_bwd_ring_kernel, (hist,)
+                full = p.bn <= 16 if BWD_FULL is None else BWD_FULL
+                kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
+            else:
+                kernel, extra, kw = _ss_bwd_seq_kernel, (hist,), dict(FAST=not INTERPRETED)
         else:
-            kernel, extra = _ss_bwd_kernel, ()
+            kernel, extra, kw = _ss_bwd_kernel, (), {}
         kernel[p.grid](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, ck, gy, ghT_, *extra,
@@ -762,7 +1320,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             BLOCK_T=p.bt, BLOCK_D=p.bd, BLOCK_N=p.bn, METHOD=_METHODS[method],
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DA=delta_A is not None,
             DA_SHARED=p.da_shared, HAS_D=D is not None, HAS_Z=z is not None, SEQ_MODE=p.seq_mode,
-            HAS_GT=ghT is not None, num_warps=p.warps,
+            HAS_GT=ghT is not None, num_warps=p.warps, **kw,
         )
         # [G * blocks per group, B, T, N] -> [B, T, G, N]: the blocks of a group are consecutive.
         dB = dB.view(p.G, -1, p.Bsz, p.T, p.N).sum(1).permute(1, 2, 0, 3)

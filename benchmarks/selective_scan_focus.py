@@ -1,0 +1,103 @@
+"""Focused timing of the Triton selective scan at the benchmark shape, with kernel variants.
+
+    PYTHONPATH=. python benchmarks/selective_scan_focus.py [--fwd-variants] [--bwd-variants] [--json out.json]
+
+Shape: (B, T, D, N) = (8, 2048, 4096, 16), bf16, ``mamba`` discretisation, D skip, z gate,
+softplus + bias (the ``selective`` section of ``benchmarks/scans.py``). Prints median times of
+``triton.testing.do_bench`` and the percentage of the floor (see benchmarks/scans.py for the floors),
+and checks each variant's output against the default kernel's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench
+
+FLOOR_FWD_MS = 0.272
+FLOOR_FB_MS = 0.545
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fwd-variants", action="store_true")
+    p.add_argument("--bwd-variants", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from seqblocks.ops.selective_scan import triton as sst
+
+    torch.manual_seed(0)
+    Bsz, T, D, N = 8, 2048, 4096, 16
+    dev, dtype = "cuda", torch.bfloat16
+    u = torch.randn(Bsz, T, D, device=dev, dtype=dtype).requires_grad_()
+    delta = (torch.randn(Bsz, T, D, device=dev) * 0.5 - 1).to(dtype).requires_grad_()
+    A = (-torch.rand(D, N, device=dev) * 4 - 0.5).requires_grad_()
+    Bm = torch.randn(Bsz, T, N, device=dev, dtype=dtype).requires_grad_()
+    Cm = torch.randn(Bsz, T, N, device=dev, dtype=dtype).requires_grad_()
+    Dv = torch.randn(D, device=dev).requires_grad_()
+    z = torch.randn(Bsz, T, D, device=dev, dtype=dtype).requires_grad_()
+    bias = torch.randn(D, device=dev).requires_grad_()
+    ins = [u, delta, A, Bm, Cm, Dv, z, bias]
+    gy = torch.randn(Bsz, T, D, device=dev, dtype=dtype)
+    gh = torch.randn(Bsz, D, N, device=dev)
+
+    def call():
+        return sst.selective_scan_triton(u, delta, A, Bm, Cm, Dv, z, delta_bias=bias, delta_softplus=True)
+
+    def fb():
+        for x in ins:
+            x.grad = None
+        y, hT = call()
+        torch.autograd.backward([y, hT], [gy, gh])
+
+    def grads():
+        fb()
+        return [x.grad.clone() for x in ins]
+
+    rows = []
+
+    def rec(name, ms, floor):
+        rows.append(dict(name=name, ms=ms, pct=100 * floor / ms))
+        print(f"  {name:55s} {ms:8.3f} ms  {100 * floor / ms:5.1f}% of floor", flush=True)
+
+    with torch.no_grad():
+        y_ref, h_ref = call()
+    g_ref = grads()
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    defaults = (sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE, sst.BWD_RING, sst.BWD_FULL, sst.CONFIG_OVERRIDE)
+    if args.fwd_variants:
+        # ring 0: the older time-loop kernel; cfg: (BLOCK_D, num_warps), None = the default
+        for ring, cfg in [(0, None), (2, None), (4, None), (4, (16, 1)), (4, (64, 2))]:
+            sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE = ring, cfg
+            with torch.no_grad():
+                y, h = call()
+                ms = do_bench(call, warmup=10, rep=50, return_mode="median")
+            rec(f"fwd ring={ring} cfg={cfg} (err y {rel(y, y_ref):.1e} h {rel(h, h_ref):.1e})", ms, FLOOR_FWD_MS)
+        sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE = defaults[0], defaults[1]
+    if args.bwd_variants:
+        # (ring kernel, prefetch all, (BLOCK_T, BLOCK_D, num_warps) or None = the default)
+        for ring, full, cfg in [(False, None, None), (True, False, None), (True, True, None),
+                                (True, None, (32, 32, 1)), (True, None, (16, 64, 2))]:
+            sst.BWD_RING, sst.BWD_FULL, sst.CONFIG_OVERRIDE = ring, full, cfg
+            g = grads()
+            err = max(rel(a, b) for a, b in zip(g, g_ref))
+            ms = do_bench(fb, warmup=10, rep=50, return_mode="median")
+            rec(f"fwd+bwd ring={ring} full={full} cfg={cfg} (max grad err {err:.1e})", ms, FLOOR_FB_MS)
+        sst.BWD_RING, sst.BWD_FULL, sst.CONFIG_OVERRIDE = defaults[2:]
+    with torch.no_grad():
+        rec("fwd default", do_bench(call, warmup=25, rep=100, return_mode="median"), FLOOR_FWD_MS)
+    rec("fwd+bwd default", do_bench(fb, warmup=25, rep=100, return_mode="median"), FLOOR_FB_MS)
+    with torch.no_grad():
+        rec("fwd default (again)", do_bench(call, warmup=25, rep=100, return_mode="median"), FLOOR_FWD_MS)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
