@@ -1,42 +1,26 @@
 """The Triton linear-scan kernels against the reference, forward and backward, on the CPU.
 
-The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), so CI checks them without a GPU.
-Triton fixes the mode process-wide when it is first imported (its own library functions are decorated
-then), and ``resolve_backend`` reads the variable too, so setting it inside this pytest process would
-leak into every other test. Instead: in a process without the variable, this module holds one test,
-which runs this same file in a child pytest process with ``TRITON_INTERPRET=1`` and reports the child's
-per-case results on failure; in the child (or under ``TRITON_INTERPRET=1 pytest tests/...``) the real
-cases below are collected and run directly.
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), so CI checks them without a GPU;
+``tests/interpreter.py`` says why the cases run in a child process.
 
 Shapes: B batch, T time, S state shape.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreter import INTERPRETER, run_file_under_interpreter
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from seqblocks.ops.scan.reference import linear_scan_ref  # noqa: E402
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 if not INTERPRETER:
 
     def test_kernels_under_interpreter():
-        """Run this file's cases in a child process under TRITON_INTERPRET=1."""
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+        """Run this file's cases in a child process under TRITON_INTERPRET=1 (see tests/interpreter.py)."""
+        run_file_under_interpreter(__file__)
 
 
 def _scan(*args, **kwargs):

@@ -1,39 +1,26 @@
 """The Triton selective-scan kernels against the reference, forward and backward, on the CPU.
 
-The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``). As in ``test_scan_triton.py``:
-Triton fixes compile-or-interpret process-wide at import, so in a process without the variable this
-module holds one test that runs this file in a child pytest process with ``TRITON_INTERPRET=1``; in the
-child the cases below run directly.
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``); ``tests/interpreter.py`` says why
+the cases run in a child process.
 
 Shapes: B batch, T time, D channels, N state, G groups.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreter import INTERPRETER, run_file_under_interpreter
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from seqblocks.ops.selective_scan.reference import selective_scan_ref  # noqa: E402
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 if not INTERPRETER:
 
     def test_kernels_under_interpreter():
-        """Run this file's cases in a child process under TRITON_INTERPRET=1."""
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+        """Run this file's cases in a child process under TRITON_INTERPRET=1 (see tests/interpreter.py)."""
+        run_file_under_interpreter(__file__)
 
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_A", "initial_state")
