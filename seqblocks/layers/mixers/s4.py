@@ -28,7 +28,6 @@ from torch import nn
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
 from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
 from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr
-from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.ssm_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
 
@@ -175,9 +174,7 @@ class S4(DiagonalSSMParams, LTIMixer):
         cdt = u.dtype
         T = u.shape[1]
         if mode == "conv":
-            K = self.kernel(T, reverse, cdt)
-            y = fftconv(u.flip(1), K).flip(1) if reverse else fftconv(u, K)
-            return y, None
+            return self._conv(u, reverse, cdt), None
         A_bar, B_bar = self.discrete_system(cdt)  # [H, N, N], [H, N]
         C = self._C(reverse, cdt)
         C_full = torch.cat((C, C.conj()), -1)  # [H, N]
@@ -196,11 +193,3 @@ class S4(DiagonalSSMParams, LTIMixer):
         if reverse:
             y = reverse_rows(y, lengths)
         return y, final
-
-    def _skip(self, u):
-        return u * self.D.to(u.dtype)
-
-    def _post(self, y):
-        w = next(self.output_linear.parameters(), None)
-        y = self.drop(self.activation(y))
-        return self.output_linear(y.to(w.dtype) if w is not None else y)

@@ -117,6 +117,19 @@ class DiagonalSSMParams:
         re, im = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
         return torch.complex(re.to(dtype), im.to(dtype))
 
+    def _conv(self, u: torch.Tensor, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
+        """The system as a long convolution with its kernel (anti-causal for the reversed pass)."""
+        K = self.kernel(u.shape[1], reverse, dtype)
+        return fftconv(u.flip(1), K).flip(1) if reverse else fftconv(u, K)
+
+    def _skip(self, u):
+        return u * self.D.to(u.dtype)
+
+    def _post(self, y):
+        w = next(self.output_linear.parameters(), None)
+        y = self.drop(self.activation(y))
+        return self.output_linear(y.to(w.dtype) if w is not None else y)
+
 
 @MIXERS.register("S4D")
 class S4D(DiagonalSSMParams, LTIMixer):
@@ -188,21 +201,10 @@ class S4D(DiagonalSSMParams, LTIMixer):
 
     def _ssm(self, u, *, mode, reverse, h0, lengths):
         cdt = u.dtype
-        T = u.shape[1]
         if mode == "conv":
-            K = self.kernel(T, reverse, cdt)
-            y = fftconv(u.flip(1), K).flip(1) if reverse else fftconv(u, K)
-            return y, None
+            return self._conv(u, reverse, cdt), None
         log_lam, B_bar = self.discrete(cdt)
         v = u.to(complex_dtype(cdt)).unsqueeze(-1) * B_bar  # [B, T, H, n]
         h, final = linear_scan(torch.exp(log_lam), v, h0, reverse=reverse, lengths=lengths)
         y = 2 * (h * self._C(reverse, cdt)).sum(-1).real
         return y, final
-
-    def _skip(self, u):
-        return u * self.D.to(u.dtype)
-
-    def _post(self, y):
-        w = next(self.output_linear.parameters(), None)
-        y = self.drop(self.activation(y))
-        return self.output_linear(y.to(w.dtype) if w is not None else y)
