@@ -275,8 +275,8 @@ def section_selective(bw, er, quick, sweep=False):
 
     tag = f"mamba bf16 ({Bsz},{T},{D},{N}) D+z+softplus"
     if sweep:
-        # ring 4 / 2: the default time loop and its 2-slot ring; 0: the older time loop
-        for ring in (4, 2, 0):
+        # ring 4 / 2: the default 4-slot load ring and a 2-slot one
+        for ring in (4, 2):
             ss_triton.FWD_RING = ring
             for fcfg in [(16, 1), (32, 1), (64, 2), (32, 2), (128, 4)]:
                 ss_triton.FWD_CONFIG_OVERRIDE = fcfg
@@ -294,13 +294,6 @@ def section_selective(bw, er, quick, sweep=False):
                       f"({100*fl_fb/fb:.0f}%)", flush=True)
             except Exception as e:
                 print(f"  sweep {cfg}: failed {e!r}", flush=True)
-        ss_triton.CONFIG_OVERRIDE = None
-        ss_triton.SEQUENTIAL_FORWARD = ss_triton.SEQUENTIAL_BACKWARD = False
-        with torch.no_grad():
-            f = bench(lambda: call("triton"), 3, 10)
-        fb = bench(fwd_bwd(lambda: call("triton"), ins), 3, 10)
-        print(f"  chunked-scan kernels (16, 8, 4): fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
-        ss_triton.SEQUENTIAL_FORWARD = ss_triton.SEQUENTIAL_BACKWARD = True
         ss_triton.CONFIG_OVERRIDE = None
     for backend in ("triton", "torch"):
         w, r = (25, 100) if backend == "triton" else (3, 10)

@@ -69,10 +69,10 @@ def main(argv=None):
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    defaults = (sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE, sst.BWD_RING, sst.BWD_FULL, sst.CONFIG_OVERRIDE)
+    defaults = (sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE, sst.BWD_FULL, sst.CONFIG_OVERRIDE)
     if args.fwd_variants:
-        # ring 0: the older time-loop kernel; cfg: (BLOCK_D, num_warps), None = the default
-        for ring, cfg in [(0, None), (2, None), (4, None), (4, (16, 1)), (4, (64, 2))]:
+        # ring: load-ring slots; cfg: (BLOCK_D, num_warps), None = the default
+        for ring, cfg in [(2, None), (4, None), (4, (16, 1)), (4, (64, 2))]:
             sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE = ring, cfg
             with torch.no_grad():
                 y, h = call()
@@ -80,15 +80,14 @@ def main(argv=None):
             rec(f"fwd ring={ring} cfg={cfg} (err y {rel(y, y_ref):.1e} h {rel(h, h_ref):.1e})", ms, FLOOR_FWD_MS)
         sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE = defaults[0], defaults[1]
     if args.bwd_variants:
-        # (ring kernel, prefetch all, (BLOCK_T, BLOCK_D, num_warps) or None = the default)
-        for ring, full, cfg in [(False, None, None), (True, False, None), (True, True, None),
-                                (True, None, (32, 32, 1)), (True, None, (16, 64, 2))]:
-            sst.BWD_RING, sst.BWD_FULL, sst.CONFIG_OVERRIDE = ring, full, cfg
+        # (prefetch all, (BLOCK_T, BLOCK_D, num_warps) or None = the default)
+        for full, cfg in [(False, None), (True, None), (None, (32, 32, 1)), (None, (16, 64, 2))]:
+            sst.BWD_FULL, sst.CONFIG_OVERRIDE = full, cfg
             g = grads()
             err = max(rel(a, b) for a, b in zip(g, g_ref))
             ms = do_bench(fb, warmup=10, rep=50, return_mode="median")
-            rec(f"fwd+bwd ring={ring} full={full} cfg={cfg} (max grad err {err:.1e})", ms, FLOOR_FB_MS)
-        sst.BWD_RING, sst.BWD_FULL, sst.CONFIG_OVERRIDE = defaults[2:]
+            rec(f"fwd+bwd full={full} cfg={cfg} (max grad err {err:.1e})", ms, FLOOR_FB_MS)
+        sst.BWD_FULL, sst.CONFIG_OVERRIDE = defaults[2:]
     with torch.no_grad():
         rec("fwd default", do_bench(call, warmup=25, rep=100, return_mode="median"), FLOOR_FWD_MS)
     rec("fwd+bwd default", do_bench(fb, warmup=25, rep=100, return_mode="median"), FLOOR_FB_MS)

@@ -26,17 +26,6 @@ if not INTERPRETER:
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_A", "initial_state")
 
 
-@pytest.fixture(params=["sequential", "chunked"])
-def kernels(request):
-    """Both kernel designs: time loops (the default) and chunked associative scans."""
-    from seqblocks.ops.selective_scan import triton as ss_triton
-
-    old = ss_triton.SEQUENTIAL_FORWARD, ss_triton.SEQUENTIAL_BACKWARD
-    ss_triton.SEQUENTIAL_FORWARD = ss_triton.SEQUENTIAL_BACKWARD = request.param == "sequential"
-    yield
-    ss_triton.SEQUENTIAL_FORWARD, ss_triton.SEQUENTIAL_BACKWARD = old
-
-
 def _check(*, Bsz=2, T=11, D=8, N=4, G=None, method="mamba", skip=True, gate=True, bias=True,
            softplus=True, delta_A=None, h0=False, lengths=None, cu_seqlens=None, dtype=torch.float32,
            tol=1e-4):
@@ -78,12 +67,12 @@ def _check(*, Bsz=2, T=11, D=8, N=4, G=None, method="mamba", skip=True, gate=Tru
 
 
 @pytest.mark.parametrize("method", ["mamba", "zoh", "bilinear", "dirac"])
-def test_discretizations(method, kernels):
+def test_discretizations(method):
     _check(method=method, h0=True)
 
 
 @pytest.mark.parametrize("T", [1, 7, 65])
-def test_odd_lengths(T, kernels):
+def test_odd_lengths(T):
     _check(T=T, D=4)
 
 
@@ -97,11 +86,11 @@ def test_groups_and_no_options():
     _check(skip=False, gate=False, bias=False, softplus=False, T=9)
 
 
-def test_variable_lengths(kernels):
+def test_variable_lengths():
     _check(Bsz=3, T=13, lengths=torch.tensor([13, 0, 6]), h0=True)
 
 
-def test_packed_sequences(kernels):
+def test_packed_sequences():
     _check(Bsz=1, T=15, cu_seqlens=torch.tensor([0, 1, 9, 9, 15]), h0=True)
 
 

@@ -3,29 +3,23 @@
 Imported only through the dispatcher in ``seqblocks/ops/selective_scan/__init__.py`` once
 ``seqblocks.ops._backend.resolve_backend`` has chosen "triton"; nothing else imports this module.
 
-Design (see docs/kernels.md). The default kernels are time loops (``_ss_fwd_ring_kernel``,
-``_ss_bwd_ring_kernel``): one program owns one sequence and ``BLOCK_D`` channels with the
-[BLOCK_D, N] fp32 state in registers (one channel per thread, its N states in the thread), and steps
-through time one step at a time. Their loads run a ring of register slots: the loop body runs RING
-steps, each slot holds one step's inputs as loaded (no arithmetic on them, so nothing waits for them)
-and is refilled with the step RING ahead right after its step consumed it. Per step they issue few
-instructions: ``exp`` as one flush-to-zero ``ex2`` (``_ex2``), γ per channel where it does not depend
-on A, B and C in fp32 (no per-step conversions) and loaded unmasked when N is a power of two. The
-same maths as below (checkpoints every BLOCK_T steps, backward by recomputation per chunk).
+Design (see docs/kernels.md). The kernels are time loops (``_ss_fwd_ring_kernel``,
+``_ss_bwd_ring_kernel``):
 
-The chunked-scan kernels (``_ss_fwd_kernel``, ``_ss_bwd_kernel``; slower, kept for comparison):
-
-- One program owns one sequence and a block of ``BLOCK_D`` channels (all inside one group of B / C)
-  and walks the sequence in chunks of ``BLOCK_T`` steps. Per chunk it loads [BLOCK_T, BLOCK_D] tiles
-  of u, delta (and z, delta_A) and [BLOCK_T, N] tiles of B and C, discretises on chip
-  (``Ā = exp(dt_A A)`` or the bilinear ratio, ``B̄u = gamma(dt, A) B u``) into a
-  [BLOCK_T, BLOCK_D, N] tile, composes it along time with ``tl.associative_scan`` and applies the
-  carried fp32 state. The state lives in registers; the (B, T, D, N) tensor is never written.
+- One program owns one sequence and ``BLOCK_D`` channels (all inside one group of B / C), with the
+  [BLOCK_D, N] fp32 state in registers (one channel per thread, its N states in the thread), and steps
+  through time one step at a time. The (B, T, D, N) state is never written to memory.
+- Loads run a ring of register slots: the loop body runs RING steps, each slot holds one step's
+  inputs as loaded (no arithmetic on them, so nothing waits for them) and is refilled with the step
+  RING ahead right after its step consumed it. Per step the kernels issue few instructions: ``exp`` as
+  one flush-to-zero ``ex2`` (``_ex2``), γ per channel where it does not depend on A, B and C in fp32
+  (no per-step conversions), loaded unmasked when N is a power of two.
 - The forward stores only the state at each chunk start ([n_seq, T / BLOCK_T, D, N] fp32, and only
-  when gradients are needed). The backward walks the chunks from the end, recomputes the chunk's
-  states from that checkpoint (backward by recomputation), runs the adjoint
-  ``δ_t = C_t g_t + Ā_{t+1} δ_{t+1}`` as a reverse associative scan and reduces every gradient on chip;
-  B, C, A, D and delta_bias, shared across programs, are accumulated with atomic adds in fp32.
+  when gradients are needed). The backward walks the chunks from the end, recomputes each chunk's
+  states from that checkpoint (backward by recomputation) and runs the adjoint
+  ``δ_t = C_t g_t + Ā_{t+1} δ_{t+1}`` with the adjoint state in registers; gradients of B and C are
+  written per channel block and summed afterwards; those of A, D and delta_bias are accumulated with
+  atomic adds in fp32.
 - The gradient through ``Ā`` uses ``Ā_t h_{t-1} = h_t - B̄u_t`` (no shifted state, no division for
   the exponential methods; the bilinear one divides by ``(1 + s)(1 - s)``, s = dt_A A / 2).
 
@@ -48,32 +42,17 @@ INTERPRETED = interpreter_enabled()  # the block shapes follow the mode (see seq
 _METHODS = {"mamba": 0, "zoh": 1, "bilinear": 2, "dirac": 3}
 MAX_D_STATE = 256
 
-# Forward as a time loop (``_ss_fwd_seq_kernel``) rather than chunked scans; benchmarks flip it.
-SEQUENTIAL_FORWARD = True
-# Backward as time loops (``_ss_bwd_seq_kernel``) rather than chunked scans; benchmarks flip it.
-SEQUENTIAL_BACKWARD = True
-# Register slots of the time-loop forward's load ring (``_ss_fwd_ring_kernel``: 2 or 4); 0 runs the
-# older ``_ss_fwd_seq_kernel`` instead (benchmarks compare them).
+# Register slots of the forward's load ring (``_ss_fwd_ring_kernel``: 2 or 4; benchmarks compare them).
 FWD_RING = 4
-# Whether the time-loop backward pipelines its loads (``_ss_bwd_ring_kernel``) or not
-# (``_ss_bwd_seq_kernel``); benchmarks compare them.
-BWD_RING = True
-# Whether the ring backward's adjoint walk also loads B, C and the recomputed state a step pair ahead
+# Whether the backward's adjoint walk also loads B, C and the recomputed state a step pair ahead
 # (True) or where used (False); None: ahead for d_state <= 16. At the benchmark shape True measured
 # 3% faster (6.45 against 6.67 ms forward + backward) with 750 bytes of register spills; it passes the
 # interpreter tests but has not run the GPU tests yet, so the default stays False.
 BWD_FULL: bool | None = False
-# Whether the older time-loop forward loads the next two steps ahead (loop-carried) or each step in place.
-FWD_PREFETCH = True
 # (BLOCK_D, num_warps) of the sequential forward, forced by benchmarks; None: the defaults.
 FWD_CONFIG_OVERRIDE: tuple[int, int] | None = None
 # (BLOCK_T, BLOCK_D, num_warps) forced by benchmarks; None: the defaults in ``_blocks``.
 CONFIG_OVERRIDE: tuple[int, int, int] | None = None
-
-
-@triton.jit
-def _combine(a1, x1, a2, x2):
-    return a1 * a2, a2 * x1 + x2
 
 
 @triton.jit
@@ -93,22 +72,6 @@ def _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE: tl.constexpr):
 @triton.jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
-
-
-@triton.jit
-def _step(delta_ptr, bias_ptr, dA_ptr, off_td, off_dA, m, dd, dmask,
-          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr):
-    # (raw delta + bias, dt, dt_A) as [BT, BD] fp32 tiles.
-    raw = tl.load(delta_ptr + off_td, mask=m, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + tl.load(bias_ptr + dd, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    dt = raw
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    dtA = dt
-    if HAS_DA:
-        dtA = tl.load(dA_ptr + off_dA, mask=m, other=0.0).to(tl.float32)
-    return raw, dt, dtA
 
 
 @triton.jit
@@ -205,176 +168,6 @@ def _discretize_row(A, A2, dt, dtA, METHOD: tl.constexpr, HAS_DA: tl.constexpr, 
         else:
             gamma = dt
     return Abar, gamma, E
-
-
-@triton.jit
-def _ss_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, h0_ptr,
-    y_ptr, hT_ptr, ck_ptr, lens_ptr, cu_ptr,
-    T, Dm, N, NC, CH_PER_G,
-    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SEQ_MODE: tl.constexpr,
-    SAVE: tl.constexpr,
-):
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    nn = tl.arange(0, BLOCK_N)
-    dmask = dd < Dm
-    nmask = nn < N
-    grp = (pid_d * BLOCK_D) // CH_PER_G
-    rows = tl.arange(0, BLOCK_T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    A3 = A[None, :, :]
-    st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + st_off, mask=dn_mask, other=0.0)
-    if HAS_D:
-        Dv = tl.load(D_ptr + dd, mask=dmask, other=0.0).to(tl.float32)
-    n_chunks = tl.cdiv(L, BLOCK_T)
-    for c in range(0, n_chunks):
-        if SAVE:
-            ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
-            tl.store(ck_ptr + ck, h, mask=dn_mask)
-        s = c * BLOCK_T + rows
-        valid = s < L
-        t = tl.where(valid, start + s, 0)
-        m = valid[:, None] & dmask[None, :]
-        off_td = row * s_b + t[:, None] * s_t + dd[None, :]
-        off_dA = row * s_dAb + t[:, None] * s_dAt + dd[None, :] * s_dAd
-        _raw, dt, dtA = _step(delta_ptr, bias_ptr, dA_ptr, off_td, off_dA, m, dd, dmask,
-                              HAS_BIAS, SOFTPLUS, HAS_DA)
-        uu = tl.load(u_ptr + off_td, mask=m, other=0.0).to(tl.float32)
-        off_bn = row * s_Bb + t[:, None] * s_Bt + grp * s_Bg + nn[None, :]
-        mbn = valid[:, None] & nmask[None, :]
-        Bt = tl.load(B_ptr + off_bn, mask=mbn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + off_bn, mask=mbn, other=0.0).to(tl.float32)
-        Abar, gamma, _E = _discretize(A3, dt[:, :, None], dtA[:, :, None], METHOD, HAS_DA)
-        v3 = valid[:, None, None]
-        Abar = tl.where(v3, Abar, 1.0)  # padding passes the state through
-        x = gamma * Bt[:, None, :] * uu[:, :, None]
-        x = tl.where(v3, x, 0.0)
-        Ac, Xc = tl.associative_scan((Abar, x), 0, _combine)
-        hs = Ac * h[None, :, :] + Xc
-        y = tl.sum(Ct[:, None, :] * hs, axis=2)
-        if HAS_D:
-            y += Dv[None, :] * uu
-        if HAS_Z:
-            zz = tl.load(z_ptr + off_td, mask=m, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(y_ptr + off_td, y.to(y_ptr.dtype.element_ty), mask=m)
-        h = tl.sum(tl.where(rows[:, None, None] == BLOCK_T - 1, hs, 0.0), axis=0)
-    tl.store(hT_ptr + st_off, h, mask=dn_mask)
-
-
-@triton.jit
-def _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start, tt, L, dd, nn, dmask, nmask,
-              grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr, HAS_Z: tl.constexpr,
-              FAST: tl.constexpr = False):
-    # One time step's inputs (u, dt, dt_A, z as [BD]; B, C as [BN]); past the end: masked.
-    t = tl.where(tt < L, start + tt, 0)
-    md = dmask & ((dd * 0 + tt) < L)
-    mn = nmask & ((nn * 0 + tt) < L)
-    off = row * s_b + t * s_t + dd
-    uu = tl.load(u_ptr + off, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(delta_ptr + off, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt += bias
-    if SOFTPLUS:
-        dt = _softplus_f(dt, FAST)
-    dtA = dt
-    if HAS_DA:
-        dtA = tl.load(dA_ptr + row * s_dAb + t * s_dAt + dd * s_dAd, mask=md, other=0.0).to(tl.float32)
-    zz = uu
-    if HAS_Z:
-        zz = tl.load(z_ptr + off, mask=md, other=0.0).to(tl.float32)
-    offn = row * s_Bb + t * s_Bt + grp * s_Bg + nn
-    Bt = tl.load(B_ptr + offn, mask=mn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + offn, mask=mn, other=0.0).to(tl.float32)
-    return uu, dt, dtA, zz, Bt, Ct
-
-
-@triton.jit
-def _ss_fwd_seq_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, h0_ptr,
-    y_ptr, hT_ptr, ck_ptr, lens_ptr, cu_ptr,
-    T, Dm, N, NC, CH_PER_G,
-    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SEQ_MODE: tl.constexpr,
-    SAVE: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    # The forward as a plain time loop: the [BD, BN] state in registers, one step at a time, the
-    # inputs of the next two steps already in flight (software pipelining by hand). Fewer
-    # instructions per state element than the chunked scan; checkpoints every BLOCK_T steps match the
-    # chunked backward.
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    nn = tl.arange(0, BLOCK_N)
-    dmask = dd < Dm
-    nmask = nn < N
-    grp = (pid_d * BLOCK_D) // CH_PER_G
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + st_off, mask=dn_mask, other=0.0)
-    # Per-step rows are loaded as [BLOCK_D, 1] and [1, BLOCK_N] tiles, so they broadcast against the
-    # state without layout conversions (1-D loads cost several shared-memory round trips per step).
-    dd2 = dd[:, None]
-    nn2 = nn[None, :]
-    dmask2 = dmask[:, None]
-    nmask2 = nmask[None, :]
-    bias = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
-    u0, dt0, dA0, z0, B0, C0 = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start, 0, L,
-                                         dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                         s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z)
-    u1, dt1, dA1, z1, B1, C1 = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start, 1, L,
-                                         dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                         s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z)
-    for tt in range(0, L):
-        if PREFETCH:
-            u2, dt2, dA2, z2, B2, C2 = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start,
-                                                 tt + 2, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                                 s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z)
-        else:
-            # loads issued where they are used (the compiler can then place them in the layouts the
-            # arithmetic needs); latency is hidden by the other programs on the multiprocessor
-            u0, dt0, dA0, z0, B0, C0 = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start,
-                                                 tt, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                                 s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z)
-        if SAVE:
-            if tt % BLOCK_T == 0:
-                ck = ((pid_s.to(tl.int64) * NC + tt // BLOCK_T) * Dm + dd[:, None]) * N + nn[None, :]
-                tl.store(ck_ptr + ck, h, mask=dn_mask)
-        Abar, gamma, _E = _discretize(A, dt0, dA0, METHOD, HAS_DA)
-        h = Abar * h + gamma * (B0 * u0)
-        y = tl.sum(C0 * h, axis=1, keep_dims=True)
-        if HAS_D:
-            y += Dv * u0
-        if HAS_Z:
-            y = y * z0 * tl.sigmoid(z0)
-        off = row * s_b + (start + tt) * s_t + dd2
-        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=dmask2)
-        if PREFETCH:
-            u0, dt0, dA0, z0, B0, C0 = u1, dt1, dA1, z1, B1, C1
-            u1, dt1, dA1, z1, B1, C1 = u2, dt2, dA2, z2, B2, C2
-    tl.store(hT_ptr + st_off, h, mask=dn_mask)
 
 
 @triton.jit
@@ -544,315 +337,6 @@ def _ss_fwd_ring_kernel(
 
 
 @triton.jit
-def _ss_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, ck_ptr,
-    gy_ptr, ghT_ptr,
-    du_ptr, ddelta_ptr, dAm_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, ddA_ptr, dh0_ptr,
-    lens_ptr, cu_ptr,
-    T, Dm, N, NC, CH_PER_G, n_rows,
-    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_ddAb, s_ddAt, s_ddAd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
-    DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
-    HAS_GT: tl.constexpr,
-):
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    nn = tl.arange(0, BLOCK_N)
-    dmask = dd < Dm
-    nmask = nn < N
-    grp = (pid_d * BLOCK_D) // CH_PER_G
-    rows = tl.arange(0, BLOCK_T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    A3 = A[None, :, :]
-    st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
-    carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # δ at the step after the chunk
-    if HAS_GT:
-        carry = tl.load(ghT_ptr + st_off, mask=dn_mask, other=0.0)
-    dh0 = carry
-    if HAS_D:
-        Dv = tl.load(D_ptr + dd, mask=dmask, other=0.0).to(tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    n_chunks = tl.cdiv(L, BLOCK_T)
-    for cc in range(0, n_chunks):
-        c = n_chunks - 1 - cc
-        s = c * BLOCK_T + rows
-        valid = s < L
-        vn = (s + 1) < L
-        t = tl.where(valid, start + s, 0)
-        tn = tl.where(vn, start + s + 1, 0)
-        m = valid[:, None] & dmask[None, :]
-        mn = vn[:, None] & dmask[None, :]
-        off_td = row * s_b + t[:, None] * s_t + dd[None, :]
-        off_tdn = row * s_b + tn[:, None] * s_t + dd[None, :]
-        off_dA = row * s_dAb + t[:, None] * s_dAt + dd[None, :] * s_dAd
-        off_dAn = row * s_dAb + tn[:, None] * s_dAt + dd[None, :] * s_dAd
-        raw, dt, dtA = _step(delta_ptr, bias_ptr, dA_ptr, off_td, off_dA, m, dd, dmask,
-                             HAS_BIAS, SOFTPLUS, HAS_DA)
-        _rawn, _dtn, dtAn = _step(delta_ptr, bias_ptr, dA_ptr, off_tdn, off_dAn, mn, dd, dmask,
-                                  HAS_BIAS, SOFTPLUS, HAS_DA)
-        uu = tl.load(u_ptr + off_td, mask=m, other=0.0).to(tl.float32)
-        gy = tl.load(gy_ptr + off_td, mask=m, other=0.0).to(tl.float32)
-        off_bn = row * s_Bb + t[:, None] * s_Bt + grp * s_Bg + nn[None, :]
-        mbn = valid[:, None] & nmask[None, :]
-        Bt = tl.load(B_ptr + off_bn, mask=mbn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + off_bn, mask=mbn, other=0.0).to(tl.float32)
-        v3 = valid[:, None, None]
-        # Recompute the chunk's states from its checkpoint.
-        ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
-        h_start = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
-        dt3 = dt[:, :, None]
-        dtA3 = dtA[:, :, None]
-        Abar, gamma, E = _discretize(A3, dt3, dtA3, METHOD, HAS_DA)
-        Abar = tl.where(v3, Abar, 1.0)
-        Bu = Bt[:, None, :] * uu[:, :, None]
-        x = tl.where(v3, gamma * Bu, 0.0)
-        Ac, Xc = tl.associative_scan((Abar, x), 0, _combine)
-        hs = Ac * h_start[None, :, :] + Xc
-        # Output cotangent through the gate and the skip.
-        if HAS_Z:
-            zz = tl.load(z_ptr + off_td, mask=m, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(zz)
-            ypre = tl.sum(Ct[:, None, :] * hs, axis=2)
-            if HAS_D:
-                ypre += Dv[None, :] * uu
-            dz = gy * ypre * sg * (1.0 + zz * (1.0 - sg))
-            tl.store(dz_ptr + off_td, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            gy = gy * zz * sg
-        if HAS_D:
-            dD_acc += tl.sum(gy * uu, axis=0)
-        # Adjoint: δ_t = C_t g_t + Ā_{t+1} δ_{t+1}, a reverse scan over (Ā_{t+1}, C_t g_t).
-        if METHOD == 2:
-            sn = dtAn[:, :, None] * A3 * 0.5
-            An = (1.0 + sn) / (1.0 - sn)
-        else:
-            An = tl.exp(dtAn[:, :, None] * A3)
-        An = tl.where(vn[:, None, None], An, 1.0)
-        cg = Ct[:, None, :] * gy[:, :, None]
-        Rn, Gn = tl.associative_scan((An, cg), 0, _combine, reverse=True)
-        delta = Rn * carry[None, :, :] + Gn
-        delta = tl.where(v3, delta, 0.0)
-        # dC[t, n] = sum_d g h; dB[t, n] = sum_d δ gamma u
-        dC = tl.sum(gy[:, :, None] * hs, axis=1)
-        dB = tl.sum(delta * gamma * uu[:, :, None], axis=1)
-        # Partial sums per channel block ([n_dblocks, B, T, N] fp32, summed on the host side): atomic
-        # adds from every block onto the same (t, n) serialise in L2 (measured ~50x slower).
-        off_part = ((pid_d * n_rows + row) * T + t[:, None]) * N + nn[None, :]
-        tl.store(dC_ptr + off_part, dC, mask=mbn)
-        tl.store(dB_ptr + off_part, dB, mask=mbn)
-        du = tl.sum(delta * gamma * Bt[:, None, :], axis=2)
-        if HAS_D:
-            du += gy * Dv[None, :]
-        tl.store(du_ptr + off_td, du.to(du_ptr.dtype.element_ty), mask=m)
-        # Through Ā: δ_t ∂Ā_t h_{t-1} with Ā_t h_{t-1} = h_t - x_t.
-        hx = delta * (hs - x)
-        if METHOD == 2:
-            s_ = dtA3 * A3 * 0.5
-            w = hx / ((1.0 + s_) * (1.0 - s_))
-            w = tl.where(v3, w, 0.0)
-        else:
-            w = hx
-        ddtA = tl.sum(w * A3, axis=2)
-        dA_acc += tl.sum(w * dtA3, axis=0)
-        # Through gamma.
-        dgam = delta * Bu
-        if METHOD == 0:
-            ddt = tl.sum(dgam, axis=2)
-        elif METHOD == 1:
-            # gamma = (E - 1) / A, E = exp(dt A): d/ddt = E; d/dA = (dt E - gamma) / A (series near 0).
-            ddt = tl.sum(dgam * E, axis=2)
-            zt = dt3 * A3
-            small = tl.abs(zt) < 1e-2
-            safeA = tl.where(small, 1.0, A3)
-            ser = dt3 * dt3 * (0.5 + zt * (1.0 / 3.0 + zt * (0.125 + zt / 30.0)))
-            dgdA = tl.where(small, ser, (dt3 * E - gamma) / safeA)
-            dA_acc += tl.sum(dgam * dgdA, axis=0)
-        elif METHOD == 2:
-            q = 1.0 / (1.0 - dt3 * A3 * 0.5)
-            ddt = tl.sum(dgam * q * q, axis=2)
-            dA_acc += tl.sum(dgam * (0.5 * dt3 * dt3) * q * q, axis=0)
-        else:
-            ddt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        if HAS_DA:
-            if DA_SHARED:
-                off_g = row * s_ddAb + t * s_ddAt
-                tl.atomic_add(ddA_ptr + off_g, tl.sum(tl.where(m, ddtA, 0.0), axis=1), mask=valid)
-            else:
-                off_g = row * s_ddAb + t[:, None] * s_ddAt + dd[None, :] * s_ddAd
-                tl.store(ddA_ptr + off_g, ddtA.to(ddA_ptr.dtype.element_ty), mask=m)
-        else:
-            ddt += ddtA
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m, ddt, 0.0)
-        tl.store(ddelta_ptr + off_td, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(ddt, axis=0)
-        carry = tl.sum(tl.where(rows[:, None, None] == 0, delta, 0.0), axis=0)
-        dh0 = tl.sum(tl.where(rows[:, None, None] == 0, Abar * delta, 0.0), axis=0)
-    tl.store(dh0_ptr + st_off, dh0, mask=dn_mask)
-    tl.atomic_add(dAm_ptr + dd[:, None] * N + nn[None, :], dA_acc, mask=dn_mask)
-    if HAS_D:
-        tl.atomic_add(dD_ptr + dd, dD_acc, mask=dmask)
-    if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + dd, dbias_acc, mask=dmask)
-
-
-@triton.jit
-def _ss_bwd_seq_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, ck_ptr,
-    gy_ptr, ghT_ptr, hist_ptr,
-    du_ptr, ddelta_ptr, dAm_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, ddA_ptr, dh0_ptr,
-    lens_ptr, cu_ptr,
-    T, Dm, N, NC, CH_PER_G, n_rows,
-    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_ddAb, s_ddAt, s_ddAd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
-    DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
-    HAS_GT: tl.constexpr, FAST: tl.constexpr = False,
-):
-    # The backward as time loops. Per chunk of BLOCK_T steps (walked from the end): recompute the
-    # chunk's states from its checkpoint, one step at a time, into this program's private history
-    # slot (BLOCK_T x BLOCK_D x BLOCK_N fp32, a few KB rewritten every chunk: it stays in L2), then walk
-    # the chunk backwards with the adjoint state in registers.
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    nn = tl.arange(0, BLOCK_N)
-    dmask = dd < Dm
-    nmask = nn < N
-    grp = (pid_d * BLOCK_D) // CH_PER_G
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
-    st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
-    hist = hist_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (BLOCK_T * BLOCK_D * BLOCK_N) \
-        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
-    # carry = Ā_{t+1} δ_{t+1}: what flows into step t from the future (the final state's cotangent
-    # at the end).
-    carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    if HAS_GT:
-        carry = tl.load(ghT_ptr + st_off, mask=dn_mask, other=0.0)
-    # Rows as [BLOCK_D, 1] / [1, BLOCK_N] tiles: they broadcast against the state without layout
-    # conversions (see _ss_fwd_seq_kernel).
-    dd2 = dd[:, None]
-    nn2 = nn[None, :]
-    dmask2 = dmask[:, None]
-    nmask2 = nmask[None, :]
-    bias = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-    n_chunks = tl.cdiv(L, BLOCK_T)
-    for cc in range(0, n_chunks):
-        c = n_chunks - 1 - cc
-        t0 = c * BLOCK_T
-        n_steps = tl.minimum(L - t0, BLOCK_T)
-        ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
-        h = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
-        for r in range(0, n_steps):
-            uu, dt, dtA, zz, Bt, Ct = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start,
-                                                t0 + r, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                                s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z, FAST)
-            Abar, gamma, _E = _discretize_row(A, A2, dt, dtA, METHOD, HAS_DA, FAST)
-            h = Abar * h + gamma * (Bt * uu)
-            tl.store(hist + r * (BLOCK_D * BLOCK_N), h)
-        for rr in range(0, n_steps):
-            r = n_steps - 1 - rr
-            tt = t0 + r
-            uu, dt, dtA, zz, Bt, Ct = _row_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, bias, row, start,
-                                                tt, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                                s_Bg, s_dAb, s_dAt, s_dAd, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_Z, FAST)
-            h = tl.load(hist + r * (BLOCK_D * BLOCK_N))
-            t = start + tt
-            off = row * s_b + t * s_t + dd2
-            gy = tl.load(gy_ptr + off, mask=dmask2, other=0.0).to(tl.float32)
-            if HAS_Z:
-                sg = _sigmoid_f(zz, FAST)
-                ypre = tl.sum(Ct * h, axis=1, keep_dims=True)
-                if HAS_D:
-                    ypre += Dv * uu
-                dz = gy * ypre * sg * (1.0 + zz * (1.0 - sg))
-                tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=dmask2)
-                gy = gy * zz * sg
-            if HAS_D:
-                dD_acc += gy * uu
-            dt2 = dt
-            dtA2 = dtA
-            Abar, gamma, E = _discretize_row(A, A2, dt2, dtA2, METHOD, HAS_DA, FAST)
-            Bu = Bt * uu
-            x = gamma * Bu
-            delta = Ct * gy + carry
-            delta = tl.where(dn_mask, delta, 0.0)
-            offn = (pid_d * n_rows + row) * T + t
-            tl.store(dC_ptr + offn * N + nn2, tl.sum(gy * h, axis=0, keep_dims=True), mask=nmask2)
-            tl.store(dB_ptr + offn * N + nn2, tl.sum(delta * gamma * uu, axis=0, keep_dims=True), mask=nmask2)
-            du = tl.sum(delta * gamma * Bt, axis=1, keep_dims=True)
-            if HAS_D:
-                du += gy * Dv
-            tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=dmask2)
-            # Through Ā, with Ā_t h_{t-1} = h_t - x_t.
-            hx = delta * (h - x)
-            if METHOD == 2:
-                s_ = dtA2 * A * 0.5
-                w = hx / ((1.0 + s_) * (1.0 - s_))
-                w = tl.where(dn_mask, w, 0.0)
-            else:
-                w = hx
-            ddtA = tl.sum(w * A, axis=1, keep_dims=True)
-            dA_acc += w * dtA2
-            dgam = delta * Bu
-            if METHOD == 0:
-                ddt = tl.sum(dgam, axis=1, keep_dims=True)
-            elif METHOD == 1:
-                ddt = tl.sum(dgam * E, axis=1, keep_dims=True)
-                zt = dt2 * A
-                small = tl.abs(zt) < 1e-2
-                safeA = tl.where(small, 1.0, A)
-                ser = dt2 * dt2 * (0.5 + zt * (1.0 / 3.0 + zt * (0.125 + zt / 30.0)))
-                dA_acc += dgam * tl.where(small, ser, (dt2 * E - gamma) / safeA)
-            elif METHOD == 2:
-                q = 1.0 / (1.0 - dt2 * A * 0.5)
-                ddt = tl.sum(dgam * q * q, axis=1, keep_dims=True)
-                dA_acc += dgam * (0.5 * dt2 * dt2) * q * q
-            else:
-                ddt = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
-            if HAS_DA:
-                if DA_SHARED:
-                    tl.atomic_add(ddA_ptr + row * s_ddAb + t * s_ddAt, tl.sum(tl.where(dmask2, ddtA, 0.0)))
-                else:
-                    tl.store(ddA_ptr + row * s_ddAb + t * s_ddAt + dd2 * s_ddAd,
-                             ddtA.to(ddA_ptr.dtype.element_ty), mask=dmask2)
-            else:
-                ddt += ddtA
-            if SOFTPLUS:
-                raw = tl.load(delta_ptr + off, mask=dmask2, other=0.0).to(tl.float32) + bias
-                ddt = ddt * _sigmoid_f(raw, FAST)
-            ddt = tl.where(dmask2, ddt, 0.0)
-            tl.store(ddelta_ptr + off, ddt.to(ddelta_ptr.dtype.element_ty), mask=dmask2)
-            if HAS_BIAS:
-                dbias_acc += ddt
-            carry = Abar * delta
-    tl.store(dh0_ptr + st_off, carry, mask=dn_mask)
-    tl.atomic_add(dAm_ptr + dd[:, None] * N + nn[None, :], dA_acc, mask=dn_mask)
-    if HAS_D:
-        tl.atomic_add(dD_ptr + dd2, dD_acc, mask=dmask2)
-    if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + dd2, dbias_acc, mask=dmask2)
-
-
-@triton.jit
 def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
               METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
               FAST: tl.constexpr):
@@ -884,7 +368,7 @@ def _bwd_step(carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, uu, dt, dtA, zz
               BLOCK_D: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               HAS_DA: tl.constexpr, DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
               FAST: tl.constexpr):
-    # One step of the adjoint walk (see _ss_bwd_seq_kernel) from raw inputs, h = the recomputed h_t.
+    # One step of the adjoint walk (see _ss_bwd_ring_kernel) from raw inputs, h = the recomputed h_t.
     uu = uu.to(tl.float32)
     raw = dt.to(tl.float32)
     if HAS_BIAS:
@@ -983,10 +467,15 @@ def _ss_bwd_ring_kernel(
     DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
     HAS_GT: tl.constexpr, FULL: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # _ss_bwd_seq_kernel with its loads pipelined like _ss_fwd_ring_kernel's: the recomputation runs
-    # over a ring of 4 register slots of raw inputs, the adjoint walk over a ring of 2 slots (its steps
-    # are long; each slot also holds the step's output cotangent and recomputed state). Each slot is
-    # refilled with the step a full ring ahead right after its step consumed it.
+    # The backward as time loops. Per chunk of BLOCK_T steps (walked from the end): recompute the
+    # chunk's states from its checkpoint, one step at a time, into this program's private history
+    # slot (BLOCK_T x BLOCK_D x BLOCK_N fp32, a few KB rewritten every chunk: it stays in L2), then walk
+    # the chunk backwards with the adjoint state in registers; carry = Ā_{t+1} δ_{t+1} is what flows
+    # into step t from the future (the final state's cotangent at the end). Loads are pipelined like
+    # _ss_fwd_ring_kernel's: the recomputation runs over a ring of 4 register slots of raw inputs, the
+    # adjoint walk over a ring of 2 slots (its steps are long; each slot also holds the step's output
+    # cotangent and recomputed state). Each slot is refilled with the step a full ring ahead right after
+    # its step consumed it.
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
@@ -1155,7 +644,9 @@ def _blocks(N: int, ch_per_g: int) -> tuple[int, int, int, int]:
         bt, bd, warps = 8, 4, 1
     elif CONFIG_OVERRIDE is not None:
         bt, bd, warps = CONFIG_OVERRIDE
-    elif SEQUENTIAL_BACKWARD:
+        if bt < 8 or bt & (bt - 1):
+            raise ValueError(f"CONFIG_OVERRIDE: BLOCK_T={bt} must be a power of two >= 8 (the load rings divide it)")
+    else:
         # One warp per program holding a [BLOCK_D, BLOCK_N] state; the per-program history slot
         # (BLOCK_T x BLOCK_D x BLOCK_N fp32) stays small enough for all of them to live in L2.
         bt, warps = 16, 1
@@ -1163,13 +654,6 @@ def _blocks(N: int, ch_per_g: int) -> tuple[int, int, int, int]:
         if bn > 64:
             warps = 4
             bd = max(1, 2048 // bn)
-    else:
-        # About 2048 state elements per chunk tile keeps the tiles in registers.
-        bt = 16
-        bd = max(1, 2048 // (bt * bn))
-        warps = 4
-        if bd == 1 and bn > 128:
-            bt = max(2, 4096 // bn)
     bd = max(1, min(bd, _largest_pow2_divisor(ch_per_g)))
     return bt, bd, bn, warps
 
@@ -1236,25 +720,18 @@ class _SelectiveScanTriton(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:10])
         ck = torch.empty((p.n_seq, p.nc, p.D, p.N), dtype=torch.float32, device=u.device) if save else hT
         h0_ = h0.to(torch.float32).contiguous() if h0 is not None else hT
-        if SEQUENTIAL_FORWARD:
-            if FWD_CONFIG_OVERRIDE is not None:
-                fbd, fwarps = FWD_CONFIG_OVERRIDE
-            elif INTERPRETED:
-                fbd, fwarps = 4, 1
-            elif p.bn <= 64:
-                fbd, fwarps = max(1, 512 // p.bn), 1  # (32, 1) at N = 16: the measured best
-            else:
-                fbd, fwarps = max(1, 2048 // p.bn), 4
-            fbd = max(1, min(fbd, _largest_pow2_divisor(p.ch_per_g)))
-            grid, warps = (p.n_seq, triton.cdiv(p.D, fbd)), fwarps
-            ring = min(FWD_RING, p.bt)  # the ring divides BLOCK_T (both powers of two)
-            if ring >= 2:
-                kernel, extra = _ss_fwd_ring_kernel, dict(RING=ring, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
-            else:
-                kernel, extra = _ss_fwd_seq_kernel, dict(PREFETCH=FWD_PREFETCH)
+        if FWD_CONFIG_OVERRIDE is not None:
+            fbd, fwarps = FWD_CONFIG_OVERRIDE
+        elif INTERPRETED:
+            fbd, fwarps = 4, 1
+        elif p.bn <= 64:
+            fbd, fwarps = max(1, 512 // p.bn), 1  # (32, 1) at N = 16: the measured best
         else:
-            kernel, grid, fbd, warps = _ss_fwd_kernel, p.grid, p.bd, p.warps
-            extra = {}
+            fbd, fwarps = max(1, 2048 // p.bn), 4
+        fbd = max(1, min(fbd, _largest_pow2_divisor(p.ch_per_g)))
+        grid, warps = (p.n_seq, triton.cdiv(p.D, fbd)), fwarps
+        ring = min(FWD_RING, p.bt)  # the ring divides BLOCK_T (both powers of two, BLOCK_T >= 8)
+        kernel, extra = _ss_fwd_ring_kernel, dict(RING=ring, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
         kernel[grid](
             u_, delta_, A_, p.B4, p.C4, D if D is not None else dummy, z_ if z_ is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, h0_, y, hT, ck, p.lens, p.cu,
@@ -1301,16 +778,10 @@ class _SelectiveScanTriton(torch.autograd.Function):
             ddA_strides = ddA.stride()
         dh0 = torch.empty((p.n_seq, p.D, p.N), **f32)
         ghT_ = ghT.to(torch.float32).contiguous() if ghT is not None else dh0
-        if SEQUENTIAL_BACKWARD:
-            hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
-            if BWD_RING and p.bt % 4 == 0:
-                kernel, extra = _ss_bwd_ring_kernel, (hist,)
-                full = p.bn <= 16 if BWD_FULL is None else BWD_FULL
-                kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
-            else:
-                kernel, extra, kw = _ss_bwd_seq_kernel, (hist,), dict(FAST=not INTERPRETED)
-        else:
-            kernel, extra, kw = _ss_bwd_kernel, (), {}
+        hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
+        kernel, extra = _ss_bwd_ring_kernel, (hist,)
+        full = p.bn <= 16 if BWD_FULL is None else BWD_FULL
+        kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
         kernel[p.grid](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, ck, gy, ghT_, *extra,
