@@ -38,6 +38,12 @@ def _normalize(name: str) -> str:
     return name.strip().lower()
 
 
+def _summary(component: object) -> str:
+    """The first paragraph of ``component``'s docstring, joined into one line ("" without one)."""
+    doc = (getattr(component, "__doc__", None) or "").strip()
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
 class Registry(Generic[T]):
     """A case-insensitive mapping from names to components.
 
@@ -67,7 +73,7 @@ class Registry(Generic[T]):
             name (str): the lookup name, case-insensitive.
             obj: the component; when omitted, returns a decorator that registers its argument.
             description (str | None): one line shown by ``seqblocks list``.
-                Default: the first line of the component's docstring.
+                Default: the first paragraph of the component's docstring, on one line.
 
         Raises:
             TypeError: ``name`` is not a non-empty string.
@@ -85,11 +91,7 @@ class Registry(Generic[T]):
                 )
             self._entries[key] = component
             self._display[key] = name
-            doc = description
-            if doc is None:
-                doc = (getattr(component, "__doc__", None) or "").strip().splitlines()
-                doc = doc[0] if doc else ""
-            self._descriptions[key] = doc
+            self._descriptions[key] = description if description is not None else _summary(component)
             return component
 
         return decorator if obj is None else decorator(obj)

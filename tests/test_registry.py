@@ -22,6 +22,16 @@ def test_register_get_keys_contains_case_insensitive():
     assert reg.keys() == ["bar", "foo"] and list(reg) == ["bar", "foo"] and len(reg) == 2
     assert reg.describe("BAR") == "the int"
 
+    @reg.register("wrapped")
+    class Wrapped:
+        """A first sentence that
+        wraps onto a second line.
+
+        Details that are not part of the summary.
+        """
+
+    assert reg.describe("wrapped") == "A first sentence that wraps onto a second line."
+
 
 def test_unknown_name_lists_valid_keys():
     reg = Registry("widget")
