@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
+from seqblocks.ops.scan.triton import _seq_bounds  # one definition of a sequence's bounds
 
 __all__ = ["selective_scan_triton", "INTERPRETED", "MAX_D_STATE"]
 
@@ -53,20 +54,6 @@ BWD_FULL: bool | None = False
 FWD_CONFIG_OVERRIDE: tuple[int, int] | None = None
 # (BLOCK_T, BLOCK_D, num_warps) forced by benchmarks; None: the defaults in ``_blocks``.
 CONFIG_OVERRIDE: tuple[int, int, int] | None = None
-
-
-@triton.jit
-def _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE: tl.constexpr):
-    row = pid_s.to(tl.int64)
-    start = row * 0
-    L = start + T
-    if SEQ_MODE == 2:
-        start = tl.load(cu_ptr + pid_s).to(tl.int64)
-        L = tl.load(cu_ptr + pid_s + 1).to(tl.int64) - start
-        row = row * 0
-    if SEQ_MODE == 1:
-        L = tl.load(lens_ptr + pid_s).to(tl.int64)
-    return row, start, L
 
 
 @triton.jit
