@@ -8,17 +8,28 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
 - ``"torch"`` always runs the PyTorch path (CPU and GPU).
 - ``"triton"`` runs the kernel or raises: ``ImportError`` (with the install command) without Triton,
   ``ValueError`` for CPU tensors unless ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by CI).
+
+The recurrent ops also run outside autocast (``outside_autocast``): an autocast region would otherwise
+send their internal matrix products to bf16 / fp16 and round the state they promise to keep in fp32.
+Their precision is set by their inputs' dtypes alone, so the result under autocast is bit-identical
+to the result without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
-__all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend"]
+F = TypeVar("F", bound=Callable)
+
+__all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend", "outside_autocast",
+           "autocast_off"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -70,3 +81,29 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None, op: str, has_ke
             f"got device {next((t.device for t in tensors if t is not None), 'none')}"
         )
     return "triton"
+
+
+def outside_autocast(fn: F) -> F:
+    """Run ``fn`` with autocast off on the device of its first tensor argument (see the module docstring).
+
+    Autocast changes the dtype of matrix products, convolutions and einsums inside its region; the
+    wrapped op instead computes at the precision its own inputs ask for (fp32 accumulation for bf16 /
+    fp16 inputs). Outside an autocast region the wrapper adds one dictionary lookup.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None:
+            return fn(*args, **kwargs)
+        with autocast_off(device):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region with autocast off on ``device``'s type (a no-op context when it is not on)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

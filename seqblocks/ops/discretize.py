@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from seqblocks.ops._backend import outside_autocast
+
 __all__ = ["DISCRETIZATIONS", "discretize"]
 
 DISCRETIZATIONS = ("zoh", "bilinear", "dirac", "mamba")
@@ -67,6 +69,7 @@ def _bilinear_decay(z: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.exp(log_mag), phase)
 
 
+@outside_autocast
 def discretize(
     A: torch.Tensor,
     dt: torch.Tensor | float,

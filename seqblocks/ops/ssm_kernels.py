@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import torch
 
+from seqblocks.ops._backend import outside_autocast
+
 __all__ = ["ssm_powers", "vandermonde_kernel", "cauchy_conj", "dplr_full", "dplr_bilinear", "dplr_kernel",
            "dplr_kernel_direct"]
 
 
+@outside_autocast
 def ssm_powers(log_lam: torch.Tensor, L: int) -> torch.Tensor:
     """``λ^l = exp(l log λ)`` for l < L: [..., N] -> [..., N, L]."""
     ell = torch.arange(L, device=log_lam.device, dtype=log_lam.real.dtype)
     return torch.exp(log_lam.unsqueeze(-1) * ell)
 
 
+@outside_autocast
 def vandermonde_kernel(weights: torch.Tensor, log_lam: torch.Tensor, L: int) -> torch.Tensor:
     """``K_l = sum_n w_n λ_n^l``: weights and log λ [..., N] (complex) -> K [..., L] (complex).
 
@@ -41,6 +45,7 @@ def vandermonde_kernel(weights: torch.Tensor, log_lam: torch.Tensor, L: int) -> 
     return torch.einsum("...n,...nl->...l", weights, ssm_powers(log_lam, L))
 
 
+@outside_autocast
 def cauchy_conj(x: torch.Tensor, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Conjugate-completed Cauchy sum ``sum_n x_n / (z - λ_n) + conj(x_n) / (z - conj(λ_n))``.
 
@@ -57,6 +62,7 @@ def cauchy_conj(x: torch.Tensor, z: torch.Tensor, lam: torch.Tensor) -> torch.Te
     return (xs / (zf - ls) + xs.conj() / (zf - ls.conj())).sum(-2)
 
 
+@outside_autocast
 def dplr_full(Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tensor:
     """The dense state matrix ``A = diag(Λ) - P Q^*`` in the conjugate-completed basis.
 
@@ -74,6 +80,7 @@ def dplr_full(Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor | None = No
     return torch.diag_embed(lam) - torch.einsum("hri,hrj->hij", Pf, Qf.conj())
 
 
+@outside_autocast
 def dplr_bilinear(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, dt: torch.Tensor,
                   Q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear discretisation of the DPLR system: dense ``(Ā [H, N, N], B̄ [H, N])``.
@@ -104,6 +111,7 @@ def _matrix_power(A: torch.Tensor, M: int) -> torch.Tensor:
     return result
 
 
+@outside_autocast
 def dplr_kernel(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
                 L: int, Q: torch.Tensor | None = None) -> torch.Tensor:
     """S4's convolution kernel by Cauchy + Woodbury: ``K_l = C Ā^l B̄`` (bilinear), l < L.
@@ -148,6 +156,7 @@ def dplr_kernel(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, C: torch
     return torch.fft.irfft(k_hat, n=M)[:, :L]
 
 
+@outside_autocast
 def dplr_kernel_direct(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        dt: torch.Tensor, L: int, Q: torch.Tensor | None = None) -> torch.Tensor:
     """``K_l = Re(C Ā^l B̄)`` by repeated dense products: the slow spec of ``dplr_kernel``."""

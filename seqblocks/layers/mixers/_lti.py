@@ -29,6 +29,7 @@ from torch import nn
 
 from seqblocks.cache import Cache
 from seqblocks.layers.mixer import Mixer
+from seqblocks.ops._backend import autocast_off
 from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.reference import state_dtype
@@ -184,18 +185,21 @@ class LTIMixer(Mixer):
         valid = pad_mask(lengths, T, x.device)
         if valid is not None:
             u = u.masked_fill(~valid, 0.0)
-        if cache is not None:
-            y, final = self._ssm(u, mode="scan", reverse=False, h0=cache.state, lengths=lengths, **kwargs)
-            cache.state.copy_(final)
-            cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset.dtype))
-        else:
-            y, _ = self._ssm(u, mode=self.mode, reverse=False, h0=None, lengths=lengths, **kwargs)
-            if self.bidirectional:
-                y_rev, _ = self._ssm(u, mode=self.mode, reverse=True, h0=None, lengths=lengths, **kwargs)
-                y = y + y_rev
-        skip = self._skip(u)
-        if skip is not None:
-            y = y + skip
+        # The system runs at ``cdt`` even inside an autocast region (its products would go to bf16 there
+        # and round the state); only the output layers in ``_post`` follow autocast.
+        with autocast_off(x.device):
+            if cache is not None:
+                y, final = self._ssm(u, mode="scan", reverse=False, h0=cache.state, lengths=lengths, **kwargs)
+                cache.state.copy_(final)
+                cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset.dtype))
+            else:
+                y, _ = self._ssm(u, mode=self.mode, reverse=False, h0=None, lengths=lengths, **kwargs)
+                if self.bidirectional:
+                    y_rev, _ = self._ssm(u, mode=self.mode, reverse=True, h0=None, lengths=lengths, **kwargs)
+                    y = y + y_rev
+            skip = self._skip(u)
+            if skip is not None:
+                y = y + skip
         y = self._post(y)
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)

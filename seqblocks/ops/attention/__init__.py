@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from seqblocks.ops._backend import resolve_backend
+from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.attention._common import AttentionArgs, make_args
 from seqblocks.ops.attention.flex import attention_flex, flex_available
 from seqblocks.ops.attention.linear import (
@@ -108,13 +108,20 @@ def attention(
         backend (str): "auto", "standard", "memory_efficient", "flash" or "flex". Default: "auto".
         block_size (int): key block of ``memory_efficient``. Default: 128.
 
-    A query with no allowed key outputs 0.
+    A query with no allowed key outputs 0. Inside an autocast region, q, k and v are first cast to the
+    region's dtype, as autocast does for SDPA: a layer may then mix projections (bf16 there) with
+    cached or rotated parts (the cache's dtype).
 
     Raises:
         ValueError: bad shapes or options; a backend that cannot serve the request (``flash`` with a
             ``score_mod``; ``flex`` with dropout, or training on CPU).
-        TypeError: non-float inputs or mismatched dtypes.
+        TypeError: non-float inputs or mismatched dtypes (outside autocast).
     """
+    device_type = q.device.type if isinstance(q, torch.Tensor) else None
+    if device_type is not None and torch.is_autocast_enabled(device_type) and all(
+            isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     a = make_args(q, k, v, scale=scale, causal=causal, window=window, q_positions=q_positions,
                   kv_positions=kv_positions, key_valid=key_valid, attn_mask=attn_mask, score_mod=score_mod,
                   mask_mod=mask_mod, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
@@ -129,6 +136,7 @@ def attention(
     return attention_standard(a)
 
 
+@outside_autocast
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,

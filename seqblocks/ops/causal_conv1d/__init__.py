@@ -13,7 +13,7 @@ from __future__ import annotations
 # The package never uses the name ``torch``: importing the submodule ``.torch`` binds that name here.
 from torch import Tensor
 
-from seqblocks.ops._backend import resolve_backend
+from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.causal_conv1d._checks import check_conv_inputs
 from seqblocks.ops.causal_conv1d.reference import ACTIVATIONS, causal_conv1d_ref
 from seqblocks.ops.causal_conv1d.torch import causal_conv1d_torch, causal_conv1d_update_torch
@@ -21,6 +21,7 @@ from seqblocks.ops.causal_conv1d.torch import causal_conv1d_torch, causal_conv1d
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "ACTIVATIONS"]
 
 
+@outside_autocast
 def causal_conv1d(
     x: Tensor,
     weight: Tensor,
@@ -62,6 +63,7 @@ def causal_conv1d(
                                lengths=lengths)
 
 
+@outside_autocast
 def causal_conv1d_update(
     x: Tensor,
     conv_state: Tensor,

@@ -33,10 +33,9 @@ def causal_conv1d_torch(
     ext = torch.cat((prev, x.to(acc)), dim=1)  # [B, W - 1 + T, D]
     if T == 0:
         return x.clone(), prev.to(state_dtype)
-    # Autocast would run the convolution in bf16 / fp16; the op promises fp32 accumulation.
-    with torch.autocast(x.device.type, enabled=False):
-        y = F.conv1d(ext.transpose(1, 2), weight.to(acc).unsqueeze(1),
-                     None if bias is None else bias.to(acc), groups=D).transpose(1, 2)  # [B, T, D]
+    # The public op runs outside autocast, so this convolution accumulates in fp32.
+    y = F.conv1d(ext.transpose(1, 2), weight.to(acc).unsqueeze(1),
+                 None if bias is None else bias.to(acc), groups=D).transpose(1, 2)  # [B, T, D]
     y = _activate(y, activation)
     if lengths is None:
         final = ext[:, T:]

@@ -12,7 +12,7 @@ from __future__ import annotations
 # The package never uses the name ``torch``: importing the submodule ``.torch`` binds that name here.
 from torch import Tensor
 
-from seqblocks.ops._backend import resolve_backend
+from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.fftconv.reference import fftconv_ref
 from seqblocks.ops.fftconv.torch import fft_size, fftconv_torch
 
@@ -23,6 +23,7 @@ def _is_float(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
+@outside_autocast
 def fftconv(
     u: Tensor,
     k: Tensor,

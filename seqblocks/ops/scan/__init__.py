@@ -12,7 +12,7 @@ from __future__ import annotations
 # The package never uses the name ``torch``: importing the submodule ``.torch`` binds that name here.
 from torch import Tensor
 
-from seqblocks.ops._backend import resolve_backend
+from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.scan._checks import check_scan_inputs
 from seqblocks.ops.scan.reference import linear_scan_ref, state_dtype
 from seqblocks.ops.scan.torch import linear_scan_torch
@@ -20,6 +20,7 @@ from seqblocks.ops.scan.torch import linear_scan_torch
 __all__ = ["linear_scan", "linear_scan_ref", "state_dtype"]
 
 
+@outside_autocast
 def linear_scan(
     a: Tensor,
     b: Tensor,

@@ -15,7 +15,7 @@ from __future__ import annotations
 # The package never uses the name ``torch``: importing the submodule ``.torch`` binds that name here.
 from torch import Tensor
 
-from seqblocks.ops._backend import resolve_backend
+from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.selective_scan._common import check_inputs, pack, unpack
 from seqblocks.ops.selective_scan.reference import selective_scan_ref
 from seqblocks.ops.selective_scan.torch import selective_scan_torch, selective_state_update_torch
@@ -23,6 +23,7 @@ from seqblocks.ops.selective_scan.torch import selective_scan_torch, selective_s
 __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "pack", "unpack"]
 
 
+@outside_autocast
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -107,6 +108,7 @@ def selective_scan(
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_A=delta_A, lengths=lengths, **kwargs)
 
 
+@outside_autocast
 def selective_state_update(
     state: Tensor,
     u: Tensor,
