@@ -22,7 +22,6 @@ Shapes: B batch, T time, D width.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, ClassVar
 
@@ -124,11 +123,16 @@ class IdentityMixer(Mixer):
 MIXERS.register("identity", IdentityMixer, description="alias of 'none': no sequence mixing")
 
 
-@functools.cache
+_FORWARD_PARAMS: dict[type, tuple[frozenset[str], bool]] = {}
+
+
 def _forward_params(cls: type) -> tuple[frozenset[str], bool]:
-    params = inspect.signature(cls.forward).parameters
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return frozenset(params), var_kw
+    # A plain dict rather than functools.cache: torch.compile traces a dict lookup without a warning.
+    if cls not in _FORWARD_PARAMS:
+        params = inspect.signature(cls.forward).parameters
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        _FORWARD_PARAMS[cls] = (frozenset(params), var_kw)
+    return _FORWARD_PARAMS[cls]
 
 
 def forward_parameters(module: nn.Module) -> tuple[frozenset[str], bool]:

@@ -29,14 +29,26 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 __all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend", "outside_autocast",
-           "autocast_off"]
+           "autocast_off", "probe_once"]
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.cache
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
+_PROBED: dict[str, bool] = {}
+
+
+def probe_once(name: str, probe: Callable[[], bool]) -> bool:
+    """``probe()``'s result, computed on the first call for ``name`` and remembered.
+
+    Used for "is this optional package importable" questions. A plain dict rather than
+    ``functools.cache``: Dynamo warns about (and traces through) cached functions.
+    """
+    if name not in _PROBED:
+        _PROBED[name] = bool(probe())
+    return _PROBED[name]
+
+
+def _import_triton() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -44,6 +56,12 @@ def triton_available() -> bool:
     except Exception:  # a broken install counts as absent; "triton" requests report it below
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the answer as a constant
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return probe_once("triton", _import_triton)
 
 
 def interpreter_enabled() -> bool:

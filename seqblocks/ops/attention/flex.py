@@ -23,19 +23,24 @@ import warnings
 
 import torch
 
+from seqblocks.ops._backend import probe_once
 from seqblocks.ops.attention._common import AttentionArgs, acc_dtype
 
 __all__ = ["attention_flex", "flex_available"]
 
 
-@functools.cache
-def flex_available() -> bool:
-    """True when ``torch.nn.attention.flex_attention`` imports (torch >= 2.5)."""
+def _import_flex() -> bool:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the answer as a constant
+def flex_available() -> bool:
+    """True when ``torch.nn.attention.flex_attention`` imports (torch >= 2.5)."""
+    return probe_once("flex_attention", _import_flex)
 
 
 @functools.cache
