@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seqblocks.ops.selective_scan import selective_scan, selective_scan_ref, selective_state_update
-from seqblocks.ops.selective_scan.torch import selective_scan_torch
+from seqblocks.ops.selective_scan.torch import CHUNK, default_chunk, selective_scan_torch
 from seqblocks.testing import assert_close
 
 # The op's function shadows its package under ``seqblocks.ops``, so import the submodule by name.
@@ -200,3 +200,15 @@ def test_errors():
         selective_scan(**args, backend="cuda")
     with pytest.raises(ValueError, match="no Triton kernel"):
         selective_scan(**args, backend="triton")
+
+
+def test_default_chunk_is_cache_sized_on_cpu_and_fixed_on_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_chunk(64, 128, 16, cpu) == 4  # 131072 state elements per step
+    assert default_chunk(16, 128, 16, cpu) == 16
+    assert default_chunk(1, 512, 16, cpu) == CHUNK  # capped
+    assert default_chunk(1024, 1024, 64, cpu) == 4  # floored
+    assert default_chunk(64, 128, 16, gpu) == CHUNK
+    for b in (1, 3, 7, 50):
+        c = default_chunk(b, 96, 12, cpu)
+        assert 4 <= c <= CHUNK and c & (c - 1) == 0

@@ -26,9 +26,23 @@ from seqblocks.ops.discretize import discretize
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.selective_scan.reference import compute_dtypes, expand_groups, readout
 
-__all__ = ["selective_scan_torch", "selective_state_update_torch", "CHUNK"]
+__all__ = ["selective_scan_torch", "selective_state_update_torch", "CHUNK", "default_chunk"]
 
 CHUNK = 64
+# On the CPU a chunk's [B, C, D, N] tensors should stay cache-sized: each op of the chunk sweeps them a
+# few dozen times. 2^19 elements (2 MiB fp32) measured best or near-best on a 2-core machine, e.g.
+# 1.7-2.3x faster than C = 64 for a Mamba MQAR training step at B64 T32 D128 N16 (C = 4 there).
+_CPU_CHUNK_ELEMENTS = 1 << 19
+
+
+def default_chunk(batch: int, channels: int, state: int, device: torch.device) -> int:
+    """The chunk length used when none is given: ``CHUNK`` on GPUs; on the CPU the power of two in
+    [4, CHUNK] that keeps one chunk of state near ``_CPU_CHUNK_ELEMENTS`` elements."""
+    if device.type != "cpu":
+        return CHUNK
+    per_step = max(1, batch * channels * state)
+    chunk = 1 << max(0, (_CPU_CHUNK_ELEMENTS // per_step).bit_length() - 1)
+    return min(CHUNK, max(4, chunk))
 
 # Positional order of the tensors handed to the autograd Function.
 _NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_A", "h0", "valid")
@@ -151,14 +165,14 @@ def selective_scan_torch(
     delta_A: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
-    chunk_size: int = CHUNK,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked path of ``seqblocks.ops.selective_scan.selective_scan`` (no ``cu_seqlens``: the
     dispatcher unpacks those). Inputs are assumed valid.
 
     Args:
-        chunk_size (int): time steps per chunk; bounds the state held at once to [B, chunk, D, N].
-            Default: 64.
+        chunk_size (int | None): time steps per chunk; bounds the state held at once to [B, chunk, D, N].
+            Default: None (``default_chunk``: 64 on GPUs, cache-sized on the CPU).
     """
     real, sdt = compute_dtypes(u, delta, A, B, C, initial_state)
     Bsz, T, Dm = u.shape
@@ -171,7 +185,8 @@ def selective_scan_torch(
     if lengths is not None:
         valid = torch.arange(T, device=u.device) < lengths.to(u.device).unsqueeze(1)
     opts = {"real": real, "sdt": sdt, "grouped": B.dim() == 4, "softplus": delta_softplus,
-            "method": discretization, "chunk": max(1, int(chunk_size))}
+            "method": discretization,
+            "chunk": max(1, int(chunk_size)) if chunk_size is not None else default_chunk(Bsz, Dm, N, u.device)}
     tensors = (u, delta, A, B, C, D, z, delta_bias, delta_A, h0, valid)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, h = _SelectiveScanFn.apply(opts, *tensors)
