@@ -24,8 +24,13 @@ from seqblocks.ops.ssm_kernels import vandermonde_kernel
 from seqblocks.registry import MIXERS
 
 
-def bf16_autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def bf16_autocast(device: str = "cpu"):
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+# The mixer tests also run on CUDA (``-m gpu``), where the scans go through the Triton kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -88,22 +93,23 @@ def distinct_mixers() -> list[str]:
 MIXER_KWARGS = {"sliding_window": {"window_size": 4}}
 
 
-def tiny_lm(name: str) -> LRNNLMHeadModel:
+def tiny_lm(name: str, device: str = "cpu") -> LRNNLMHeadModel:
     torch.manual_seed(0)
     return LRNNLMHeadModel(d_model=32, d_state=8, n_layer=2, vocab_size=41, mixer_types=[name, name],
                            d_intermediate=64, mixer_kwargs={name: MIXER_KWARGS[name]} if name in MIXER_KWARGS
-                           else None).eval()
+                           else None, device=device).eval()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", distinct_mixers())
-def test_every_mixer_trains_under_autocast(name):
-    model = tiny_lm(name)
-    ids = torch.randint(0, 41, (2, 16), generator=gen())
+def test_every_mixer_trains_under_autocast(name, device):
+    model = tiny_lm(name, device)
+    ids = torch.randint(0, 41, (2, 16), generator=gen()).to(device)
     ref = model(ids).logits
     ref.float().logsumexp(-1).sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    with bf16_autocast():
+    with bf16_autocast(device):
         out = model(ids).logits
     assert torch.isfinite(out).all()
     scale = ref.abs().max().item()
@@ -117,11 +123,12 @@ def test_every_mixer_trains_under_autocast(name):
         assert grad.dtype == ref_grads[n].dtype
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", distinct_mixers())
-def test_every_mixer_decodes_under_autocast(name):
-    model = tiny_lm(name)
-    ids = torch.randint(0, 41, (2, 10), generator=gen(1))
-    with torch.no_grad(), bf16_autocast():
+def test_every_mixer_decodes_under_autocast(name, device):
+    model = tiny_lm(name, device)
+    ids = torch.randint(0, 41, (2, 10), generator=gen(1)).to(device)
+    with torch.no_grad(), bf16_autocast(device):
         full = model(ids).logits.float()
         caches = model.allocate_inference_cache(2, 10)
         outs = [model(ids[:, :4], inference_params=caches).logits]

@@ -183,3 +183,19 @@ def test_bench_tasks_writes_table_and_plot(tmp_path, capsys):
     rows = json.loads((out / "tasks.json").read_text())["rows"]
     assert len(rows) == 4 and all(0 <= r["acc"] <= 1 for r in rows)
     assert (out / "tasks.png").stat().st_size > 1000
+
+
+def test_bench_tasks_sweeps_learning_rates_and_keeps_the_best(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "tasks", "--mixers", "attn", "--steps", "2", "--d-model", "16", "--seq-len", "16",
+                 "--batch-size", "4", "--lr", "1e-3,3e-2", "--out", str(out), "--no-progress"]) == 0
+    (row,) = json.loads((out / "tasks.json").read_text())["rows"]
+    assert set(row["sweep"]) == {"0.001", "0.03"}
+    assert row["acc"] == max(row["sweep"].values()) and row["sweep"][f"{row['lr']:g}"] == row["acc"]
+    assert "best lr of 0.001, 0.03" in (out / "tasks.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["fast", "0", "-1e-3", "1e-3,x"])
+def test_bench_tasks_rejects_bad_learning_rates(tmp_path, capsys, bad):
+    assert main(["bench", "tasks", "--mixers", "attn", "--steps", "1", f"--lr={bad}", "--out", str(tmp_path)]) != 0
+    assert "--lr" in capsys.readouterr().err

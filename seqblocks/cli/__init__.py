@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch (speed default 4; tasks default 64)")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repetitions (median reported)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="speed: input and weight dtype")
-    p.add_argument("--steps", type=int, help="tasks: training steps per mixer (default 300)")
+    p.add_argument("--steps", type=int, help="tasks: training steps per mixer (default 2000)")
     p.add_argument("--num-kv-pairs", default=None, help="tasks: comma-separated MQAR pair counts (default 4)")
-    p.add_argument("--lr", type=float, help="tasks: learning rate (default 3e-3)")
+    p.add_argument("--lr", help="tasks: learning rate, or comma-separated rates to sweep (each mixer keeps its "
+                   "best; default 1e-2)")
     p.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -194,8 +194,10 @@ def run_speed_bench(args: argparse.Namespace) -> int:
 
 
 def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_len: int, batch_size: int,
-              steps: int, lr: float, device: str, out: Path, progress: bool) -> list[dict[str, Any]]:
-    """Train one 2-layer model per (mixer, pair count) on MQAR and score it on held-out rows."""
+              steps: int, lrs: list[float], device: str, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Train one 2-layer model per (mixer, pair count, learning rate) on MQAR and score it on held-out
+    rows; each (mixer, pair count) row keeps its best learning rate (Zoology reports the best of a
+    sweep too), with every rate's accuracy in ``row["sweep"]``."""
     from seqblocks.registry import MIXERS
     from seqblocks.train import TrainConfig, train
 
@@ -204,7 +206,7 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
         T = max(seq_len, 4 * pairs)
         for name in mixers:
             row = {"mixer": name, "num_kv_pairs": pairs, "seq_len": T, "params": None, "acc": None,
-                   "seq_acc": None, "train_s": None, "note": ""}
+                   "seq_acc": None, "lr": None, "train_s": 0.0, "note": "", "sweep": {}}
             if name not in MIXERS:
                 row["note"] = "not registered"
                 rows.append(row)
@@ -216,22 +218,34 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
                      "mixer_types": [name, name], "d_intermediate": 2 * d_model,
                      "mixer_kwargs": {name: _bench_kwargs(name, d_model, T)}, "tie_embeddings": False,
                      "initializer_cfg": {"initializer_range": 0.3}}
-            config = TrainConfig(task="mqar", task_options={"num_kv_pairs": pairs, "seq_len": T,
-                                                            "vocab_size": max(64, 4 * pairs + 2)},
-                                 steps=steps, batch_size=batch_size, lr=lr, warmup_steps=steps // 10,
-                                 eval_every=0, ckpt_every=0, keep_checkpoints=1, log_every=max(1, steps // 20),
-                                 sample_tokens=0, device=device, weight_decay=0.0)
-            t0 = time.perf_counter()
-            try:
-                result = train(model, config, out / "runs" / f"{name}-{pairs}", progress=progress,
-                               log=lambda msg: None)
-                row.update(acc=result.metrics["val_acc"], seq_acc=result.metrics["val_seq_acc"],
-                           params=sum(p.numel() for p in result.model.parameters()))
-            except Exception as err:  # one mixer failing must not lose the others' results
-                row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            row["train_s"] = time.perf_counter() - t0
-            print(f"  {name:<10} pairs={pairs:<3} acc={row['acc'] if row['acc'] is None else round(row['acc'], 3)} "
-                  f"({row['train_s']:.0f}s) {row['note']}", file=sys.stderr, flush=True)
+            errors = []
+            for lr in lrs:
+                config = TrainConfig(task="mqar", task_options={"num_kv_pairs": pairs, "seq_len": T,
+                                                                "vocab_size": max(64, 4 * pairs + 2)},
+                                     steps=steps, batch_size=batch_size, lr=lr, warmup_steps=steps // 10,
+                                     eval_every=0, ckpt_every=0, keep_checkpoints=1,
+                                     log_every=max(1, steps // 20), sample_tokens=0, device=device,
+                                     weight_decay=0.0)
+                t0 = time.perf_counter()
+                try:
+                    result = train(model, config, out / "runs" / f"{name}-{pairs}-lr{lr:g}", progress=progress,
+                                   log=lambda msg: None)
+                except Exception as err:  # one mixer failing must not lose the others' results
+                    errors.append(f"lr {lr:g}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                    acc = None
+                else:
+                    acc = result.metrics["val_acc"]
+                    row["sweep"][f"{lr:g}"] = acc
+                    if row["acc"] is None or acc > row["acc"]:
+                        row.update(acc=acc, seq_acc=result.metrics["val_seq_acc"], lr=lr,
+                                   params=sum(p.numel() for p in result.model.parameters()))
+                row["train_s"] += time.perf_counter() - t0
+                print(f"  {name:<10} pairs={pairs:<3} lr={lr:<8g} acc={acc if acc is None else round(acc, 3)} "
+                      f"({time.perf_counter() - t0:.0f}s) {errors[-1] if acc is None else ''}",
+                      file=sys.stderr, flush=True)
+            notes = errors + ([", ".join(f"{k}: {v:.3f}" for k, v in row["sweep"].items())]
+                              if len(lrs) > 1 and row["sweep"] else [])
+            row["note"] = "; ".join(notes)
             rows.append(row)
     return rows
 
@@ -273,21 +287,36 @@ def run_task_bench(args: argparse.Namespace) -> int:
     mixers = args.mixers.split(",") if args.mixers else [m for m in TASK_MIXERS if m in MIXERS]
     pairs = [int(p) for p in args.num_kv_pairs.split(",")] if args.num_kv_pairs else [4]
     d, T, B = args.d_model or 64, args.seq_len or 32, args.batch_size or 64
-    steps, lr = args.steps or 300, args.lr or 3e-3
+    steps = args.steps or 2000
+    lrs = _learning_rates(args.lr)
     out = Path(args.out)
-    title = f"MQAR: 2 layers, d_model {d}, seq_len {T}, {steps} steps of {B} rows, lr {lr}"
+    lr_text = f"lr {lrs[0]:g}" if len(lrs) == 1 else "best lr of " + ", ".join(f"{lr:g}" for lr in lrs)
+    title = f"MQAR: 2 layers, d_model {d}, seq_len {T}, {steps} steps of {B} rows, {lr_text}"
     print(title, file=sys.stderr)
     t0 = time.perf_counter()
-    rows = task_rows(mixers, pairs, d_model=d, seq_len=T, batch_size=B, steps=steps, lr=lr, device=args.device,
+    rows = task_rows(mixers, pairs, d_model=d, seq_len=T, batch_size=B, steps=steps, lrs=lrs, device=args.device,
                      out=out, progress=not args.no_progress)
-    headers = ["mixer", "kv pairs", "params", "accuracy", "sequence accuracy", "train s", "note"]
+    headers = ["mixer", "kv pairs", "params", "accuracy", "sequence accuracy", "lr", "train s", "note"]
     table = f"{title}\n\n" + markdown_table(headers, [
         [r["mixer"], r["num_kv_pairs"], r["params"] or "-", r["acc"] if r["acc"] is not None else "-",
-         r["seq_acc"] if r["seq_acc"] is not None else "-", round(r["train_s"], 1) if r["train_s"] else "-",
-         r["note"]] for r in rows])
+         r["seq_acc"] if r["seq_acc"] is not None else "-", f"{r['lr']:g}" if r["lr"] else "-",
+         round(r["train_s"], 1) if r["train_s"] else "-", r["note"]] for r in rows])
     _write(out, "tasks", table, {"title": title, "rows": rows, "total_s": time.perf_counter() - t0})
     print(table)
     plotted = _plot_tasks(rows, out / "tasks.png", title)
     print(f"wrote {out / 'tasks.md'}, {out / 'tasks.json'}" + (f", {out / 'tasks.png'}" if plotted is True
                                                                  else f" ({plotted})"))
     return 0
+
+
+def _learning_rates(text: str | None) -> list[float]:
+    """``--lr``: one rate or a comma-separated sweep (default 1e-2)."""
+    if not text:
+        return [1e-2]
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lr must be a number or comma-separated numbers, got {text!r}") from None
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise ValueError(f"--lr values must be positive, got {text!r}")
+    return lrs
