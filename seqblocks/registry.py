@@ -126,6 +126,19 @@ class Registry(Generic[T]):
         """Every name ``component`` is registered under (aliases included)."""
         return [k for k in self.keys() if self._entries[k] is component]
 
+    def primary_names(self) -> list[str]:
+        """One name per distinct component, sorted: its first name whose description does not start
+        with "alias" (the convention of alias registrations), else its first name."""
+        names, seen = [], []
+        for _, component in self.items():
+            if any(component is c for c in seen):
+                continue
+            seen.append(component)
+            aliases = self.names_of(component)
+            primary = [n for n in aliases if not self.describe(n).lower().startswith("alias")]
+            names.append((primary or aliases)[0])
+        return sorted(names)
+
     @contextlib.contextmanager
     def scoped(self) -> Iterator[Registry[T]]:
         """Restore the registry's entries on exit; registrations made inside are temporary."""

@@ -82,12 +82,7 @@ def test_op_result_is_bit_identical_under_autocast(op):
 
 
 def distinct_mixers() -> list[str]:
-    seen, names = set(), []
-    for name, cls in MIXERS.items():
-        if cls not in seen and not getattr(cls, "is_identity", False):
-            seen.add(cls)
-            names.append(name)
-    return names
+    return [n for n in MIXERS.primary_names() if not getattr(MIXERS.get(n), "is_identity", False)]
 
 
 MIXER_KWARGS = {"sliding_window": {"window_size": 4}}

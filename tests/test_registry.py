@@ -41,6 +41,15 @@ def test_unknown_name_lists_valid_keys():
         reg.get("gamma")
 
 
+def test_primary_names_skip_aliases():
+    reg = Registry("widget")
+    reg.register("zeta", int, description="the integers")
+    reg.register("a_int", int, description="alias of 'zeta'")
+    reg.register("only_alias", float, description="alias of nothing registered")
+    reg.register("beta", str)
+    assert reg.primary_names() == ["beta", "only_alias", "zeta"]
+
+
 def test_duplicate_registration_lists_valid_keys():
     reg = Registry("widget")
     reg.register("alpha", object)

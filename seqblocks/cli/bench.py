@@ -65,15 +65,7 @@ def _distinct_mixers() -> list[str]:
     """One name per registered mixer class (its primary name, not an alias), without the identity mixer."""
     from seqblocks.registry import MIXERS
 
-    seen, names = set(), []
-    for _, cls in MIXERS.items():
-        if cls in seen or getattr(cls, "is_identity", False):
-            continue
-        seen.add(cls)
-        aliases = MIXERS.names_of(cls)
-        primary = [n for n in aliases if not MIXERS.describe(n).lower().startswith("alias")]
-        names.append((primary or aliases)[0])
-    return sorted(names)
+    return [n for n in MIXERS.primary_names() if not getattr(MIXERS.get(n), "is_identity", False)]
 
 
 def speed_rows(mixers: list[str], d_model: int, seq_len: int, batch_size: int, repeats: int,
@@ -239,9 +231,10 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
                     if row["acc"] is None or acc > row["acc"]:
                         row.update(acc=acc, seq_acc=result.metrics["val_seq_acc"], lr=lr,
                                    params=sum(p.numel() for p in result.model.parameters()))
-                row["train_s"] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                row["train_s"] += elapsed
                 print(f"  {name:<10} pairs={pairs:<3} lr={lr:<8g} acc={acc if acc is None else round(acc, 3)} "
-                      f"({time.perf_counter() - t0:.0f}s) {errors[-1] if acc is None else ''}",
+                      f"({elapsed:.0f}s) {errors[-1] if acc is None else ''}",
                       file=sys.stderr, flush=True)
             notes = errors + ([", ".join(f"{k}: {v:.3f}" for k, v in row["sweep"].items())]
                               if len(lrs) > 1 and row["sweep"] else [])
