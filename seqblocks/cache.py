@@ -16,14 +16,14 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["Cache", "capture_safe"]
+__all__ = ["Cache", "host_sync_unsafe"]
 
 
-def capture_safe() -> bool:
-    """True while compiling or capturing a CUDA graph.
+def host_sync_unsafe() -> bool:
+    """True while reading tensor values on the host is unsafe: while compiling or capturing a CUDA graph.
 
     Checks that read tensor values on the host (and so synchronise) must be skipped then: they would
-    break the capture or a compiled graph. Validation then happens at warm-up, before capture.
+    break the capture or the compiled graph. Validation then happens at warm-up, before capture.
     """
     compiling = torch.compiler.is_compiling()
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -76,7 +76,7 @@ class Cache:
 
         Reads ``seqlen_offset`` on the host, so it does nothing while capturing or compiling.
         """
-        if capture_safe():
+        if host_sync_unsafe():
             return
         needed = int(self.seqlen_offset.max()) + num_tokens
         if needed > self.max_seqlen:

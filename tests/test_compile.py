@@ -1,7 +1,7 @@
 """torch.compile traces the language model in one graph, silently.
 
 Host-side checks (token ids in range, lengths, cache capacity) read tensor values and would break the
-graph; they are skipped while compiling (``seqblocks.cache.capture_safe``). Dynamo runs here with the
+graph; they are skipped while compiling (``seqblocks.cache.host_sync_unsafe``). Dynamo runs here with the
 "eager" backend, which traces exactly as Inductor does but needs no compiler.
 """
 

@@ -31,7 +31,10 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.registry import MIXERS
 
-__all__ = ["Mixer", "AttentionBase", "IdentityMixer", "call_mixer", "forward_parameters", "build_component"]
+#: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
+MIXER_INPUTS = frozenset({"lengths", "integration_timesteps", "position_ids", "mask", "cu_seqlens"})
+
+__all__ = ["MIXER_INPUTS", "Mixer", "AttentionBase", "IdentityMixer", "call_mixer", "forward_parameters", "build_component"]
 
 
 class Mixer(nn.Module):
@@ -44,6 +47,9 @@ class Mixer(nn.Module):
 
     is_identity: ClassVar[bool] = False
     causal: bool = True
+    #: The optional keyword inputs ``forward`` consumes, a subset of ``MIXER_INPUTS``. Models and
+    #: blocks route each input only to the mixers that declare it.
+    inputs: ClassVar[frozenset[str]] = frozenset()
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> Cache:

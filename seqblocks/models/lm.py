@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.blocks import Block
-from seqblocks.cache import Cache, capture_safe
+from seqblocks.cache import Cache, host_sync_unsafe
 from seqblocks.checkpoint import CheckpointMixin, register_model_type
 from seqblocks.layers.ffn import GatedMLP
 from seqblocks.layers.mixer import forward_parameters
@@ -460,7 +460,7 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         B, T = input_ids.shape
         if B == 0 or T == 0:
             raise ValueError(f"input_ids must be non-empty, got shape {(B, T)}")
-        if capture_safe():  # reading the values would synchronise (see seqblocks.cache.capture_safe)
+        if host_sync_unsafe():  # reading the values would synchronise (see seqblocks.cache.host_sync_unsafe)
             return B, T
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.vocab_size:

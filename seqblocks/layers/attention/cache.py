@@ -21,10 +21,10 @@ import dataclasses
 
 import torch
 
-from seqblocks.cache import Cache, capture_safe
+from seqblocks.cache import Cache, host_sync_unsafe
 
 __all__ = ["KVCache", "RollingKVCache", "MLACache", "LinearAttentionCache", "CrossAttentionCache",
-           "capture_safe"]
+           "host_sync_unsafe"]
 
 
 @dataclasses.dataclass(eq=False)

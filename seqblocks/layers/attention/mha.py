@@ -37,7 +37,7 @@ from seqblocks.layers.attention.cache import (
     KVCache,
     LinearAttentionCache,
     RollingKVCache,
-    capture_safe,
+    host_sync_unsafe,
 )
 from seqblocks.layers.attention.score_mods import mod_kind
 from seqblocks.layers.mixer import Mixer
@@ -97,7 +97,7 @@ def _length_valid(lengths: torch.Tensor | None, B: int, T: int, device, owner: s
     if lengths.shape != (B,) or lengths.dtype.is_floating_point:
         raise ValueError(f"{owner}: lengths must be an integer [B] = [{B}] tensor, got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
-    if not capture_safe() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+    if not host_sync_unsafe() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
         raise ValueError(f"{owner}: lengths must lie in [0, {T}], got {lengths.tolist()}")
     return torch.arange(T, device=device)[None] < lengths.to(device)[:, None]
 
@@ -409,7 +409,7 @@ class MHA(_AttentionCore):
         B, T = q.shape[0], q.shape[2]
         new_valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         used = None
-        if not capture_safe():
+        if not host_sync_unsafe():
             cache.check_capacity(T, owner)
             used = int(cache.seqlen_offset.max()) + T
         # A prefill into an empty cache with no padding is the plain full pass: attend to this call's keys

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.layers.attention.cache import MLACache, capture_safe
+from seqblocks.layers.attention.cache import MLACache, host_sync_unsafe
 from seqblocks.layers.attention.mha import _and, _AttentionCore, _length_valid, _positions, _split_mask
 from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import PositionBase, RotaryEmbedding
@@ -200,7 +200,7 @@ class MLA(_AttentionCore):
             if not self.causal:
                 raise ValueError("MLA: a non-causal attention cannot decode with a cache")
             S = cache.max_seqlen
-            if not capture_safe():
+            if not host_sync_unsafe():
                 cache.check_capacity(T, "MLA")
                 used = int(cache.seqlen_offset.max()) + T
                 S = used if used == T or not self._static_kv(x) else S

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.cache import capture_safe
+from seqblocks.cache import host_sync_unsafe
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, complex_linear, diag_states
 from seqblocks.layers.ssm_init import nplr
 from seqblocks.ops.discretize import discretize
@@ -154,7 +154,7 @@ class S5(LTIMixer):
                 raise ValueError(f"S5: integration_timesteps must have shape {tuple(x.shape[:2])}, got {got}")
             if not integration_timesteps.is_floating_point():
                 raise TypeError(f"S5: integration_timesteps must be floating point, got {integration_timesteps.dtype}")
-            if not capture_safe() and bool((integration_timesteps < 0).any()):
+            if not host_sync_unsafe() and bool((integration_timesteps < 0).any()):
                 raise ValueError("S5: integration_timesteps must be non-negative")
         return self._forward(x, cache, lengths, integration_timesteps=integration_timesteps)
 
