@@ -34,7 +34,8 @@ from seqblocks.registry import MIXERS
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
 MIXER_INPUTS = frozenset({"lengths", "integration_timesteps", "position_ids", "mask", "cu_seqlens"})
 
-__all__ = ["MIXER_INPUTS", "Mixer", "AttentionBase", "IdentityMixer", "call_mixer", "forward_parameters", "build_component"]
+__all__ = ["MIXER_INPUTS", "Mixer", "AttentionBase", "IdentityMixer", "call_mixer", "forward_parameters",
+           "build_component"]
 
 
 class Mixer(nn.Module):
