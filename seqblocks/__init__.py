@@ -4,6 +4,7 @@ Linear-RNN / state-space and attention mixers under one contract, the residual b
 hybrid language models, and Triton kernels for the hot paths.
 """
 
+from seqblocks._version import __version__
 from seqblocks.blocks import Block, ConfigurableBlock, DecoderBlock, EncoderBlock
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig
@@ -49,18 +50,27 @@ from seqblocks.layers.attention import (
     sliding_window_mask,
     soft_cap,
 )
-from seqblocks.models import Classifier, LanguageModel, LanguageModelConfig, LRNNLMHeadModel
+from seqblocks.layers.mixer import MixerConfig
+from seqblocks.models import (
+    Classifier,
+    InitConfig,
+    LanguageModel,
+    LanguageModelConfig,
+    LayerConfig,
+    LRNNLMHeadModel,
+    ModelConfig,
+)
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
 from seqblocks.registry import (
     Registry,
     attention_registry,
     ffn_registry,
     mixer_registry,
+    mlp_registry,
+    model_registry,
     norm_registry,
     position_registry,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Centaurus",
@@ -121,4 +131,11 @@ __all__ = [
     "mixer_registry",
     "norm_registry",
     "position_registry",
+    "mlp_registry",
+    "model_registry",
+    "ModelConfig",
+    "LayerConfig",
+    "InitConfig",
+    "MixerConfig",
+    "__version__",
 ]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["Cache", "host_sync_unsafe"]
+__all__ = ["Cache", "InferenceCaches", "cache_offset", "host_sync_unsafe"]
 
 
 def host_sync_unsafe() -> bool:
@@ -85,3 +86,48 @@ class Cache:
                 f"{int(self.seqlen_offset.max())} are cached and {num_tokens} more were given; allocate a "
                 f"larger cache"
             )
+
+
+class InferenceCaches(dict):
+    """A model's caches: ``{layer_idx: Cache}`` plus the model-level token count.
+
+    Attributes:
+        seqlen_offset (Tensor): [B] int64, tokens each sequence has consumed (advanced in place).
+        max_seqlen (int): the capacity the caches were allocated for.
+    """
+
+    def __init__(self, caches: dict[int, Any], seqlen_offset: torch.Tensor, max_seqlen: int) -> None:
+        super().__init__(caches)
+        self.seqlen_offset = seqlen_offset
+        self.max_seqlen = max_seqlen
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqlen_offset.shape[0]
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every state tensor (the offset and each layer cache's tensor fields)."""
+        yield self.seqlen_offset
+        for cache in self.values():
+            if not isinstance(cache, Cache):
+                raise TypeError(f"InferenceCaches: {type(cache).__name__} is not a seqblocks Cache")
+            for _, t in cache.tensors():
+                yield t
+
+    def reset(self) -> None:
+        """Back to an empty prefix, in place."""
+        self.seqlen_offset.zero_()
+        for cache in self.values():
+            cache.reset()
+
+
+def cache_offset(caches: Any) -> torch.Tensor:
+    """The [B] token count of a caches dict (``InferenceCaches`` or a plain ``{layer: Cache}``)."""
+    offset = getattr(caches, "seqlen_offset", None)
+    if offset is not None:
+        return offset
+    for cache in caches.values():
+        offset = getattr(cache, "seqlen_offset", None)
+        if offset is not None:
+            return offset
+    raise TypeError("caches hold no seqlen_offset; allocate them with model.allocate_inference_cache")

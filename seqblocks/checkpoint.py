@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqblocks._version import __version__
+from seqblocks.registry import MODELS
+
 try:
     from huggingface_hub import ModelHubMixin, hf_hub_download
 
@@ -42,18 +45,11 @@ except ImportError as err:  # a declared dependency; the package still imports w
 
     hf_hub_download = None  # type: ignore[assignment]
 
-__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "load_pretrained", "register_model_type"]
+__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "load_pretrained"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
-_MODEL_TYPES: dict[str, type] = {}
-
-
-def register_model_type(cls: type) -> type:
-    """Record ``cls`` under its name so ``load_pretrained`` can rebuild it from ``config.json``."""
-    _MODEL_TYPES[cls.__name__] = cls
-    return cls
 
 
 def _require_hub() -> None:
@@ -156,11 +152,12 @@ class CheckpointMixin(ModelHubMixin):
 
     def full_checkpoint_config(self) -> dict[str, Any]:
         """``checkpoint_config()`` plus ``model_type``, ``torch_dtype`` and the library version."""
-        from seqblocks import __version__
-
         config = dict(self.checkpoint_config())
         params = list(self.parameters())  # type: ignore[attr-defined]
         dtype = params[0].dtype if params else torch.get_default_dtype()
+        if type(self).__name__ not in MODELS or MODELS.get(type(self).__name__) is not type(self):
+            raise ValueError(f"{type(self).__name__} is not in the model registry, so a checkpoint of it could not "
+                             f"be loaded; register it with seqblocks.registry.model_registry.register(name)")
         config.update(model_type=type(self).__name__, torch_dtype=dtype_name(dtype), seqblocks_version=__version__)
         try:
             json.dumps(config)
@@ -226,7 +223,7 @@ class CheckpointMixin(ModelHubMixin):
         if stray:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {stray}")
         model_type = config.get("model_type")
-        if model_type != cls.__name__:
+        if model_class(config, model_id) is not cls:
             raise ValueError(f"{model_id}: config.json describes a {model_type!r}, not a {cls.__name__!r}; "
                              f"load it with seqblocks.checkpoint.load_pretrained or that class")
         if os.path.isdir(model_id):
@@ -269,9 +266,18 @@ def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, d
     else:
         config_file = hf_hub_download(repo_id=path, filename=CONFIG_NAME, **hub_kwargs)
         config = json.loads(Path(config_file).read_text(encoding="utf-8"))
-    import seqblocks.models  # noqa: F401  (registers the model classes)
+    return model_class(config, path).from_pretrained(path, device=device, dtype=dtype, **hub_kwargs)
 
+
+def model_class(config: dict[str, Any], source: str) -> type:
+    """The class a checkpoint config's ``model_type`` names, found **only** in the model registry
+    (``seqblocks.registry.MODELS``: the built-in models and those registered in this process).
+
+    Nothing named in a checkpoint is ever imported: a ``model_type`` that is not a registered name
+    (a module path, a class path, anything else) is refused with ``ValueError``.
+    """
     model_type = config.get("model_type")
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(f"{path}: unknown model_type {model_type!r}; known: {sorted(_MODEL_TYPES)}")
-    return _MODEL_TYPES[model_type].from_pretrained(path, device=device, dtype=dtype, **hub_kwargs)
+    if not isinstance(model_type, str) or model_type not in MODELS:
+        raise ValueError(f"{source}: config.json names model_type {model_type!r}, which is not a registered "
+                         f"seqblocks model; registered: {MODELS.keys()} (checkpoints never import code)")
+    return MODELS.get(model_type)

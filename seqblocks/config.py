@@ -44,6 +44,20 @@ class ConfigBase:
 
     _hints: ClassVar[dict[str, Any] | None] = None
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # Runs before the dataclass __init__, so a misspelt key gets a ValueError that names the
+        # component and the accepted keys instead of Python's bare "unexpected keyword argument".
+        names = cls.field_names()
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; accepted keys: {sorted(names)}")
+        return super().__new__(cls)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the config's fields, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
     @classmethod
     def _field_hints(cls) -> dict[str, Any]:
         if cls.__dict__.get("_hints") is None:
@@ -62,9 +76,17 @@ class ConfigBase:
             # bool is a subclass of int: an int field must not silently take True/False.
             if isinstance(value, bool) and bool not in accepted:
                 raise TypeError(f"{type(self).__name__}.{f.name} must be {_names(accepted)}, got bool {value!r}")
-            if float in accepted and isinstance(value, int) and not isinstance(value, bool):
+            if float in accepted and int not in accepted and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 continue
+            if isinstance(value, list) and tuple in accepted and list not in accepted:
+                value = tuple(value)  # JSON has no tuples: a tuple field reads back from a list
+                object.__setattr__(self, f.name, value)
+            if isinstance(value, dict) and dict not in accepted:
+                nested = [t for t in accepted if isinstance(t, type) and issubclass(t, ConfigBase)]
+                if len(nested) == 1:  # a nested config read back from JSON
+                    value = nested[0].from_dict(value)
+                    object.__setattr__(self, f.name, value)
             if not isinstance(value, accepted):
                 raise TypeError(
                     f"{type(self).__name__}.{f.name} must be {_names(accepted)}, "
@@ -137,7 +159,7 @@ class BlockConfig(ConfigBase):
         n_kv_heads (int | None): key/value heads (GQA / MQA); must divide ``n_heads``.
             Default: None (= n_heads).
         head_dim (int | None): width of one head; need not equal d_model // n_heads.
-            Default: None (resolved to d_model // n_heads).
+            Default: None (``effective_head_dim`` is then d_model // n_heads).
         d_ff (int): FFN hidden width. Default: 2048.
         bias (bool): biases in the linear layers. Default: True.
         dropout (float): dropout on each sublayer's output (and on attention weights unless
@@ -206,13 +228,12 @@ class BlockConfig(ConfigBase):
         if self.head_dim is None:
             _require(self.d_model % self.n_heads == 0, "d_model", self.d_model,
                      f"a multiple of n_heads={self.n_heads} (or set head_dim explicitly)")
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_kv_heads is not None:
             _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                      f"a divisor of n_heads={self.n_heads}")
         if self.rotary_dim is not None:
-            _require(self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
-                     self.rotary_dim, f"an even width <= head_dim={self.head_dim}")
+            _require(self.rotary_dim <= self.effective_head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
+                     self.rotary_dim, f"an even width <= head_dim={self.effective_head_dim}")
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
         if self.attention_dropout is not None:
             _require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", self.attention_dropout,
@@ -226,6 +247,12 @@ class BlockConfig(ConfigBase):
             json.dumps(self.mixer_kwargs)
         except TypeError as err:
             raise ValueError(f"BlockConfig.mixer_kwargs must hold JSON values: {err}") from None
+
+    @property
+    def effective_head_dim(self) -> int:
+        """Width of one head: ``head_dim``, or ``d_model // n_heads`` when it is None. Derived on every
+        read, so ``replace(d_model=...)`` changes it too."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
     def effective_n_kv_heads(self) -> int:

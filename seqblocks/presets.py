@@ -20,7 +20,6 @@ training replaces it with the task's vocabulary size.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -111,32 +110,21 @@ def get_preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[name])
 
 
-def _model_params() -> dict[str, inspect.Parameter]:
-    from seqblocks.models.lm import LRNNLMHeadModel
-
-    params = dict(inspect.signature(LRNNLMHeadModel.__init__).parameters)
-    for name in ("self", "device", "dtype", "mlp_cls"):
-        params.pop(name, None)
-    return params
-
-
 def model_kwargs(model: Any, source: str = "config") -> dict[str, Any]:
-    """Check a model config against ``LRNNLMHeadModel``'s arguments and return it as kwargs.
+    """Check a model config (``LRNNLMHeadModel``'s arguments, or a ``ModelConfig`` dict) and return it.
 
     Raises:
         ValueError: not a dict, unknown fields or missing required fields; the message lists the valid ones.
     """
+    from seqblocks.models.model_config import ModelConfig
+
     if not isinstance(model, dict):
         raise ValueError(f"{source}: the model config must be a JSON object, got {type(model).__name__}")
     model = {k: v for k, v in model.items() if k not in _CHECKPOINT_KEYS}
     if model.get("mlp_cls") is None:
         model.pop("mlp_cls", None)
-    params = _model_params()
-    unknown = sorted(set(model) - set(params))
-    missing = sorted(k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in model)
-    if unknown or missing:
-        raise ValueError(f"{source}: invalid model config (unknown fields {unknown}, missing fields {missing}); "
-                         f"valid fields: {sorted(params)}")
+    checked = dict(model, vocab_size=model.get("vocab_size") or 1)
+    ModelConfig.from_data(checked, source)  # validates every field and every layer's mixer config
     return model
 
 
@@ -177,10 +165,11 @@ def load_config(name_or_path: str) -> dict[str, Any]:
 
 
 def build_model(model: dict[str, Any], vocab_size: int | None = None, device=None, dtype=None):
-    """``LRNNLMHeadModel(**model)``, with ``vocab_size`` replaced when given."""
-    from seqblocks.models.lm import LRNNLMHeadModel
+    """The ``LRNNLMHeadModel`` a model config describes, with ``vocab_size`` replaced when given."""
+    from seqblocks.models.lrnn_lm import LRNNLMHeadModel
+    from seqblocks.models.model_config import ModelConfig
 
-    kwargs = dict(model)
+    data = dict(model)
     if vocab_size is not None:
-        kwargs["vocab_size"] = vocab_size
-    return LRNNLMHeadModel(**kwargs, device=device, dtype=dtype)
+        data["vocab_size"] = vocab_size
+    return LRNNLMHeadModel.from_config(ModelConfig.from_data(data), device=device, dtype=dtype)

@@ -26,11 +26,15 @@ __all__ = [
     "FFNS",
     "NORMS",
     "POSITIONS",
+    "MLPS",
+    "MODELS",
     "mixer_registry",
     "attention_registry",
     "ffn_registry",
     "norm_registry",
     "position_registry",
+    "mlp_registry",
+    "model_registry",
 ]
 
 
@@ -173,6 +177,11 @@ MIXERS: Registry = Registry("mixer")
 FFNS: Registry = Registry("ffn")
 NORMS: Registry = Registry("norm")
 POSITIONS: Registry = Registry("position")
+#: Residual MLPs of ``LRNNLMHeadModel`` (``mlp_cls``), built as ``cls(d_model, hidden_features=...,
+#: out_features=d_model, device=..., dtype=...)``.
+MLPS: Registry = Registry("mlp")
+#: Model classes a checkpoint's ``model_type`` may name; loading resolves classes only through it.
+MODELS: Registry = Registry("model")
 
 # The seed documents' names for the same registries.
 mixer_registry = MIXERS
@@ -180,3 +189,5 @@ attention_registry = MIXERS
 ffn_registry = FFNS
 norm_registry = NORMS
 position_registry = POSITIONS
+mlp_registry = MLPS
+model_registry = MODELS

@@ -30,9 +30,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
 
 
 def _run(mixer: nn.Module, x: torch.Tensor, cache: Any = None, **kwargs: Any) -> torch.Tensor:
-    from seqblocks.layers.mixer import call_mixer
+    from seqblocks.layers.adapters import call_any_mixer
 
-    return call_mixer(mixer, x, cache, **kwargs)[0]
+    return call_any_mixer(mixer, x, cache, kwargs)
 
 
 def check_prefill_then_steps(mixer: nn.Module, x: torch.Tensor, *, prefill: int, atol: float,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seqblocks.layers.build import build_mixer, mixer_config
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache
-from seqblocks.models.lm import LRNNLMHeadModel, build_mixer
+from seqblocks.models import LRNNLMHeadModel
 from seqblocks.ops.attention import linear_attention
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.discretize import discretize
@@ -140,7 +141,7 @@ def test_lti_state_ignores_autocast(name):
     """The LTI system (input map, recurrence or convolution) runs in fp32 inside autocast: the state after
     a prefill is bit-identical; only the output layers follow autocast."""
     torch.manual_seed(0)
-    mixer = build_mixer(name, 16, d_state=8, layer_idx=0)
+    mixer = build_mixer(name, mixer_config(name, 16, d_state=8), layer_idx=0)
     x = torch.randn(2, 9, 16, generator=gen(4))
     states = []
     for ctx in (torch.autocast("cpu", enabled=False), bf16_autocast()):

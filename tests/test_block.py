@@ -102,12 +102,12 @@ def test_tuple_returning_mixer_is_handled():
 
 def test_mixer_kwargs_the_mixer_does_not_accept_raise():
     block = Block(16, CausalMeanMixer, nn.Identity)
-    with pytest.raises(TypeError, match=r"CausalMeanMixer.forward does not accept \['lengths'\]"):
+    with pytest.raises(TypeError, match=r"CausalMeanMixer does not take the inputs \['lengths'\]"):
         block(torch.randn(1, 2, 16), lengths=torch.tensor([2]))
     # None-valued optional inputs are "not given"
     block(torch.randn(1, 2, 16), lengths=None)
-    with pytest.raises(TypeError, match="takes no cache"):
-        Block(16, TupleMixer, nn.Identity)(torch.randn(1, 2, 16), inference_params=object())
+    with pytest.raises(TypeError, match="TupleMixer is not a seqblocks Mixer and takes no"):
+        Block(16, TupleMixer, nn.Identity)(torch.randn(1, 2, 16), lengths=torch.tensor([2]))
 
 
 def test_fused_add_norm_rejects_other_norms():

@@ -14,7 +14,7 @@ from seqblocks.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained
 
 
 class WideMLP(nn.Module):
-    """A user MLP class, saved in config.json by import path."""
+    """A user MLP class, saved in config.json by its registered name."""
 
     def __init__(self, in_features, hidden_features=None, out_features=None, device=None, dtype=None):
         super().__init__()
@@ -36,15 +36,25 @@ def test_round_trip_each_mixer(mixer_type, tmp_path):
     assert loaded.lm_head.weight is loaded.embedding.weight
 
 
-def test_full_config_in_config_json(tmp_path):
+@pytest.fixture
+def wide_mlp():
+    from seqblocks.registry import MLPS
+
+    with MLPS.scoped():
+        MLPS.register("test_wide_mlp", WideMLP)
+        yield WideMLP
+
+
+def test_full_config_in_config_json(tmp_path, wide_mlp):
     kwargs = {"sbtest_attn": {"num_heads": 2}, "sbtest_decay": {"d_state": 3}}
     model = tiny_lm(["sbtest_decay", "sbtest_attn"], mixer_kwargs=kwargs, d_intermediate=16, rms_norm=False,
                     residual_in_fp32=True, pad_vocab_size_multiple=4, mlp_cls=WideMLP)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config["mixer_kwargs"] == kwargs and config["model_type"] == "LRNNLMHeadModel"
-    assert config["mlp_cls"] == "test_checkpoint:WideMLP" and config["torch_dtype"] == "float64"
-    assert config["initializer_cfg"] == {"initializer_range": 1.0}
+    assert config["model_type"] == "LRNNLMHeadModel" and config["layers"][1]["mixer_config"]["num_heads"] == 2
+    assert config["layers"][0]["mixer_config"]["d_state"] == 3
+    assert config["mlp"] == "test_wide_mlp" and config["torch_dtype"] == "float64"
+    assert config["initializer"]["initializer_range"] == 1.0
     loaded = LRNNLMHeadModel.from_pretrained(tmp_path, dtype=torch.float32)
     assert isinstance(loaded.layers[0].mlp, WideMLP) and loaded.layers[1].mixer.num_heads == 2
     assert loaded.embedding.weight.dtype == torch.float32
@@ -103,8 +113,11 @@ def edit_config(tmp_path, **changes):
 
 def test_mismatched_checkpoints(tmp_path):
     saved(tmp_path)
-    edit_config(tmp_path, d_model=32)
+    edit_config(tmp_path, vocab_size=64)
     with pytest.raises(ValueError, match="shape mismatches.*embedding.weight"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+    edit_config(tmp_path, vocab_size=37, d_model=32)
+    with pytest.raises(ValueError, match="widths.*d_model=32"):
         LRNNLMHeadModel.from_pretrained(tmp_path)
     edit_config(tmp_path, d_model=16, d_intermediate=8)
     with pytest.raises(ValueError, match="missing from the checkpoint.*mlp"):
@@ -112,11 +125,12 @@ def test_mismatched_checkpoints(tmp_path):
     edit_config(tmp_path, d_intermediate=0, tie_embeddings=False)
     with pytest.raises(ValueError, match=r"missing from the checkpoint: \['lm_head.weight'\]"):
         LRNNLMHeadModel.from_pretrained(tmp_path)
-    edit_config(tmp_path, tie_embeddings=True, n_layer=1, mixer_types=["sbtest_decay"])
+    layers = json.loads((tmp_path / CONFIG_NAME).read_text())["layers"]
+    edit_config(tmp_path, tie_embeddings=True, layers=layers[:1])
     with pytest.raises(ValueError, match="not in the model.*layers.1"):
         LRNNLMHeadModel.from_pretrained(tmp_path)
-    edit_config(tmp_path, n_layer=2, mixer_types=["sbtest_decay", "sbtest_attn"], d_modle=3)
-    with pytest.raises(ValueError, match=r"unknown fields \['d_modle'\]"):
+    edit_config(tmp_path, layers=layers, d_modle=3)
+    with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['d_modle'\]"):
         LRNNLMHeadModel.from_pretrained(tmp_path)
 
 
@@ -132,9 +146,8 @@ def test_argument_errors(tmp_path):
     saved(tmp_path)
     with pytest.raises(TypeError, match="unexpected arguments"):
         LRNNLMHeadModel.from_pretrained(tmp_path, d_model=16)
-    model = tiny_lm(["sbtest_decay"], mixer_kwargs={"sbtest_decay": {"d_state": torch.tensor(3)}})
-    with pytest.raises(ValueError, match="JSON"):
-        model.save_pretrained(tmp_path / "bad")
+    with pytest.raises(TypeError, match="d_state must be int"):  # a config holds JSON values only
+        tiny_lm(["sbtest_decay"], mixer_kwargs={"sbtest_decay": {"d_state": torch.tensor(3)}})
 
 
 def test_push_to_hub_and_hub_ids_go_through_the_mixin(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from seqblocks.models.lm import LRNNLMHeadModel
+from seqblocks.models import LRNNLMHeadModel
 
 # Mamba's CPU selective scan recomputes its chunks with torch.autograd.grad in backward, which Dynamo
 # does not trace (a graph break, still correct); on CUDA the Triton kernel serves it instead.

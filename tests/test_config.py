@@ -20,7 +20,8 @@ def test_seed_defaults():
     assert (c.d_model, c.n_heads, c.n_kv_heads, c.d_ff) == (512, 8, None, 2048)
     assert (c.bias, c.dropout, c.norm_eps, c.rope_theta, c.max_seq_len, c.pre_norm) == (
         True, 0.0, 1e-5, 10000.0, 2048, True)
-    assert c.head_dim == 64 and c.effective_n_kv_heads == 8
+    assert c.head_dim is None and c.effective_head_dim == 64 and c.effective_n_kv_heads == 8
+    assert c.replace(d_model=1024).effective_head_dim == 128  # derived, never stored
 
 
 def test_every_field_is_covered_by_the_round_trip_test():

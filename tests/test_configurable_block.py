@@ -81,7 +81,7 @@ def test_dropout_only_in_training(mean_mixer):
 
 def test_mask_reaches_only_mixers_that_take_it(mean_mixer):
     block = ConfigurableBlock(_config(mean_mixer))
-    with pytest.raises(TypeError, match=r"does not accept \['mask'\]"):
+    with pytest.raises(TypeError, match=r"does not take the inputs \['mask'\]"):
         block(torch.randn(1, 3, 16), mask=torch.ones(1, 3, dtype=torch.bool))
 
 

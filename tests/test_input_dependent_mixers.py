@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import seqblocks
 from seqblocks import testing
 from seqblocks.config import BlockConfig
-from seqblocks.layers.mixer import call_mixer
+from seqblocks.layers.mixer import run_mixer
 from seqblocks.layers.mixers import mamba as mamba_mod
 from seqblocks.layers.mixers import rglru as rglru_mod
 from seqblocks.layers.mixers import s7 as s7_mod
@@ -287,7 +287,7 @@ def test_registry_and_exports():
     r = MIXERS.get("rg_lru").from_config(BlockConfig(attention="rg_lru", d_model=16, mixer_kwargs={"expand": 2}))
     assert r.d_inner == 32
     s = MIXERS.get("s7").from_config(BlockConfig(attention="s7", d_model=16, d_state=4))
-    y, _ = call_mixer(s, torch.randn(1, 3, 16))
+    y = run_mixer(s, torch.randn(1, 3, 16))
     assert y.shape == (1, 3, 16)
 
 
@@ -317,5 +317,5 @@ def test_errors():
         m.step(torch.randn(2, 2, 8), m.allocate_inference_cache(2, 3))
     for cls in (RGLRU, S7):  # no event form: the keyword is rejected, not ignored
         with pytest.raises(TypeError, match="integration_timesteps"):
-            call_mixer(cls(8), torch.randn(1, 2, 8), integration_timesteps=torch.ones(1, 2))
+            run_mixer(cls(8), torch.randn(1, 2, 8), inputs={"integration_timesteps": torch.ones(1, 2)})
     assert isinstance(m.allocate_inference_cache(2, 5), MambaCache)

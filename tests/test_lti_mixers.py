@@ -195,7 +195,7 @@ def test_lti_registry_exports_and_from_config():
 def test_lti_errors():
     x = torch.randn(2, 5, D)
     m = LRU(D, 4)
-    with pytest.raises(ValueError, match="x must be"):
+    with pytest.raises(ValueError, match="x must have shape"):
         m(torch.randn(2, 5, D + 1))
     with pytest.raises(ValueError, match="lengths"):
         m(x, lengths=torch.tensor([6, 1]))
@@ -214,7 +214,7 @@ def test_lti_errors():
     with pytest.raises(ValueError, match="variant"):
         Centaurus(D, variant="wide")
     cache = m.allocate_inference_cache(3, 5)
-    with pytest.raises(ValueError, match="cache state"):
+    with pytest.raises(ValueError, match="batch_size=3"):
         m(x, cache=cache)
     with pytest.raises(ValueError, match="integration_timesteps"):
         S5(D, 4)(x, integration_timesteps=torch.ones(2, 4))

@@ -197,7 +197,7 @@ def test_compile_path_matches_eager(tmp_path):
 def test_missing_matplotlib_degrades_with_a_clear_message(tmp_path, monkeypatch):
     from seqblocks.train import plot
 
-    monkeypatch.setattr(plot, "_pyplot", lambda: None)
+    monkeypatch.setattr(plot, "pyplot", lambda: None)
     messages = []
     train(TINY, _config(steps=1, ckpt_every=0), tmp_path, progress=False, log=messages.append)
     assert any("matplotlib is not installed" in m and "seqblocks[plot]" in m for m in messages)

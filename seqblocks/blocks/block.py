@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.layers.mixer import call_mixer
-from seqblocks.layers.norm import _Norm, is_fusable_norm, norm_params
+from seqblocks.layers.adapters import call_any_mixer
+from seqblocks.layers.norm import NormBase, is_fusable_norm, norm_params
 from seqblocks.ops.add_norm import add_norm
 
 __all__ = ["Block"]
@@ -90,7 +90,8 @@ class Block(nn.Module):
                 then takes ``hidden_states`` as the residual. Default: None.
             inference_params: the mixer's cache (from ``allocate_inference_cache``); the call then
                 prefills / steps it. Default: None.
-            **mixer_kwargs: passed to the mixer's forward; one it does not accept raises ``TypeError``.
+            **mixer_kwargs: optional mixer inputs (``lengths``, ...); one the mixer does not declare in
+                ``Mixer.inputs`` raises ``TypeError``.
 
         Returns:
             (hidden_states [B, T, D], residual [B, T, D]); residual is fp32 under ``residual_in_fp32``.
@@ -103,7 +104,7 @@ class Block(nn.Module):
                              f"{tuple(hidden_states.shape)}")
         if self.norm is not None:
             hidden_states, residual = self._add_norm(hidden_states, residual, self.norm)
-            hidden_states, _ = call_mixer(self.mixer, hidden_states, inference_params, **mixer_kwargs)
+            hidden_states = call_any_mixer(self.mixer, hidden_states, inference_params, mixer_kwargs)
         if self.mlp is not None:
             hidden_states, residual = self._add_norm(hidden_states, residual, self.norm2)
             hidden_states = self.mlp(hidden_states)
@@ -119,7 +120,7 @@ class Block(nn.Module):
         residual = hidden_states if residual is None else residual + hidden_states
         if self.residual_in_fp32:
             residual = residual.float()
-        normed = norm(residual if isinstance(norm, _Norm) else residual.to(norm.weight.dtype))
+        normed = norm(residual if isinstance(norm, NormBase) else residual.to(norm.weight.dtype))
         return normed.to(hidden_states.dtype), residual
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,

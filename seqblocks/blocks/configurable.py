@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from seqblocks.config import BlockConfig
-from seqblocks.layers.mixer import build_component, call_mixer
+from seqblocks.layers.adapters import call_block_attention
+from seqblocks.layers.mixer import build_component
 from seqblocks.registry import FFNS, MIXERS, NORMS, POSITIONS
 
 __all__ = ["ConfigurableBlock"]
@@ -81,7 +82,7 @@ class ConfigurableBlock(nn.Module):
 
     def _pre_norm_forward(self, x, mask, cache, mixer_kwargs):
         if self.attn_norm is not None:
-            h, cache = call_mixer(self.attention, self.attn_norm(x), cache, mask=mask, **mixer_kwargs)
+            h, cache = call_block_attention(self.attention, self.attn_norm(x), cache, mask, mixer_kwargs)
             x = x + self.resid_dropout(h)
         if self.ffn_norm is not None:
             x = x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
@@ -89,7 +90,7 @@ class ConfigurableBlock(nn.Module):
 
     def _post_norm_forward(self, x, mask, cache, mixer_kwargs):
         if self.attn_norm is not None:
-            h, cache = call_mixer(self.attention, x, cache, mask=mask, **mixer_kwargs)
+            h, cache = call_block_attention(self.attention, x, cache, mask, mixer_kwargs)
             x = self.attn_norm(x + self.resid_dropout(h))
         if self.ffn_norm is not None:
             x = self.ffn_norm(x + self.resid_dropout(self.ffn(x)))

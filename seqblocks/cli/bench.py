@@ -86,11 +86,13 @@ def speed_rows(mixers: list[str], d_model: int, seq_len: int, batch_size: int, r
 def _measure(row: dict[str, Any], name: str, d_model: int, seq_len: int, batch_size: int, repeats: int,
              device: torch.device, dtype: torch.dtype) -> None:
     """Fill ``row`` with the parameter count and the three timings of mixer ``name``."""
-    from seqblocks.layers.mixer import call_mixer
-    from seqblocks.models.lm import build_mixer
+    from seqblocks.layers.adapters import call_any_mixer
+    from seqblocks.layers.build import build_mixer, mixer_config
 
     torch.manual_seed(0)
-    mixer = build_mixer(name, d_model, d_state=16, layer_idx=0, kwargs=_bench_kwargs(name, d_model, seq_len))
+    config = mixer_config(name, d_model, d_state=16, kwargs=_bench_kwargs(name, d_model, seq_len))
+    mixer = build_mixer(name, config, layer_idx=0)
+    call_mixer = lambda m, x, cache=None: (call_any_mixer(m, x, cache), cache)  # noqa: E731
     mixer = mixer.to(device=device, dtype=dtype)
     row["params"] = sum(p.numel() for p in mixer.parameters())
     x = torch.randn(batch_size, seq_len, d_model, device=device, dtype=dtype)
@@ -114,9 +116,9 @@ def _measure(row: dict[str, Any], name: str, d_model: int, seq_len: int, batch_s
 
 def _bench_kwargs(name: str, d_model: int, seq_len: int) -> dict[str, Any]:
     """Constructor arguments some mixers need that have no default."""
-    from seqblocks.models.lm import _init_params, _mixer_class
+    from seqblocks.layers.build import accepted_keys, mixer_class
 
-    params = _init_params(_mixer_class(name))
+    params = accepted_keys(mixer_class(name))
     kw: dict[str, Any] = {}
     if "num_heads" in params:
         kw["num_heads"] = max(1, d_model // 16) if d_model < 256 else d_model // 64
@@ -128,9 +130,9 @@ def _bench_kwargs(name: str, d_model: int, seq_len: int) -> dict[str, Any]:
 
 
 def _plot_speed(rows: list[dict[str, Any]], path: Path, title: str) -> bool | str:
-    from seqblocks.train.plot import MISSING_MATPLOTLIB, _pyplot
+    from seqblocks.train.plot import MISSING_MATPLOTLIB, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return MISSING_MATPLOTLIB
     ok = [r for r in rows if r["forward_ms"] is not None]
@@ -244,9 +246,9 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
 
 
 def _plot_tasks(rows: list[dict[str, Any]], path: Path, title: str) -> bool | str:
-    from seqblocks.train.plot import MISSING_MATPLOTLIB, _pyplot
+    from seqblocks.train.plot import MISSING_MATPLOTLIB, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return MISSING_MATPLOTLIB
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

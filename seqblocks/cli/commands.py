@@ -112,7 +112,7 @@ def model_summary(model: torch.nn.Module, model_config: dict[str, Any], seq_len:
         mixer = getattr(layer, "mixer", None)
         mlp = getattr(layer, "mlp", None)
         layers.append({
-            "layer": i, "mixer": model_config["mixer_types"][i], "class": type(mixer).__name__,
+            "layer": i, "mixer": model.config.mixer_types[i], "class": type(mixer).__name__,
             "mixer_params": sum(p.numel() for p in mixer.parameters()) if mixer is not None else 0,
             "mlp": type(mlp).__name__ if mlp is not None else None,
             "mlp_params": sum(p.numel() for p in mlp.parameters()) if mlp is not None else 0,
@@ -123,7 +123,7 @@ def model_summary(model: torch.nn.Module, model_config: dict[str, Any], seq_len:
         cache_bytes = _tensor_bytes(dict(cache))
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
         cache_note = f"cannot allocate a decode cache: {err}"
-    d, n_layer = model_config["d_model"], model_config["n_layer"]
+    d, n_layer = model.config.d_model, model.config.n_layer
     # A rough floor for training activations: a few [B, T, D] tensors per layer kept for backward,
     # plus fp32 logits; the mixers' internal expansions (Mamba's 2x width, attention scores) add more.
     activations = batch_size * seq_len * (16 * d * n_layer * 2 + 4 * model.vocab_size * 3)
@@ -162,7 +162,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     _out(f"{config['source']}: {config['description']}".rstrip(": "))
     _out(f"parameters: {summary['parameters']:,} ({summary['parameters'] / 1e6:.2f}M; "
          f"{summary['non_embedding_parameters']:,} without the embedding)")
-    _out(f"d_model {model_config['d_model']}, d_state {model_config['d_state']}, vocab {model_config['vocab_size']}, "
+    _out(f"d_model {model_config['d_model']}, d_state {model_config.get('d_state', 'per mixer')}, "
+         f"vocab {model_config['vocab_size']}, "
          f"d_intermediate {model_config.get('d_intermediate', 0)}")
     _out("layers:")
     for row in summary["layers"]:
@@ -264,7 +265,6 @@ def _is_main_process() -> bool:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """(model, task info dict or None, tokenizer or None) from a checkpoint or run directory."""
-    import seqblocks.models.lm  # noqa: F401  (registers the model classes)
     from seqblocks.checkpoint import load_pretrained
     from seqblocks.tasks import CharTokenizer
     from seqblocks.train.checkpointing import TASK_FILE, TOKENIZER_FILE, resolve_checkpoint

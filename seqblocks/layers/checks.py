@@ -11,7 +11,7 @@ The rules:
 - ``lengths``: an int32 / int64 tensor [B] (not bool) with every value in **[0, T]**: the valid prefix
   of each right-padded row. 0 is allowed (a row with nothing new in this call, e.g. while other rows
   prefill); outputs past a row's length are 0 and its cache advances by its length.
-- ``integration_timesteps``: a floating-point tensor [B, T] of time intervals.
+- ``integration_timesteps``: a floating-point tensor [B, T] of non-negative time intervals.
 - ``position_ids``: an integer tensor [T] or [B, T].
 - a cache: an instance of the mixer's cache class, allocated for batch size B.
 
@@ -61,7 +61,7 @@ def check_lengths(owner: str, lengths: Any, B: int, T: int) -> None:
 
 
 def check_timesteps(owner: str, ts: Any, B: int, T: int) -> None:
-    """``integration_timesteps`` (if given) must be a floating-point [B, T] tensor."""
+    """``integration_timesteps`` (if given) must be a floating-point [B, T] tensor of intervals >= 0."""
     if ts is None:
         return
     if not isinstance(ts, torch.Tensor) or not ts.is_floating_point():
@@ -69,6 +69,8 @@ def check_timesteps(owner: str, ts: Any, B: int, T: int) -> None:
     if ts.shape != (B, T):
         raise ValueError(f"{owner}: integration_timesteps must have shape [B, T] = [{B}, {T}], got "
                          f"{tuple(ts.shape)}")
+    if not host_sync_unsafe() and bool((ts < 0).any()):
+        raise ValueError(f"{owner}: integration_timesteps must be non-negative, got a minimum of {ts.min().item()}")
 
 
 def check_position_ids(owner: str, position_ids: Any, B: int, T: int) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.registry import FFNS
+from seqblocks.registry import FFNS, MLPS
 
 __all__ = ["FFNBase", "FeedForward", "ReLUFeedForward", "ReLU2FeedForward", "GatedFeedForward",
            "GEGLUFeedForward", "NoFFN", "GatedMLP"]
@@ -107,6 +107,7 @@ FFNS.register("geglu", GEGLUFeedForward)
 FFNS.register("none", NoFFN)
 
 
+@MLPS.register("gated_mlp")
 class GatedMLP(nn.Module):
     """Gated MLP with the lrnnx / mamba signature: ``fc2(y * activation(gate))``, ``y, gate = fc1(x)``.
 

@@ -1,102 +1,231 @@
-"""The mixer contract that every sequence mixer in seqblocks follows.
+"""The one mixer contract, and each mixer's config.
 
-A mixer maps ``x`` [B, T, D] to ``y`` [B, T, D]:
+A mixer is an ``nn.Module`` subclass of ``Mixer`` that maps ``x`` [B, T, D] to ``y`` [B, T, D]:
 
-- ``forward(x, cache=None, **kwargs) -> y``. Without a cache it is a training / full-sequence pass.
-  With a cache it continues the sequence held by the cache: a prefill when T > 1, a decode step when
-  T = 1, and in both cases it updates the cache in place so that the next call continues from there.
-  Splitting a sequence into any number of cached calls gives the full pass's outputs.
+- ``forward(x, cache=None, *, <declared inputs>) -> y``. Without a cache: a full-sequence pass. With
+  a cache: continue the sequence the cache holds (a prefill when T > 1, a decode step when T = 1),
+  updating the cache **in place**, so splitting a sequence into cached calls gives the full pass's
+  outputs. In-place (rather than returning a new state) keeps every cache a static buffer that a
+  CUDA graph can capture.
+- ``inputs``: class data naming the optional keyword inputs ``forward`` consumes, a subset of
+  ``MIXER_INPUTS`` (``lengths`` [B], ``integration_timesteps`` [B, T], ``position_ids``, ``mask``,
+  ``cu_seqlens``). Blocks and models route each input to exactly the mixers that declare it; giving a
+  mixer one it does not declare raises ``TypeError``.
 - ``allocate_inference_cache(batch_size, max_seqlen, dtype=None) -> Cache``: a preallocated,
-  static-shape cache (see ``seqblocks.cache``).
+  static-shape cache (``seqblocks.cache``).
 - ``step(x, cache)``: the T = 1 case of ``forward``.
-- ``from_config(config, **kwargs)``: build from a ``BlockConfig`` (for ``ConfigurableBlock``).
-- Optional keyword inputs a mixer may accept: ``lengths`` [B] (valid prefix of each padded
-  sequence), ``integration_timesteps`` [B, T] (time-varying / event models), ``mask``,
-  ``position_ids``. Blocks and models pass each only to mixers whose ``forward`` names it.
 
-Seed-001 style attention (``AttentionBase`` subclasses) returns ``(y, cache)`` instead of ``y``;
-``call_mixer`` accepts both.
+Configs. Every mixer has a frozen, keyword-only config dataclass, ``cls.config_class()``, whose fields
+are the constructor's arguments with the constructor's defaults (placement - ``device``, ``dtype``,
+``layer_idx`` - excluded). It is derived once from the constructor, so the constructor signature (the
+one the seeds spell) stays the single source of every default and the two cannot drift.
+``cls.build(config)`` constructs the mixer from it; an unknown key raises ``ValueError`` naming it,
+the mixer and the accepted keys.
+
+A user's own mixer plugs in with one registration and no change to library code::
+
+    @mixer_registry.register("my_mixer")
+    class MyMixer(Mixer):
+        inputs = frozenset({"lengths"})
+        def __init__(self, d_model: int, d_state: int = 16, layer_idx=None, device=None, dtype=None): ...
+        def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None): ...
+        def forward(self, x, cache=None, *, lengths=None): ...
+
+Seed facades adapt other conventions in one place, ``seqblocks.layers.adapters``.
 
 Shapes: B batch, T time, D width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from seqblocks.cache import Cache
+from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.registry import MIXERS
 
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
 MIXER_INPUTS = frozenset({"lengths", "integration_timesteps", "position_ids", "mask", "cu_seqlens"})
 
-__all__ = ["MIXER_INPUTS", "Mixer", "AttentionBase", "IdentityMixer", "call_mixer", "forward_parameters",
-           "build_component"]
+#: Constructor arguments that place a module rather than configure it; never config fields.
+PLACEMENT_ARGS = ("device", "dtype", "layer_idx")
+
+__all__ = ["MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
+           "run_mixer", "build_component", "mixer_config_class"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixerConfig(ConfigBase):
+    """Base of the per-mixer configs derived by ``mixer_config_class``."""
+
+    mixer_class: ClassVar[type | None] = None
+
+    @property
+    def width_field(self) -> str:
+        """The field holding the model width (the constructor's first argument)."""
+        return self.field_names()[0]
+
+
+_CONFIG_CLASSES: dict[type, type[MixerConfig]] = {}
+
+
+def _constructor_parameters(cls: type) -> list[inspect.Parameter]:
+    """The named parameters of ``cls.__init__``; through ``*args`` / ``**kwargs`` the parameters of
+    the base class the constructor forwards them to (a subclass's own defaults win)."""
+    chain: list[list[inspect.Parameter]] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if not (isinstance(klass, type) and issubclass(klass, Mixer)) or klass in (Mixer, AttentionBase):
+            raise TypeError(f"{cls.__name__}: the constructor forwards *args / **kwargs past every mixer class; "
+                            f"give it named arguments so its config can be derived")
+        params = list(inspect.signature(init).parameters.values())[1:]
+        chain.append([p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)])
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            break
+    merged: dict[str, inspect.Parameter] = {}
+    for params in reversed(chain):  # the most basic first, so the field order follows it
+        for p in params:
+            merged[p.name] = p
+    return list(merged.values())
+
+
+def mixer_config_class(cls: type) -> type[MixerConfig]:
+    """The frozen config dataclass of mixer class ``cls`` (built once, then cached).
+
+    Fields: the constructor's arguments except ``PLACEMENT_ARGS``, with their annotated types (``Any``
+    where unannotated) and defaults; arguments without a default are required fields.
+    """
+    if cls in _CONFIG_CLASSES:
+        return _CONFIG_CLASSES[cls]
+    params = _constructor_parameters(cls)
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            try:
+                hints.update(typing.get_type_hints(init))
+            except Exception:  # an annotation that does not resolve: that argument is typed Any
+                hints.update({k: Any for k in getattr(init, "__annotations__", {})})
+    fields = []
+    for p in params:
+        if p.name in PLACEMENT_ARGS:
+            continue
+        hint = hints.get(p.name, Any)
+        if p.default is inspect.Parameter.empty:
+            fields.append((p.name, hint))
+        elif isinstance(p.default, list | dict | set):
+            fields.append((p.name, hint, dataclasses.field(default_factory=lambda v=p.default: type(v)(v))))
+        else:
+            fields.append((p.name, hint, dataclasses.field(default=p.default)))
+    doc = f"Config of ``{cls.__name__}``: its constructor's arguments (see its docstring), as data."
+    config_cls = dataclasses.make_dataclass(f"{cls.__name__}Config", fields, bases=(MixerConfig,), frozen=True,
+                                            kw_only=True, namespace={"__doc__": doc, "mixer_class": cls})
+    config_cls.__module__ = cls.__module__
+    _CONFIG_CLASSES[cls] = config_cls
+    return config_cls
 
 
 class Mixer(nn.Module):
     """Base class of sequence mixers (see the module docstring for the contract).
 
     Class attributes:
+        inputs (frozenset[str]): the optional keyword inputs ``forward`` consumes.
         is_identity (bool): the mixer is a no-op; blocks then skip its sublayer entirely.
         causal (bool): output t depends only on inputs <= t (tested for every causal mixer).
     """
 
+    inputs: ClassVar[frozenset[str]] = frozenset()
     is_identity: ClassVar[bool] = False
     causal: bool = True
-    #: The optional keyword inputs ``forward`` consumes, a subset of ``MIXER_INPUTS``. Models and
-    #: blocks route each input only to the mixers that declare it.
-    inputs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bad = sorted(set(cls.inputs) - MIXER_INPUTS)
+        if bad:
+            raise TypeError(f"{cls.__name__}.inputs names {bad}, which are not mixer inputs; "
+                            f"known inputs: {sorted(MIXER_INPUTS)}")
+
+    @classmethod
+    def config_class(cls) -> type[MixerConfig]:
+        """This mixer's config dataclass (``mixer_config_class(cls)``)."""
+        return mixer_config_class(cls)
+
+    @classmethod
+    def build(cls, config: MixerConfig, *, layer_idx: int | None = None, device=None, dtype=None) -> Mixer:
+        """Construct from this mixer's own config; placement arguments the constructor names are passed."""
+        if not isinstance(config, cls.config_class()):
+            raise TypeError(f"{cls.__name__}.build expects a {cls.config_class().__name__}, got "
+                            f"{type(config).__name__}")
+        names = {p.name for p in _constructor_parameters(cls)}
+        placement = {k: v for k, v in (("layer_idx", layer_idx), ("device", device), ("dtype", dtype))
+                     if k in names and (v is not None or k != "layer_idx")}
+        kwargs = {name: getattr(config, name) for name in config.field_names()}
+        module = cls(**kwargs, **placement)
+        if "device" not in names or "dtype" not in names:
+            module.to(device=device, dtype=dtype)
+        return module
+
+    @classmethod
+    def from_config(cls, config: BlockConfig, **kwargs: Any) -> Mixer:
+        """Build from a ``BlockConfig`` (``ConfigurableBlock``): the block's fields this mixer's config
+        also has (``d_state``, ``bias``, ...), then ``config.mixer_kwargs``, then ``kwargs``; the width
+        argument gets ``config.d_model``. Subclasses whose arguments are named otherwise override this."""
+        config_cls = cls.config_class()
+        names = config_cls.field_names()
+        block = config.to_dict()
+        values = {k: block[k] for k in names[1:] if k in block and k != "mixer_kwargs"}
+        values.update(config.mixer_kwargs)
+        values.update({k: v for k, v in kwargs.items() if k in names})
+        layer_idx = values.pop("layer_idx", None)
+        values[names[0]] = config.d_model
+        return cls.build(config_cls.from_dict(values), layer_idx=layer_idx)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> Cache:
         raise TypeError(f"{type(self).__name__} keeps no inference cache")
 
-    def step(self, x: torch.Tensor, cache: Cache, **kwargs: Any) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: Cache, **inputs: Any) -> torch.Tensor:
         """One decode step: x [B, 1, D] -> y [B, 1, D], advancing ``cache``."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"{type(self).__name__}.step expects x of shape [B, 1, D], got {tuple(x.shape)}")
-        return self(x, cache=cache, **kwargs)
-
-    @classmethod
-    def from_config(cls, config, **kwargs: Any) -> Mixer:
-        """Build from a ``BlockConfig``: ``cls(config.d_model, **matching fields, **config.mixer_kwargs)``.
-
-        Config fields are passed when the constructor has a parameter of the same name (``d_state``,
-        ``layer_idx``, ...); ``config.mixer_kwargs`` and ``kwargs`` are passed as given and win.
-        Subclasses with other argument names override this.
-        """
-        params = inspect.signature(cls.__init__).parameters
-        fields = {k: v for k, v in config.to_dict().items() if k in params and k != "d_model"}
-        fields.update(config.mixer_kwargs)
-        fields.update({k: v for k, v in kwargs.items() if k in params})
-        return cls(config.d_model, **fields)
+        return run_mixer(self, x, cache, inputs)
 
 
 class AttentionBase(Mixer):
-    """Base of attention mixers constructed from a ``BlockConfig`` (seed 001).
+    """Base of user attention classes in the seed-001 style: built as ``cls(config)`` from a
+    ``BlockConfig``, called as ``forward(x, mask=None, cache=None) -> (y, cache)``.
 
-    A subclass takes ``(config)`` and implements ``forward(x, mask=None, cache=None) -> (y, cache)``.
-    Sets ``config``, ``d_model``, ``n_heads``, ``n_kv_heads``, ``head_dim``, ``causal`` and ``position``
-    (the block's rotary / bias position module, or None) for subclasses.
+    ``ConfigurableBlock`` and the language models adapt this convention to the mixer contract
+    (``seqblocks.layers.adapters``). Sets ``config``, ``d_model``, ``n_heads``, ``n_kv_heads``,
+    ``head_dim``, ``causal`` and ``position`` (the block's rotary / bias position module, or None).
     """
 
-    def __init__(self, config) -> None:
+    inputs = frozenset({"mask"})
+
+    def __init__(self, config: BlockConfig) -> None:
         super().__init__()
         self.config = config
         self.d_model = config.d_model
         self.n_heads = config.n_heads
         self.n_kv_heads = config.effective_n_kv_heads
-        self.head_dim = config.head_dim
+        self.head_dim = config.effective_head_dim
         self.causal = config.causal
         self.position = None
 
     @classmethod
-    def from_config(cls, config, position: nn.Module | None = None, **kwargs: Any) -> AttentionBase:
+    def config_class(cls) -> type[BlockConfig]:  # type: ignore[override]
+        return BlockConfig
+
+    @classmethod
+    def from_config(cls, config: BlockConfig, position: nn.Module | None = None, **kwargs: Any) -> AttentionBase:
         module = cls(config)
         if position is not None and getattr(module, "position", None) is None:
             module.position = position
@@ -107,76 +236,42 @@ class AttentionBase(Mixer):
 class IdentityMixer(Mixer):
     """No sequence mixing: y = x exactly; blocks skip the sublayer (no norm, no residual add)."""
 
+    inputs = MIXER_INPUTS
     is_identity = True
 
-    def __init__(self, d_model: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, d_model: int | None = None) -> None:
         super().__init__()
         self.d_model = d_model
-
-    @classmethod
-    def from_config(cls, config, **kwargs: Any) -> IdentityMixer:
-        return cls(config.d_model)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> Cache:
         return Cache.empty(batch_size, max_seqlen)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, **inputs: Any) -> torch.Tensor:
         if cache is not None:
-            cache.seqlen_offset.add_(x.shape[1])
+            lengths = inputs.get("lengths")
+            cache.seqlen_offset.add_(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
         return x
 
 
 MIXERS.register("identity", IdentityMixer, description="alias of 'none': no sequence mixing")
 
 
-_FORWARD_PARAMS: dict[type, tuple[frozenset[str], bool]] = {}
-
-
-def _forward_params(cls: type) -> tuple[frozenset[str], bool]:
-    # A plain dict rather than functools.cache: torch.compile traces a dict lookup without a warning.
-    if cls not in _FORWARD_PARAMS:
-        params = inspect.signature(cls.forward).parameters
-        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        _FORWARD_PARAMS[cls] = (frozenset(params), var_kw)
-    return _FORWARD_PARAMS[cls]
-
-
-def forward_parameters(module: nn.Module) -> tuple[frozenset[str], bool]:
-    """(names of ``module.forward``'s parameters, whether it takes ``**kwargs``)."""
-    return _forward_params(type(module))
-
-
-def call_mixer(mixer: nn.Module, x: torch.Tensor, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """Run ``mixer`` on ``x`` and return ``(y, cache)``.
-
-    The cache is passed as ``cache=`` (our contract) or ``inference_params=`` (mamba / lrnnx style),
-    whichever the mixer's forward names. Keyword inputs that are None are dropped; any other keyword
-    the mixer's forward does not accept raises ``TypeError`` naming the mixer and what it accepts.
-    A mixer returning ``(y, new_cache)`` has its cache passed on; one returning ``y`` keeps ``cache``.
-    """
-    names, var_kw = forward_parameters(mixer)
-    call_kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    rejected = [k for k in call_kwargs if k not in names and not var_kw]
+def run_mixer(mixer: Mixer, x: torch.Tensor, cache: Any = None, inputs: dict[str, Any] | None = None) -> torch.Tensor:
+    """``mixer(x, cache, **inputs)`` under the contract: inputs that are None are dropped, and one the
+    mixer does not declare in ``inputs`` raises ``TypeError`` naming the mixer and what it declares."""
+    given = {k: v for k, v in (inputs or {}).items() if v is not None}
+    rejected = sorted(set(given) - mixer.inputs)
     if rejected:
-        accepted = sorted(names - {"self", "x", "hidden_states"})
-        raise TypeError(f"{type(mixer).__name__}.forward does not accept {rejected}; it accepts {accepted}")
-    if cache is not None:
-        if "cache" in names:
-            call_kwargs["cache"] = cache
-        elif "inference_params" in names:
-            call_kwargs["inference_params"] = cache
-        else:
-            raise TypeError(f"{type(mixer).__name__}.forward takes no cache (no 'cache' or 'inference_params')")
-    out = mixer(x, **call_kwargs)
-    if isinstance(out, tuple):
-        y, new_cache = out[0], (out[1] if len(out) > 1 else cache)
-        return y, (cache if new_cache is None else new_cache)
-    return out, cache
+        raise TypeError(f"{type(mixer).__name__} does not take the inputs {rejected}; it takes "
+                        f"{sorted(mixer.inputs)}")
+    if cache is None:
+        return mixer(x, **given)
+    return mixer(x, cache, **given)
 
 
-def build_component(cls: Any, config, **kwargs: Any) -> nn.Module:
-    """Construct a registry component from a ``BlockConfig``.
+def build_component(cls: Any, config: BlockConfig, **kwargs: Any) -> nn.Module:
+    """Construct a registry component (norm, FFN, position, mixer) from a ``BlockConfig``.
 
     Components with a ``from_config`` classmethod (all of seqblocks' own) are built with it and
     receive ``kwargs``; any other class is called as ``cls(config)``, the seed-001 contract.

@@ -11,10 +11,10 @@ from torch import nn
 from seqblocks.ops.add_norm import add_norm
 from seqblocks.registry import NORMS
 
-__all__ = ["LayerNorm", "RMSNorm", "is_fusable_norm", "norm_params"]
+__all__ = ["NormBase", "LayerNorm", "RMSNorm", "is_fusable_norm", "norm_params"]
 
 
-class _Norm(nn.Module):
+class NormBase(nn.Module):
     is_rms: bool = False
 
     def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True, device=None, dtype=None) -> None:
@@ -35,7 +35,7 @@ class _Norm(nn.Module):
             nn.init.zeros_(self.bias)
 
     @classmethod
-    def from_config(cls, config) -> _Norm:
+    def from_config(cls, config) -> NormBase:
         return cls(config.d_model, eps=config.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class _Norm(nn.Module):
 
 
 @NORMS.register("layer_norm")
-class LayerNorm(_Norm):
+class LayerNorm(NormBase):
     """LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias, computed in fp32.
 
     Args:
@@ -62,7 +62,7 @@ class LayerNorm(_Norm):
 
 
 @NORMS.register("rms_norm")
-class RMSNorm(_Norm):
+class RMSNorm(NormBase):
     """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in fp32.
 
     Args:
@@ -78,7 +78,7 @@ class RMSNorm(_Norm):
 
 def is_fusable_norm(norm: nn.Module) -> bool:
     """Whether ``ops.add_norm`` can stand in for ``norm`` (ours, or torch's LayerNorm / RMSNorm)."""
-    if isinstance(norm, _Norm):
+    if isinstance(norm, NormBase):
         return True
     if isinstance(norm, nn.LayerNorm):
         return len(norm.normalized_shape) == 1
@@ -88,7 +88,7 @@ def is_fusable_norm(norm: nn.Module) -> bool:
 
 def norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, float, bool]:
     """``(weight, bias, eps, is_rms)`` of a fusable norm, for ``ops.add_norm``."""
-    if isinstance(norm, _Norm):
+    if isinstance(norm, NormBase):
         return norm.weight, norm.bias, norm.eps, norm.is_rms
     if isinstance(norm, nn.LayerNorm):
         return norm.weight, norm.bias, norm.eps, False

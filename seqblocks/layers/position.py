@@ -117,7 +117,7 @@ class RotaryEmbedding(PositionBase):
 
     @classmethod
     def from_config(cls, config) -> RotaryEmbedding:
-        return cls(config.head_dim, base=config.rope_theta, rotary_dim=config.rotary_dim,
+        return cls(config.effective_head_dim, base=config.rope_theta, rotary_dim=config.rotary_dim,
                    scaling_factor=config.rope_scaling)
 
     def angles(self, positions: torch.Tensor) -> torch.Tensor:

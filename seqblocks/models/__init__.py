@@ -1,10 +1,14 @@
 """Models: language models (two front doors over one engine) and the sequence classifier."""
 
+from seqblocks.cache import InferenceCaches
 from seqblocks.models.classifier import Classifier
 from seqblocks.models.config_lm import LanguageModel, LanguageModelConfig
-from seqblocks.models.lm import CausalLM, CausalLMOutput, InferenceCaches, LRNNLMHeadModel
+from seqblocks.models.engine import CausalLM, CausalLMOutput
+from seqblocks.models.init import InitConfig
+from seqblocks.models.lrnn_lm import LRNNLMHeadModel
+from seqblocks.models.model_config import LayerConfig, ModelConfig
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
 
-__all__ = ["CausalLM", "CausalLMOutput", "Classifier", "InferenceCaches", "LRNNLMHeadModel", "LanguageModel",
-           "LanguageModelConfig",
+__all__ = ["CausalLM", "CausalLMOutput", "Classifier", "InferenceCaches", "InitConfig", "LRNNLMHeadModel",
+           "LanguageModel", "LanguageModelConfig", "LayerConfig", "ModelConfig",
            "TransformerDecoder", "TransformerEncoder", "TransformerEncoderDecoder"]

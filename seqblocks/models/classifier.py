@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.layers.mixer import call_mixer, forward_parameters
+from seqblocks.layers.adapters import call_any_mixer
+from seqblocks.layers.build import build_mixer, mixer_config, resolve_mixer_kwargs
+from seqblocks.layers.checks import check_lengths, check_timesteps
 from seqblocks.layers.norm import LayerNorm
-from seqblocks.models.lm import build_mixer, resolve_mixer_kwargs
 
 __all__ = ["Classifier", "pool_windows", "pool_sequence"]
 
@@ -188,7 +189,8 @@ class Classifier(nn.Module):
         self.input_dropout = nn.Dropout(dropout)
         per_layer = resolve_mixer_kwargs(classes, params if params else None)
         self.mixers = nn.ModuleList(
-            build_mixer(c, d_model, d_state=params_state, layer_idx=i, kwargs=kw, causal=False, **factory)
+            build_mixer(c, mixer_config(c, d_model, d_state=params_state, kwargs=kw, causal=False), layer_idx=i,
+                        causal=False, **factory)
             for i, (c, kw) in enumerate(zip(classes, per_layer))
         )
         self.norms = nn.ModuleList(LayerNorm(d_model, **factory) for _ in range(n_layers))
@@ -200,7 +202,7 @@ class Classifier(nn.Module):
                 integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
             x (Tensor): [B, T, F] features, or [B, T] token ids with ``vocab_size``.
-            lengths (Tensor | None): [B] valid steps per row, in [1, T]. Default: None.
+            lengths (Tensor | None): [B] valid steps per row, in [1, T] (pooling needs a step). Default: None.
             integration_timesteps (Tensor | None): [B, T] time since the previous step (events).
                 Default: None.
 
@@ -220,21 +222,18 @@ class Classifier(nn.Module):
                                  f"got {tuple(x.shape)}")
             h = self.input_proj(x)
         B, T = h.shape[:2]
+        check_lengths("Classifier", lengths, B, T)
+        check_timesteps("Classifier", integration_timesteps, B, T)
         if lengths is not None:
-            if lengths.shape != (B,) or lengths.dtype.is_floating_point:
-                raise ValueError(f"lengths must be an integer tensor of shape [{B}], got {tuple(lengths.shape)}")
-            if int(lengths.min()) < 1 or int(lengths.max()) > T:
-                raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
+            if int(lengths.min()) < 1:
+                raise ValueError(f"Classifier: every row needs a step to pool (lengths >= 1), got {lengths.tolist()}")
             lengths = lengths.to(device=h.device, dtype=torch.long)
-        if integration_timesteps is not None and tuple(integration_timesteps.shape) != (B, T):
-            raise ValueError(f"integration_timesteps must have shape [{B}, {T}], got "
-                             f"{tuple(integration_timesteps.shape)}")
         h = self.input_dropout(h)
         for mixer, norm, mode, stride in zip(self.mixers, self.norms, self.intermediate_pooling, self.pooling_factor):
-            names, var_kw = forward_parameters(mixer)
+            declared = getattr(mixer, "inputs", frozenset())
             inputs = {k: v for k, v in (("lengths", lengths), ("integration_timesteps", integration_timesteps))
-                      if v is not None and (var_kw or k in names)}
-            y, _ = call_mixer(mixer, h, None, **inputs)
+                      if v is not None and k in declared}
+            y = call_any_mixer(mixer, h, None, inputs)
             h = norm(h + self.dropout(y))
             if mode != "none":
                 h, lengths, integration_timesteps = pool_windows(h, mode, stride, lengths, integration_timesteps)

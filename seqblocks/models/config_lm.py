@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from seqblocks.blocks import ConfigurableBlock
-from seqblocks.checkpoint import register_model_type
 from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.mixer import build_component
-from seqblocks.models.lm import CausalLM
-from seqblocks.registry import NORMS, POSITIONS
+from seqblocks.models.engine import CausalLM
+from seqblocks.models.init import InitConfig
+from seqblocks.registry import MODELS, NORMS, POSITIONS
 
 __all__ = ["LanguageModelConfig", "LanguageModel"]
 
@@ -156,7 +156,7 @@ def _is_additive(position: str) -> bool:
     return getattr(POSITIONS.get(position), "kind", None) == "additive"
 
 
-@register_model_type
+@MODELS.register("LanguageModel")
 class LanguageModel(CausalLM):
     """A causal language model of ``ConfigurableBlock`` s, one per ``BlockConfig`` (seed 001).
 
@@ -188,7 +188,7 @@ class LanguageModel(CausalLM):
             if module is not None:
                 module.to(**factory)
         self._apply_initializer(
-            {"initializer_range": config.initializer_range, "rescale_prenorm_residual": config.rescale_residual},
+            InitConfig(initializer_range=config.initializer_range, rescale_prenorm_residual=config.rescale_residual),
             [[layer.attention if layer.attn_norm is not None else None,
               layer.ffn if layer.ffn_norm is not None else None] for layer in self.layers],
         )

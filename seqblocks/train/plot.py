@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["plot_loss_curve", "MISSING_MATPLOTLIB"]
+__all__ = ["plot_loss_curve", "pyplot", "MISSING_MATPLOTLIB"]
 
 MISSING_MATPLOTLIB = ("plot skipped: matplotlib is not installed "
                       "(install it with `pip install 'seqblocks[plot]'` or `pip install matplotlib`)")
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
@@ -29,7 +29,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> bool | st
     Returns:
         True when the PNG was written, else a message saying why not (matplotlib missing, no data).
     """
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return MISSING_MATPLOTLIB
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]

@@ -232,6 +232,8 @@ class MHA(_AttentionCore):
             attention_type cannot serve.
     """
 
+    inputs = frozenset({"mask", "position_ids", "lengths"})
+
     def __init__(
         self,
         embed_dim: int,
@@ -544,6 +546,8 @@ class CrossAttention(_AttentionCore):
     With a ``CrossAttentionCache`` the memory's keys / values are computed on the first call that
     passes ``memory`` and reused by every later call (which may pass ``memory=None``).
     """
+
+    inputs = frozenset({"mask", "position_ids"})
 
     causal = False
 

@@ -60,6 +60,8 @@ class MLA(_AttentionCore):
         device, dtype: parameter placement. Default: None.
     """
 
+    inputs = frozenset({"mask", "position_ids", "lengths"})
+
     def __init__(
         self,
         d_model: int,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from seqblocks.cache import Cache
+from seqblocks.layers.checks import check_cache, check_input, check_lengths
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops._backend import autocast_off
 from seqblocks.ops.fftconv import fftconv
@@ -79,6 +80,8 @@ def reverse_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
 class LTIMixer(Mixer):
     """Base of the LTI SSM mixers; see the module docstring. Subclasses set ``d_model``, ``mode``,
     ``bidirectional`` and implement ``_ssm``, ``state_shape`` and optionally ``_skip`` / ``_post``."""
+
+    inputs = frozenset({"lengths"})
 
     d_model: int
     mode: str
@@ -137,28 +140,18 @@ class LTIMixer(Mixer):
 
     def _check_call(self, x: torch.Tensor, cache: SSMCache | None, lengths: torch.Tensor | None) -> None:
         name = type(self).__name__
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name}: x must be [B, T, {self.d_model}], got {shape}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+        check_input(name, x, self.d_model)
         B, T = x.shape[:2]
-        if lengths is not None:
-            if (not isinstance(lengths, torch.Tensor) or lengths.shape != (B,)
-                    or lengths.dtype not in (torch.int32, torch.int64)):
-                raise ValueError(f"{name}: lengths must be an integer tensor of shape ({B},), got {lengths!r}")
-            if bool(((lengths < 0) | (lengths > T)).any()):
-                raise ValueError(f"{name}: lengths must lie in [0, T={T}], got {lengths.tolist()}")
+        check_lengths(name, lengths, B, T)
         if cache is not None:
             if self.bidirectional:
                 raise ValueError(f"{name}(bidirectional=True) is not causal and cannot run with a cache")
-            if not isinstance(cache, SSMCache):
-                raise TypeError(f"{name}: cache must be an SSMCache, got {type(cache).__name__}")
+            check_cache(name, cache, SSMCache, B)
             expected = (B, *self.state_shape())
             if tuple(cache.state.shape) != expected:
                 raise ValueError(f"{name}: cache state has shape {tuple(cache.state.shape)}, expected {expected}")
 
-    def forward(self, x: torch.Tensor, cache: SSMCache | None = None,
+    def forward(self, x: torch.Tensor, cache: SSMCache | None = None, *,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """y = post(SSM(x) + skip(x)).
 

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
+from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_timesteps
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
 from seqblocks.registry import MIXERS
 
-__all__ = ["Mamba", "MambaCache", "check_timesteps", "check_lengths_arg"]
+__all__ = ["Mamba", "MambaCache"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,44 +46,6 @@ class MambaCache(Cache):
 
     conv_state: torch.Tensor = None
     ssm_state: torch.Tensor = None
-
-
-def check_lengths_arg(name: str, lengths: torch.Tensor | None, B: int, T: int) -> None:
-    """Validate a mixer's ``lengths`` argument: integer [B] in [0, T]."""
-    if lengths is None:
-        return
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32,
-                                                                                                 torch.int64):
-        got = (tuple(lengths.shape), lengths.dtype) if isinstance(lengths, torch.Tensor) else type(lengths)
-        raise ValueError(f"{name}: lengths must be an integer tensor of shape ({B},), got {got}")
-    if bool(((lengths < 0) | (lengths > T)).any()):
-        raise ValueError(f"{name}: lengths must lie in [0, T={T}], got {lengths.tolist()}")
-
-
-def check_timesteps(name: str, ts: torch.Tensor | None, B: int, T: int) -> None:
-    """Validate ``integration_timesteps``: a real [B, T] tensor (intervals, normally positive)."""
-    if ts is None:
-        return
-    if not isinstance(ts, torch.Tensor) or not ts.is_floating_point():
-        raise TypeError(f"{name}: integration_timesteps must be a floating-point tensor, got "
-                        f"{getattr(ts, 'dtype', type(ts))}")
-    if ts.shape != (B, T):
-        raise ValueError(f"{name}: integration_timesteps must have shape [{B}, {T}] ([B, T]), got {tuple(ts.shape)}")
-
-
-def check_input(name: str, x: torch.Tensor, d_model: int) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"{name}: x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
-
-
-def check_cache(name: str, cache: Cache, cls: type, B: int) -> None:
-    if not isinstance(cache, cls):
-        raise TypeError(f"{name}: cache must be a {cls.__name__} (from allocate_inference_cache), got "
-                        f"{type(cache).__name__}")
-    if cache.batch_size != B:
-        raise ValueError(f"{name}: cache was allocated for batch_size={cache.batch_size}, got a batch of {B}")
 
 
 @MIXERS.register("Mamba")
@@ -110,6 +73,8 @@ class Mamba(Mixer):
     Raises:
         ValueError: non-positive sizes, dt_min > dt_max, unknown dt_init or discretization.
     """
+
+    inputs = frozenset({"lengths", "integration_timesteps"})
 
     def __init__(
         self,
@@ -218,7 +183,7 @@ class Mamba(Mixer):
         """
         check_input("Mamba", x, self.d_model)
         Bsz, T, _ = x.shape
-        check_lengths_arg("Mamba", lengths, Bsz, T)
+        check_lengths("Mamba", lengths, Bsz, T)
         if isinstance(integration_timesteps, torch.Tensor) and integration_timesteps.dim() == 1 and T == 1:
             integration_timesteps = integration_timesteps.unsqueeze(1)  # a decode step's [B] intervals
         check_timesteps("Mamba", integration_timesteps, Bsz, T)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
+from seqblocks.layers.checks import check_cache, check_input, check_lengths
 from seqblocks.layers.mixer import Mixer
-from seqblocks.layers.mixers.mamba import check_cache, check_input, check_lengths_arg
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.scan import linear_scan
 from seqblocks.registry import MIXERS
@@ -87,6 +87,8 @@ class RGLRU(Mixer):
     Raises:
         ValueError: non-positive sizes, a bad ``a_init_range`` or ``c``, num_heads not dividing E.
     """
+
+    inputs = frozenset({"lengths"})
 
     def __init__(
         self,
@@ -201,7 +203,7 @@ class RGLRU(Mixer):
         """
         check_input("RGLRU", x, self.d_model)
         Bsz, T, _ = x.shape
-        check_lengths_arg("RGLRU", lengths, Bsz, T)
+        check_lengths("RGLRU", lengths, Bsz, T)
         if cache is not None:
             check_cache("RGLRU", cache, RGLRUCache, Bsz)
         g = F.gelu(self.gate_proj(x), approximate="tanh")

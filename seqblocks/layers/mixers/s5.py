@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.cache import host_sync_unsafe
+from seqblocks.layers.checks import check_input, check_timesteps
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, complex_linear, diag_states
 from seqblocks.layers.ssm_init import nplr
 from seqblocks.ops.discretize import discretize
@@ -69,6 +69,8 @@ class S5(LTIMixer):
     Raises:
         ValueError: bad sizes, unknown discretization or mode.
     """
+
+    inputs = frozenset({"lengths", "integration_timesteps"})
 
     def __init__(self, d_model: int, d_state: int, discretization: str = "zoh", conj_sym: bool = False, *,
                  blocks: int = 1, dt_min: float = 0.001, dt_max: float = 0.1, mode: str = "scan",
@@ -136,7 +138,7 @@ class S5(LTIMixer):
         """Λ [P_s] complex (real part < 0 by construction)."""
         return torch.complex(-torch.exp(self.Lambda_re_log.to(dtype)), self.Lambda_im.to(dtype))
 
-    def forward(self, x: torch.Tensor, cache: SSMCache | None = None, lengths: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cache: SSMCache | None = None, *, lengths: torch.Tensor | None = None,
                 integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """y = S5(x). See ``LTIMixer.forward``; in addition:
 
@@ -148,14 +150,8 @@ class S5(LTIMixer):
         Raises:
             ValueError: integration_timesteps of the wrong shape or negative.
         """
-        if integration_timesteps is not None:
-            if not isinstance(integration_timesteps, torch.Tensor) or integration_timesteps.shape != x.shape[:2]:
-                got = getattr(integration_timesteps, "shape", integration_timesteps)
-                raise ValueError(f"S5: integration_timesteps must have shape {tuple(x.shape[:2])}, got {got}")
-            if not integration_timesteps.is_floating_point():
-                raise TypeError(f"S5: integration_timesteps must be floating point, got {integration_timesteps.dtype}")
-            if not host_sync_unsafe() and bool((integration_timesteps < 0).any()):
-                raise ValueError("S5: integration_timesteps must be non-negative")
+        check_input("S5", x, self.d_model)
+        check_timesteps("S5", integration_timesteps, *x.shape[:2])
         return self._forward(x, cache, lengths, integration_timesteps=integration_timesteps)
 
     def _ssm(self, u: torch.Tensor, *, mode: str, reverse: bool, h0, lengths,

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
+from seqblocks.layers.checks import check_cache, check_input, check_lengths
 from seqblocks.layers.mixer import Mixer
-from seqblocks.layers.mixers.mamba import check_cache, check_input, check_lengths_arg
 from seqblocks.ops.scan import linear_scan
 from seqblocks.registry import MIXERS
 
@@ -76,6 +76,8 @@ class S7(Mixer):
     Raises:
         ValueError: non-positive sizes or a bad ``timescale_range``.
     """
+
+    inputs = frozenset({"lengths"})
 
     def __init__(
         self,
@@ -161,7 +163,7 @@ class S7(Mixer):
         """
         check_input("S7", x, self.d_model)
         Bsz, T, _ = x.shape
-        check_lengths_arg("S7", lengths, Bsz, T)
+        check_lengths("S7", lengths, Bsz, T)
         if cache is not None:
             check_cache("S7", cache, S7Cache, Bsz)
         xs = self.in_proj(x)

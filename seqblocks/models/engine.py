@@ -1,0 +1,261 @@
+"""The causal-LM engine shared by seqblocks' language models.
+
+``CausalLM`` owns everything a decoder-only language model does around its layers: token embedding
+(with an optional additive position encoding at absolute positions), routing of the optional inputs
+(``lengths``, ``integration_timesteps``, ``position_ids``, extra mixer inputs) to exactly the mixers
+that declare them in ``Mixer.inputs``, the per-layer inference caches, prefill through ``forward``,
+``step``, and the (tied, vocabulary-padded) LM head. Two front doors build on it:
+``LRNNLMHeadModel`` (``lrnn_lm.py``: ``Block`` s over any registered mixers) and ``LanguageModel``
+(``config_lm.py``: ``ConfigurableBlock`` s from ``BlockConfig`` s).
+
+Caches: ``allocate_inference_cache`` returns an ``InferenceCaches`` (``seqblocks.cache``).
+``forward(..., inference_params=caches)`` is a prefill (or a chunk of one); ``step`` feeds one token.
+Both update the caches in place, so a decode step can be captured in a CUDA graph.
+
+Shapes: B batch, T time, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqblocks.cache import InferenceCaches, cache_offset, host_sync_unsafe
+from seqblocks.checkpoint import CheckpointMixin
+from seqblocks.layers.checks import check_lengths, check_position_ids, check_timesteps
+from seqblocks.layers.position import LearnedPosition, PositionBase
+from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
+
+__all__ = ["CausalLMOutput", "CausalLM", "mixer_inputs"]
+
+
+class CausalLMOutput(NamedTuple):
+    """What a language model's ``forward`` / ``step`` return."""
+
+    logits: torch.Tensor  # [B, T, V]
+
+
+def mixer_inputs(mixer: nn.Module) -> frozenset[str]:
+    """The optional inputs ``mixer`` declares (``Mixer.inputs``; none for a module that is not a Mixer)."""
+    return getattr(mixer, "inputs", frozenset())
+
+
+class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqblocks", "causal-lm"]):
+    """The engine shared by seqblocks' language models (see the module docstring).
+
+    Subclasses build ``self.layers`` and call ``_build_embedding`` / ``_build_head``; they implement
+    ``mixers()`` (the mixer of each layer), ``_backbone(hidden, caches, inputs)`` (layers and final norm)
+    and the checkpoint hooks.
+    """
+
+    vocab_size: int
+    d_model: int
+    position: PositionBase | None
+
+    def _build_embedding(self, vocab_size: int, d_model: int, pad_vocab_size_multiple: int,
+                         tie_embeddings: bool, position: PositionBase | None, device=None, dtype=None) -> None:
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size={vocab_size!r} must be a positive int")
+        if not isinstance(pad_vocab_size_multiple, int) or pad_vocab_size_multiple <= 0:
+            raise ValueError(f"pad_vocab_size_multiple={pad_vocab_size_multiple!r} must be a positive int")
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.padded_vocab_size = math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
+        self.tie_embeddings = tie_embeddings
+        self.embedding = nn.Embedding(self.padded_vocab_size, d_model, device=device, dtype=dtype)
+        self.position = position
+
+    def _build_head(self, device=None, dtype=None) -> None:
+        self.lm_head = nn.Linear(self.d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        if self.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def mixers(self) -> list[nn.Module]:
+        raise NotImplementedError  # abstract: each front door knows where its mixers live
+
+    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]]) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def _apply_initializer(self, config: InitConfig, residual_modules: list[list[nn.Module | None]]) -> None:
+        """``seqblocks.models.init``'s rules: embedding init, then the residual projections rescaled."""
+        init_embeddings(self.embedding, self.lm_head, self.tie_embeddings, config)
+        rescale_residual_projections(residual_modules, self.d_model, config)
+
+    # ---------------------------------------------------------------- routing
+
+    def _route(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per layer, the inputs its mixer declares in ``Mixer.inputs``."""
+        return [{k: v for k, v in inputs.items() if k in mixer_inputs(m)} for m in self.mixers()]
+
+    def accepts_lengths(self) -> bool:
+        """Whether every mixer can prefill a right-padded batch (it declares ``lengths``)."""
+        return all("lengths" in mixer_inputs(m) or getattr(m, "is_identity", False) for m in self.mixers())
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                inference_params: dict | None = None, num_last_tokens: int = 0,
+                integration_timesteps: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                **mixer_kwargs: Any) -> CausalLMOutput:
+        """Logits for every position (or the last ``num_last_tokens``).
+
+        Args:
+            input_ids (Tensor): [B, T] int64 token ids in [0, vocab_size).
+            position_ids (Tensor | None): [B, T] or [T] absolute positions, for the additive position
+                encoding and the mixers that take ``position_ids``. Default: None (cache offset + 0..T-1).
+            inference_params (dict | None): caches from ``allocate_inference_cache``; the call then
+                prefills / continues them in place. Default: None.
+            num_last_tokens (int): if > 0, only the last ``num_last_tokens`` positions. Default: 0.
+            integration_timesteps (Tensor | None): [B, T] time deltas for time-varying / event mixers;
+                reaches only the mixers that declare it. Default: None.
+            lengths (Tensor | None): [B] valid prefix length of each right-padded row, in [0, T];
+                reaches only mixers that take it. With caches, every stateful mixer must take it and
+                each row's caches advance by its own length. Default: None.
+            **mixer_kwargs: further mixer inputs (``mask``, ...); each reaches the mixers that declare it.
+
+        Returns:
+            CausalLMOutput: ``logits`` [B, T or num_last_tokens, vocab_size].
+
+        Raises:
+            ValueError / TypeError: malformed inputs, caches too small, or a keyword no mixer takes.
+        """
+        B, T = self._check_ids(input_ids)
+        if not isinstance(num_last_tokens, int) or num_last_tokens < 0:
+            raise ValueError(f"num_last_tokens={num_last_tokens!r} must be a non-negative int")
+        owner = type(self).__name__
+        check_lengths(owner, lengths, B, T)
+        check_timesteps(owner, integration_timesteps, B, T)
+        check_position_ids(owner, position_ids, B, T)
+        if lengths is not None:
+            lengths = lengths.to(device=input_ids.device, dtype=torch.long)
+        if inference_params is not None:
+            self._check_caches(inference_params, B, T)
+            if lengths is not None and not self.accepts_lengths():
+                bad = [type(m).__name__ for m in self.mixers()
+                       if "lengths" not in mixer_inputs(m) and not getattr(m, "is_identity", False)]
+                raise ValueError(f"a padded prefill (lengths with caches) needs mixers that take lengths; "
+                                 f"{sorted(set(bad))} do not")
+        extra = {k: v for k, v in mixer_kwargs.items() if v is not None}
+        if extra:
+            routes = self._route(extra)
+            unused = sorted(set(extra) - set().union(*routes))
+            if unused:
+                raise TypeError(f"{owner}.forward: the inputs {unused} are declared by no mixer of this model")
+        return self._run(input_ids, inference_params, position_ids, num_last_tokens, integration_timesteps,
+                         lengths, extra)
+
+    def step(self, input_ids: torch.Tensor, caches: dict, integration_timesteps: torch.Tensor | None = None,
+             **mixer_kwargs: Any) -> CausalLMOutput:
+        """Feed one token per row and advance ``caches`` in place (no host synchronisation, so it can
+        be captured in a CUDA graph).
+
+        Args:
+            input_ids (Tensor): [B, 1] (or [B]) token ids.
+            caches (dict): from ``allocate_inference_cache``, after any prefill.
+            integration_timesteps (Tensor | None): [B, 1] (or [B]) time delta of this token. Default: None.
+
+        Returns:
+            CausalLMOutput: ``logits`` [B, 1, vocab_size].
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[:, None]
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError(f"step expects input_ids of shape [B, 1], got {tuple(input_ids.shape)}")
+        if integration_timesteps is not None and integration_timesteps.dim() == 1:
+            integration_timesteps = integration_timesteps[:, None]
+        extra = {k: v for k, v in mixer_kwargs.items() if v is not None}
+        return self._run(input_ids, caches, None, 0, integration_timesteps, None, extra)
+
+    def _run(self, input_ids, caches, position_ids, num_last_tokens, integration_timesteps, lengths, extra):
+        T = input_ids.shape[1]
+        hidden = self.embedding(input_ids)
+        if self.position is not None:
+            if position_ids is None:
+                start = cache_offset(caches)[:, None] if caches is not None else 0
+                positions = start + torch.arange(T, device=input_ids.device)
+                positions = positions if caches is not None else positions[None]
+            else:
+                positions = position_ids
+            hidden = self._add_position(hidden, positions)
+        inputs = {"lengths": lengths, "integration_timesteps": integration_timesteps, "position_ids": position_ids,
+                  **extra}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        hidden = self._backbone(hidden, caches, self._route(inputs))
+        if caches is not None and isinstance(caches, InferenceCaches):
+            caches.seqlen_offset.add_(lengths if lengths is not None else T)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        logits = F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.vocab_size])
+        return CausalLMOutput(logits=logits)
+
+    def _add_position(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.position, LearnedPosition):
+            # The table lookup without LearnedPosition.embed's host-side range check, so a decode step
+            # stays capturable; forward / generate check the range before calling.
+            return hidden + self.position.table(positions).to(hidden.dtype)
+        return self.position.embed(hidden, positions)
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_ids(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids must be non-empty, got shape {(B, T)}")
+        if host_sync_unsafe():
+            return B, T
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+        return B, T
+
+    def _check_caches(self, caches: Any, B: int, T: int) -> None:
+        if not isinstance(caches, dict) or len(caches) != len(self.mixers()):
+            raise ValueError(f"inference_params must be the dict from allocate_inference_cache with "
+                             f"{len(self.mixers())} layers, got {type(caches).__name__}")
+        offset = cache_offset(caches)
+        if offset.shape[0] != B:
+            raise ValueError(f"caches were allocated for batch size {offset.shape[0]}, input has {B}")
+        max_seqlen = getattr(caches, "max_seqlen", None)
+        if max_seqlen is not None and int(offset.max()) + T > max_seqlen:
+            raise ValueError(f"caches hold at most max_seqlen={max_seqlen} tokens; {int(offset.max())} are "
+                             f"cached and {T} more were given")
+        if isinstance(self.position, LearnedPosition) and int(offset.max()) + T > self.position.max_seq_len:
+            raise ValueError(f"positions up to {int(offset.max()) + T - 1} exceed the learned position "
+                             f"table (max_seq_len={self.position.max_seq_len})")
+
+    # ---------------------------------------------------------------- inference
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> InferenceCaches:
+        """Preallocated caches for ``batch_size`` sequences of up to ``max_seqlen`` tokens.
+
+        Args:
+            batch_size (int): rows.
+            max_seqlen (int): the most tokens (prompt + generated) a row will hold.
+            dtype (torch.dtype | None): state dtype. Default: None (the parameters' dtype).
+            **kwargs: passed to each mixer's ``allocate_inference_cache``.
+
+        Returns:
+            InferenceCaches: ``{layer_idx: Cache}`` with a model-level ``seqlen_offset``.
+        """
+        if not isinstance(batch_size, int) or batch_size <= 0 or not isinstance(max_seqlen, int) or max_seqlen <= 0:
+            raise ValueError(f"batch_size={batch_size!r} and max_seqlen={max_seqlen!r} must be positive ints")
+        dtype = dtype if dtype is not None else self.embedding.weight.dtype
+        caches = {}
+        for i, mixer in enumerate(self.mixers()):
+            allocate = getattr(mixer, "allocate_inference_cache", None)
+            if allocate is None:
+                raise TypeError(f"layer {i}: {type(mixer).__name__} has no allocate_inference_cache; it cannot decode")
+            caches[i] = allocate(batch_size, max_seqlen, dtype=dtype, **kwargs)
+        offset = torch.zeros(batch_size, dtype=torch.long, device=self.embedding.weight.device)
+        return InferenceCaches(caches, offset, max_seqlen)
+

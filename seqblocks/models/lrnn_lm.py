@@ -1,0 +1,165 @@
+"""``LRNNLMHeadModel``: the hybrid language model over any registered mixers.
+
+Embedding, a stack of ``Block`` s (Add -> Norm -> Mixer, then Add -> Norm -> MLP), final norm, LM
+head. Its constructor keeps the hybrid-LM arguments (``d_model, d_state, n_layer, vocab_size,
+mixer_types, ...``) and reads them into a ``ModelConfig``; the model is built from that config
+alone, so ``LRNNLMHeadModel.from_config(model.config)`` rebuilds the same architecture.
+
+Shapes: B batch, T time, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqblocks.blocks import Block
+from seqblocks.layers.build import build_mixer
+from seqblocks.layers.norm import LayerNorm, RMSNorm, norm_params
+from seqblocks.models.engine import CausalLM
+from seqblocks.models.model_config import ModelConfig
+from seqblocks.ops.add_norm import add_norm
+from seqblocks.registry import MLPS, MODELS
+
+__all__ = ["LRNNLMHeadModel"]
+
+
+@MODELS.register("LRNNLMHeadModel")
+class LRNNLMHeadModel(CausalLM):
+    """Hybrid language model over any registered mixers : embedding, a stack of
+    Add -> Norm -> Mixer (-> Add -> Norm -> MLP) blocks, final norm, LM head.
+
+    Args:
+        d_model (int): model width.
+        d_state (int): state width, passed to the mixers whose constructor names ``d_state``.
+        n_layer (int): number of blocks.
+        vocab_size (int): vocabulary size (logits have this width).
+        mixer_types (list[str]): one registered mixer name per layer, case-insensitive: "LRU", "S4",
+            "S4D", "S5", "Centaurus", "Mamba", "RGLRU", "S7", "attn", and any other registered mixer
+            ("mla", "sliding_window", ...). Attention layers are causal; attention without a head count
+            in ``mixer_kwargs`` gets ``default_num_heads(d_model)`` heads.
+        d_intermediate (int): MLP hidden width; 0 for no MLP. Default: 0.
+        mixer_kwargs (dict | None): mixer config values, per mixer type (``{"S5": {...}}``) or one dict
+            for all mixers (each takes the keys its config has). Default: None.
+        mlp_cls (type | None): MLP class registered in ``seqblocks.registry.mlp_registry``, built as
+            ``mlp_cls(d_model, hidden_features=d_intermediate, out_features=d_model, device=, dtype=)``.
+            Default: None (``GatedMLP``).
+        norm_epsilon (float): norm epsilon. Default: 1e-5.
+        rms_norm (bool): RMSNorm instead of LayerNorm. Default: True.
+        fused_add_norm (bool): add + norm as one op (on CPU too). Default: True.
+        residual_in_fp32 (bool): keep the residual stream in fp32. Default: False.
+        tie_embeddings (bool): LM head shares the embedding matrix. Default: True.
+        pad_vocab_size_multiple (int): embedding rows padded to a multiple of this. Default: 8.
+        initializer_cfg (dict | None): ``initializer_range`` (0.02, embedding std),
+            ``rescale_prenorm_residual`` (True: divide each residual output projection by
+            sqrt(n_residuals_per_layer * n_layer), once), ``n_residuals_per_layer`` (default 1, or 2
+            with an MLP). Default: None (those defaults).
+        device, dtype: parameter placement. Default: None.
+
+    The arguments are read into a ``ModelConfig`` (``model.config``); ``LRNNLMHeadModel.from_config``
+    builds from one directly.
+
+    Raises:
+        ValueError: inconsistent sizes, unknown mixer names, unknown keys in mixer_kwargs (naming the
+            key, the mixer and its accepted keys), an unregistered mlp_cls.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        n_layer: int,
+        vocab_size: int,
+        mixer_types: list,
+        d_intermediate: int = 0,
+        mixer_kwargs: dict | None = None,
+        mlp_cls=None,
+        norm_epsilon: float = 1e-5,
+        rms_norm: bool = True,
+        fused_add_norm: bool = True,
+        residual_in_fp32: bool = False,
+        tie_embeddings: bool = True,
+        pad_vocab_size_multiple: int = 8,
+        initializer_cfg: dict | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: ModelConfig | None = None,
+    ) -> None:
+        # ``config`` (keyword only) builds from a ModelConfig and ignores the other arguments; it is
+        # how ``from_config`` enters, so every construction path runs this one __init__.
+        super().__init__()
+        if config is None:
+            config = ModelConfig.from_args(
+                d_model, d_state, n_layer, vocab_size, mixer_types, d_intermediate=d_intermediate,
+                mixer_kwargs=mixer_kwargs, mlp_cls=mlp_cls, initializer_cfg=initializer_cfg,
+                norm_epsilon=norm_epsilon, rms_norm=rms_norm, fused_add_norm=fused_add_norm,
+                residual_in_fp32=residual_in_fp32, tie_embeddings=tie_embeddings,
+                pad_vocab_size_multiple=pad_vocab_size_multiple)
+        elif not isinstance(config, ModelConfig):
+            raise TypeError(f"LRNNLMHeadModel: config must be a ModelConfig, got {type(config).__name__}")
+        self._build(config, device=device, dtype=dtype)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, device=None, dtype=None) -> LRNNLMHeadModel:
+        """Build from a ``ModelConfig``."""
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"LRNNLMHeadModel.from_config expects a ModelConfig, got {type(config).__name__}")
+        return cls(config.d_model, 1, config.n_layer, config.vocab_size, list(config.mixer_types), config=config,
+                   device=device, dtype=dtype)
+
+    def _build(self, config: ModelConfig, device=None, dtype=None) -> None:
+        self.config = config
+        self.n_layer = config.n_layer
+        self.mixer_types = list(config.mixer_types)
+        self.fused_add_norm = config.fused_add_norm
+        self.residual_in_fp32 = config.residual_in_fp32
+        factory = {"device": device, "dtype": dtype}
+        D = config.d_model
+        self._build_embedding(config.vocab_size, D, config.pad_vocab_size_multiple, config.tie_embeddings, None,
+                              **factory)
+        norm_cls = functools.partial(RMSNorm if config.rms_norm else LayerNorm, eps=config.norm_epsilon, **factory)
+        mlp_cls = None
+        if config.d_intermediate > 0:
+            mlp_cls = functools.partial(MLPS.get(config.mlp), hidden_features=config.d_intermediate,
+                                        out_features=D, **factory)
+        layers = []
+        for i, layer in enumerate(config.layers):
+            mixer = build_mixer(layer.mixer, layer.mixer_config, layer_idx=i, **factory)
+            layers.append(Block(D, mixer_cls=lambda _dim, m=mixer: m, mlp_cls=mlp_cls or nn.Identity,
+                                norm_cls=norm_cls, fused_add_norm=config.fused_add_norm,
+                                residual_in_fp32=config.residual_in_fp32))
+        self.layers = nn.ModuleList(layers)
+        self.norm_f = norm_cls(D)
+        self._build_head(**factory)
+        self._apply_initializer(config.initializer, [[layer.mixer if layer.norm is not None else None, layer.mlp]
+                                                     for layer in self.layers])
+
+    def mixers(self) -> list[nn.Module]:
+        return [layer.mixer for layer in self.layers]
+
+    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]]) -> torch.Tensor:
+        residual = None
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            hidden, residual = layer(hidden, residual, inference_params=cache, **inputs[i])
+        if self.fused_add_norm:
+            weight, bias, eps, is_rms = norm_params(self.norm_f, hidden.dtype)
+            return add_norm(hidden, residual, weight, bias, eps, is_rms, residual_in_fp32=self.residual_in_fp32)
+        residual = hidden if residual is None else residual + hidden
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return self.norm_f(residual).to(hidden.dtype)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any], device=None, dtype=None) -> LRNNLMHeadModel:
+        return cls.from_config(ModelConfig.from_data(config), device=device, dtype=dtype)
+
