@@ -21,7 +21,7 @@ from seqblocks.ops.discretize import discretize
 from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
-from seqblocks.ops.ssm_kernels import vandermonde_kernel
+from seqblocks.ops.ssm_conv_kernels import vandermonde_kernel
 from seqblocks.registry import MIXERS
 
 

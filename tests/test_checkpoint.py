@@ -185,3 +185,46 @@ def test_push_to_hub_and_hub_ids_go_through_the_mixin(tmp_path, monkeypatch):
     loaded = LRNNLMHeadModel.from_pretrained("someone/tiny")
     ids = torch.randint(0, 37, (1, 4))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("field", ["model_type", "mlp_cls"])
+def test_planted_foreign_module_is_never_imported(tmp_path, monkeypatch, field):
+    """A config.json naming a module of its own is refused, and the module is not imported."""
+    import sys
+
+    marker = tmp_path / "imported.txt"
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / "planted_module.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nclass Evil:\n    pass\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    saved(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    if field == "model_type":
+        config["model_type"] = "planted_module:Evil"
+    else:  # the constructor-argument form older checkpoints used
+        config = {"model_type": "LRNNLMHeadModel", "d_model": 16, "d_state": 4, "n_layer": 2, "vocab_size": 37,
+                  "mixer_types": ["sbtest_decay", "sbtest_attn"], "d_intermediate": 8,
+                  "mlp_cls": "planted_module:Evil"}
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="never import"):
+        load_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="never import"):
+        LRNNLMHeadModel.from_pretrained(tmp_path / "ckpt")
+    assert not marker.exists() and "planted_module" not in sys.modules
+
+
+def test_older_argument_checkpoints_still_load(tmp_path):
+    """A config.json in the constructor-argument form (older checkpoints) loads, its mlp_cls matched by name."""
+    model = saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({
+        "model_type": "LRNNLMHeadModel", "torch_dtype": config["torch_dtype"], "d_model": 16, "d_state": 4,
+        "n_layer": 2, "vocab_size": 37, "mixer_types": ["sbtest_decay", "sbtest_attn"],
+        "mixer_kwargs": {"sbtest_attn": {"num_heads": config["layers"][1]["mixer_config"]["num_heads"]}},
+        "d_intermediate": config["d_intermediate"], "mlp_cls": "seqblocks.layers.ffn:GatedMLP",
+        "pad_vocab_size_multiple": config["pad_vocab_size_multiple"],
+        "initializer_cfg": config["initializer"]}))
+    loaded = LRNNLMHeadModel.from_pretrained(tmp_path)
+    ids = torch.randint(0, 37, (1, 5))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

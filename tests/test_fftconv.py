@@ -10,7 +10,7 @@ import torch
 
 from seqblocks.layers.ssm_init import nplr
 from seqblocks.ops.fftconv import fft_size, fftconv, fftconv_ref
-from seqblocks.ops.ssm_kernels import dplr_kernel, dplr_kernel_direct, ssm_powers, vandermonde_kernel
+from seqblocks.ops.ssm_conv_kernels import dplr_kernel, dplr_kernel_direct, ssm_powers, vandermonde_kernel
 
 
 def _grads(fn, tensors, cot, **kw):

@@ -20,7 +20,7 @@ from seqblocks.train import (
     param_groups,
     train,
 )
-from seqblocks.train.optim import make_scheduler
+from seqblocks.train.optim import make_optimizer, make_scheduler
 
 # Tiny hybrid over mixers that exist from the start: a recurrent layer and attention.
 TINY = {"d_model": 32, "d_state": 4, "n_layer": 2, "vocab_size": 0, "mixer_types": ["mamba", "attn"],
@@ -221,3 +221,17 @@ def test_a_fresh_run_replaces_an_old_runs_checkpoints(tmp_path):
     assert any("removing the previous run's checkpoints" in m for m in messages)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001"]
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+
+
+def test_s4_lr_and_wd_reach_the_optimizer():
+    """S4 / S4D's lr / wd arguments are not dead knobs: their SSM parameters get their own group."""
+    from seqblocks import S4D
+
+    model = nn.Sequential(S4D(8, 4, lr=1e-3, wd=0.0), nn.Linear(8, 8))
+    groups = param_groups(model, weight_decay=0.1)
+    hinted = [g for g in groups if g.get("lr") == 1e-3]
+    assert len(hinted) == 1 and hinted[0]["weight_decay"] == 0.0
+    ssm = {id(p) for p in (model[0].log_dt, model[0].A_real)}
+    assert ssm <= {id(p) for p in hinted[0]["params"]}
+    opt = make_optimizer(model, lr=1e-2)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-3, 1e-2, 1e-2]

@@ -10,7 +10,7 @@ and starts with the add::
     hidden_states = mlp(norm2(residual))       # Norm -> MLP
 
 The stream value is the same as pre-norm's, but the add and the following norm are now adjacent, so
-they run as one fused op (``seqblocks.ops.add_norm``) that reads and writes each tensor once. The
+they run as one op (``seqblocks.ops.add_norm``), where a kernel can read and write each tensor once. The
 last block's ``hidden_states + residual`` is added by the model's final norm.
 
 Shapes: B batch, T time, D width.

@@ -23,20 +23,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     since they are the same tensor), parameters with fewer than 2 dimensions (gains, per-channel
     decay rates, skip weights), and any parameter a module marked ``_no_weight_decay = True``
     (mamba's convention for ``A_log`` / ``D``). Each parameter appears once even when shared.
+
+    A parameter a module tagged with ``_optim = {"lr": ..., "weight_decay": ...}`` (S4 / S4D's ``lr`` /
+    ``wd`` arguments for their SSM parameters) goes into a group of its own with those settings
+    (weight decay 0 unless given); the schedule scales its lr like every other group's.
     """
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding) or _is_norm(module):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     decay, keep, seen = [], [], set()
+    hinted: dict[tuple, list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
+        hints = getattr(param, "_optim", None)
+        if hints:  # the module's own optimizer settings (S4 / S4D's lr and wd for the SSM parameters)
+            hinted.setdefault(tuple(sorted(hints.items())), []).append(param)
+            continue
         skip = (id(param) in no_decay or param.ndim < 2 or name.endswith("bias")
                 or getattr(param, "_no_weight_decay", False))
         (keep if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    for hints, params in hinted.items():
+        groups.append({"params": params, "weight_decay": 0.0, **dict(hints)})
+    return groups
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,

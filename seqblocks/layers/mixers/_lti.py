@@ -34,7 +34,7 @@ from seqblocks.ops._backend import autocast_off
 from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.reference import state_dtype
-from seqblocks.ops.ssm_kernels import ssm_powers
+from seqblocks.ops.ssm_conv_kernels import ssm_powers
 
 __all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "complex_dtype", "post_layers",
            "diag_states", "complex_linear", "real_readout"]

@@ -30,7 +30,7 @@ from torch import nn
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, diag_states
 from seqblocks.ops.discretize import DISCRETIZATIONS, discretize
 from seqblocks.ops.fftconv import fftconv
-from seqblocks.ops.ssm_kernels import ssm_powers
+from seqblocks.ops.ssm_conv_kernels import ssm_powers
 from seqblocks.registry import MIXERS
 
 __all__ = ["Centaurus", "CENTAURUS_VARIANTS"]

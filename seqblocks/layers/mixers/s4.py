@@ -5,7 +5,7 @@ Each channel h is a SISO system of N states whose matrix is the HiPPO matrix in 
 normal-plus-low-rank form, diagonalised: ``A = Λ - P P^*`` (one eigenvalue of each conjugate pair
 stored, so N/2 complex parameters), discretised with the bilinear transform:
 
-    conv mode:  K = Cauchy + Woodbury kernel (seqblocks.ops.ssm_kernels.dplr_kernel),  y = K * u + D u
+    conv mode:  K = Cauchy + Woodbury kernel (seqblocks.ops.ssm_conv_kernels.dplr_kernel),  y = K * u + D u
     scan mode:  x_t = Ā x_{t-1} + B̄ u_t,  y_t = C x_t + D u_t  with the dense Ā (N x N per channel)
 
 followed, as in S4 / lrnnx, by an activation (GELU), dropout and a position-wise output map (GLU).
@@ -28,7 +28,7 @@ from torch import nn
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
 from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
 from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr
-from seqblocks.ops.ssm_kernels import dplr_bilinear, dplr_kernel
+from seqblocks.ops.ssm_conv_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
 
 __all__ = ["S4"]

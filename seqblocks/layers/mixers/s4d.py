@@ -25,7 +25,7 @@ from seqblocks.layers.ssm_init import S4D_INITS, log_uniform, s4d_init
 from seqblocks.ops.discretize import discretize
 from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.scan import linear_scan
-from seqblocks.ops.ssm_kernels import vandermonde_kernel
+from seqblocks.ops.ssm_conv_kernels import vandermonde_kernel
 from seqblocks.registry import MIXERS
 
 __all__ = ["S4D", "DiagonalSSMParams", "REAL_TRANSFORMS", "real_part", "inverse_real_part"]

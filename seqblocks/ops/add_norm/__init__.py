@@ -1,4 +1,7 @@
-"""Fused residual add + normalisation, the op behind ``Block(fused_add_norm=True)``.
+"""Residual add + normalisation as one op, the op behind ``Block(fused_add_norm=True)``.
+
+Today it has one implementation, in PyTorch (the add and the norm in adjacent lines, fp32
+statistics); the seed's flag name ``fused_add_norm`` is kept, and no GPU kernel fuses the two yet.
 
 Shapes: x, residual [..., D]; weight, bias [D].
 """
