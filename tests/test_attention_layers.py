@@ -253,7 +253,7 @@ def test_errors():
             m(_x(1, 2), cache=cache)
     with pytest.raises(ValueError, match="non-causal"):
         MHA(D, H, causal=False).allocate_inference_cache(1, 4)
-    with pytest.raises(ValueError, match=r"x must be"):
+    with pytest.raises(ValueError, match=r"MHA: x must have shape \[B, T, 16\]"):
         m(torch.randn(2, 3, D + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="key-padding"):
         m(_x(), mask=torch.ones(2, T + 1, dtype=torch.bool))
