@@ -32,16 +32,18 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from seqblocks.ops.scan import ScanTuning
 from seqblocks.ops.scan import linear_scan as _linear_scan
 from seqblocks.ops.scan.triton import linear_scan_triton
+from seqblocks.ops.selective_scan import SelectiveScanTuning
 
 ROWS: list[dict] = []
 
 
-def linear_scan(a, b, backend):
+def linear_scan(a, b, backend, tuning=None):
     # The Triton rows call the kernel entry directly (the op adds only input checks on top).
     if backend == "triton":
-        return linear_scan_triton(a, b)
+        return linear_scan_triton(a, b, tuning=tuning)
     return _linear_scan(a, b, backend=backend)
 
 
@@ -185,9 +187,8 @@ def section_linear(bw, quick):
 
 
 def section_linear_configs(bw):
-    """Block-shape sweep of the real bf16 kernel (used to choose the defaults)."""
-    from seqblocks.ops.scan import triton as scan_triton
-
+    """Block-shape sweep of the real bf16 kernel (used to choose the defaults): each point passes its
+    (BLOCK_T, BLOCK_D, warps) and backward (BLOCK_D, warps) as an explicit ``ScanTuning``."""
     print("\n== linear scan block sweep (real bf16 (8,4096,4096)) ==", flush=True)
     B, T, D = (8, 4096, 4096)
     a = (torch.rand(B, T, D, device="cuda") * 0.1 + 0.9).to(torch.bfloat16).requires_grad_()
@@ -197,12 +198,11 @@ def section_linear_configs(bw):
     for cfg, bcfg in [((32, 32, 2), None), ((32, 32, 2), (16, 1)), ((32, 32, 2), (32, 1)),
                       ((32, 32, 2), (64, 2)), ((16, 32, 1), None), ((32, 16, 1), None), ((64, 32, 2), None),
                       ((32, 64, 2), (32, 2)), ((16, 16, 1), (16, 1))]:
-        scan_triton.CONFIG_OVERRIDE = cfg
-        scan_triton.BWD_OVERRIDE = bcfg
+        tuning = ScanTuning(*cfg, *(bcfg or (None, None)))
         try:
             with torch.no_grad():
-                f = bench(lambda: linear_scan(a, b, backend="triton"))
-            fb = bench(fwd_bwd(lambda: linear_scan(a, b, backend="triton"), [a, b]))
+                f = bench(lambda: linear_scan(a, b, backend="triton", tuning=tuning))
+            fb = bench(fwd_bwd(lambda: linear_scan(a, b, backend="triton", tuning=tuning), [a, b]))
             print(f"  BT={cfg[0]:4d} BD={cfg[1]:4d} warps={cfg[2]} bwd {bcfg}: fwd {f:.3f} ms ({100*fl_f/f:.0f}%)  "
                   f"fwd+bwd {fb:.3f} ms ({100*fl_fb/fb:.0f}%)", flush=True)
         except Exception as e:
@@ -213,18 +213,15 @@ def section_linear_configs(bw):
     b = torch.randn(B, T, D, device="cuda", dtype=torch.complex64).requires_grad_()
     fl_f, fl_fb = fl_f * 4, fl_fb * 4
     for cfg in [(32, 64, 4), (32, 32, 4), (32, 32, 2), (16, 32, 2), (16, 16, 1), (32, 16, 2), (8, 64, 2)]:
-        scan_triton.CONFIG_OVERRIDE = cfg
-        scan_triton.BWD_OVERRIDE = None
+        tuning = ScanTuning(*cfg)
         try:
             with torch.no_grad():
-                f = bench(lambda: linear_scan(a, b, backend="triton"))
-            fb = bench(fwd_bwd(lambda: linear_scan(a, b, backend="triton"), [a, b]))
+                f = bench(lambda: linear_scan(a, b, backend="triton", tuning=tuning))
+            fb = bench(fwd_bwd(lambda: linear_scan(a, b, backend="triton", tuning=tuning), [a, b]))
             print(f"  complex BT={cfg[0]:4d} BD={cfg[1]:4d} warps={cfg[2]}: fwd {f:.3f} ms ({100*fl_f/f:.0f}%)  "
                   f"fwd+bwd {fb:.3f} ms ({100*fl_fb/fb:.0f}%)", flush=True)
         except Exception as e:
             print(f"  {cfg}: failed {e!r}")
-    scan_triton.BWD_OVERRIDE = None
-    scan_triton.CONFIG_OVERRIDE = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,32 +266,30 @@ def section_selective(bw, er, quick, sweep=False):
     print(f"  floors: fwd bytes {bytes_f/bw*1e3:.3f} ms, exps {exps_f/er*1e3:.3f} ms; "
           f"fwd+bwd bytes {bytes_fb/bw*1e3:.3f} ms, exps {exps_fb/er*1e3:.3f} ms")
 
-    def call(backend):
+    def call(backend, tuning=None):
+        kw = {"tuning": tuning} if backend == "triton" else {}
         return selective_scan(u, delta, A, Bm, Cm, Dv, z, delta_bias=bias, delta_softplus=True,
-                              backend=backend)
+                              backend=backend, **kw)
 
     tag = f"mamba bf16 ({Bsz},{T},{D},{N}) D+z+softplus"
     if sweep:
         # ring 4 / 2: the default 4-slot load ring and a 2-slot one
         for ring in (4, 2):
-            ss_triton.FWD_RING = ring
             for fcfg in [(16, 1), (32, 1), (64, 2), (32, 2), (128, 4)]:
-                ss_triton.FWD_CONFIG_OVERRIDE = fcfg
+                tuning = SelectiveScanTuning(fwd_block_d=fcfg[0], fwd_num_warps=fcfg[1], fwd_ring=ring)
                 with torch.no_grad():
-                    f = bench(lambda: call("triton"), 5, 30)
+                    f = bench(lambda: call("triton", tuning), 5, 30)
                 print(f"  sweep sequential fwd ring={ring} BD={fcfg[0]} warps={fcfg[1]}: fwd {f:.3f} ms "
                       f"({100*fl_f/f:.0f}%)", flush=True)
-        ss_triton.FWD_CONFIG_OVERRIDE = None
-        ss_triton.FWD_RING = 4
+        # BLOCK_T is at least 8 (the load rings divide it)
         for cfg in [(16, 32, 1), (8, 32, 1), (16, 16, 1), (16, 64, 2), (8, 64, 2)]:
-            ss_triton.CONFIG_OVERRIDE = cfg
+            tuning = SelectiveScanTuning(block_t=cfg[0], bwd_block_d=cfg[1], bwd_num_warps=cfg[2])
             try:
-                fb = bench(fwd_bwd(lambda: call("triton"), ins), 3, 10)
+                fb = bench(fwd_bwd(lambda: call("triton", tuning), ins), 3, 10)
                 print(f"  sweep sequential bwd BT={cfg[0]} BD={cfg[1]} warps={cfg[2]}: fwd+bwd {fb:.3f} ms "
                       f"({100*fl_fb/fb:.0f}%)", flush=True)
             except Exception as e:
                 print(f"  sweep {cfg}: failed {e!r}", flush=True)
-        ss_triton.CONFIG_OVERRIDE = None
     for backend in ("triton", "torch"):
         w, r = (25, 100) if backend == "triton" else (3, 10)
         try:

@@ -26,6 +26,7 @@ def main(argv=None):
     p.add_argument("--bwd-variants", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    from seqblocks.ops.selective_scan import SelectiveScanTuning
     from seqblocks.ops.selective_scan import triton as sst
 
     torch.manual_seed(0)
@@ -43,17 +44,18 @@ def main(argv=None):
     gy = torch.randn(Bsz, T, D, device=dev, dtype=dtype)
     gh = torch.randn(Bsz, D, N, device=dev)
 
-    def call():
-        return sst.selective_scan_triton(u, delta, A, Bm, Cm, Dv, z, delta_bias=bias, delta_softplus=True)
+    def call(tuning=None):
+        return sst.selective_scan_triton(u, delta, A, Bm, Cm, Dv, z, delta_bias=bias, delta_softplus=True,
+                                         tuning=tuning)
 
-    def fb():
+    def fb(tuning=None):
         for x in ins:
             x.grad = None
-        y, hT = call()
+        y, hT = call(tuning)
         torch.autograd.backward([y, hT], [gy, gh])
 
-    def grads():
-        fb()
+    def grads(tuning=None):
+        fb(tuning)
         return [x.grad.clone() for x in ins]
 
     rows = []
@@ -69,25 +71,25 @@ def main(argv=None):
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    defaults = (sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE, sst.BWD_FULL, sst.CONFIG_OVERRIDE)
+    # Each variant is an explicit SelectiveScanTuning passed to the call; None fields keep the defaults.
     if args.fwd_variants:
         # ring: load-ring slots; cfg: (BLOCK_D, num_warps), None = the default
         for ring, cfg in [(2, None), (4, None), (4, (16, 1)), (4, (64, 2))]:
-            sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE = ring, cfg
+            fwd = cfg or (None, None)
+            tuning = SelectiveScanTuning(fwd_block_d=fwd[0], fwd_num_warps=fwd[1], fwd_ring=ring)
             with torch.no_grad():
-                y, h = call()
-                ms = do_bench(call, warmup=10, rep=50, return_mode="median")
+                y, h = call(tuning)
+                ms = do_bench(lambda t=tuning: call(t), warmup=10, rep=50, return_mode="median")
             rec(f"fwd ring={ring} cfg={cfg} (err y {rel(y, y_ref):.1e} h {rel(h, h_ref):.1e})", ms, FLOOR_FWD_MS)
-        sst.FWD_RING, sst.FWD_CONFIG_OVERRIDE = defaults[0], defaults[1]
     if args.bwd_variants:
-        # (prefetch all, (BLOCK_T, BLOCK_D, num_warps) or None = the default)
+        # (prefetch all, (BLOCK_T, BLOCK_D, num_warps) of the backward or None = the default)
         for full, cfg in [(False, None), (True, None), (None, (32, 32, 1)), (None, (16, 64, 2))]:
-            sst.BWD_FULL, sst.CONFIG_OVERRIDE = full, cfg
-            g = grads()
+            bwd = cfg or (None, None, None)
+            tuning = SelectiveScanTuning(block_t=bwd[0], bwd_block_d=bwd[1], bwd_num_warps=bwd[2], bwd_prefetch=full)
+            g = grads(tuning)
             err = max(rel(a, b) for a, b in zip(g, g_ref))
-            ms = do_bench(fb, warmup=10, rep=50, return_mode="median")
+            ms = do_bench(lambda t=tuning: fb(t), warmup=10, rep=50, return_mode="median")
             rec(f"fwd+bwd full={full} cfg={cfg} (max grad err {err:.1e})", ms, FLOOR_FB_MS)
-        sst.BWD_FULL, sst.CONFIG_OVERRIDE = defaults[2:]
     with torch.no_grad():
         rec("fwd default", do_bench(call, warmup=25, rep=100, return_mode="median"), FLOOR_FWD_MS)
     rec("fwd+bwd default", do_bench(fb, warmup=25, rep=100, return_mode="median"), FLOOR_FB_MS)

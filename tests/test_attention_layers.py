@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seqblocks import BlockConfig, ConfigurableBlock
-from seqblocks.layers.attention import MHA, MLA, MQA, CrossAttention, SlidingWindowAttention
+from seqblocks.layers.attention import MHA, MLA, MQA, CrossAttention, LinearAttention, SlidingWindowAttention
 from seqblocks.layers.attention.score_mods import (
     alibi_score_mod,
     compose,
@@ -51,6 +51,7 @@ def _variants():
         "mla_alibi": lambda **kw: MLA(D, H, position=ALiBi(H), **kw),
         "linear": lambda **kw: MHA(D, H, 2, rotary_emb_dim=2, attention_type="linear",
                                    linear_attention_chunk_size=4, **kw),
+        "linear_direct": lambda **kw: LinearAttention(D, H, 2, chunk_size=5, feature_map="relu", **kw),
     }
 
 
@@ -58,7 +59,7 @@ VARIANTS = _variants()
 
 
 def _make(name, backend="standard"):
-    kw = {} if name == "linear" else {"attention_type": backend}
+    kw = {} if name.startswith("linear") else {"attention_type": backend}
     return VARIANTS[name](**kw).double().eval()
 
 
@@ -102,7 +103,7 @@ def test_causality(name):
             check_causality(m, x, t=t)
 
 
-@pytest.mark.parametrize("name", ["mha", "gqa", "window", "alibi", "mla", "linear"])
+@pytest.mark.parametrize("name", ["mha", "gqa", "window", "alibi", "mla", "linear", "linear_direct"])
 def test_lengths(name):
     m, x = _make(name), _x(B=3)
     with torch.no_grad():
@@ -253,7 +254,7 @@ def test_errors():
             m(_x(1, 2), cache=cache)
     with pytest.raises(ValueError, match="non-causal"):
         MHA(D, H, causal=False).allocate_inference_cache(1, 4)
-    with pytest.raises(ValueError, match=r"x must be"):
+    with pytest.raises(ValueError, match=r"MHA: x must have shape \[B, T, 16\]"):
         m(torch.randn(2, 3, D + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="key-padding"):
         m(_x(), mask=torch.ones(2, T + 1, dtype=torch.bool))

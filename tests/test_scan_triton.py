@@ -8,6 +8,8 @@ Shapes: B batch, T time, S state shape.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from interpreter import INTERPRETER, run_file_under_interpreter
@@ -41,13 +43,13 @@ def _inputs(B, T, S, *, complex_=False, dtype=torch.float32, lti=False):
     return a, b
 
 
-def _check(a, b, h0=None, *, atol=1e-5, **kw):
+def _check(a, b, h0=None, *, atol=1e-5, tuning=None, **kw):
     """Forward and backward (random cotangents on h and on the final state) against the reference in
-    float64 / complex128."""
+    float64 / complex128; ``tuning`` goes to the kernel only."""
     ins = [x.detach().requires_grad_() for x in (a, b, h0) if x is not None]
     wide = torch.complex128 if any(x.is_complex() for x in ins) else torch.float64
     ref_in = [x.detach().to(wide if x.is_complex() else torch.float64).requires_grad_() for x in ins]
-    h, hT = _scan(*ins[:2], ins[2] if h0 is not None else None, **kw)
+    h, hT = _scan(*ins[:2], ins[2] if h0 is not None else None, tuning=tuning, **kw)
     hr, hTr = linear_scan_ref(*ref_in[:2], ref_in[2] if h0 is not None else None, **kw)
     assert h.dtype == torch.promote_types(a.dtype, b.dtype)
     assert hT.dtype == (torch.complex64 if hTr.is_complex() else torch.float32)
@@ -135,6 +137,52 @@ def test_dispatch_through_op():
     hr, hTr = linear_scan_ref(a, b)
     torch.testing.assert_close(h, hr, atol=1e-5, rtol=0)
     torch.testing.assert_close(hT, hTr, atol=1e-5, rtol=0)
+
+
+TUNINGS = [dict(block_t=4, block_d=2, num_warps=2), dict(block_t=32, block_d=8, num_warps=1),
+           dict(block_t=8, bwd_block_d=2, bwd_num_warps=2), dict(block_d=1, bwd_block_d=32)]
+
+
+@pytest.mark.parametrize(("fields", "case"), [(t, "real") for t in TUNINGS] + [
+    (TUNINGS[0], "complex_reverse"), (TUNINGS[2], "complex_reverse"), (TUNINGS[1], "varlen"), (TUNINGS[3], "packed")])
+def test_non_default_tuning_gives_the_same_result(fields, case):
+    """Block shapes and warps change how the work is split, never the result: forward and backward
+    match the reference and the default launch."""
+    from seqblocks.ops.scan import ScanTuning
+
+    tuning = ScanTuning(**fields)
+    kw = {"real": {}, "complex_reverse": dict(reverse=True), "varlen": dict(lengths=torch.tensor([13, 0, 9])),
+          "packed": dict(cu_seqlens=torch.tensor([0, 5, 5, 13]))}[case]
+    a, b = _inputs(1 if case == "packed" else 3, 13, (4,), complex_=case == "complex_reverse")
+    h0 = torch.randn(3, 4, dtype=b.dtype)
+    _check(a, b, h0, tuning=tuning, **kw)
+    h_tuned, hT_tuned = _scan(a, b, h0, tuning=tuning, **kw)
+    h_default, hT_default = _scan(a, b, h0, **kw)
+    torch.testing.assert_close(h_tuned, h_default, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hT_tuned, hT_default, atol=1e-5, rtol=0)
+
+
+def test_tuning_through_the_op_and_its_checks():
+    from seqblocks.ops.scan import ScanTuning, linear_scan
+
+    a, b = _inputs(2, 9, (3,))
+    h, hT = linear_scan(a, b, backend="triton", tuning=ScanTuning(block_t=2, block_d=4))
+    hr, hTr = linear_scan_ref(a, b)
+    torch.testing.assert_close(h, hr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hT, hTr, atol=1e-5, rtol=0)
+    # the PyTorch path takes (and ignores) the same argument
+    h_t, _ = linear_scan(a, b, backend="torch", tuning=ScanTuning(block_t=2))
+    torch.testing.assert_close(h_t, hr, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="tuning must be a ScanTuning"):
+        linear_scan(a, b, backend="triton", tuning=(32, 64, 2))
+    with pytest.raises(ValueError, match="block_t=24 must be a power of two"):
+        ScanTuning(block_t=24)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        ScanTuning(num_warps=3)
+    with pytest.raises(TypeError, match="block_d must be an int"):
+        ScanTuning(block_d=32.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ScanTuning().block_t = 8
 
 
 if not INTERPRETER:

@@ -28,7 +28,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_A", "initia
 
 def _check(*, Bsz=2, T=11, D=8, N=4, G=None, method="mamba", skip=True, gate=True, bias=True,
            softplus=True, delta_A=None, h0=False, lengths=None, cu_seqlens=None, dtype=torch.float32,
-           tol=1e-4):
+           tol=1e-4, tuning=None):
     from seqblocks.ops.selective_scan.triton import selective_scan_triton
 
     u = torch.randn(Bsz, T, D).to(dtype)
@@ -47,7 +47,7 @@ def _check(*, Bsz=2, T=11, D=8, N=4, G=None, method="mamba", skip=True, gate=Tru
         return dict(delta_bias=L[7], delta_softplus=softplus, discretization=method, delta_A=L[8],
                     initial_state=L[9], lengths=lengths, cu_seqlens=cu_seqlens)
 
-    y, hT = selective_scan_triton(*ins[:7], **kw(ins))
+    y, hT = selective_scan_triton(*ins[:7], **kw(ins), tuning=tuning)
     yr, hTr = selective_scan_ref(*ref_in[:7], **kw(ref_in))
     assert y.dtype == dtype and y.shape == yr.shape
     assert hT.dtype == torch.float32 and hT.shape == hTr.shape
@@ -118,6 +118,40 @@ def test_dispatch_through_op():
     yr, hTr = selective_scan_ref(u, delta, A, Bm, Cm, None, z, delta_softplus=True)
     torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hT, hTr, atol=1e-5, rtol=1e-5)
+
+
+TUNINGS = [dict(fwd_block_d=2, fwd_num_warps=2, fwd_ring=2), dict(block_t=16, bwd_block_d=2, bwd_num_warps=2),
+           dict(bwd_prefetch=True), dict(bwd_prefetch=None, block_t=32, fwd_block_d=8, bwd_block_d=8)]
+
+
+@pytest.mark.parametrize("fields", TUNINGS)
+def test_non_default_tuning_gives_the_same_result(fields):
+    """Launch options change how the work is split, never the result (forward and backward against the
+    reference, with groups, lengths, an initial state, a shared A step and an odd length)."""
+    from seqblocks.ops.selective_scan import SelectiveScanTuning
+
+    tuning = SelectiveScanTuning(**fields)
+    _check(T=11, D=4, G=2, h0=True, lengths=torch.tensor([11, 6]), delta_A="shared", tuning=tuning)
+
+
+def test_tuning_through_the_op_and_its_checks():
+    from seqblocks.ops.selective_scan import SelectiveScanTuning, selective_scan
+
+    u, delta, z = torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    A, Bm, Cm = -torch.rand(4, 3) - 0.1, torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    tuned = SelectiveScanTuning(fwd_block_d=1, fwd_ring=2, block_t=8, bwd_block_d=1)
+    y, hT = selective_scan(u, delta, A, Bm, Cm, None, z, delta_softplus=True, backend="triton", tuning=tuned)
+    yr, hTr = selective_scan_ref(u, delta, A, Bm, Cm, None, z, delta_softplus=True)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hT, hTr, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="tuning must be a SelectiveScanTuning"):
+        selective_scan(u, delta, A, Bm, Cm, backend="triton", tuning={"block_t": 8})
+    with pytest.raises(ValueError, match="block_t=4 must be a power of two >= 8"):
+        SelectiveScanTuning(block_t=4)
+    with pytest.raises(ValueError, match="fwd_ring=3"):
+        SelectiveScanTuning(fwd_ring=3)
+    with pytest.raises(TypeError, match="bwd_prefetch"):
+        SelectiveScanTuning(bwd_prefetch=1)
 
 
 if not INTERPRETER:

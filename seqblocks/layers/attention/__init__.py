@@ -1,4 +1,8 @@
-"""Attention mixers, their caches and FlexAttention-style score / mask mods."""
+"""Attention mixers, their caches and FlexAttention-style score / mask mods.
+
+Modules: ``mha`` (MHA / GQA / MQA / sliding window), ``mla``, ``cross_attention``, ``linear_attention``,
+``common`` (what they share), ``cache``, ``score_mods``.
+"""
 
 from seqblocks.layers.attention.cache import (
     CrossAttentionCache,
@@ -7,7 +11,9 @@ from seqblocks.layers.attention.cache import (
     MLACache,
     RollingKVCache,
 )
-from seqblocks.layers.attention.mha import GQA, MHA, MQA, CrossAttention, SlidingWindowAttention
+from seqblocks.layers.attention.cross_attention import CrossAttention
+from seqblocks.layers.attention.linear_attention import LinearAttention
+from seqblocks.layers.attention.mha import GQA, MHA, MQA, SlidingWindowAttention
 from seqblocks.layers.attention.mla import MLA
 from seqblocks.layers.attention.score_mods import (
     additive_bias,
@@ -22,7 +28,7 @@ from seqblocks.layers.attention.score_mods import (
     soft_cap,
 )
 
-__all__ = ["MHA", "GQA", "MQA", "MLA", "SlidingWindowAttention", "CrossAttention", "KVCache", "RollingKVCache",
-           "MLACache", "LinearAttentionCache", "CrossAttentionCache", "causal_mask", "sliding_window_mask",
-           "prefix_lm_mask", "document_mask", "alibi_score_mod", "soft_cap", "additive_bias", "compose",
-           "and_masks", "or_masks"]
+__all__ = ["MHA", "GQA", "MQA", "MLA", "SlidingWindowAttention", "CrossAttention", "LinearAttention", "KVCache",
+           "RollingKVCache", "MLACache", "LinearAttentionCache", "CrossAttentionCache", "causal_mask",
+           "sliding_window_mask", "prefix_lm_mask", "document_mask", "alibi_score_mod", "soft_cap", "additive_bias",
+           "compose", "and_masks", "or_masks"]

@@ -9,7 +9,8 @@
 
 ``seqlen_offset`` [B] (a tensor) counts each sequence's tokens; ``key_valid`` [B, slots] marks slots that
 hold a real, unpadded token. Writing past ``max_seqlen`` raises ``ValueError`` (every cache kind, the
-rolling one included, so that a model's limit does not depend on its layer mix).
+rolling one included, so that a model's limit does not depend on its layer mix). ``write`` stores one
+call's tokens (before the owner advances ``seqlen_offset``).
 
 Shapes: B batch, Hkv key/value heads, S max_seqlen (slots), W window, K key width, V value width,
 R latent width, P rotary width, M memory length.
@@ -49,6 +50,13 @@ class KVCache(Cache):
         cache.key_valid = torch.zeros(batch_size, max_seqlen, dtype=torch.bool, device=device)
         return cache
 
+    def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store keys [B, Hkv, T, K], values [B, Hkv, T, V] and validity [B, T] at positions ``index`` [B, T]."""
+        b_idx = torch.arange(index.shape[0], device=index.device)[:, None]
+        self.k[b_idx, :, index] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[b_idx, :, index] = v.transpose(1, 2).to(self.v.dtype)
+        self.key_valid[b_idx, index] = valid
+
 
 @dataclasses.dataclass(eq=False)
 class RollingKVCache(Cache):
@@ -83,6 +91,30 @@ class RollingKVCache(Cache):
         super().reset()
         self.slot_positions.fill_(-1)
 
+    def write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, consumed: torch.Tensor) -> None:
+        """Keep the newest ``window`` tokens after a call that adds ``consumed`` [B] tokens per row.
+
+        ``k`` [B, Hkv, T, K], ``v`` [B, Hkv, T, V] and ``valid`` [B, T] are the call's tokens, which sit
+        at positions ``seqlen_offset + arange(T)``. Slot s keeps the newest position p < end with
+        p % W == s (end = offset + consumed); it changes only when that p is one of this call's.
+        """
+        B, T = valid.shape
+        W = self.window
+        offset = self.seqlen_offset
+        end = (offset + consumed)[:, None]
+        slots = torch.arange(W, device=k.device)[None]
+        newest = end - 1 - torch.remainder(end - 1 - slots, W)  # [B, W]
+        is_new = newest >= offset[:, None]
+        t_idx = (newest - offset[:, None]).clamp(0, T - 1)  # [B, W]
+        gather = t_idx[:, None, :, None]
+        new_k = k.gather(2, gather.expand(B, k.shape[1], W, k.shape[3]))
+        new_v = v.gather(2, gather.expand(B, v.shape[1], W, v.shape[3]))
+        sel = is_new[:, None, :, None]
+        self.k.copy_(torch.where(sel, new_k.to(self.k.dtype), self.k))
+        self.v.copy_(torch.where(sel, new_v.to(self.v.dtype), self.v))
+        self.key_valid.copy_(torch.where(is_new, valid.gather(1, t_idx), self.key_valid))
+        self.slot_positions.copy_(torch.where(is_new, newest, self.slot_positions))
+
 
 @dataclasses.dataclass(eq=False)
 class MLACache(Cache):
@@ -106,6 +138,13 @@ class MLACache(Cache):
         cache.k_pe = torch.zeros(batch_size, max_seqlen, rope_dim, device=device, dtype=dtype)
         cache.key_valid = torch.zeros(batch_size, max_seqlen, dtype=torch.bool, device=device)
         return cache
+
+    def write(self, index: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store latents [B, T, R], rotated keys [B, T, P] and validity [B, T] at positions ``index`` [B, T]."""
+        b_idx = torch.arange(index.shape[0], device=index.device)[:, None]
+        self.c_kv[b_idx, index] = c_kv.to(self.c_kv.dtype)
+        self.k_pe[b_idx, index] = k_pe.to(self.k_pe.dtype)
+        self.key_valid[b_idx, index] = valid
 
 
 @dataclasses.dataclass(eq=False)

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.layers.attention.cache import MLACache, host_sync_unsafe
-from seqblocks.layers.attention.mha import _and, _AttentionCore, _length_valid, _positions, _split_mask
+from seqblocks.cache import host_sync_unsafe
+from seqblocks.layers.attention.cache import MLACache
+from seqblocks.layers.attention.common import AttentionCore, intersect_valid, rope_positions, split_mask, token_index
+from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
 from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import PositionBase, RotaryEmbedding
 from seqblocks.registry import MIXERS
@@ -32,7 +34,7 @@ __all__ = ["MLA"]
 
 
 @MIXERS.register("mla")
-class MLA(_AttentionCore):
+class MLA(AttentionCore):
     """Multi-head latent attention with a latent KV cache.
 
     Args:
@@ -111,11 +113,10 @@ class MLA(_AttentionCore):
         if position is not None and position.kind == "rotary":
             position = None  # MLA's decoupled RoPE is its rotary encoding
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
-        self._init_core(num_heads=num_heads, attention_type=attention_type,
-                        attention_block_size=attention_block_size, linear_attention_chunk_size=64,
-                        linear_feature_map="elu", dropout=dropout, score_mod=score_mod, mask_mod=mask_mod,
-                        softmax_scale=qk_dim**-0.5 if softmax_scale is None else softmax_scale,
-                        window_size=None, position=position)
+        self.init_core(num_heads=num_heads, attention_type=attention_type, attention_block_size=attention_block_size,
+                       dropout=dropout, score_mod=score_mod, mask_mod=mask_mod,
+                       softmax_scale=qk_dim**-0.5 if softmax_scale is None else softmax_scale,
+                       window_size=None, position=position)
         self.d_model, self.causal, self.layer_idx = d_model, causal, layer_idx
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -175,42 +176,41 @@ class MLA(_AttentionCore):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, cache: MLACache | None = None, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cache: MLACache | None = None, *, mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D]; cache, mask, position_ids, lengths as ``MHA``."""
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"MLA: x must be [B, T, {self.d_model}], got {tuple(x.shape)}")
+        check_input("MLA", x, self.d_model)
         B, T, _ = x.shape
+        check_lengths("MLA", lengths, B, T)
+        check_position_ids("MLA", position_ids, B, T)
+        if cache is not None:
+            check_cache("MLA", cache, MLACache, B)
+            if not self.causal:
+                raise ValueError("MLA: a non-causal attention cannot decode with a cache")
         H, Kn, P, V = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         R = self.kv_lora_rank
-        index = (torch.arange(T, device=x.device)[None] if cache is None
-                 else cache.seqlen_offset[:, None] + torch.arange(T, device=x.device))
-        rope_pos = _positions(position_ids, index)
+        index = token_index(cache, T, x.device)
+        rope_pos = rope_positions(position_ids, index)
         q = self._queries(x).view(B, T, H, Kn + P)
         q_nope, q_pe = q.split((Kn, P), dim=-1)
         q = torch.cat((q_nope, self.rotary.rotate(q_pe, rope_pos)), dim=-1)
         c_kv, k_pe = self.kv_a_proj(x).split((R, P), dim=-1)
         c_kv = self.kv_a_norm(c_kv)  # [B, T, R]
         k_pe = self.rotary.rotate(k_pe[:, :, None], rope_pos)[:, :, 0]  # [B, T, P]
-        key_valid, attn_mask = _split_mask(mask, B, T, T, "MLA")
-        length_valid = _length_valid(lengths, B, T, x.device, "MLA")
-        key_valid = _and(key_valid, length_valid)
+        key_valid, attn_mask = split_mask("MLA", mask, B, T, T)
+        length_valid = lengths_mask(lengths, T, x.device)
+        key_valid = intersect_valid(key_valid, length_valid)
         q_pos = None
         if cache is not None:
             if attn_mask is not None:
                 raise ValueError("MLA: with a cache, mask must be a [B, T] key-padding mask")
-            if not self.causal:
-                raise ValueError("MLA: a non-causal attention cannot decode with a cache")
             S = cache.max_seqlen
             if not host_sync_unsafe():
                 cache.check_capacity(T, "MLA")
                 used = int(cache.seqlen_offset.max()) + T
-                S = used if used == T or not self._static_kv(x) else S
-            b_idx = torch.arange(B, device=x.device)[:, None]
-            cache.c_kv[b_idx, index] = c_kv.to(cache.c_kv.dtype)
-            cache.k_pe[b_idx, index] = k_pe.to(cache.k_pe.dtype)
-            cache.key_valid[b_idx, index] = (key_valid if key_valid is not None
-                                             else torch.ones(B, T, dtype=torch.bool, device=x.device))
+                S = used if used == T or not self.static_kv(x) else S
+            cache.write(index, c_kv, k_pe, key_valid if key_valid is not None
+                        else torch.ones(B, T, dtype=torch.bool, device=x.device))
             if not (S == T and key_valid is None):
                 # Otherwise (an empty cache, no padding) this call's latents are all there is to attend to.
                 c_kv, k_pe = cache.c_kv[:, :S].to(x.dtype), cache.k_pe[:, :S].to(x.dtype)
@@ -218,7 +218,7 @@ class MLA(_AttentionCore):
         Tk = c_kv.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, Tk, H, Kn + V).split((Kn, V), dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, Tk, H, P)), dim=-1)
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=self.causal,
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=self.causal,
                            window=None, q_pos=q_pos, kv_pos=None, key_valid=key_valid, attn_mask=attn_mask)
         if cache is not None:
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))

@@ -20,6 +20,8 @@ Design (see docs/kernels.md):
   complex numbers written out in real arithmetic.
 - Reverse scans, variable lengths and packed sequences only change which memory row a time step
   maps to and where a sequence ends; padding is never read and its outputs are zero.
+- Block shapes and warps come from the call's ``ScanTuning`` (``tuning.py``; None fields: the
+  defaults in ``_blocks`` / ``_bwd_blocks``). No module-level setting changes them.
 
 Shapes: B batch, T time, S the state's trailing shape flattened to D channels, C chunks.
 """
@@ -32,12 +34,14 @@ import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
 from seqblocks.ops.scan.reference import state_dtype
+from seqblocks.ops.scan.tuning import ScanTuning
 
-__all__ = ["linear_scan_triton", "INTERPRETED"]
+__all__ = ["linear_scan_triton", "seq_bounds", "INTERPRETED"]
 
 # Triton fixes compile-or-interpret process-wide when it is imported (TRITON_INTERPRET must be set
-# before that); the block shapes follow the mode.
+# before that); the default block shapes follow the mode. Explicit tuning (``ScanTuning``) wins in both.
 INTERPRETED = interpreter_enabled()
+_DEFAULT_TUNING = ScanTuning()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,7 +65,7 @@ def _combine_complex(ar1, ai1, xr1, xi1, ar2, ai2, xr2, xi2):
 
 
 @triton.jit
-def _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE: tl.constexpr):
+def seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE: tl.constexpr):
     # (batch row, first memory position, length) of sequence pid_s, all int64.
     row = pid_s.to(tl.int64)
     start = row * 0
@@ -133,7 +137,7 @@ def _scan_fwd_kernel(
     # in real elements (0 where broadcast); states h0 / hT / checkpoints are contiguous fp32.
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
+    row, start, L = seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dd < D
     rows = tl.arange(0, BLOCK_T)
@@ -226,7 +230,7 @@ def _scan_bwd_kernel(
     # g, db, da are contiguous like b (da in a's dtype, or fp32 where a was broadcast).
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
+    row, start, L = seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dd < D
     rows = tl.arange(0, BLOCK_T)
@@ -303,40 +307,34 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-# (BLOCK_T, BLOCK_D, num_warps) forced by benchmarks/scans.py's block sweep; None: the defaults below.
-CONFIG_OVERRIDE: tuple[int, int, int] | None = None
-# (BLOCK_D, num_warps) of the backward alone (its BLOCK_T is the forward's checkpoint interval).
-BWD_OVERRIDE: tuple[int, int] | None = None
-
-
-def _blocks(T: int, D: int, wide: bool, complex_: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps)."""
-    if CONFIG_OVERRIDE is not None and not INTERPRETED:
-        return CONFIG_OVERRIDE
+def _blocks(T: int, D: int, wide: bool, complex_: bool, tuning: ScanTuning) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the forward: ``tuning``'s values, defaults for its None fields."""
     if INTERPRETED:
         # The interpreter's cost is per element and per program; small tiles keep masks cheap.
-        return min(16, _next_pow2(max(T, 1))), min(16, _next_pow2(D)), 1
-    # Measured on an H100 (benchmarks/scans.py --sweep): small programs, many of them, keep the most
-    # loads in flight for 2-byte inputs; 4-byte inputs move enough per program with wider blocks.
-    if complex_:
-        # the four-tensor complex scan is cheapest over short chunks
-        bt, bd, warps = 8, 64, 2
-    elif wide:
-        bt, bd, warps = 32, 64, 4
+        bt, bd, warps = min(16, _next_pow2(max(T, 1))), min(16, _next_pow2(D)), 1
     else:
-        bt, bd, warps = 32, 64, 2
-    return min(bt, _next_pow2(max(T, 1))), min(bd, _next_pow2(D)), warps
+        # Measured on an H100 (benchmarks/scans.py --sweep): small programs, many of them, keep the most
+        # loads in flight for 2-byte inputs; 4-byte inputs move enough per program with wider blocks.
+        if complex_:
+            # the four-tensor complex scan is cheapest over short chunks
+            bt, bd, warps = 8, 64, 2
+        elif wide:
+            bt, bd, warps = 32, 64, 4
+        else:
+            bt, bd, warps = 32, 64, 2
+        bt, bd = min(bt, _next_pow2(max(T, 1))), min(bd, _next_pow2(D))
+    return (bt if tuning.block_t is None else tuning.block_t, bd if tuning.block_d is None else tuning.block_d,
+            warps if tuning.num_warps is None else tuning.num_warps)
 
 
-def _bwd_blocks(plan) -> tuple[int, int]:
+def _bwd_blocks(plan: _Plan, tuning: ScanTuning) -> tuple[int, int]:
     """(BLOCK_D, num_warps) of the backward; its BLOCK_T is the forward's checkpoint interval."""
-    if BWD_OVERRIDE is not None and not INTERPRETED:
-        return BWD_OVERRIDE
-    if INTERPRETED or plan.complex:
-        return plan.bd, plan.warps
-    if plan.wide:
-        return plan.bd, plan.warps
-    return min(32, plan.bd), 1
+    if INTERPRETED or plan.complex or plan.wide:
+        bd, warps = plan.bd, plan.warps
+    else:
+        bd, warps = min(32, plan.bd), 1
+    return (bd if tuning.bwd_block_d is None else tuning.bwd_block_d,
+            warps if tuning.bwd_num_warps is None else tuning.bwd_num_warps)
 
 
 def _real_view(x: torch.Tensor) -> torch.Tensor:
@@ -347,7 +345,7 @@ class _Plan:
     """Flattened views and launch geometry shared by the forward and the backward."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor | None,
-                 cu_seqlens: torch.Tensor | None):
+                 cu_seqlens: torch.Tensor | None, tuning: ScanTuning):
         self.B, self.T = b.shape[:2]
         self.S = tuple(b.shape[2:])
         D = 1
@@ -362,7 +360,7 @@ class _Plan:
         else:
             self.seq_mode, self.n_seq = 0, self.B
         self.wide = b.dtype.itemsize >= 4 and not self.complex
-        self.bt, self.bd, self.warps = _blocks(self.T, D, self.wide, self.complex)
+        self.bt, self.bd, self.warps = _blocks(self.T, D, self.wide, self.complex, tuning)
         self.nc = max(1, -(-self.T // self.bt))
         # a: broadcast to b's shape and flattened without copying where the strides allow it.
         a3 = torch.broadcast_to(a, b.shape).reshape(self.B, self.T, D)
@@ -402,8 +400,8 @@ def _forward(plan: _Plan, b3r: torch.Tensor, h0: torch.Tensor | None, out_dtype:
 
 class _LinearScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, h0, reverse, lengths, cu_seqlens, out_dtype):
-        plan = _Plan(a, b, lengths, cu_seqlens)
+    def forward(ctx, a, b, h0, reverse, lengths, cu_seqlens, out_dtype, tuning):
+        plan = _Plan(a, b, lengths, cu_seqlens, tuning)
         b3r = _real_view(b.reshape(plan.B, plan.T, plan.D).contiguous()).reshape(plan.B, plan.T, -1)
         h0r = None
         if h0 is not None:
@@ -416,6 +414,7 @@ class _LinearScanTriton(torch.autograd.Function):
             hT = torch.view_as_complex(hT.view(plan.n_seq, plan.D, 2))
         ctx.save_for_backward(a, b3r, ck, lengths, cu_seqlens, h0)
         ctx.reverse = reverse
+        ctx.tuning = tuning
         ctx.plan_args = (b.shape, b.dtype, a.shape, a.dtype)
         return h.reshape(b.shape), hT.reshape(plan.n_seq, *plan.S)
 
@@ -424,7 +423,7 @@ class _LinearScanTriton(torch.autograd.Function):
     def backward(ctx, grad_h, grad_hT):
         a, b3r, ck, lengths, cu_seqlens, h0 = ctx.saved_tensors
         b_shape, b_dtype, a_shape, a_dtype = ctx.plan_args
-        plan = _Plan(a, _Shape(b_shape, b_dtype, a.device), lengths, cu_seqlens)
+        plan = _Plan(a, _Shape(b_shape, b_dtype, a.device), lengths, cu_seqlens, ctx.tuning)
         W = 2 if plan.complex else 1
         dev = b3r.device
         need_da, need_db, need_dh0 = ctx.needs_input_grad[:3]
@@ -444,7 +443,7 @@ class _LinearScanTriton(torch.autograd.Function):
         db = alloc((plan.B, plan.T, plan.D * W), dtype=db_dtype, device=dev)
         dh0 = torch.empty((plan.n_seq, plan.D * W), dtype=torch.float32, device=dev)
         if plan.T > 0 or plan.seq_mode != 0:
-            bbd, bwarps = _bwd_blocks(plan)
+            bbd, bwarps = _bwd_blocks(plan, ctx.tuning)
             _scan_bwd_kernel[(plan.n_seq, triton.cdiv(plan.D, bbd))](
                 plan.a, b3r, g if g is not None else b3r, gT if gT is not None else dh0, ck, da, db, dh0,
                 plan.lens, plan.cu, plan.T, plan.D, plan.nc,
@@ -468,7 +467,7 @@ class _LinearScanTriton(torch.autograd.Function):
             grad_b = db.reshape(b_shape)
         if need_dh0:
             grad_h0 = dh0.reshape(h0.shape).to(h0.dtype)
-        return grad_a, grad_b, grad_h0, None, None, None, None
+        return grad_a, grad_b, grad_h0, None, None, None, None, None
 
 
 class _Shape:
@@ -489,9 +488,15 @@ def linear_scan_triton(
     reverse: bool = False,
     lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    tuning: ScanTuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of ``seqblocks.ops.scan.linear_scan`` (see there); inputs are assumed valid and
-    served (fp16 / bf16 / fp32 / complex64; the dispatcher checks)."""
+    served (fp16 / bf16 / fp32 / complex64; the dispatcher checks). ``tuning``: the kernels' block
+    shapes and warps (``ScanTuning``; None: the defaults)."""
+    if tuning is None:
+        tuning = _DEFAULT_TUNING
+    elif not isinstance(tuning, ScanTuning):
+        raise TypeError(f"linear_scan: tuning must be a ScanTuning or None, got {type(tuning).__name__}")
     if b.numel() == 0:
         # nothing to scan (empty batch, time or state): the PyTorch path handles the edge cases
         from seqblocks.ops.scan.torch import linear_scan_torch
@@ -506,4 +511,4 @@ def linear_scan_triton(
             a = a.to(torch.complex64)
         if not b.is_complex():
             b = b.to(torch.complex64)
-    return _LinearScanTriton.apply(a, b, initial_state, reverse, lengths, cu_seqlens, out_dtype)
+    return _LinearScanTriton.apply(a, b, initial_state, reverse, lengths, cu_seqlens, out_dtype, tuning)

@@ -1,9 +1,10 @@
 """Selective scan: Mamba's S6 recurrence with its discretisation, the core of ``Mamba`` (and STREAM).
 
 ``selective_scan`` validates its inputs and dispatches: ``reference.py`` is the sequential spec,
-``torch.py`` the chunked fast path (state memory bounded by one chunk) with a recomputing backward;
-a Triton kernel will plug in behind the same function. ``selective_state_update`` is the one-token
-decode step, updating a cache's state in place.
+``torch.py`` the chunked fast path (state memory bounded by one chunk) with a recomputing backward,
+``triton.py`` the GPU kernels (their launch options: an explicit ``SelectiveScanTuning``,
+``tuning.py``). ``selective_state_update`` is the one-token decode step, updating a cache's state in
+place.
 
 Layout is time before channels ([B, T, D]), unlike mamba's [B, D, T].
 
@@ -19,8 +20,9 @@ from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.selective_scan._common import check_inputs, pack, unpack
 from seqblocks.ops.selective_scan.reference import selective_scan_ref
 from seqblocks.ops.selective_scan.torch import selective_scan_torch, selective_state_update_torch
+from seqblocks.ops.selective_scan.tuning import SelectiveScanTuning
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "pack", "unpack"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "pack", "unpack", "SelectiveScanTuning"]
 
 
 @outside_autocast
@@ -41,6 +43,7 @@ def selective_scan(
     lengths: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     backend: str = "auto",
+    tuning: SelectiveScanTuning | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The selective (input-dependent) diagonal state-space scan.
 
@@ -75,17 +78,23 @@ def selective_scan(
         cu_seqlens (Tensor | None): [num_seqs + 1] integer offsets of sequences packed in a
             [1, total, ...] batch; the state restarts at every boundary. Default: None.
         backend (str): "auto", "torch" or "triton". Default: "auto".
+        tuning (SelectiveScanTuning | None): block shapes, warps and ring options of the Triton
+            kernels, for this call only (the PyTorch path ignores it; results do not depend on it).
+            Default: None (the defaults).
 
     Returns:
         (y, final_state): y [B, T, D] in u's dtype; final_state [B, D, N] ([num_seqs, D, N]) in fp32
         (complex64 for a complex state; float64 / complex128 for 64-bit inputs).
 
     Raises:
-        TypeError: non-tensor or non-floating inputs, complex u / delta / D / delta_bias.
+        TypeError: non-tensor or non-floating inputs, complex u / delta / D / delta_bias, a ``tuning``
+            that is not a ``SelectiveScanTuning``.
         ValueError: mismatched shapes, groups that do not divide D, an unknown discretization or
             backend, lengths out of [0, T], malformed cu_seqlens.
     """
     check_inputs(u, delta, A, B, C, D, z, delta_bias, discretization, delta_A, initial_state, lengths, cu_seqlens)
+    if tuning is not None and not isinstance(tuning, SelectiveScanTuning):
+        raise TypeError(f"selective_scan: tuning must be a SelectiveScanTuning or None, got {type(tuning).__name__}")
     # The Triton kernels (issue 8) take real fp16 / bf16 / fp32 inputs and d_state <= 256.
     served = A.shape[-1] <= 256 and all(
         t is None or (not t.is_complex() and t.dtype.itemsize <= 4)
@@ -95,7 +104,7 @@ def selective_scan(
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                                      discretization=discretization, delta_A=delta_A, initial_state=initial_state,
-                                     lengths=lengths, cu_seqlens=cu_seqlens)
+                                     lengths=lengths, cu_seqlens=cu_seqlens, tuning=tuning)
     kwargs = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, discretization=discretization,
                   initial_state=initial_state)
     if cu_seqlens is not None:

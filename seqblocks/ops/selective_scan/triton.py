@@ -23,6 +23,9 @@ Design (see docs/kernels.md). The kernels are time loops (``_ss_fwd_ring_kernel`
 - The gradient through ``Ā`` uses ``Ā_t h_{t-1} = h_t - B̄u_t`` (no shifted state, no division for
   the exponential methods; the bilinear one divides by ``(1 + s)(1 - s)``, s = dt_A A / 2).
 
+Block shapes, warps and the ring options come from the call's ``SelectiveScanTuning`` (``tuning.py``;
+None fields: the defaults in ``_blocks`` / ``_fwd_blocks``); no module-level setting changes them.
+
 Real A, B, C (complex systems run on the PyTorch path). Shapes: B batch, T time, D channels,
 N state (padded to a power of two on chip), G groups of B / C.
 """
@@ -34,26 +37,17 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
-from seqblocks.ops.scan.triton import _seq_bounds  # one definition of a sequence's bounds
+from seqblocks.ops.scan.triton import seq_bounds  # one definition of a sequence's bounds
+from seqblocks.ops.selective_scan.tuning import SelectiveScanTuning
 
 __all__ = ["selective_scan_triton", "INTERPRETED", "MAX_D_STATE"]
 
-INTERPRETED = interpreter_enabled()  # the block shapes follow the mode (see seqblocks/ops/scan/triton.py)
+# The default block shapes follow the mode (see seqblocks/ops/scan/triton.py); explicit tuning wins in both.
+INTERPRETED = interpreter_enabled()
 
 _METHODS = {"mamba": 0, "zoh": 1, "bilinear": 2, "dirac": 3}
 MAX_D_STATE = 256
-
-# Register slots of the forward's load ring (``_ss_fwd_ring_kernel``: 2 or 4; benchmarks compare them).
-FWD_RING = 4
-# Whether the backward's adjoint walk also loads B, C and the recomputed state a step pair ahead
-# (True) or where used (False); None: ahead for d_state <= 16. At the benchmark shape True measured
-# 3% faster (6.45 against 6.67 ms forward + backward) with 750 bytes of register spills; it passes the
-# interpreter tests but has not run the GPU tests yet, so the default stays False.
-BWD_FULL: bool | None = False
-# (BLOCK_D, num_warps) of the sequential forward, forced by benchmarks; None: the defaults.
-FWD_CONFIG_OVERRIDE: tuple[int, int] | None = None
-# (BLOCK_T, BLOCK_D, num_warps) forced by benchmarks; None: the defaults in ``_blocks``.
-CONFIG_OVERRIDE: tuple[int, int, int] | None = None
+_DEFAULT_TUNING = SelectiveScanTuning()
 
 
 @triton.jit
@@ -256,7 +250,7 @@ def _ss_fwd_ring_kernel(
     # rotation (a rotation would copy, i.e. wait for, the values just loaded).
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
+    row, start, L = seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     nn = tl.arange(0, BLOCK_N)
     dmask = dd < Dm
@@ -465,7 +459,7 @@ def _ss_bwd_ring_kernel(
     # its step consumed it.
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    row, start, L = _seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
+    row, start, L = seq_bounds(pid_s, lens_ptr, cu_ptr, T, SEQ_MODE)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     nn = tl.arange(0, BLOCK_N)
     dmask = dd < Dm
@@ -624,15 +618,12 @@ def _largest_pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def _blocks(N: int, ch_per_g: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps); BLOCK_D divides the channels of a group."""
+def _blocks(N: int, ch_per_g: int, tuning: SelectiveScanTuning) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps) of the backward (BLOCK_T is also the forward's checkpoint
+    interval): ``tuning``'s values, defaults for its None fields; BLOCK_D divides the channels of a group."""
     bn = max(_next_pow2(N), 2)
     if INTERPRETED:
         bt, bd, warps = 8, 4, 1
-    elif CONFIG_OVERRIDE is not None:
-        bt, bd, warps = CONFIG_OVERRIDE
-        if bt < 8 or bt & (bt - 1):
-            raise ValueError(f"CONFIG_OVERRIDE: BLOCK_T={bt} must be a power of two >= 8 (the load rings divide it)")
     else:
         # One warp per program holding a [BLOCK_D, BLOCK_N] state; the per-program history slot
         # (BLOCK_T x BLOCK_D x BLOCK_N fp32) stays small enough for all of them to live in L2.
@@ -641,15 +632,31 @@ def _blocks(N: int, ch_per_g: int) -> tuple[int, int, int, int]:
         if bn > 64:
             warps = 4
             bd = max(1, 2048 // bn)
+    bt = bt if tuning.block_t is None else tuning.block_t
+    bd = bd if tuning.bwd_block_d is None else tuning.bwd_block_d
+    warps = warps if tuning.bwd_num_warps is None else tuning.bwd_num_warps
     bd = max(1, min(bd, _largest_pow2_divisor(ch_per_g)))
     return bt, bd, bn, warps
+
+
+def _fwd_blocks(p, tuning: SelectiveScanTuning) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) of the forward time loop; BLOCK_D divides the channels of a group."""
+    if INTERPRETED:
+        fbd, fwarps = 4, 1
+    elif p.bn <= 64:
+        fbd, fwarps = max(1, 512 // p.bn), 1  # (32, 1) at N = 16: the measured best
+    else:
+        fbd, fwarps = max(1, 2048 // p.bn), 4
+    fbd = fbd if tuning.fwd_block_d is None else tuning.fwd_block_d
+    fwarps = fwarps if tuning.fwd_num_warps is None else tuning.fwd_num_warps
+    return max(1, min(fbd, _largest_pow2_divisor(p.ch_per_g))), fwarps
 
 
 class _Ctx:
     pass
 
 
-def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens):
+def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens, tuning):
     p = _Ctx()
     p.Bsz, p.T, p.D = u.shape
     p.N = A.shape[-1]
@@ -667,7 +674,7 @@ def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens):
         p.seq_mode, p.n_seq = 1, p.Bsz
     else:
         p.seq_mode, p.n_seq = 0, p.Bsz
-    p.bt, p.bd, p.bn, p.warps = _blocks(p.N, p.ch_per_g)
+    p.bt, p.bd, p.bn, p.warps = _blocks(p.N, p.ch_per_g, tuning)
     p.nc = max(1, -(-p.T // p.bt))
     p.grid = (p.n_seq, triton.cdiv(p.D, p.bd))
     dummy = torch.zeros(1, dtype=torch.int64, device=u.device)
@@ -695,8 +702,8 @@ def _common_args(p):
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_A, h0, opts):
-        softplus, method, lengths, cu_seqlens = opts
-        p = _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens)
+        softplus, method, lengths, cu_seqlens, tuning = opts
+        p = _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens, tuning)
         u_, delta_ = u.contiguous(), delta.contiguous()
         z_ = z.contiguous() if z is not None else None
         A_ = A.contiguous()
@@ -707,17 +714,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:10])
         ck = torch.empty((p.n_seq, p.nc, p.D, p.N), dtype=torch.float32, device=u.device) if save else hT
         h0_ = h0.to(torch.float32).contiguous() if h0 is not None else hT
-        if FWD_CONFIG_OVERRIDE is not None:
-            fbd, fwarps = FWD_CONFIG_OVERRIDE
-        elif INTERPRETED:
-            fbd, fwarps = 4, 1
-        elif p.bn <= 64:
-            fbd, fwarps = max(1, 512 // p.bn), 1  # (32, 1) at N = 16: the measured best
-        else:
-            fbd, fwarps = max(1, 2048 // p.bn), 4
-        fbd = max(1, min(fbd, _largest_pow2_divisor(p.ch_per_g)))
-        grid, warps = (p.n_seq, triton.cdiv(p.D, fbd)), fwarps
-        ring = min(FWD_RING, p.bt)  # the ring divides BLOCK_T (both powers of two, BLOCK_T >= 8)
+        fbd, warps = _fwd_blocks(p, tuning)
+        grid = (p.n_seq, triton.cdiv(p.D, fbd))
+        ring = min(tuning.fwd_ring, p.bt)  # the ring divides BLOCK_T (both powers of two, BLOCK_T >= 8)
         kernel, extra = _ss_fwd_ring_kernel, dict(RING=ring, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
         kernel[grid](
             u_, delta_, A_, p.B4, p.C4, D if D is not None else dummy, z_ if z_ is not None else dummy,
@@ -731,7 +730,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         )
         ctx.save_for_backward(u_, delta_, A_, D, z_, delta_bias, delta_A, h0, ck, lengths, cu_seqlens)
         ctx.Bs = (p.B4, p.C4, B.shape, C.shape, B.dtype, C.dtype)
-        ctx.opts = (softplus, method)
+        ctx.opts = (softplus, method, tuning)
         return y, hT
 
     @staticmethod
@@ -739,8 +738,8 @@ class _SelectiveScanTriton(torch.autograd.Function):
     def backward(ctx, gy, ghT):
         u, delta, A, D, z, delta_bias, delta_A, h0, ck, lengths, cu_seqlens = ctx.saved_tensors
         B4, C4, Bshape, Cshape, Bdt, Cdt = ctx.Bs
-        softplus, method = ctx.opts
-        p = _prep(u, delta, A, B4, C4, delta_A, lengths, cu_seqlens)
+        softplus, method, tuning = ctx.opts
+        p = _prep(u, delta, A, B4, C4, delta_A, lengths, cu_seqlens, tuning)
         dev = u.device
         dummy = p.lens
         f32 = dict(dtype=torch.float32, device=dev)
@@ -767,7 +766,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         ghT_ = ghT.to(torch.float32).contiguous() if ghT is not None else dh0
         hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
         kernel, extra = _ss_bwd_ring_kernel, (hist,)
-        full = p.bn <= 16 if BWD_FULL is None else BWD_FULL
+        full = p.bn <= 16 if tuning.bwd_prefetch is None else tuning.bwd_prefetch
         kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
         kernel[p.grid](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
@@ -807,9 +806,16 @@ def selective_scan_triton(
     initial_state: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    tuning: SelectiveScanTuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of ``seqblocks.ops.selective_scan.selective_scan`` (see there); inputs are
-    assumed valid and served (real fp16 / bf16 / fp32, d_state <= MAX_D_STATE; the dispatcher checks)."""
+    assumed valid and served (real fp16 / bf16 / fp32, d_state <= MAX_D_STATE; the dispatcher checks).
+    ``tuning``: the kernels' block shapes, warps and ring options (None: the defaults)."""
+    if tuning is None:
+        tuning = _DEFAULT_TUNING
+    elif not isinstance(tuning, SelectiveScanTuning):
+        raise TypeError(f"selective_scan: tuning must be a SelectiveScanTuning or None, got "
+                        f"{type(tuning).__name__}")
     if u.numel() == 0:
         # nothing to scan: zero outputs, and each sequence's final state is its initial state
         n_seq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -817,5 +823,5 @@ def selective_scan_triton(
         if initial_state is not None:
             return y, initial_state.to(torch.float32)
         return y, torch.zeros(n_seq, u.shape[2], A.shape[-1], dtype=torch.float32, device=u.device)
-    opts = (bool(delta_softplus), discretization, lengths, cu_seqlens)
+    opts = (bool(delta_softplus), discretization, lengths, cu_seqlens, tuning)
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_A, initial_state, opts)

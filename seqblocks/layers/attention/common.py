@@ -1,0 +1,229 @@
+"""What the attention mixers share: head sizes, option checks, masks, positions, the softmax core.
+
+``mha.py`` (MHA / GQA / MQA / sliding window), ``mla.py``, ``cross_attention.py`` and
+``linear_attention.py`` build on these names; none of them reaches into another's internals.
+
+- ``resolve_heads``: key/value heads and head width from the constructor arguments.
+- ``check_mods``, ``check_position``: a score_mod / mask_mod of the right kind, a rotary or bias
+  position module that fits the heads.
+- ``make_rotary``, ``rotary_of``: a layer's own RoPE (``rotary_emb_dim``) or a block's rotary module.
+- ``token_index``, ``rope_positions``: absolute token indices (cache offset + index in the call) and
+  the RoPE angles (``position_ids`` when given, else the token indices).
+- ``split_mask``, ``intersect_valid``: a user ``mask`` as (key_valid [B, Tk], full attn_mask), and the
+  intersection of two key-validity masks.
+- ``AttentionCore``: the base of the softmax-attention mixers: backend options and ``attend``.
+
+Shapes: B batch, T time, H query heads, Hkv key/value heads, K head width, Tq queries, Tk keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqblocks.cache import Cache
+from seqblocks.layers.attention.score_mods import mod_kind
+from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
+from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
+
+__all__ = ["AttentionCore", "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
+           "token_index", "rope_positions", "split_mask", "intersect_valid"]
+
+
+def resolve_heads(owner: str, embed_dim: int, num_heads: int | None, num_heads_kv: int | None,
+                  head_dim: int | None) -> tuple[int, int, int]:
+    """(num_heads, num_heads_kv, head_dim) with the defaults resolved: Hkv = H, K = embed_dim // H.
+
+    Raises:
+        ValueError: num_heads missing, sizes not positive, Hkv not dividing H, embed_dim not a multiple
+            of H when head_dim is not given.
+    """
+    if num_heads is None:
+        raise ValueError(f"{owner} needs num_heads (e.g. {owner}({embed_dim}, num_heads=8), or "
+                         f"attn_cfg / mixer_kwargs={{'num_heads': 8}} in a model)")
+    if embed_dim <= 0 or num_heads <= 0:
+        raise ValueError(f"{owner}: embed_dim={embed_dim} and num_heads={num_heads} must be positive")
+    num_heads_kv = num_heads if num_heads_kv is None else num_heads_kv
+    if num_heads_kv <= 0 or num_heads % num_heads_kv:
+        raise ValueError(f"{owner}: num_heads_kv={num_heads_kv} must be a positive divisor of num_heads={num_heads}")
+    if head_dim is None:
+        if embed_dim % num_heads:
+            raise ValueError(f"{owner}: embed_dim={embed_dim} is not a multiple of num_heads={num_heads}; "
+                             f"set head_dim explicitly")
+        head_dim = embed_dim // num_heads
+    if head_dim <= 0:
+        raise ValueError(f"{owner}: head_dim={head_dim} must be positive")
+    return num_heads, num_heads_kv, head_dim
+
+
+def check_mods(owner: str, score_mod: Callable | None, mask_mod: Callable | None) -> None:
+    """``score_mod`` must be a score mod and ``mask_mod`` a mask mod (``TypeError`` otherwise)."""
+    if score_mod is not None and mod_kind(score_mod) != "score":
+        raise TypeError(f"{owner}: score_mod must take (score, b, h, q_idx, kv_idx); got a mask mod "
+                        f"{score_mod!r} (pass it as mask_mod)")
+    if mask_mod is not None and mod_kind(mask_mod) != "mask":
+        raise TypeError(f"{owner}: mask_mod must take (b, h, q_idx, kv_idx); got a score mod {mask_mod!r}")
+
+
+def check_position(owner: str, position: Any, num_heads: int) -> None:
+    """``position`` must be None or a ``PositionBase``; an ALiBi module must have one slope per head."""
+    if position is None:
+        return
+    if not isinstance(position, PositionBase):
+        raise TypeError(f"{owner}: position must be a seqblocks PositionBase (rope / alibi), got "
+                        f"{type(position).__name__}")
+    if isinstance(position, ALiBi) and position.num_heads != num_heads:
+        raise ValueError(f"{owner}: ALiBi has {position.num_heads} slopes for {num_heads} heads")
+
+
+def make_rotary(owner: str, head_dim: int, rotary_emb_dim: int, base: float, interleaved: bool,
+                position: PositionBase | None, device=None) -> RotaryEmbedding | None:
+    """The layer's own RoPE over the first ``rotary_emb_dim`` channels of each head (None for 0).
+
+    Raises:
+        ValueError: both ``rotary_emb_dim`` and a rotary ``position`` module given.
+    """
+    if rotary_emb_dim <= 0:
+        return None
+    if position is not None and position.kind == "rotary":
+        raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim} and a rotary position module both given; "
+                         f"use one")
+    return RotaryEmbedding(head_dim, base=base, rotary_dim=rotary_emb_dim, interleaved=interleaved, device=device)
+
+
+def rotary_of(rotary_emb: nn.Module | None, position: PositionBase | None) -> nn.Module | None:
+    """The rotary module a layer applies: its own ``rotary_emb``, else a rotary ``position`` module."""
+    if rotary_emb is not None:
+        return rotary_emb
+    return position if position is not None and position.kind == "rotary" else None
+
+
+def token_index(cache: Cache | None, T: int, device) -> torch.Tensor:
+    """Absolute token indices of this call: [1, T] ``arange(T)`` without a cache, else [B, T]
+    ``cache.seqlen_offset + arange(T)``."""
+    steps = torch.arange(T, device=device)
+    return steps[None] if cache is None else cache.seqlen_offset[:, None] + steps
+
+
+def rope_positions(position_ids: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B or 1, T]: ``position_ids`` ([T] or [B, T], checked by the caller with
+    ``seqblocks.layers.checks.check_position_ids``) when given, else the token indices ``index``."""
+    if position_ids is None:
+        return index
+    return position_ids[None] if position_ids.dim() == 1 else position_ids
+
+
+def split_mask(owner: str, mask: torch.Tensor | None, B: int, Tq: int,
+               Tk: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(key_valid [B, Tk] bool or None, attn_mask [B or 1, H or 1, Tq, Tk] or None) from a user ``mask``.
+
+    A 2-D bool mask is key padding [B, Tk] (True = a real token); a 2-D float mask is an additive
+    [Tq, Tk] mask (seed 001); a 3-D [B, Tq, Tk] or 4-D [B, H, Tq, Tk] mask is a full mask (bool: True =
+    attend; float: additive).
+
+    Raises:
+        TypeError: ``mask`` is not a tensor. ValueError: a shape that is none of the above.
+    """
+    if mask is None:
+        return None, None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{owner}: mask must be a tensor, got {type(mask).__name__}")
+    if mask.dim() == 2 and mask.dtype == torch.bool:
+        if mask.shape != (B, Tk):
+            raise ValueError(f"{owner}: a 2-D bool mask is a key-padding mask [B, Tk] = [{B}, {Tk}], got "
+                             f"{tuple(mask.shape)}")
+        return mask, None
+    if mask.dim() == 2:
+        if mask.shape != (Tq, Tk) or not mask.dtype.is_floating_point:
+            raise ValueError(f"{owner}: a 2-D float mask is an additive [Tq, Tk] = [{Tq}, {Tk}] mask, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        return None, mask[None, None]
+    if mask.dim() in (3, 4):
+        return None, (mask[:, None] if mask.dim() == 3 else mask)
+    raise ValueError(f"{owner}: mask must be [B, Tk] (key padding), [Tq, Tk], [B, Tq, Tk] or [B, H, Tq, Tk]; "
+                     f"got {tuple(mask.shape)}")
+
+
+def intersect_valid(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a & b`` of two [B, T] bool validity masks, either of which may be None (all valid)."""
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+class AttentionCore(Mixer):
+    """Base of the softmax-attention mixers (MHA and its variants, MLA, cross-attention).
+
+    ``init_core`` checks and stores the backend options; ``attend`` runs ``ops.attention.attention``
+    with them, adding ALiBi (or another bias position) and dropout in training mode.
+    """
+
+    def init_core(self, *, num_heads: int, attention_type: str, attention_block_size: int, dropout: float,
+                  score_mod: Callable | None, mask_mod: Callable | None, softmax_scale: float | None,
+                  window_size: int | None, position: PositionBase | None) -> None:
+        """Check and store the softmax-attention options (call from ``__init__``).
+
+        Raises:
+            ValueError: an unknown attention_type, a block size or window that is not a positive int,
+                dropout outside [0, 1), ALiBi slopes that do not match the heads.
+            TypeError: mods of the wrong kind, a position that is not a ``PositionBase``.
+        """
+        owner = type(self).__name__
+        if attention_type not in ATTENTION_BACKENDS:
+            raise ValueError(f"{owner}: unknown attention_type {attention_type!r}; expected one of "
+                             f"{ATTENTION_BACKENDS}")
+        if not isinstance(attention_block_size, int) or attention_block_size <= 0:
+            raise ValueError(f"{owner}: attention_block_size={attention_block_size!r} must be a positive int")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{owner}: dropout={dropout} must be in [0, 1)")
+        if window_size is not None and (not isinstance(window_size, int) or window_size <= 0):
+            raise ValueError(f"{owner}: window_size={window_size!r} must be a positive int or None")
+        check_position(owner, position, num_heads)
+        check_mods(owner, score_mod, mask_mod)
+        self.attention_type = attention_type
+        self.attention_block_size = attention_block_size
+        self.dropout = float(dropout)
+        self.score_mod, self.mask_mod = score_mod, mask_mod
+        self.softmax_scale = softmax_scale
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.position = position
+
+    def bias_kwargs(self, q_pos: torch.Tensor | None, kv_pos: torch.Tensor | None, Tq: int, Tk: int,
+                    device) -> dict[str, Any]:
+        """ALiBi slopes (or another bias position's dense bias, as ``extra_bias``) for the attention call."""
+        pos = self.position
+        if pos is None or pos.kind != "bias":
+            return {}
+        if isinstance(pos, ALiBi):
+            return {"alibi_slopes": pos.slopes}
+        qp = q_pos if q_pos is not None else torch.arange(Tk - Tq, Tk, device=device)
+        kp = kv_pos if kv_pos is not None else torch.arange(Tk, device=device)
+        return {"extra_bias": pos.score_bias(qp, kp)}
+
+    def static_kv(self, q: torch.Tensor) -> bool:
+        """Whether cached calls should attend to the whole static cache (flex on CUDA compiles per shape)."""
+        sparse = self.score_mod is not None or self.mask_mod is not None or self.window_size is not None
+        flex = self.attention_type == "flex" or (self.attention_type == "auto" and sparse)
+        return flex and q.is_cuda
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
+               q_pos: torch.Tensor | None, kv_pos: torch.Tensor | None, key_valid: torch.Tensor | None,
+               attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention of [B, H, Tq, K] queries on [B, Hkv, Tk, K] keys with the layer's options."""
+        kwargs = self.bias_kwargs(q_pos, kv_pos, q.shape[2], k.shape[2], q.device)
+        extra = kwargs.pop("extra_bias", None)
+        if extra is not None:
+            attn_mask = extra if attn_mask is None else (
+                extra + attn_mask if attn_mask.dtype != torch.bool
+                else extra.masked_fill(~attn_mask, float("-inf")))
+        return attention(
+            q, k, v, causal=causal, window=window, scale=self.softmax_scale, q_positions=q_pos,
+            kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask, score_mod=self.score_mod,
+            mask_mod=self.mask_mod, dropout_p=self.dropout if self.training else 0.0,
+            backend=self.attention_type, block_size=self.attention_block_size, **kwargs,
+        )
