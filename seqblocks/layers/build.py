@@ -68,9 +68,9 @@ def mixer_config(name_or_cls: Any, d_model: int, *, d_state: int | None = None,
                  kwargs: dict[str, Any] | None = None, causal: bool = True) -> ConfigBase:
     """The config of one layer of mixer ``name_or_cls`` with width ``d_model``.
 
-    ``d_state`` fills a ``d_state`` field; a head-count field whose default is None gets
-    ``default_num_heads(d_model)`` (so does a required one); ``causal=True`` fills a ``causal`` field. ``kwargs`` win over
-    all of them.
+    ``d_state`` fills a ``d_state`` field; a head-count field whose default is None (or that has no
+    default) gets ``default_num_heads(d_model)``; ``causal=True`` fills a ``causal`` field. ``kwargs``
+    win over all of them.
 
     Raises:
         ValueError: an unknown mixer name, an unknown key in ``kwargs`` (naming the mixer and its
