@@ -89,7 +89,7 @@ def _split_mod(score_mod, mask_mod):
 
 
 class _BlockBase(nn.Module):
-    def _common(self, d_model, num_heads, d_ff, dropout_rate, pre_norm, attention_type, attention_block_size,
+    def _common(self, *, d_model, num_heads, d_ff, dropout_rate, pre_norm, attention_type, attention_block_size,
                 linear_attention_chunk_size, norm_type, ff_activation, num_kv_heads, attention_window, score_mod,
                 mask_mod, use_rope, rope_base, rope_max_positions, causal, alibi, bias, norm_eps, layer_idx,
                 device, dtype) -> dict[str, Any]:
@@ -174,10 +174,14 @@ class EncoderBlock(_BlockBase):
                  alibi: bool = False, bias: bool = True, norm_eps: float = 1e-5, layer_idx: int | None = None,
                  device=None, dtype=None) -> None:
         super().__init__()
-        attn_kwargs = self._common(d_model, num_heads, d_ff, dropout_rate, pre_norm, attention_type,
-                                   attention_block_size, linear_attention_chunk_size, norm_type, ff_activation,
-                                   num_kv_heads, attention_window, score_mod, mask_mod, use_rope, rope_base,
-                                   rope_max_positions, causal, alibi, bias, norm_eps, layer_idx, device, dtype)
+        attn_kwargs = self._common(
+            d_model=d_model, num_heads=num_heads, d_ff=d_ff, dropout_rate=dropout_rate, pre_norm=pre_norm,
+            attention_type=attention_type, attention_block_size=attention_block_size,
+            linear_attention_chunk_size=linear_attention_chunk_size, norm_type=norm_type,
+            ff_activation=ff_activation, num_kv_heads=num_kv_heads, attention_window=attention_window,
+            score_mod=score_mod, mask_mod=mask_mod, use_rope=use_rope, rope_base=rope_base,
+            rope_max_positions=rope_max_positions, causal=causal, alibi=alibi, bias=bias, norm_eps=norm_eps,
+            layer_idx=layer_idx, device=device, dtype=dtype)
         self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.attn = MHA(d_model, **attn_kwargs)
         self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
@@ -246,10 +250,14 @@ class DecoderBlock(_BlockBase):
                  memory_dim: int | None = None, bias: bool = True, norm_eps: float = 1e-5,
                  layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
-        attn_kwargs = self._common(d_model, num_heads, d_ff, dropout_rate, pre_norm, attention_type,
-                                   attention_block_size, linear_attention_chunk_size, norm_type, ff_activation,
-                                   num_kv_heads, attention_window, score_mod, mask_mod, use_rope, rope_base,
-                                   rope_max_positions, True, alibi, bias, norm_eps, layer_idx, device, dtype)
+        attn_kwargs = self._common(
+            d_model=d_model, num_heads=num_heads, d_ff=d_ff, dropout_rate=dropout_rate, pre_norm=pre_norm,
+            attention_type=attention_type, attention_block_size=attention_block_size,
+            linear_attention_chunk_size=linear_attention_chunk_size, norm_type=norm_type,
+            ff_activation=ff_activation, num_kv_heads=num_kv_heads, attention_window=attention_window,
+            score_mod=score_mod, mask_mod=mask_mod, use_rope=use_rope, rope_base=rope_base,
+            rope_max_positions=rope_max_positions, causal=True, alibi=alibi, bias=bias, norm_eps=norm_eps,
+            layer_idx=layer_idx, device=device, dtype=dtype)
         self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.self_attn = MHA(d_model, **attn_kwargs)
         self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
