@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/seqblocks train
+	$(BIN)/seqblocks train --overwrite
 	$(BIN)/seqblocks generate runs/tiny --prompt "def "
 
 test: $(STAMP)

@@ -214,15 +214,6 @@ def test_train_config_validation():
     assert TrainConfig.from_json(TrainConfig(task="mqar").to_json()) == TrainConfig(task="mqar")
 
 
-def test_a_fresh_run_replaces_an_old_runs_checkpoints(tmp_path):
-    train(TINY, _config(steps=3, ckpt_every=1, keep_checkpoints=0), tmp_path, progress=False, log=lambda m: None)
-    messages = []
-    train(TINY, _config(steps=1), tmp_path, progress=False, log=messages.append)
-    assert any("removing the previous run's checkpoints" in m for m in messages)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001"]
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 1]
-
-
 def test_s4_lr_and_wd_reach_the_optimizer():
     """S4 / S4D's lr / wd arguments are not dead knobs: their SSM parameters get their own group."""
     from seqblocks import S4D

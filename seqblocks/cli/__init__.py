@@ -1,8 +1,9 @@
 """The ``seqblocks`` command line: list, info, train, generate, eval, bench.
 
 ``main(argv)`` parses the arguments and runs one subcommand; it returns the process exit status
-(0 on success, 2 on a usage or configuration error, which is printed as one clear line; set
-``SEQBLOCKS_DEBUG=1`` to see the traceback instead).
+(0 on success, 2 on a usage or configuration error, 1 when a run directory cannot be written for want
+of space or permission; either is printed as one clear line; set ``SEQBLOCKS_DEBUG=1`` to see the
+traceback instead).
 See ``docs/cli.md`` for a tour.
 """
 
@@ -81,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a task (torchrun for several processes)")
     p.add_argument("config", nargs="?", default=None, help="preset name or JSON config file (default: tiny)")
     p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                       "(with --steps N: to N steps)")
+    start.add_argument("--overwrite", action="store_true", help="delete the previous run in --out (its checkpoints "
+                       "and metrics) and start afresh")
+    p.add_argument("--force-unlock", action="store_true", help="take --out even when its lock names a live run "
+                   "(another host's, or a hung process)")
     p.add_argument("--stop-after", type=int, help="stop after this many steps of the schedule (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_task_options(p, "task name (default: the preset's, usually chars)")
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from seqblocks.cli import commands
+    from seqblocks.train.rundir import RunDirectoryWriteError
 
     args = build_parser().parse_args(argv)
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
@@ -138,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"seqblocks {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunDirectoryWriteError as err:  # a full disk, a read-only directory: the run's last checkpoint is intact
+        if os.environ.get("SEQBLOCKS_DEBUG"):
+            raise
+        print(f"seqblocks {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `seqblocks list | head`: the reader left; exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

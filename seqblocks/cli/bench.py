@@ -222,8 +222,9 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
                                      weight_decay=0.0)
                 t0 = time.perf_counter()
                 try:
-                    result = train(model, config, out / "runs" / f"{name}-{pairs}-lr{lr:g}", progress=progress,
-                                   log=lambda msg: None)
+                    # Each bench run is scratch, replaced by the next bench into the same --out.
+                    result = train(model, config, out / "runs" / f"{name}-{pairs}-lr{lr:g}", overwrite=True,
+                                   progress=progress, log=lambda msg: None)
                 except Exception as err:  # one mixer failing must not lose the others' results
                     errors.append(f"lr {lr:g}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
                     acc = None

@@ -216,16 +216,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(name).stem
     if args.resume:
         if args.config is not None or args.task is not None or args.task_opt or any(
-                getattr(args, f, None) is not None for f in _TRAIN_FLAGS):
+                getattr(args, f, None) is not None for f in _TRAIN_FLAGS if f != "steps"):
             print("seqblocks train: --resume continues with the run's saved configuration; the other model and "
-                  "training options given are ignored", file=sys.stderr)
+                  "training options given (all but --steps) are ignored", file=sys.stderr)
         model_config, config = {}, None
     else:
         loaded = load_config(name)
         model_config, config = loaded["model"], train_config_from_args(args, loaded["train"])
     try:
-        result = train(model_config, config, out, resume=args.resume, stop_after=args.stop_after,
-                       progress=not args.no_progress)
+        result = train(model_config, config, out, resume=args.resume, overwrite=args.overwrite,
+                       force_unlock=args.force_unlock, steps=args.steps if args.resume else None,
+                       stop_after=args.stop_after, progress=not args.no_progress)
     finally:
         main_process = _is_main_process()
         if torch.distributed.is_initialized():
@@ -233,12 +234,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     metrics = result.metrics
+    if result.already_complete:
+        _out(f"{out}: the run is complete ({result.step} steps); checkpoint: {result.checkpoint}")
+        return 0
     if "val_loss" in metrics:
         _out(f"final: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f} "
              f"(ppl {metrics['val_ppl']:.2f}, acc {metrics['val_acc']:.3f})")
     if result.checkpoint is not None:
         _out(f"checkpoint: {result.checkpoint}")
-    cfg = config if config is not None else _saved_train_config(result.checkpoint)
+    cfg = result.config
     if result.task.is_language and cfg.sample_tokens > 0 and result.step == cfg.steps:
         _out(f"--- sample ({cfg.sample_tokens} characters, temperature {cfg.sample_temperature}) ---")
         stream_sample(result.model.eval(), result.task.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
@@ -247,13 +251,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.checkpoint is not None:
             _out(f"sample more with: seqblocks generate {out} --prompt {cfg.sample_prompt!r}")
     return 0
-
-
-def _saved_train_config(checkpoint: Path | None):
-    from seqblocks.train.checkpointing import load_train_state
-    from seqblocks.train.config import TrainConfig
-
-    return TrainConfig.from_dict(load_train_state(checkpoint)["train_config"])
 
 
 def _is_main_process() -> bool:

@@ -11,7 +11,9 @@ naming the newest complete one. Each checkpoint directory is a loadable model ch
 A checkpoint is first written into a hidden temporary directory, flushed to disk, and only then
 renamed into place with ``os.replace`` (atomic on POSIX); ``latest`` is replaced the same way after.
 A crash at any moment therefore leaves ``latest`` naming a complete checkpoint, and
-``load_train_state`` never sees a half-written one.
+``load_train_state`` never sees a half-written one. Every temporary name starts with a dot and
+holds ``.tmp-`` (``is_temporary``); a failed write removes its own, and the owner of the run
+directory removes any a killed process left (``seqblocks.train.rundir``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 __all__ = ["CHECKPOINT_DIR", "TRAIN_STATE", "TASK_FILE", "TOKENIZER_FILE", "save_checkpoint", "resolve_checkpoint",
-           "latest_checkpoint", "load_train_state", "rng_state", "set_rng_state"]
+           "latest_checkpoint", "load_train_state", "rng_state", "set_rng_state", "atomic_write_text", "is_temporary"]
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -63,13 +65,28 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the temporary names the atomic writes here use."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a temporary file, flushed to disk, renamed into place.
+
+    Readers see the old content or the new, never a part. The temporary file is removed when the
+    write fails (a full disk, a read-only directory); the original is then untouched.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, write_files: Callable[[Path], None],
@@ -88,8 +105,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write_files: Callable
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by an interrupted save
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.iterdir():  # left by an interrupted save
+        if is_temporary(stale.name):
+            _remove(stale)
     name = f"step_{step:07d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
@@ -107,13 +125,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write_files: Callable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic_text(root / LATEST, name + "\n")
+    atomic_write_text(root / LATEST, name + "\n")
     if keep > 0:
         done = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in done[:-keep]:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from seqblocks.train.metrics import read_metrics
 
 __all__ = ["plot_loss_curve", "pyplot", "MISSING_MATPLOTLIB"]
 
@@ -26,13 +27,15 @@ def pyplot():
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> bool | str:
     """Plot training (and validation) loss against step from a ``metrics.jsonl`` file.
 
+    A torn last line (a writer killed mid-line) is skipped, so a running or killed run plots too.
+
     Returns:
         True when the PNG was written, else a message saying why not (matplotlib missing, no data).
     """
     plt = pyplot()
     if plt is None:
         return MISSING_MATPLOTLIB
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("type") == "train"]
     val = [(r["step"], r["loss"]) for r in rows if r.get("type") == "eval"]
     if not train and not val:

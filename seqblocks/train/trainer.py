@@ -8,6 +8,10 @@ cross-entropies of the global batch divided by its number of scored tokens; each
 its share scaled by ``world_size`` (DDP and FSDP average gradients over ranks), so the gradient is the
 same whatever the world size and accumulation.
 
+The run directory has one owner for the whole run (``seqblocks.train.rundir``): rank 0 locks it,
+refuses to start over a previous run unless told to resume or overwrite, and turns a full disk or a
+read-only directory into one clear error that leaves the last complete checkpoint intact.
+
 Shapes: B batch, T time, V vocabulary.
 """
 
@@ -17,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +38,7 @@ from seqblocks.train.checkpointing import (
     TASK_FILE,
     TOKENIZER_FILE,
     TRAIN_STATE,
+    atomic_write_text,
     latest_checkpoint,
     load_train_state,
     rng_state,
@@ -42,12 +47,11 @@ from seqblocks.train.checkpointing import (
 )
 from seqblocks.train.config import TrainConfig
 from seqblocks.train.distributed import DistInfo, barrier, init_distributed, reshard, wrap_model
+from seqblocks.train.metrics import MetricsWriter, read_metrics, rewrite_metrics
 from seqblocks.train.optim import make_optimizer, make_scheduler
+from seqblocks.train.rundir import LOSS_PLOT, METRICS_FILE, RUN_CONFIG, RunDirectory
 
 __all__ = ["TrainResult", "train", "evaluate", "autocast_context", "METRICS_FILE", "LOSS_PLOT"]
-
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
 
 
 @dataclasses.dataclass
@@ -58,8 +62,13 @@ class TrainResult:
         model (nn.Module): the trained, unwrapped model (on rank 0 under FSDP: an unsharded CPU copy).
         task (Task): the task it was trained on.
         metrics (dict): the final evaluation (``loss``, ``ppl``, ``acc``) and the last training loss.
-        checkpoint (Path | None): the last checkpoint written (rank 0), or None.
+        checkpoint (Path | None): the last checkpoint written (rank 0), or the one resumed from when
+            none was written; None otherwise.
         step (int): optimizer steps completed.
+        config (TrainConfig | None): the configuration the run followed (a resumed run's is the
+            checkpoint's). Default: None.
+        already_complete (bool): a resumed run had already done every step of its schedule, so nothing
+            was trained; ``metrics`` are then its last logged ones. Default: False.
     """
 
     model: nn.Module
@@ -67,6 +76,8 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint: Path | None
     step: int
+    config: TrainConfig | None = None
+    already_complete: bool = False
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -135,10 +146,10 @@ def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -
     return parts, full.num_targets
 
 
-def _write_checkpoint(out_dir: Path, step: int, info: DistInfo, module: nn.Module, saver: nn.Module | None,
-                      optimizer, scheduler, config: TrainConfig, model_config: dict, task: Task,
-                      extra: dict[str, Any]) -> Path | None:
-    """Collect the full state on every rank (collective under FSDP) and write it from rank 0."""
+def _write_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, module: nn.Module,
+                      saver: nn.Module | None, optimizer, scheduler, config: TrainConfig, model_config: dict,
+                      task: Task, extra: dict[str, Any]) -> Path | None:
+    """Collect the full state on every rank (collective under FSDP) and write it from the owner (rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -146,7 +157,7 @@ def _write_checkpoint(out_dir: Path, step: int, info: DistInfo, module: nn.Modul
     model_state = get_model_state_dict(module, options=options) if config.parallel == "fsdp" and \
         info.distributed else None
     path = None
-    if info.is_main:
+    if run is not None:
         target = module
         if model_state is not None:
             saver.load_state_dict(model_state)
@@ -158,36 +169,53 @@ def _write_checkpoint(out_dir: Path, step: int, info: DistInfo, module: nn.Modul
                      "rng": rng_state(), "data": {"next_step": step, "seed": config.seed},
                      "train_config": config.to_dict(), "model_config": model_config,
                      "world_size": info.world_size, **extra}
-            torch.save(state, tmp / TRAIN_STATE)
+            # Through a Python file, so that a full disk surfaces as the OSError it is (torch's own
+            # file writer reports it only as "unexpected pos").
+            with open(tmp / TRAIN_STATE, "wb") as handle:
+                torch.save(state, handle)
             (tmp / TASK_FILE).write_text(json.dumps({"name": config.task, "options": task.config()}, indent=2))
             tokenizer = getattr(task, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save(tmp / TOKENIZER_FILE)
 
-        path = save_checkpoint(out_dir, step, write, keep=config.keep_checkpoints)
+        with run.writing(run.path / CHECKPOINT_DIR / f"step_{step:07d}"):
+            path = save_checkpoint(run.path, step, write, keep=config.keep_checkpoints)
     barrier(info)
     return path
 
 
-def _read_metrics(path: Path, upto_step: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= upto_step]
+def _is_rank_zero() -> bool:
+    """Rank 0 of the process group, or of the one torchrun describes before it is joined."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          overwrite: bool = False, force_unlock: bool = False, steps: int | None = None,
           stop_after: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None) -> TrainResult:
     """Train an ``LRNNLMHeadModel`` on a task.
 
+    The run owns ``out_dir`` while it trains (see ``seqblocks.train.rundir``): rank 0 holds its lock,
+    and a directory holding a previous run is refused unless ``resume`` or ``overwrite`` says what to
+    do with it.
+
     Args:
         model_config (dict): ``LRNNLMHeadModel`` keyword arguments (``vocab_size`` is set from the task).
         config (TrainConfig): the run.
-        out_dir (str | Path): run directory: ``metrics.jsonl``, ``loss.png``, ``checkpoints/``.
+        out_dir (str | Path): run directory: ``metrics.jsonl``, ``loss.png``, ``run.json``, ``checkpoints/``.
         resume (bool): continue from the latest checkpoint in ``out_dir``; the model and training
-            configuration then come from the checkpoint and the arguments given here are ignored.
-            Default: False.
+            configuration then come from the checkpoint and the arguments given here are ignored
+            (except ``steps``). A run that has done every step of its schedule is not trained again:
+            the result says ``already_complete``. Default: False.
+        overwrite (bool): a fresh run deletes the previous run in ``out_dir`` (its checkpoints,
+            metrics, ``run.json`` and plot; nothing else). Default: False.
+        force_unlock (bool): take ``out_dir``'s lock even when its owner looks alive (a lock from
+            another host, a hung process). Default: False.
+        steps (int | None): the schedule's length instead of ``config.steps`` (of the checkpoint's,
+            with ``resume``: a larger number continues a finished run, the cosine then spanning the
+            new length from the step reached). Default: None.
         stop_after (int | None): stop (with a checkpoint) once this many steps of the schedule are done,
             to split a run across jobs; the schedule still spans ``config.steps``. Default: None.
         progress (bool): show a tqdm progress bar (rank 0). Default: True.
@@ -195,22 +223,73 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
 
     Raises:
         FileNotFoundError: ``resume`` with no checkpoint in ``out_dir``.
-        ValueError: a batch size that does not split over processes and accumulation steps, and the
-            errors of the task and model configs.
+        RunDirectoryError (a ValueError): ``out_dir`` is locked by a live run, or holds a previous run
+            and neither ``resume`` nor ``overwrite`` is given.
+        RunDirectoryWriteError (an OSError): a write failed for want of space or permission; the last
+            complete checkpoint is intact and named in the message.
+        ValueError: ``resume`` with ``overwrite``, ``steps`` fewer than a resumed run has done, a batch
+            size that does not split over processes and accumulation steps, and the errors of the
+            task and model configs.
     """
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the directory and --overwrite deletes it; give one")
+    out_dir = Path(out_dir)
+    owner = _is_rank_zero()
+    say = (log or (lambda msg: print(msg, file=sys.stderr))) if owner else (lambda msg: None)
+    with contextlib.ExitStack() as stack:
+        run = None
+        if owner:
+            run = stack.enter_context(RunDirectory(out_dir, force_unlock=force_unlock, log=say))
+            run.prepare(resume=resume, overwrite=overwrite)
+        return _train(model_config, config, out_dir, run, say, resume=resume, steps=steps, stop_after=stop_after,
+                      progress=progress)
+
+
+def _last_metrics(metrics_path: Path, step: int) -> dict[str, float]:
+    """The last training loss and evaluation logged up to ``step``, as ``TrainResult.metrics`` holds them."""
+    rows = read_metrics(metrics_path, step)
+    metrics = {}
+    train_rows = [r for r in rows if r.get("type") == "train"]
+    if train_rows:
+        metrics["train_loss"] = train_rows[-1]["loss"]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    if evals:
+        metrics.update({f"val_{k}": v for k, v in evals[-1].items() if k not in ("type", "step")})
+    return metrics
+
+
+def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run: RunDirectory | None,
+           say: Callable[[str], None], *, resume: bool, steps: int | None, stop_after: int | None,
+           progress: bool) -> TrainResult:
+    """The run itself, in a directory ``run`` owns (``run`` is None on ranks other than 0)."""
     from seqblocks.presets import build_model
 
-    out_dir = Path(out_dir)
-    state = None
+    state, ckpt, extended_from = None, None, None
     if resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume: {str(out_dir)!r} holds no checkpoint to resume from")
+            raise FileNotFoundError(f"--resume: {str(out_dir)!r} holds no checkpoint to resume from; start a fresh "
+                                    f"run without --resume (with --overwrite to replace what the directory holds)")
         state = load_train_state(ckpt)
         config = TrainConfig.from_dict(state["train_config"])
         model_config = state["model_config"]
+    if steps is not None and steps != config.steps:
+        if state is not None and steps < state["step"]:
+            raise ValueError(f"--steps {steps} is fewer than the {state['step']} steps the run in run directory "
+                             f"{out_dir} has already done")
+        extended_from = config.steps if state is not None else None
+        config = dataclasses.replace(config, steps=steps)
+    if state is not None and state["step"] >= config.steps:
+        say(f"the run in run directory {out_dir} is complete ({state['step']} of {config.steps} steps, {ckpt}); "
+            f"nothing to do (--resume --steps N with N > {state['step']} continues it)")
+        task = get_task(config.task, **config.task_options)
+        module = build_model({**model_config, "vocab_size": task.vocab_size})
+        from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
+
+        load_weights(module, ckpt / WEIGHTS_NAME)
+        return TrainResult(model=module, task=task, metrics=_last_metrics(out_dir / METRICS_FILE, state["step"]),
+                           checkpoint=ckpt, step=state["step"], config=config, already_complete=True)
     info = init_distributed(config.device)
-    say = (log or (lambda msg: print(msg, file=sys.stderr))) if info.is_main else (lambda msg: None)
     micro = config.batch_size // config.grad_accum
     if micro % info.world_size:
         raise ValueError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
@@ -241,21 +320,26 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed_s"]
+        if extended_from is not None:
+            # The saved learning rates follow the old schedule; restart them on the new one at this step.
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            say(f"extending the schedule from {extended_from} to {config.steps} steps: the learning rate follows "
+                f"the {config.steps}-step cosine from step {start} (now {scheduler.get_last_lr()[0]:.2e})")
         say(f"resumed from {ckpt} at step {start}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = out_dir / CHECKPOINT_DIR
-    if state is None and info.is_main and stale.exists():
-        # A fresh run owns its directory: an older run's checkpoints must not be resumed into it later.
-        say(f"starting a fresh run in {out_dir}: removing the previous run's checkpoints")
-        shutil.rmtree(stale)
-    barrier(info)
     metrics_path = out_dir / METRICS_FILE
-    history = _read_metrics(metrics_path, start) if resume else []
-    if info.is_main:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        (out_dir / "run.json").write_text(json.dumps({"model": model_config, "train": config.to_dict(),
-                                                       "task": task.config()}, indent=2))
+    if run is not None:
+        with run.writing(out_dir / RUN_CONFIG):
+            atomic_write_text(out_dir / RUN_CONFIG, json.dumps({"model": model_config, "train": config.to_dict(),
+                                                                "task": task.config()}, indent=2))
+        # A resumed run keeps the rows up to its checkpoint; later ones (and a torn last line left by a
+        # killed writer) belong to steps it is about to redo.
+        history = read_metrics(metrics_path, start) if resume else []
+        with run.writing(metrics_path):
+            rewrite_metrics(metrics_path, history)
+    barrier(info)
     n_params = sum(p.numel() for p in module.parameters())
     say(f"task {config.task} (vocab {task.vocab_size}, seq_len {task.seq_len}), {n_params / 1e6:.2f}M parameters, "
         f"{config.steps} steps of {config.batch_size} x {task.seq_len} tokens on {info.device}"
@@ -270,25 +354,31 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
     ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
     # Throughput counts training steps only (evaluation and checkpoint time excluded).
     window_loss, window_steps, window_tokens, window_time, rate_ema = 0.0, 0, 0, 0.0, None
-    metrics_file = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 (closed in finally)
-    last_ckpt, final_eval, loss_value = None, {}, float("nan")
+    last_ckpt, final_eval, loss_value = ckpt, {}, float("nan")
+    metrics_file = None
+
+    def log_row(row: dict[str, Any]) -> None:
+        if metrics_file is not None:
+            with run.writing(metrics_path):
+                metrics_file.write(row)
 
     def checkpoint(step: int) -> Path | None:
         extra = {"tokens_seen": tokens_seen, "elapsed_s": elapsed}
-        return _write_checkpoint(out_dir, step, info, module, saver, optimizer, scheduler, config, model_config,
+        return _write_checkpoint(run, step, info, module, saver, optimizer, scheduler, config, model_config,
                                  task, extra)
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed)
         if fsdp:
             reshard(module)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
-            metrics_file.flush()
+        log_row({"type": "eval", "step": step, **result})
         say(f"step {step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}, acc {result['acc']:.3f}")
         return result
 
     try:
+        if run is not None:
+            with run.writing(metrics_path):
+                metrics_file = MetricsWriter(metrics_path)
         for step in range(start, end):
             t0 = time.perf_counter()
             parts, count = _micro_batches(task, step, config, info)
@@ -335,9 +425,7 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
                 row = {"type": "train", "step": done, "loss": window_loss / window_steps, "lr": lr,
                        "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": rate,
                        "elapsed_s": elapsed}
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                log_row(row)
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
             is_last = done == end
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
@@ -349,11 +437,16 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
-    if info.is_main:
+    if run is not None:
         from seqblocks.train.plot import plot_loss_curve
+        from seqblocks.train.rundir import RunDirectoryWriteError
 
-        plotted = plot_loss_curve(metrics_path, out_dir / LOSS_PLOT)
+        try:
+            with run.writing(out_dir / LOSS_PLOT):
+                plotted = plot_loss_curve(metrics_path, out_dir / LOSS_PLOT)
+        except RunDirectoryWriteError as err:  # the run itself is saved; only its picture is missing
+            plotted = f"plot skipped: {err}"
         say(f"loss curve: {out_dir / LOSS_PLOT}" if plotted is True else plotted)
     result_model = saver if saver is not None else module
     metrics = {"train_loss": loss_value, **{f"val_{k}": v for k, v in final_eval.items()}}
-    return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end)
+    return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end, config=config)
