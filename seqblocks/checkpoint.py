@@ -19,8 +19,10 @@ A model class takes part by subclassing ``CheckpointMixin`` and implementing ``c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +88,32 @@ def _shared_keys(model: nn.Module) -> dict[str, str]:
     return dup
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s state dict to a safetensors file, each shared tensor once."""
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """sha256 of one tensor's name, dtype, shape and bytes (hex)."""
+    h = hashlib.sha256(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+    t = tensor.detach().contiguous().cpu()
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """sha256 of a config's canonical JSON (sorted keys), the ``seqblocks_version`` left out."""
+    canonical = {k: v for k, v in config.items() if k != "seqblocks_version"}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, config: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s state dict to a safetensors file, each shared tensor once.
+
+    The metadata records a sha256 of every tensor (``seqblocks_tensors``) and, when ``config`` is
+    given, of the config it was saved with (``seqblocks_config``), which ``load_weights`` verifies.
+    """
     shared = _shared_keys(model)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in shared}
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt",
+                "seqblocks_tensors": json.dumps({k: tensor_digest(k, v) for k, v in tensors.items()}, sort_keys=True)}
+    if config is not None:
+        metadata["seqblocks_config"] = config_digest(config)
     if shared:
         metadata["tied"] = json.dumps(shared, sort_keys=True)
     import safetensors.torch
@@ -98,18 +121,56 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None) -> None:
+def _verify(path: str, state: dict[str, torch.Tensor], metadata: dict[str, str], config: dict[str, Any] | None,
+            allow_non_finite: bool) -> None:
+    """Check the tensors against the digests written at save time, the config against its digest, and
+    that every floating-point tensor is finite (unless ``allow_non_finite``)."""
+    digests = metadata.get("seqblocks_tensors")
+    if digests is not None:
+        try:
+            expected = json.loads(digests)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: the tensor digests in its metadata are unreadable (corrupted?)") from None
+        changed = sorted(k for k, t in state.items() if k in expected and tensor_digest(k, t) != expected[k])
+        extra = sorted(set(state) ^ set(expected))
+        if changed or extra:
+            raise ValueError(f"{path}: the weights are not the ones that were saved (changed since saving: "
+                             f"{changed or extra}); the file is corrupted or was edited")
+    if config is not None and "seqblocks_config" in metadata and config_digest(config) != metadata["seqblocks_config"]:
+        raise ValueError(f"{path}: config.json was changed after these weights were saved with it; the model it "
+                         f"describes is not the one that was trained (restore it, or save the model again)")
+    if not allow_non_finite:
+        bad = sorted(k for k, t in state.items()
+                     if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()))
+        if bad:
+            raise ValueError(f"{path}: tensors {bad} hold NaN or Inf values; pass allow_non_finite=True to load "
+                             f"them anyway")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, *,
+                 config: dict[str, Any] | None = None, allow_non_finite: bool = False) -> None:
     """Load a safetensors file into ``model`` strictly (every key, every shape), never unpickling.
 
+    Files written by seqblocks carry a sha256 of every tensor and of the config: both are verified, so
+    a flipped bit, a swapped tensor or an edited ``config.json`` is reported instead of loading a
+    different function. Files without them (written elsewhere) load unverified.
+
+    Args:
+        config (dict | None): the config the weights are loaded with, checked against the saved digest.
+        allow_non_finite (bool): accept NaN / Inf weights. Default: False.
+
     Raises:
-        ValueError: the file is not valid safetensors, or its tensors do not match the model's
-            (missing / unexpected keys, wrong shapes); the message names them.
+        ValueError: the file is not valid safetensors, fails verification, holds non-finite values,
+            or its tensors do not match the model's (missing / unexpected keys, wrong shapes).
     """
+    import safetensors
     import safetensors.torch
 
     path = str(path)
     try:
         state = safetensors.torch.load_file(path, device=str(torch.device(device or "cpu")))
+        with safetensors.safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except Exception as err:  # SafetensorError, OSError on truncated headers, ...
         raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from None
     shared = _shared_keys(model)
@@ -133,6 +194,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device
                 state[key].is_complex() and param.is_complex()
             ):
                 raise ValueError(f"checkpoint {path}: {key} has dtype {state[key].dtype}, model {param.dtype}")
+    _verify(path, state, metadata, config, allow_non_finite)
     model.load_state_dict(state, strict=False)
 
 
@@ -179,24 +241,30 @@ class CheckpointMixin(ModelHubMixin):
 
     def _save_pretrained(self, save_directory: Path) -> None:
         config = self.full_checkpoint_config()
-        save_weights(self, Path(save_directory) / WEIGHTS_NAME)  # type: ignore[arg-type]
+        save_weights(self, Path(save_directory) / WEIGHTS_NAME, config=config)  # type: ignore[arg-type]
         (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, **hub_kwargs: Any):
+                        dtype: torch.dtype | None = None, allow_non_finite: bool = False, **hub_kwargs: Any):
         """Rebuild a model from a directory written by ``save_pretrained`` or a Hub repository id.
 
         Args:
             pretrained_model_name_or_path (str | Path): a local directory or a Hub id ("user/name").
             device (torch.device | str | None): where to place the model. Default: None (CPU).
             dtype (torch.dtype | None): parameter dtype. Default: None (the dtype it was saved in).
+            allow_non_finite (bool): load weights that hold NaN / Inf. Default: False.
             **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
 
+        The config is validated (names, types, finite values, size limits) before any module is built;
+        the weights are checked against the digests written at save time (tensors and config).
+
         Raises:
-            FileNotFoundError: a local path that does not exist, or a directory without the files.
-            ValueError: unreadable ``config.json`` / weights, a config of another model class, or
-                weights that do not match the config.
+            FileNotFoundError: a local path that does not exist (at once: the Hub is asked only for
+                names shaped like a repository id, and never in offline mode), or a directory
+                without the files.
+            ValueError: unreadable ``config.json`` / weights, a config of another model class, weights
+                that do not match the config, a failed integrity check, or non-finite weights.
         """
         _require_hub()
         unknown = sorted(set(hub_kwargs) - {"revision", "token", "cache_dir", "force_download", "local_files_only"})
@@ -206,15 +274,15 @@ class CheckpointMixin(ModelHubMixin):
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
             _check_local_dir(Path(path))
-        elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-            # Hub ids are "name" or "owner/name"; anything else was meant as a local directory.
-            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: {path!r} is not a checkpoint directory")
-        return super().from_pretrained(path, device=device, dtype=dtype, **hub_kwargs)
+        else:
+            _check_hub_name(path, f"{cls.__name__}.from_pretrained")
+        return super().from_pretrained(path, device=device, dtype=dtype, allow_non_finite=allow_non_finite,
+                                       **hub_kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
                          local_files_only: bool, token: Any, config: dict[str, Any] | None = None,
-                         device=None, dtype=None, **model_kwargs: Any):
+                         device=None, dtype=None, allow_non_finite: bool = False, **model_kwargs: Any):
         if not isinstance(config, dict):
             raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no {CONFIG_NAME} found for {model_id!r}")
         # The mixin copies config values named like constructor arguments into model_kwargs; anything
@@ -235,9 +303,27 @@ class CheckpointMixin(ModelHubMixin):
         params = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "seqblocks_version")}
         dtype = dtype if dtype is not None else parse_dtype(config.get("torch_dtype"))
         model = cls.from_checkpoint_config(params, device=device, dtype=dtype)
-        load_weights(model, weights, device=device)
+        load_weights(model, weights, device=device, config=config, allow_non_finite=allow_non_finite)
         model.eval()
         return model
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def _check_hub_name(path: str, owner: str) -> None:
+    """Refuse at once, with ``FileNotFoundError``, a name that is not a local directory and that the Hub
+    must not be asked for: one not shaped like a repository id ("name" or "owner/name"), one whose first
+    component is a local directory or file (a local path that is missing), or any name in offline mode."""
+    first = path.split("/")[0]
+    if (os.path.exists(path) or not _REPO_ID.fullmatch(path) or ".." in path or path.endswith((".json", ".safetensors"))
+            or ("/" in path and os.path.exists(first))):
+        raise FileNotFoundError(f"{owner}: {path!r} is not a checkpoint directory (no such directory)")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{owner}: {path!r} is not a local directory, and the Hub is not asked in offline "
+                                f"mode (HF_HUB_OFFLINE is set)")
 
 
 def _check_local_dir(path: Path) -> None:
@@ -256,7 +342,8 @@ def _check_local_dir(path: Path) -> None:
         raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}{extra}")
 
 
-def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, dtype=None, **hub_kwargs: Any):
+def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, dtype=None,
+                    allow_non_finite: bool = False, **hub_kwargs: Any):
     """Load any seqblocks model from a checkpoint, choosing the class from ``config.json``'s ``model_type``."""
     _require_hub()
     path = str(pretrained_model_name_or_path)
@@ -264,9 +351,11 @@ def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, d
         _check_local_dir(Path(path))
         config = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
     else:
+        _check_hub_name(path, "load_pretrained")
         config_file = hf_hub_download(repo_id=path, filename=CONFIG_NAME, **hub_kwargs)
         config = json.loads(Path(config_file).read_text(encoding="utf-8"))
-    return model_class(config, path).from_pretrained(path, device=device, dtype=dtype, **hub_kwargs)
+    return model_class(config, path).from_pretrained(path, device=device, dtype=dtype,
+                                                     allow_non_finite=allow_non_finite, **hub_kwargs)
 
 
 def model_class(config: dict[str, Any], source: str) -> type:

@@ -216,7 +216,10 @@ def test_planted_foreign_module_is_never_imported(tmp_path, monkeypatch, field):
 
 def test_older_argument_checkpoints_still_load(tmp_path):
     """A config.json in the constructor-argument form (older checkpoints) loads, its mlp_cls matched by name."""
+    from seqblocks.checkpoint import save_weights
+
     model = saved(tmp_path)
+    save_weights(model, tmp_path / WEIGHTS_NAME)  # as older versions wrote them: no config digest
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     (tmp_path / CONFIG_NAME).write_text(json.dumps({
         "model_type": "LRNNLMHeadModel", "torch_dtype": config["torch_dtype"], "d_model": 16, "d_state": 4,
@@ -228,3 +231,83 @@ def test_older_argument_checkpoints_still_load(tmp_path):
     loaded = LRNNLMHeadModel.from_pretrained(tmp_path)
     ids = torch.randint(0, 37, (1, 5))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_flipped_bit_or_swapped_tensor_is_reported(tmp_path):
+    import safetensors.torch
+
+    saved(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    clean = path.read_bytes()
+    header = 8 + int.from_bytes(clean[:8], "little")
+    for offset in (header + 3, len(clean) - 5, header + (len(clean) - header) // 2):
+        data = bytearray(clean)
+        data[offset] ^= 0x10
+        path.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match="not the ones that were saved"):
+            LRNNLMHeadModel.from_pretrained(tmp_path)
+    path.write_bytes(clean)
+    tensors = safetensors.torch.load_file(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    a, b = [k for k, v in tensors.items() if v.shape == tensors["layers.0.mixer.in_proj.weight"].shape][:2]
+    tensors[a], tensors[b] = tensors[b], tensors[a]
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="not the ones that were saved"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+
+
+def test_config_edits_that_keep_shapes_are_reported(tmp_path):
+    saved(tmp_path)
+    edit_config(tmp_path, norm_epsilon=1e-3)
+    with pytest.raises(ValueError, match="config.json was changed"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
+    model = tiny_lm(["sbtest_decay", "sbtest_attn"])
+    with torch.no_grad():
+        model.layers[0].mixer.out_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="NaN or Inf.*allow_non_finite"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+    loaded = LRNNLMHeadModel.from_pretrained(tmp_path, allow_non_finite=True)
+    assert torch.isnan(loaded.layers[0].mixer.out_proj.weight[0, 0])
+
+
+@pytest.mark.parametrize("change", [{"n_layer": 20000}, {"d_state": 10_000_000}, {"vocab_size": 1 << 30}])
+def test_oversize_configs_are_refused_before_allocation(tmp_path, change):
+    """A config.json asking for huge sizes fails at once naming the field, building nothing."""
+    import time
+
+    config = {"model_type": "LRNNLMHeadModel", "d_model": 16, "d_state": 4, "n_layer": 2, "vocab_size": 37,
+              "mixer_types": ["sbtest_decay", "sbtest_attn"]}
+    config.update(change)
+    if "n_layer" in change:
+        config["mixer_types"] = ["sbtest_decay"] * change["n_layer"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    saved(tmp_path / "other")
+    (tmp_path / WEIGHTS_NAME).write_bytes((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"{next(iter(change))}.*exceeds the size limit"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_missing_local_paths_fail_at_once_and_offline_never_asks_the_hub(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    start = time.perf_counter()
+    for path in (tmp_path / "missing", "./nope", "../x/y", str(tmp_path / "a" / "b")):
+        with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+            LRNNLMHeadModel.from_pretrained(path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        load_pretrained("runs/tiny")  # shaped like a repo id, but runs/ is a local directory
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="offline"):
+        LRNNLMHeadModel.from_pretrained("someone/model")
+    assert time.perf_counter() - start < 5.0

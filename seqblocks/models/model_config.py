@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from seqblocks.config import BlockConfig, ConfigBase
@@ -22,7 +23,15 @@ from seqblocks.layers.build import is_block_config_mixer, mixer_class, mixer_con
 from seqblocks.models.init import InitConfig
 from seqblocks.registry import MIXERS, MLPS
 
-__all__ = ["LayerConfig", "ModelConfig", "ARGUMENT_FIELDS"]
+__all__ = ["LayerConfig", "ModelConfig", "ARGUMENT_FIELDS", "SIZE_LIMITS"]
+
+#: The largest sizes a config may ask for. A larger one is refused, naming the field, before any
+#: module is built or memory allocated (a checkpoint's config.json cannot make loading allocate
+#: gigabytes or spend minutes building layers). "mixer" bounds every size-like integer field of a
+#: layer's mixer config (``d_*``, ``n_*``, ``num_*``, ``*_dim``, ``*_size``, ``*_rank``, ``*heads``).
+SIZE_LIMITS = {"n_layer": 4096, "d_model": 1 << 17, "vocab_size": 1 << 23, "d_intermediate": 1 << 20,
+               "mixer": 1 << 20}
+_SIZE_FIELD = re.compile(r"^(d_|n_|num_)|(_dim|_size|_rank|heads)$")
 
 #: ``LRNNLMHeadModel``'s constructor arguments, as a config file or an older checkpoint spells them.
 ARGUMENT_FIELDS = ("d_model", "d_state", "n_layer", "vocab_size", "mixer_types", "d_intermediate", "mixer_kwargs",
@@ -58,6 +67,14 @@ class LayerConfig(ConfigBase):
         if type(self.mixer_config) is not expected:
             raise TypeError(f"LayerConfig: mixer {self.mixer!r} is configured by a {expected.__name__}, got "
                             f"{type(self.mixer_config).__name__}")
+
+    def check_sizes(self, where: str) -> None:
+        """Refuse a size-like integer field above ``SIZE_LIMITS["mixer"]``."""
+        limit = SIZE_LIMITS["mixer"]
+        for name in self.mixer_config.field_names():
+            value = getattr(self.mixer_config, name)
+            if _SIZE_FIELD.search(name) and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ValueError(f"{where}: mixer {self.mixer!r} field {name}={value} exceeds the size limit {limit}")
 
     @property
     def d_model(self) -> int:
@@ -113,6 +130,13 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"ModelConfig.d_intermediate={self.d_intermediate!r} must be >= 0")
         if not self.layers or not all(isinstance(x, LayerConfig) for x in self.layers):
             raise ValueError("ModelConfig.layers must be a non-empty sequence of LayerConfig")
+        sizes = {"n_layer": self.n_layer, "d_model": self.d_model, "vocab_size": self.vocab_size,
+                 "d_intermediate": self.d_intermediate}
+        for name, value in sizes.items():
+            if value > SIZE_LIMITS[name]:
+                raise ValueError(f"ModelConfig.{name}={value} exceeds the size limit {SIZE_LIMITS[name]}")
+        for i, layer in enumerate(self.layers):
+            layer.check_sizes(f"ModelConfig.layers[{i}]")
         widths = {i: x.d_model for i, x in enumerate(self.layers) if x.d_model != self.d_model}
         if widths:
             raise ValueError(f"ModelConfig: layers {sorted(widths)} have widths {sorted(set(widths.values()))}, "
