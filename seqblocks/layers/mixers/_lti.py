@@ -121,8 +121,8 @@ class LTIMixer(Mixer):
 
     # ---- shared -------------------------------------------------------------------------------
     def _param_dtype(self) -> torch.dtype:
-        p = next(self.parameters())
-        return p.dtype
+        # The widest parameter dtype: fp32 for a bf16-cast module, whose poles stay fp32 (keep_in_fp32).
+        return state_dtype(*(p.dtype for p in self.parameters()))
 
     def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
         """Real dtype the system runs in: fp32, or float64 when the input or the module is."""

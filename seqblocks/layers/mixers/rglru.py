@@ -88,6 +88,9 @@ class RGLRU(Mixer):
         ValueError: non-positive sizes, a bad ``a_init_range`` or ``c``, num_heads not dividing E.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the decay logit Lambda; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("a_param",)
+
     inputs = frozenset({"lengths"})
 
     def __init__(

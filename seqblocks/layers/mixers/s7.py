@@ -77,6 +77,9 @@ class S7(Mixer):
         ValueError: non-positive sizes or a bad ``timescale_range``.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the base decays and skip; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("lambda_base", "d_base")
+
     inputs = frozenset({"lengths"})
 
     def __init__(
