@@ -65,7 +65,7 @@ class UserEMA(Mixer):
         if cache is not None:
             cache.state.copy_(h)
             cache.advance(T if lengths is None else lengths)
-        return self.out(torch.stack(ys, 1).to(x.dtype))
+        return self.out(torch.stack(ys, 1).to(x.dtype)).masked_fill(~valid[..., None], 0.0)  # padding: 0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -165,3 +165,65 @@ def test_user_mixer_in_every_front_door(tmp_path):
     x = torch.randn(2, 5, D)
     y, cache = block(x)
     assert y.shape == x.shape and cache is None
+
+
+# ---- non-finite inputs and padding (seqblocks.layers.finite) ---------------------------------------
+
+
+def _nan_close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
+    """Same non-finite pattern, and the other values within atol."""
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+    fin = torch.isfinite(a)
+    assert_close(a[fin], b[fin], atol=atol, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", registered())
+def test_nonfinite_never_reaches_earlier_outputs_or_other_rows(name, bad):
+    mixer = make(name)
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    clean = mixer(x)
+    x_bad = x.clone()
+    x_bad[0, 5, 3] = bad
+    y = mixer(x_bad)
+    assert_close(y[0, :5], clean[0, :5], atol=1e-10)  # never before t
+    assert_close(y[1], clean[1], atol=1e-10)  # never another row
+    if not mixer.is_identity:
+        assert not torch.isfinite(y[0, 5:]).any()  # the row is poisoned from t on (NaN in our mixers)
+
+
+@pytest.mark.parametrize("name", registered())
+def test_nonfinite_decoding_poisons_what_the_full_pass_does(name):
+    mixer = make(name)
+    if mixer.is_identity:
+        pytest.skip("the identity has no cache to poison")
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    x[0, 2, 0] = float("nan")  # in the prefill: the cache carries it
+    x[1, 5, 1] = float("inf")  # in a decode step
+    full = mixer(x)
+    cache = mixer.allocate_inference_cache(2, 7, dtype=torch.float64)
+    steps = [mixer(x[:, :3], cache)] + [mixer.step(x[:, t : t + 1], cache) for t in range(3, 7)]
+    _nan_close(torch.cat(steps, 1), full, atol=1e-8)
+    assert torch.isfinite(full[0, :2]).all() and torch.isfinite(full[1, :5]).all()
+    window = getattr(mixer, "window_size", None) or 7  # a sliding window forgets a bad token after it
+    assert not torch.isfinite(full[0, 2 : 2 + window]).any() and not torch.isfinite(full[1, 5:]).any()
+    if window < 5:
+        assert torch.isfinite(full[0, 2 + window :]).all()
+
+
+@pytest.mark.parametrize("name", registered())
+def test_padding_is_zero_and_its_nan_never_reaches_valid_outputs(name):
+    mixer = make(name)
+    if "lengths" not in mixer.inputs or mixer.is_identity:
+        pytest.skip(f"{name} takes no lengths (or is the identity, y = x exactly)")
+    x = torch.randn(3, 8, D, dtype=torch.float64)
+    lengths = torch.tensor([8, 3, 5])
+    clean = mixer(x, lengths=lengths)
+    x_pad = x.clone()
+    x_pad[1, 3:] = float("nan")
+    x_pad[2, 6, 2] = float("inf")
+    y = mixer(x_pad, lengths=lengths)
+    valid = torch.arange(8)[None] < lengths[:, None]
+    assert torch.equal(y[~valid], torch.zeros_like(y[~valid]))  # padded outputs are exactly 0
+    assert torch.equal(clean[~valid], torch.zeros_like(clean[~valid]))
+    assert_close(y[valid], clean[valid], atol=1e-10)

@@ -15,6 +15,10 @@ The rules:
 - ``position_ids``: an integer tensor [T] or [B, T].
 - a cache: an instance of the mixer's cache class, allocated for batch size B.
 
+Values are not checked for NaN / Inf (that would read the host); non-finite inputs follow the rule of
+``seqblocks.layers.finite``: they poison their row from their position on, never an earlier output or
+another row, and are ignored in padding.
+
 Shapes: B batch, T time, D width.
 """
 

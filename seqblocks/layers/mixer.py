@@ -133,6 +133,11 @@ def mixer_config_class(cls: type) -> type[MixerConfig]:
     return config_cls
 
 
+def _narrow(dtype: torch.dtype) -> bool:
+    """A real floating-point dtype narrower than fp32 (bf16, fp16, fp8)."""
+    return dtype.is_floating_point and dtype.itemsize < 4
+
+
 class Mixer(nn.Module):
     """Base class of sequence mixers (see the module docstring for the contract).
 
@@ -140,11 +145,56 @@ class Mixer(nn.Module):
         inputs (frozenset[str]): the optional keyword inputs ``forward`` consumes.
         is_identity (bool): the mixer is a no-op; blocks then skip its sublayer entirely.
         causal (bool): output t depends only on inputs <= t (tested for every causal mixer).
+        keep_in_fp32 (tuple[str, ...]): the precision-critical parameters (poles, step sizes, decay
+            logits), by attribute path ("A_log", "dt_proj.bias"). A cast of the module to a
+            floating-point dtype narrower than fp32 (``.to(torch.bfloat16)``, ``.half()``,
+            ``.bfloat16()``) leaves them fp32, as ``_keep_in_fp32_modules`` does in transformers; a
+            cast to float64 still reaches them; built with such a dtype (``dtype=torch.bfloat16``, a
+            bf16 checkpoint) they are created fp32. Names the instance does not have are skipped.
     """
 
     inputs: ClassVar[frozenset[str]] = frozenset()
     is_identity: ClassVar[bool] = False
     causal: bool = True
+    keep_in_fp32: ClassVar[tuple[str, ...]] = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Construction with a narrow dtype (dtype=torch.bfloat16, or a checkpoint loaded as bf16) gives
+        # the declared parameters fp32 storage from the start, so their init and loaded values are exact.
+        if self.keep_in_fp32 and isinstance(value, nn.Module | nn.Parameter):
+            if isinstance(value, nn.Parameter) and name in self.keep_in_fp32 and _narrow(value.dtype):
+                value = nn.Parameter(value.data.float(), requires_grad=value.requires_grad)
+            elif not isinstance(value, nn.Parameter):
+                for path in self.keep_in_fp32:
+                    if path.startswith(name + "."):
+                        owner, _, attr = path[len(name) + 1:].rpartition(".")
+                        try:
+                            param = (value.get_submodule(owner) if owner else value)._parameters.get(attr)
+                        except AttributeError:
+                            continue
+                        if param is not None and _narrow(param.dtype):
+                            param.data = param.data.float()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module.to / half / bfloat16 all go through _apply with one function for every tensor, so the
+        # declared parameters are kept by undoing a narrowing cast from their fp32 (or wider) values.
+        kept = {}
+        for path in self.keep_in_fp32:
+            owner, _, attr = path.rpartition(".")
+            try:
+                module = self.get_submodule(owner) if owner else self
+            except AttributeError:  # an optional submodule this instance does not have
+                continue
+            param = module._parameters.get(attr)
+            if param is not None and param.dtype in (torch.float32, torch.float64):
+                kept[path] = (module, attr, param.data)
+        super()._apply(fn, recurse)
+        for module, attr, old in kept.values():
+            param = module._parameters[attr]
+            if _narrow(param.dtype):
+                param.data = old.to(device=param.device, dtype=torch.float32)
+        return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

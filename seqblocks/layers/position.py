@@ -112,29 +112,42 @@ class RotaryEmbedding(PositionBase):
         self.base, self.scaling_factor, self.scaling_type = base, scaling_factor, scaling_type
         if scaling_type == "ntk" and rotary_dim > 2:
             base = base * scaling_factor ** (rotary_dim / (rotary_dim - 2))
-        exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim
-        self.register_buffer("inv_freq", (1.0 / base**exponent).float(), persistent=False)
+        self._freq_base = base
+        # float64 always (a module cast leaves it so, see _apply): angles are formed in float64 and then
+        # rounded to the rotation's dtype, fp32 for fp32 / bf16 / fp16 inputs and float64 for float64.
+        self.register_buffer("inv_freq", self._inv_freq(device), persistent=False)
+
+    def _inv_freq(self, device) -> torch.Tensor:
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device) / self.rotary_dim
+        return 1.0 / self._freq_base**exponent
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float64:  # a dtype cast: recompute rather than round the frequencies
+            self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
 
     @classmethod
     def from_config(cls, config) -> RotaryEmbedding:
         return cls(config.effective_head_dim, base=config.rope_theta, rotary_dim=config.rotary_dim,
                    scaling_factor=config.rope_scaling)
 
-    def angles(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rotation angles [B or 1, T, rotary_dim / 2] in fp32."""
-        pos = _as_2d(positions).to(torch.float32)
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rotation angles [B or 1, T, rotary_dim / 2] in ``dtype`` (fp32, or float64), formed in float64."""
+        pos = _as_2d(positions).to(torch.float64)
         if self.scaling_type == "linear" and self.scaling_factor != 1.0:
             pos = pos / self.scaling_factor
-        return pos[..., None] * self.inv_freq.to(pos.device)
+        return (pos[..., None] * self.inv_freq.to(pos.device, torch.float64)).to(dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(f"RotaryEmbedding.rotate expects [B, T, H, {self.head_dim}], got {tuple(x.shape)}")
-        theta = self.angles(positions)
+        acc = torch.promote_types(torch.float32, x.dtype)  # fp32 for bf16 / fp16 / fp32, float64 for float64
+        theta = self.angles(positions, acc)
         if theta.shape[1] != x.shape[1]:
             raise ValueError(f"RotaryEmbedding: {theta.shape[1]} positions for {x.shape[1]} tokens")
         cos, sin = theta.cos()[:, :, None], theta.sin()[:, :, None]  # [B, T, 1, R/2]
-        rot, rest = x[..., : self.rotary_dim].float(), x[..., self.rotary_dim :]
+        rot, rest = x[..., : self.rotary_dim].to(acc), x[..., self.rotary_dim :]
         if self.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -6,8 +6,9 @@ Every op takes ``backend="auto" | "torch" | "triton"``:
   a kernel; otherwise the PyTorch path. Both compute the same function (tested), so the choice never
   changes results beyond floating-point rounding.
 - ``"torch"`` always runs the PyTorch path (CPU and GPU).
-- ``"triton"`` runs the kernel or raises: ``ImportError`` (with the install command) without Triton,
-  ``ValueError`` for CPU tensors unless ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by CI).
+- ``"triton"`` runs the kernel or raises: ``ValueError`` for CPU tensors unless ``TRITON_INTERPRET=1``
+  (Triton's CPU interpreter, used by CI), checked first, so it holds with or without Triton; then
+  ``ImportError`` (with the install command) without Triton.
 
 The recurrent ops also run outside autocast (``outside_autocast``): an autocast region would otherwise
 send their internal matrix products to bf16 / fp16 and round the state they promise to keep in fp32.
@@ -91,13 +92,14 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None, op: str, has_ke
         return "triton" if (has_kernel and on_cuda and triton_available()) else "torch"
     if not has_kernel:
         raise ValueError(f"{op}: no Triton kernel serves this call; use backend='torch' or 'auto'")
-    if not triton_available():
-        raise ImportError(f"{op}: backend='triton' needs Triton: pip install 'seqblocks[triton]'")
+    # Inputs no Triton install could serve are a ValueError whether or not Triton is there.
     if not on_cuda and not interpreter_enabled():
         raise ValueError(
             f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
             f"got device {next((t.device for t in tensors if t is not None), 'none')}"
         )
+    if not triton_available():
+        raise ImportError(f"{op}: backend='triton' needs Triton: pip install 'seqblocks[triton]'")
     return "triton"
 
 

@@ -8,9 +8,11 @@
 - ``CrossAttentionCache``: the keys / values of the encoder output, computed once per memory.
 
 ``seqlen_offset`` [B] (a tensor) counts each sequence's tokens; ``key_valid`` [B, slots] marks slots that
-hold a real, unpadded token. Writing past ``max_seqlen`` raises ``ValueError`` (every cache kind, the
-rolling one included, so that a model's limit does not depend on its layer mix). ``write`` stores one
-call's tokens (before the owner advances ``seqlen_offset``).
+hold a real, unpadded token; ``nonfinite_last`` [B] is 1 + the position of the latest valid token whose
+key / value held a NaN / Inf (0: none; the keys themselves are stored zeroed), so that decoding poisons
+the outputs that token may reach (``seqblocks.layers.finite``). Writing past ``max_seqlen`` raises
+``ValueError`` (every cache kind, the rolling one included, so that a model's limit does not depend on
+its layer mix). ``write`` stores one call's tokens (before the owner advances ``seqlen_offset``).
 
 Shapes: B batch, Hkv key/value heads, S max_seqlen (slots), W window, K key width, V value width,
 R latent width, P rotary width, M memory length.
@@ -35,11 +37,13 @@ class KVCache(Cache):
     Attributes:
         k (Tensor): [B, Hkv, S, K]. v (Tensor): [B, Hkv, S, V].
         key_valid (Tensor): [B, S] bool, True where a real (unpadded) token was written.
+        nonfinite_last (Tensor): [B] int64, 1 + the position of the latest non-finite valid token (0: none).
     """
 
     k: torch.Tensor = None
     v: torch.Tensor = None
     key_valid: torch.Tensor = None
+    nonfinite_last: torch.Tensor = None
 
     @classmethod
     def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int,
@@ -48,6 +52,7 @@ class KVCache(Cache):
         cache.k = torch.zeros(batch_size, num_kv_heads, max_seqlen, head_dim, device=device, dtype=dtype)
         cache.v = torch.zeros(batch_size, num_kv_heads, max_seqlen, v_dim, device=device, dtype=dtype)
         cache.key_valid = torch.zeros(batch_size, max_seqlen, dtype=torch.bool, device=device)
+        cache.nonfinite_last = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cache
 
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
@@ -66,12 +71,14 @@ class RollingKVCache(Cache):
         k (Tensor): [B, Hkv, W, K]. v (Tensor): [B, Hkv, W, V].
         slot_positions (Tensor): [B, W] int64 absolute position held by each slot, -1 when empty.
         key_valid (Tensor): [B, W] bool, True where the slot holds a real (unpadded) token.
+        nonfinite_last (Tensor): [B] int64, 1 + the position of the latest non-finite valid token (0: none).
     """
 
     k: torch.Tensor = None
     v: torch.Tensor = None
     slot_positions: torch.Tensor = None
     key_valid: torch.Tensor = None
+    nonfinite_last: torch.Tensor = None
 
     @property
     def window(self) -> int:
@@ -85,6 +92,7 @@ class RollingKVCache(Cache):
         cache.v = torch.zeros(batch_size, num_kv_heads, window, v_dim, device=device, dtype=dtype)
         cache.slot_positions = torch.full((batch_size, window), -1, dtype=torch.long, device=device)
         cache.key_valid = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
+        cache.nonfinite_last = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cache
 
     def reset(self) -> None:
@@ -124,11 +132,13 @@ class MLACache(Cache):
         c_kv (Tensor): [B, S, R] normalised compressed key/value latent.
         k_pe (Tensor): [B, S, P] rotated decoupled key (shared by all heads).
         key_valid (Tensor): [B, S] bool.
+        nonfinite_last (Tensor): [B] int64, 1 + the position of the latest non-finite valid token (0: none).
     """
 
     c_kv: torch.Tensor = None
     k_pe: torch.Tensor = None
     key_valid: torch.Tensor = None
+    nonfinite_last: torch.Tensor = None
 
     @classmethod
     def allocate(cls, batch_size: int, max_seqlen: int, kv_lora_rank: int, rope_dim: int, *, device=None,
@@ -137,6 +147,7 @@ class MLACache(Cache):
         cache.c_kv = torch.zeros(batch_size, max_seqlen, kv_lora_rank, device=device, dtype=dtype)
         cache.k_pe = torch.zeros(batch_size, max_seqlen, rope_dim, device=device, dtype=dtype)
         cache.key_valid = torch.zeros(batch_size, max_seqlen, dtype=torch.bool, device=device)
+        cache.nonfinite_last = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cache
 
     def write(self, index: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, valid: torch.Tensor) -> None:

@@ -12,6 +12,8 @@
 - ``split_mask``, ``intersect_valid``: a user ``mask`` as (key_valid [B, Tk], full attn_mask), and the
   intersection of two key-validity masks.
 - ``AttentionCore``: the base of the softmax-attention mixers: backend options and ``attend``.
+- ``poisoned_queries``: which queries a non-finite key poisons (``seqblocks.layers.finite``'s rule:
+  zero it before the softmax, poison the queries that may see it, never an earlier one).
 
 Shapes: B batch, T time, H query heads, Hkv key/value heads, K head width, Tq queries, Tk keys.
 """
@@ -31,7 +33,7 @@ from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
 from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
 
 __all__ = ["AttentionCore", "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
-           "token_index", "rope_positions", "split_mask", "intersect_valid"]
+           "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries"]
 
 
 def resolve_heads(owner: str, embed_dim: int, num_heads: int | None, num_heads_kv: int | None,
@@ -153,6 +155,29 @@ def intersect_valid(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Ten
     if a is None:
         return b
     return a if b is None else a & b
+
+
+def poisoned_queries(bad_key: torch.Tensor, index: torch.Tensor, *, causal: bool, window: int | None,
+                     prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(poisoned [B, T] bool, last [B, T] or None): the queries whose outputs a non-finite key poisons.
+
+    ``bad_key`` [B, T] marks this call's valid keys that held a NaN / Inf (already zeroed, so the
+    softmax-weighted sums stay finite), at token indices ``index`` [B or 1, T]. Causal: a query at
+    index p is poisoned when it may see such a key (index <= p, and > p - window with a window).
+    ``last`` is 1 + the index of the latest bad key up to each query (0: none) and ``prior`` [B] the
+    same count carried by a cache (``nonfinite_last``), so decoding poisons exactly what the full pass
+    does. Non-causal: every query of a row with a bad key.
+    """
+    if not causal:
+        return bad_key.any(1, keepdim=True).expand_as(bad_key), None
+    idx = index.expand_as(bad_key)
+    last = torch.where(bad_key, idx + 1, torch.zeros((), dtype=idx.dtype, device=idx.device)).cummax(1).values
+    if prior is not None:
+        last = torch.maximum(last, prior[:, None].to(last.dtype))
+    poisoned = last > 0
+    if window is not None:
+        poisoned = poisoned & (idx - last + 1 < window)
+    return poisoned, last
 
 
 class AttentionCore(Mixer):

@@ -38,6 +38,7 @@ from seqblocks.layers.attention.common import (
     token_index,
 )
 from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
+from seqblocks.layers.finite import nonfinite_tokens, poison, poisoned_from, zero_nonfinite
 from seqblocks.layers.mixer import Mixer
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops.attention import FEATURE_MAPS, linear_attention
@@ -231,6 +232,10 @@ class LinearAttention(Mixer):
         if rotary is not None:
             pos = rope_positions(position_ids, token_index(cache, T, x.device))
             q, k = rotary.rotate(q, pos), rotary.rotate(k, pos)
+        # The chunked form multiplies masked (future, padded) keys by 0, and 0 * NaN = NaN: zero non-finite
+        # values first, then poison the outputs from them on and the state (seqblocks.layers.finite).
+        bad_q, bad_kv = nonfinite_tokens(q), nonfinite_tokens(k, v)
+        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, K]
         key_valid, attn_mask = split_mask(owner, mask, B, T, T)
         if attn_mask is not None:
@@ -238,6 +243,7 @@ class LinearAttention(Mixer):
                              f"{mask.dtype} {tuple(mask.shape)}")
         length_valid = lengths_mask(lengths, T, x.device)
         key_valid = intersect_valid(key_valid, length_valid)
+        bad_key = bad_kv if key_valid is None else bad_kv & key_valid
         if cache is None:
             out, _ = linear_attention(q, k, v, causal=self.causal, chunk_size=self.chunk_size,
                                       feature=self.feature_map, key_valid=key_valid)
@@ -246,10 +252,12 @@ class LinearAttention(Mixer):
             out, (S, z) = linear_attention(q, k, v, causal=True, chunk_size=self.chunk_size,
                                            feature=self.feature_map, key_valid=key_valid,
                                            initial_state=(cache.state, cache.normalizer))
-            cache.state.copy_(S)
-            cache.normalizer.copy_(z)
+            row_bad = bad_key.any(1)
+            cache.state.copy_(S.masked_fill(row_bad.view(B, *([1] * (S.dim() - 1))), float("nan")))
+            cache.normalizer.copy_(z.masked_fill(row_bad.view(B, *([1] * (z.dim() - 1))), float("nan")))
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * K))
+        y = poison(y, poisoned_from(bad_key, causal=self.causal) | bad_q)
         if length_valid is not None:
-            y = y * length_valid[..., None].to(y.dtype)
+            y = y.masked_fill(~length_valid[..., None], 0.0)
         return y

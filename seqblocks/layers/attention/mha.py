@@ -22,6 +22,10 @@ Inputs and conventions (shared by every attention mixer):
 - ``lengths`` [B]: valid prefix of each padded sequence: later tokens are neither attended to nor
   cached, their outputs are 0, and a cache advances by each row's length.
 - Attention dropout (``dropout``) acts on the attention probabilities in training mode only.
+- Non-finite values (``seqblocks.layers.finite``): a NaN / Inf in token t's query, key or value is
+  zeroed before the softmax (a masked key's ``0 * NaN`` would reach every query) and the outputs of
+  the queries that may see that key (causal: t and later, within the window) are set to NaN; padded
+  or masked-out keys never poison anything, and outputs at padding are 0.
 
 Shapes: B batch, T time, D model width, H query heads, Hkv key/value heads, K head width, V value width,
 M memory length, S cache slots.
@@ -42,6 +46,7 @@ from seqblocks.layers.attention.common import (
     AttentionCore,
     intersect_valid,
     make_rotary,
+    poisoned_queries,
     resolve_heads,
     rope_positions,
     rotary_of,
@@ -50,6 +55,7 @@ from seqblocks.layers.attention.common import (
 from seqblocks.layers.attention.cross_attention import CrossAttention
 from seqblocks.layers.attention.linear_attention import LinearAttention
 from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
+from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops.attention import ATTENTION_BACKENDS
 from seqblocks.registry import MIXERS
@@ -249,21 +255,30 @@ class MHA(AttentionCore):
         if rotary is not None:
             rope_pos = rope_positions(position_ids, index)
             q, k = rotary.rotate(q, rope_pos), rotary.rotate(k, rope_pos)
+        bad_q, bad_kv = nonfinite_tokens(q), nonfinite_tokens(k, v)  # [B, T]
+        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, K]
         key_valid, attn_mask = split_mask(owner, mask, B, T, T)
         length_valid = lengths_mask(lengths, T, x.device)
         key_valid = intersect_valid(key_valid, length_valid)
+        bad_key = bad_kv if key_valid is None else bad_kv & key_valid
         if cache is None:
             out = self.attend(q, k, v, causal=self.causal, window=self.window_size, q_pos=None, kv_pos=None,
                               key_valid=key_valid, attn_mask=attn_mask)
+            poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=self.causal,
+                                           window=self.window_size)
         else:
             if attn_mask is not None:
                 raise ValueError(f"{owner}: with a cache, mask must be a [B, T] key-padding mask (full masks "
                                  f"cannot be remembered for later steps)")
+            poisoned, last = poisoned_queries(bad_key, index, causal=True, window=self.window_size,
+                                              prior=cache.nonfinite_last)
             out = self._cached(q, k, v, key_valid, index, cache, lengths)
+            cache.nonfinite_last.copy_(last[:, -1])
         y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * out.shape[-1]))
+        y = poison(y, poisoned | bad_q)
         if length_valid is not None:
-            y = y * length_valid[..., None].to(y.dtype)
+            y = y.masked_fill(~length_valid[..., None], 0.0)
         return y
 
     def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths) -> torch.Tensor:

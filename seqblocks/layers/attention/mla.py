@@ -24,8 +24,16 @@ from torch import nn
 
 from seqblocks.cache import host_sync_unsafe
 from seqblocks.layers.attention.cache import MLACache
-from seqblocks.layers.attention.common import AttentionCore, intersect_valid, rope_positions, split_mask, token_index
+from seqblocks.layers.attention.common import (
+    AttentionCore,
+    intersect_valid,
+    poisoned_queries,
+    rope_positions,
+    split_mask,
+    token_index,
+)
 from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
+from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
 from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import PositionBase, RotaryEmbedding
 from seqblocks.registry import MIXERS
@@ -197,11 +205,18 @@ class MLA(AttentionCore):
         c_kv, k_pe = self.kv_a_proj(x).split((R, P), dim=-1)
         c_kv = self.kv_a_norm(c_kv)  # [B, T, R]
         k_pe = self.rotary.rotate(k_pe[:, :, None], rope_pos)[:, :, 0]  # [B, T, P]
+        # Non-finite values are zeroed here (and so cached zeroed); the queries they reach are poisoned below.
+        bad_q, bad_kv = nonfinite_tokens(q), nonfinite_tokens(c_kv, k_pe)
+        q, c_kv, k_pe = zero_nonfinite(q), zero_nonfinite(c_kv), zero_nonfinite(k_pe)
         key_valid, attn_mask = split_mask("MLA", mask, B, T, T)
         length_valid = lengths_mask(lengths, T, x.device)
         key_valid = intersect_valid(key_valid, length_valid)
+        bad_key = bad_kv if key_valid is None else bad_kv & key_valid
+        poisoned, last = poisoned_queries(bad_key, index, causal=self.causal, window=None,
+                                          prior=None if cache is None else cache.nonfinite_last)
         q_pos = None
         if cache is not None:
+            cache.nonfinite_last.copy_(last[:, -1])
             if attn_mask is not None:
                 raise ValueError("MLA: with a cache, mask must be a [B, T] key-padding mask")
             S = cache.max_seqlen
@@ -222,7 +237,7 @@ class MLA(AttentionCore):
                            window=None, q_pos=q_pos, kv_pos=None, key_valid=key_valid, attn_mask=attn_mask)
         if cache is not None:
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
-        y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * V))
+        y = poison(self.out_proj(out.transpose(1, 2).reshape(B, T, H * V)), poisoned | bad_q)
         if length_valid is not None:
-            y = y * length_valid[..., None].to(y.dtype)
+            y = y.masked_fill(~length_valid[..., None], 0.0)
         return y

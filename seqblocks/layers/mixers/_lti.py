@@ -15,6 +15,10 @@ recurrence) and names its state shape:
 - ``lengths``: padded positions are zeroed before the system (so the reversed pass and the
   convolution never read them), the recurrence passes the state through them untouched, the final
   state is each sequence's own, and outputs at padding are 0.
+- non-finite inputs (``seqblocks.layers.finite``): a NaN / Inf at position t makes the outputs at
+  t and later NaN (the whole row when bidirectional) and poisons the cache's state, never an
+  earlier output or another row, in either mode: the input is zeroed there before the FFT or the
+  chunked recurrence, and the poisoned outputs are set afterwards.
 
 Shapes: B batch, T time, H (= D) model width, S the state's shape per sequence.
 """
@@ -29,6 +33,7 @@ from torch import nn
 
 from seqblocks.cache import Cache
 from seqblocks.layers.checks import check_cache, check_input, check_lengths
+from seqblocks.layers.finite import nonfinite_tokens, poison, poisoned_from, zero_nonfinite
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops._backend import autocast_off
 from seqblocks.ops.fftconv import fftconv
@@ -116,8 +121,8 @@ class LTIMixer(Mixer):
 
     # ---- shared -------------------------------------------------------------------------------
     def _param_dtype(self) -> torch.dtype:
-        p = next(self.parameters())
-        return p.dtype
+        # The widest parameter dtype: fp32 for a bf16-cast module, whose poles stay fp32 (keep_in_fp32).
+        return state_dtype(*(p.dtype for p in self.parameters()))
 
     def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
         """Real dtype the system runs in: fp32, or float64 when the input or the module is."""
@@ -178,12 +183,17 @@ class LTIMixer(Mixer):
         valid = pad_mask(lengths, T, x.device)
         if valid is not None:
             u = u.masked_fill(~valid, 0.0)
+        # A non-finite input would reach earlier outputs through the FFT (and S4's chunked recurrence):
+        # zero it, and poison the outputs from it on afterwards (seqblocks.layers.finite).
+        bad = nonfinite_tokens(u)
+        u = zero_nonfinite(u)
         # The system runs at ``cdt`` even inside an autocast region (its products would go to bf16 there
         # and round the state); only the output layers in ``_post`` follow autocast.
         with autocast_off(x.device):
             if cache is not None:
                 y, final = self._ssm(u, mode="scan", reverse=False, h0=cache.state, lengths=lengths, **kwargs)
-                cache.state.copy_(final)
+                row_bad = bad.any(1).view(B, *([1] * (final.dim() - 1)))
+                cache.state.copy_(final.masked_fill(row_bad, float("nan")))
                 cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset.dtype))
             else:
                 y, _ = self._ssm(u, mode=self.mode, reverse=False, h0=None, lengths=lengths, **kwargs)
@@ -193,7 +203,7 @@ class LTIMixer(Mixer):
             skip = self._skip(u)
             if skip is not None:
                 y = y + skip
-        y = self._post(y)
+        y = poison(self._post(y), poisoned_from(bad, causal=not self.bidirectional))
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)
         return y.to(x.dtype)

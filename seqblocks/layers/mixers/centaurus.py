@@ -62,6 +62,9 @@ class Centaurus(LTIMixer):
             non-positive sizes.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the poles and step sizes; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("A_real", "A_imag", "log_delta")
+
     def __init__(self, d_model: int, d_state: int = 64, sub_state_dim: int = 8, discretization: str = "zoh",
                  mode: str = "conv", *, variant: str | None = None, dt_min: float = 0.001, dt_max: float = 0.1,
                  bidirectional: bool = False, layer_idx: int | None = None, device=None, dtype=None) -> None:

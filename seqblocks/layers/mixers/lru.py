@@ -44,6 +44,9 @@ class LRU(LTIMixer):
         ValueError: sizes or radii out of range, unknown mode.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the poles and their normalisation; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("nu_log", "theta_log", "gamma_log")
+
     def __init__(self, d_model: int, d_state: int, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * math.pi, *, mode: str = "scan", bidirectional: bool = False,
                  layer_idx: int | None = None, device=None, dtype=None) -> None:

@@ -74,6 +74,9 @@ class Mamba(Mixer):
         ValueError: non-positive sizes, dt_min > dt_max, unknown dt_init or discretization.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (A, the skip D and the step bias; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("A_log", "D", "dt_proj.bias")
+
     inputs = frozenset({"lengths", "integration_timesteps"})
 
     def __init__(

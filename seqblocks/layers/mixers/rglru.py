@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.checks import check_cache, check_input, check_lengths
+from seqblocks.layers.checks import check_cache, check_input, check_lengths, lengths_mask
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.scan import linear_scan
@@ -87,6 +87,9 @@ class RGLRU(Mixer):
     Raises:
         ValueError: non-positive sizes, a bad ``a_init_range`` or ``c``, num_heads not dividing E.
     """
+
+    # Kept fp32 under a bf16 / fp16 cast of the module (the decay logit Lambda; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("a_param",)
 
     inputs = frozenset({"lengths"})
 
@@ -196,7 +199,7 @@ class RGLRU(Mixer):
         Args:
             x (Tensor): [B, T, D] input (fp32, bf16 or fp16; the state is fp32).
             cache (RGLRUCache | None): continue from and update this cache. Default: None.
-            lengths (Tensor | None): [B] valid prefix of each row. Default: None.
+            lengths (Tensor | None): [B] valid prefix of each row; outputs past it are 0. Default: None.
 
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
@@ -223,7 +226,10 @@ class RGLRU(Mixer):
             cache.conv_state.copy_(conv_final)
             cache.rnn_state.copy_(final)
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
-        return self.out_proj(h.to(x.dtype) * g)
+        y = self.out_proj(h.to(x.dtype) * g)
+        valid = lengths_mask(lengths, T, x.device)
+        # Padded outputs are 0, also when the padding holds NaN (the gate branch reads it).
+        return y if valid is None else y.masked_fill(~valid[..., None], 0.0)
 
 
 MIXERS.register("rg_lru", RGLRU, description="alias of 'RGLRU': Griffin's recurrent block")

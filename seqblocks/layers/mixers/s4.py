@@ -103,6 +103,9 @@ class S4(DiagonalSSMParams, LTIMixer):
         ValueError: odd or non-positive d_state, unknown init / transform / mode, rank < 1.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the DPLR state matrix and step sizes; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("A_real", "A_imag", "P_re", "P_im", "log_dt")
+
     def __init__(self, d_model: int, d_state: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
                  dt_max: float = 0.1, rank: int = 1, init: str = "legs", real_transform: str = "exp",
                  dropout: float = 0.0, activation: str | None = "gelu", final_act: str | None = "glu",

@@ -159,6 +159,9 @@ class S4D(DiagonalSSMParams, LTIMixer):
         ValueError: odd or non-positive d_state, unknown init / disc / transform / mode.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the poles and step sizes; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("A_real", "A_imag", "log_dt")
+
     def __init__(self, d_model: int, d_state: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
                  dt_max: float = 0.1, init: str = "legs", disc: str = "zoh", real_transform: str = "exp",
                  dropout: float = 0.0, activation: str | None = "gelu", final_act: str | None = "glu",

@@ -70,6 +70,9 @@ class S5(LTIMixer):
         ValueError: bad sizes, unknown discretization or mode.
     """
 
+    # Kept fp32 under a bf16 / fp16 cast of the module (the poles and step sizes; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("Lambda_re_log", "Lambda_im", "log_step")
+
     inputs = frozenset({"lengths", "integration_timesteps"})
 
     def __init__(self, d_model: int, d_state: int, discretization: str = "zoh", conj_sym: bool = False, *,

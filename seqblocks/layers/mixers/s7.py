@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.checks import check_cache, check_input, check_lengths
+from seqblocks.layers.checks import check_cache, check_input, check_lengths, lengths_mask
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.scan import linear_scan
 from seqblocks.registry import MIXERS
@@ -76,6 +76,9 @@ class S7(Mixer):
     Raises:
         ValueError: non-positive sizes or a bad ``timescale_range``.
     """
+
+    # Kept fp32 under a bf16 / fp16 cast of the module (the base decays and skip; Mixer.keep_in_fp32).
+    keep_in_fp32 = ("lambda_base", "d_base")
 
     inputs = frozenset({"lengths"})
 
@@ -156,7 +159,7 @@ class S7(Mixer):
         Args:
             x (Tensor): [B, T, D] input (fp32, bf16 or fp16; the state is fp32).
             cache (S7Cache | None): continue from and update this cache. Default: None.
-            lengths (Tensor | None): [B] valid prefix of each row. Default: None.
+            lengths (Tensor | None): [B] valid prefix of each row; outputs past it are 0. Default: None.
 
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
@@ -179,4 +182,6 @@ class S7(Mixer):
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         y = torch.einsum("btdn,btn->btd", Cm, h) + Dt * xs.to(Dt.dtype)
         y = y.to(x.dtype)
-        return y * torch.sigmoid(self.gate_proj(F.gelu(y)))
+        y = y * torch.sigmoid(self.gate_proj(F.gelu(y)))
+        valid = lengths_mask(lengths, T, x.device)
+        return y if valid is None else y.masked_fill(~valid[..., None], 0.0)  # padded outputs are 0
