@@ -254,9 +254,9 @@ class IdentityMixer(Mixer):
     def forward(self, x: torch.Tensor, cache: Cache | None = None, **inputs: Any) -> torch.Tensor:
         width = self.d_model if self.d_model is not None else (x.shape[-1] if isinstance(x, torch.Tensor) else 0)
         check_input("IdentityMixer", x, width)
+        check_lengths("IdentityMixer", inputs.get("lengths"), x.shape[0], x.shape[1])
         if cache is not None:
             check_cache("IdentityMixer", cache, Cache, x.shape[0])
-            check_lengths("IdentityMixer", inputs.get("lengths"), x.shape[0], x.shape[1])
             lengths = inputs.get("lengths")
             cache.seqlen_offset.add_(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
         return x

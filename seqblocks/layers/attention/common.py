@@ -91,6 +91,8 @@ def make_rotary(owner: str, head_dim: int, rotary_emb_dim: int, base: float, int
         raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim!r} must be a non-negative int (0: no RoPE)")
     if rotary_emb_dim == 0:
         return None
+    if rotary_emb_dim % 2 or rotary_emb_dim > head_dim:
+        raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim} must be even and at most head_dim={head_dim}")
     check_range(owner, "rotary_emb_base", base, 0.0, lo_open=True)
     if position is not None and position.kind == "rotary":
         raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim} and a rotary position module both given; "
