@@ -232,8 +232,9 @@ def _mixer_inputs(name: str, data: st.DataObject) -> None:
     with torch.no_grad():
         y = outcome(lambda: mixer(*args, **kwargs), bad + ["batch", "batch_size", "seqlen_offset", "max_seqlen"])
     valid_x = x_kind in ("ok", "bf16", "f64", "nan")
-    valid_cache = cache_kind in ("none", "fresh") or (cache_kind == "other" and mixer.is_identity)
-    valid_lengths = length_kind in ("none", "ok")
+    valid_cache = cache_kind == "none" or (B > 0 and (cache_kind == "fresh" or
+                                                     (cache_kind == "other" and mixer.is_identity)))
+    valid_lengths = length_kind in ("none", "ok") or (B == 0 and length_kind in ("too_long", "negative"))
     if y is None:
         assert not (valid_x and valid_cache and valid_lengths and x_kind != "nan"), (
             f"{name}: a valid call was refused (x={x_kind}, cache={cache_kind}, lengths={length_kind})")
@@ -484,7 +485,11 @@ def _blocks(data: st.DataObject) -> None:
         return Block(d, mixer, mlp, norm_cls=norm)
 
     block = outcome(build, names)
-    valid = (d == 16 and heads == 2 and d_ff == 32 and dropout in (0.0, 0.1) and eps == 1e-5)
+    def size(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    valid = (size(d) and size(heads) and size(d_ff) and d % heads == 0 and dropout in (0.0, 0.1)
+             and eps == 1e-5)
     if block is None:
         assert not valid, f"valid {kind} block refused: {values}"
         return
