@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from seqblocks.layers.checks import check_lengths, check_positive, check_range, check_timesteps
+
 __all__ = ["GenerationOutput", "generate", "prefill", "decode_one_token", "process_logits", "sample",
            "CUDAGraphDecoder"]
 
@@ -194,11 +196,45 @@ def _release_rng_from_capture(device: torch.device) -> None:
         pass
 
 
+def _check_generate_args(input_ids: Any, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any, min_p: Any,
+                         repetition_penalty: Any, pad_token_id: Any, seed: Any, generator: Any, callback: Any,
+                         max_seqlen: Any) -> None:
+    """``generate``'s parameters: each of the right kind, finite and in its range (``ValueError`` /
+    ``TypeError`` naming it). NaN or inf never reach the sampler (a NaN temperature would draw token 0
+    forever)."""
+    owner = "generate"
+    check_positive(owner, max_new_tokens=max_new_tokens)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    check_range(owner, "temperature", temperature, 0.0)  # 0 is greedy
+    if top_k is not None:
+        check_positive(owner, top_k=top_k)
+    if top_p is not None:
+        check_range(owner, "top_p", top_p, 0.0, 1.0, lo_open=True)
+    if min_p is not None:
+        check_range(owner, "min_p", min_p, 0.0, 1.0)
+    check_range(owner, "repetition_penalty", repetition_penalty, 0.0, lo_open=True)
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be an int >= 0")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if max_seqlen is not None:
+        check_positive(owner, max_seqlen=max_seqlen)
+
+
 def _stop_ids(stop_tokens: int | Sequence[int] | None, vocab: int, device) -> torch.Tensor | None:
     if stop_tokens is None:
         return None
+    if not isinstance(stop_tokens, int | list | tuple | set | frozenset | range):
+        raise TypeError(f"stop_tokens must be a token id or a sequence of them, got {type(stop_tokens).__name__}")
     ids = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens)
-    if not ids or any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
         raise ValueError(f"stop_tokens must be token ids in [0, {vocab}), got {stop_tokens!r}")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
@@ -263,30 +299,16 @@ def generate(
     Raises:
         ValueError / TypeError: invalid arguments (the message names them).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got {getattr(input_ids, 'shape', input_ids)}")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be a positive int or None")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ValueError(f"min_p={min_p!r} must lie in [0, 1]")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0")
+    _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                         pad_token_id, seed, generator, callback, max_seqlen)
     B, T = input_ids.shape
     N = max_new_tokens
     V = model.vocab_size
     device = input_ids.device
-    if not 0 <= pad_token_id:
-        raise ValueError(f"pad_token_id={pad_token_id} must be >= 0")
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=device)
-    elif not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype.is_floating_point:
-        raise ValueError(f"lengths must be an integer tensor of shape [{B}], got {getattr(lengths, 'shape', lengths)}")
+    else:
+        check_lengths("generate", lengths, B, T)
     lengths = lengths.to(device=device, dtype=torch.long)
     min_len, max_len = int(lengths.min()), int(lengths.max())
     if min_len < 1 or max_len > T:
@@ -306,8 +328,12 @@ def generate(
 
     ts_decode = False
     if integration_timesteps is not None:
+        if not isinstance(integration_timesteps, torch.Tensor) or integration_timesteps.dim() != 2:
+            raise TypeError(f"generate: integration_timesteps must be a floating-point [B, C] tensor, got "
+                            f"{getattr(integration_timesteps, 'shape', type(integration_timesteps).__name__)}")
+        check_timesteps("generate", integration_timesteps, B, integration_timesteps.shape[1])
         C = integration_timesteps.shape[-1]
-        if integration_timesteps.shape[0] != B or integration_timesteps.dim() != 2:
+        if integration_timesteps.shape[0] != B:
             raise ValueError(f"integration_timesteps must be [B, C] with B={B}, "
                              f"got {tuple(integration_timesteps.shape)}")
         if C >= needed:

@@ -35,6 +35,7 @@ from seqblocks.cache import Cache
 from seqblocks.layers.attention import CrossAttention
 from seqblocks.layers.attention.mha import MHA
 from seqblocks.layers.attention.score_mods import mod_kind
+from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.position import ALiBi
 from seqblocks.registry import NORMS
 
@@ -94,14 +95,11 @@ class _BlockBase(nn.Module):
                 mask_mod, use_rope, rope_base, rope_max_positions, causal, alibi, bias, norm_eps, layer_idx,
                 device, dtype) -> dict[str, Any]:
         owner = type(self).__name__
-        if d_model <= 0 or num_heads <= 0 or d_ff <= 0:
-            raise ValueError(f"{owner}: d_model={d_model}, num_heads={num_heads}, d_ff={d_ff} must be positive")
+        check_positive(owner, d_model=d_model, num_heads=num_heads, d_ff=d_ff, rope_max_positions=rope_max_positions)
+        check_range(owner, "norm_eps", norm_eps, 0.0, lo_open=True)
         if d_model % num_heads:
             raise ValueError(f"{owner}: d_model={d_model} must be a multiple of num_heads={num_heads}")
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"{owner}: dropout_rate={dropout_rate} must be in [0, 1)")
-        if rope_max_positions <= 0:
-            raise ValueError(f"{owner}: rope_max_positions={rope_max_positions} must be positive")
+        check_range(owner, "dropout_rate", dropout_rate, 0.0, 1.0, hi_open=True)
         if use_rope and alibi:
             raise ValueError(f"{owner}: use_rope and alibi are exclusive")
         self.d_model, self.num_heads, self.d_ff = d_model, num_heads, d_ff

@@ -7,13 +7,26 @@ tensor values on the host are skipped while compiling or capturing a CUDA graph
 
 The rules:
 
-- ``x``: a floating-point tensor [B, T, D] with D the mixer's width.
+- ``x``: a floating-point tensor [B, T, D] with D the mixer's width, on the module's device.
+- **Empty inputs**: B = 0 or T = 0 is valid for every mixer and gives the correct empty result,
+  ``y`` = zeros of ``x``'s shape and dtype, with a given cache left untouched (no state change, no
+  advance). Every check still runs first, so a wrong width, dtype or cache is refused even when empty
+  (``is_empty``). A model's ``input_ids`` must be non-empty (there are no logits to return or sample).
+- **Mixed dtypes**: any floating-point ``x`` is accepted. Outside autocast, a mixer whose parameters
+  are in another dtype converts ``x`` to its own dtype on entry and returns ``y`` in ``x``'s dtype
+  (``to_module_dtype``): a bf16 input to an fp32 mixer computes in fp32 and returns bf16, exactly as the
+  LTI mixers always did. Inside an autocast region the input is left alone and autocast decides the
+  precision of each op, as the Precision section of docs/architecture.md describes.
 - ``lengths``: an int32 / int64 tensor [B] (not bool) with every value in **[0, T]**: the valid prefix
   of each right-padded row. 0 is allowed (a row with nothing new in this call, e.g. while other rows
   prefill); outputs past a row's length are 0 and its cache advances by its length.
 - ``integration_timesteps``: a floating-point tensor [B, T] of non-negative time intervals.
 - ``position_ids``: an integer tensor [T] or [B, T].
-- a cache: an instance of the mixer's cache class, allocated for batch size B.
+- a cache: an instance of the mixer's cache class, allocated for batch size B (every state tensor
+  has B rows) on the input's device. ``check_allocation``: ``batch_size`` and ``max_seqlen`` positive
+  ints and the cache ``dtype`` None or floating point (an integer cache would truncate states).
+- constructor values: ``check_positive`` (sizes: ints > 0, never bool), ``check_finite`` (real numbers,
+  not NaN / inf), ``check_range`` (a finite number inside given bounds).
 
 Values are not checked for NaN / Inf (that would read the host); non-finite inputs follow the rule of
 ``seqblocks.layers.finite``: they poison their row from their position on, never an earlier output or
@@ -24,14 +37,15 @@ Shapes: B batch, T time, D width.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from seqblocks.cache import Cache, host_sync_unsafe
 
-__all__ = ["check_input", "check_lengths", "check_timesteps", "check_position_ids", "check_cache",
-           "lengths_mask"]
+__all__ = ["check_input", "is_empty", "to_module_dtype", "check_lengths", "check_timesteps", "check_position_ids",
+           "check_cache", "check_allocation", "check_positive", "check_finite", "check_range", "lengths_mask"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -42,12 +56,28 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def check_input(owner: str, x: Any, d_model: int) -> None:
-    """``x`` must be a floating-point [B, T, d_model] tensor."""
+def check_input(owner: str, x: Any, d_model: int, *, device: torch.device | None = None) -> None:
+    """``x`` must be a floating-point [B, T, d_model] tensor (on ``device`` when given)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{owner}: x must be a floating-point tensor, got {_describe(x)}")
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(f"{owner}: x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{owner}: x is on {x.device} but the module is on {device}; move one of them")
+
+
+def is_empty(x: torch.Tensor) -> bool:
+    """B = 0 or T = 0: the mixer returns ``x.new_zeros(x.shape)`` after its checks (the empty rule)."""
+    return x.shape[0] == 0 or x.shape[1] == 0
+
+
+def to_module_dtype(x: torch.Tensor, module_dtype: torch.dtype) -> torch.Tensor:
+    """The mixed-dtype rule (module docstring): ``x`` in the module's dtype, except inside autocast.
+
+    The caller returns its output in the original ``x.dtype``."""
+    if x.dtype == module_dtype or not module_dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(module_dtype)
 
 
 def check_lengths(owner: str, lengths: Any, B: int, T: int) -> None:
@@ -88,13 +118,61 @@ def check_position_ids(owner: str, position_ids: Any, B: int, T: int) -> None:
                          f"{tuple(position_ids.shape)}")
 
 
-def check_cache(owner: str, cache: Any, cls: type[Cache], B: int) -> None:
-    """``cache`` must be a ``cls`` allocated for batch size ``B``."""
+def check_cache(owner: str, cache: Any, cls: type[Cache], B: int, device: torch.device | None = None) -> None:
+    """``cache`` must be a ``cls`` allocated for batch size ``B`` (every state tensor with B rows), on
+    ``device`` when given."""
     if not isinstance(cache, cls):
         raise TypeError(f"{owner}: cache must be a {cls.__name__} from allocate_inference_cache, got "
                         f"{type(cache).__name__}")
+    if not isinstance(cache.seqlen_offset, torch.Tensor) or cache.seqlen_offset.dim() != 1:
+        raise TypeError(f"{owner}: cache.seqlen_offset must be a [B] tensor, got {_describe(cache.seqlen_offset)}")
     if cache.batch_size != B:
         raise ValueError(f"{owner}: the cache was allocated for batch_size={cache.batch_size}, got a batch of {B}")
+    for name, t in cache.tensors():
+        if t.dim() > 0 and t.shape[0] != B:
+            raise ValueError(f"{owner}: cache.{name} has {t.shape[0]} rows, expected the batch size {B}")
+        if device is not None and t.device != device:
+            raise ValueError(f"{owner}: cache.{name} is on {t.device} but the input is on {device}")
+
+
+def check_allocation(owner: str, batch_size: Any, max_seqlen: Any, dtype: Any = None) -> None:
+    """``allocate_inference_cache``'s arguments: positive int sizes, a floating-point (or None) dtype."""
+    check_positive(owner, batch_size=batch_size, max_seqlen=max_seqlen)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{owner}: the cache dtype must be a floating-point torch.dtype or None, got {dtype!r} "
+                        f"(an integer cache would truncate the states)")
+
+
+def check_positive(owner: str, **values: Any) -> None:
+    """Each value (a size) must be an int > 0; ``bool`` is refused."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{owner}: {name} must be a positive int, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def check_finite(owner: str, **values: Any) -> None:
+    """Each value must be a finite real number (int or float, not bool, NaN or inf)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+
+
+def check_range(owner: str, name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, lo_name: str | None = None) -> None:
+    """``value`` must be a finite number in the interval from ``lo`` to ``hi`` (open ends as flagged;
+    None: unbounded on that side). ``lo_name`` names a lower bound that is another argument."""
+    check_finite(owner, **{name: value})
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above:
+        bound = f"{lo:g}" if lo_name is None else f"{lo_name}={lo:g}"
+        left = "(-inf" if lo is None else ("(" if lo_open else "[") + bound
+        right = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        raise ValueError(f"{owner}: {name} must lie in {left}, {right}, got {value!r}")
 
 
 def lengths_mask(lengths: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:

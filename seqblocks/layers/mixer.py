@@ -48,6 +48,7 @@ from torch import nn
 
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig, ConfigBase
+from seqblocks.layers.checks import check_allocation, check_cache, check_input, check_lengths, check_positive
 from seqblocks.registry import MIXERS
 
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
@@ -291,14 +292,21 @@ class IdentityMixer(Mixer):
 
     def __init__(self, d_model: int | None = None) -> None:
         super().__init__()
+        if d_model is not None:
+            check_positive("IdentityMixer", d_model=d_model)
         self.d_model = d_model
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> Cache:
+        check_allocation("IdentityMixer", batch_size, max_seqlen, dtype)
         return Cache.empty(batch_size, max_seqlen)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, **inputs: Any) -> torch.Tensor:
+        width = self.d_model if self.d_model is not None else (x.shape[-1] if isinstance(x, torch.Tensor) else 0)
+        check_input("IdentityMixer", x, width)
+        check_lengths("IdentityMixer", inputs.get("lengths"), x.shape[0], x.shape[1])
         if cache is not None:
+            check_cache("IdentityMixer", cache, Cache, x.shape[0])
             lengths = inputs.get("lengths")
             cache.seqlen_offset.add_(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
         return x

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.ops.add_norm import add_norm
 from seqblocks.registry import NORMS
 
@@ -19,10 +20,8 @@ class NormBase(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if dim <= 0:
-            raise ValueError(f"{type(self).__name__}: dim={dim} must be positive")
-        if eps <= 0:
-            raise ValueError(f"{type(self).__name__}: eps={eps} must be positive")
+        check_positive(type(self).__name__, dim=dim)
+        check_range(type(self).__name__, "eps", eps, 0.0, lo_open=True)
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.cache import InferenceCaches, cache_offset, host_sync_unsafe
+from seqblocks.cache import Cache, InferenceCaches, cache_offset, host_sync_unsafe
 from seqblocks.checkpoint import CheckpointMixin
-from seqblocks.layers.checks import check_lengths, check_position_ids, check_timesteps
+from seqblocks.layers.checks import check_allocation, check_lengths, check_position_ids, check_timesteps
 from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
 
@@ -160,13 +160,23 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
 
         Returns:
             CausalLMOutput: ``logits`` [B, 1, vocab_size].
+
+        Raises:
+            ValueError / TypeError: ids of the wrong shape, dtype or range, caches that are not this
+                model's (``None`` included) or of another batch size. The id range is read on the host
+                on CPU; on CUDA it is a device-side assert (no synchronisation); both are skipped while
+                compiling or capturing.
         """
-        if input_ids.dim() == 1:
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
             input_ids = input_ids[:, None]
-        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
-            raise ValueError(f"step expects input_ids of shape [B, 1], got {tuple(input_ids.shape)}")
-        if integration_timesteps is not None and integration_timesteps.dim() == 1:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"step expects input_ids of shape [B, 1], got {shape}")
+        B = self._check_ids(input_ids, sync=not input_ids.is_cuda)[0]
+        self._check_cache_objects(caches, B)
+        if isinstance(integration_timesteps, torch.Tensor) and integration_timesteps.dim() == 1:
             integration_timesteps = integration_timesteps[:, None]
+        check_timesteps(type(self).__name__, integration_timesteps, B, 1)
         extra = {k: v for k, v in mixer_kwargs.items() if v is not None}
         return self._run(input_ids, caches, None, 0, integration_timesteps, None, extra)
 
@@ -201,7 +211,9 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
 
     # ---------------------------------------------------------------- checks
 
-    def _check_ids(self, input_ids: torch.Tensor) -> tuple[int, int]:
+    def _check_ids(self, input_ids: torch.Tensor, sync: bool = True) -> tuple[int, int]:
+        """Shape, dtype and range [0, vocab_size) of ``input_ids`` (never the padded embedding rows).
+        ``sync=False`` checks the range on the device (``torch._assert_async``) instead of the host."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [B, T] tensor, got {shape}")
@@ -212,18 +224,35 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             raise ValueError(f"input_ids must be non-empty, got shape {(B, T)}")
         if host_sync_unsafe():
             return B, T
+        if not sync:
+            torch._assert_async(((input_ids >= 0) & (input_ids < self.vocab_size)).all(),
+                                f"token ids must lie in [0, {self.vocab_size})")
+            return B, T
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
         return B, T
 
-    def _check_caches(self, caches: Any, B: int, T: int) -> None:
-        if not isinstance(caches, dict) or len(caches) != len(self.mixers()):
-            raise ValueError(f"inference_params must be the dict from allocate_inference_cache with "
-                             f"{len(self.mixers())} layers, got {type(caches).__name__}")
+    def _check_cache_objects(self, caches: Any, B: int) -> None:
+        """``caches`` must be this model's: an ``InferenceCaches`` (or a dict ``{layer: Cache}``) with one
+        cache per layer, allocated for batch size ``B``. No tensor values are read."""
+        n = len(self.mixers())
+        if not isinstance(caches, dict):
+            raise TypeError(f"caches must be the InferenceCaches from allocate_inference_cache, got "
+                            f"{type(caches).__name__}")
+        keys = sorted(caches, key=repr)
+        if keys != sorted(range(n), key=repr):
+            raise ValueError(f"caches must hold one cache per layer, keys 0..{n - 1}, got keys {keys}")
+        for i, cache in caches.items():
+            if not isinstance(cache, Cache):
+                raise TypeError(f"caches[{i}] must be a seqblocks Cache, got {type(cache).__name__}")
         offset = cache_offset(caches)
         if offset.shape[0] != B:
             raise ValueError(f"caches were allocated for batch size {offset.shape[0]}, input has {B}")
+
+    def _check_caches(self, caches: Any, B: int, T: int) -> None:
+        self._check_cache_objects(caches, B)
+        offset = cache_offset(caches)
         max_seqlen = getattr(caches, "max_seqlen", None)
         if max_seqlen is not None and int(offset.max()) + T > max_seqlen:
             raise ValueError(f"caches hold at most max_seqlen={max_seqlen} tokens; {int(offset.max())} are "
@@ -247,8 +276,7 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         Returns:
             InferenceCaches: ``{layer_idx: Cache}`` with a model-level ``seqlen_offset``.
         """
-        if not isinstance(batch_size, int) or batch_size <= 0 or not isinstance(max_seqlen, int) or max_seqlen <= 0:
-            raise ValueError(f"batch_size={batch_size!r} and max_seqlen={max_seqlen!r} must be positive ints")
+        check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
         dtype = dtype if dtype is not None else self.embedding.weight.dtype
         caches = {}
         for i, mixer in enumerate(self.mixers()):

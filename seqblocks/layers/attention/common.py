@@ -28,6 +28,7 @@ from torch import nn
 
 from seqblocks.cache import Cache
 from seqblocks.layers.attention.score_mods import mod_kind
+from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.mixer import Mixer
 from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
 from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
@@ -47,9 +48,9 @@ def resolve_heads(owner: str, embed_dim: int, num_heads: int | None, num_heads_k
     if num_heads is None:
         raise ValueError(f"{owner} needs num_heads (e.g. {owner}({embed_dim}, num_heads=8), or "
                          f"attn_cfg / mixer_kwargs={{'num_heads': 8}} in a model)")
-    if embed_dim <= 0 or num_heads <= 0:
-        raise ValueError(f"{owner}: embed_dim={embed_dim} and num_heads={num_heads} must be positive")
+    check_positive(owner, embed_dim=embed_dim, num_heads=num_heads)
     num_heads_kv = num_heads if num_heads_kv is None else num_heads_kv
+    check_positive(owner, num_heads_kv=num_heads_kv)
     if num_heads_kv <= 0 or num_heads % num_heads_kv:
         raise ValueError(f"{owner}: num_heads_kv={num_heads_kv} must be a positive divisor of num_heads={num_heads}")
     if head_dim is None:
@@ -57,8 +58,7 @@ def resolve_heads(owner: str, embed_dim: int, num_heads: int | None, num_heads_k
             raise ValueError(f"{owner}: embed_dim={embed_dim} is not a multiple of num_heads={num_heads}; "
                              f"set head_dim explicitly")
         head_dim = embed_dim // num_heads
-    if head_dim <= 0:
-        raise ValueError(f"{owner}: head_dim={head_dim} must be positive")
+    check_positive(owner, head_dim=head_dim)
     return num_heads, num_heads_kv, head_dim
 
 
@@ -89,8 +89,13 @@ def make_rotary(owner: str, head_dim: int, rotary_emb_dim: int, base: float, int
     Raises:
         ValueError: both ``rotary_emb_dim`` and a rotary ``position`` module given.
     """
-    if rotary_emb_dim <= 0:
+    if isinstance(rotary_emb_dim, bool) or not isinstance(rotary_emb_dim, int) or rotary_emb_dim < 0:
+        raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim!r} must be a non-negative int (0: no RoPE)")
+    if rotary_emb_dim == 0:
         return None
+    if rotary_emb_dim % 2 or rotary_emb_dim > head_dim:
+        raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim} must be even and at most head_dim={head_dim}")
+    check_range(owner, "rotary_emb_base", base, 0.0, lo_open=True)
     if position is not None and position.kind == "rotary":
         raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim} and a rotary position module both given; "
                          f"use one")
@@ -203,8 +208,9 @@ class AttentionCore(Mixer):
                              f"{ATTENTION_BACKENDS}")
         if not isinstance(attention_block_size, int) or attention_block_size <= 0:
             raise ValueError(f"{owner}: attention_block_size={attention_block_size!r} must be a positive int")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{owner}: dropout={dropout} must be in [0, 1)")
+        check_range(owner, "dropout", dropout, 0.0, 1.0, hi_open=True)
+        if softmax_scale is not None:
+            check_range(owner, "softmax_scale", softmax_scale, 0.0, lo_open=True)
         if window_size is not None and (not isinstance(window_size, int) or window_size <= 0):
             raise ValueError(f"{owner}: window_size={window_size!r} must be a positive int or None")
         check_position(owner, position, num_heads)

@@ -16,9 +16,23 @@ import torch
 from torch import nn
 
 from seqblocks.layers.attention.cache import CrossAttentionCache
-from seqblocks.layers.attention.common import AttentionCore, resolve_heads, rope_positions, split_mask, token_index
-from seqblocks.layers.checks import check_cache, check_input, check_position_ids
-from seqblocks.layers.position import RotaryEmbedding
+from seqblocks.layers.attention.common import (
+    AttentionCore,
+    make_rotary,
+    resolve_heads,
+    rope_positions,
+    split_mask,
+    token_index,
+)
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_position_ids,
+    check_positive,
+    is_empty,
+    to_module_dtype,
+)
 
 __all__ = ["CrossAttention"]
 
@@ -62,13 +76,13 @@ class CrossAttention(AttentionCore):
                        window_size=None, position=None)
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
         self.kdim = embed_dim if kdim is None else kdim
+        check_positive(owner, kdim=self.kdim)
         self.layer_idx = layer_idx
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=qkv_proj_bias, **factory)
         self.kv_proj = nn.Linear(self.kdim, 2 * num_heads_kv * head_dim, bias=qkv_proj_bias, **factory)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=out_proj_bias, **factory)
-        self.rotary_emb = (RotaryEmbedding(head_dim, base=rotary_emb_base, rotary_dim=rotary_emb_dim, device=device)
-                           if rotary_emb_dim > 0 else None)
+        self.rotary_emb = make_rotary(owner, head_dim, rotary_emb_dim, rotary_emb_base, False, None, device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,6 +92,9 @@ class CrossAttention(AttentionCore):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  *, memory_seqlen: int | None = None, **kwargs: Any) -> CrossAttentionCache:
         """A cache for the keys / values of a memory of up to ``memory_seqlen`` (default max_seqlen) tokens."""
+        check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
+        if memory_seqlen is not None:
+            check_positive(type(self).__name__, memory_seqlen=memory_seqlen)
         device = self.q_proj.weight.device
         dtype = dtype or self.q_proj.weight.dtype
         M = max_seqlen if memory_seqlen is None else memory_seqlen
@@ -90,6 +107,11 @@ class CrossAttention(AttentionCore):
             raise TypeError(f"{owner}: memory must be a floating-point tensor, got {type(memory).__name__}")
         if memory.dim() != 3 or memory.shape[0] != B or memory.shape[-1] != self.kdim:
             raise ValueError(f"{owner}: memory must be [B, M, Dm] = [{B}, M, {self.kdim}], got {tuple(memory.shape)}")
+        if memory.shape[1] == 0:
+            raise ValueError(f"{owner}: memory must be non-empty (M > 0), got shape {tuple(memory.shape)}")
+        if memory.device != self.kv_proj.weight.device:
+            raise ValueError(f"{owner}: memory is on {memory.device} but the module is on {self.kv_proj.weight.device}")
+        memory = to_module_dtype(memory, self.kv_proj.weight.dtype)
         M = memory.shape[1]
         pos = memory_position_ids
         if pos is not None:
@@ -131,11 +153,14 @@ class CrossAttention(AttentionCore):
             memory_position_ids (Tensor | None): memory RoPE positions. Default: arange(M).
         """
         owner = type(self).__name__
-        check_input(owner, x, self.embed_dim)
+        check_input(owner, x, self.embed_dim, device=self.q_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.q_proj.weight.dtype)
         B, T, _ = x.shape
         check_position_ids(owner, position_ids, B, T)
         if cache is not None:
-            check_cache(owner, cache, CrossAttentionCache, B)
+            check_cache(owner, cache, CrossAttentionCache, B, x.device)
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         H, K = self.num_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, K)
         if self.rotary_emb is not None:
@@ -157,4 +182,4 @@ class CrossAttention(AttentionCore):
                           attn_mask=attn_mask)
         if cache is not None:
             cache.advance(T)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * K))
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * K)).to(in_dtype)

@@ -37,7 +37,16 @@ from seqblocks.layers.attention.common import (
     split_mask,
     token_index,
 )
-from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_position_ids,
+    is_empty,
+    lengths_mask,
+    to_module_dtype,
+)
 from seqblocks.layers.finite import nonfinite_tokens, poison, poisoned_from, zero_nonfinite
 from seqblocks.layers.mixer import Mixer
 from seqblocks.layers.position import PositionBase
@@ -201,6 +210,7 @@ class LinearAttention(Mixer):
         if not self.causal:
             raise ValueError(f"{type(self).__name__}: a non-causal attention cannot decode with a cache "
                              f"(each step would have to see future tokens)")
+        check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
         w = self.in_proj.weight
         return LinearAttentionCache.allocate(batch_size, max_seqlen, self.num_heads_kv, self.head_dim,
                                              self.head_dim, device=w.device, dtype=dtype or w.dtype)
@@ -217,14 +227,17 @@ class LinearAttention(Mixer):
                 and output 0. Default: None.
         """
         owner = type(self).__name__
-        check_input(owner, x, self.embed_dim)
+        check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
         check_lengths(owner, lengths, B, T)
         check_position_ids(owner, position_ids, B, T)
         if cache is not None:
-            check_cache(owner, cache, LinearAttentionCache, B)
+            check_cache(owner, cache, LinearAttentionCache, B, x.device)
             if not self.causal:
                 raise ValueError(f"{owner}: a non-causal attention cannot decode with a cache")
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         H, Hkv, K = self.num_heads, self.num_heads_kv, self.head_dim
         q, k, v = self.in_proj(x).split((H * K, Hkv * K, Hkv * K), dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
@@ -260,4 +273,4 @@ class LinearAttention(Mixer):
         y = poison(y, poisoned_from(bad_key, causal=self.causal) | bad_q)
         if length_valid is not None:
             y = y.masked_fill(~length_valid[..., None], 0.0)
-        return y
+        return y.to(in_dtype)

@@ -54,7 +54,16 @@ from seqblocks.layers.attention.common import (
 )
 from seqblocks.layers.attention.cross_attention import CrossAttention
 from seqblocks.layers.attention.linear_attention import LinearAttention
-from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_position_ids,
+    is_empty,
+    lengths_mask,
+    to_module_dtype,
+)
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops.attention import ATTENTION_BACKENDS
@@ -221,6 +230,7 @@ class MHA(AttentionCore):
         if not self.causal:
             raise ValueError(f"{type(self).__name__}: a non-causal attention cannot decode with a cache "
                              f"(each step would have to see future tokens)")
+        check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
         device = self.in_proj.weight.device
         dtype = dtype or self.in_proj.weight.dtype
         Hkv, K = self.num_heads_kv, self.head_dim
@@ -235,14 +245,17 @@ class MHA(AttentionCore):
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D] (see the module docstring for cache, mask, position_ids, lengths)."""
         owner = type(self).__name__
-        check_input(owner, x, self.embed_dim)
+        check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
         check_lengths(owner, lengths, B, T)
         check_position_ids(owner, position_ids, B, T)
         if cache is not None:
-            check_cache(owner, cache, RollingKVCache if self.window_size is not None else KVCache, B)
+            check_cache(owner, cache, RollingKVCache if self.window_size is not None else KVCache, B, x.device)
             if not self.causal:
                 raise ValueError(f"{owner}: a non-causal attention cannot decode with a cache")
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         H, Hkv, K = self.num_heads, self.num_heads_kv, self.head_dim
         q, k, v = self.in_proj(x).split((H * K, Hkv * K, Hkv * K), dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
@@ -279,7 +292,7 @@ class MHA(AttentionCore):
         y = poison(y, poisoned | bad_q)
         if length_valid is not None:
             y = y.masked_fill(~length_valid[..., None], 0.0)
-        return y
+        return y.to(in_dtype)
 
     def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths) -> torch.Tensor:
         B, T = q.shape[0], q.shape[2]

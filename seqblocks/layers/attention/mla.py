@@ -32,7 +32,18 @@ from seqblocks.layers.attention.common import (
     split_mask,
     token_index,
 )
-from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_position_ids, lengths_mask
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_position_ids,
+    check_positive,
+    check_range,
+    is_empty,
+    lengths_mask,
+    to_module_dtype,
+)
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
 from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import PositionBase, RotaryEmbedding
@@ -98,8 +109,11 @@ class MLA(AttentionCore):
         dtype=None,
     ) -> None:
         super().__init__()
-        if num_heads is None or num_heads <= 0:
+        if num_heads is None:
             raise ValueError(f"MLA needs a positive num_heads, got {num_heads!r}")
+        check_positive("MLA", d_model=d_model, num_heads=num_heads)
+        check_range("MLA", "rope_base", rope_base, 0.0, lo_open=True)
+        check_range("MLA", "norm_eps", norm_eps, 0.0, lo_open=True)
         if attention_type == "linear":
             raise ValueError("MLA: attention_type='linear' is not offered (MLA is softmax attention)")
         if qk_nope_head_dim is None:
@@ -107,17 +121,17 @@ class MLA(AttentionCore):
                 raise ValueError(f"MLA: d_model={d_model} is not a multiple of num_heads={num_heads}; set "
                                  f"qk_nope_head_dim")
             qk_nope_head_dim = d_model // num_heads
+        check_positive("MLA", qk_nope_head_dim=qk_nope_head_dim)
         if qk_rope_head_dim is None:
             qk_rope_head_dim = max(2, (qk_nope_head_dim // 2) // 2 * 2)
-        if qk_rope_head_dim <= 0 or qk_rope_head_dim % 2:
+        check_positive("MLA", qk_rope_head_dim=qk_rope_head_dim)
+        if qk_rope_head_dim % 2:
             raise ValueError(f"MLA: qk_rope_head_dim={qk_rope_head_dim} must be positive and even")
         kv_lora_rank = 4 * qk_nope_head_dim if kv_lora_rank is None else kv_lora_rank
         v_head_dim = qk_nope_head_dim if v_head_dim is None else v_head_dim
-        for name, val in (("kv_lora_rank", kv_lora_rank), ("v_head_dim", v_head_dim)):
-            if val <= 0:
-                raise ValueError(f"MLA: {name}={val} must be positive")
-        if q_lora_rank is not None and q_lora_rank <= 0:
-            raise ValueError(f"MLA: q_lora_rank={q_lora_rank} must be positive or None")
+        check_positive("MLA", kv_lora_rank=kv_lora_rank, v_head_dim=v_head_dim)
+        if q_lora_rank is not None:
+            check_positive("MLA", q_lora_rank=q_lora_rank)
         if position is not None and position.kind == "rotary":
             position = None  # MLA's decoupled RoPE is its rotary encoding
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -175,6 +189,7 @@ class MLA(AttentionCore):
         """An ``MLACache`` of the latents (R + P numbers per token)."""
         if not self.causal:
             raise ValueError("MLA: a non-causal attention cannot decode with a cache")
+        check_allocation("MLA", batch_size, max_seqlen, dtype)
         w = self.kv_a_proj.weight
         return MLACache.allocate(batch_size, max_seqlen, self.kv_lora_rank, self.qk_rope_head_dim,
                                  device=w.device, dtype=dtype or w.dtype)
@@ -187,14 +202,17 @@ class MLA(AttentionCore):
     def forward(self, x: torch.Tensor, cache: MLACache | None = None, *, mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D]; cache, mask, position_ids, lengths as ``MHA``."""
-        check_input("MLA", x, self.d_model)
+        check_input("MLA", x, self.d_model, device=self.kv_a_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.kv_a_proj.weight.dtype)
         B, T, _ = x.shape
         check_lengths("MLA", lengths, B, T)
         check_position_ids("MLA", position_ids, B, T)
         if cache is not None:
-            check_cache("MLA", cache, MLACache, B)
+            check_cache("MLA", cache, MLACache, B, x.device)
             if not self.causal:
                 raise ValueError("MLA: a non-causal attention cannot decode with a cache")
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         H, Kn, P, V = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         R = self.kv_lora_rank
         index = token_index(cache, T, x.device)
@@ -240,4 +258,4 @@ class MLA(AttentionCore):
         y = poison(self.out_proj(out.transpose(1, 2).reshape(B, T, H * V)), poisoned | bad_q)
         if length_valid is not None:
             y = y.masked_fill(~length_valid[..., None], 0.0)
-        return y
+        return y.to(in_dtype)

@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.checks import check_cache, check_input, check_lengths
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_positive,
+    check_range,
+    is_empty,
+)
 from seqblocks.layers.finite import nonfinite_tokens, poison, poisoned_from, zero_nonfinite
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops._backend import autocast_off
@@ -93,8 +101,7 @@ class LTIMixer(Mixer):
     bidirectional: bool
 
     def _init_common(self, d_model: int, mode: str, bidirectional: bool) -> None:
-        if not isinstance(d_model, int) or d_model <= 0:
-            raise ValueError(f"{type(self).__name__}: d_model must be a positive int, got {d_model!r}")
+        check_positive(type(self).__name__, d_model=d_model)
         if mode not in MODES:
             raise ValueError(f"{type(self).__name__}: unknown mode {mode!r}; expected one of {MODES}")
         self.d_model = d_model
@@ -138,6 +145,7 @@ class LTIMixer(Mixer):
         """
         if self.bidirectional:
             raise ValueError(f"{type(self).__name__}(bidirectional=True) is not causal and keeps no cache")
+        check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
         p = next(self.parameters())
         cdt = complex_dtype(p.dtype)
         state = torch.zeros(batch_size, *self.state_shape(), dtype=cdt, device=p.device)
@@ -145,13 +153,13 @@ class LTIMixer(Mixer):
 
     def _check_call(self, x: torch.Tensor, cache: SSMCache | None, lengths: torch.Tensor | None) -> None:
         name = type(self).__name__
-        check_input(name, x, self.d_model)
+        check_input(name, x, self.d_model, device=next(self.parameters()).device)
         B, T = x.shape[:2]
         check_lengths(name, lengths, B, T)
         if cache is not None:
             if self.bidirectional:
                 raise ValueError(f"{name}(bidirectional=True) is not causal and cannot run with a cache")
-            check_cache(name, cache, SSMCache, B)
+            check_cache(name, cache, SSMCache, B, x.device)
             expected = (B, *self.state_shape())
             if tuple(cache.state.shape) != expected:
                 raise ValueError(f"{name}: cache state has shape {tuple(cache.state.shape)}, expected {expected}")
@@ -176,7 +184,7 @@ class LTIMixer(Mixer):
         # ``kwargs`` go to ``_ssm`` (S5's integration_timesteps).
         self._check_call(x, cache, lengths)
         B, T, _ = x.shape
-        if T == 0:  # nothing to read: the state stays as it is
+        if is_empty(x):  # the empty rule (layers/checks.py): the state stays as it is
             return x.new_zeros(x.shape)
         cdt = self.compute_dtype(x.dtype)
         u = x.to(cdt)
@@ -227,8 +235,7 @@ def post_layers(d_model: int, activation: str | None, final_act: str | None, dro
         out = nn.Identity()
     else:
         raise ValueError(f"unknown final_act {final_act!r}; expected 'glu', 'id' or None")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    check_range("S4", "dropout", dropout, 0.0, 1.0, hi_open=True)
     return acts[activation](), (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), out
 
 

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from seqblocks.layers.checks import check_range
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, diag_states
 from seqblocks.ops.discretize import DISCRETIZATIONS, discretize
 from seqblocks.ops.fftconv import fftconv
@@ -83,8 +84,8 @@ class Centaurus(LTIMixer):
         for name, v in (("d_state", d_state), ("sub_state_dim", sub_state_dim)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Centaurus: {name} must be a positive int, got {v!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"Centaurus: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        check_range("Centaurus", "dt_min", dt_min, 0.0, lo_open=True)
+        check_range("Centaurus", "dt_max", dt_max, dt_min, lo_name="dt_min")
         H = d_model
         self.variant = variant
         self.discretization = discretization

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, complex_linear, diag_states, real_readout
 from seqblocks.layers.ssm_init import lru_ring_init
 from seqblocks.registry import MIXERS
@@ -52,12 +53,12 @@ class LRU(LTIMixer):
                  layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
-        if not isinstance(d_state, int) or d_state <= 0:
-            raise ValueError(f"LRU: d_state must be a positive int, got {d_state!r}")
-        if not 0.0 <= r_min < r_max <= 1.0:
+        check_positive("LRU", d_state=d_state)
+        check_range("LRU", "r_min", r_min, 0.0, 1.0)
+        check_range("LRU", "r_max", r_max, 0.0, 1.0)
+        if not r_min < r_max:
             raise ValueError(f"LRU: need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
-        if max_phase <= 0:
-            raise ValueError(f"LRU: max_phase must be positive, got {max_phase}")
+        check_range("LRU", "max_phase", max_phase, 0.0, lo_open=True)
         self.d_state = d_state
         self.r_min, self.r_max, self.max_phase = float(r_min), float(r_max), float(max_phase)
         self.layer_idx = layer_idx

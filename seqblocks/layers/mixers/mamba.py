@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.checks import check_cache, check_input, check_lengths, check_timesteps
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_positive,
+    check_range,
+    check_timesteps,
+    is_empty,
+    to_module_dtype,
+)
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.discretize import DISCRETIZATIONS
@@ -99,13 +109,13 @@ class Mamba(Mixer):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"Mamba: {name} must be a positive int, got {v!r}")
+        check_positive("Mamba", d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
         if dt_rank != "auto" and (not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank <= 0):
             raise ValueError(f"Mamba: dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        check_range("Mamba", "dt_min", dt_min, 0, lo_open=True)
+        check_range("Mamba", "dt_max", dt_max, dt_min, lo_name="dt_min")
+        check_range("Mamba", "dt_scale", dt_scale, 0, lo_open=True)
+        check_range("Mamba", "dt_init_floor", dt_init_floor, 0)
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
         if discretization not in DISCRETIZATIONS:
@@ -158,6 +168,7 @@ class Mamba(Mixer):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> MambaCache:
         """A zeroed ``MambaCache`` for ``batch_size`` sequences (``max_seqlen`` does not change its size)."""
+        check_allocation("Mamba", batch_size, max_seqlen, dtype)
         device = self.in_proj.weight.device
         # fp32 state (float64 for a float64 module), whatever the activation dtype.
         state_dtype = torch.promote_types(torch.float32, self.in_proj.weight.dtype)
@@ -184,17 +195,20 @@ class Mamba(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        check_input("Mamba", x, self.d_model)
+        check_input("Mamba", x, self.d_model, device=self.in_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         Bsz, T, _ = x.shape
         check_lengths("Mamba", lengths, Bsz, T)
         if isinstance(integration_timesteps, torch.Tensor) and integration_timesteps.dim() == 1 and T == 1:
             integration_timesteps = integration_timesteps.unsqueeze(1)  # a decode step's [B] intervals
         check_timesteps("Mamba", integration_timesteps, Bsz, T)
         if cache is not None:
-            check_cache("Mamba", cache, MambaCache, Bsz)
+            check_cache("Mamba", cache, MambaCache, Bsz, x.device)
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
         if cache is not None and T == 1 and lengths is None:
-            return self._step(xs[:, 0], z[:, 0], cache, integration_timesteps)
+            return self._step(xs[:, 0], z[:, 0], cache, integration_timesteps).to(in_dtype)
 
         xs, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias, activation="silu",
                                        initial_state=None if cache is None else cache.conv_state, lengths=lengths)
@@ -208,7 +222,7 @@ class Mamba(Mixer):
             cache.conv_state.copy_(conv_final)
             cache.ssm_state.copy_(final)
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
-        return self.out_proj(y)
+        return self.out_proj(y).to(in_dtype)
 
     def _dt_B_C(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

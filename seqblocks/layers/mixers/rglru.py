@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.checks import check_cache, check_input, check_lengths, lengths_mask
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_positive,
+    check_range,
+    is_empty,
+    lengths_mask,
+    to_module_dtype,
+)
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.scan import linear_scan
@@ -108,16 +118,18 @@ class RGLRU(Mixer):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, v in (("d_model", d_model), ("d_conv", d_conv), ("num_heads", num_heads)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"RGLRU: {name} must be a positive int, got {v!r}")
-        if not expand > 0 or int(expand * d_model) <= 0:
+        check_positive("RGLRU", d_model=d_model, d_conv=d_conv, num_heads=num_heads)
+        check_range("RGLRU", "expand", expand, 0, lo_open=True)
+        if int(expand * d_model) <= 0:
             raise ValueError(f"RGLRU: expand must give a positive width, got expand={expand!r}")
+        if not isinstance(a_init_range, tuple | list) or len(a_init_range) != 2:
+            raise TypeError(f"RGLRU: a_init_range must be a pair (lo, hi), got {a_init_range!r}")
         lo, hi = a_init_range
-        if not 0 < lo < hi < 1:
+        check_range("RGLRU", "a_init_range[0]", lo, 0, 1, lo_open=True, hi_open=True)
+        check_range("RGLRU", "a_init_range[1]", hi, 0, 1, lo_open=True, hi_open=True)
+        if not lo < hi:
             raise ValueError(f"RGLRU: a_init_range must satisfy 0 < lo < hi < 1, got {a_init_range!r}")
-        if not c > 0:
-            raise ValueError(f"RGLRU: c must be positive, got {c!r}")
+        check_range("RGLRU", "c", c, 0, lo_open=True)
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.d_conv, self.expand, self.c = d_model, d_conv, expand, float(c)
         self.a_init_range = (float(lo), float(hi))
@@ -165,6 +177,7 @@ class RGLRU(Mixer):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> RGLRUCache:
         """A zeroed ``RGLRUCache`` for ``batch_size`` sequences."""
+        check_allocation("RGLRU", batch_size, max_seqlen, dtype)
         device = self.in_proj.weight.device
         # fp32 state (float64 for a float64 module), whatever the activation dtype.
         state_dtype = torch.promote_types(torch.float32, self.in_proj.weight.dtype)
@@ -204,11 +217,14 @@ class RGLRU(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        check_input("RGLRU", x, self.d_model)
+        check_input("RGLRU", x, self.d_model, device=self.in_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         Bsz, T, _ = x.shape
         check_lengths("RGLRU", lengths, Bsz, T)
         if cache is not None:
-            check_cache("RGLRU", cache, RGLRUCache, Bsz)
+            check_cache("RGLRU", cache, RGLRUCache, Bsz, x.device)
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         g = F.gelu(self.gate_proj(x), approximate="tanh")
         xs = self.in_proj(x)
         if cache is not None and T == 1 and lengths is None:
@@ -217,7 +233,7 @@ class RGLRU(Mixer):
             h = a * cache.rnn_state + b
             cache.rnn_state.copy_(h)
             cache.advance(1)
-            return self.out_proj(h.to(x.dtype).unsqueeze(1) * g)
+            return self.out_proj(h.to(x.dtype).unsqueeze(1) * g).to(in_dtype)
         xc, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias,
                                        initial_state=None if cache is None else cache.conv_state, lengths=lengths)
         a, b = self._recurrence_inputs(xc)
@@ -229,7 +245,8 @@ class RGLRU(Mixer):
         y = self.out_proj(h.to(x.dtype) * g)
         valid = lengths_mask(lengths, T, x.device)
         # Padded outputs are 0, also when the padding holds NaN (the gate branch reads it).
-        return y if valid is None else y.masked_fill(~valid[..., None], 0.0)
+        y = y if valid is None else y.masked_fill(~valid[..., None], 0.0)
+        return y.to(in_dtype)
 
 
 MIXERS.register("rg_lru", RGLRU, description="alias of 'RGLRU': Griffin's recurrent block")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers
 from seqblocks.layers.ssm_init import S4D_INITS, log_uniform, s4d_init
 from seqblocks.ops.discretize import discretize
@@ -56,8 +57,12 @@ def inverse_real_part(re: torch.Tensor, transform: str) -> torch.Tensor:
     return re
 
 
-def set_optim(params, lr: float | None, wd: float | None) -> None:
+def set_optim(params, lr: float | None, wd: float | None, owner: str = "S4") -> None:
     """Tag SSM parameters with optimizer hints (S4's ``_optim`` convention: smaller lr, no decay)."""
+    if lr is not None:
+        check_range(owner, "lr", lr, 0.0, lo_open=True)
+    if wd is not None:
+        check_range(owner, "wd", wd, 0.0)
     hints = {}
     if lr is not None:
         hints["lr"] = lr
@@ -82,8 +87,10 @@ class DiagonalSSMParams:
             raise ValueError(f"{name}: d_state must be a positive even int, got {d_state!r}")
         if real_transform not in REAL_TRANSFORMS:
             raise ValueError(f"{name}: unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"{name}: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        check_range(name, "dt_min", dt_min, 0.0, lo_open=True)
+        check_range(name, "dt_max", dt_max, dt_min, lo_name="dt_min")
+        if l_max is not None:
+            check_positive(name, l_max=l_max)
         self.d_state, self.l_max = d_state, l_max
         self.dt_min, self.dt_max = float(dt_min), float(dt_max)
         self.real_transform = real_transform
@@ -179,7 +186,7 @@ class S4D(DiagonalSSMParams, LTIMixer):
         self.layer_idx = layer_idx
         H = d_model
         self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw)
-        set_optim((self.A_real, self.A_imag, self.B_re, self.B_im, self.log_dt), lr, wd)
+        set_optim((self.A_real, self.A_imag, self.B_re, self.B_im, self.log_dt), lr, wd, "S4D")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.layers.checks import check_input, check_timesteps
+from seqblocks.layers.checks import check_input, check_range, check_timesteps
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, complex_linear, diag_states
 from seqblocks.layers.ssm_init import nplr
 from seqblocks.ops.discretize import discretize
@@ -86,8 +86,8 @@ class S5(LTIMixer):
             raise ValueError(f"S5: blocks must be a positive int, got {blocks!r}")
         if not isinstance(d_state, int) or d_state <= 0 or d_state % (2 * blocks):
             raise ValueError(f"S5: d_state must be a positive multiple of 2 * blocks = {2 * blocks}, got {d_state!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"S5: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        check_range("S5", "dt_min", dt_min, 0.0, lo_open=True)
+        check_range("S5", "dt_max", dt_max, dt_min, lo_name="dt_min")
         self.d_state = d_state
         self.discretization = discretization
         self.conj_sym = bool(conj_sym)
@@ -153,7 +153,7 @@ class S5(LTIMixer):
         Raises:
             ValueError: integration_timesteps of the wrong shape or negative.
         """
-        check_input("S5", x, self.d_model)
+        check_input("S5", x, self.d_model, device=self.D.device)
         check_timesteps("S5", integration_timesteps, *x.shape[:2])
         return self._forward(x, cache, lengths, integration_timesteps=integration_timesteps)
 

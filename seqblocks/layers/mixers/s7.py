@@ -33,7 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.checks import check_cache, check_input, check_lengths, lengths_mask
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_positive,
+    check_range,
+    is_empty,
+    lengths_mask,
+    to_module_dtype,
+)
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.scan import linear_scan
 from seqblocks.registry import MIXERS
@@ -93,14 +103,13 @@ class S7(Mixer):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, v in (("d_model", d_model), ("d_state", d_state)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"S7: {name} must be a positive int, got {v!r}")
+        check_positive("S7", d_model=d_model, d_state=d_state)
+        if not isinstance(timescale_range, tuple | list) or len(timescale_range) != 2:
+            raise TypeError(f"S7: timescale_range must be a pair (lo, hi), got {timescale_range!r}")
         lo, hi = timescale_range
-        if not 1.0 <= lo < hi:
-            raise ValueError(f"S7: timescale_range must satisfy 1 <= lo < hi, got {timescale_range!r}")
-        if lambda_input_scale < 0:
-            raise ValueError(f"S7: lambda_input_scale must be >= 0, got {lambda_input_scale!r}")
+        check_range("S7", "timescale_range[0]", lo, 1.0)
+        check_range("S7", "timescale_range[1]", hi, lo, lo_open=True)
+        check_range("S7", "lambda_input_scale", lambda_input_scale, 0.0)
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.d_state = d_model, d_state
         self.timescale_range = (float(lo), float(hi))
@@ -132,6 +141,7 @@ class S7(Mixer):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> S7Cache:
         """A zeroed ``S7Cache`` for ``batch_size`` sequences."""
+        check_allocation("S7", batch_size, max_seqlen, dtype)
         device = self.in_proj.weight.device
         # fp32 state (float64 for a float64 module), whatever the activation dtype.
         state_dtype = torch.promote_types(torch.float32, self.in_proj.weight.dtype)
@@ -164,11 +174,14 @@ class S7(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        check_input("S7", x, self.d_model)
+        check_input("S7", x, self.d_model, device=self.in_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         Bsz, T, _ = x.shape
         check_lengths("S7", lengths, Bsz, T)
         if cache is not None:
-            check_cache("S7", cache, S7Cache, Bsz)
+            check_cache("S7", cache, S7Cache, Bsz, x.device)
+        if is_empty(x):  # the empty rule (layers/checks.py)
+            return x.new_zeros(x.shape, dtype=in_dtype)
         xs = self.in_proj(x)
         a, bu, Cm, Dt = self._system(xs)
         if cache is not None and T == 1 and lengths is None:
@@ -184,4 +197,5 @@ class S7(Mixer):
         y = y.to(x.dtype)
         y = y * torch.sigmoid(self.gate_proj(F.gelu(y)))
         valid = lengths_mask(lengths, T, x.device)
-        return y if valid is None else y.masked_fill(~valid[..., None], 0.0)  # padded outputs are 0
+        y = y if valid is None else y.masked_fill(~valid[..., None], 0.0)  # padded outputs are 0
+        return y.to(in_dtype)
