@@ -10,6 +10,7 @@ neither and requires ``num_heads``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -553,3 +554,19 @@ def test_two_front_doors_one_engine():
     for model in (lrnn, lm):
         caches = model.allocate_inference_cache(2, 6)
         assert set(caches) == {0, 1} and caches.seqlen_offset.tolist() == [0, 0]
+
+
+def test_configs_without_d_state_for_mixers_that_have_none(tmp_path):
+    """An attention-only model needs no d_state: a config may leave it out (the CLI's JSON configs too)."""
+    from seqblocks.models.model_config import ModelConfig
+    from seqblocks.presets import build_model, load_config
+
+    data = {"d_model": 16, "n_layer": 2, "vocab_size": 37, "mixer_types": ["attn", "attn"],
+            "mixer_kwargs": {"attn": {"num_heads": 2}}}
+    config = ModelConfig.from_data(data)
+    assert config.mixer_types == ("attn", "attn")
+    (tmp_path / "attn.json").write_text(json.dumps(data))
+    model = build_model(load_config(str(tmp_path / "attn.json"))["model"])
+    assert model(torch.randint(0, 37, (1, 4))).logits.shape == (1, 4, 37)
+    mamba = ModelConfig.from_data({**data, "mixer_types": ["mamba", "attn"], "mixer_kwargs": None})
+    assert mamba.layers[0].mixer_config.d_state == 16  # the mixer's own default

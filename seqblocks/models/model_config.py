@@ -189,7 +189,8 @@ class ModelConfig(ConfigBase):
         return cls.from_args(**args)
 
     @classmethod
-    def from_args(cls, d_model: int, d_state: int | None, n_layer: int, vocab_size: int, mixer_types: Any,
+    def from_args(cls, d_model: int, d_state: int | None = None, n_layer: int = 1, vocab_size: int = 1,
+                  mixer_types: Any = None,
                   d_intermediate: int = 0, mixer_kwargs: dict | None = None, mlp_cls: Any = None,
                   initializer_cfg: dict | None = None, **fields: Any) -> ModelConfig:
         """A config from ``LRNNLMHeadModel``'s constructor arguments (see its docstring).
