@@ -11,7 +11,8 @@ from seqblocks.ops.discretize import discretize
 from seqblocks.ops.fftconv import fftconv, fftconv_ref
 from seqblocks.ops.scan import linear_scan, linear_scan_ref
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
+from seqblocks.ops.ssd import ssd, ssd_state_update
 
 __all__ = ["add_norm", "add_norm_ref", "resolve_backend", "triton_available", "causal_conv1d",
            "causal_conv1d_update", "selective_scan", "selective_state_update", "discretize", "fftconv", "fftconv_ref",
-           "linear_scan", "linear_scan_ref", "linear_attention"]
+           "linear_scan", "linear_scan_ref", "linear_attention", "ssd", "ssd_state_update"]
