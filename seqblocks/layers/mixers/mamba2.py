@@ -177,7 +177,8 @@ class Mamba2(Mixer):
         if dt_limit[1] is not None and dt_limit[1] != math.inf:
             check_range("Mamba2", "dt_limit[1]", dt_limit[1], dt_limit[0], lo_name="dt_limit[0]")
         fk = {"device": device, "dtype": dtype}
-        self.d_model, self.d_state, self.d_conv, self.conv_init, self.expand = d_model, d_state, d_conv, conv_init, expand
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.conv_init = conv_init
         self.d_inner, self.d_ssm, self.headdim, self.nheads, self.ngroups = d_inner, d_ssm_, headdim, nheads, ngroups
         self.d_mlp = d_inner - d_ssm_
         self.A_init_range, self.D_has_hdim = tuple(A_init_range), D_has_hdim
