@@ -27,7 +27,7 @@ from torch import nn
 
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
 from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
-from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr
+from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr, on_cpu
 from seqblocks.ops.ssm_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
 
@@ -127,6 +127,7 @@ class S4(DiagonalSSMParams, LTIMixer):
         set_optim((self.A_real, self.A_imag, self.P_re, self.P_im, self.B_re, self.B_im, self.log_dt), lr, wd)
         self.reset_parameters()
 
+    @on_cpu  # the values are computed on the CPU and copied into the parameters, wherever they live
     def reset_parameters(self) -> None:
         lam, P, B, _ = nplr(self.init, self.d_state)
         P_full = torch.zeros(self.rank, self.d_state // 2, dtype=torch.complex128)
