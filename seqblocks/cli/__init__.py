@@ -58,8 +58,10 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop after generating this token (a character, or an id for synthetic tasks)")
-    g.add_argument("--seed", type=int, default=0)
+                   help="stop after generating this text, e.g. --stop $'\\n\\n' (repeatable; token ids separated by "
+                        "spaces for checkpoints without a tokenizer)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the draws (default: a fresh one, printed so the sample can be repeated)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench}
     try:
         return handler[args.command](args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         if os.environ.get("SEQBLOCKS_DEBUG"):
             raise
         print(f"seqblocks {args.command}: error: {err}", file=sys.stderr)

@@ -39,7 +39,9 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    from seqblocks.train.distributed import resolve_device
+
+    return resolve_device(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -162,7 +164,7 @@ def run_speed_bench(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    mixers = args.mixers.split(",") if args.mixers else _distinct_mixers()
+    mixers = _mixer_names(args.mixers) if args.mixers else _distinct_mixers()
     d, T, B = args.d_model or 256, args.seq_len or 512, args.batch_size or 4
     title = f"mixer speed on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), " \
             f"B={B} T={T} D={d} {args.dtype}"
@@ -277,7 +279,7 @@ def run_task_bench(args: argparse.Namespace) -> int:
     import seqblocks  # noqa: F401
     from seqblocks.registry import MIXERS
 
-    mixers = args.mixers.split(",") if args.mixers else [m for m in TASK_MIXERS if m in MIXERS]
+    mixers = _mixer_names(args.mixers) if args.mixers else [m for m in TASK_MIXERS if m in MIXERS]
     pairs = [int(p) for p in args.num_kv_pairs.split(",")] if args.num_kv_pairs else [4]
     d, T, B = args.d_model or 64, args.seq_len or 32, args.batch_size or 64
     steps = args.steps or 2000
@@ -300,6 +302,18 @@ def run_task_bench(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'tasks.md'}, {out / 'tasks.json'}" + (f", {out / 'tasks.png'}" if plotted is True
                                                                  else f" ({plotted})"))
     return 0
+
+
+def _mixer_names(text: str) -> list[str]:
+    """``--mixers a,b``: registered mixer names; an unknown one is a usage error (exit status 2)."""
+    from seqblocks.registry import MIXERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--mixers {text!r} names no mixer; give comma-separated names from `seqblocks list`")
+    for name in names:
+        MIXERS.get(name)  # raises ValueError naming the registered mixers
+    return names
 
 
 def _learning_rates(text: str | None) -> list[float]:
