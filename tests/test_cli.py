@@ -214,6 +214,21 @@ def test_train_prints_a_sample_and_writes_the_run(trained_run, capsys):
     assert (trained_run / "checkpoints" / "step_0000003" / "tokenizer.json").is_file()
 
 
+def test_checkpoints_carry_a_model_card_of_the_training(trained_run):
+    final = (trained_run / "checkpoints" / "step_0000003" / "README.md").read_text()
+    assert "More Information Needed" not in final and "# LRNNLMHeadModel" in final
+    assert "| layers | 2: mamba, attn |" in final
+    assert "Trained with `seqblocks train` for 3 of 3 steps on the task `chars`: character-level LM" in final
+    assert "`seq_len=24`" in final and "4 sequences of 24 tokens per step; 288 tokens in all" in final
+    assert "peak learning rate 0.003" in final and "seed 0; precision fp32" in final
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [r for r in rows if r["type"] == "eval"][-1]
+    assert f"Held-out split at this step: loss {final_eval['loss']:.4f}" in final
+    assert 'seqblocks generate path/to/this/directory --prompt "def "' in final
+    earlier = (trained_run / "checkpoints" / "step_0000002" / "README.md").read_text()
+    assert "for 2 of 3 steps" in earlier and "Held-out" not in earlier  # no evaluation at step 2
+
+
 def test_train_output_includes_sample(tmp_path, config_file, capsys):
     out = tmp_path / "run"
     assert main(["train", str(config_file), "--out", str(out), "--no-progress", "--steps", "2",
@@ -283,6 +298,27 @@ def test_bench_tasks_writes_table_and_plot(tmp_path, capsys):
     rows = json.loads((out / "tasks.json").read_text())["rows"]
     assert len(rows) == 4 and all(0 <= r["acc"] <= 1 for r in rows)
     assert (out / "tasks.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("pairs", ["4", "2,4"])
+def test_bench_tasks_plot_shows_the_chance_line(tmp_path, monkeypatch, pairs):
+    """Guessing among the context's values scores 1 / pairs: the plot draws that line."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real_plot, real_axhline = Axes.plot, Axes.axhline
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: drawn.append((a, kw)) or real_plot(self, *a, **kw))
+    monkeypatch.setattr(Axes, "axhline", lambda self, y=0, *a, **kw: drawn.append(((y,), kw))
+                        or real_axhline(self, y, *a, **kw))
+    assert main(["bench", "tasks", "--mixers", "attn", "--steps", "1", "--d-model", "16", "--seq-len", "16",
+                 "--batch-size", "4", "--num-kv-pairs", pairs, "--out", str(tmp_path), "--no-progress"]) == 0
+    chance = [args for args, kw in drawn if kw.get("label", "").startswith("chance")]
+    counts = [int(p) for p in pairs.split(",")]
+    assert len(chance) == 1
+    if len(counts) == 1:
+        assert chance[0] == (0.25,)
+    else:
+        assert list(chance[0][0]) == counts and list(chance[0][1]) == [1 / p for p in counts]
 
 
 def test_bench_tasks_sweeps_learning_rates_and_keeps_the_best(tmp_path):

@@ -254,17 +254,22 @@ def _plot_tasks(rows: list[dict[str, Any]], path: Path, title: str) -> bool | st
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     pair_counts = sorted({r["num_kv_pairs"] for r in rows})
     mixers = list(dict.fromkeys(r["mixer"] for r in rows))
+    # A model that has not learned recall guesses among the context's values: 1 / pairs.
+    chance_label = "chance: a guess among the context's values"
     if len(pair_counts) > 1:
         for name in mixers:
             pts = [(r["num_kv_pairs"], r["acc"]) for r in rows if r["mixer"] == name and r["acc"] is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=name)
+        ax.plot(pair_counts, [1 / p for p in pair_counts], "k--", linewidth=1, label=chance_label)
         ax.set_xlabel("key-value pairs")
-        ax.legend()
     else:
         ok = [r for r in rows if r["acc"] is not None]
         ax.bar([r["mixer"] for r in ok], [r["acc"] for r in ok])
+        ax.axhline(1 / pair_counts[0], color="k", linestyle="--", linewidth=1,
+                   label=f"{chance_label} (1/{pair_counts[0]})")
         ax.set_xlabel("mixer")
+    ax.legend(fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("MQAR accuracy (held-out)")
     ax.set_title(title, fontsize=9)

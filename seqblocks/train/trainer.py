@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.tasks import IGNORE_INDEX, Batch, Task, get_task
+from seqblocks.tasks import IGNORE_INDEX, TASKS, Batch, Task, get_task
 from seqblocks.train.checkpointing import (
     CHECKPOINT_DIR,
     TASK_FILE,
@@ -69,11 +69,16 @@ class TrainResult:
     step: int
 
 
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """"bf16" or "fp32": what ``precision`` ("auto" included) means on ``device``."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``precision`` "bf16" (or "auto" on a CUDA device with bf16), else nothing."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16":
+    if resolved_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -137,7 +142,7 @@ def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -
 
 def _write_checkpoint(out_dir: Path, step: int, info: DistInfo, module: nn.Module, saver: nn.Module | None,
                       optimizer, scheduler, config: TrainConfig, model_config: dict, task: Task,
-                      extra: dict[str, Any]) -> Path | None:
+                      extra: dict[str, Any], card: dict[str, Any]) -> Path | None:
     """Collect the full state on every rank (collective under FSDP) and write it from rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
@@ -153,7 +158,7 @@ def _write_checkpoint(out_dir: Path, step: int, info: DistInfo, module: nn.Modul
             target = saver
 
         def write(tmp: Path) -> None:
-            target.save_pretrained(tmp)
+            target.save_pretrained(tmp, model_card_kwargs={"training": card})
             state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                      "rng": rng_state(), "data": {"next_step": step, "seed": config.seed},
                      "train_config": config.to_dict(), "model_config": model_config,
@@ -271,12 +276,20 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
     # Throughput counts training steps only (evaluation and checkpoint time excluded).
     window_loss, window_steps, window_tokens, window_time, rate_ema = 0.0, 0, 0, 0.0, None
     metrics_file = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 (closed in finally)
-    last_ckpt, final_eval, loss_value = None, {}, float("nan")
+    last_ckpt, final_eval, loss_value, done, completed = None, {}, float("nan"), start, False
+
+    evals: dict[int, dict[str, float]] = {}
 
     def checkpoint(step: int) -> Path | None:
         extra = {"tokens_seen": tokens_seen, "elapsed_s": elapsed}
+        card = {"task": config.task, "task_description": TASKS.describe(config.task), "task_options": task.config(),
+                "is_language": task.is_language, "step": step, "steps": config.steps,
+                "batch_size": config.batch_size, "seq_len": task.seq_len, "tokens": tokens_seen, "lr": config.lr,
+                "seed": config.seed, "precision": resolved_precision(info.device, config.precision),
+                "world_size": info.world_size,
+                "eval": evals.get(step)}
         return _write_checkpoint(out_dir, step, info, module, saver, optimizer, scheduler, config, model_config,
-                                 task, extra)
+                                 task, extra, card)
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed)
@@ -286,7 +299,20 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
             metrics_file.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
             metrics_file.flush()
         say(f"step {step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}, acc {result['acc']:.3f}")
+        evals[step] = result
         return result
+
+    def plot(step: int) -> bool | str:
+        """Redraw loss.png from metrics.jsonl (rank 0): after each evaluation or checkpoint, and at the end."""
+        if not info.is_main:
+            return True
+        from seqblocks.train.plot import plot_loss_curve
+
+        title = f"{out_dir.name}: {config.task}, {n_params / 1e6:.2f}M parameters, step {step:,} of {config.steps:,}"
+        try:
+            return plot_loss_curve(metrics_path, out_dir / LOSS_PLOT, title=title)
+        except Exception as err:  # a plot must never end (or mask the error of) a run
+            return f"plot skipped: {type(err).__name__}: {err}"
 
     try:
         for step in range(start, end):
@@ -340,20 +366,26 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
                     metrics_file.flush()
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
             is_last = done == end
-            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+            evaluated = (config.eval_every and done % config.eval_every == 0) or done == config.steps
+            if evaluated:
                 final_eval = run_eval(done)
-            if (config.ckpt_every and done % config.ckpt_every == 0) or is_last:
+            saved = (config.ckpt_every and done % config.ckpt_every == 0) or is_last
+            if saved:
                 last_ckpt = checkpoint(done)
+            if (evaluated or saved) and not is_last:
+                plot(done)
+        completed = True
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
-    if info.is_main:
-        from seqblocks.train.plot import plot_loss_curve
-
-        plotted = plot_loss_curve(metrics_path, out_dir / LOSS_PLOT)
-        say(f"loss curve: {out_dir / LOSS_PLOT}" if plotted is True else plotted)
+        # Also when the run ends early (Ctrl-C, a diverged loss): the plot shows it up to there.
+        plotted = plot(done)
+        if plotted is True:
+            say(f"loss curve{'' if completed else ' so far'}: {out_dir / LOSS_PLOT}")
+        elif completed:
+            say(plotted)
     result_model = saver if saver is not None else module
     metrics = {"train_loss": loss_value, **{f"val_{k}": v for k, v in final_eval.items()}}
     return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end)
