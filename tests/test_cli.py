@@ -132,6 +132,7 @@ MISUSE = {
     "no new tokens": (["generate", "RUN", "-n", "0"], "must be a positive integer"),
     "empty stop": (["generate", "RUN", "--stop", ""], "--stop '' is empty"),
     "stop outside the alphabet": (["generate", "RUN", "--stop", "\u00e9"], "the tokenizer has no"),
+    "threads": (["generate", "RUN", "--threads", "0"], "--threads 0 must be a positive integer"),
 }
 
 

@@ -166,8 +166,8 @@ def run_speed_bench(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     mixers = _mixer_names(args.mixers) if args.mixers else _distinct_mixers()
     d, T, B = args.d_model or 256, args.seq_len or 512, args.batch_size or 4
-    title = f"mixer speed on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), " \
-            f"B={B} T={T} D={d} {args.dtype}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    title = f"mixer speed on {device} ({where}), B={B} T={T} D={d} {args.dtype}"
     rows = speed_rows(mixers, d, T, B, args.repeats, device, dtype)
     headers = ["mixer", "params", "forward ms", "fwd+bwd ms", "decode step ms", "note"]
     table = f"{title}\n\n" + markdown_table(headers, [[r["mixer"], r["params"] or "-",
@@ -188,7 +188,8 @@ def run_speed_bench(args: argparse.Namespace) -> int:
 
 
 def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_len: int, batch_size: int,
-              steps: int, lrs: list[float], device: str, out: Path, progress: bool) -> list[dict[str, Any]]:
+              steps: int, lrs: list[float], device: str, out: Path, progress: bool,
+              step_hook=None) -> list[dict[str, Any]]:
     """Train one 2-layer model per (mixer, pair count, learning rate) on MQAR and score it on held-out
     rows; each (mixer, pair count) row keeps its best learning rate (Zoology reports the best of a
     sweep too), with every rate's accuracy in ``row["sweep"]``."""
@@ -223,7 +224,7 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
                 t0 = time.perf_counter()
                 try:
                     result = train(model, config, out / "runs" / f"{name}-{pairs}-lr{lr:g}", progress=progress,
-                                   log=lambda msg: None)
+                                   log=lambda msg: None, step_hook=step_hook)
                 except Exception as err:  # one mixer failing must not lose the others' results
                     errors.append(f"lr {lr:g}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
                     acc = None
@@ -294,8 +295,11 @@ def run_task_bench(args: argparse.Namespace) -> int:
     title = f"MQAR: 2 layers, d_model {d}, seq_len {T}, {steps} steps of {B} rows, {lr_text}"
     print(title, file=sys.stderr)
     t0 = time.perf_counter()
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None:
+        print(threads.describe(), file=sys.stderr)
     rows = task_rows(mixers, pairs, d_model=d, seq_len=T, batch_size=B, steps=steps, lrs=lrs, device=args.device,
-                     out=out, progress=not args.no_progress)
+                     out=out, progress=not args.no_progress, step_hook=threads.update if threads is not None else None)
     headers = ["mixer", "kv pairs", "params", "accuracy", "sequence accuracy", "lr", "train s", "note"]
     table = f"{title}\n\n" + markdown_table(headers, [
         [r["mixer"], r["num_kv_pairs"], r["params"] or "-", r["acc"] if r["acc"] is not None else "-",

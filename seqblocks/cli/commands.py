@@ -222,9 +222,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         loaded = load_config(name)
         model_config, config = loaded["model"], train_config_from_args(args, loaded["train"])
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None and _is_main_process():
+        print(f"seqblocks train: {threads.describe()}", file=sys.stderr, flush=True)
     try:
         result = train(model_config, config, out, resume=args.resume, stop_after=args.stop_after,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, step_hook=threads.update if threads is not None else None)
     finally:
         main_process = _is_main_process()
         if torch.distributed.is_initialized():

@@ -183,7 +183,8 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
 
 def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           stop_after: int | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None,
+          step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """Train an ``LRNNLMHeadModel`` on a task.
 
     Args:
@@ -197,6 +198,9 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
             to split a run across jobs; the schedule still spans ``config.steps``. Default: None.
         progress (bool): show a tqdm progress bar (rank 0). Default: True.
         log (Callable[[str], None] | None): where rank 0's messages go. Default: None (stderr).
+        step_hook (Callable[[int], None] | None): called on every rank after each optimizer step with
+            the number of steps done (the command line re-checks its CPU thread count there).
+            Default: None.
 
     Raises:
         FileNotFoundError: ``resume`` with no checkpoint in ``out_dir``.
@@ -360,7 +364,7 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
                 rate = window_tokens / max(window_time, 1e-9)
                 row = {"type": "train", "step": done, "loss": window_loss / window_steps, "lr": lr,
                        "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": rate,
-                       "elapsed_s": elapsed}
+                       "elapsed_s": elapsed, "cpu_threads": torch.get_num_threads()}
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
@@ -374,6 +378,8 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
                 last_ckpt = checkpoint(done)
             if (evaluated or saved) and not is_last:
                 plot(done)
+            if step_hook is not None:
+                step_hook(done)
         completed = True
     finally:
         if bar is not None:
