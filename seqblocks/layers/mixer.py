@@ -14,7 +14,7 @@ A mixer maps ``x`` [B, T, D] to ``y`` [B, T, D]:
   sequence), ``integration_timesteps`` [B, T] (time-varying / event models), ``mask``,
   ``position_ids``. Blocks and models pass each only to mixers whose ``forward`` names it.
 
-Seed-001 style attention (``AttentionBase`` subclasses) returns ``(y, cache)`` instead of ``y``;
+Attention built from a ``BlockConfig`` (``AttentionBase`` subclasses) returns ``(y, cache)`` instead of ``y``;
 ``call_mixer`` accepts both.
 
 Shapes: B batch, T time, D width.
@@ -71,7 +71,7 @@ class Mixer(nn.Module):
 
 
 class AttentionBase(Mixer):
-    """Base of attention mixers constructed from a ``BlockConfig`` (seed 001).
+    """Base of attention mixers constructed from a ``BlockConfig``.
 
     A subclass takes ``(config)`` and implements ``forward(x, mask=None, cache=None) -> (y, cache)``.
     Sets ``config``, ``d_model``, ``n_heads``, ``n_kv_heads``, ``head_dim``, ``causal`` and ``position``
@@ -143,7 +143,7 @@ def forward_parameters(module: nn.Module) -> tuple[frozenset[str], bool]:
 def call_mixer(mixer: nn.Module, x: torch.Tensor, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Run ``mixer`` on ``x`` and return ``(y, cache)``.
 
-    The cache is passed as ``cache=`` (our contract) or ``inference_params=`` (mamba / lrnnx style),
+    The cache is passed as ``cache=`` (our contract) or ``inference_params=`` (mamba_ssm style),
     whichever the mixer's forward names. Keyword inputs that are None are dropped; any other keyword
     the mixer's forward does not accept raises ``TypeError`` naming the mixer and what it accepts.
     A mixer returning ``(y, new_cache)`` has its cache passed on; one returning ``y`` keeps ``cache``.
@@ -172,7 +172,7 @@ def build_component(cls: Any, config, **kwargs: Any) -> nn.Module:
     """Construct a registry component from a ``BlockConfig``.
 
     Components with a ``from_config`` classmethod (all of seqblocks' own) are built with it and
-    receive ``kwargs``; any other class is called as ``cls(config)``, the seed-001 contract.
+    receive ``kwargs``; any other class is called as ``cls(config)``, the registry contract.
     """
     from_config = getattr(cls, "from_config", None)
     if from_config is not None:

@@ -1,4 +1,4 @@
-"""Causal language models: the shared engine and ``LRNNLMHeadModel`` (seed 002).
+"""Causal language models: the shared engine and ``LRNNLMHeadModel`` (a hybrid LM over any mixers).
 
 Two front doors, one engine. ``CausalLM`` owns everything a decoder-only language model does around
 its layers: token embedding (with an optional additive position encoding at absolute positions),
@@ -9,7 +9,7 @@ through ``forward``, ``step``, the (tied, vocabulary-padded) LM head, generation
 - ``LRNNLMHeadModel`` (this file) stacks ``seqblocks.blocks.Block`` s (Add -> Norm -> Mixer, fused
   add+norm, ``residual_in_fp32``) over any registered mixer types, hybrids included.
 - ``LanguageModel`` (``config_lm.py``) stacks ``ConfigurableBlock`` s built from one ``BlockConfig`` per
-  layer (seed 001).
+  layer.
 
 Caches: ``allocate_inference_cache`` returns an ``InferenceCaches``, a dict ``{layer_idx: Cache}``
 that also holds the model-level ``seqlen_offset`` [B] (tokens consumed per row). ``forward(...,
@@ -125,7 +125,7 @@ def _mixer_class(name_or_cls: Any) -> type:
 
 
 def resolve_mixer_kwargs(mixer_types: Sequence[Any], mixer_kwargs: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Per-layer constructor kwargs from seed 002's ``mixer_kwargs``.
+    """Per-layer constructor kwargs from ``LRNNLMHeadModel``'s ``mixer_kwargs``.
 
     Two forms: a dict keyed by mixer type (``{"S5": {...}, "attn": {...}}``; keys case-insensitive, and
     an alias such as "mha" serves "attn" layers), or one dict for all mixers, of which each mixer gets
@@ -174,7 +174,7 @@ def build_mixer(name_or_cls: Any, d_model: int, *, d_state: int | None = None, l
 
     ``d_state``, ``layer_idx``, ``device`` and ``dtype`` are passed when the constructor names them (and
     ``kwargs`` does not). An attention constructor whose ``num_heads`` has no default (or None) gets
-    ``default_num_heads(d_model)`` unless ``kwargs`` gives it. A seed-001 style class constructed from
+    ``default_num_heads(d_model)`` unless ``kwargs`` gives it. A class constructed from
     a ``BlockConfig`` (first argument ``config``) is built from one assembled from these values.
 
     Args:
@@ -551,7 +551,7 @@ def _resolve_class(path: str | None) -> type | None:
 
 @register_model_type
 class LRNNLMHeadModel(CausalLM):
-    """Hybrid language model over any registered mixers (seed 002): embedding, a stack of
+    """Hybrid language model over any registered mixers: embedding, a stack of
     Add -> Norm -> Mixer (-> Add -> Norm -> MLP) blocks, final norm, LM head.
 
     Args:

@@ -8,7 +8,7 @@ stored, so N/2 complex parameters), discretised with the bilinear transform:
     conv mode:  K = Cauchy + Woodbury kernel (seqblocks.ops.ssm_kernels.dplr_kernel),  y = K * u + D u
     scan mode:  x_t = Ā x_{t-1} + B̄ u_t,  y_t = C x_t + D u_t  with the dense Ā (N x N per channel)
 
-followed, as in S4 / lrnnx, by an activation (GELU), dropout and a position-wise output map (GLU).
+followed, as in S4, by an activation (GELU), dropout and a position-wise output map (GLU).
 
 The output vector is the true ``C`` (S4's code trains ``C̃ = C (I - Ā^L)`` tied to one length); the
 kernel generator applies the truncation correction for the length at hand, so the convolution and
@@ -82,7 +82,8 @@ class S4(DiagonalSSMParams, LTIMixer):
     Args:
         d_model (int): model width H.
         d_state (int): state size N of each channel (even). Default: 64.
-        l_max (int | None): accepted for lrnnx compatibility; kernels are computed for the input length.
+        l_max (int | None): accepted for S4-style callers that size kernels in advance; kernels are
+            computed for the input length.
             Default: None.
         dt_min (float): smallest initial step (log-uniform per channel). Default: 0.001.
         dt_max (float): largest initial step. Default: 0.1.
