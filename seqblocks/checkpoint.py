@@ -71,7 +71,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r} in the checkpoint config")
+        raise ValueError(f"unknown torch dtype {name!r}; expected a name such as 'float32' or 'bfloat16'")
     return dtype
 
 
@@ -239,6 +239,18 @@ class CheckpointMixin(ModelHubMixin):
         _require_hub()
         return super().save_pretrained(save_directory, **kwargs)
 
+    def generate_model_card(self, *args: Any, training: dict[str, Any] | None = None, **kwargs: Any):
+        """The ``README.md`` that ``save_pretrained`` writes: architecture, layer pattern and parameter
+        count read from the model, and ``training`` (what ``seqblocks train`` records; see
+        ``seqblocks.model_card.model_card_markdown``) when given through ``model_card_kwargs``."""
+        from huggingface_hub import ModelCard
+
+        from seqblocks.model_card import model_card_markdown
+
+        metadata = self._hub_mixin_info.model_card_data.to_yaml()
+        body = model_card_markdown(self, self.full_checkpoint_config(), training)  # type: ignore[arg-type]
+        return ModelCard(f"---\n{metadata}\n---\n\n{body}")
+
     def _save_pretrained(self, save_directory: Path) -> None:
         config = self.full_checkpoint_config()
         save_weights(self, Path(save_directory) / WEIGHTS_NAME, config=config)  # type: ignore[arg-type]
@@ -246,13 +258,17 @@ class CheckpointMixin(ModelHubMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, allow_non_finite: bool = False, **hub_kwargs: Any):
+                        dtype: torch.dtype | str | None = None, torch_dtype: torch.dtype | str | None = None,
+                        allow_non_finite: bool = False, **hub_kwargs: Any):
         """Rebuild a model from a directory written by ``save_pretrained`` or a Hub repository id.
 
         Args:
             pretrained_model_name_or_path (str | Path): a local directory or a Hub id ("user/name").
             device (torch.device | str | None): where to place the model. Default: None (CPU).
-            dtype (torch.dtype | None): parameter dtype. Default: None (the dtype it was saved in).
+            dtype (torch.dtype | str | None): parameter dtype, a ``torch.dtype`` or its name ("bfloat16");
+                "auto" or None keep the dtype it was saved in. Default: None.
+            torch_dtype (torch.dtype | str | None): the same, under the name the ``transformers`` API
+                uses; give one of the two. Default: None.
             allow_non_finite (bool): load weights that hold NaN / Inf. Default: False.
             **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
 
@@ -264,9 +280,12 @@ class CheckpointMixin(ModelHubMixin):
                 names shaped like a repository id, and never in offline mode), or a directory
                 without the files.
             ValueError: unreadable ``config.json`` / weights, a config of another model class, weights
-                that do not match the config, a failed integrity check, or non-finite weights.
+                that do not match the config, a failed integrity check, non-finite weights, or an
+                unknown dtype name.
+            TypeError: ``dtype`` and ``torch_dtype`` both given, and different.
         """
         _require_hub()
+        dtype = _requested_dtype(dtype, torch_dtype)
         unknown = sorted(set(hub_kwargs) - {"revision", "token", "cache_dir", "force_download", "local_files_only"})
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}; the model's "
@@ -326,6 +345,23 @@ def _check_hub_name(path: str, owner: str) -> None:
                                 f"mode (HF_HUB_OFFLINE is set)")
 
 
+def _requested_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``from_pretrained``'s ``dtype`` / ``torch_dtype`` (one name for one thing) -> a dtype or None."""
+    values = []
+    for keyword, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
+        if value is None or value == "auto":
+            continue
+        if not isinstance(value, torch.dtype | str):
+            raise TypeError(f"from_pretrained: {keyword}={value!r} must be a torch.dtype, a dtype name or 'auto'")
+        parsed = parse_dtype(value)
+        if not parsed.is_floating_point:
+            raise ValueError(f"from_pretrained: {keyword}={value!r} is not a floating-point dtype")
+        values.append(parsed)
+    if len(values) == 2 and values[0] != values[1]:
+        raise TypeError(f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
+    return values[0] if values else None
+
+
 def _check_local_dir(path: Path) -> None:
     config = path / CONFIG_NAME
     if not config.is_file():
@@ -342,10 +378,15 @@ def _check_local_dir(path: Path) -> None:
         raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}{extra}")
 
 
-def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, dtype=None,
+def load_pretrained(pretrained_model_name_or_path: str | Path, *, device=None, dtype=None, torch_dtype=None,
                     allow_non_finite: bool = False, **hub_kwargs: Any):
-    """Load any seqblocks model from a checkpoint, choosing the class from ``config.json``'s ``model_type``."""
+    """Load any seqblocks model from a checkpoint, choosing the class from ``config.json``'s ``model_type``.
+
+    ``device``, ``dtype`` / ``torch_dtype``, ``allow_non_finite`` and ``hub_kwargs`` are
+    ``CheckpointMixin.from_pretrained``'s.
+    """
     _require_hub()
+    dtype = _requested_dtype(dtype, torch_dtype)
     path = str(pretrained_model_name_or_path)
     if os.path.isdir(path):
         _check_local_dir(Path(path))

@@ -1,8 +1,9 @@
 """Configs are data: frozen, keyword-only dataclasses that validate themselves and round-trip through JSON.
 
-``BlockConfig`` describes one ``ConfigurableBlock`` (seed 001): which attention / mixer, FFN, norm and
-position encoding to build, by registry name, and their sizes. ``ConfigBase`` gives every config
-``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` and type checking of its fields.
+``BlockConfig`` describes one ``ConfigurableBlock`` (a transformer-style residual block): which
+attention / mixer, FFN, norm and position encoding to build, by registry name, and their sizes.
+``ConfigBase`` gives every config ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` and type
+checking of its fields.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _require(condition: bool, field: str, value: Any, expected: str) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockConfig(ConfigBase):
-    """One residual block: components by registry name, and their sizes (seed 001).
+    """One residual block: components by registry name, and their sizes.
 
     Args:
         attention (str): mixer registry name ("mha", "gqa", "mla", "sliding_window", "mamba", "none", ...).

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from seqblocks.layers.checks import check_lengths, check_positive, check_range, check_timesteps
+from seqblocks.layers.checks import check_finite, check_lengths, check_positive, check_timesteps
 
 __all__ = ["GenerationOutput", "generate", "prefill", "decode_one_token", "process_logits", "sample",
-           "CUDAGraphDecoder"]
+           "check_sampling_options", "CUDAGraphDecoder"]
 
 
 @dataclasses.dataclass
@@ -196,6 +196,33 @@ def _release_rng_from_capture(device: torch.device) -> None:
         pass
 
 
+def check_sampling_options(*, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                           min_p: float | None = None, repetition_penalty: float = 1.0) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the first sampling option of the wrong kind, not finite
+    or out of range (``generate`` calls it first; a caller that prints before generating can call it
+    earlier). NaN or inf never reach the sampler (a NaN temperature would draw token 0 forever)."""
+    owner = "generate"
+    check_finite(owner, temperature=temperature)
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k={top_k!r} must be a positive int or None")
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be a positive int or None")
+    if top_p is not None:
+        check_finite(owner, top_p=top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")
+    if min_p is not None:
+        check_finite(owner, min_p=min_p)
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p={min_p!r} must lie in [0, 1]")
+    check_finite(owner, repetition_penalty=repetition_penalty)
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0")
+
+
 def _check_generate_args(input_ids: Any, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any, min_p: Any,
                          repetition_penalty: Any, pad_token_id: Any, seed: Any, generator: Any, callback: Any,
                          max_seqlen: Any) -> None:
@@ -208,14 +235,8 @@ def _check_generate_args(input_ids: Any, max_new_tokens: Any, temperature: Any, 
         raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got {getattr(input_ids, 'shape', input_ids)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    check_range(owner, "temperature", temperature, 0.0)  # 0 is greedy
-    if top_k is not None:
-        check_positive(owner, top_k=top_k)
-    if top_p is not None:
-        check_range(owner, "top_p", top_p, 0.0, 1.0, lo_open=True)
-    if min_p is not None:
-        check_range(owner, "min_p", min_p, 0.0, 1.0)
-    check_range(owner, "repetition_penalty", repetition_penalty, 0.0, lo_open=True)
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty)
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
         raise ValueError(f"pad_token_id={pad_token_id!r} must be an int >= 0")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -226,6 +247,22 @@ def _check_generate_args(input_ids: Any, max_new_tokens: Any, temperature: Any, 
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     if max_seqlen is not None:
         check_positive(owner, max_seqlen=max_seqlen)
+
+
+def _stop_sequences(stop_sequences: Sequence[Sequence[int]] | None, vocab: int, device) -> list[torch.Tensor]:
+    if stop_sequences is None:
+        return []
+    if isinstance(stop_sequences, torch.Tensor | str) or not isinstance(stop_sequences, Sequence):
+        raise TypeError(f"stop_sequences must be a list of token-id lists, got {stop_sequences!r}")
+    out = []
+    for seq in stop_sequences:
+        ids = seq.tolist() if isinstance(seq, torch.Tensor) else seq
+        if isinstance(ids, int) or not isinstance(ids, Sequence) or not ids or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+            raise ValueError(f"each stop sequence must be a non-empty list of token ids in [0, {vocab}), "
+                             f"got {seq!r}")
+        out.append(torch.tensor(list(ids), dtype=torch.long, device=device))
+    return out
 
 
 def _stop_ids(stop_tokens: int | Sequence[int] | None, vocab: int, device) -> torch.Tensor | None:
@@ -252,6 +289,7 @@ def generate(
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
     stop_tokens: int | Sequence[int] | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
     pad_token_id: int = 0,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -277,6 +315,9 @@ def generate(
             Default: 1.0 (off).
         stop_tokens (int | Sequence[int] | None): a row stops after generating one of these (it is
             kept in the output); generation ends when every row has stopped. Default: None.
+        stop_sequences (Sequence[Sequence[int]] | None): a row also stops once its generated tokens end
+            with one of these token sequences (a multi-character stop string, encoded), which is kept
+            in the output. Only generated tokens count, not the prompt. Default: None.
         pad_token_id (int): filler after a row's end in ``sequences`` / ``tokens``. Default: 0.
         seed (int | None): seed of a fresh generator for the draws. Default: None (torch's global RNG).
         generator (torch.Generator | None): the generator for the draws (on the model's device);
@@ -323,6 +364,8 @@ def generate(
     if position is not None and getattr(position, "max_seq_len", None) is not None and needed > position.max_seq_len:
         raise ValueError(f"prompt + new tokens ({needed}) exceed the learned positions ({position.max_seq_len})")
     stop_ids = _stop_ids(stop_tokens, V, device)
+    stop_seqs = _stop_sequences(stop_sequences, V, device)
+    stopping = stop_ids is not None or bool(stop_seqs)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -385,11 +428,17 @@ def generate(
         if stop_ids is not None:
             finished |= active & torch.isin(drawn, stop_ids)
         n_gen += active.long()
+        for seq in stop_seqs:
+            # The last len(seq) generated tokens of each row (rows with fewer cannot match).
+            L = seq.shape[0]
+            idx = (n_gen[:, None] - L + torch.arange(L, device=device)).clamp(0, N - 1)
+            ends = (tokens.gather(1, idx) == seq).all(dim=1) & (n_gen >= L)
+            finished |= active & ends
         if callback is not None:
             callback(torch.where(active, drawn, torch.full_like(drawn, pad_token_id)), active)
         if it == iterations - 1:
             break
-        if stop_ids is not None and not bool((in_prompt | (~finished & (n_gen < N))).any()):
+        if stopping and not bool((in_prompt | (~finished & (n_gen < N))).any()):
             break
         prompt_next = input_ids.gather(1, fed.clamp(max=T - 1)[:, None])[:, 0]
         next_tokens = torch.where(in_prompt, prompt_next, torch.where(active, drawn, torch.zeros_like(drawn)))

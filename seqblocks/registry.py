@@ -9,7 +9,7 @@ models look components up by the names in a config, so a user adds a component w
 and refers to it as ``BlockConfig(attention="my_attention")`` without touching existing code.
 
 There is one registry of sequence mixers; it serves both ``LRNNLMHeadModel(mixer_types=[...])`` and
-``BlockConfig.attention``, and is exported under the seed-001 name ``attention_registry`` too.
+``BlockConfig.attention``, and is exported as ``attention_registry`` too (the name ``BlockConfig`` users know).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ MLPS: Registry = Registry("mlp")
 #: Model classes a checkpoint's ``model_type`` may name; loading resolves classes only through it.
 MODELS: Registry = Registry("model")
 
-# The seed documents' names for the same registries.
+# Other names for the same registries.
 mixer_registry = MIXERS
 attention_registry = MIXERS
 ffn_registry = FFNS

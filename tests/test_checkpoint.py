@@ -311,3 +311,40 @@ def test_missing_local_paths_fail_at_once_and_offline_never_asks_the_hub(tmp_pat
     with pytest.raises(FileNotFoundError, match="offline"):
         LRNNLMHeadModel.from_pretrained("someone/model")
     assert time.perf_counter() - start < 5.0
+def test_torch_dtype_is_accepted_as_transformers_spells_it(tmp_path):
+    saved(tmp_path)  # a float64 model
+    for kwargs in ({"torch_dtype": torch.bfloat16}, {"torch_dtype": "bfloat16"}, {"dtype": "torch.bfloat16"},
+                   {"dtype": torch.bfloat16, "torch_dtype": "bfloat16"}):
+        assert LRNNLMHeadModel.from_pretrained(tmp_path, **kwargs).embedding.weight.dtype == torch.bfloat16
+        assert load_pretrained(tmp_path, **kwargs).embedding.weight.dtype == torch.bfloat16
+    assert load_pretrained(tmp_path, torch_dtype="auto").embedding.weight.dtype == torch.float64  # as saved
+    with pytest.raises(TypeError, match="disagree"):
+        load_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown torch dtype 'float7'"):
+        load_pretrained(tmp_path, torch_dtype="float7")
+    with pytest.raises(ValueError, match="not a floating-point dtype"):
+        load_pretrained(tmp_path, torch_dtype=torch.int64)
+    with pytest.raises(TypeError, match="must be a torch.dtype"):
+        load_pretrained(tmp_path, torch_dtype=16)
+
+
+def test_model_card_describes_the_model(tmp_path):
+    from seqblocks.model_card import compress_pattern
+
+    model = LRNNLMHeadModel(d_model=32, d_state=4, n_layer=4, vocab_size=50, mixer_types=["rglru", "attn"] * 2,
+                            d_intermediate=64, mixer_kwargs={"attn": {"num_heads": 2}})
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    total = sum(p.numel() for p in model.parameters())
+    assert "More Information Needed" not in card and card.startswith("---\nlibrary_name: seqblocks\n")
+    assert "# LRNNLMHeadModel" in card and f"| parameters | {total:,} (" in card
+    assert "| layers | 4: (rglru, attn) x 2 |" in card and "| width (d_model) | 32 |" in card
+    assert "| vocabulary | 50 (embedding padded to 56 rows) |" in card and "| weights | float32 |" in card
+    mixer_params = sum(p.numel() for p in model.layers[0].mixer.parameters())
+    assert "| 0 | rglru (`RGLRU`) | Griffin's recurrent block" in card and f"| {mixer_params:,} | GatedMLP |" in card
+    assert "how the model was trained is not recorded" in card
+    config_lm = pattern_lm(["sbtest_decay", "sbtest_attn"], position="learned", max_seq_len=32)
+    config_lm.save_pretrained(tmp_path / "lm")
+    assert "| layers | 2: sbtest_decay, sbtest_attn |" in (tmp_path / "lm" / "README.md").read_text()
+    assert compress_pattern(["m"] * 3) == "m x 3" and compress_pattern(["a", "b", "a"]) == "a, b, a"
+    assert compress_pattern(["a", "a", "b"] * 2) == "(a, a, b) x 2"

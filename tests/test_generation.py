@@ -83,6 +83,43 @@ def test_stop_tokens_streaming_and_padding():
     assert len(seen) == int(out.num_generated.max())
 
 
+def _first_end(row: list[int], seq: list[int]) -> int | None:
+    """Tokens up to and including the first occurrence of ``seq`` in ``row``, or None."""
+    for j in range(len(row) - len(seq) + 1):
+        if row[j : j + len(seq)] == seq:
+            return j + len(seq)
+    return None
+
+
+def test_stop_sequences_stop_on_the_whole_sequence():
+    """A multi-token stop sequence ends a row where the whole sequence is generated, not at its first
+    token (``--stop "se"`` once stopped at every "s")."""
+    model = tiny_lm(["sbtest_decay", "sbtest_attn"])
+    prompt = torch.randint(0, 37, (3, 4))
+    free = generate(model, prompt, 24, temperature=1.0, seed=3).tokens.tolist()
+    # A pair from row 0 whose first token occurs earlier without the second after it.
+    row = free[0]
+    pair = next([row[j], row[j + 1]] for j in range(1, len(row) - 1)
+                if row[j] in row[:j] and _first_end(row, [row[j], row[j + 1]]) == j + 2)
+    out = generate(model, prompt, 24, temperature=1.0, seed=3, stop_sequences=[pair], pad_token_id=36)
+    for b in range(3):
+        n = _first_end(free[b], pair) or 24
+        assert int(out.num_generated[b]) == n
+        assert out.tokens[b, :n].tolist() == free[b][:n] and (out.tokens[b, n:] == 36).all()
+    assert int(out.num_generated[0]) > row.index(pair[0]) + 1  # its first token alone did not stop it
+    # Only generated tokens count: a sequence completed across the prompt's end does not stop.
+    last = int(prompt[0, -1])
+    across = generate(model, prompt[:1], 24, temperature=1.0, seed=3, stop_sequences=[[last, free[0][0]]])
+    assert int(across.num_generated[0]) == (_first_end(free[0], [last, free[0][0]]) or 24)
+    # Length-1 sequences are stop tokens.
+    one = generate(model, prompt, 24, temperature=1.0, seed=3, stop_sequences=[[pair[0]]])
+    assert torch.equal(one.num_generated, generate(model, prompt, 24, temperature=1.0, seed=3,
+                                                   stop_tokens=[pair[0]]).num_generated)
+    for bad in ([[]], [[37]], [3], "ab", [[1.5]]):
+        with pytest.raises((ValueError, TypeError), match="stop"):
+            generate(model, prompt, 4, stop_sequences=bad)
+
+
 def test_sampling_seed_and_temperature():
     model = tiny_lm(["sbtest_decay", "sbtest_attn"])
     prompt = torch.randint(0, 37, (4, 3))

@@ -93,6 +93,16 @@ def test_bad_task_names_and_options_list_what_is_valid():
         MQAR(num_kv_pairs=4, seq_len=8)
     with pytest.raises(ValueError, match="split"):
         SYNTHETIC[0].batch("test", 0, 2)
+    # Options of the wrong type (as --task-opt seq_len=abc gives) name the option and its default.
+    with pytest.raises(TypeError, match=r"option seq_len='abc' must be an integer \(default 128\)"):
+        get_task("chars", seq_len="abc")
+    with pytest.raises(TypeError, match="num_kv_pairs=2.5 must be an integer"):
+        get_task("mqar", num_kv_pairs=2.5)
+    with pytest.raises(TypeError, match="must be an integer"):
+        get_task("mqar", seq_len=True)
+    with pytest.raises(TypeError, match="val_fraction='x' must be a number"):
+        get_task("chars", val_fraction="x")
+    assert get_task("copying", vocab_size=12).vocab_size >= 12
     assert {"chars", "mqar", "selective_copying", "induction_heads", "copying"} <= set(TASKS.keys())
 
 

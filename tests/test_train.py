@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import seqblocks  # noqa: F401  (registers the mixers)
+import seqblocks.presets
 from seqblocks.checkpoint import load_pretrained
 from seqblocks.train import (
     TrainConfig,
@@ -192,6 +193,52 @@ def test_compile_path_matches_eager(tmp_path):
     train(small, _config(steps=2, ckpt_every=0), tmp_path / "e", progress=False, log=lambda m: None)
     assert _losses(tmp_path / "c") == pytest.approx(_losses(tmp_path / "e"), rel=1e-5)
     assert compiled.step == 2
+
+
+def test_loss_plot_is_redrawn_at_each_evaluation_and_checkpoint_and_when_interrupted(tmp_path, monkeypatch):
+    from seqblocks.train import plot, trainer
+
+    titles = []
+    real = plot.plot_loss_curve
+    monkeypatch.setattr(plot, "plot_loss_curve",
+                        lambda metrics, png, title=None: titles.append(title) or real(metrics, png, title=title))
+    n_params = sum(p.numel() for p in seqblocks.presets.build_model({**TINY, "vocab_size": 24}).parameters())
+    train(TINY, _config(eval_every=2, ckpt_every=3), tmp_path / "run", progress=False, log=lambda m: None)
+    assert titles == [f"run: mqar, {n_params / 1e6:.2f}M parameters, step {s} of 6" for s in (2, 3, 4, 6)]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+    # Ctrl-C during step 5: the plot shows the run up to step 4, and says so.
+    real_batches = trainer._micro_batches
+
+    def interrupt(task, step, config, info):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_batches(task, step, config, info)
+
+    monkeypatch.setattr(trainer, "_micro_batches", interrupt)
+    titles.clear()
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, _config(eval_every=0, ckpt_every=0), tmp_path / "stopped", progress=False, log=messages.append)
+    assert titles[-1].endswith("step 4 of 6") and (tmp_path / "stopped" / "loss.png").stat().st_size > 1000
+    assert messages[-1] == f"loss curve so far: {tmp_path / 'stopped' / 'loss.png'}"
+
+
+def test_loss_plot_has_a_title(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from seqblocks.train.plot import plot_loss_curve
+
+    (tmp_path / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 3.0}\n'
+                                            '{"type": "eval", "step": 1, "loss": 2.5}\n')
+    seen = []
+    real = Axes.set_title
+    monkeypatch.setattr(Axes, "set_title", lambda self, label, *a, **kw: seen.append(label) or real(self, label, *a,
+                                                                                                     **kw))
+    assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "a.png", title="my run, step 1") is True
+    assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "b.png") is True
+    assert seen == ["my run, step 1", f"{tmp_path.name}: loss"]
+    assert (tmp_path / "a.png").stat().st_size > 1000 and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_missing_matplotlib_degrades_with_a_clear_message(tmp_path, monkeypatch):

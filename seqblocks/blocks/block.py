@@ -1,4 +1,4 @@
-"""``Block``: the Add -> Norm -> Mixer residual block of seed 000 (mamba / lrnnx layout).
+"""``Block``: the Add -> Norm -> Mixer residual block (mamba_ssm's layout).
 
 A standard pre-norm block computes ``x = x + mixer(norm(x))``. This block instead receives the
 previous block's branch output ``hidden_states`` and the residual stream ``residual`` separately,

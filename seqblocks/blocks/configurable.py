@@ -1,4 +1,4 @@
-"""``ConfigurableBlock``: a residual block assembled from registry components (seed 001).
+"""``ConfigurableBlock``: a residual block assembled from registry components.
 
 The block looks up its attention / mixer, FFN, norm and position classes by the names in a
 ``BlockConfig`` and builds each from the config. Two layouts::

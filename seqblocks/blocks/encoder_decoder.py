@@ -1,4 +1,4 @@
-"""``EncoderBlock`` and ``DecoderBlock`` with the seed-003 (attnax) arguments.
+"""``EncoderBlock`` and ``DecoderBlock``: transformer encoder / decoder blocks with score mods and attention backends.
 
 EncoderBlock: self-attention then a feed-forward network, each with a residual connection and a norm::
 
@@ -9,7 +9,7 @@ DecoderBlock adds cross-attention to an encoder output ("memory") between the tw
 
     pre_norm=True:  x = x + self_attn(ln1(x)); x = x + cross_attn(ln2(x), memory); x = x + ffn(ln3(x))
 
-The seed-004 tutorial block (pre-LN, two LayerNorms, Dense -> ReLU -> Dense) is
+The textbook pre-LN block (two LayerNorms, Dense -> ReLU -> Dense) is
 ``EncoderBlock(d_model, num_heads, d_ff, pre_norm=True, norm_type="layer_norm", ff_activation="relu")``;
 its attribute names ``ln1, attn, ln2, ff1, ff2`` are kept.
 
@@ -81,7 +81,7 @@ def _norm(norm_type: str, d_model: int, eps: float, device, dtype) -> nn.Module:
 
 
 def _split_mod(score_mod, mask_mod):
-    """Seed 003 has one ``score_mod`` argument; a mask mod passed there is routed to ``mask_mod``."""
+    """Callers may give a mask mod as ``score_mod`` (one argument for both); it is routed to ``mask_mod``."""
     if score_mod is not None and mod_kind(score_mod) == "mask":
         if mask_mod is not None:
             raise ValueError("score_mod is a mask mod and mask_mod is also given; pass one mask mod")
@@ -129,7 +129,7 @@ class _BlockBase(nn.Module):
 
 
 class EncoderBlock(_BlockBase):
-    """Transformer encoder block (seed 003): self-attention and FFN sublayers with residuals and norms.
+    """Transformer encoder block: self-attention and FFN sublayers with residuals and norms.
 
     Args:
         d_model (int): model width.
@@ -229,7 +229,7 @@ class DecoderCache(Cache):
 
 
 class DecoderBlock(_BlockBase):
-    """Transformer decoder block (seed 003): causal self-attention (cached), cross-attention to the
+    """Transformer decoder block: causal self-attention (cached), cross-attention to the
     encoder output (its K/V computed once per memory), FFN; three norms.
 
     Args: those of ``EncoderBlock`` (``num_kv_heads``, ``attention_window``, ``score_mod``,

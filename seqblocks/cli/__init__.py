@@ -43,6 +43,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-temperature", type=float)
 
 
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads of torch (default: the cores other processes leave idle, re-checked while "
+                        "training; OMP_NUM_THREADS also fixes it)")
+
+
 def _add_task_options(p: argparse.ArgumentParser, help_task: str) -> None:
     p.add_argument("--task", help=help_task)
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -59,8 +65,10 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop after generating this token (a character, or an id for synthetic tasks)")
-    g.add_argument("--seed", type=int, default=0)
+                   help="stop after generating this text, e.g. --stop $'\\n\\n' (repeatable; token ids separated by "
+                        "spaces for checkpoints without a tokenizer)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the draws (default: a fresh one, printed so the sample can be repeated)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_task_options(p, "task name (default: the preset's, usually chars)")
     _add_train_options(p)
+    _add_threads_option(p)
 
     p = sub.add_parser("generate", help="sample from a checkpoint, streaming to the terminal")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest checkpoint)")
@@ -101,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    _add_threads_option(p)
     _add_generation_options(p)
 
     p = sub.add_parser("eval", help="loss / perplexity / accuracy of a checkpoint on a task's held-out split")
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--seed", type=int, default=None, help="task seed (default: the training seed)")
+    _add_threads_option(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="mixer speed (default) or `bench tasks`: MQAR across mixer types")
@@ -128,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", help="tasks: learning rate, or comma-separated rates to sweep (each mixer keeps its "
                    "best; default 1e-2)")
     p.add_argument("--no-progress", action="store_true")
+    _add_threads_option(p)
     return parser
 
 
@@ -139,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
                "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench}
+    threads = None
     try:
+        if hasattr(args, "threads"):  # the commands that compute
+            from seqblocks.cli.threads import CpuThreads
+
+            threads = args.cpu_threads = CpuThreads(args.threads)
+            threads.start()
         return handler[args.command](args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         if os.environ.get("SEQBLOCKS_DEBUG"):
             raise
         print(f"seqblocks {args.command}: error: {err}", file=sys.stderr)
@@ -157,3 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"seqblocks {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threads is not None:
+            threads.restore()

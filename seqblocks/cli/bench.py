@@ -39,7 +39,9 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    from seqblocks.train.distributed import resolve_device
+
+    return resolve_device(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -164,10 +166,10 @@ def run_speed_bench(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    mixers = args.mixers.split(",") if args.mixers else _distinct_mixers()
+    mixers = _mixer_names(args.mixers) if args.mixers else _distinct_mixers()
     d, T, B = args.d_model or 256, args.seq_len or 512, args.batch_size or 4
-    title = f"mixer speed on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), " \
-            f"B={B} T={T} D={d} {args.dtype}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    title = f"mixer speed on {device} ({where}), B={B} T={T} D={d} {args.dtype}"
     rows = speed_rows(mixers, d, T, B, args.repeats, device, dtype)
     headers = ["mixer", "params", "forward ms", "fwd+bwd ms", "decode step ms", "note"]
     table = f"{title}\n\n" + markdown_table(headers, [[r["mixer"], r["params"] or "-",
@@ -188,7 +190,8 @@ def run_speed_bench(args: argparse.Namespace) -> int:
 
 
 def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_len: int, batch_size: int,
-              steps: int, lrs: list[float], device: str, out: Path, progress: bool) -> list[dict[str, Any]]:
+              steps: int, lrs: list[float], device: str, out: Path, progress: bool,
+              step_hook=None) -> list[dict[str, Any]]:
     """Train one 2-layer model per (mixer, pair count, learning rate) on MQAR and score it on held-out
     rows; each (mixer, pair count) row keeps its best learning rate (Zoology reports the best of a
     sweep too), with every rate's accuracy in ``row["sweep"]``."""
@@ -224,7 +227,7 @@ def task_rows(mixers: list[str], pair_counts: list[int], *, d_model: int, seq_le
                 try:
                     # Each bench run is scratch, replaced by the next bench into the same --out.
                     result = train(model, config, out / "runs" / f"{name}-{pairs}-lr{lr:g}", overwrite=True,
-                                   progress=progress, log=lambda msg: None)
+                                   progress=progress, log=lambda msg: None, step_hook=step_hook)
                 except Exception as err:  # one mixer failing must not lose the others' results
                     errors.append(f"lr {lr:g}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
                     acc = None
@@ -255,17 +258,22 @@ def _plot_tasks(rows: list[dict[str, Any]], path: Path, title: str) -> bool | st
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     pair_counts = sorted({r["num_kv_pairs"] for r in rows})
     mixers = list(dict.fromkeys(r["mixer"] for r in rows))
+    # A model that has not learned recall guesses among the context's values: 1 / pairs.
+    chance_label = "chance: a guess among the context's values"
     if len(pair_counts) > 1:
         for name in mixers:
             pts = [(r["num_kv_pairs"], r["acc"]) for r in rows if r["mixer"] == name and r["acc"] is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=name)
+        ax.plot(pair_counts, [1 / p for p in pair_counts], "k--", linewidth=1, label=chance_label)
         ax.set_xlabel("key-value pairs")
-        ax.legend()
     else:
         ok = [r for r in rows if r["acc"] is not None]
         ax.bar([r["mixer"] for r in ok], [r["acc"] for r in ok])
+        ax.axhline(1 / pair_counts[0], color="k", linestyle="--", linewidth=1,
+                   label=f"{chance_label} (1/{pair_counts[0]})")
         ax.set_xlabel("mixer")
+    ax.legend(fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("MQAR accuracy (held-out)")
     ax.set_title(title, fontsize=9)
@@ -280,7 +288,7 @@ def run_task_bench(args: argparse.Namespace) -> int:
     import seqblocks  # noqa: F401
     from seqblocks.registry import MIXERS
 
-    mixers = args.mixers.split(",") if args.mixers else [m for m in TASK_MIXERS if m in MIXERS]
+    mixers = _mixer_names(args.mixers) if args.mixers else [m for m in TASK_MIXERS if m in MIXERS]
     pairs = [int(p) for p in args.num_kv_pairs.split(",")] if args.num_kv_pairs else [4]
     d, T, B = args.d_model or 64, args.seq_len or 32, args.batch_size or 64
     steps = args.steps or 2000
@@ -290,8 +298,11 @@ def run_task_bench(args: argparse.Namespace) -> int:
     title = f"MQAR: 2 layers, d_model {d}, seq_len {T}, {steps} steps of {B} rows, {lr_text}"
     print(title, file=sys.stderr)
     t0 = time.perf_counter()
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None:
+        print(threads.describe(), file=sys.stderr)
     rows = task_rows(mixers, pairs, d_model=d, seq_len=T, batch_size=B, steps=steps, lrs=lrs, device=args.device,
-                     out=out, progress=not args.no_progress)
+                     out=out, progress=not args.no_progress, step_hook=threads.update if threads is not None else None)
     headers = ["mixer", "kv pairs", "params", "accuracy", "sequence accuracy", "lr", "train s", "note"]
     table = f"{title}\n\n" + markdown_table(headers, [
         [r["mixer"], r["num_kv_pairs"], r["params"] or "-", r["acc"] if r["acc"] is not None else "-",
@@ -303,6 +314,18 @@ def run_task_bench(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'tasks.md'}, {out / 'tasks.json'}" + (f", {out / 'tasks.png'}" if plotted is True
                                                                  else f" ({plotted})"))
     return 0
+
+
+def _mixer_names(text: str) -> list[str]:
+    """``--mixers a,b``: registered mixer names; an unknown one is a usage error (exit status 2)."""
+    from seqblocks.registry import MIXERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--mixers {text!r} names no mixer; give comma-separated names from `seqblocks list`")
+    for name in names:
+        MIXERS.get(name)  # raises ValueError naming the registered mixers
+    return names
 
 
 def _learning_rates(text: str | None) -> list[float]:

@@ -223,10 +223,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         loaded = load_config(name)
         model_config, config = loaded["model"], train_config_from_args(args, loaded["train"])
+    threads = getattr(args, "cpu_threads", None)
+    header = [threads] if threads is not None else []
+
+    def log(msg: str) -> None:
+        # The thread count heads the run's own messages, once the run directory has been accepted:
+        # a refused directory still ends with its one error line.
+        while header:
+            print(f"seqblocks train: {header.pop().describe()}", file=sys.stderr, flush=True)
+        print(msg, file=sys.stderr)
+
     try:
         result = train(model_config, config, out, resume=args.resume, overwrite=args.overwrite,
                        force_unlock=args.force_unlock, steps=args.steps if args.resume else None,
-                       stop_after=args.stop_after, progress=not args.no_progress)
+                       stop_after=args.stop_after, progress=not args.no_progress, log=log,
+                       step_hook=threads.update if threads is not None else None)
     finally:
         main_process = _is_main_process()
         if torch.distributed.is_initialized():
@@ -274,9 +285,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from seqblocks.train.distributed import resolve_device
+
+    return resolve_device(name)
+
+
+def _stop_sequences(stop: list[str], tokenizer) -> list[list[int]]:
+    """``--stop`` values -> token-id sequences: each whole string (several characters allowed), or ids
+    separated by spaces for checkpoints without a tokenizer."""
+    sequences = []
+    for text in stop:
+        if not text:
+            raise ValueError("--stop '' is empty; give the text (or token ids) to stop after")
+        if tokenizer is None:
+            try:
+                sequences.append([int(t) for t in text.split()])
+            except ValueError:
+                raise ValueError(f"this checkpoint has no tokenizer: give --stop as token ids separated by spaces, "
+                                 f"got {text!r}") from None
+            continue
+        ids = tokenizer.encode(text)
+        unknown = sorted({ch for ch, i in zip(text, ids) if i == tokenizer.unk_id})
+        if unknown:
+            raise ValueError(f"--stop {text!r}: the tokenizer has no {unknown}, so the model never generates it")
+        sequences.append(ids)
+    return sequences
 
 
 def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream: bool = True,
@@ -284,26 +317,32 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream:
     """Generate after ``prompt`` with ``seqblocks.generation.generate`` and print the text as it comes.
 
     ``tokenizer`` None means token ids: the prompt is ids separated by spaces, and so is the output.
-    Returns the generated text (without the prompt).
+    ``stop`` holds stop strings: generation ends after the first one generated (kept in the text).
+    Every argument is checked before anything is printed, and an error during generation starts on
+    a line of its own. Returns the generated text (without the prompt).
     """
-    from seqblocks.generation import generate
+    from seqblocks.generation import check_sampling_options, generate
 
     device = next(model.parameters()).device
     if tokenizer is not None:
         ids = tokenizer.encode(prompt)
         decode = tokenizer.decode
-        stop_ids = [tokenizer.encode(s)[0] for s in (stop or []) if s]
     else:
         try:
             ids = [int(t) for t in prompt.split()]
-            stop_ids = [int(s) for s in (stop or [])]
         except ValueError:
-            raise ValueError(f"this checkpoint has no tokenizer: give the prompt (and --stop) as token ids "
-                             f"separated by spaces, got {prompt!r}") from None
+            raise ValueError(f"this checkpoint has no tokenizer: give the prompt as token ids separated by "
+                             f"spaces, got {prompt!r}") from None
         decode = lambda toks: "".join(f" {t}" for t in toks)
     if not ids:
         raise ValueError("the prompt is empty; give at least one character (or token id)")
+    stop_sequences = _stop_sequences(stop or [], tokenizer)
+    check_sampling_options(**{k: v for k, v in options.items() if k in (
+        "temperature", "top_k", "top_p", "min_p", "repetition_penalty")})
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"the number of new tokens ({max_new_tokens!r}) must be a positive integer")
     pieces: list[str] = []
+    streamed = False
 
     def on_token(tokens: torch.Tensor, active: torch.Tensor) -> None:
         if bool(active[0]):
@@ -316,27 +355,41 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream:
     if stream:
         sys.stdout.write(prompt if tokenizer is not None else " ".join(str(i) for i in ids))
         sys.stdout.flush()
+        streamed = True
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    with torch.no_grad():
-        generate(model, input_ids, max_new_tokens, stop_tokens=stop_ids or None, callback=on_token, **options)
-    if stream:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    try:
+        with torch.no_grad():
+            generate(model, input_ids, max_new_tokens, stop_sequences=stop_sequences or None, callback=on_token,
+                     **options)
+    finally:
+        if streamed:  # end the streamed line, so whatever follows (an error too) starts on its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     return "".join(pieces)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import secrets
+
     device = _device(args.device)
-    model, _, tokenizer, ckpt = load_checkpoint(args.checkpoint, device=device)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples} must be at least 1")
     temperature = 0.0 if args.greedy else args.temperature
     options = {"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                "repetition_penalty": args.repetition_penalty}
-    print(f"[{ckpt}]", file=sys.stderr)
+    from seqblocks.generation import check_sampling_options
+
+    check_sampling_options(**options)  # before loading: a bad flag costs no time
+    model, _, tokenizer, ckpt = load_checkpoint(args.checkpoint, device=device)
+    # A fresh seed unless --seed is given, printed so that any sample can be drawn again.
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    print(f"[{ckpt}, seed {seed}{'' if args.seed is not None else '; --seed ' + str(seed) + ' repeats this'}]",
+          file=sys.stderr, flush=True)
     for i in range(args.num_samples):
         if args.num_samples > 1:
-            _out(f"--- sample {i + 1} ---")
+            _out(f"--- sample {i + 1} (seed {seed + i}) ---")
         text = stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, stream=not args.no_stream,
-                             stop=args.stop, seed=args.seed + i, **options)
+                             stop=args.stop, seed=seed + i, **options)
         if args.no_stream:
             _out(args.prompt + text)
     return 0

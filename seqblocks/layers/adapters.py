@@ -1,13 +1,13 @@
-"""Where the seed facades' calling conventions meet the one mixer contract.
+"""Where the other calling conventions meet the one mixer contract.
 
 Inside seqblocks every mixer is a ``Mixer`` called as ``forward(x, cache=None, *, <declared inputs>)
--> y`` (``seqblocks.layers.mixer``). Two seed conventions also reach the blocks, and this module is
+-> y`` (``seqblocks.layers.mixer``). Two other conventions also reach the blocks, and this module is
 the only place that knows them:
 
-- a seed-001 attention (an ``AttentionBase`` subclass, or any class registered in the attention
+- an attention built from a ``BlockConfig`` (an ``AttentionBase`` subclass, or any class registered in the attention
   registry and built as ``cls(config)``) is called ``forward(x, mask=None, cache=None) -> (y, cache)``
   and may hand back a new cache object;
-- a foreign module given to ``Block(mixer_cls=...)`` (the seed-000 convention: any ``nn.Module``,
+- a foreign module given to ``Block(mixer_cls=...)`` (the plain-module convention: any ``nn.Module``,
   e.g. a mamba-style mixer) is called ``forward(x)`` without a cache and
   ``forward(x, inference_params=cache)`` with one; a tuple result contributes its first element.
 
@@ -27,13 +27,13 @@ __all__ = ["follows_contract", "call_block_attention", "call_foreign_mixer", "ca
 
 
 def follows_contract(module: nn.Module) -> bool:
-    """Whether ``module`` is called under the mixer contract (a ``Mixer`` that is not seed-001 style)."""
+    """Whether ``module`` is called under the mixer contract (a ``Mixer`` not built from a ``BlockConfig``)."""
     return isinstance(module, Mixer) and not isinstance(module, AttentionBase)
 
 
 def call_block_attention(module: nn.Module, x: torch.Tensor, cache: Any, mask: torch.Tensor | None,
                          inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    """``ConfigurableBlock``'s call: ``(y, cache)`` for contract mixers and seed-001 classes alike."""
+    """``ConfigurableBlock``'s call: ``(y, cache)`` for contract mixers and ``BlockConfig`` classes alike."""
     if follows_contract(module):
         return run_mixer(module, x, cache, {"mask": mask, **inputs}), cache
     extra = sorted(k for k, v in inputs.items() if v is not None)
@@ -47,7 +47,7 @@ def call_block_attention(module: nn.Module, x: torch.Tensor, cache: Any, mask: t
 
 
 def call_foreign_mixer(module: nn.Module, x: torch.Tensor, cache: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """``Block``'s call of a module that is not a contract mixer (seed-000 convention)."""
+    """``Block``'s call of a module that is not a contract mixer (the plain-module convention)."""
     if isinstance(module, AttentionBase):
         y, _ = call_block_attention(module, x, cache, None, inputs)
         return y

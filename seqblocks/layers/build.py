@@ -3,7 +3,7 @@
 Two steps, both explicit:
 
 1. ``mixer_config(name, d_model, d_state=..., kwargs=...)``: the layer's config - the mixer's own
-   frozen config dataclass (``Mixer.config_class()``), or a ``BlockConfig`` for seed-001 style
+   frozen config dataclass (``Mixer.config_class()``), or a ``BlockConfig`` for the
    attention classes built as ``cls(config)``. Model-level values fill the fields the config has
    (``d_state``, a head count, ``causal``); ``kwargs`` win. An unknown key raises ``ValueError`` naming
    the key, the mixer and its accepted keys.
@@ -52,7 +52,7 @@ def mixer_class(name_or_cls: Any) -> type:
 
 
 def is_block_config_mixer(cls: type) -> bool:
-    """Seed-001 style classes (``AttentionBase`` subclasses, or any registered class that is not a
+    """Classes of the ``BlockConfig`` convention (``AttentionBase`` subclasses, or any registered class that is not a
     ``Mixer``) are built as ``cls(config)`` from a ``BlockConfig``."""
     return issubclass(cls, AttentionBase) or not issubclass(cls, Mixer)
 

@@ -1,7 +1,7 @@
 """Position-wise feed-forward networks.
 
-Registry FFNs are built from a ``BlockConfig`` (seed 001's contract: ``cls(config)``, called as
-``ffn(x)``). ``GatedMLP`` keeps the lrnnx / mamba constructor for ``Block(mlp_cls=...)``.
+Registry FFNs are built from a ``BlockConfig`` (the registry contract: ``cls(config)``, called as
+``ffn(x)``). ``GatedMLP`` keeps mamba_ssm's constructor for ``Block(mlp_cls=...)``.
 
 Shapes: x [B, T, D]; hidden [B, T, F].
 """
@@ -56,7 +56,7 @@ class FeedForward(FFNBase):
 
 
 class ReLUFeedForward(FeedForward):
-    """Linear -> ReLU -> Linear (the original transformer FFN and seed 004's tutorial block)."""
+    """Linear -> ReLU -> Linear (the original transformer FFN)."""
 
     activation = staticmethod(F.relu)
 
@@ -109,7 +109,7 @@ FFNS.register("none", NoFFN)
 
 @MLPS.register("gated_mlp")
 class GatedMLP(nn.Module):
-    """Gated MLP with the lrnnx / mamba signature: ``fc2(y * activation(gate))``, ``y, gate = fc1(x)``.
+    """Gated MLP with mamba_ssm's signature: ``fc2(y * activation(gate))``, ``y, gate = fc1(x)``.
 
     Args:
         in_features (int): input width.

@@ -18,7 +18,7 @@ A mixer is an ``nn.Module`` subclass of ``Mixer`` that maps ``x`` [B, T, D] to `
 Configs. Every mixer has a frozen, keyword-only config dataclass, ``cls.config_class()``, whose fields
 are the constructor's arguments with the constructor's defaults (placement - ``device``, ``dtype``,
 ``layer_idx`` - excluded). It is derived once from the constructor, so the constructor signature (the
-one the seeds spell) stays the single source of every default and the two cannot drift.
+one the documented arguments spell) stays the single source of every default and the two cannot drift.
 ``cls.build(config)`` constructs the mixer from it; an unknown key raises ``ValueError`` naming it,
 the mixer and the accepted keys.
 
@@ -31,7 +31,7 @@ A user's own mixer plugs in with one registration and no change to library code:
         def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None): ...
         def forward(self, x, cache=None, *, lengths=None): ...
 
-Seed facades adapt other conventions in one place, ``seqblocks.layers.adapters``.
+Adapters for other calling conventions live in one place, ``seqblocks.layers.adapters``.
 
 Shapes: B batch, T time, D width.
 """
@@ -251,8 +251,8 @@ class Mixer(nn.Module):
 
 
 class AttentionBase(Mixer):
-    """Base of user attention classes in the seed-001 style: built as ``cls(config)`` from a
-    ``BlockConfig``, called as ``forward(x, mask=None, cache=None) -> (y, cache)``.
+    """Base of attention mixers constructed from a ``BlockConfig``: built as ``cls(config)`` from one,
+    called as ``forward(x, mask=None, cache=None) -> (y, cache)``.
 
     ``ConfigurableBlock`` and the language models adapt this convention to the mixer contract
     (``seqblocks.layers.adapters``). Sets ``config``, ``d_model``, ``n_heads``, ``n_kv_heads``,
@@ -332,7 +332,7 @@ def build_component(cls: Any, config: BlockConfig, **kwargs: Any) -> nn.Module:
     """Construct a registry component (norm, FFN, position, mixer) from a ``BlockConfig``.
 
     Components with a ``from_config`` classmethod (all of seqblocks' own) are built with it and
-    receive ``kwargs``; any other class is called as ``cls(config)``, the seed-001 contract.
+    receive ``kwargs``; any other class is called as ``cls(config)``, the registry contract.
     """
     from_config = getattr(cls, "from_config", None)
     if from_config is not None:

@@ -7,23 +7,45 @@ polynomial / Fourier basis: ``legs`` (scaled Legendre, the S4 default), ``legt``
 eigenbasis V of the normal part ``A + P P^T`` the system is ``Λ - P̃ P̃^*`` with ``P̃ = V^* P`` and
 ``B̃ = V^* B``. Eigenvalues of a real matrix come in conjugate pairs; one of each pair is kept.
 
-Everything is computed in float64 / complex128 and returned in those dtypes; callers cast.
+Everything is computed on the CPU (or a given generator's device) in float64 / complex128 and
+returned in those dtypes; callers cast and copy into their parameters. So a model built under
+``with torch.device("meta"):`` (or any default device) gets the same initial values as one built on
+the CPU, and data-dependent steps such as eigenvalue checks never run on a tensor without data.
 
 Shapes: N full state size, n = N / 2 kept eigenvalues, r rank.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
-__all__ = ["HIPPO_MEASURES", "S4D_INITS", "hippo", "nplr", "s4d_init", "lru_ring_init", "log_uniform"]
+__all__ = ["HIPPO_MEASURES", "S4D_INITS", "hippo", "nplr", "s4d_init", "lru_ring_init", "log_uniform", "on_cpu"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def on_cpu(fn: F) -> F:
+    """Run ``fn`` with the CPU as torch's default device, whatever device context the caller is in
+    (``with torch.device("meta"):`` included). For initialisation code whose values are computed
+    once and then copied into parameters."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 HIPPO_MEASURES = ("legs", "legt", "fourier")
 S4D_INITS = ("legs", "lin", "inv", "legt", "fourier")
 
 
+@on_cpu
 def hippo(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HiPPO ``(A [N, N], B [N], P [r, N])`` with ``A + P^T P`` normal (P rows are the rank terms).
 
@@ -63,6 +85,7 @@ def hippo(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return A, B, P
 
 
+@on_cpu
 def nplr(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Diagonalise the normal part of a HiPPO matrix, keeping one eigenvalue of each conjugate pair.
 
@@ -97,6 +120,7 @@ def nplr(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return Lambda, (Vh @ P.T.to(torch.complex128)).T, Vh @ B.to(torch.complex128), V
 
 
+@on_cpu
 def s4d_init(init: str, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """S4D's diagonal initialisations (Gu et al. 2022, "On the parameterization and initialization of
     diagonal state space models"): ``(Lambda [n], B [n])`` complex, one of each conjugate pair.
@@ -129,8 +153,9 @@ def lru_ring_init(n: int, r_min: float, r_max: float, max_phase: float,
     Returns ``(nu_log, theta_log)`` with ``λ = exp(-exp(nu_log) + i exp(theta_log))`` (Orvieto et al.
     2023): sampling ``|λ|^2`` uniformly in ``[r_min^2, r_max^2]`` makes λ uniform in area on the ring.
     """
-    u1 = torch.rand(n, dtype=torch.float64, generator=generator)
-    u2 = torch.rand(n, dtype=torch.float64, generator=generator)
+    device = generator.device if generator is not None else "cpu"
+    u1 = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
+    u2 = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
     radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
     # |λ| = exp(-exp(nu_log)); keep |λ| strictly inside the unit circle and away from 0.
     radius_sq = radius_sq.clamp(min=1e-12, max=1 - 1e-12)
@@ -142,5 +167,6 @@ def lru_ring_init(n: int, r_min: float, r_max: float, max_phase: float,
 def log_uniform(shape: tuple[int, ...] | int, low: float, high: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples whose log is uniform in [log low, log high] (float64)."""
-    u = torch.rand(shape, dtype=torch.float64, generator=generator)
+    u = torch.rand(shape, dtype=torch.float64, generator=generator,
+                   device=generator.device if generator is not None else "cpu")
     return torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))

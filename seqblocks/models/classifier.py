@@ -1,4 +1,4 @@
-"""``Classifier``: sequence classification / regression over any mixers (lrnnx's classifier, event-ready).
+"""``Classifier``: sequence classification / regression over any mixers (event-ready: time steps per input).
 
 Input features [B, T, input_dim] (or token ids [B, T] with ``vocab_size``) are projected to d_model,
 then each layer computes ``x = norm(x + dropout(mixer(x)))`` and may pool time windows of
@@ -100,7 +100,7 @@ def pool_sequence(x: torch.Tensor, mode: str, lengths: torch.Tensor | None = Non
 
 
 class Classifier(nn.Module):
-    """Sequence classifier / regressor over a stack of mixers (lrnnx's ``Classifier``).
+    """Sequence classifier / regressor over a stack of mixers.
 
     Args:
         input_dim (int | None): input features F (unused with ``vocab_size``). Default: None.

@@ -1,4 +1,4 @@
-"""``LanguageModel``: a causal language model from one ``BlockConfig`` per layer (seed 001's idea).
+"""``LanguageModel``: a causal language model from one ``BlockConfig`` per layer.
 
 The second front door to the engine of ``lm.py``: the same embedding, caches, ``step``, generation
 and checkpoints as ``LRNNLMHeadModel``, with ``ConfigurableBlock`` s as layers. Any registered mixer
@@ -158,7 +158,7 @@ def _is_additive(position: str) -> bool:
 
 @MODELS.register("LanguageModel")
 class LanguageModel(CausalLM):
-    """A causal language model of ``ConfigurableBlock`` s, one per ``BlockConfig`` (seed 001).
+    """A causal language model of ``ConfigurableBlock`` s, one per ``BlockConfig``.
 
     Args:
         config (LanguageModelConfig): the model.

@@ -34,10 +34,33 @@ def get_task(name: str, **options: Any) -> Task:
 
     Raises:
         ValueError: unknown task name (lists the valid ones) or unknown option (lists the valid ones).
+        TypeError: an option of the wrong type (``seq_len="abc"``); the message names it and its default.
     """
     cls = TASKS.get(name)
     valid = task_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"task {name!r} has no option(s) {unknown}; valid options: {valid}")
+    for key, value in options.items():
+        _check_option_type(name, key, value, valid[key])
     return cls(**options)
+
+
+def _check_option_type(task: str, key: str, value: Any, default: Any) -> None:
+    """An option must have its default's type (an int serves a float option; None defaults take a str)."""
+    if default is None:
+        expected: tuple[type, ...] = (str, type(None))
+    elif isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, int):
+        expected = (int,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    else:
+        expected = (type(default),)
+    if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+        kind = " or ".join(_TYPE_WORDS[t] for t in expected if not (t is int and float in expected))
+        raise TypeError(f"task {task!r} option {key}={value!r} must be {kind} (default {default!r})")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False", type(None): "None"}

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap_model", "reshard", "barrier"]
+__all__ = ["DistInfo", "resolve_device", "init_distributed", "wrap_model", "unwrap_model", "reshard", "barrier"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -37,15 +37,44 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The device a run asks for, checked: "auto" (CUDA when available, else the CPU), "cpu", "cuda",
+    "cuda:N", or another device type this torch build has and can use ("mps", "xpu", ...).
+
+    Raises:
+        ValueError: not a device name, or a device this machine / torch build cannot use.
+    """
+    if isinstance(requested, torch.device):
+        device = requested
+    else:
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device {requested!r} is not a device name; expected auto, cpu, cuda or cuda:N "
+                             f"(or another type this torch build supports, e.g. mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+            raise ValueError(f"device {str(device)!r} requested but torch.cuda.is_available() is False "
+                             f"(no GPU, or a CPU-only torch build); use --device cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are visible")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"device {str(device)!r} is not available on this machine / torch build; "
+                             f"use auto, cpu or cuda")
+    return device
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    device = resolve_device(requested, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 

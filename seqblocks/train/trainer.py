@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.tasks import IGNORE_INDEX, Batch, Task, get_task
+from seqblocks.tasks import IGNORE_INDEX, TASKS, Batch, Task, get_task
 from seqblocks.train.checkpointing import (
     CHECKPOINT_DIR,
     TASK_FILE,
@@ -80,11 +80,16 @@ class TrainResult:
     already_complete: bool = False
 
 
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """"bf16" or "fp32": what ``precision`` ("auto" included) means on ``device``."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``precision`` "bf16" (or "auto" on a CUDA device with bf16), else nothing."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16":
+    if resolved_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -148,8 +153,10 @@ def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -
 
 def _write_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, module: nn.Module,
                       saver: nn.Module | None, optimizer, scheduler, config: TrainConfig, model_config: dict,
-                      task: Task, extra: dict[str, Any]) -> Path | None:
-    """Collect the full state on every rank (collective under FSDP) and write it from the owner (rank 0)."""
+                      task: Task, extra: dict[str, Any], card: dict[str, Any]) -> Path | None:
+    """Collect the full state on every rank (collective under FSDP) and write it from the owner (rank 0).
+
+    ``card`` describes the training run for the checkpoint's model card (``README.md``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -164,7 +171,7 @@ def _write_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, modul
             target = saver
 
         def write(tmp: Path) -> None:
-            target.save_pretrained(tmp)
+            target.save_pretrained(tmp, model_card_kwargs={"training": card})
             state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                      "rng": rng_state(), "data": {"next_step": step, "seed": config.seed},
                      "train_config": config.to_dict(), "model_config": model_config,
@@ -194,7 +201,8 @@ def _is_rank_zero() -> bool:
 def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           overwrite: bool = False, force_unlock: bool = False, steps: int | None = None,
           stop_after: int | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None,
+          step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """Train an ``LRNNLMHeadModel`` on a task.
 
     The run owns ``out_dir`` while it trains (see ``seqblocks.train.rundir``): rank 0 holds its lock,
@@ -220,6 +228,9 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
             to split a run across jobs; the schedule still spans ``config.steps``. Default: None.
         progress (bool): show a tqdm progress bar (rank 0). Default: True.
         log (Callable[[str], None] | None): where rank 0's messages go. Default: None (stderr).
+        step_hook (Callable[[int], None] | None): called on every rank after each optimizer step with
+            the number of steps done (the command line re-checks its CPU thread count there).
+            Default: None.
 
     Raises:
         FileNotFoundError: ``resume`` with no checkpoint in ``out_dir``.
@@ -242,7 +253,7 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
             run = stack.enter_context(RunDirectory(out_dir, force_unlock=force_unlock, log=say))
             run.prepare(resume=resume, overwrite=overwrite)
         return _train(model_config, config, out_dir, run, say, resume=resume, steps=steps, stop_after=stop_after,
-                      progress=progress)
+                      progress=progress, step_hook=step_hook)
 
 
 def _last_metrics(metrics_path: Path, step: int) -> dict[str, float]:
@@ -260,7 +271,7 @@ def _last_metrics(metrics_path: Path, step: int) -> dict[str, float]:
 
 def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run: RunDirectory | None,
            say: Callable[[str], None], *, resume: bool, steps: int | None, stop_after: int | None,
-           progress: bool) -> TrainResult:
+           progress: bool, step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """The run itself, in a directory ``run`` owns (``run`` is None on ranks other than 0)."""
     from seqblocks.presets import build_model
 
@@ -354,8 +365,9 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
     # Throughput counts training steps only (evaluation and checkpoint time excluded).
     window_loss, window_steps, window_tokens, window_time, rate_ema = 0.0, 0, 0, 0.0, None
-    last_ckpt, final_eval, loss_value = ckpt, {}, float("nan")
+    last_ckpt, final_eval, loss_value, done, completed = ckpt, {}, float("nan"), start, False
     metrics_file = None
+    evals: dict[int, dict[str, float]] = {}
 
     def log_row(row: dict[str, Any]) -> None:
         if metrics_file is not None:
@@ -364,8 +376,14 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
 
     def checkpoint(step: int) -> Path | None:
         extra = {"tokens_seen": tokens_seen, "elapsed_s": elapsed}
+        card = {"task": config.task, "task_description": TASKS.describe(config.task), "task_options": task.config(),
+                "is_language": task.is_language, "step": step, "steps": config.steps,
+                "batch_size": config.batch_size, "seq_len": task.seq_len, "tokens": tokens_seen, "lr": config.lr,
+                "seed": config.seed, "precision": resolved_precision(info.device, config.precision),
+                "world_size": info.world_size,
+                "eval": evals.get(step)}
         return _write_checkpoint(run, step, info, module, saver, optimizer, scheduler, config, model_config,
-                                 task, extra)
+                                 task, extra, card)
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed)
@@ -373,7 +391,25 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             reshard(module)
         log_row({"type": "eval", "step": step, **result})
         say(f"step {step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}, acc {result['acc']:.3f}")
+        evals[step] = result
         return result
+
+    def plot(step: int) -> bool | str:
+        """Redraw loss.png from metrics.jsonl (the run's owner, rank 0): after each evaluation or
+        checkpoint, and at the end."""
+        if run is None:
+            return True
+        from seqblocks.train.plot import plot_loss_curve
+        from seqblocks.train.rundir import RunDirectoryWriteError
+
+        title = f"{out_dir.name}: {config.task}, {n_params / 1e6:.2f}M parameters, step {step:,} of {config.steps:,}"
+        try:
+            with run.writing(out_dir / LOSS_PLOT):
+                return plot_loss_curve(metrics_path, out_dir / LOSS_PLOT, title=title)
+        except RunDirectoryWriteError as err:  # the run itself is saved; only its picture is missing
+            return f"plot skipped: {err}"
+        except Exception as err:  # a plot must never end (or mask the error of) a run
+            return f"plot skipped: {type(err).__name__}: {err}"
 
     try:
         if run is not None:
@@ -424,29 +460,33 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 rate = window_tokens / max(window_time, 1e-9)
                 row = {"type": "train", "step": done, "loss": window_loss / window_steps, "lr": lr,
                        "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": rate,
-                       "elapsed_s": elapsed}
+                       "elapsed_s": elapsed, "cpu_threads": torch.get_num_threads()}
                 log_row(row)
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
             is_last = done == end
-            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+            evaluated = (config.eval_every and done % config.eval_every == 0) or done == config.steps
+            if evaluated:
                 final_eval = run_eval(done)
-            if (config.ckpt_every and done % config.ckpt_every == 0) or is_last:
+            saved = (config.ckpt_every and done % config.ckpt_every == 0) or is_last
+            if saved:
                 last_ckpt = checkpoint(done)
+            if (evaluated or saved) and not is_last:
+                plot(done)
+            if step_hook is not None:
+                step_hook(done)
+        completed = True
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
-    if run is not None:
-        from seqblocks.train.plot import plot_loss_curve
-        from seqblocks.train.rundir import RunDirectoryWriteError
-
-        try:
-            with run.writing(out_dir / LOSS_PLOT):
-                plotted = plot_loss_curve(metrics_path, out_dir / LOSS_PLOT)
-        except RunDirectoryWriteError as err:  # the run itself is saved; only its picture is missing
-            plotted = f"plot skipped: {err}"
-        say(f"loss curve: {out_dir / LOSS_PLOT}" if plotted is True else plotted)
+        # Also when the run ends early (Ctrl-C, a diverged loss): the plot shows it up to there.
+        if run is not None:
+            plotted = plot(done)
+            if plotted is True:
+                say(f"loss curve{'' if completed else ' so far'}: {out_dir / LOSS_PLOT}")
+            elif completed:
+                say(plotted)
     result_model = saver if saver is not None else module
     metrics = {"train_loss": loss_value, **{f"val_{k}": v for k, v in final_eval.items()}}
     return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end, config=config)

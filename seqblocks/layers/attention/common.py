@@ -129,8 +129,8 @@ def split_mask(owner: str, mask: torch.Tensor | None, B: int, Tq: int,
     """(key_valid [B, Tk] bool or None, attn_mask [B or 1, H or 1, Tq, Tk] or None) from a user ``mask``.
 
     A 2-D bool mask is key padding [B, Tk] (True = a real token); a 2-D float mask is an additive
-    [Tq, Tk] mask (seed 001); a 3-D [B, Tq, Tk] or 4-D [B, H, Tq, Tk] mask is a full mask (bool: True =
-    attend; float: additive).
+    [Tq, Tk] mask (as ``ConfigurableBlock`` passes it); a 3-D [B, Tq, Tk] or 4-D [B, H, Tq, Tk] mask
+    is a full mask (bool: True = attend; float: additive).
 
     Raises:
         TypeError: ``mask`` is not a tensor. ValueError: a shape that is none of the above.

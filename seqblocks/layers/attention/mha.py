@@ -1,6 +1,6 @@
 """Multi-head softmax attention mixers: MHA / GQA / MQA and sliding-window attention.
 
-``MHA`` keeps the lrnnx / mamba constructor (``embed_dim, num_heads, num_heads_kv, head_dim, ...``)
+``MHA`` keeps the constructor of mamba_ssm's MHA (``embed_dim, num_heads, num_heads_kv, head_dim, ...``)
 but is **causal by default**: a language model built from it cannot see the future.
 
 ``attention_type="linear"`` is an alias that builds a ``LinearAttention`` (``linear_attention.py``);
@@ -18,7 +18,7 @@ Inputs and conventions (shared by every attention mixer):
 - ``mask``: a bool [B, Tk] key-padding mask (True = a real token; with a cache it marks this call's
   tokens and is remembered for later steps), or a full mask without a cache: bool
   [B or 1, (H or 1,) Tq, Tk] (True = attend) or float (additive), or a float [Tq, Tk] additive mask
-  (the seed-001 convention). A query that may see no key outputs 0.
+  (as ``ConfigurableBlock`` passes it). A query that may see no key outputs 0.
 - ``lengths`` [B]: valid prefix of each padded sequence: later tokens are neither attended to nor
   cached, their outputs are 0, and a cache advances by each row's length.
 - Attention dropout (``dropout``) acts on the attention probabilities in training mode only.
@@ -88,8 +88,8 @@ class MHA(AttentionCore):
         qkv_proj_bias (bool): bias in the fused q/k/v projection. Default: True.
         out_proj_bias (bool): bias in the output projection. Default: True.
         softmax_scale (float | None): score scale. Default: None (head_dim ** -0.5).
-        causal (bool): causal self-attention. Default: True (unlike lrnnx / mamba, whose MHA defaults
-            to non-causal and lets a language model see the future).
+        causal (bool): causal self-attention. Default: True (unlike mamba_ssm's MHA, which defaults to
+            non-causal and lets a language model see the future).
         layer_idx (int | None): position of the layer in a model. Default: None.
         rotary_emb_dim (int): rotate the first rotary_emb_dim channels of q and k (RoPE); 0 disables.
             Default: 0.
@@ -382,4 +382,4 @@ class SlidingWindowAttention(MHA):
 
 
 MIXERS.register("mha", MHA)
-MIXERS.register("attn", MHA, description="alias of 'mha': multi-head attention (lrnnx's mixer_types name)")
+MIXERS.register("attn", MHA, description="alias of 'mha': multi-head attention, the short name for mixer_types lists")

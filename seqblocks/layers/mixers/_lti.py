@@ -219,7 +219,7 @@ class LTIMixer(Mixer):
 
 def post_layers(d_model: int, activation: str | None, final_act: str | None, dropout: float,
                 device=None, dtype=None) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """S4's pointwise tail: (activation, dropout, output map) as in lrnnx / the S4 repository.
+    """S4's pointwise tail: (activation, dropout, output map) as in the S4 repository.
 
     ``final_act``: "glu" (Linear D -> 2D then GLU), "id" (Linear D -> D), None (nothing).
     """

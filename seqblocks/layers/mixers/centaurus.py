@@ -9,13 +9,13 @@ through a real mixing matrix E, like the taps of a convolution:
     y_t        = C w_t
 
 so each state channel n is a real convolution with ``K_n[l] = sum_m E[n, m] Re(γ[n, m] Ā[n, m]^l)``.
-The variants differ in how B and C connect channels (lrnnx's ``mode``):
+The variants (``variant``) differ in how B and C connect channels:
 
 - ``neck``: dense B [N, H] and C [H, N] (a bottleneck of N = d_state channels).
 - ``dws``: depthwise, one state channel per model channel (N = H), B and C diagonal.
 - ``full``: one state channel per (output, input) pair (N = H * H), each with its own scalar B and C.
 - ``pointwise``: no E; every one of the N * M sub-states is its own lane with dense B [N*M, H] and
-  C [H, N*M] (lrnnx also calls it "pw" / "s5").
+  C [H, N*M] (also accepted as "pw" / "s5").
 
 Shapes: B batch, T time, H model width (= D), N state channels, M sub-states.
 """
@@ -50,8 +50,9 @@ class Centaurus(LTIMixer):
             N = H * H). Default: 64.
         sub_state_dim (int): sub-states M per state channel. Default: 8.
         discretization (str): "zoh", "bilinear", "dirac" or "mamba". Default: "zoh".
-        mode (str): "conv" or "scan"; for lrnnx compatibility a variant name ("neck", "pointwise",
-            "pw", "s5", "dws", "full") is accepted here too and selects the variant. Default: "conv".
+        mode (str): "conv" or "scan"; a variant name ("neck", "pointwise", "pw", "s5", "dws", "full")
+            is accepted here too and selects the variant (older code passes it as ``mode``).
+            Default: "conv".
         variant (str | None): "neck", "pointwise", "dws" or "full". Default: None ("neck").
         dt_min (float): smallest initial step (log-spaced over state channels). Default: 0.001.
         dt_max (float): largest initial step. Default: 0.1.

@@ -8,7 +8,7 @@ stored, so N/2 complex parameters), discretised with the bilinear transform:
     conv mode:  K = Cauchy + Woodbury kernel (seqblocks.ops.ssm_conv_kernels.dplr_kernel),  y = K * u + D u
     scan mode:  x_t = Ā x_{t-1} + B̄ u_t,  y_t = C x_t + D u_t  with the dense Ā (N x N per channel)
 
-followed, as in S4 / lrnnx, by an activation (GELU), dropout and a position-wise output map (GLU).
+followed, as in S4, by an activation (GELU), dropout and a position-wise output map (GLU).
 
 The output vector is the true ``C`` (S4's code trains ``C̃ = C (I - Ā^L)`` tied to one length); the
 kernel generator applies the truncation correction for the length at hand, so the convolution and
@@ -27,7 +27,7 @@ from torch import nn
 
 from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
 from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
-from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr
+from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr, on_cpu
 from seqblocks.ops.ssm_conv_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
 
@@ -82,7 +82,8 @@ class S4(DiagonalSSMParams, LTIMixer):
     Args:
         d_model (int): model width H.
         d_state (int): state size N of each channel (even). Default: 64.
-        l_max (int | None): accepted for lrnnx compatibility; kernels are computed for the input length.
+        l_max (int | None): accepted for S4-style callers that size kernels in advance; kernels are
+            computed for the input length.
             Default: None.
         dt_min (float): smallest initial step (log-uniform per channel). Default: 0.001.
         dt_max (float): largest initial step. Default: 0.1.
@@ -130,6 +131,7 @@ class S4(DiagonalSSMParams, LTIMixer):
         set_optim((self.A_real, self.A_imag, self.P_re, self.P_im, self.B_re, self.B_im, self.log_dt), lr, wd)
         self.reset_parameters()
 
+    @on_cpu  # the values are computed on the CPU and copied into the parameters, wherever they live
     def reset_parameters(self) -> None:
         lam, P, B, _ = nplr(self.init, self.d_state)
         P_full = torch.zeros(self.rank, self.d_state // 2, dtype=torch.complex128)

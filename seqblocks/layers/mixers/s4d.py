@@ -7,7 +7,7 @@ conjugate pair, so the real system has N states):
     x'_h = A_h x_h + B_h u_h,   y_h = 2 Re(C_h x_h) + D_h u_h,   A_h = -exp(a_re) + i a_im
     K_h[l] = 2 Re( sum_n C_hn B̄_hn λ_hn^l )        # Vandermonde kernel, y = K * u (FFT)
 
-followed, as in S4 / lrnnx, by an activation (GELU), dropout and a position-wise output map (GLU).
+followed, as in S4, by an activation (GELU), dropout and a position-wise output map (GLU).
 
 Shapes: B batch, T time, H model width (= D), N state size, n = N / 2 stored states, L kernel length.
 """
@@ -146,7 +146,8 @@ class S4D(DiagonalSSMParams, LTIMixer):
         d_model (int): model width H.
         d_state (int): state size N of each channel's real system (N/2 complex states stored); even.
             Default: 64.
-        l_max (int | None): accepted for lrnnx compatibility; kernels are computed for the input length.
+        l_max (int | None): accepted for S4-style callers that size kernels in advance; kernels are
+            computed for the input length.
             Default: None.
         dt_min (float): smallest initial step (log-uniform per channel). Default: 0.001.
         dt_max (float): largest initial step. Default: 0.1.

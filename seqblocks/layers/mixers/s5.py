@@ -26,7 +26,7 @@ from torch import nn
 
 from seqblocks.layers.checks import check_input, check_range, check_timesteps
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, complex_linear, diag_states
-from seqblocks.layers.ssm_init import nplr
+from seqblocks.layers.ssm_init import nplr, on_cpu
 from seqblocks.ops.discretize import discretize
 from seqblocks.registry import MIXERS
 
@@ -110,6 +110,7 @@ class S5(LTIMixer):
         self.log_step = nn.Parameter(torch.empty(Ps, **kw))
         self.reset_parameters()
 
+    @on_cpu  # the values are computed on the CPU and copied into the parameters, wherever they live
     def reset_parameters(self) -> None:
         P, H = self.d_state, self.d_model
         lam, V = s5_legs_init(P, self.blocks, self.conj_sym)

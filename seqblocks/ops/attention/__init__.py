@@ -2,7 +2,7 @@
 
 ``attention(q, k, v, ...)`` computes softmax attention with causal / sliding-window / key-padding masks,
 ALiBi, FlexAttention-style ``score_mod`` / ``mask_mod`` (called with ABSOLUTE positions) and dropout.
-Backends (the seed-003 names):
+Backends (``attention_type`` names):
 
 - ``standard``: materialised fp32 scores; the spec (``reference.py``).
 - ``memory_efficient``: blockwise online softmax in PyTorch, O(Tq * block) memory forward and backward.
