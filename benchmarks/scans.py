@@ -316,7 +316,7 @@ def section_layers(quick):
     print("\n== mixers: forward+backward at B=32, d_model=128, T=2048 (auto = Triton scans, torch = "
           "PyTorch path) ==", flush=True)
     import seqblocks  # noqa: F401  (registers the mixers)
-    from seqblocks.layers.mixer import call_mixer
+    from seqblocks.layers.adapters import call_any_mixer
     from seqblocks.ops import _backend
     from seqblocks.registry import MIXERS
 
@@ -341,7 +341,7 @@ def section_layers(quick):
                     _backend.triton_available = lambda: False
                 try:
                     add_row("layers", f"{name} {str(dtype)[6:]} fwd+bwd [{backend}]",
-                            bench(fwd_bwd(lambda: call_mixer(m, x)[0], params), 3, 20))
+                            bench(fwd_bwd(lambda: call_any_mixer(m, x), params), 3, 20))
                 except Exception as e:
                     print(f"  {name} {dtype} {backend}: failed {str(e)[:200]!r}")
                 finally:
