@@ -272,8 +272,9 @@ class CheckpointMixin(ModelHubMixin):
             allow_non_finite (bool): load weights that hold NaN / Inf. Default: False.
             **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
 
-        The config is validated (names, types, finite values, size limits) before any module is built;
-        the weights are checked against the digests written at save time (tensors and config).
+        The config is validated (names, types, finite values, size limits) before any module is built,
+        and every constructor's range checks run on the meta device (allocating nothing) before the weights
+        are read; the weights are checked against the digests written at save time (tensors and config).
 
         Raises:
             FileNotFoundError: a local path that does not exist (at once: the Hub is asked only for
@@ -313,14 +314,18 @@ class CheckpointMixin(ModelHubMixin):
         if model_class(config, model_id) is not cls:
             raise ValueError(f"{model_id}: config.json describes a {model_type!r}, not a {cls.__name__!r}; "
                              f"load it with seqblocks.checkpoint.load_pretrained or that class")
+        params = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "seqblocks_version")}
+        dtype = dtype if dtype is not None else parse_dtype(config.get("torch_dtype"))
+        # Validate everything first: the config's names, types and size limits, then every constructor's
+        # range checks on the meta device, which allocates nothing, before weights are fetched or read.
+        with torch.device("meta"):
+            cls.from_checkpoint_config(params, dtype=dtype)
         if os.path.isdir(model_id):
             weights = os.path.join(model_id, WEIGHTS_NAME)
         else:
             weights = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
                                       cache_dir=cache_dir, force_download=force_download, token=token,
                                       local_files_only=local_files_only)
-        params = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "seqblocks_version")}
-        dtype = dtype if dtype is not None else parse_dtype(config.get("torch_dtype"))
         model = cls.from_checkpoint_config(params, device=device, dtype=dtype)
         load_weights(model, weights, device=device, config=config, allow_non_finite=allow_non_finite)
         model.eval()

@@ -348,3 +348,20 @@ def test_model_card_describes_the_model(tmp_path):
     assert "| layers | 2: sbtest_decay, sbtest_attn |" in (tmp_path / "lm" / "README.md").read_text()
     assert compress_pattern(["m"] * 3) == "m x 3" and compress_pattern(["a", "b", "a"]) == "a, b, a"
     assert compress_pattern(["a", "a", "b"] * 2) == "(a, a, b) x 2"
+
+
+def test_constructor_ranges_are_checked_before_weights_are_read(tmp_path, monkeypatch):
+    """A config value out of range (dt_min > dt_max) fails on the meta device, before any real module is
+    built or the weights file is opened."""
+    import seqblocks.checkpoint as ckpt
+
+    model = tiny_lm(["S5", "sbtest_attn"])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["layers"][0]["mixer_config"]["dt_min"] = 0.5
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    opened = []
+    monkeypatch.setattr(ckpt, "load_weights", lambda *a, **k: opened.append(a))
+    with pytest.raises(ValueError, match="dt_max"):
+        LRNNLMHeadModel.from_pretrained(tmp_path)
+    assert not opened
