@@ -307,7 +307,8 @@ def _stop_sequences(stop: list[str], tokenizer) -> list[list[int]]:
         ids = tokenizer.encode(text)
         unknown = sorted({ch for ch, i in zip(text, ids) if i == tokenizer.unk_id})
         if unknown:
-            raise ValueError(f"--stop {text!r}: the tokenizer has no {unknown}, so the model never generates it")
+            raise ValueError(f"--stop {text!r}: the tokenizer has no {', '.join(map(repr, unknown))}, so the model "
+                             f"never generates it")
         sequences.append(ids)
     return sequences
 
@@ -371,14 +372,14 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream:
 def cmd_generate(args: argparse.Namespace) -> int:
     import secrets
 
+    from seqblocks.generation import check_sampling_options
+
     device = _device(args.device)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples {args.num_samples} must be at least 1")
     temperature = 0.0 if args.greedy else args.temperature
     options = {"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
                "repetition_penalty": args.repetition_penalty}
-    from seqblocks.generation import check_sampling_options
-
     check_sampling_options(**options)  # before loading: a bad flag costs no time
     model, _, tokenizer, ckpt = load_checkpoint(args.checkpoint, device=device)
     # A fresh seed unless --seed is given, printed so that any sample can be drawn again.

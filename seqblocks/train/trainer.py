@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.tasks import IGNORE_INDEX, TASKS, Batch, Task, get_task
+from seqblocks.tasks import IGNORE_INDEX, Batch, Task, get_task
 from seqblocks.train.checkpointing import (
     CHECKPOINT_DIR,
     TASK_FILE,
@@ -376,12 +376,12 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
 
     def checkpoint(step: int) -> Path | None:
         extra = {"tokens_seen": tokens_seen, "elapsed_s": elapsed}
-        card = {"task": config.task, "task_description": TASKS.describe(config.task), "task_options": task.config(),
-                "is_language": task.is_language, "step": step, "steps": config.steps,
+        # What the model card says about the training (seqblocks.model_card).
+        card = {"task": config.task, "task_description": getattr(task, "description", ""),
+                "task_options": task.config(), "is_language": task.is_language, "step": step, "steps": config.steps,
                 "batch_size": config.batch_size, "seq_len": task.seq_len, "tokens": tokens_seen, "lr": config.lr,
                 "seed": config.seed, "precision": resolved_precision(info.device, config.precision),
-                "world_size": info.world_size,
-                "eval": evals.get(step)}
+                "world_size": info.world_size, "eval": evals.get(step)}
         return _write_checkpoint(run, step, info, module, saver, optimizer, scheduler, config, model_config,
                                  task, extra, card)
 
