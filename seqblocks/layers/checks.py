@@ -44,8 +44,9 @@ import torch
 
 from seqblocks.cache import Cache, host_sync_unsafe
 
-__all__ = ["check_input", "is_empty", "to_module_dtype", "check_lengths", "check_timesteps", "check_position_ids",
-           "check_cache", "check_allocation", "check_positive", "check_finite", "check_range", "lengths_mask"]
+__all__ = ["check_call", "check_input", "is_empty", "to_module_dtype", "check_lengths", "check_timesteps",
+           "check_position_ids", "check_cache", "check_allocation", "check_positive", "check_finite", "check_range",
+           "lengths_mask"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -180,3 +181,16 @@ def lengths_mask(lengths: torch.Tensor | None, T: int, device: torch.device) -> 
     if lengths is None:
         return None
     return torch.arange(T, device=device)[None] < lengths.to(device)[:, None]
+
+
+def check_call(owner: str, x: Any, d_model: int, weight: torch.Tensor, lengths: Any, cache: Any,
+               cache_cls: type[Cache]) -> tuple[torch.Tensor, torch.dtype]:
+    """The entry of a recurrent mixer's forward, in one place: ``x`` checked against the width and the
+    parameters' device, cast by the mixed-dtype rule (``to_module_dtype``), ``lengths`` and the cache
+    checked. Returns (x in the module's dtype, the caller's dtype to return ``y`` in)."""
+    check_input(owner, x, d_model, device=weight.device)
+    in_dtype, x = x.dtype, to_module_dtype(x, weight.dtype)
+    check_lengths(owner, lengths, x.shape[0], x.shape[1])
+    if cache is not None:
+        check_cache(owner, cache, cache_cls, x.shape[0], x.device)
+    return x, in_dtype

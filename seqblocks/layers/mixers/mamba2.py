@@ -28,14 +28,11 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.layers.checks import (
     check_allocation,
-    check_cache,
-    check_input,
-    check_lengths,
+    check_call,
     check_positive,
     check_range,
     is_empty,
     lengths_mask,
-    to_module_dtype,
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
@@ -248,12 +245,8 @@ class Mamba2(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        check_input("Mamba2", x, self.d_model, device=self.in_proj.weight.device)
-        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
+        x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, lengths, cache, Mamba2Cache)
         Bsz, T, _ = x.shape
-        check_lengths("Mamba2", lengths, Bsz, T)
-        if cache is not None:
-            check_cache("Mamba2", cache, Mamba2Cache, Bsz, x.device)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         z0, x0, z, xBC, dt = self.in_proj(x).split(

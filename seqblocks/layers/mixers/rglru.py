@@ -27,14 +27,11 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.layers.checks import (
     check_allocation,
-    check_cache,
-    check_input,
-    check_lengths,
+    check_call,
     check_positive,
     check_range,
     is_empty,
     lengths_mask,
-    to_module_dtype,
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
@@ -217,12 +214,8 @@ class RGLRU(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        check_input("RGLRU", x, self.d_model, device=self.in_proj.weight.device)
-        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
+        x, in_dtype = check_call("RGLRU", x, self.d_model, self.in_proj.weight, lengths, cache, RGLRUCache)
         Bsz, T, _ = x.shape
-        check_lengths("RGLRU", lengths, Bsz, T)
-        if cache is not None:
-            check_cache("RGLRU", cache, RGLRUCache, Bsz, x.device)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         g = F.gelu(self.gate_proj(x), approximate="tanh")

@@ -35,14 +35,11 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.layers.checks import (
     check_allocation,
-    check_cache,
-    check_input,
-    check_lengths,
+    check_call,
     check_positive,
     check_range,
     is_empty,
     lengths_mask,
-    to_module_dtype,
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.scan import linear_scan
@@ -174,12 +171,8 @@ class S7(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        check_input("S7", x, self.d_model, device=self.in_proj.weight.device)
-        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
+        x, in_dtype = check_call("S7", x, self.d_model, self.in_proj.weight, lengths, cache, S7Cache)
         Bsz, T, _ = x.shape
-        check_lengths("S7", lengths, Bsz, T)
-        if cache is not None:
-            check_cache("S7", cache, S7Cache, Bsz, x.device)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         xs = self.in_proj(x)
