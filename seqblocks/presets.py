@@ -11,7 +11,7 @@ A JSON config file may hold the same object, or only the ``"model"`` part (for e
 training replaces it with the task's vocabulary size.
 
 - ``tiny`` (the default): a 4-layer RG-LRU + attention hybrid (Griffin's pattern) that visibly learns
-  the character task in about two minutes on a 2-core CPU. ``tiny-hybrid-mamba`` is the Mamba +
+  the character task in under a minute on a quiet 2-core CPU. ``tiny-hybrid-mamba`` is the Mamba +
   attention twin; the pure-PyTorch selective scan makes it several times slower per step on CPU.
 - ``tiny-<mixer>``: the same size with one mixer type throughout, for each mixer family.
 - ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized models
@@ -31,7 +31,7 @@ __all__ = ["PRESETS", "DEFAULT_PRESET", "preset_names", "get_preset", "load_conf
 DEFAULT_PRESET = "tiny"
 _GPU_VOCAB = 50277
 
-# Shared by the tiny presets: a character model that trains in about two minutes on two CPU cores.
+# Shared by the tiny presets: a character model that trains in under a minute on two quiet CPU cores.
 _TINY_TRAIN = {"task": "chars", "task_options": {"seq_len": 128}, "steps": 300, "batch_size": 16,
                "lr": 3e-3, "warmup_steps": 30, "eval_every": 100, "ckpt_every": 100}
 _GPU_TRAIN = {"task": "chars", "task_options": {"seq_len": 1024, "max_chars": 20_000_000}, "steps": 5000,
@@ -54,7 +54,7 @@ def _tiny(description: str, mixer_types: list[str], **model: Any) -> dict[str, A
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _tiny("default: Griffin-style hybrid, 2 RG-LRU + 2 attention layers with gated MLPs, d_model 128 "
-                  "(learns the char task in ~2 min on a 2-core CPU)", ["rglru", "attn", "rglru", "attn"],
+                  "(learns the char task in ~40 s on a quiet 2-core CPU)", ["rglru", "attn", "rglru", "attn"],
                   d_intermediate=256),
     "tiny-hybrid-mamba": _tiny("Mamba + attention hybrid, 4 layers, d_model 128 (slower on CPU than 'tiny')",
                                ["mamba", "attn", "mamba", "attn"]),
