@@ -317,7 +317,7 @@ def section_layers(quick):
           "PyTorch path) ==", flush=True)
     import seqblocks  # noqa: F401  (registers the mixers)
     from seqblocks.layers.adapters import call_any_mixer
-    from seqblocks.ops import _backend
+    from seqblocks.ops import prefer_backend
     from seqblocks.registry import MIXERS
 
     Bsz, d, T = 32, 128, 2048
@@ -336,16 +336,12 @@ def section_layers(quick):
             x = torch.randn(Bsz, T, d, device="cuda", dtype=dtype, requires_grad=True)
             params = [p for p in m.parameters() if p.requires_grad] + [x]
             for backend in ("auto", "torch"):
-                saved = _backend.triton_available
-                if backend == "torch":
-                    _backend.triton_available = lambda: False
                 try:
-                    add_row("layers", f"{name} {str(dtype)[6:]} fwd+bwd [{backend}]",
-                            bench(fwd_bwd(lambda: call_any_mixer(m, x), params), 3, 20))
+                    with prefer_backend(backend):
+                        add_row("layers", f"{name} {str(dtype)[6:]} fwd+bwd [{backend}]",
+                                bench(fwd_bwd(lambda: call_any_mixer(m, x), params), 3, 20))
                 except Exception as e:
                     print(f"  {name} {dtype} {backend}: failed {str(e)[:200]!r}")
-                finally:
-                    _backend.triton_available = saved
             m = x = params = None
             torch.cuda.empty_cache()
 

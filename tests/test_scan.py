@@ -183,3 +183,22 @@ def test_scan_gpu_matches_reference(dtype):
     torch.testing.assert_close(f.cpu().to(f_ref.dtype), f_ref, atol=1e-4, rtol=1e-4)
     for x, y in zip(g, g_ref):
         torch.testing.assert_close(x.cpu().to(y.dtype), y, atol=1e-3, rtol=1e-3)
+
+
+def test_prefer_backend_region():
+    """``prefer_backend`` steers "auto" only: torch inside "torch", the device rule outside, nesting restores."""
+    from seqblocks.ops import prefer_backend, resolve_backend
+
+    x = torch.zeros(1)
+    with prefer_backend("torch"):
+        assert resolve_backend("auto", x, op="t") == "torch"
+        with prefer_backend("auto"):
+            assert resolve_backend("auto", x, op="t") == "torch"  # CPU without the interpreter
+        with prefer_backend("triton"):  # no CUDA and no interpreter: still the PyTorch path
+            assert resolve_backend("auto", x, op="t", has_kernel=False) == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        with prefer_backend("cuda"):
+            pass
+    y = linear_scan(torch.full((1, 3, 2), 0.5), torch.ones(1, 3, 2))[0]
+    with prefer_backend("torch"):
+        assert torch.equal(linear_scan(torch.full((1, 3, 2), 0.5), torch.ones(1, 3, 2))[0], y)

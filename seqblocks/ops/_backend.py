@@ -29,10 +29,13 @@ import torch
 
 F = TypeVar("F", bound=Callable)
 
-__all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend", "outside_autocast",
-           "autocast_off", "probe_once"]
+__all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend", "prefer_backend",
+           "outside_autocast", "autocast_off", "probe_once"]
 
 BACKENDS = ("auto", "torch", "triton")
+
+# What "auto" means inside a ``prefer_backend`` region: None (the device decides), "torch" or "triton".
+_PREFERRED: list[str | None] = [None]
 
 
 _PROBED: dict[str, bool] = {}
@@ -89,7 +92,11 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None, op: str, has_ke
         return "torch"
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if backend == "auto":
-        return "triton" if (has_kernel and on_cuda and triton_available()) else "torch"
+        preferred = _PREFERRED[-1]
+        if preferred == "torch":
+            return "torch"
+        runs_here = on_cuda or (preferred == "triton" and interpreter_enabled())
+        return "triton" if (has_kernel and runs_here and triton_available()) else "torch"
     if not has_kernel:
         raise ValueError(f"{op}: no Triton kernel serves this call; use backend='torch' or 'auto'")
     # Inputs no Triton install could serve are a ValueError whether or not Triton is there.
@@ -101,6 +108,29 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None, op: str, has_ke
     if not triton_available():
         raise ImportError(f"{op}: backend='triton' needs Triton: pip install 'seqblocks[triton]'")
     return "triton"
+
+
+@contextlib.contextmanager
+def prefer_backend(backend: str):
+    """Within the region, ops called with ``backend="auto"`` take ``backend`` where they can.
+
+    ``"torch"``: every op runs its PyTorch path (for timing the two paths of a whole model against
+    each other, or ruling a kernel out). ``"triton"``: an op runs its kernel wherever one serves the
+    call, which under ``TRITON_INTERPRET=1`` includes CPU tensors (how the tests run a whole mixer on
+    its kernels); calls with no kernel keep the PyTorch path. ``"auto"`` restores the default inside an
+    outer region. An op called with an explicit ``backend="torch"`` / ``"triton"`` is unaffected.
+    Regions nest; the setting is process-wide (not per thread).
+
+    Raises:
+        ValueError: ``backend`` not one of ``BACKENDS``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"prefer_backend: unknown backend {backend!r}; expected one of {BACKENDS}")
+    _PREFERRED.append(None if backend == "auto" else backend)
+    try:
+        yield
+    finally:
+        _PREFERRED.pop()
 
 
 def outside_autocast(fn: F) -> F:
