@@ -238,7 +238,7 @@ def _ss_fwd_ring_kernel(
     y_ptr, hT_ptr, ck_ptr, lens_ptr, cu_ptr,
     T, Dm, N, NC, CH_PER_G,
     s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CKPT_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SEQ_MODE: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
@@ -289,9 +289,9 @@ def _ss_fwd_ring_kernel(
     for it in range(0, tl.cdiv(L, RING)):
         tt = it * RING
         if SAVE:
-            # RING divides BLOCK_T: a checkpoint falls on the first step of an iteration
-            if tt % BLOCK_T == 0:
-                ck = ((pid_s.to(tl.int64) * NC + tt // BLOCK_T) * Dm + dd[:, None]) * N + nn[None, :]
+            # RING divides CKPT_T: a checkpoint falls on the first step of an iteration
+            if tt % CKPT_T == 0:
+                ck = ((pid_s.to(tl.int64) * NC + tt // CKPT_T) * Dm + dd[:, None]) * N + nn[None, :]
                 tl.store(ck_ptr + ck, h, mask=dn_mask)
         h = _fwd_step(h, A, A2, bias, Dv, u0, d0, a0, z0, b0, c0, tt, L, y_ptr, row, start, s_b, s_t, dd2, dmask2,
                       METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
@@ -318,11 +318,10 @@ def _ss_fwd_ring_kernel(
 
 
 @triton.jit
-def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
-              METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
-              FAST: tl.constexpr):
-    # One step of the backward's state recomputation from raw inputs into the history slot; a step
-    # past the end of the chunk leaves h unchanged (its history row is never read).
+def _state_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L,
+                METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+                FAST: tl.constexpr):
+    # One step of the backward's state recomputation from raw inputs; a step past L leaves h unchanged.
     ok = (uu * 0 + tt) < L
     d = dt.to(tl.float32)
     if HAS_BIAS:
@@ -338,6 +337,15 @@ def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
         h = Abar * h + Bt.to(tl.float32) * (gamma * uu.to(tl.float32))
     else:
         h = Abar * h + gamma * (Bt.to(tl.float32) * uu.to(tl.float32))
+    return h
+
+
+@triton.jit
+def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
+              METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+              FAST: tl.constexpr):
+    # _state_step into the history slot (a step past the end of the chunk: its row is never read).
+    h = _state_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, FAST)
     tl.store(hist_r, h)
     return h
 
@@ -438,7 +446,7 @@ def _bwd_step(carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, uu, dt, dtA, zz
 @triton.jit
 def _ss_bwd_ring_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, ck_ptr,
-    gy_ptr, ghT_ptr, hist_ptr,
+    gy_ptr, ghT_ptr, hist_ptr, sub_ptr,
     du_ptr, ddelta_ptr, dAm_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, ddA_ptr, dh0_ptr,
     lens_ptr, cu_ptr,
     T, Dm, N, NC, CH_PER_G, n_rows,
@@ -446,7 +454,7 @@ def _ss_bwd_ring_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
     DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
-    HAS_GT: tl.constexpr, FULL: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_GT: tl.constexpr, FULL: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, SUB: tl.constexpr,
 ):
     # The backward as time loops. Per chunk of BLOCK_T steps (walked from the end): recompute the
     # chunk's states from its checkpoint, one step at a time, into this program's private history
@@ -471,6 +479,8 @@ def _ss_bwd_ring_kernel(
     st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
     hist = hist_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (BLOCK_T * BLOCK_D * BLOCK_N) \
         + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
+    sub = sub_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (SUB * BLOCK_D * BLOCK_N) \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
     carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_GT:
         carry = tl.load(ghT_ptr + st_off, mask=dn_mask, other=0.0)
@@ -494,8 +504,44 @@ def _ss_bwd_ring_kernel(
         t0 = c * BLOCK_T
         n_steps = tl.minimum(L - t0, BLOCK_T)
         Lc = t0 + n_steps  # loads past the chunk are masked off
-        ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
-        h = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+        if SUB == 1:
+            ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
+            h = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+        else:
+            # Two-level checkpoints: the forward kept the state every SUB chunks. On entering a
+            # segment (its last chunk, walked first) rebuild the start states of all its chunks from
+            # the segment's checkpoint into this program's sub-checkpoint slot (SUB x BLOCK_D x BLOCK_N
+            # fp32, L2-resident), one forward pass over a ring of 2 register slots; every chunk then
+            # starts from its slot row.
+            seg0 = (c // SUB) * SUB
+            if (c == n_chunks - 1) | (c % SUB == SUB - 1):
+                ck = ((pid_s.to(tl.int64) * NC + c // SUB) * Dm + dd[:, None]) * N + nn[None, :]
+                hs = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+                tl.store(sub, hs)
+                q0 = seg0 * BLOCK_T
+                qu0, qd0, qa0, qz0, qb0, qc0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, q0,
+                                                         L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg,
+                                                         s_dAb, s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                qu1, qd1, qa1, qz1, qb1, qc1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start,
+                                                         q0 + 1, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb,
+                                                         s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, HAS_DA, False, False,
+                                                         EVEN_N=EVEN_N)
+                for q in range(0, (c - seg0) * BLOCK_T, 2):  # BLOCK_T is even: pairs never straddle a chunk
+                    hs = _state_step(hs, A, A2, bias, qu0, qd0, qa0, qb0, q0 + q, L, METHOD, HAS_BIAS, SOFTPLUS,
+                                     HAS_DA, FAST)
+                    qu0, qd0, qa0, qz0, qb0, qc0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row,
+                                                             start, q0 + q + 2, L, dd2, nn2, dmask2, nmask2, grp,
+                                                             s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+                                                             HAS_DA, False, False, EVEN_N=EVEN_N)
+                    hs = _state_step(hs, A, A2, bias, qu1, qd1, qa1, qb1, q0 + q + 1, L, METHOD, HAS_BIAS,
+                                     SOFTPLUS, HAS_DA, FAST)
+                    qu1, qd1, qa1, qz1, qb1, qc1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row,
+                                                             start, q0 + q + 3, L, dd2, nn2, dmask2, nmask2, grp,
+                                                             s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+                                                             HAS_DA, False, False, EVEN_N=EVEN_N)
+                    if (q + 2) % BLOCK_T == 0:
+                        tl.store(sub + ((q + 2) // BLOCK_T) * HS, hs)
+            h = tl.load(sub + (c - seg0) * HS)
         # Recompute the chunk's states (ring of 4; BLOCK_T is a multiple of 4).
         u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0, Lc, dd2,
                                            nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
@@ -639,6 +685,13 @@ def _blocks(N: int, ch_per_g: int, tuning: SelectiveScanTuning) -> tuple[int, in
     return bt, bd, bn, warps
 
 
+def _ckpt_interval(bt: int, tuning: SelectiveScanTuning) -> int:
+    """The forward's checkpoint interval: a power-of-two multiple of ``bt`` (a smaller ``ckpt_t`` is
+    raised to ``bt``); by default 8 chunks (2 interpreted, so that the tests cross segments)."""
+    ck = (2 if INTERPRETED else 8) * bt if tuning.ckpt_t is None else tuning.ckpt_t
+    return max(ck, bt)
+
+
 def _fwd_blocks(p, tuning: SelectiveScanTuning) -> tuple[int, int]:
     """(BLOCK_D, num_warps) of the forward time loop; BLOCK_D divides the channels of a group."""
     if INTERPRETED:
@@ -675,7 +728,8 @@ def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens, tuning):
     else:
         p.seq_mode, p.n_seq = 0, p.Bsz
     p.bt, p.bd, p.bn, p.warps = _blocks(p.N, p.ch_per_g, tuning)
-    p.nc = max(1, -(-p.T // p.bt))
+    p.ck_t = _ckpt_interval(p.bt, tuning)
+    p.nc = max(1, -(-p.T // p.ck_t))
     p.grid = (p.n_seq, triton.cdiv(p.D, p.bd))
     dummy = torch.zeros(1, dtype=torch.int64, device=u.device)
     p.lens = lengths if lengths is not None else dummy
@@ -716,14 +770,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
         h0_ = h0.to(torch.float32).contiguous() if h0 is not None else hT
         fbd, warps = _fwd_blocks(p, tuning)
         grid = (p.n_seq, triton.cdiv(p.D, fbd))
-        ring = min(tuning.fwd_ring, p.bt)  # the ring divides BLOCK_T (both powers of two, BLOCK_T >= 8)
+        ring = min(tuning.fwd_ring, p.bt)  # the ring divides CKPT_T (powers of two, CKPT_T >= BLOCK_T >= 8)
         kernel, extra = _ss_fwd_ring_kernel, dict(RING=ring, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
         kernel[grid](
             u_, delta_, A_, p.B4, p.C4, D if D is not None else dummy, z_ if z_ is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, h0_, y, hT, ck, p.lens, p.cu,
             *_common_args(p), u_.stride(0), u_.stride(1), p.B4.stride(0), p.B4.stride(1), p.B4.stride(2),
             *p.dA_strides,
-            BLOCK_T=p.bt, BLOCK_D=fbd, BLOCK_N=p.bn, METHOD=_METHODS[method],
+            CKPT_T=p.ck_t, BLOCK_D=fbd, BLOCK_N=p.bn, METHOD=_METHODS[method],
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DA=delta_A is not None,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SEQ_MODE=p.seq_mode,
             SAVE=save, num_warps=warps, **extra,
@@ -765,9 +819,11 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dh0 = torch.empty((p.n_seq, p.D, p.N), **f32)
         ghT_ = ghT.to(torch.float32).contiguous() if ghT is not None else dh0
         hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
-        kernel, extra = _ss_bwd_ring_kernel, (hist,)
+        sub_n = p.ck_t // p.bt
+        sub = torch.empty((p.grid[0] * p.grid[1], sub_n, p.bd, p.bn), **f32) if sub_n > 1 else dh0
+        kernel, extra = _ss_bwd_ring_kernel, (hist, sub)
         full = p.bn <= 16 if tuning.bwd_prefetch is None else tuning.bwd_prefetch
-        kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
+        kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn, SUB=sub_n)
         kernel[p.grid](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, ck, gy, ghT_, *extra,
