@@ -108,6 +108,27 @@ def test_d_state_256():
 
 
 
+def test_gate_as_a_strided_view():
+    """z read through its strides (Mamba's z is the second half of in_proj's output): no copy, same
+    result and gradients as a contiguous z."""
+    from seqblocks.ops.selective_scan.triton import selective_scan_triton
+
+    u, delta = torch.randn(2, 9, 4), torch.randn(2, 9, 4) * 0.5
+    xz = torch.randn(2, 9, 8, requires_grad=True)
+    z = xz[..., 4:]
+    A, Bm, Cm, D = -torch.rand(4, 3) - 0.1, torch.randn(2, 9, 3), torch.randn(2, 9, 3), torch.randn(4)
+    gy = torch.randn(2, 9, 4)
+    y, _ = selective_scan_triton(u, delta, A, Bm, Cm, D, z, delta_softplus=True)
+    (g,) = torch.autograd.grad(y, xz, gy)
+    zr = z.detach().double().requires_grad_()
+    yr, _ = selective_scan_ref(u.double(), delta.double(), A.double(), Bm.double(), Cm.double(), D.double(), zr,
+                               delta_softplus=True)
+    (gr,) = torch.autograd.grad(yr, zr, gy.double())
+    torch.testing.assert_close(y, yr.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g[..., 4:], gr.float(), atol=1e-5, rtol=1e-5)
+    assert g[..., :4].abs().sum() == 0
+
+
 def test_dispatch_through_op():
     """``selective_scan(backend="triton")`` reaches the kernel on CPU tensors under the interpreter."""
     from seqblocks.ops.selective_scan import selective_scan
@@ -121,7 +142,26 @@ def test_dispatch_through_op():
 
 
 TUNINGS = [dict(fwd_block_d=2, fwd_num_warps=2, fwd_ring=2), dict(block_t=16, bwd_block_d=2, bwd_num_warps=2),
-           dict(bwd_prefetch=True), dict(bwd_prefetch=None, block_t=32, fwd_block_d=8, bwd_block_d=8)]
+           dict(bwd_prefetch=True), dict(bwd_prefetch=None, block_t=32, fwd_block_d=8, bwd_block_d=8),
+           dict(block_t=8, ckpt_t=8), dict(block_t=8, ckpt_t=32), dict(block_t=16, ckpt_t=8)]
+
+
+@pytest.mark.parametrize(("T", "ckpt_t", "lengths"), [(40, 16, None), (37, 32, [37, 17, 16, 8, 0]), (3, 64, None)])
+def test_two_level_checkpoints(T, ckpt_t, lengths):
+    """Checkpoints every ckpt_t steps, chunks of 8: sequences ending inside, at and before a segment's
+    end (rebuilt sub-checkpoints of a partial segment), against the reference forward and backward."""
+    from seqblocks.ops.selective_scan import SelectiveScanTuning
+
+    lens = None if lengths is None else torch.tensor(lengths)
+    _check(Bsz=1 if lens is None else lens.numel(), T=T, D=4, h0=True, lengths=lens,
+           tuning=SelectiveScanTuning(block_t=8, ckpt_t=ckpt_t))
+
+
+def test_two_level_checkpoints_bf16_packed():
+    from seqblocks.ops.selective_scan import SelectiveScanTuning
+
+    _check(Bsz=1, T=35, D=4, cu_seqlens=torch.tensor([0, 17, 18, 35]), h0=True, dtype=torch.bfloat16, tol=1e-2,
+           tuning=SelectiveScanTuning(block_t=8, ckpt_t=16))
 
 
 @pytest.mark.parametrize("fields", TUNINGS)

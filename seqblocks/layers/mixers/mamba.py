@@ -17,12 +17,14 @@ Shapes: B batch, T time, D model width, E inner width, N state, R dt rank, W con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from seqblocks.cache import Cache
 from seqblocks.layers.checks import (
@@ -210,8 +212,7 @@ class Mamba(Mixer):
         if cache is not None and T == 1 and lengths is None:
             return self._step(xs[:, 0], z[:, 0], cache, integration_timesteps).to(in_dtype)
 
-        xs, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias, activation="silu",
-                                       initial_state=None if cache is None else cache.conv_state, lengths=lengths)
+        xs, conv_final = self._conv(xs, None if cache is None else cache.conv_state, lengths)
         dt, Bm, Cm = self._dt_B_C(xs)
         A = -torch.exp(self.A_log.to(self._acc(x)))
         kw = self._step_kwargs(dt, integration_timesteps)
@@ -223,6 +224,17 @@ class Mamba(Mixer):
             cache.ssm_state.copy_(final)
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         return self.out_proj(y).to(in_dtype)
+
+    def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor | None,
+              lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # silu(causal_conv1d(xs)). When training, its intermediates (the fp32 padded input and
+        # pre-activation, 16 bytes per inner channel and step) are recomputed in backward instead of
+        # saved: recomputing needs only xs, a view of in_proj's output, which the scan keeps for z anyway.
+        conv = functools.partial(causal_conv1d, activation="silu", lengths=lengths)
+        if torch.is_grad_enabled() and (xs.requires_grad or self.conv_weight.requires_grad):
+            return checkpoint(conv, xs, self.conv_weight, self.conv_bias, initial_state=conv_state,
+                              use_reentrant=False, preserve_rng_state=False)
+        return conv(xs, self.conv_weight, self.conv_bias, initial_state=conv_state)
 
     def _dt_B_C(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

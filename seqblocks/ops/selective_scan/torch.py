@@ -101,6 +101,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         for s in range(0, T, chunk):
             starts.append(h)
             y, h = _chunk_forward(_slice(named, s, s + chunk), h, opts)
+            # h_end is a view of the chunk's [B, C, D, N] states: saving the view would keep them all
+            h = h.clone()
             ys.append(y)
         ctx.opts = opts
         ctx.save_for_backward(*tensors, *starts)

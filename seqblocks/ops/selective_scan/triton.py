@@ -153,7 +153,8 @@ def _discretize_row(A, A2, dt, dtA, METHOD: tl.constexpr, HAS_DA: tl.constexpr, 
 
 @triton.jit
 def _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt, L, dd, nn, dmask, nmask,
-              grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, HAS_DA: tl.constexpr, HAS_Z: tl.constexpr,
+              grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_zb, s_zt,
+              HAS_DA: tl.constexpr, HAS_Z: tl.constexpr,
               WANT_C: tl.constexpr = True, WANT_B: tl.constexpr = True, EVEN_N: tl.constexpr = False):
     # One time step's inputs as loaded (input dtype, no arithmetic), so that nothing waits for them
     # before their step is computed; past the end: masked (zeros).
@@ -168,7 +169,7 @@ def _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt, L, 
         dtA = tl.load(dA_ptr + row * s_dAb + t * s_dAt + dd * s_dAd, mask=md, other=0.0)
     zz = uu
     if HAS_Z:
-        zz = tl.load(z_ptr + off, mask=md, other=0.0)
+        zz = tl.load(z_ptr + row * s_zb + t * s_zt + dd, mask=md, other=0.0)  # z may be a view (x, z of in_proj)
     offn = row * s_Bb + t * s_Bt + grp * s_Bg + nn
     Bt = uu  # placeholders for rows not wanted
     Ct = uu
@@ -237,8 +238,8 @@ def _ss_fwd_ring_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, h0_ptr,
     y_ptr, hT_ptr, ck_ptr, lens_ptr, cu_ptr,
     T, Dm, N, NC, CH_PER_G,
-    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_zb, s_zt,
+    CKPT_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SEQ_MODE: tl.constexpr,
     SAVE: tl.constexpr, RING: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
@@ -275,54 +276,53 @@ def _ss_fwd_ring_kernel(
         Dv = tl.load(D_ptr + dd2, mask=dmask2, other=0.0).to(tl.float32)
     u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 0, L, dd2, nn2,
                                        dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-                                       HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                       s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
     u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 1, L, dd2, nn2,
                                        dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
-                                       HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                       s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
     if RING == 4:
         u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 2, L, dd2,
                                            nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
         u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, 3, L, dd2,
                                            nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
     for it in range(0, tl.cdiv(L, RING)):
         tt = it * RING
         if SAVE:
-            # RING divides BLOCK_T: a checkpoint falls on the first step of an iteration
-            if tt % BLOCK_T == 0:
-                ck = ((pid_s.to(tl.int64) * NC + tt // BLOCK_T) * Dm + dd[:, None]) * N + nn[None, :]
+            # RING divides CKPT_T: a checkpoint falls on the first step of an iteration
+            if tt % CKPT_T == 0:
+                ck = ((pid_s.to(tl.int64) * NC + tt // CKPT_T) * Dm + dd[:, None]) * N + nn[None, :]
                 tl.store(ck_ptr + ck, h, mask=dn_mask)
         h = _fwd_step(h, A, A2, bias, Dv, u0, d0, a0, z0, b0, c0, tt, L, y_ptr, row, start, s_b, s_t, dd2, dmask2,
                       METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
         u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + RING, L,
                                            dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
         h = _fwd_step(h, A, A2, bias, Dv, u1, d1, a1, z1, b1, c1, tt + 1, L, y_ptr, row, start, s_b, s_t, dd2, dmask2,
                       METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
         u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start,
                                            tt + RING + 1, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt,
-                                           s_Bg, s_dAb, s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                           s_Bg, s_dAb, s_dAt, s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
         if RING == 4:
             h = _fwd_step(h, A, A2, bias, Dv, u2, d2, a2, z2, b2, c2, tt + 2, L, y_ptr, row, start, s_b, s_t, dd2,
                           dmask2, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
             u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 6,
                                                L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
             h = _fwd_step(h, A, A2, bias, Dv, u3, d3, a3, z3, b3, c3, tt + 3, L, y_ptr, row, start, s_b, s_t, dd2,
                           dmask2, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, HAS_D, HAS_Z, FAST)
             u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 7,
                                                L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
     tl.store(hT_ptr + st_off, h, mask=dn_mask)
 
 
 @triton.jit
-def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
-              METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
-              FAST: tl.constexpr):
-    # One step of the backward's state recomputation from raw inputs into the history slot; a step
-    # past the end of the chunk leaves h unchanged (its history row is never read).
+def _state_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L,
+                METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+                FAST: tl.constexpr):
+    # One step of the backward's state recomputation from raw inputs; a step past L leaves h unchanged.
     ok = (uu * 0 + tt) < L
     d = dt.to(tl.float32)
     if HAS_BIAS:
@@ -338,6 +338,15 @@ def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
         h = Abar * h + Bt.to(tl.float32) * (gamma * uu.to(tl.float32))
     else:
         h = Abar * h + gamma * (Bt.to(tl.float32) * uu.to(tl.float32))
+    return h
+
+
+@triton.jit
+def _rec_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, hist_r,
+              METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
+              FAST: tl.constexpr):
+    # _state_step into the history slot (a step past the end of the chunk: its row is never read).
+    h = _state_step(h, A, A2, bias, uu, dt, dtA, Bt, tt, L, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA, FAST)
     tl.store(hist_r, h)
     return h
 
@@ -438,15 +447,15 @@ def _bwd_step(carry, dA_acc, dD_acc, dbias_acc, A, A2, bias, Dv, uu, dt, dtA, zz
 @triton.jit
 def _ss_bwd_ring_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dA_ptr, ck_ptr,
-    gy_ptr, ghT_ptr, hist_ptr,
+    gy_ptr, ghT_ptr, hist_ptr, sub_ptr,
     du_ptr, ddelta_ptr, dAm_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, ddA_ptr, dh0_ptr,
     lens_ptr, cu_ptr,
     T, Dm, N, NC, CH_PER_G, n_rows,
-    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_ddAb, s_ddAt, s_ddAd,
+    s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_zb, s_zt, s_ddAb, s_ddAt, s_ddAd,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DA: tl.constexpr,
     DA_SHARED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SEQ_MODE: tl.constexpr,
-    HAS_GT: tl.constexpr, FULL: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_GT: tl.constexpr, FULL: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, SUB: tl.constexpr,
 ):
     # The backward as time loops. Per chunk of BLOCK_T steps (walked from the end): recompute the
     # chunk's states from its checkpoint, one step at a time, into this program's private history
@@ -471,6 +480,8 @@ def _ss_bwd_ring_kernel(
     st_off = (pid_s.to(tl.int64) * Dm + dd[:, None]) * N + nn[None, :]
     hist = hist_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (BLOCK_T * BLOCK_D * BLOCK_N) \
         + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
+    sub = sub_ptr + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_d) * (SUB * BLOCK_D * BLOCK_N) \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + nn[None, :]
     carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_GT:
         carry = tl.load(ghT_ptr + st_off, mask=dn_mask, other=0.0)
@@ -494,43 +505,81 @@ def _ss_bwd_ring_kernel(
         t0 = c * BLOCK_T
         n_steps = tl.minimum(L - t0, BLOCK_T)
         Lc = t0 + n_steps  # loads past the chunk are masked off
-        ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
-        h = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+        if SUB == 1:
+            ck = ((pid_s.to(tl.int64) * NC + c) * Dm + dd[:, None]) * N + nn[None, :]
+            h = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+        else:
+            # Two-level checkpoints: the forward kept the state every SUB chunks. On entering a
+            # segment (its last chunk, walked first) rebuild the start states of all its chunks from
+            # the segment's checkpoint into this program's sub-checkpoint slot (SUB x BLOCK_D x BLOCK_N
+            # fp32, L2-resident), one forward pass over a ring of 2 register slots; every chunk then
+            # starts from its slot row.
+            seg0 = (c // SUB) * SUB
+            if (c == n_chunks - 1) | (c % SUB == SUB - 1):
+                ck = ((pid_s.to(tl.int64) * NC + c // SUB) * Dm + dd[:, None]) * N + nn[None, :]
+                hs = tl.load(ck_ptr + ck, mask=dn_mask, other=0.0)
+                tl.store(sub, hs)
+                q0 = seg0 * BLOCK_T
+                qu0, qd0, qa0, qz0, qb0, qc0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, q0,
+                                                         L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg,
+                                                         s_dAb, s_dAt, s_dAd, s_zb, s_zt,
+                                                         HAS_DA, False, False, EVEN_N=EVEN_N)
+                qu1, qd1, qa1, qz1, qb1, qc1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start,
+                                                         q0 + 1, L, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb,
+                                                         s_Bt, s_Bg, s_dAb, s_dAt, s_dAd, s_zb, s_zt,
+                                                         HAS_DA, False, False,
+                                                         EVEN_N=EVEN_N)
+                for q in range(0, (c - seg0) * BLOCK_T, 2):  # BLOCK_T is even: pairs never straddle a chunk
+                    hs = _state_step(hs, A, A2, bias, qu0, qd0, qa0, qb0, q0 + q, L, METHOD, HAS_BIAS, SOFTPLUS,
+                                     HAS_DA, FAST)
+                    qu0, qd0, qa0, qz0, qb0, qc0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row,
+                                                             start, q0 + q + 2, L, dd2, nn2, dmask2, nmask2, grp,
+                                                             s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+                                                             s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
+                    hs = _state_step(hs, A, A2, bias, qu1, qd1, qa1, qb1, q0 + q + 1, L, METHOD, HAS_BIAS,
+                                     SOFTPLUS, HAS_DA, FAST)
+                    qu1, qd1, qa1, qz1, qb1, qc1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row,
+                                                             start, q0 + q + 3, L, dd2, nn2, dmask2, nmask2, grp,
+                                                             s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt, s_dAd,
+                                                             s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
+                    if (q + 2) % BLOCK_T == 0:
+                        tl.store(sub + ((q + 2) // BLOCK_T) * HS, hs)
+            h = tl.load(sub + (c - seg0) * HS)
         # Recompute the chunk's states (ring of 4; BLOCK_T is a multiple of 4).
         u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0, Lc, dd2,
                                            nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
         u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + 1, Lc,
                                            dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
         u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + 2, Lc,
                                            dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
         u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + 3, Lc,
                                            dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
         for r in range(0, n_steps, 4):
             tt = t0 + r
             h = _rec_step(h, A, A2, bias, u0, d0, a0, b0, tt, Lc, hist + r * HS, METHOD, HAS_BIAS, SOFTPLUS, HAS_DA,
                           FAST)
             u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 4,
                                                Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
             h = _rec_step(h, A, A2, bias, u1, d1, a1, b1, tt + 1, Lc, hist + (r + 1) * HS, METHOD, HAS_BIAS,
                           SOFTPLUS, HAS_DA, FAST)
             u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 5,
                                                Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
             h = _rec_step(h, A, A2, bias, u2, d2, a2, b2, tt + 2, Lc, hist + (r + 2) * HS, METHOD, HAS_BIAS,
                           SOFTPLUS, HAS_DA, FAST)
             u2, d2, a2, z2, b2, c2 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 6,
                                                Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
             h = _rec_step(h, A, A2, bias, u3, d3, a3, b3, tt + 3, Lc, hist + (r + 3) * HS, METHOD, HAS_BIAS,
                           SOFTPLUS, HAS_DA, FAST)
             u3, d3, a3, z3, b3, c3 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt + 7,
                                                Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, False, False, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, False, False, EVEN_N=EVEN_N)
         # Walk the chunk backwards (ring of 2): an odd step count runs its last step first, alone.
         m = n_steps
         if n_steps % 2 == 1:
@@ -538,7 +587,7 @@ def _ss_bwd_ring_kernel(
             tt = t0 + m
             uo, do_, ao, zo, bo, co = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, tt, Lc,
                                                 dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                                s_dAt, s_dAd, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
+                                                s_dAt, s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, EVEN_N=EVEN_N)
             go = tl.load(gy_ptr + row * s_b + (start + tt) * s_t + dd2, mask=dmask2, other=0.0)
             ho = tl.load(hist + m * HS)
             carry, dA_acc, dD_acc, dbias_acc = _bwd_step(
@@ -551,14 +600,14 @@ def _ss_bwd_ring_kernel(
         r1 = tl.maximum(m - 2, 0)
         u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + r0, Lc,
                                            dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
         g0 = tl.load(gy_ptr + row * s_b + (start + t0 + r0) * s_t + dd2, mask=dmask2, other=0.0)
         h0 = g0
         if FULL:
             h0 = tl.load(hist + r0 * HS)
         u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + r1, Lc,
                                            dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb, s_dAt,
-                                           s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+                                           s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
         g1 = tl.load(gy_ptr + row * s_b + (start + t0 + r1) * s_t + dd2, mask=dmask2, other=0.0)
         h1 = g0
         if FULL:
@@ -579,7 +628,7 @@ def _ss_bwd_ring_kernel(
             rn = tl.maximum(r - 2, 0)  # past the chunk's start: a harmless reload, never used
             u0, d0, a0, z0, b0, c0 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + rn,
                                                Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
             g0 = tl.load(gy_ptr + row * s_b + (start + t0 + rn) * s_t + dd2, mask=dmask2, other=0.0)
             h0 = g0
             if FULL:
@@ -597,7 +646,7 @@ def _ss_bwd_ring_kernel(
             rn1 = tl.maximum(r - 3, 0)
             u1, d1, a1, z1, b1, c1 = _raw_load(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dA_ptr, row, start, t0 + rn1,
                                                Lc, dd2, nn2, dmask2, nmask2, grp, s_b, s_t, s_Bb, s_Bt, s_Bg, s_dAb,
-                                               s_dAt, s_dAd, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
+                                               s_dAt, s_dAd, s_zb, s_zt, HAS_DA, HAS_Z, FULL, FULL, EVEN_N=EVEN_N)
             g1 = tl.load(gy_ptr + row * s_b + (start + t0 + rn1) * s_t + dd2, mask=dmask2, other=0.0)
             h1 = g0
             if FULL:
@@ -639,6 +688,13 @@ def _blocks(N: int, ch_per_g: int, tuning: SelectiveScanTuning) -> tuple[int, in
     return bt, bd, bn, warps
 
 
+def _ckpt_interval(bt: int, tuning: SelectiveScanTuning) -> int:
+    """The forward's checkpoint interval: a power-of-two multiple of ``bt`` (a smaller ``ckpt_t`` is
+    raised to ``bt``); by default 8 chunks (2 interpreted, so that the tests cross segments)."""
+    ck = (2 if INTERPRETED else 8) * bt if tuning.ckpt_t is None else tuning.ckpt_t
+    return max(ck, bt)
+
+
 def _fwd_blocks(p, tuning: SelectiveScanTuning) -> tuple[int, int]:
     """(BLOCK_D, num_warps) of the forward time loop; BLOCK_D divides the channels of a group."""
     if INTERPRETED:
@@ -675,7 +731,8 @@ def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens, tuning):
     else:
         p.seq_mode, p.n_seq = 0, p.Bsz
     p.bt, p.bd, p.bn, p.warps = _blocks(p.N, p.ch_per_g, tuning)
-    p.nc = max(1, -(-p.T // p.bt))
+    p.ck_t = _ckpt_interval(p.bt, tuning)
+    p.nc = max(1, -(-p.T // p.ck_t))
     p.grid = (p.n_seq, triton.cdiv(p.D, p.bd))
     dummy = torch.zeros(1, dtype=torch.int64, device=u.device)
     p.lens = lengths if lengths is not None else dummy
@@ -695,6 +752,10 @@ def _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens, tuning):
     return p
 
 
+def _z_strides(z):
+    return (0, 0) if z is None else (z.stride(0), z.stride(1))
+
+
 def _common_args(p):
     return (p.T, p.D, p.N, p.nc, p.ch_per_g)
 
@@ -705,7 +766,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         softplus, method, lengths, cu_seqlens, tuning = opts
         p = _prep(u, delta, A, B, C, delta_A, lengths, cu_seqlens, tuning)
         u_, delta_ = u.contiguous(), delta.contiguous()
-        z_ = z.contiguous() if z is not None else None
+        # z is read through its own strides: in Mamba it is a view of in_proj's output, and a copy
+        # would be one more [B, T, D] activation saved for the backward
+        z_ = z if z is None or z.stride(-1) == 1 else z.contiguous()
         A_ = A.contiguous()
         dummy = p.lens
         alloc = torch.zeros if p.seq_mode == 1 else torch.empty
@@ -716,14 +779,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
         h0_ = h0.to(torch.float32).contiguous() if h0 is not None else hT
         fbd, warps = _fwd_blocks(p, tuning)
         grid = (p.n_seq, triton.cdiv(p.D, fbd))
-        ring = min(tuning.fwd_ring, p.bt)  # the ring divides BLOCK_T (both powers of two, BLOCK_T >= 8)
+        ring = min(tuning.fwd_ring, p.bt)  # the ring divides CKPT_T (powers of two, CKPT_T >= BLOCK_T >= 8)
         kernel, extra = _ss_fwd_ring_kernel, dict(RING=ring, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
         kernel[grid](
             u_, delta_, A_, p.B4, p.C4, D if D is not None else dummy, z_ if z_ is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, h0_, y, hT, ck, p.lens, p.cu,
             *_common_args(p), u_.stride(0), u_.stride(1), p.B4.stride(0), p.B4.stride(1), p.B4.stride(2),
-            *p.dA_strides,
-            BLOCK_T=p.bt, BLOCK_D=fbd, BLOCK_N=p.bn, METHOD=_METHODS[method],
+            *p.dA_strides, *_z_strides(z_),
+            CKPT_T=p.ck_t, BLOCK_D=fbd, BLOCK_N=p.bn, METHOD=_METHODS[method],
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DA=delta_A is not None,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SEQ_MODE=p.seq_mode,
             SAVE=save, num_warps=warps, **extra,
@@ -765,15 +828,17 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dh0 = torch.empty((p.n_seq, p.D, p.N), **f32)
         ghT_ = ghT.to(torch.float32).contiguous() if ghT is not None else dh0
         hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
-        kernel, extra = _ss_bwd_ring_kernel, (hist,)
+        sub_n = p.ck_t // p.bt
+        sub = torch.empty((p.grid[0] * p.grid[1], sub_n, p.bd, p.bn), **f32) if sub_n > 1 else dh0
+        kernel, extra = _ss_bwd_ring_kernel, (hist, sub)
         full = p.bn <= 16 if tuning.bwd_prefetch is None else tuning.bwd_prefetch
-        kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn)
+        kw = dict(FULL=full, FAST=not INTERPRETED, EVEN_N=p.N == p.bn, SUB=sub_n)
         kernel[p.grid](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, p.dA3, ck, gy, ghT_, *extra,
             du, ddelta, dA, dB, dC, dD, dz, dbias, ddA, dh0, p.lens, p.cu,
             *_common_args(p), p.Bsz, u.stride(0), u.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
-            *p.dA_strides, *ddA_strides,
+            *p.dA_strides, *_z_strides(z), *ddA_strides,
             BLOCK_T=p.bt, BLOCK_D=p.bd, BLOCK_N=p.bn, METHOD=_METHODS[method],
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DA=delta_A is not None,
             DA_SHARED=p.da_shared, HAS_D=D is not None, HAS_Z=z is not None, SEQ_MODE=p.seq_mode,

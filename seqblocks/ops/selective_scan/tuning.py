@@ -29,6 +29,12 @@ class SelectiveScanTuning:
         block_t (int | None): checkpoint interval: the forward stores the state every block_t steps
             and the backward recomputes chunks of that many. Power of two >= 8 (the load rings divide
             it). Default: None (16).
+        ckpt_t (int | None): how often the forward stores the state for the backward: every ckpt_t
+            steps (a power-of-two multiple of block_t; a smaller value is raised to block_t). Above
+            block_t the backward first rebuilds the block_t checkpoints of each ckpt_t segment in a
+            forward pass (one more recomputation of the state) and the saved state shrinks by
+            ckpt_t / block_t. Default: None (8 * block_t: 12.5 MB instead of 100 MB per Mamba layer of
+            mamba-130m at B8 T2048).
         bwd_block_d (int | None): channels per program of the backward. Power of two. Default: None
             (256 // d_state; 2048 // d_state for d_state > 64).
         bwd_num_warps (int | None): warps per program of the backward. Default: None (1; 4 for
@@ -46,6 +52,7 @@ class SelectiveScanTuning:
     fwd_num_warps: int | None = None
     fwd_ring: int = 4
     block_t: int | None = None
+    ckpt_t: int | None = None
     bwd_block_d: int | None = None
     bwd_num_warps: int | None = None
     bwd_prefetch: bool | None = False
@@ -57,6 +64,7 @@ class SelectiveScanTuning:
         for name in ("fwd_num_warps", "bwd_num_warps"):
             check_launch_value(owner, name, getattr(self, name), warps=True)
         check_launch_value(owner, "block_t", self.block_t, minimum=8)
+        check_launch_value(owner, "ckpt_t", self.ckpt_t, minimum=8)
         if isinstance(self.fwd_ring, bool) or self.fwd_ring not in (2, 4):
             raise ValueError(f"{owner}: fwd_ring={self.fwd_ring!r} must be 2 or 4")
         if self.bwd_prefetch is not None and not isinstance(self.bwd_prefetch, bool):
