@@ -1,0 +1,167 @@
+"""The decode-step Triton kernels against their PyTorch paths, and mixers decoding through them, on the CPU.
+
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``); ``tests/interpreter.py`` says why
+the cases run in a child process. Decoding has no backward, so only forward values and the in-place
+state updates are compared.
+
+Shapes: B batch, E channels, N state, G groups, W conv width.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from interpreter import INTERPRETER, run_file_under_interpreter
+
+pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
+
+from seqblocks.ops import _backend  # noqa: E402
+from seqblocks.ops.selective_scan import selective_state_update  # noqa: E402
+from seqblocks.ops.selective_scan.step import conv_step  # noqa: E402
+
+if not INTERPRETER:
+
+    def test_kernels_under_interpreter():
+        """Run this file's cases in a child process under TRITON_INTERPRET=1 (see tests/interpreter.py)."""
+        run_file_under_interpreter(__file__)
+
+
+def _tol(dtype):
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+def _ssu_inputs(Bsz, E, N, G, dtype, *, strided):
+    g = torch.Generator().manual_seed(Bsz * 100 + E + N + G)
+    # u and z as views into one [B, 2E] buffer, as the Mamba step passes them.
+    xz = torch.randn(Bsz, 2 * E, generator=g).to(dtype)
+    u, z = (xz[:, :E], xz[:, E:]) if strided else (xz[:, :E].contiguous(), xz[:, E:].contiguous())
+    delta = torch.randn(Bsz, E, generator=g).to(dtype)
+    A_log = torch.log(torch.rand(E, N, generator=g) * 2 + 0.1)
+    shape = (Bsz, N) if G == 0 else (Bsz, G, N)
+    x_dbl = torch.randn(Bsz, 2, *shape[1:], generator=g).to(dtype)
+    B, C = x_dbl[:, 0], x_dbl[:, 1]
+    D = torch.randn(E, generator=g)
+    bias = torch.randn(E, generator=g) * 0.5
+    state = torch.randn(Bsz, E, N, generator=g)
+    return state, u, delta, A_log, B, C, D, z, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("Bsz", "E", "N", "G"), [(3, 37, 5, 0), (2, 24, 16, 3), (1, 70, 16, 0)])
+@pytest.mark.parametrize("discretization", ["mamba", "bilinear", "dirac"])
+def test_selective_state_update_kernel(dtype, Bsz, E, N, G, discretization):
+    state, u, delta, A_log, B, C, D, z, bias = _ssu_inputs(Bsz, E, N, G, dtype, strided=True)
+    ref_state = state.clone()
+    kw = {"D": D, "z": z, "delta_bias": bias, "delta_softplus": True, "discretization": discretization}
+    y_ref = selective_state_update(ref_state, u, delta, -torch.exp(A_log), B, C, backend="torch", **kw)
+    ptr = state.data_ptr()
+    y = selective_state_update(state, u, delta, A_log, B, C, a_is_log=True, backend="triton", **kw)
+    assert y.dtype == dtype and y.shape == (Bsz, E)
+    assert state.data_ptr() == ptr  # updated in place
+    torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.float(), y_ref.float(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_state_update_kernel_options_off_and_event_form(dtype):
+    """No D, no z, no bias or softplus; then a separate step for Ā ([B, E] and [B])."""
+    state, u, delta, A_log, B, C, _, _, _ = _ssu_inputs(2, 19, 7, 0, dtype, strided=False)
+    delta = delta.float().abs().to(dtype)
+    A = -torch.exp(A_log)
+    for delta_A in (None, torch.rand(2, 19).to(dtype), torch.rand(2)):
+        s_ref, s = state.clone(), state.clone()
+        y_ref = selective_state_update(s_ref, u, delta, A, B, C, delta_A=delta_A, backend="torch")
+        y = selective_state_update(s, u, delta, A, B, C, delta_A=delta_A, backend="triton")
+        torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y.float(), y_ref.float(), **_tol(dtype))
+
+
+def test_selective_state_update_refuses_what_no_kernel_serves():
+    state, u, delta, A_log, B, C, *_ = _ssu_inputs(2, 8, 4, 0, torch.float32, strided=False)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        selective_state_update(state, u, delta, A_log, B, C, discretization="zoh", backend="triton")
+    with pytest.raises(TypeError, match="a_is_log"):
+        selective_state_update(state.to(torch.complex64), u, delta, A_log.to(torch.complex64), B, C,
+                               a_is_log=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("W", "with_bias", "activation"), [(4, True, "silu"), (3, False, None), (1, True, "silu")])
+def test_conv_step_kernel(dtype, W, with_bias, activation):
+    g = torch.Generator().manual_seed(W)
+    Bsz, E = 3, 45
+    xz = torch.randn(Bsz, 2 * E, generator=g).to(dtype)
+    x = xz[:, :E]  # a strided view, as in the Mamba step
+    weight = torch.randn(E, W, generator=g).to(dtype)
+    bias = torch.randn(E, generator=g).to(dtype) if with_bias else None
+    state = torch.randn(Bsz, W - 1, E, generator=g).to(dtype)
+    ref_state = state.clone()
+    offset, ref_offset = torch.arange(Bsz), torch.arange(Bsz)
+    y_ref = conv_step(x, ref_state, weight, bias, activation, seqlen_offset=ref_offset, backend="torch")
+    y = conv_step(x, state, weight, bias, activation, seqlen_offset=offset, backend="triton")
+    assert y.dtype == dtype
+    torch.testing.assert_close(state, ref_state, atol=0, rtol=0)  # the shift is a copy
+    torch.testing.assert_close(offset, ref_offset)
+    torch.testing.assert_close(offset, torch.arange(Bsz) + 1)
+    torch.testing.assert_close(y.float(), y_ref.float(), **_tol(dtype))
+
+
+def test_conv_step_refuses_bad_inputs():
+    x, w = torch.randn(2, 8), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="conv_state"):
+        conv_step(x, torch.zeros(2, 4, 8), w)
+    with pytest.raises(ValueError, match="activation"):
+        conv_step(x, torch.zeros(2, 3, 8), w, activation="relu")
+    with pytest.raises(TypeError, match="seqlen_offset"):
+        conv_step(x, torch.zeros(2, 3, 8), w, seqlen_offset=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqlen_offset"):
+        conv_step(x, torch.zeros(2, 3, 8), w, seqlen_offset=torch.zeros(3, dtype=torch.long))
+
+
+STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step"}
+STEP_MODULES = ("seqblocks.ops.selective_scan", "seqblocks.ops.selective_scan.step")
+
+
+@pytest.fixture
+def triton_steps(monkeypatch):
+    """Send every decode-step op's "auto" to its Triton kernel (on the CPU, through the interpreter)."""
+    real = _backend.resolve_backend
+    served: set[str] = set()
+
+    def forced(backend, *tensors, op, has_kernel=True):
+        if backend == "auto" and op in STEP_OPS and has_kernel:
+            backend = "triton"
+        chosen = real(backend, *tensors, op=op, has_kernel=has_kernel)
+        if chosen == "triton":
+            served.add(op)
+        return chosen
+
+    for module in STEP_MODULES:
+        monkeypatch.setattr(importlib.import_module(module), "resolve_backend", forced)
+    return served
+
+
+def _decode_matches_full(mixer, dtype, T=6, Bsz=2):
+    torch.manual_seed(0)
+    x = torch.randn(Bsz, T, mixer.d_model).to(dtype)
+    with torch.no_grad():
+        full = mixer(x)
+        cache = mixer.allocate_inference_cache(Bsz, T)
+        ys = [mixer(x[:, :3], cache)]
+        for t in range(3, T):
+            ys.append(mixer(x[:, t:t + 1], cache))
+    torch.testing.assert_close(torch.cat(ys, 1).float(), full.float(), **_tol(dtype))
+    torch.testing.assert_close(cache.seqlen_offset, torch.full((Bsz,), T))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("discretization", ["mamba", "bilinear"])
+def test_mamba_decodes_through_the_kernels(triton_steps, dtype, discretization):
+    from seqblocks.layers.mixers.mamba import Mamba
+
+    torch.manual_seed(1)
+    mixer = Mamba(12, d_state=5, expand=2, discretization=discretization).to(dtype)
+    _decode_matches_full(mixer, dtype)
+    assert triton_steps == {"conv_step", "selective_state_update"}
