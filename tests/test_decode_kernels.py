@@ -18,6 +18,7 @@ from interpreter import INTERPRETER, run_file_under_interpreter
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from seqblocks.ops import _backend  # noqa: E402
+from seqblocks.ops.scan.step import linear_scan_step, rglru_step  # noqa: E402
 from seqblocks.ops.selective_scan import selective_state_update  # noqa: E402
 from seqblocks.ops.selective_scan.step import conv_step  # noqa: E402
 
@@ -120,8 +121,73 @@ def test_conv_step_refuses_bad_inputs():
         conv_step(x, torch.zeros(2, 3, 8), w, seqlen_offset=torch.zeros(3, dtype=torch.long))
 
 
-STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step"}
-STEP_MODULES = ("seqblocks.ops.selective_scan", "seqblocks.ops.selective_scan.step")
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_scan_step_kernel(complex_, shared, dtype):
+    """h = a h + b against the one-step ``linear_scan`` reference, real and complex, in place or not."""
+    from seqblocks.ops.scan import linear_scan_ref
+
+    g = torch.Generator().manual_seed(int(complex_) + 2 * int(shared))
+    Bsz, S = 3, (5, 7)
+    a_shape = S if shared else (Bsz, *S)
+    if complex_:
+        state = torch.randn(Bsz, *S, dtype=torch.complex64, generator=g)
+        a = torch.polar(torch.rand(a_shape, generator=g), torch.randn(a_shape, generator=g))
+        b = torch.randn(Bsz, *S, dtype=torch.complex64, generator=g)
+    else:
+        state = torch.randn(Bsz, *S, generator=g)
+        a, b = torch.rand(a_shape, generator=g).to(dtype), torch.randn(Bsz, *S, generator=g).to(dtype)
+    a_seq = a.unsqueeze(0).expand(Bsz, *S) if shared else a
+    _, ref = linear_scan_ref(a_seq.unsqueeze(1), b.unsqueeze(1), state)
+    fresh = linear_scan_step(state, a, b, inplace=False, backend="triton")
+    assert fresh.data_ptr() != state.data_ptr()
+    offset = torch.zeros(Bsz, dtype=torch.long)
+    out = linear_scan_step(state, a, b, seqlen_offset=offset, backend="triton")
+    assert out.data_ptr() == state.data_ptr()
+    torch.testing.assert_close(state, ref.to(state.dtype), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh, state, atol=0, rtol=0)
+    torch.testing.assert_close(offset, torch.ones(Bsz, dtype=torch.long))
+
+
+def test_linear_scan_step_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="linear_scan_step"):
+        linear_scan_step(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="complex state"):
+        linear_scan_step(torch.zeros(2, 3), torch.zeros(3, dtype=torch.complex64), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="seqlen_offset"):
+        linear_scan_step(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2, 3), seqlen_offset=torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rglru_step_kernel(dtype):
+    g = torch.Generator().manual_seed(3)
+    Bsz, E = 3, 150  # two blocks per row, the second masked
+    state = torch.randn(Bsz, E, generator=g)
+    x, ga, gi = (torch.randn(Bsz, E, generator=g).to(dtype) for _ in range(3))
+    # a_param from decays near 1 (where sqrt(1 - a^2) needs care) to small ones.
+    a_param = torch.linspace(-3.0, 9.0, E)
+    ref_state, ref_off, off = state.clone(), torch.zeros(Bsz, dtype=torch.long), torch.zeros(Bsz, dtype=torch.long)
+    rglru_step(ref_state, x, ga, gi, a_param, 8.0, seqlen_offset=ref_off, backend="torch")
+    out = rglru_step(state, x, ga, gi, a_param, 8.0, seqlen_offset=off, backend="triton")
+    assert out.data_ptr() == state.data_ptr()
+    torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off, ref_off)
+    torch.testing.assert_close(off, torch.ones(Bsz, dtype=torch.long))
+
+
+def test_rglru_step_refuses_bad_inputs():
+    s = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="a_param"):
+        rglru_step(s, s, s, s, torch.zeros(5), 8.0)
+    with pytest.raises(ValueError, match="gate_a"):
+        rglru_step(s, s, torch.zeros(2, 3), s, torch.zeros(4), 8.0)
+    with pytest.raises(TypeError, match="x must be real"):
+        rglru_step(s, s.to(torch.complex64), s, s, torch.zeros(4), 8.0)
+
+
+STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step"}
+STEP_MODULES = ("seqblocks.ops.selective_scan", "seqblocks.ops.selective_scan.step", "seqblocks.ops.scan.step")
 
 
 @pytest.fixture
@@ -165,3 +231,25 @@ def test_mamba_decodes_through_the_kernels(triton_steps, dtype, discretization):
     mixer = Mamba(12, d_state=5, expand=2, discretization=discretization).to(dtype)
     _decode_matches_full(mixer, dtype)
     assert triton_steps == {"conv_step", "selective_state_update"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "kwargs", "ops"), [
+    ("RGLRU", {}, {"conv_step", "rglru_step"}),
+    ("S7", {"d_state": 6}, {"linear_scan_step"}),
+    ("S5", {"d_state": 6}, {"linear_scan_step"}),
+    ("LRU", {"d_state": 6}, {"linear_scan_step"}),
+])
+def test_recurrent_mixers_decode_through_the_kernels(triton_steps, dtype, name, kwargs, ops):
+    from seqblocks.registry import MIXERS
+
+    torch.manual_seed(2)
+    mixer = MIXERS.get(name)(12, **kwargs).to(dtype)
+    _decode_matches_full(mixer, dtype)
+    assert triton_steps == ops
+
+
+if not INTERPRETER:
+    # Outside the interpreter the cases above run in the child process only (see the module docstring).
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
+        del globals()[_name]

@@ -43,6 +43,7 @@ from seqblocks.layers.checks import (
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.scan import linear_scan
+from seqblocks.ops.scan.step import linear_scan_step
 from seqblocks.registry import MIXERS
 
 __all__ = ["S7", "S7Cache", "s7_base_init"]
@@ -178,14 +179,13 @@ class S7(Mixer):
         xs = self.in_proj(x)
         a, bu, Cm, Dt = self._system(xs)
         if cache is not None and T == 1 and lengths is None:
-            h = a * cache.state.unsqueeze(1) + bu  # [B, 1, N]
-            cache.state.copy_(h[:, 0])
+            # One launch on CUDA: the update in place and the cache's advance.
+            h = linear_scan_step(cache.state, a[:, 0], bu[:, 0], seqlen_offset=cache.seqlen_offset).unsqueeze(1)
         else:
             h, final = linear_scan(a, bu, None if cache is None else cache.state, lengths=lengths)
             if cache is not None:
                 cache.state.copy_(final)
-        if cache is not None:
-            cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
+                cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         y = torch.einsum("btdn,btn->btd", Cm, h) + Dt * xs.to(Dt.dtype)
         y = y.to(x.dtype)
         y = y * torch.sigmoid(self.gate_proj(F.gelu(y)))

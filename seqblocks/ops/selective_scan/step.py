@@ -1,8 +1,9 @@
-"""Mamba's decode-step conv: ``causal_conv1d_update`` with the cache's token count advanced in the same launch.
+"""The decode-step conv: ``causal_conv1d_update`` with the cache's token count advanced in the same launch.
 
 ``conv_step`` is the first of the two Triton launches of a Mamba decode step (the second is
-``selective_state_update``); its PyTorch path is ``causal_conv1d_update`` from
-``seqblocks.ops.causal_conv1d`` followed by ``seqlen_offset += 1``, which is its specification.
+``selective_state_update``) and of an RG-LRU one (the second is ``seqblocks.ops.scan.step.rglru_step``);
+its PyTorch path is ``causal_conv1d_update`` from ``seqblocks.ops.causal_conv1d`` followed by
+``seqlen_offset += 1``, which is its specification.
 
 Shapes: B batch, E channels, W filter width.
 """
