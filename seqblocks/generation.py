@@ -515,7 +515,32 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     iterations = int((lengths - fed).max()) + N
+    # Prefilled prompts without stop conditions: every row draws one token per iteration, so the
+    # bookkeeping below reduces to writing column ``it`` (a handful of launches per token).
+    simple = (uniform or padded) and not stopping
+    everyone = torch.ones(B, dtype=torch.bool, device=device) if simple else None
     for it in range(iterations):
+        if simple:
+            processed = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, seen=seen)
+            drawn = sample(processed, temperature=temperature, generator=generator)
+            tokens[:, it] = drawn
+            if scores is not None:
+                scores[:, it] = logits
+            if seen is not None:
+                seen[rows, drawn] = True
+            if callback is not None:
+                callback(drawn, everyone)
+            if it == iterations - 1:
+                break
+            step_ts = ts.gather(1, fed[:, None]) if ts_decode else None
+            if decoder is not None:
+                logits = decoder(drawn[:, None], step_ts)
+            else:
+                logits = decode_one_token(model, drawn[:, None], caches, step_ts)
+            if ts_decode:
+                fed += 1
+            continue
         in_prompt = fed < lengths
         active = ~in_prompt & ~finished & (n_gen < N)
         processed = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -553,6 +578,8 @@ def generate(
             logits = decode_one_token(model, next_tokens[:, None], caches, step_ts)
         fed += 1
 
+    if simple:
+        n_gen.fill_(N)
     sequences = torch.full((B, T + N), pad_token_id, dtype=torch.long, device=device)
     sequences[:, :T] = torch.where(valid, input_ids, torch.full_like(input_ids, pad_token_id))
     offsets = torch.arange(N, device=device)[None]

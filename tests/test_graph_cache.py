@@ -113,3 +113,26 @@ def test_count_aten_calls_counts_the_eager_step():
         model.step(tokens, caches)
         top, total = count_aten_calls(lambda: model.step(tokens, caches))
     assert 0 < top <= total
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([5, 2, 4])])
+def test_fast_bookkeeping_equals_the_general_loop(lengths):
+    """Without stop conditions ``generate`` writes one column per step; a stop sequence that never
+    matches sends it through the general loop, which must give the same everything."""
+    from seqblocks import generate
+
+    model = tiny_lm(["mamba", "attn"], dtype=torch.float32)
+    prompt = torch.randint(0, 37, (3, 5))
+    runs = []
+    for stop in (None, [list(range(1, 12))]):
+        calls = []
+        out = generate(model, prompt, 9, lengths=lengths, temperature=1.0, seed=3, repetition_penalty=1.3,
+                       return_scores=True, stop_sequences=stop,
+                       callback=lambda t, a, calls=calls: calls.append((t.clone(), a.clone())))
+        runs.append((out, calls))
+    (fast, fast_calls), (general, general_calls) = runs
+    for field in ("sequences", "tokens", "lengths", "num_generated", "scores"):
+        assert torch.equal(getattr(fast, field), getattr(general, field)), field
+    assert len(fast_calls) == len(general_calls) == 9
+    for (t1, a1), (t2, a2) in zip(fast_calls, general_calls):
+        assert torch.equal(t1, t2) and torch.equal(a1, a2)
