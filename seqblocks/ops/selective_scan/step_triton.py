@@ -153,10 +153,10 @@ def selective_state_update_triton(
     y = torch.empty(Bsz, E, dtype=u.dtype, device=u.device)
     if Bsz == 0 or E == 0:
         return y
-    # [B, N] is one group: give it a zero group stride.
-    Bg = B.unsqueeze(1) if B.dim() == 2 else B
-    Cg = C.unsqueeze(1) if C.dim() == 2 else C
-    per_group = E // Bg.shape[1]
+    # [B, N] is one group: a zero group stride (strides read from the shape, no view made).
+    b_strides = (B.stride(0), 0, B.stride(1)) if B.dim() == 2 else B.stride()
+    c_strides = (C.stride(0), 0, C.stride(1)) if C.dim() == 2 else C.stride()
+    per_group = E // (1 if B.dim() == 2 else B.shape[1])
     if delta_A is not None and delta_A.dim() == 1:
         da_strides = (delta_A.stride(0), 0)
     elif delta_A is not None:
@@ -168,12 +168,11 @@ def selective_state_update_triton(
     grid = (Bsz, triton.cdiv(E, BLOCK_E))
     dummy = u
     _ssu_kernel[grid](
-        state, u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
+        state, u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, delta_A if delta_A is not None else dummy, y,
         E, N, per_group,
         state.stride(0), state.stride(1), state.stride(2), u.stride(0), u.stride(1), delta.stride(0),
-        delta.stride(1), A.stride(0), A.stride(1), Bg.stride(0), Bg.stride(1), Bg.stride(2),
-        Cg.stride(0), Cg.stride(1), Cg.stride(2),
+        delta.stride(1), A.stride(0), A.stride(1), *b_strides, *c_strides,
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0, *da_strides, y.stride(0),
         METHOD=SERVED_DISCRETIZATIONS[discretization], A_IS_LOG=a_is_log, SOFTPLUS=delta_softplus,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DA=delta_A is not None,
