@@ -253,3 +253,38 @@ if not INTERPRETER:
     # Outside the interpreter the cases above run in the child process only (see the module docstring).
     for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
         del globals()[_name]
+
+    def _compile_sm90(fn, pointers, floats, constexprs):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
+               for n in fn.arg_names}
+        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+    def test_kernels_compile_for_sm90():
+        """The interpreter accepts code the compiler refuses: compile each step kernel for an H100 / H200
+        (sm_90) on the host, down to a cubin (no GPU needed)."""
+        pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+        from seqblocks.ops.scan import step_triton as scan_step
+        from seqblocks.ops.selective_scan import step_triton as ss_step
+
+        bf = "*bf16"
+        kernels = [
+            (ss_step._conv_step_kernel, {"x_ptr": bf, "state_ptr": bf, "w_ptr": bf, "b_ptr": bf, "y_ptr": bf,
+                                         "off_ptr": "*i64"}, (),
+             {"W": 4, "HAS_BIAS": True, "SILU": True, "ADVANCE": True, "BLOCK_E": 64}),
+            (ss_step._ssu_kernel, {"state_ptr": "*fp32", "u_ptr": bf, "dt_ptr": bf, "a_ptr": "*fp32", "bm_ptr": bf,
+                                   "cm_ptr": bf, "d_ptr": "*fp32", "z_ptr": bf, "bias_ptr": "*fp32", "da_ptr": bf,
+                                   "y_ptr": bf}, (),
+             {"METHOD": 1, "A_IS_LOG": True, "SOFTPLUS": True, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True,
+              "HAS_DA": True, "BLOCK_E": 16, "BLOCK_N": 16}),
+            (scan_step._linear_step_kernel, {"h_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": bf, "out_ptr": "*fp32",
+                                             "off_ptr": "*i64"}, (), {"COMPLEX": True, "ADVANCE": True, "BLOCK": 256}),
+            (scan_step._rglru_step_kernel, {"h_ptr": "*fp32", "x_ptr": bf, "ga_ptr": bf, "gi_ptr": bf,
+                                            "p_ptr": "*fp32", "off_ptr": "*i64"}, ("c",),
+             {"ADVANCE": True, "BLOCK": 128}),
+        ]
+        for fn, pointers, floats, constexprs in kernels:
+            assert _compile_sm90(fn, pointers, floats, constexprs).asm["cubin"], fn.__name__
