@@ -71,6 +71,22 @@ def test_scan_step_kernels_at_real_shapes(Bsz):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Bsz", [1, 8, 4096])
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_add_norm_kernel_at_real_shapes(Bsz, residual_in_fp32):
+    from seqblocks.ops.add_norm import add_norm
+
+    x = torch.randn(Bsz, 1, 768, device=DEV, dtype=torch.bfloat16)
+    res = torch.randn(Bsz, 1, 768, device=DEV, dtype=torch.float32 if residual_in_fp32 else torch.bfloat16)
+    w = torch.randn(768, device=DEV, dtype=torch.bfloat16)
+    kw = {"is_rms": True, "residual_in_fp32": residual_in_fp32, "prenorm": True}
+    with torch.no_grad():
+        y_ref, r_ref = add_norm(x, res, w, backend="torch", **kw)
+        y, r = add_norm(x, res, w, backend="triton", **kw)
+    assert torch.equal(r, r_ref)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+
+
 def _model(preset="mamba-130m", n_layer=4, vocab=1024):
     cfg = dict(get_preset(preset)["model"], vocab_size=vocab)
     cfg["n_layer"] = n_layer

@@ -186,8 +186,42 @@ def test_rglru_step_refuses_bad_inputs():
         rglru_step(s, s.to(torch.complex64), s, s, torch.zeros(4), 8.0)
 
 
-STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step"}
-STEP_MODULES = ("seqblocks.ops.selective_scan", "seqblocks.ops.selective_scan.step", "seqblocks.ops.scan.step")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_rms", [True, False])
+@pytest.mark.parametrize(("with_residual", "residual_in_fp32"), [(True, True), (True, False), (False, False)])
+def test_add_norm_kernel(dtype, is_rms, with_residual, residual_in_fp32):
+    from seqblocks.ops.add_norm import add_norm
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 37, generator=g).to(dtype)
+    residual = torch.randn(3, 2, 37, generator=g).to(torch.float32 if residual_in_fp32 else dtype) \
+        if with_residual else None
+    weight = torch.randn(37, generator=g).to(dtype)
+    bias = None if is_rms else torch.randn(37, generator=g).to(dtype)
+    kw = {"eps": 1e-5, "is_rms": is_rms, "residual_in_fp32": residual_in_fp32, "prenorm": True}
+    y_ref, r_ref = add_norm(x, residual, weight, bias, backend="torch", **kw)
+    y, r = add_norm(x, residual, weight, bias, backend="triton", **kw)
+    assert y.dtype == y_ref.dtype and r.dtype == r_ref.dtype
+    # The same fp32 sum rounded once (the interpreter's bf16 rounding may land one ulp away).
+    exact = r.dtype == torch.float32
+    torch.testing.assert_close(r, r_ref, atol=0, rtol=0 if exact else 2 ** -7)
+    torch.testing.assert_close(y.float(), y_ref.float(), **_tol(dtype))
+
+
+def test_add_norm_kernel_only_serves_inference():
+    from seqblocks.ops.add_norm import add_norm
+
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        add_norm(x, None, torch.ones(8), is_rms=True, backend="triton")
+    with torch.no_grad():
+        y = add_norm(x, None, torch.ones(8), is_rms=True, backend="triton")
+    torch.testing.assert_close(y, add_norm(x.detach(), None, torch.ones(8), is_rms=True, backend="torch"))
+
+
+STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step", "add_norm"}
+STEP_MODULES = ("seqblocks.ops.selective_scan", "seqblocks.ops.selective_scan.step", "seqblocks.ops.scan.step",
+                "seqblocks.ops.add_norm")
 
 
 @pytest.fixture
@@ -249,6 +283,24 @@ def test_recurrent_mixers_decode_through_the_kernels(triton_steps, dtype, name, 
     assert triton_steps == ops
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decodes_through_the_kernels(triton_steps, dtype):
+    """A hybrid LM: logits of prefill + steps equal the full forward with every step op on its kernel."""
+    from seqblocks import LRNNLMHeadModel
+
+    torch.manual_seed(4)
+    model = LRNNLMHeadModel(d_model=16, d_state=4, n_layer=4, vocab_size=29, residual_in_fp32=True,
+                            mixer_types=["mamba", "rglru", "s7", "lru"], dtype=dtype).eval()
+    ids = torch.randint(0, 29, (2, 6))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = model.allocate_inference_cache(2, 6)
+        outs = [model(ids[:, :2], inference_params=caches).logits]
+        outs += [model.step(ids[:, t:t + 1], caches).logits for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat(outs, 1).float(), full.float(), **_tol(dtype))
+    assert triton_steps == STEP_OPS
+
+
 if not INTERPRETER:
     # Outside the interpreter the cases above run in the child process only (see the module docstring).
     for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
@@ -267,6 +319,7 @@ if not INTERPRETER:
         """The interpreter accepts code the compiler refuses: compile each step kernel for an H100 / H200
         (sm_90) on the host, down to a cubin (no GPU needed)."""
         pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+        from seqblocks.ops.add_norm import triton as add_norm_triton
         from seqblocks.ops.scan import step_triton as scan_step
         from seqblocks.ops.selective_scan import step_triton as ss_step
 
@@ -285,6 +338,9 @@ if not INTERPRETER:
             (scan_step._rglru_step_kernel, {"h_ptr": "*fp32", "x_ptr": bf, "ga_ptr": bf, "gi_ptr": bf,
                                             "p_ptr": "*fp32", "off_ptr": "*i64"}, ("c",),
              {"ADVANCE": True, "BLOCK": 128}),
+            (add_norm_triton._add_norm_kernel, {"x_ptr": bf, "res_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": bf,
+                                                "y_ptr": bf, "r_out_ptr": "*fp32"}, ("eps",),
+             {"HAS_RES": True, "HAS_W": True, "HAS_B": False, "IS_RMS": True, "BLOCK_D": 1024}),
         ]
         for fn, pointers, floats, constexprs in kernels:
             assert _compile_sm90(fn, pointers, floats, constexprs).asm["cubin"], fn.__name__
