@@ -148,7 +148,7 @@ def triton_launches_stubbed():
     from seqblocks.ops import _backend
 
     real = _backend.resolve_backend
-    ops = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step"}
+    ops = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step", "s7_step", "add_norm"}
 
     def forced(backend, *tensors, op, has_kernel=True):
         return "triton" if (op in ops and has_kernel) else real(backend, *tensors, op=op, has_kernel=has_kernel)
@@ -160,11 +160,13 @@ def triton_launches_stubbed():
     patched = []
     for module, attr in [("seqblocks.ops.selective_scan", "resolve_backend"),
                          ("seqblocks.ops.selective_scan.step", "resolve_backend"),
-                         ("seqblocks.ops.scan.step", "resolve_backend")]:
+                         ("seqblocks.ops.scan.step", "resolve_backend"),
+                         ("seqblocks.ops.add_norm", "resolve_backend")]:
         mod = importlib.import_module(module)
         patched.append((mod, attr, getattr(mod, attr)))
         setattr(mod, attr, forced)
-    for module in ("seqblocks.ops.selective_scan.step_triton", "seqblocks.ops.scan.step_triton"):
+    for module in ("seqblocks.ops.selective_scan.step_triton", "seqblocks.ops.scan.step_triton",
+                   "seqblocks.ops.add_norm.triton"):
         mod = importlib.import_module(module)
         for attr in [a for a in vars(mod) if a.endswith("_kernel")]:
             patched.append((mod, attr, getattr(mod, attr)))

@@ -18,7 +18,7 @@ from interpreter import INTERPRETER, run_file_under_interpreter
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from seqblocks.ops import _backend  # noqa: E402
-from seqblocks.ops.scan.step import linear_scan_step, rglru_step  # noqa: E402
+from seqblocks.ops.scan.step import linear_scan_step, rglru_step, s7_step  # noqa: E402
 from seqblocks.ops.selective_scan import selective_state_update  # noqa: E402
 from seqblocks.ops.selective_scan.step import conv_step  # noqa: E402
 
@@ -219,7 +219,32 @@ def test_add_norm_kernel_only_serves_inference():
     torch.testing.assert_close(y, add_norm(x.detach(), None, torch.ones(8), is_rms=True, backend="torch"))
 
 
-STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step", "add_norm"}
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("N", "D"), [(5, 37), (16, 70)])
+def test_s7_step_kernel(dtype, N, D):
+    g = torch.Generator().manual_seed(N + D)
+    Bsz = 3
+    state = torch.randn(Bsz, N, generator=g)
+    x = torch.randn(Bsz, D, generator=g).to(dtype)
+    proj = (torch.randn(Bsz, 2 * N + 2 * N * D + D, generator=g) / D ** 0.5).to(dtype)
+    lambda_base, d_base = torch.randn(N, generator=g), torch.randn(D, generator=g)
+    ref_state, off, ref_off = state.clone(), torch.zeros(Bsz, dtype=torch.long), torch.zeros(Bsz, dtype=torch.long)
+    y_ref = s7_step(ref_state, x, proj, lambda_base, d_base, seqlen_offset=ref_off, backend="torch")
+    y = s7_step(state, x, proj, lambda_base, d_base, seqlen_offset=off, backend="triton")
+    assert y.dtype == torch.float32 and y.shape == (Bsz, D)
+    torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off, ref_off)
+
+
+def test_s7_step_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="proj must have shape"):
+        s7_step(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 5), torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="lambda_base"):
+        s7_step(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 34), torch.zeros(4), torch.zeros(4))
+
+
+STEP_OPS = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step", "s7_step", "add_norm"}
 STEP_MODULES = ("seqblocks.ops.selective_scan", "seqblocks.ops.selective_scan.step", "seqblocks.ops.scan.step",
                 "seqblocks.ops.add_norm")
 
@@ -270,7 +295,7 @@ def test_mamba_decodes_through_the_kernels(triton_steps, dtype, discretization):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("name", "kwargs", "ops"), [
     ("RGLRU", {}, {"conv_step", "rglru_step"}),
-    ("S7", {"d_state": 6}, {"linear_scan_step"}),
+    ("S7", {"d_state": 6}, {"s7_step"}),
     ("S5", {"d_state": 6}, {"linear_scan_step"}),
     ("LRU", {"d_state": 6}, {"linear_scan_step"}),
 ])
@@ -338,6 +363,9 @@ if not INTERPRETER:
             (scan_step._rglru_step_kernel, {"h_ptr": "*fp32", "x_ptr": bf, "ga_ptr": bf, "gi_ptr": bf,
                                             "p_ptr": "*fp32", "off_ptr": "*i64"}, ("c",),
              {"ADVANCE": True, "BLOCK": 128}),
+            (scan_step._s7_step_kernel, {"h_ptr": "*fp32", "x_ptr": bf, "p_ptr": bf, "lb_ptr": "*fp32",
+                                         "db_ptr": "*fp32", "y_ptr": "*fp32", "off_ptr": "*i64"}, (),
+             {"ADVANCE": True, "BLOCK_D": 256, "BLOCK_N": 16}),
             (add_norm_triton._add_norm_kernel, {"x_ptr": bf, "res_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": bf,
                                                 "y_ptr": bf, "r_out_ptr": "*fp32"}, ("eps",),
              {"HAS_RES": True, "HAS_W": True, "HAS_B": False, "IS_RMS": True, "BLOCK_D": 1024}),

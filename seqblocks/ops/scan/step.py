@@ -1,10 +1,11 @@
-"""Decode steps of the diagonal recurrences: ``linear_scan_step`` (``h = a * h + b``) and ``rglru_step``.
+"""Decode steps of the diagonal recurrences: ``linear_scan_step`` (``h = a * h + b``), ``rglru_step``, ``s7_step``.
 
 Each is one Triton launch on CUDA (``step_triton.py``) and a few PyTorch lines otherwise; the PyTorch
-lines are the specification (``linear_scan`` on a one-step sequence, and the RG-LRU recurrence of
-``seqblocks.layers.mixers.rglru``). Both can advance a cache's token count in the same launch.
+lines are the specification (``linear_scan`` on a one-step sequence, the RG-LRU recurrence of
+``seqblocks.layers.mixers.rglru`` and S7's of ``seqblocks.layers.mixers.s7``). Each can advance a
+cache's token count in the same launch.
 
-Shapes: B batch, S the state's trailing shape, E channels.
+Shapes: B batch, S the state's trailing shape, E channels, N state, D width.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
 
-__all__ = ["linear_scan_step", "rglru_step"]
+__all__ = ["linear_scan_step", "rglru_step", "s7_step"]
 
 
 def _check_offset(op: str, seqlen_offset: torch.Tensor | None, rows: int) -> None:
@@ -144,3 +145,67 @@ def rglru_step(
     if seqlen_offset is not None:
         seqlen_offset.add_(1)
     return state
+
+
+@outside_autocast
+def s7_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    proj: torch.Tensor,
+    lambda_base: torch.Tensor,
+    d_base: torch.Tensor,
+    *,
+    seqlen_offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One step of S7's input-dependent recurrence, updating ``state`` in place::
+
+        Lambda, B, C, D_t, beta = split(proj)                    # [N], [N, D], [D, N], [D], [N]
+        a = 1 - 1 / ((Lambda + lambda_base)^2 + 0.5)
+        h = a * h + B x + beta
+        y = C h + (D_t + d_base) * x
+
+    Args:
+        state (Tensor): [B, N] fp32 (float64) state; overwritten with ``h``.
+        x (Tensor): [B, D] the input (after in_proj).
+        proj (Tensor): [B, N + 2 N D + D + N] x_proj's output, in that order.
+        lambda_base (Tensor): [N]. d_base (Tensor): [D].
+        seqlen_offset (Tensor | None): [B] int64 token count, advanced by one in place. Default: None.
+        backend (str): "auto", "torch" or "triton". Default: "auto".
+
+    Returns:
+        y (Tensor): [B, D] in the state's dtype.
+
+    Raises:
+        TypeError: non-floating or complex inputs, a non-int64 ``seqlen_offset``.
+        ValueError: shapes that do not match, an unknown backend.
+    """
+    op = "s7_step"
+    for name, t in (("state", state), ("x", x), ("proj", proj), ("lambda_base", lambda_base), ("d_base", d_base)):
+        _check_tensor(op, name, t)
+        if t.is_complex():
+            raise TypeError(f"{op}: {name} must be real, got {t.dtype}")
+    if state.dim() != 2 or x.dim() != 2 or x.shape[0] != state.shape[0]:
+        raise ValueError(f"{op}: expected state [B, N] and x [B, D]; got {tuple(state.shape)}, {tuple(x.shape)}")
+    (Bsz, N), D = state.shape, x.shape[1]
+    if proj.shape != (Bsz, 2 * N + 2 * N * D + D):
+        raise ValueError(f"{op}: proj must have shape [{Bsz}, N + 2 N D + D + N = {2 * N + 2 * N * D + D}], got "
+                         f"{tuple(proj.shape)}")
+    if lambda_base.shape != (N,) or d_base.shape != (D,):
+        raise ValueError(f"{op}: lambda_base must be [{N}] and d_base [{D}], got {tuple(lambda_base.shape)} and "
+                         f"{tuple(d_base.shape)}")
+    _check_offset(op, seqlen_offset, Bsz)
+    served = (state.dtype == torch.float32 and state.is_contiguous()
+              and all(t.dtype.itemsize <= 4 and t.stride(-1) == 1 for t in (x, proj, lambda_base, d_base)))
+    if resolve_backend(backend, state, x, proj, op=op, has_kernel=served) == "triton":
+        from seqblocks.ops.scan.step_triton import s7_step_triton
+
+        return s7_step_triton(state, x, proj, lambda_base, d_base, seqlen_offset)
+    acc = state.dtype
+    lam, Bm, Cm, Dm, beta = proj.to(acc).split([N, N * D, D * N, D, N], dim=-1)
+    a = 1 - 1 / (torch.square(lam + lambda_base.to(acc)) + 0.5)
+    xf = x.to(acc)
+    state.copy_(a * state + torch.einsum("bnd,bd->bn", Bm.unflatten(-1, (N, D)), xf) + beta)
+    if seqlen_offset is not None:
+        seqlen_offset.add_(1)
+    return torch.einsum("bdn,bn->bd", Cm.unflatten(-1, (D, N)), state) + (Dm + d_base.to(acc)) * xf

@@ -1,4 +1,4 @@
-"""Triton kernels of the diagonal-recurrence decode steps: ``linear_scan_step`` and ``rglru_step``.
+"""Triton kernels of the diagonal-recurrence decode steps: ``linear_scan_step``, ``rglru_step``, ``s7_step``.
 
 Imported only through ``seqblocks/ops/scan/step.py`` once ``resolve_backend`` has chosen "triton".
 Each is one launch over the flattened state (one program per ``BLOCK`` elements), with the state
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear_scan_step_triton", "rglru_step_triton"]
+__all__ = ["linear_scan_step_triton", "rglru_step_triton", "s7_step_triton"]
 
 _BLOCK = 256
 
@@ -116,3 +116,52 @@ def rglru_step_triton(state: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor
         ADVANCE=seqlen_offset is not None, BLOCK=BLOCK, num_warps=4,
     )
     return state
+
+
+@triton.jit
+def _s7_step_kernel(h_ptr, x_ptr, p_ptr, lb_ptr, db_ptr, y_ptr, off_ptr, D, N, nrows, sxb, spb, syb,
+                    ADVANCE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One row per program. p_ptr is the row's x_proj output [Lambda N | B N*D | C D*N | D_t D | beta N].
+    row = tl.program_id(0)
+    n = tl.arange(0, BLOCK_N)
+    mn = n < N
+    p = p_ptr + row * spb
+    lam = tl.load(p + n, mask=mn, other=0.0).to(tl.float32) + tl.load(lb_ptr + n, mask=mn, other=0.0)
+    a = 1.0 - 1.0 / (lam * lam + 0.5)
+    bu = tl.load(p + N + 2 * N * D + D + n, mask=mn, other=0.0).to(tl.float32)  # beta
+    for start in range(0, D, BLOCK_D):
+        d = start + tl.arange(0, BLOCK_D)
+        md = d < D
+        x = tl.load(x_ptr + row * sxb + d, mask=md, other=0.0).to(tl.float32)
+        Bm = tl.load(p + N + n[:, None] * D + d[None, :], mask=mn[:, None] & md[None, :], other=0.0)
+        bu += tl.sum(Bm.to(tl.float32) * x[None, :], axis=1)
+    h_ptrs = h_ptr + row * N + n
+    h = a * tl.load(h_ptrs, mask=mn, other=0.0) + bu
+    tl.store(h_ptrs, h, mask=mn)
+    for start in range(0, D, BLOCK_D):
+        d = start + tl.arange(0, BLOCK_D)
+        md = d < D
+        x = tl.load(x_ptr + row * sxb + d, mask=md, other=0.0).to(tl.float32)
+        Cm = tl.load(p + N + N * D + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
+        Dt = tl.load(p + N + 2 * N * D + d, mask=md, other=0.0).to(tl.float32) + tl.load(db_ptr + d, mask=md,
+                                                                                          other=0.0)
+        y = tl.sum(Cm.to(tl.float32) * h[None, :], axis=1) + Dt * x
+        tl.store(y_ptr + row * syb + d, y, mask=md)
+    _advance(off_ptr, nrows, ADVANCE, BLOCK_N)
+
+
+def s7_step_triton(state: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, lambda_base: torch.Tensor,
+                   d_base: torch.Tensor, seqlen_offset: torch.Tensor | None) -> torch.Tensor:
+    """The Triton path of ``s7_step``: state [B, N] contiguous fp32 (updated in place), x [B, D] and proj
+    [B, N + 2 N D + D + N] with unit stride along the last axis -> y [B, D] fp32."""
+    Bsz, N = state.shape
+    D = x.shape[1]
+    y = torch.empty(Bsz, D, dtype=torch.float32, device=x.device)
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_D = max(16, min(triton.next_power_of_2(D), 4096 // BLOCK_N))
+    _s7_step_kernel[(Bsz,)](
+        state, x, proj, lambda_base, d_base, y, seqlen_offset if seqlen_offset is not None else y, D, N, Bsz,
+        x.stride(0), proj.stride(0), y.stride(0),
+        ADVANCE=seqlen_offset is not None, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return y
