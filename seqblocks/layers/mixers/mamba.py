@@ -246,13 +246,15 @@ class Mamba(Mixer):
     def _step(self, x: torch.Tensor, cache: MambaCache, ts: torch.Tensor | None) -> torch.Tensor:
         # One token, x [B, 1, D]: four GEMMs on views (no copies) around two fused ops, each one Triton
         # launch on CUDA (docs/kernels.md, "Decode step kernels"). The conv and SSM states update in
-        # place and the conv op advances the cache's token count.
+        # place and the conv op advances the cache's token count. The projections are called as the
+        # modules (as in the prefill, so hooks or a swapped Linear act alike); dt_proj's bias is
+        # left to the fused step.
         E, R, N = self.d_inner, self.dt_rank, self.d_state
-        xz = F.linear(x[:, 0], self.in_proj.weight, self.in_proj.bias)  # [B, 2E]
+        xz = self.in_proj(x[:, 0])  # [B, 2E]
         xs = conv_step(xz[:, :E], cache.conv_state, self.conv_weight, self.conv_bias, activation="silu",
                        seqlen_offset=cache.seqlen_offset)  # [B, E]
-        x_dbl = F.linear(xs, self.x_proj.weight)  # [B, R + 2N]
-        dt = F.linear(x_dbl[:, :R], self.dt_proj.weight)  # [B, E]; the bias enters the fused step
+        x_dbl = self.x_proj(xs)  # [B, R + 2N]
+        dt = F.linear(x_dbl[:, :R], self.dt_proj.weight)  # [B, E]
         Bm, Cm = x_dbl[:, R:R + N], x_dbl[:, R + N:]
         if ts is None:
             kw = {"delta": dt, "delta_bias": self.dt_proj.bias, "delta_softplus": True}
@@ -260,4 +262,4 @@ class Mamba(Mixer):
             kw = self._step_kwargs(dt, ts[:, 0])
         y = selective_state_update(cache.ssm_state, xs, A=self.A_log, a_is_log=True, B=Bm, C=Cm, D=self.D,
                                    z=xz[:, E:], discretization=self.discretization, **kw)
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1)
+        return self.out_proj(y).unsqueeze(1)
