@@ -219,7 +219,9 @@ def graph_decoder(model: Any, batch_size: int, max_seqlen: int, device: torch.de
     A valid cached decoder has its caches reset (``InferenceCaches.reset``) and is returned; otherwise
     the step is captured on fresh caches, and decoders of ``model`` whose parameters changed since
     their capture are dropped (they can never be valid again). ``decoder.caches`` are the caches to
-    prefill. Sampling runs outside the graph, so its options may change freely between calls.
+    prefill. Sampling runs outside the graph, so its options may change freely between calls. The
+    decoder and its caches are shared by every call with the same key, so two ``generate`` calls on
+    one model must not run at the same time (e.g. from two threads); ``clear_graph_cache`` frees them.
 
     Raises:
         ValueError / RuntimeError: as ``CUDAGraphDecoder``.
