@@ -4,7 +4,10 @@
   return the logits that predict each row's next token.
 - ``decode_one_token(model, tokens, caches, ...)``: one ``model.step``; the caches advance in place.
 - ``process_logits`` / ``sample``: repetition penalty, temperature, top-k, top-p, min-p, then a draw.
-- ``CUDAGraphDecoder``: ``decode_one_token`` captured once in a CUDA graph and replayed.
+- ``CUDAGraphDecoder``: ``decode_one_token`` captured once in a CUDA graph and replayed;
+  ``graph_decoder`` keeps one per (model, batch size, capacity, step input dtype) across ``generate``
+  calls (``graph_cache_key`` says when a captured graph is still valid; ``clear_graph_cache`` frees them).
+- ``count_kernels`` / ``count_aten_calls``: what one decode step launches (graph replay) or calls (eager).
 - ``generate``: the loop, with stop tokens, a seed / generator, a streaming callback, batched prompts
   of different lengths and the returned scores.
 
@@ -20,6 +23,8 @@ Shapes: B batch, T prompt length, N new tokens, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +33,8 @@ import torch
 from seqblocks.layers.checks import check_finite, check_lengths, check_positive, check_timesteps
 
 __all__ = ["GenerationOutput", "generate", "prefill", "decode_one_token", "process_logits", "sample",
-           "check_sampling_options", "CUDAGraphDecoder"]
+           "check_sampling_options", "CUDAGraphDecoder", "graph_decoder", "graph_cache_key", "clear_graph_cache",
+           "count_kernels", "count_aten_calls"]
 
 
 @dataclasses.dataclass
@@ -147,6 +153,7 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model: Any, caches: Any, timestep_dtype: torch.dtype | None = None) -> None:
+        self.caches = caches
         device = caches.seqlen_offset.device
         if device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model and caches on a CUDA device, not {device}")
@@ -182,6 +189,99 @@ class CUDAGraphDecoder:
             self.timesteps.copy_(integration_timesteps)
         self.graph.replay()
         return self.logits
+
+
+# model -> {(batch, capacity, step input dtype, device): (parameter fingerprint, decoder)}. Weak in the
+# model: a collected model takes its graphs (and their memory pools and caches) with it.
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_cache_key(model: Any, batch_size: int, max_seqlen: int, device: torch.device,
+                    timestep_dtype: torch.dtype | None = None) -> tuple[tuple, tuple]:
+    """(shape key, parameter fingerprint) that a captured decode step is valid for.
+
+    A graph replays fixed device addresses, so it stays valid while every parameter and buffer is the
+    same tensor storage, dtype and shape, unchanged in place (the version counter: values cached
+    outside the graph during capture, such as a memoised discretisation, would otherwise go stale),
+    and the model is in the same train / eval mode. Replacing, moving or casting a parameter, or an
+    optimizer step, changes the fingerprint and the next ``graph_decoder`` call captures afresh.
+    """
+    fingerprint = tuple(
+        (name, t.data_ptr(), t.dtype, t.device, tuple(t.shape), t._version)
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
+    return (batch_size, max_seqlen, timestep_dtype, torch.device(device)), (bool(model.training), fingerprint)
+
+
+def graph_decoder(model: Any, batch_size: int, max_seqlen: int, device: torch.device,
+                  timestep_dtype: torch.dtype | None = None) -> CUDAGraphDecoder:
+    """A ``CUDAGraphDecoder`` for ``model`` at this batch size and capacity, reused while valid.
+
+    A valid cached decoder has its caches reset (``InferenceCaches.reset``) and is returned; otherwise
+    the step is captured on fresh caches, and decoders of ``model`` whose parameters changed since
+    their capture are dropped (they can never be valid again). ``decoder.caches`` are the caches to
+    prefill. Sampling runs outside the graph, so its options may change freely between calls. The
+    decoder and its caches are shared by every call with the same key, so two ``generate`` calls on
+    one model must not run at the same time (e.g. from two threads); ``clear_graph_cache`` frees them.
+
+    Raises:
+        ValueError / RuntimeError: as ``CUDAGraphDecoder``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model and caches on a CUDA device, not {device}")
+    shape_key, fingerprint = graph_cache_key(model, batch_size, max_seqlen, device, timestep_dtype)
+    per_model = _GRAPHS.setdefault(model, {})
+    hit = per_model.get(shape_key)
+    if hit is not None and hit[0] == fingerprint:
+        hit[1].caches.reset()
+        return hit[1]
+    for key in [k for k, (fp, _) in per_model.items() if fp != fingerprint]:
+        del per_model[key]
+    decoder = CUDAGraphDecoder(model, model.allocate_inference_cache(batch_size, max_seqlen), timestep_dtype)
+    per_model[shape_key] = (fingerprint, decoder)
+    return decoder
+
+
+def clear_graph_cache(model: Any = None) -> None:
+    """Drop the cached decoders of ``model`` (of every model when None), freeing their graphs and caches."""
+    if model is None:
+        _GRAPHS.clear()
+    else:
+        _GRAPHS.pop(model, None)
+
+
+def count_kernels(fn: Callable[[], Any]) -> int:
+    """Device kernels launched by one call of ``fn`` (e.g. a ``CUDAGraphDecoder`` replay), counted with
+    ``torch.profiler``; memory copies and sets are not kernels and are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = {torch.autograd.DeviceType.CUDA}
+    return sum(1 for e in prof.events() if e.device_type in kinds and not e.name.lower().startswith(
+        ("memcpy", "memset")))
+
+
+def count_aten_calls(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(top-level, all) ATen operator calls made by one call of ``fn``, counted with ``torch.profiler``
+    on the host; top-level calls are those not made from inside another ATen call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+
+    def nested(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in aten if not nested(e)), len(aten)
 
 
 def _release_rng_from_capture(device: torch.device) -> None:
@@ -327,7 +427,9 @@ def generate(
             generate one). Default: None.
         return_scores (bool): return the raw logits of every generated token. Default: False.
         cuda_graph (bool): replay the decode step from a CUDA graph (CUDA only); same tokens as eager
-            decoding. Default: False.
+            decoding. The graph (and its caches) is kept for later calls with the same model, batch
+            size, ``max_seqlen`` and step inputs until the model's parameters change
+            (``graph_decoder``; ``clear_graph_cache`` frees it). Default: False.
         integration_timesteps (Tensor | None): [B, C] time delta of each position, for event /
             time-varying mixers. C >= T + max_new_tokens - 1 covers prompts and generated tokens;
             C == T covers the prompts only, and generated tokens then get the mixers' default.
@@ -385,10 +487,12 @@ def generate(
             raise ValueError(f"integration_timesteps has {C} columns; give {T} (prompts only, equal-length or "
                              f"padded prefill) or at least {needed} (prompts and generated tokens)")
 
-    caches = model.allocate_inference_cache(B, max_seqlen)
     decoder = None
     if cuda_graph:
-        decoder = CUDAGraphDecoder(model, caches, integration_timesteps.dtype if ts_decode else None)
+        decoder = graph_decoder(model, B, max_seqlen, device, integration_timesteps.dtype if ts_decode else None)
+        caches = decoder.caches
+    else:
+        caches = model.allocate_inference_cache(B, max_seqlen)
 
     ts = integration_timesteps
     if uniform or padded:
@@ -413,7 +517,32 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     iterations = int((lengths - fed).max()) + N
+    # Prefilled prompts without stop conditions: every row draws one token per iteration, so the
+    # bookkeeping below reduces to writing column ``it`` (a handful of launches per token).
+    simple = (uniform or padded) and not stopping
+    everyone = torch.ones(B, dtype=torch.bool, device=device) if simple else None
     for it in range(iterations):
+        if simple:
+            processed = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, seen=seen)
+            drawn = sample(processed, temperature=temperature, generator=generator)
+            tokens[:, it] = drawn
+            if scores is not None:
+                scores[:, it] = logits
+            if seen is not None:
+                seen[rows, drawn] = True
+            if callback is not None:
+                callback(drawn, everyone)
+            if it == iterations - 1:
+                break
+            step_ts = ts.gather(1, fed[:, None]) if ts_decode else None
+            if decoder is not None:
+                logits = decoder(drawn[:, None], step_ts)
+            else:
+                logits = decode_one_token(model, drawn[:, None], caches, step_ts)
+            if ts_decode:
+                fed += 1
+            continue
         in_prompt = fed < lengths
         active = ~in_prompt & ~finished & (n_gen < N)
         processed = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -451,6 +580,8 @@ def generate(
             logits = decode_one_token(model, next_tokens[:, None], caches, step_ts)
         fed += 1
 
+    if simple:
+        n_gen.fill_(N)
     sequences = torch.full((B, T + N), pad_token_id, dtype=torch.long, device=device)
     sequences[:, :T] = torch.where(valid, input_ids, torch.full_like(input_ids, pad_token_id))
     offsets = torch.arange(N, device=device)[None]

@@ -47,6 +47,7 @@ from seqblocks.ops._backend import autocast_off
 from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.reference import state_dtype
+from seqblocks.ops.scan.step import linear_scan_step
 from seqblocks.ops.ssm_conv_kernels import ssm_powers
 
 __all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "complex_dtype", "post_layers",
@@ -255,6 +256,11 @@ def diag_states(log_lam: torch.Tensor, v: torch.Tensor, *, mode: str, reverse: b
     """
     if mode == "scan" or a is not None:
         decay = torch.exp(log_lam) if a is None else a
+        step = v.shape[1] == 1 and not reverse and h0 is not None and lengths is None
+        if step and decay.shape in (v.shape, v.shape[2:]) and h0.dtype == state_dtype(decay.dtype, v.dtype, h0.dtype):
+            # A decode step: one fused launch on CUDA instead of a one-step scan.
+            h = linear_scan_step(h0, decay[:, 0] if decay.dim() == v.dim() else decay, v[:, 0], inplace=False)
+            return h.unsqueeze(1), h
         return linear_scan(decay, v, h0, reverse=reverse, lengths=lengths)
     B, T = v.shape[:2]
     S = v.shape[2:]

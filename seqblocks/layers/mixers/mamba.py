@@ -39,9 +39,10 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.mixer import Mixer
-from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
+from seqblocks.ops.selective_scan.step import conv_step
 from seqblocks.registry import MIXERS
 
 __all__ = ["Mamba", "MambaCache"]
@@ -208,9 +209,9 @@ class Mamba(Mixer):
             check_cache("Mamba", cache, MambaCache, Bsz, x.device)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
         if cache is not None and T == 1 and lengths is None:
-            return self._step(xs[:, 0], z[:, 0], cache, integration_timesteps).to(in_dtype)
+            return self._step(x, cache, integration_timesteps).to(in_dtype)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
 
         xs, conv_final = self._conv(xs, None if cache is None else cache.conv_state, lengths)
         dt, Bm, Cm = self._dt_B_C(xs)
@@ -254,12 +255,23 @@ class Mamba(Mixer):
         step = F.softplus(dt.to(acc) + self.dt_proj.bias.to(acc))
         return {"delta": step, "delta_A": step * ts.to(acc).unsqueeze(-1)}
 
-    def _step(self, xs: torch.Tensor, z: torch.Tensor, cache: MambaCache, ts: torch.Tensor | None) -> torch.Tensor:
-        # One token: xs, z [B, E]; updates the conv and SSM states in place.
-        xs = causal_conv1d_update(xs, cache.conv_state, self.conv_weight, self.conv_bias, activation="silu")
-        dt, Bm, Cm = self._dt_B_C(xs)
-        kw = self._step_kwargs(dt, None if ts is None else ts[:, 0])
-        y = selective_state_update(cache.ssm_state, xs, A=-torch.exp(self.A_log.to(self._acc(xs))), B=Bm, C=Cm,
-                                   D=self.D.to(self._acc(xs)), z=z, discretization=self.discretization, **kw)
-        cache.advance(1)
+    def _step(self, x: torch.Tensor, cache: MambaCache, ts: torch.Tensor | None) -> torch.Tensor:
+        # One token, x [B, 1, D]: four GEMMs on views (no copies) around two fused ops, each one Triton
+        # launch on CUDA (docs/kernels.md, "Decode step kernels"). The conv and SSM states update in
+        # place and the conv op advances the cache's token count. The projections are called as the
+        # modules (as in the prefill, so hooks or a swapped Linear act alike); dt_proj's bias is
+        # left to the fused step.
+        E, R, N = self.d_inner, self.dt_rank, self.d_state
+        xz = self.in_proj(x[:, 0])  # [B, 2E]
+        xs = conv_step(xz[:, :E], cache.conv_state, self.conv_weight, self.conv_bias, activation="silu",
+                       seqlen_offset=cache.seqlen_offset)  # [B, E]
+        x_dbl = self.x_proj(xs)  # [B, R + 2N]
+        dt = F.linear(x_dbl[:, :R], self.dt_proj.weight)  # [B, E]
+        Bm, Cm = x_dbl[:, R:R + N], x_dbl[:, R + N:]
+        if ts is None:
+            kw = {"delta": dt, "delta_bias": self.dt_proj.bias, "delta_softplus": True}
+        else:
+            kw = self._step_kwargs(dt, ts[:, 0])
+        y = selective_state_update(cache.ssm_state, xs, A=self.A_log, a_is_log=True, B=Bm, C=Cm, D=self.D,
+                                   z=xz[:, E:], discretization=self.discretization, **kw)
         return self.out_proj(y).unsqueeze(1)

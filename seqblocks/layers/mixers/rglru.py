@@ -34,8 +34,10 @@ from seqblocks.layers.checks import (
     lengths_mask,
 )
 from seqblocks.layers.mixer import Mixer
-from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.ops.scan import linear_scan
+from seqblocks.ops.scan.step import rglru_step
+from seqblocks.ops.selective_scan.step import conv_step
 from seqblocks.registry import MIXERS
 
 __all__ = ["RGLRU", "RGLRUCache"]
@@ -221,11 +223,12 @@ class RGLRU(Mixer):
         g = F.gelu(self.gate_proj(x), approximate="tanh")
         xs = self.in_proj(x)
         if cache is not None and T == 1 and lengths is None:
-            xc = causal_conv1d_update(xs[:, 0], cache.conv_state, self.conv_weight, self.conv_bias)
-            a, b = self._recurrence_inputs(xc)
-            h = a * cache.rnn_state + b
-            cache.rnn_state.copy_(h)
-            cache.advance(1)
+            # Two fused ops (one Triton launch each on CUDA): the conv step also advances the cache, the
+            # RG-LRU step computes the gates' nonlinearities and the update in place.
+            xc = conv_step(xs[:, 0], cache.conv_state, self.conv_weight, self.conv_bias,
+                           seqlen_offset=cache.seqlen_offset)
+            ra, ri = self._gates(xc)
+            h = rglru_step(cache.rnn_state, xc, ra, ri, self.a_param, self.c)
             return self.out_proj(h.to(x.dtype).unsqueeze(1) * g).to(in_dtype)
         xc, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias,
                                        initial_state=None if cache is None else cache.conv_state, lengths=lengths)

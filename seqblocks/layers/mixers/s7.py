@@ -43,6 +43,7 @@ from seqblocks.layers.checks import (
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.scan import linear_scan
+from seqblocks.ops.scan.step import s7_step
 from seqblocks.registry import MIXERS
 
 __all__ = ["S7", "S7Cache", "s7_base_init"]
@@ -176,17 +177,17 @@ class S7(Mixer):
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         xs = self.in_proj(x)
-        a, bu, Cm, Dt = self._system(xs)
         if cache is not None and T == 1 and lengths is None:
-            h = a * cache.state.unsqueeze(1) + bu  # [B, 1, N]
-            cache.state.copy_(h[:, 0])
+            # One launch on CUDA after x_proj: the system, the update in place, the readout, the advance.
+            y = s7_step(cache.state, xs[:, 0], self.x_proj(xs[:, 0]), self.lambda_base, self.d_base,
+                        seqlen_offset=cache.seqlen_offset).unsqueeze(1)
         else:
+            a, bu, Cm, Dt = self._system(xs)
             h, final = linear_scan(a, bu, None if cache is None else cache.state, lengths=lengths)
             if cache is not None:
                 cache.state.copy_(final)
-        if cache is not None:
-            cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
-        y = torch.einsum("btdn,btn->btd", Cm, h) + Dt * xs.to(Dt.dtype)
+                cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
+            y = torch.einsum("btdn,btn->btd", Cm, h) + Dt * xs.to(Dt.dtype)
         y = y.to(x.dtype)
         y = y * torch.sigmoid(self.gate_proj(F.gelu(y)))
         valid = lengths_mask(lengths, T, x.device)

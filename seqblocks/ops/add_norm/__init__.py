@@ -1,7 +1,8 @@
 """Residual add + normalisation as one op, the op behind ``Block(fused_add_norm=True)``.
 
-Today it has one implementation, in PyTorch (the add and the norm in adjacent lines, fp32
-statistics); the seed's flag name ``fused_add_norm`` is kept, and no GPU kernel fuses the two yet.
+The PyTorch implementation (the add and the norm in adjacent lines, fp32 statistics) is the spec
+and the training path; ``triton.py`` fuses the two into one launch for inference (no gradient needed:
+decode steps, evaluation), which "auto" takes on CUDA.
 
 Shapes: x, residual [..., D]; weight, bias [D].
 """
@@ -12,6 +13,8 @@ import torch
 
 from seqblocks.ops._backend import resolve_backend
 from seqblocks.ops.add_norm.reference import add_norm_ref
+
+MAX_D = 16384  # the widest row the kernel keeps in registers (ops/add_norm/triton.py)
 
 __all__ = ["add_norm", "add_norm_ref"]
 
@@ -56,6 +59,15 @@ def add_norm(
             raise ValueError(f"add_norm: {name} shape {tuple(p.shape)} != ({dim},)")
     if is_rms and bias is not None:
         raise ValueError("add_norm: RMSNorm takes no bias")
-    resolve_backend(backend, x, op="add_norm", has_kernel=False)
+    # The kernel (``triton.py``) serves inference: no input needs a gradient (it has no backward).
+    tensors = (x, residual, weight, bias)
+    served = (dim <= MAX_D and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                   for t in tensors))
+              and all(t is None or (t.is_floating_point() and t.dtype.itemsize <= 4) for t in tensors))
+    if resolve_backend(backend, x, residual, op="add_norm", has_kernel=served) == "triton":
+        from seqblocks.ops.add_norm.triton import add_norm_triton
+
+        y, r = add_norm_triton(x, residual, weight, bias, eps, is_rms, residual_in_fp32)
+        return (y, r) if prenorm else y
     y, r = add_norm_ref(x, residual, weight, bias, eps, is_rms, residual_in_fp32)
     return (y, r) if prenorm else y

@@ -132,9 +132,13 @@ def selective_state_update(
     delta_softplus: bool = False,
     discretization: str = "mamba",
     delta_A: Tensor | None = None,
+    a_is_log: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """One decode step of ``selective_scan``: advances ``state`` in place and returns ``y``.
+
+    The Triton path (``step_triton.py``) is one launch for real states with the "mamba", "bilinear" or
+    "dirac" discretisation: bias, softplus, ``-exp(A_log)``, the update, the readout, D and the gate fused.
 
     Args:
         state (Tensor): [B, D, N] fp32 / complex64 state, overwritten with the new state.
@@ -143,6 +147,9 @@ def selective_state_update(
         B, C (Tensor): [B, N] or [B, G, N].
         D, delta_bias (Tensor | None): [D].
         delta_softplus, discretization, delta_A ([B, D] or [B]), backend: as in ``selective_scan``.
+        a_is_log (bool): ``A`` holds ``log(-A)`` (Mamba's real ``A_log``) and the step uses
+            ``A = -exp(A)``, computed inside the kernel, so a parameter updated in place is always read
+            fresh. Default: False.
 
     Returns:
         y (Tensor): [B, D] in u's dtype; equal to ``selective_scan`` on the one-step sequence.
@@ -156,7 +163,20 @@ def selective_state_update(
     check_inputs(u.unsqueeze(1), delta.unsqueeze(1), A, B.unsqueeze(1), C.unsqueeze(1), D,
            None if z is None else z.unsqueeze(1), delta_bias, discretization,
            None if delta_A is None else delta_A.unsqueeze(1), state, None, None)
-    resolve_backend(backend, state, u, op="selective_state_update", has_kernel=False)
+    if a_is_log and A.is_complex():
+        raise TypeError(f"selective_state_update: a_is_log=True needs a real A (log(-A)), got {A.dtype}")
+    # One launch serves real fp32 states (fp32 is the one 4-byte real floating dtype) without zoh.
+    served = discretization != "zoh" and state.is_floating_point() and state.dtype.itemsize == 4 and all(
+        t is None or (not t.is_complex() and t.dtype.itemsize <= 4) for t in (u, delta, A, B, C, D, z, delta_bias,
+                                                                             delta_A))
+    if resolve_backend(backend, state, u, op="selective_state_update", has_kernel=served) == "triton":
+        from seqblocks.ops.selective_scan.step_triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, u, delta, A, B, C, D, z, delta_bias=delta_bias,
+                                             delta_softplus=delta_softplus, discretization=discretization,
+                                             delta_A=delta_A, a_is_log=a_is_log)
+    if a_is_log:
+        A = -A.to(state.real.dtype).exp()
     return selective_state_update_torch(state, u, delta, A, B, C, D, z, delta_bias=delta_bias,
                                         delta_softplus=delta_softplus, discretization=discretization,
                                         delta_A=delta_A)
