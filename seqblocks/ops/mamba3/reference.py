@@ -70,7 +70,7 @@ def mamba3_step_ref(state: Mamba3State, q, k, v, adt, dt, trap, q_bias, k_bias, 
     if not mimo:
         y = y[:, 0]
     elif mimo_o is not None:
-        y = torch.einsum("brhp,rhp->bhp", y, mimo_o)
+        y = torch.einsum("brhp,hrp->bhp", y, mimo_o)
     return y, Mamba3State(theta, h, kr, v)
 
 

@@ -70,6 +70,9 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
     adt, dt, trap = (torch.where(keep[..., None], t, zero) for t in (adt, dt, trap))
     state = initial_state if initial_state is not None else zero_state(Bsz, H, P, N, R, S, device=dev, dtype=acc)
     state = Mamba3State(*(s.to(acc) for s in state))
+    if T == 0:
+        y = v.new_zeros((Bsz, 0, R, H, P) if mimo and mimo_o is None else (Bsz, 0, H, P), dtype=out_dtype)
+        return (y, Mamba3State(*(s.clone() for s in state))) if return_final_state else y
 
     lam = torch.sigmoid(trap)                                                    # [B, T, H]
     gamma = dt * lam
@@ -115,7 +118,7 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
     if not mimo:
         y = y[:, :, 0]
     elif mimo_o is not None:
-        y = torch.einsum("btrhp,rhp->bthp", y, mimo_o.to(acc))
+        y = torch.einsum("btrhp,hrp->bthp", y, mimo_o.to(acc))
     poisoned = (bad.to(torch.int32).cumsum(1) > 0).view(Bsz, T, *([1] * (y.dim() - 2)))
     y = y.masked_fill(poisoned, math.nan)
     if valid is not None:
