@@ -6,6 +6,8 @@ save / load). Parity with mamba_ssm's own ``Mamba3`` is the ``gpu`` test at the 
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -315,6 +317,11 @@ def test_presets_build(name):
 def test_matches_mamba_ssm_mamba3(kwargs):
     """A randomly initialised mamba_ssm ``Mamba3`` (its Triton / TileLang kernels, bf16) loads into ours
     unchanged and gives the same output, at a real shape."""
+    build_dir = os.environ.get("SEQBLOCKS_ANCHORS")  # /work/shared/anchors/build_anchors.py's BUILD_DIR
+    if build_dir:
+        sys.path[:0] = [build_dir, "/work/shared/anchors"]
+        import build_anchors
+        build_anchors.activate(build_dir)
     pytest.importorskip("mamba_ssm")
     try:
         from mamba_ssm.modules.mamba3 import Mamba3 as Theirs
