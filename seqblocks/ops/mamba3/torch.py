@@ -27,6 +27,7 @@ Shapes: B batch, T time, L chunk, H heads, P head width, N state width, G groups
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,25 +35,44 @@ import torch.nn.functional as F
 from seqblocks.ops.mamba3._common import TWO_PI, Mamba3State, compute_dtype, expand_groups, pack, rotate, unpack
 from seqblocks.ops.mamba3.reference import mamba3_step_ref, zero_state
 
-__all__ = ["mamba3_torch", "mamba3_step_torch"]
+__all__ = ["mamba3_torch", "mamba3_step_torch", "chunk_scan_torch", "prepare", "finish", "Prepared"]
 
 
-def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None, *, mimo_v=None, mimo_z=None,
-                 mimo_o=None, initial_state=None, return_final_state=False, lengths=None, cu_seqlens=None,
-                 chunk_size=64):
-    """Chunked Mamba-3; see ``seqblocks.ops.mamba3.mamba3`` for the contract. Inputs are assumed valid."""
-    if cu_seqlens is not None:
-        unpacked = [None if t is None else unpack(t, cu_seqlens)[0] for t in (q, k, v, adt, dt, trap, angles, z)]
-        y, final = mamba3_torch(*unpacked[:6], q_bias, k_bias, unpacked[6], D, unpacked[7], mimo_v=mimo_v,
-                                mimo_z=mimo_z, mimo_o=mimo_o, initial_state=initial_state, return_final_state=True,
-                                lengths=cu_seqlens.diff(), chunk_size=chunk_size)
-        y = pack(y, cu_seqlens)
-        return (y, final) if return_final_state else y
+class Prepared(NamedTuple):
+    """The scan's inputs after the elementwise prologue (all in the accumulation dtype)."""
 
+    qr: torch.Tensor      # [B, T, R, H, N] rotated, biased q
+    kr: torch.Tensor      # [B, T, R, H, N] rotated, biased k
+    x: torch.Tensor       # [B, T, R, H, P] x (MIMO: lifted by mimo_v)
+    adt: torch.Tensor     # [B, T, H] log decay, 0 at padding and poisoned tokens
+    scale: torch.Tensor   # [B, T, H] a key's weight for every later step
+    gamma: torch.Tensor   # [B, T, H] a key's weight for its own step
+    h0: torch.Tensor      # [B, H, P, N] the carried state to start from
+    theta: torch.Tensor   # [B, H, S] the final angles
+    bad: torch.Tensor     # [B, T] tokens with a non-finite input of the state
+    valid: torch.Tensor | None  # [B, T] inside lengths
+    state: Mamba3State    # the initial state
+
+
+def accumulate_angles(theta0: torch.Tensor, inc: torch.Tensor, chunk: int) -> torch.Tensor:
+    """theta0 [B, H, S] + running sum of inc [B, T, H, S], mod 2 pi: summed inside chunks, the chunk totals
+    carried mod 2 pi in float64, so the rounding does not grow with T."""
+    Bsz, T = inc.shape[:2]
+    pad = (-T) % chunk
+    c = F.pad(inc, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, chunk)).cumsum(2)      # [B, nc, L, H, S]
+    totals = torch.remainder(c[:, :, -1].double().cumsum(1), TWO_PI)              # [B, nc, H, S]
+    start = torch.cat([torch.zeros_like(totals[:, :1]), totals[:, :-1]], 1).to(inc.dtype)
+    theta = torch.remainder(theta0[:, None, None] + start[:, :, None] + c, TWO_PI)
+    return theta.flatten(1, 2)[:, :T]
+
+
+def prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size) -> Prepared:
+    """Everything before the chunked scan: masks, non-finite tokens, the trapezoid weights, the angles, the
+    rotated keys and queries and the carried initial state (module docstring)."""
     acc = compute_dtype(q, k, v, adt, dt, angles)
     Bsz, T, R, G, N = q.shape
     H, P, S = v.shape[2], v.shape[3], angles.shape[-1]
-    mimo, dev, out_dtype = mimo_v is not None, v.device, v.dtype
+    mimo, dev = mimo_v is not None, v.device
     q, k, v, adt, dt, trap, angles = (t.to(acc) for t in (q, k, v, adt, dt, trap, angles))
     q_bias, k_bias = q_bias.to(acc).transpose(0, 1), k_bias.to(acc).transpose(0, 1)  # [R, H, N]
     valid = None
@@ -70,46 +90,51 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
     adt, dt, trap = (torch.where(keep[..., None], t, zero) for t in (adt, dt, trap))
     state = initial_state if initial_state is not None else zero_state(Bsz, H, P, N, R, S, device=dev, dtype=acc)
     state = Mamba3State(*(s.to(acc) for s in state))
-    if T == 0:
-        y = v.new_zeros((Bsz, 0, R, H, P) if mimo and mimo_o is None else (Bsz, 0, H, P), dtype=out_dtype)
-        return (y, Mamba3State(*(s.clone() for s in state))) if return_final_state else y
 
     lam = torch.sigmoid(trap)                                                    # [B, T, H]
     gamma = dt * lam
     carry_in = dt * (1 - lam)                                                    # beta_t / alpha_t
     scale = gamma + F.pad(carry_in[:, 1:], (0, 0, 0, 1))                         # [B, T, H]
     inc = math.pi * torch.tanh(angles) * dt[..., None]                           # [B, T, H, S]
+    th = accumulate_angles(state.angle, inc, chunk_size)                         # [B, T, H, S]
     proj = mimo_v.to(acc).transpose(0, 1) if mimo else torch.ones(1, H, P, device=dev, dtype=acc)  # [R, H, P]
     x = v[:, :, None] * proj                                                     # [B, T, R, H, P]
-    qh, kh = expand_groups(q, H) + q_bias, expand_groups(k, H) + k_bias         # [B, T, R, H, N]
-
+    qr = rotate(expand_groups(q, H) + q_bias, th[:, :, None], halves=mimo)     # [B, T, R, H, N]
+    kr = rotate(expand_groups(k, H) + k_bias, th[:, :, None], halves=mimo)
     # The carried state starts with the first step's beta term of the given previous key and value.
     x_prev = state.v[:, None] * proj                                            # [B, R, H, P]
-    Hc = state.ssm + carry_in[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", x_prev, state.k)
-    theta = state.angle
-    ys, krs = [], []
+    h0 = state.ssm + carry_in[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", x_prev, state.k)
+    return Prepared(qr, kr, x, adt, scale, gamma, h0, th[:, -1], bad, valid, state)
+
+
+def chunk_scan_torch(qr, kr, x, adt, scale, gamma, h0, chunk_size):
+    """The chunked scan (module docstring): y [B, T, R, H, P] and the final carried state [B, H, P, N]."""
+    T, dev = qr.shape[1], qr.device
+    Hc, ys = h0, []
     for c0 in range(0, T, chunk_size):
         c1 = min(c0 + chunk_size, T)
         L = c1 - c0
-        th = torch.remainder(theta[:, None] + torch.cumsum(inc[:, c0:c1], 1), TWO_PI)   # [B, L, H, S]
-        theta = th[:, -1]
-        qr = rotate(qh[:, c0:c1], th[:, :, None], halves=mimo)                  # [B, L, R, H, N]
-        kr = rotate(kh[:, c0:c1], th[:, :, None], halves=mimo)
-        krs.append(kr)
-        xc = x[:, c0:c1]                                                         # [B, L, R, H, P]
+        q_, k_, xc = qr[:, c0:c1], kr[:, c0:c1], x[:, c0:c1]                   # [B, L, R, H, .]
         cum = torch.cumsum(adt[:, c0:c1], 1)                                     # [B, L, H]
         seg = cum[:, :, None] - cum[:, None]                                     # [B, L(t), L(s), H]
         below = torch.ones(L, L, dtype=torch.bool, device=dev).tril(-1)[None, :, :, None]
         w = torch.exp(torch.where(below, seg, -math.inf)) * scale[:, None, c0:c1]
         w = w + torch.diag_embed(gamma[:, c0:c1].transpose(1, 2)).permute(0, 2, 3, 1)  # diagonal: gamma_t
-        scores = torch.einsum("btrhn,bsuhn->bhtrsu", qr, kr) * w.permute(0, 3, 1, 2)[:, :, :, None, :, None]
+        scores = torch.einsum("btrhn,bsuhn->bhtrsu", q_, k_) * w.permute(0, 3, 1, 2)[:, :, :, None, :, None]
         y = torch.einsum("bhtrsu,bsuhp->btrhp", scores, xc)
-        y = y + torch.einsum("bhpn,btrhn->btrhp", Hc, qr) * torch.exp(cum)[:, :, None, :, None]
+        y = y + torch.einsum("bhpn,btrhn->btrhp", Hc, q_) * torch.exp(cum)[:, :, None, :, None]
         to_end = torch.exp(cum[:, -1:] - cum) * scale[:, c0:c1]                 # [B, L, H]
         Hc = torch.exp(cum[:, -1])[..., None, None] * Hc + torch.einsum(
-            "bsuhp,bsuhn->bhpn", xc * to_end[:, :, None, :, None], kr)
+            "bsuhp,bsuhn->bhpn", xc * to_end[:, :, None, :, None], k_)
         ys.append(y)
-    y = torch.cat(ys, 1) if ys else x.new_zeros(Bsz, 0, R, H, P)                # [B, T, R, H, P]
+    return torch.cat(ys, 1), Hc
+
+
+def finish(y, hf, prep: Prepared, v, D, z, mimo_v, mimo_z, mimo_o, lengths, return_final_state, out_dtype):
+    """Everything after the chunked scan: skip, gate, MIMO fold, poisoning and padding, the final state."""
+    x, valid, bad = prep.x, prep.valid, prep.bad
+    Bsz, T = x.shape[:2]
+    acc, mimo = x.dtype, mimo_v is not None
     if D is not None:
         y = y + D.to(acc)[:, None] * x
     if z is not None:
@@ -121,32 +146,60 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
         y = torch.einsum("btrhp,hrp->bthp", y, mimo_o.to(acc))
     poisoned = (bad.to(torch.int32).cumsum(1) > 0).view(Bsz, T, *([1] * (y.dim() - 2)))
     y = y.masked_fill(poisoned, math.nan)
+    zero = torch.zeros((), dtype=acc, device=y.device)
     if valid is not None:
         y = torch.where(valid.view(Bsz, T, *([1] * (y.dim() - 2))), y, zero)
     y = y.to(out_dtype)
     if not return_final_state:
         return y
-    final = _final_state(Bsz, T, theta, Hc, krs, v, state, lengths, dev)
-    if T:  # a poisoned row's whole state is NaN
-        final = Mamba3State(*(s.masked_fill(poisoned[:, -1].view(Bsz, *([1] * (s.dim() - 1))), math.nan)
-                              for s in final))
-    return y, final
+    final = _final_state(prep, hf, v.to(acc), lengths)
+    # A poisoned row's whole state is NaN.
+    return y, Mamba3State(*(s.masked_fill(poisoned[:, -1].view(Bsz, *([1] * (s.dim() - 1))), math.nan)
+                            for s in final))
 
 
-def _final_state(Bsz, T, theta, Hc, krs, v, state, lengths, dev) -> Mamba3State:
+def _final_state(prep: Prepared, hf, v, lengths) -> Mamba3State:
     # The last valid step's key and value (the initial ones for an empty row).
-    R, H, N = state.k.shape[1:]
-    kr_all = torch.cat(krs, 1) if krs else state.k.new_zeros(Bsz, 0, R, H, N)
+    state, kr = prep.state, prep.kr
+    Bsz, dev = kr.shape[0], kr.device
     if lengths is None:
-        if T == 0:
-            return Mamba3State(theta, Hc, state.k, state.v)
-        return Mamba3State(theta, Hc, kr_all[:, -1].contiguous(), v[:, -1])
+        return Mamba3State(prep.theta, hf, kr[:, -1].contiguous(), v[:, -1])
     last = (lengths.to(dev) - 1).clamp(min=0)
-    has = (lengths.to(dev) > 0)
+    has = lengths.to(dev) > 0
     rows = torch.arange(Bsz, device=dev)
-    k_last = torch.where(has[:, None, None, None], kr_all[rows, last], state.k) if T else state.k
-    v_last = torch.where(has[:, None, None], v[rows, last], state.v) if T else state.v
-    return Mamba3State(theta, Hc, k_last, v_last)
+    k_last = torch.where(has[:, None, None, None], kr[rows, last], state.k)
+    v_last = torch.where(has[:, None, None], v[rows, last], state.v)
+    return Mamba3State(prep.theta, hf, k_last, v_last)
+
+
+def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None, *, mimo_v=None, mimo_z=None,
+                 mimo_o=None, initial_state=None, return_final_state=False, lengths=None, cu_seqlens=None,
+                 chunk_size=64, scan=None):
+    """Chunked Mamba-3; see ``seqblocks.ops.mamba3.mamba3`` for the contract. Inputs are assumed valid.
+
+    ``scan`` replaces ``chunk_scan_torch`` (the Triton path passes its kernel); the prologue and epilogue
+    are the same for both."""
+    if cu_seqlens is not None:
+        unpacked = [None if t is None else unpack(t, cu_seqlens)[0] for t in (q, k, v, adt, dt, trap, angles, z)]
+        y, final = mamba3_torch(*unpacked[:6], q_bias, k_bias, unpacked[6], D, unpacked[7], mimo_v=mimo_v,
+                                mimo_z=mimo_z, mimo_o=mimo_o, initial_state=initial_state, return_final_state=True,
+                                lengths=cu_seqlens.diff(), chunk_size=chunk_size, scan=scan)
+        y = pack(y, cu_seqlens)
+        return (y, final) if return_final_state else y
+    Bsz, T, R = q.shape[:3]
+    H, P = v.shape[2:]
+    if T == 0:
+        acc = compute_dtype(q, k, v, adt, dt, angles)
+        y = v.new_zeros((Bsz, 0, R, H, P) if mimo_v is not None and mimo_o is None else (Bsz, 0, H, P))
+        if not return_final_state:
+            return y
+        S, N = angles.shape[-1], q.shape[-1]
+        state = initial_state or zero_state(Bsz, H, P, N, R, S, device=v.device, dtype=acc)
+        return y, Mamba3State(*(s.to(acc).clone() for s in state))
+    prep = prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size)
+    y, hf = (scan or chunk_scan_torch)(prep.qr, prep.kr, prep.x, prep.adt, prep.scale, prep.gamma, prep.h0,
+                                       chunk_size)
+    return finish(y, hf, prep, v, D, z, mimo_v, mimo_z, mimo_o, lengths, return_final_state, v.dtype)
 
 
 def mamba3_step_torch(state: Mamba3State, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
