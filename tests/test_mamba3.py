@@ -61,7 +61,8 @@ def outputs_and_grads(fn, inputs, state, **kw):
     y, final = fn(*args, **kwargs, initial_state=st, return_final_state=True, **kw)
     g = torch.Generator().manual_seed(7)
     outs = [y, *final]
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)  # a cotangent on each
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum()
+               for o in outs)  # a random cotangent on each output, the same in every dtype
     named = {**leaves, **({} if st is None else {f"state.{f}": t for f, t in zip(Mamba3State._fields, st)})}
     grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
     return outs, dict(zip(named, grads))

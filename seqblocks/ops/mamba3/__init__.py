@@ -2,8 +2,10 @@
 
 ``mamba3`` validates its inputs and dispatches: ``reference.py`` is the sequential spec, ``torch.py`` the
 chunked PyTorch path (quadratic inside a chunk, state passing between chunks), differentiated by
-autograd. There is no Triton kernel yet: ``backend="auto"`` runs the PyTorch path on every device and
-``backend="triton"`` raises ``ValueError`` saying so. ``mamba3_step`` is the one-token decode step,
+autograd, and ``triton.py`` the same chunked scan as Triton kernels, forward and backward (the elementwise
+prologue and epilogue stay PyTorch): ``backend="auto"`` picks them for CUDA tensors when Triton is
+installed, for MIMO ranks that are powers of two up to 8, N and P up to 256, and inputs other than float64.
+``mamba3_step`` is the one-token decode step (PyTorch),
 updating a ``Mamba3State`` in place. SISO (rank R = 1) and MIMO (R > 1, ``mimo_v`` given) share one op.
 
 Layout is time before heads ([B, T, H, P]); mamba_ssm's kernels take ``adt`` / ``dt`` / ``trap`` as
@@ -19,7 +21,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
-from seqblocks.ops.mamba3._common import Mamba3State, check_inputs
+from seqblocks.ops.mamba3._common import Mamba3State, check_inputs, kernel_serves
 from seqblocks.ops.mamba3.reference import mamba3_ref, mamba3_step_ref, zero_state
 from seqblocks.ops.mamba3.torch import mamba3_step_torch, mamba3_torch
 
@@ -85,7 +87,7 @@ def mamba3(
             batch; the state restarts at every boundary. Default: None.
         chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond
             rounding. Default: 64.
-        backend (str): "auto" or "torch"; "triton" raises (no kernel yet). Default: "auto".
+        backend (str): "auto", "torch" or "triton" (the chunked scan as Triton kernels). Default: "auto".
 
     Returns:
         y [B, T, H, P] ([B, T, R, H, P] for MIMO without ``mimo_o``) in v's dtype; with
@@ -95,16 +97,24 @@ def mamba3(
         TypeError: non-tensor or non-floating inputs, a state that is not a 4-tuple.
         ValueError: mismatched shapes (named with the expected shape), an odd N, S > N / 2, groups
             not dividing H, R > 1 without ``mimo_v``, a bad ``chunk_size``, lengths out of [0, T],
-            malformed cu_seqlens, an unknown backend or ``backend="triton"``.
+            malformed cu_seqlens, an unknown backend, ``backend="triton"`` for inputs it cannot run on
+            (CPU tensors without TRITON_INTERPRET=1, float64, a rank that is not a power of two up to 8).
+        ImportError: ``backend="triton"`` without Triton installed.
     """
     check_inputs("mamba3", q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                  initial_state, lengths, cu_seqlens, chunk_size)
-    resolve_backend(backend, q, k, v, op="mamba3", has_kernel=False)
+    scan = None
+    serves = kernel_serves(q.shape[-3], q.shape[-1], v.shape[-1], v.dtype)
+    if resolve_backend(backend, q, k, v, op="mamba3", has_kernel=serves) == "triton":
+        from seqblocks.ops.mamba3.triton import chunk_scan_triton
+
+        def scan(qr, kr, x, adt_, scale, gamma, h0, chunk):
+            return chunk_scan_triton(qr, kr, x, adt_, scale, gamma, h0, chunk, in_dtype=v.dtype)
     if initial_state is not None:
         initial_state = Mamba3State(*initial_state)
     return mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v=mimo_v, mimo_z=mimo_z,
                         mimo_o=mimo_o, initial_state=initial_state, return_final_state=return_final_state,
-                        lengths=lengths, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                        lengths=lengths, cu_seqlens=cu_seqlens, chunk_size=chunk_size, scan=scan)
 
 
 @outside_autocast

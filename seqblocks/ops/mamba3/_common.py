@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Mamba3State", "check_inputs", "check_state", "compute_dtype", "rotate", "pack", "unpack",
+__all__ = ["Mamba3State", "kernel_serves", "check_inputs", "check_state", "compute_dtype", "rotate", "pack", "unpack",
            "expand_groups"]
 
 
@@ -30,6 +30,12 @@ class Mamba3State(NamedTuple):
     ssm: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+
+
+def kernel_serves(R: int, N: int, P: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take these sizes: rank R a power of two up to 8, N and P up to 256,
+    inputs other than float64."""
+    return dtype != torch.float64 and R & (R - 1) == 0 and R <= 8 and N <= 256 and P <= 256
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
