@@ -186,10 +186,11 @@ class _ChunkScan(torch.autograd.Function):
         nchunks = triton.cdiv(T, block_t)
         y = torch.empty(Bsz, T, R, H, P, device=qr.device, dtype=torch.float32)
         hf = torch.empty(Bsz, H, P, N, device=qr.device, dtype=torch.float32)
-        hc = torch.empty(Bsz, H, nchunks, P, N, device=qr.device, dtype=torch.float32)
-        grid = (H, Bsz)
-        _chunk_fwd_kernel[grid](q_, k_, x_, adt_, scale_, gamma_, h0_, y, hf, hc, T, H, N, P, R=R, BLOCK_T=block_t,
-                                BLOCK_N=block_n, BLOCK_P=block_p, STORE_STATES=True, PREC=prec)
+        store = any(ctx.needs_input_grad)  # each chunk's starting state, for the backward only
+        hc = torch.empty(Bsz, H, nchunks if store else 1, P, N, device=qr.device, dtype=torch.float32)
+        _chunk_fwd_kernel[(H, Bsz)](q_, k_, x_, adt_, scale_, gamma_, h0_, y, hf, hc, T, H, N, P, R=R,
+                                    BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p, STORE_STATES=store,
+                                    PREC=prec, num_warps=4)
         ctx.save_for_backward(q_, k_, x_, adt_, scale_, gamma_, hc)
         ctx.meta = (block_t, block_n, block_p, prec, qr.dtype, x.dtype)
         return y.to(x.dtype), hf.to(h0.dtype)
@@ -208,7 +209,7 @@ class _ChunkScan(torch.autograd.Function):
         dh0 = torch.empty(Bsz, H, P, N, device=q_.device)
         _chunk_bwd_kernel[(H, Bsz)](q_, k_, x_, adt_, scale_, gamma_, hc, dy, dhf, dq, dk, dx, dadt, dscale, dgamma,
                                     dh0, T, H, N, P, R=R, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
-                                    PREC=prec)
+                                    PREC=prec, num_warps=8)
         return (dq.to(q_dtype), dk.to(q_dtype), dx.to(x_dtype), dadt[:, :, 0], dscale.sum(2), dgamma.sum(2), dh0,
                 None, None)
 
