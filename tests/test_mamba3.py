@@ -341,3 +341,24 @@ def test_matches_mamba_ssm_mamba3(kwargs):
     y = ours(x).float()
     # mamba_ssm rounds q / k / v / trap / angles to bf16 inside its kernels and uses approximate sin / cos.
     assert_close(y, ref, atol=3e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_mimo": True, "mimo_rank": 2}], ids=["siso", "mimo"])
+def test_bidirectional_sees_both_ways_per_row_and_per_packed_sequence(kwargs):
+    torch.manual_seed(0)
+    m = Mamba3(16, d_state=8, headdim=8, chunk_size=4, bidirectional=True, dtype=torch.float64, **kwargs).eval()
+    assert m.causal is False and Mamba3.config_class()(d_model=16).bidirectional is False
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 7] += 1.0
+    assert not torch.allclose(m(x2)[:, :7], y[:, :7])  # a later token moves earlier outputs
+    lengths = torch.tensor([9, 4, 6])
+    padded = m(x, lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(padded[b, :n], m(x[b: b + 1, :n])[0], atol=1e-10)
+    packed = m(torch.cat([x[0, :4], x[1, :5]]).unsqueeze(0), cu_seqlens=torch.tensor([0, 4, 9]))
+    assert_close(packed[0, :4], m(x[:1, :4])[0], atol=1e-10)
+    assert_close(packed[0, 4:], m(x[1:2, :5])[0], atol=1e-10)
+    with pytest.raises(ValueError, match="not causal"):
+        m.allocate_inference_cache(1, 8)

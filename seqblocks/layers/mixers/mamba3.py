@@ -40,6 +40,7 @@ from seqblocks.layers.checks import (
     lengths_mask,
 )
 from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.mixers._lti import reverse_rows
 from seqblocks.layers.mixers.mamba2 import RMSNormGated
 from seqblocks.ops.mamba3 import Mamba3State, mamba3, mamba3_step
 from seqblocks.registry import MIXERS
@@ -87,6 +88,9 @@ class Mamba3(Mixer):
         is_mimo (bool): multi-input multi-output state update of rank ``mimo_rank``. Default: False.
         mimo_rank (int): the MIMO rank R (ignored unless is_mimo). Default: 4.
         chunk_size (int): chunk length of the scan. Default: 64.
+        bidirectional (bool): add a reversed pass (a seqblocks extra, not in mamba_ssm): the same
+            projections and scan run on each sequence reversed, the outputs summed before the gate's
+            norm and out_proj, the D skip added once. Not causal, so it keeps no cache. Default: False.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: parameter placement. Default: None.
 
@@ -116,6 +120,7 @@ class Mamba3(Mixer):
         is_mimo: bool = False,
         mimo_rank: int = 4,
         chunk_size: int = 64,
+        bidirectional: bool = False,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -149,6 +154,8 @@ class Mamba3(Mixer):
         self.is_outproj_norm, self.is_mimo = is_outproj_norm, is_mimo
         self.mimo_rank = mimo_rank if is_mimo else 1  # mamba_ssm's rule: SISO is rank 1
         self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.bidirectional = bool(bidirectional)
+        self.causal = not self.bidirectional
 
         R, S = self.mimo_rank, self.num_rope_angles
         self.split_sizes = [d_inner, d_inner, d_state * ngroups * R, d_state * ngroups * R, nheads, nheads, nheads, S]
@@ -196,6 +203,8 @@ class Mamba3(Mixer):
                                  **kwargs: Any) -> Mamba3Cache:
         """A zeroed ``Mamba3Cache`` for ``batch_size`` sequences (``max_seqlen`` does not change its size)."""
         check_allocation("Mamba3", batch_size, max_seqlen, dtype)
+        if self.bidirectional:
+            raise ValueError("Mamba3(bidirectional=True) is not causal and keeps no cache")
         dev = self.in_proj.weight.device
         sd = torch.promote_types(torch.float32, self.in_proj.weight.dtype)
         H, P, N, R, S = self.nheads, self.headdim, self.d_state, self.mimo_rank, self.num_rope_angles
@@ -225,6 +234,8 @@ class Mamba3(Mixer):
                 both lengths and cu_seqlens.
         """
         packed = cu_seqlens is not None
+        if cache is not None and self.bidirectional:
+            raise ValueError("Mamba3(bidirectional=True) is not causal and cannot run with a cache")
         x, in_dtype = check_call("Mamba3", x, self.d_model, self.in_proj.weight, lengths,
                                  None if packed else cache, Mamba3Cache)
         if packed and cache is not None:
@@ -257,6 +268,9 @@ class Mamba3(Mixer):
             y, final = mamba3(Cm, Bm, xs, A * dt, dt, trap, *params, angles, self.D, gate, **mimo,
                               initial_state=None if cache is None else cache.state(), return_final_state=True,
                               lengths=lengths, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+            if self.bidirectional:
+                y = y + self._reversed_pass(Cm, Bm, xs, A * dt, dt, trap, angles, gate, mimo, lengths=lengths,
+                                            cu_seqlens=cu_seqlens)
             if cache is not None:
                 for buf, new in zip(cache.state(), final):
                     buf.copy_(new)
@@ -268,6 +282,15 @@ class Mamba3(Mixer):
             out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out.to(in_dtype)
 
+    def _reversed_pass(self, *inputs, lengths, cu_seqlens) -> torch.Tensor:
+        # The scan over each sequence reversed (its valid prefix, or each packed sequence), reversed back.
+        def rev(t):
+            return None if t is None else _reverse(t, lengths, cu_seqlens)
+        Cm, Bm, xs, adt, dt, trap, angles, gate, mimo = inputs
+        y = mamba3(*map(rev, (Cm, Bm, xs, adt, dt, trap)), self.C_bias, self.B_bias, rev(angles), None, rev(gate),
+                   **mimo, lengths=lengths, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        return rev(y)
+
     def _post(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # y [B, T, H, P] (or [B, T, R, H, P] for MIMO with the out-projection norm) -> [B, T, H P]
         if not self.is_outproj_norm:
@@ -278,3 +301,15 @@ class Mamba3(Mixer):
         zr = torch.einsum("bthp,hrp->btrhp", z.to(acc), self.mimo_z.to(acc))
         y = self.norm(y.to(acc).flatten(-2), zr.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
         return torch.einsum("btrhp,hrp->bthp", y, self.mimo_o.to(acc)).flatten(-2)
+
+
+def _reverse(x: torch.Tensor, lengths: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Reverse along dim 1 each row's valid prefix (``lengths``) or each packed sequence (``cu_seqlens``),
+    leaving padding in place (an involution)."""
+    if cu_seqlens is None:
+        return reverse_rows(x, lengths)
+    t = torch.arange(x.shape[1], device=x.device)
+    cu = cu_seqlens.to(x.device)
+    seq = torch.bucketize(t, cu[1:], right=True)
+    idx = cu[seq] + cu[seq + 1] - 1 - t
+    return x.index_select(1, idx)
