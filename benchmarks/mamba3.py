@@ -1,6 +1,7 @@
 """Mamba-3 benchmark: our op and layer against mamba_ssm 2.3.2's Mamba-3 Triton kernels and ``Mamba3`` module.
 
-    python benchmarks/mamba3.py [--anchors BUILD_DIR] [--batch 8] [--seqlen 2048] [--d-model 768] [--json out.json]
+    python benchmarks/mamba3.py [--anchors BUILD_DIR] [--batch 8] [--seqlen 2048] [--d-model 768] [--chunk-size 64]
+                                [--json out.json]
 
 Rows (bf16 activations, fp32 state, SISO, mamba_ssm's defaults: d_state 128, headdim 64, one group,
 rope_fraction 0.5, chunk 64):
@@ -125,7 +126,7 @@ def section_op(args, bw, mm, anchor_fn, why):
     print(f"op: B={Bsz} T={T} H={H} P={P} N={N} S={S} (bf16, chunk 64)")
 
     def ours():
-        return mamba3(*inputs, chunk_size=64)
+        return mamba3(*inputs, chunk_size=args.chunk_size)
 
     def theirs():
         q, k, v, adt, dt, trap, qb, kb, angles, Dp, z = inputs
@@ -144,7 +145,7 @@ def section_op(args, bw, mm, anchor_fn, why):
 
 def section_layer(args, bw, mm, anchor_cls, why):
     Bsz, T, D = args.batch, args.seqlen, args.d_model
-    ours = Mamba3(D, device="cuda", dtype=torch.bfloat16)
+    ours = Mamba3(D, chunk_size=args.chunk_size, device="cuda", dtype=torch.bfloat16)
     theirs = None
     if anchor_cls:
         theirs = anchor_cls(d_model=D, layer_idx=0, device="cuda", dtype=torch.bfloat16)
@@ -169,6 +170,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--chunk-size", type=int, default=64, help="our chunk (rows per Triton program step)")
     p.add_argument("--json", default=None, help="write all rows to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -307,8 +307,13 @@ def test_presets_build(name):
     assert "mamba3" in config["model"]["mixer_types"]
     json.dumps(config)
     if name == "tiny-mamba3":
-        model = build_model(config["model"])
-        assert model(torch.randint(0, 98, (1, 5))).logits.shape[:2] == (1, 5)
+        torch.manual_seed(0)
+        model = build_model(config["model"]).eval()
+        ids = torch.randint(0, 98, (1, 12))
+        packed = model(ids, cu_seqlens=torch.tensor([0, 5, 12])).logits  # reaches every Mamba3 layer
+        assert packed.shape[:2] == (1, 12)
+        assert_close(packed[:, :5], model(ids[:, :5]).logits, atol=1e-4)
+        assert_close(packed[:, 5:], model(ids[:, 5:]).logits, atol=1e-4)
 
 
 @pytest.mark.gpu
