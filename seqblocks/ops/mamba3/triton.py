@@ -166,10 +166,11 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT,
 INTERPRETED = interpreter_enabled()
 
 
-def _dot_dtype(dtype: torch.dtype) -> tuple[torch.dtype, str]:
-    # bf16 / fp16 inputs feed tl.dot in their own dtype (fp32 accumulation); fp32 inputs as IEEE fp32.
+def _dot_dtype(dtype: torch.dtype) -> tuple[torch.dtype, str | None]:
+    # bf16 / fp16 inputs feed tl.dot in their own dtype (fp32 accumulation; no input precision to pick);
+    # fp32 inputs as IEEE fp32.
     if dtype in (torch.bfloat16, torch.float16) and not INTERPRETED:
-        return dtype, "ieee"
+        return dtype, None
     return torch.float32, "ieee"
 
 
