@@ -14,8 +14,8 @@ training replaces it with the task's vocabulary size.
   the character task in under a minute on a quiet 2-core CPU. ``tiny-hybrid-mamba`` is the Mamba +
   attention twin; the pure-PyTorch selective scan makes it several times slower per step on CPU.
 - ``tiny-<mixer>``: the same size with one mixer type throughout, for each mixer family.
-- ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized models
-  (GPT-NeoX-sized vocabulary).
+- ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``mamba3-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized
+  models (GPT-NeoX-sized vocabulary).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-mamba": _tiny("4 Mamba layers", ["mamba"] * 4),
     "tiny-mamba2": _tiny("4 Mamba-2 layers (SSD, head width 32, chunk 64)", ["mamba2"] * 4,
                          mixer_kwargs={"mamba2": {"headdim": 32, "chunk_size": 64}}),
+    "tiny-mamba3": _tiny("4 Mamba-3 layers (SISO, trapezoidal and rotary, head width 32, state 32)", ["mamba3"] * 4,
+                         mixer_kwargs={"mamba3": {"headdim": 32, "d_state": 32}}),
     "tiny-rglru": _tiny("4 RG-LRU layers (Griffin's recurrence) with gated MLPs", ["rglru"] * 4,
                         d_intermediate=256),
     "tiny-s7": _tiny("4 S7 layers (input-dependent S5) with gated MLPs", ["s7"] * 4, d_intermediate=256),
@@ -89,6 +91,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "mamba2-130m shape) (GPU)",
         "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
                   "mixer_types": ["mamba2"] * 24, "d_intermediate": 0, "residual_in_fp32": True},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    "mamba3-130m": {
+        "description": "~130M Mamba-3: 24 layers, d_model 768, d_state 128, head width 64, SISO, no MLP (the "
+                       "mamba2-130m shape with Mamba-3 mixers) (GPU)",
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+                  "mixer_types": ["mamba3"] * 24, "d_intermediate": 0, "residual_in_fp32": True},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
     "hybrid-mamba2-130m": {

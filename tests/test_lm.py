@@ -149,7 +149,8 @@ MIXER_TYPES = registered_types()  # the package's own, at collection time
 REAL_TYPES = [t for t in MIXER_TYPES if not getattr(MIXERS.get(t), "is_identity", False)]
 ALL_TYPES = MIXER_TYPES + list(STAND_INS)
 # Small constructor arguments for mixers whose defaults are large or that need extra arguments.
-TEST_MIXER_KWARGS: dict[str, dict] = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}}
+TEST_MIXER_KWARGS: dict[str, dict] = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8},
+                                      "mamba3": {"headdim": 8}}
 SEED_HYBRID = ["S5", "Mamba", "attn", "LRU"]
 
 
