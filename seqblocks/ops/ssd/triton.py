@@ -1,0 +1,466 @@
+"""Triton kernels of SSD (Mamba-2's scan): the chunked form forward and backward, and the decode step.
+
+The chunked form (see ``torch.py`` for the same math in PyTorch), with chunks of ``L`` steps, the
+log-decay ``a = step * A`` and its within-chunk running sum ``acs``::
+
+    forward   1. _chunk_state_fwd   per (chunk, row, head): acs, and the chunk's own end state
+                                    S = sum_s exp(acs[L-1] - acs[s]) step[s] x[s] B[s]^T     [P, N]
+              2. _state_pass_fwd    per (row, head, block of P*N): the sequential pass over chunks,
+                                    h_in[c] = h; h = exp(acs_c[L-1]) h + S_c   (written over S, in place)
+              3. _chunk_scan_fwd    per (chunk, row, head): y = (C B^T * decay mask * step) x
+                                    + exp(acs) * C h_in^T                          (two tl.dot, fp32 acc)
+    backward  1. _chunk_dstate_bwd  per chunk: the gradient the outputs send to the incoming state,
+                                    sum_l exp(acs[l]) dy[l] C[l]^T
+              2. _state_pass_bwd    the reverse pass: g_c, the gradient of chunk c's end state
+              3. _chunk_bwd         per chunk: dx, d step, dB, dC (per head) and the per-chunk dA
+
+Steps are processed in PyTorch before the kernels (``dt + dt_bias``, softplus, the limits, zeroed on
+padding), so autograd carries d step back to ``dt`` and ``dt_bias``; the D skip and the z gate are
+applied after the kernels the same way. ``lengths`` zero the steps of padding (the state passes through
+unchanged) and the outputs there; ``cu_seqlens`` run as a padded batch (``unpack`` / ``pack``).
+
+``exp(acs[l] - acs[s])`` is taken for ``l >= s`` only (the exponent is then <= 0 for a stable A), so no
+masked entry can overflow. Matrix products take the inputs' dtype as operands (bf16 / fp16 on the
+tensor cores; fp32 as exact IEEE products) and accumulate in fp32; states, steps and decays are fp32.
+
+Shapes: B batch, T time, H heads, P head width, N state, G groups, c chunks, L chunk length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from seqblocks.ops._backend import interpreter_enabled
+from seqblocks.ops.selective_scan import pack, unpack
+from seqblocks.ops.ssd._common import process_dt
+
+__all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 64  # L x L score tiles of 64 keep the backward's working set in registers
+
+
+def _block(n: int) -> int:
+    """A power-of-two tile width >= 16 (tl.dot needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # IEEE is 1 for fp32 operands (exact products, no tf32), 2 under the interpreter, whose tl.dot
+    # misreads bf16 / fp16 operands: it then multiplies their (already rounded) values in fp32.
+    if IEEE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _chunk_state_fwd(x_ptr, step_ptr, A_ptr, B_ptr, acs_ptr, S_ptr,
+                     T, H, G, P, N, Tp, nc,
+                     L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
+    a = step * tl.load(A_ptr + h).to(tl.float32)
+    acs = tl.cumsum(a, 0)
+    tl.store(acs_ptr + bh * Tp + t, acs, mask=t < Tp)
+    total = tl.sum(a, 0)
+    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & (p[None, :] < P),
+                other=0.0)
+    Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & (n[None, :] < N),
+                 other=0.0)
+    w = tl.exp(total - acs) * step                                             # [L]
+    xw = (x.to(tl.float32) * w[:, None]).to(x.dtype)
+    S = _dot(tl.trans(xw), Bm, IEEE)                                           # [P, N]
+    tl.store(S_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :], S,
+             mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _state_pass_fwd(S_ptr, acs_ptr, h0_ptr, final_ptr, H, PN, Tp, nc,
+                    L: tl.constexpr, BLOCK: tl.constexpr, HAS_H0: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i = blk * BLOCK + tl.arange(0, BLOCK)
+    m = i < PN
+    if HAS_H0:
+        state = tl.load(h0_ptr + bh * PN + i, mask=m, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(nc):
+        ptr = S_ptr + ((b * nc + c) * H + h) * PN + i
+        S = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, state, mask=m)                                          # S_c becomes h_in[c]
+        decay = tl.exp(tl.load(acs_ptr + bh * Tp + c * L + L - 1))
+        state = decay * state + S
+    tl.store(final_ptr + bh * PN + i, state, mask=m)
+
+
+@triton.jit
+def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, y_ptr,
+                    T, H, G, P, N, Tp, nc,
+                    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
+    acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
+    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & pm[None, :], other=0.0)
+    bc_off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+    bc_m = tm[:, None] & nm[None, :]
+    Bm = tl.load(B_ptr + bc_off, mask=bc_m, other=0.0)
+    Cm = tl.load(C_ptr + bc_off, mask=bc_m, other=0.0)
+    hin = tl.load(hin_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
+                  mask=pm[:, None] & nm[None, :], other=0.0)                  # [P, N] fp32
+    causal = t[:, None] >= t[None, :]
+    seg = tl.where(causal, acs[:, None] - acs[None, :], -float("inf"))
+    scores = _dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :]      # [L, L]
+    y = _dot(scores.to(x.dtype), x, IEEE)
+    y += _dot(Cm, tl.trans(hin.to(Cm.dtype)), IEEE) * tl.exp(acs)[:, None]
+    tl.store(y_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], y, mask=tm[:, None] & pm[None, :])
+
+
+@triton.jit
+def _chunk_dstate_bwd(dy_ptr, C_ptr, acs_ptr, dS_ptr,
+                      T, H, G, P, N, Tp, nc,
+                      L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
+    dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & (p[None, :] < P),
+                 other=0.0)
+    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & (n[None, :] < N),
+                 other=0.0)
+    dye = (dy.to(tl.float32) * tl.exp(acs)[:, None]).to(Cm.dtype)
+    dS = _dot(tl.trans(dye), Cm, IEEE)                                         # [P, N]
+    tl.store(dS_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :], dS,
+             mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _state_pass_bwd(dS_ptr, acs_ptr, dfinal_ptr, dh0_ptr, H, PN, Tp, nc,
+                    L: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i = blk * BLOCK + tl.arange(0, BLOCK)
+    m = i < PN
+    if HAS_DFINAL:
+        gstate = tl.load(dfinal_ptr + bh * PN + i, mask=m, other=0.0).to(tl.float32)
+    else:
+        gstate = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(nc):
+        c = nc - 1 - k
+        ptr = dS_ptr + ((b * nc + c) * H + h) * PN + i
+        dS = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, gstate, mask=m)                                         # becomes g_c
+        decay = tl.exp(tl.load(acs_ptr + bh * Tp + c * L + L - 1))
+        gstate = decay * gstate + dS
+    tl.store(dh0_ptr + bh * PN + i, gstate, mask=m)
+
+
+@triton.jit
+def _chunk_bwd(x_ptr, step_ptr, A_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, gout_ptr, dy_ptr,
+               dx_ptr, dstep_ptr, dB_ptr, dC_ptr, dA_ptr,
+               T, H, G, P, N, Tp, nc,
+               L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    A = tl.load(A_ptr + h).to(tl.float32)
+    step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
+    acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
+    total = tl.load(acs_ptr + bh * Tp + c * L + L - 1)
+    xp_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    xp_m = tm[:, None] & pm[None, :]
+    x = tl.load(x_ptr + xp_off, mask=xp_m, other=0.0)
+    dy = tl.load(dy_ptr + xp_off, mask=xp_m, other=0.0).to(x.dtype)
+    bc_off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+    bc_m = tm[:, None] & nm[None, :]
+    Bm = tl.load(B_ptr + bc_off, mask=bc_m, other=0.0)
+    Cm = tl.load(C_ptr + bc_off, mask=bc_m, other=0.0)
+    st_off = (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :]
+    st_m = pm[:, None] & nm[None, :]
+    hin = tl.load(hin_ptr + st_off, mask=st_m, other=0.0)                     # [P, N] fp32
+    gout = tl.load(gout_ptr + st_off, mask=st_m, other=0.0)                   # [P, N] fp32
+
+    u = (x.to(tl.float32) * step[:, None]).to(x.dtype)                       # [L, P] step * x
+    causal = t[:, None] >= t[None, :]
+    dec = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], -float("inf")))  # [l, s]
+    e_in = tl.exp(acs)                                                        # [L]
+    e_out = tl.exp(total - acs)                                               # [L]
+    CB = _dot(Cm, tl.trans(Bm), IEEE)                                         # [l, s]
+    DU = _dot(dy, tl.trans(u), IEEE)                                          # [l, s]: dy[l] . u[s]
+    CBd = CB * dec
+    DUd = DU * dec
+
+    du = _dot(tl.trans(CBd.to(x.dtype)), dy, IEEE)                            # [s, P]
+    du += _dot(Bm, tl.trans(gout.to(Bm.dtype)), IEEE) * e_out[:, None]
+    dx = du * step[:, None]
+    dstep = tl.sum(du * x.to(tl.float32), 1)
+
+    dC_in = _dot(dy, hin.to(dy.dtype), IEEE) * e_in[:, None]                 # [l, N]
+    dC = _dot(DUd.to(Bm.dtype), Bm, IEEE) + dC_in
+    dB_st = _dot(u, gout.to(u.dtype), IEEE) * e_out[:, None]                  # [s, N]
+    dB = _dot(tl.trans(DUd.to(Cm.dtype)), Cm, IEEE) + dB_st
+
+    Q = CBd * DU
+    dacs = tl.sum(Q, 1) - tl.sum(Q, 0)
+    dacs += tl.sum(dC_in * Cm.to(tl.float32), 1)
+    W = tl.sum(dB_st * Bm.to(tl.float32), 1)
+    last = tl.sum(W, 0) + tl.exp(total) * tl.sum(tl.sum(gout * hin, 1), 0)
+    dacs = dacs - W + tl.where(tl.arange(0, L) == L - 1, last, 0.0)
+    da = tl.sum(dacs, 0) - tl.cumsum(dacs, 0) + dacs                          # reverse cumsum
+    dstep += A * da
+    tl.store(dx_ptr + xp_off, dx, mask=xp_m)
+    tl.store(dstep_ptr + (b * T + t) * H + h, dstep, mask=tm)
+    hn_off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
+    tl.store(dB_ptr + hn_off, dB, mask=bc_m)
+    tl.store(dC_ptr + hn_off, dC, mask=bc_m)
+    tl.store(dA_ptr + (b * nc + c) * H + h, tl.sum(tl.where(tm, step * da, 0.0), 0))
+
+
+def _launch_shape(x: torch.Tensor, B: torch.Tensor, L: int):
+    Bsz, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    nc = triton.cdiv(T, L)
+    return Bsz, T, H, P, G, N, nc, nc * L
+
+
+def _ieee(x: torch.Tensor) -> int:
+    """``_dot``'s mode: 1 exact fp32 products, 2 fp32 products of half operands (interpreter), 0 tensor cores."""
+    if x.dtype == torch.float32:
+        return 1
+    return 2 if interpreter_enabled() else 0
+
+
+def _state_block(PN: int) -> int:
+    return min(1024, triton.next_power_of_2(PN))
+
+
+class _SSDCore(torch.autograd.Function):
+    """(x, step, A, B, C, h0) -> (y fp32, final fp32): the chunked scan with steps already processed."""
+
+    @staticmethod
+    def forward(ctx, x, step, A, B, C, h0, L):
+        Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, L)
+        BP, BN, PN = _block(P), _block(N), P * N
+        dev = x.device
+        acs = torch.empty(Bsz, H, Tp, dtype=torch.float32, device=dev)
+        states = torch.empty(Bsz, nc, H, P, N, dtype=torch.float32, device=dev)
+        final = torch.empty(Bsz, H, P, N, dtype=torch.float32, device=dev)
+        y = torch.empty(Bsz, T, H, P, dtype=torch.float32, device=dev)
+        ieee = _ieee(x)
+        grid = (nc, Bsz * H)
+        _chunk_state_fwd[grid](x, step, A, B, acs, states, T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee,
+                               num_warps=4)
+        SB = _state_block(PN)
+        _state_pass_fwd[(triton.cdiv(PN, SB), Bsz * H)](states, acs, h0 if h0 is not None else final, final,
+                                                        H, PN, Tp, nc, L=L, BLOCK=SB, HAS_H0=h0 is not None,
+                                                        num_warps=4)
+        _chunk_scan_fwd[grid](x, step, B, C, acs, states, y, T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee,
+                              num_warps=4)
+        ctx.save_for_backward(x, step, A, B, C, acs, states)
+        ctx.L, ctx.has_h0, ctx.h0_dtype = L, h0 is not None, None if h0 is None else h0.dtype
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, step, A, B, C, acs, states = ctx.saved_tensors
+        L = ctx.L
+        Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, L)
+        BP, BN, PN = _block(P), _block(N), P * N
+        dev = x.device
+        dy = torch.zeros_like(x, dtype=torch.float32) if dy is None else dy.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
+        ieee = _ieee(x)
+        grid = (nc, Bsz * H)
+        gout = torch.empty(Bsz, nc, H, P, N, dtype=torch.float32, device=dev)
+        dh0 = torch.empty(Bsz, H, P, N, dtype=torch.float32, device=dev)
+        _chunk_dstate_bwd[grid](dy, C, acs, gout, T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee, num_warps=4)
+        SB = _state_block(PN)
+        _state_pass_bwd[(triton.cdiv(PN, SB), Bsz * H)](gout, acs, dfinal if dfinal is not None else dh0, dh0,
+                                                        H, PN, Tp, nc, L=L, BLOCK=SB,
+                                                        HAS_DFINAL=dfinal is not None, num_warps=4)
+        dx = torch.empty(Bsz, T, H, P, dtype=torch.float32, device=dev)
+        dstep = torch.empty(Bsz, T, H, dtype=torch.float32, device=dev)
+        dBh = torch.empty(Bsz, T, H, N, dtype=torch.float32, device=dev)
+        dCh = torch.empty(Bsz, T, H, N, dtype=torch.float32, device=dev)
+        dA = torch.empty(Bsz, nc, H, dtype=torch.float32, device=dev)
+        _chunk_bwd[grid](x, step, A, B, C, acs, states, gout, dy, dx, dstep, dBh, dCh, dA,
+                         T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee, num_warps=8)
+        dB = dBh.view(Bsz, T, G, H // G, N).sum(3).to(B.dtype)
+        dC = dCh.view(Bsz, T, G, H // G, N).sum(3).to(C.dtype)
+        dh0 = dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
+        return dx.to(x.dtype), dstep, dA.sum((0, 1)).to(A.dtype), dB, dC, dh0, None
+
+
+def ssd_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    *,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    lengths: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """SSD through the Triton kernels; see ``seqblocks.ops.ssd.ssd`` for the contract (inputs valid,
+    fp16 / bf16 / fp32). ``chunk_size`` is rounded up to a power of two >= 16."""
+    if cu_seqlens is not None:
+        xx, dd, BB, CC = (unpack(t, cu_seqlens)[0] for t in (x, dt, B, C))
+        zz = None if z is None else unpack(z, cu_seqlens)[0]
+        y, final = ssd_triton(xx, dd, A, BB, CC, D, zz, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                              initial_state=initial_state, return_final_state=True, lengths=cu_seqlens.diff(),
+                              chunk_size=chunk_size)
+        y = pack(y, cu_seqlens)
+        return (y, final) if return_final_state else y
+
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
+    if Bsz == 0 or T == 0:
+        h0 = torch.zeros(Bsz, H, P, N, dtype=torch.float32, device=x.device) if initial_state is None \
+            else initial_state.float()
+        y = x.new_zeros(x.shape)
+        return (y, h0.clone()) if return_final_state else y
+    L = _block(min(chunk_size, 256))
+    step = process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)       # [B, T, H]
+    valid = None
+    if lengths is not None:
+        valid = torch.arange(T, device=x.device) < lengths.to(x.device).unsqueeze(1)  # [B, T]
+        step = torch.where(valid.unsqueeze(-1), step, torch.zeros((), device=x.device))
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    y, final = _SSDCore.apply(x.contiguous(), step.contiguous(), A.float().contiguous(), B.contiguous(),
+                              C.contiguous(), h0, L)
+    if D is not None:
+        Dh = D.float() if D.dim() == 2 else D.float().unsqueeze(-1)
+        y = y + Dh * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    if valid is not None:
+        y = torch.where(valid[..., None, None], y, torch.zeros((), device=x.device))
+    y = y.to(x.dtype)
+    return (y, final) if return_final_state else y
+
+
+@triton.jit
+def _state_update(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+                  H, G, P, N, lo, hi,
+                  BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
+                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr):
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    p = pb * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    dt = tl.load(dt_ptr + bh).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, lo), hi)
+    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    x = tl.load(x_ptr + bh * P + p, mask=pm, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + (b * G + g) * N + n, mask=nm, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + (b * G + g) * N + n, mask=nm, other=0.0).to(tl.float32)
+    s_off = (bh * P + p[:, None]) * N + n[None, :]
+    s_m = pm[:, None] & nm[None, :]
+    s = tl.load(state_ptr + s_off, mask=s_m, other=0.0).to(tl.float32)
+    s = decay * s + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptr + s_off, s.to(state_ptr.dtype.element_ty), mask=s_m)
+    y = tl.sum(s * Cv[None, :], 1)
+    if HAS_D:
+        if D_PER_P:
+            y += tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32) * x
+        else:
+            y += tl.load(D_ptr + h).to(tl.float32) * x
+    if HAS_Z:
+        zv = tl.load(z_ptr + bh * P + p, mask=pm, other=0.0).to(tl.float32)
+        y *= zv * tl.sigmoid(zv)
+    tl.store(y_ptr + bh * P + p, y, mask=pm)
+
+
+def ssd_state_update_triton(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    *,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> torch.Tensor:
+    """The decode step in one kernel (grid: rows x heads x blocks of P); ``state`` must be contiguous
+    and is overwritten in place. See ``seqblocks.ops.ssd.ssd_state_update``."""
+    Bsz, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+    z = None if z is None else z.contiguous()
+    D = None if D is None else D.contiguous()
+    y = torch.empty_like(x)
+    BN = triton.next_power_of_2(N)
+    BP = min(triton.next_power_of_2(P), max(1, 4096 // BN))
+    lo, hi = dt_limit
+    clamp = lo > 0 or hi < math.inf
+    _state_update[(Bsz * H, triton.cdiv(P, BP))](
+        state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
+        dt_bias if dt_bias is not None else dt, y, H, G, P, N, float(lo), float(min(hi, 3.0e38)),
+        BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, num_warps=4)
+    return y
