@@ -48,12 +48,23 @@ def _call(fn, t, **kw):
               return_final_state=True, **kw)
 
 
-def check(t, *, chunk_size=16, tol=2e-4, compare_torch=True, **kw):
-    """Triton == reference (float64) forward and in every gradient; also == the chunked torch path."""
+def _triton(*args, block_len=None, **kw):
+    from seqblocks.ops.ssd.triton import ssd_triton
+
+    kw.pop("backend")
+    return ssd_triton(*args, block_len=block_len, **kw)
+
+
+def check(t, *, chunk_size=16, tol=2e-4, compare_torch=True, block_len=None, **kw):
+    """Triton == reference (float64) forward and in every gradient; also == the chunked torch path.
+    ``block_len`` below the chunk makes each chunk span several programs' tiles."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
     ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
     full, ref = {**dict.fromkeys(NAMES), **leaves}, {**dict.fromkeys(NAMES), **ref_leaves}
-    y, final = _call(ssd, full, chunk_size=chunk_size, backend="triton", **kw)
+    if block_len is None:
+        y, final = _call(ssd, full, chunk_size=chunk_size, backend="triton", **kw)
+    else:
+        y, final = _call(_triton, full, chunk_size=chunk_size, backend="triton", block_len=block_len, **kw)
     y_r, final_r = _call(ssd_ref, ref, **kw)
     assert y.dtype == t["x"].dtype and final.dtype == torch.float32
     g = torch.Generator().manual_seed(1)
@@ -94,6 +105,11 @@ def test_options(G, D, z, bias, softplus, limit):
     if not softplus:
         t["dt"] = t["dt"].abs()
     check(t, chunk_size=16, dt_softplus=softplus, dt_limit=limit)
+
+
+@pytest.mark.parametrize("T", [7, 65, 130])
+def test_chunk_of_several_blocks(T):
+    check(inputs(Bsz=1, T=T, H=2, G=2, D="channel", h0=True), chunk_size=64, block_len=16)
 
 
 def test_lengths():

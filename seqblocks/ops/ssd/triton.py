@@ -39,9 +39,10 @@ from seqblocks.ops._backend import interpreter_enabled
 from seqblocks.ops.selective_scan import pack, unpack
 from seqblocks.ops.ssd._common import process_dt
 
-__all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK"]
+__all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK", "DEFAULT_BLOCK"]
 
-DEFAULT_CHUNK = 64  # L x L score tiles of 64 keep the backward's working set in registers
+DEFAULT_CHUNK = 256  # chunks of 256 steps: few states to store and pass (mamba_ssm's choice too)
+DEFAULT_BLOCK = 64   # a program's tile of time steps: L x L score tiles of 64 stay in registers
 
 
 def _block(n: int) -> int:
@@ -63,35 +64,40 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _chunk_state_fwd(x_ptr, step_ptr, A_ptr, B_ptr, acs_ptr, S_ptr,
                      T, H, G, P, N, Tp, nc,
-                     L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+                     CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    t = c * L + tl.arange(0, L)
-    tm = t < T
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
-    step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
-    a = step * tl.load(A_ptr + h).to(tl.float32)
-    acs = tl.cumsum(a, 0)
-    tl.store(acs_ptr + bh * Tp + t, acs, mask=t < Tp)
-    total = tl.sum(a, 0)
-    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & (p[None, :] < P),
-                other=0.0)
-    Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & (n[None, :] < N),
-                 other=0.0)
-    w = tl.exp(total - acs) * step                                             # [L]
-    xw = (x.to(tl.float32) * w[:, None]).to(x.dtype)
-    S = _dot(tl.trans(xw), Bm, IEEE)                                           # [P, N]
+    A = tl.load(A_ptr + h).to(tl.float32)
+    S = tl.zeros([BP, BN], dtype=tl.float32)
+    running = tl.sum(tl.zeros([BL], dtype=tl.float32), 0)
+    # Blocks of BL steps in order; S is the state at the end of the blocks so far (from a zero start).
+    for kb in range(CH // BL):
+        t = c * CH + kb * BL + tl.arange(0, BL)
+        tm = t < T
+        step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
+        a = step * A
+        acs = running + tl.cumsum(a, 0)
+        tl.store(acs_ptr + bh * Tp + t, acs, mask=t < Tp)
+        end = running + tl.sum(a, 0)
+        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & (p[None, :] < P),
+                    other=0.0)
+        Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=tm[:, None] & (n[None, :] < N), other=0.0)
+        xw = (x.to(tl.float32) * (tl.exp(end - acs) * step)[:, None]).to(x.dtype)
+        S = tl.exp(end - running) * S + _dot(tl.trans(xw), Bm, IEEE)          # [P, N]
+        running = end
     tl.store(S_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :], S,
              mask=(p[:, None] < P) & (n[None, :] < N))
 
 
 @triton.jit
 def _state_pass_fwd(S_ptr, acs_ptr, h0_ptr, final_ptr, H, PN, Tp, nc,
-                    L: tl.constexpr, BLOCK: tl.constexpr, HAS_H0: tl.constexpr):
+                    CH: tl.constexpr, BLOCK: tl.constexpr, HAS_H0: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -106,70 +112,86 @@ def _state_pass_fwd(S_ptr, acs_ptr, h0_ptr, final_ptr, H, PN, Tp, nc,
         ptr = S_ptr + ((b * nc + c) * H + h) * PN + i
         S = tl.load(ptr, mask=m, other=0.0)
         tl.store(ptr, state, mask=m)                                          # S_c becomes h_in[c]
-        decay = tl.exp(tl.load(acs_ptr + bh * Tp + c * L + L - 1))
+        decay = tl.exp(tl.load(acs_ptr + bh * Tp + c * CH + CH - 1))
         state = decay * state + S
     tl.store(final_ptr + bh * PN + i, state, mask=m)
 
 
 @triton.jit
-def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, y_ptr,
+def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, y_ptr,
                     T, H, G, P, N, Tp, nc,
-                    L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-    c = tl.program_id(0)
+                    CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr):
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
+    c = pid // (CH // BL)
+    j = pid % (CH // BL)
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    t = c * L + tl.arange(0, L)
+    t = c * CH + j * BL + tl.arange(0, BL)                                    # output rows l
     tm = t < T
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
     pm = p < P
     nm = n < N
-    step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
     acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
-    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & pm[None, :], other=0.0)
-    bc_off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
-    bc_m = tm[:, None] & nm[None, :]
-    Bm = tl.load(B_ptr + bc_off, mask=bc_m, other=0.0)
-    Cm = tl.load(C_ptr + bc_off, mask=bc_m, other=0.0)
+    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & nm[None, :], other=0.0)
     hin = tl.load(hin_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
                   mask=pm[:, None] & nm[None, :], other=0.0)                  # [P, N] fp32
-    causal = t[:, None] >= t[None, :]
-    seg = tl.where(causal, acs[:, None] - acs[None, :], -float("inf"))
-    scores = _dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :]      # [L, L]
-    y = _dot(scores.to(x.dtype), x, IEEE)
-    y += _dot(Cm, tl.trans(hin.to(Cm.dtype)), IEEE) * tl.exp(acs)[:, None]
-    tl.store(y_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], y, mask=tm[:, None] & pm[None, :])
+    y = _dot(Cm, tl.trans(hin.to(Cm.dtype)), IEEE) * tl.exp(acs)[:, None]    # the incoming state
+    for i in range(j + 1):                                                    # source blocks s <= l
+        s = c * CH + i * BL + tl.arange(0, BL)
+        sm = s < T
+        step = tl.load(step_ptr + (b * T + s) * H + h, mask=sm, other=0.0)
+        acs_s = tl.load(acs_ptr + bh * Tp + s, mask=s < Tp, other=0.0)
+        Bm = tl.load(B_ptr + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=sm[:, None] & nm[None, :],
+                     other=0.0)
+        xs = tl.load(x_ptr + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=sm[:, None] & pm[None, :],
+                     other=0.0)
+        seg = tl.where(t[:, None] >= s[None, :], acs[:, None] - acs_s[None, :], -float("inf"))
+        scores = _dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :]  # [l, s]
+        y += _dot(scores.to(xs.dtype), xs, IEEE)
+    xp_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    xp_m = tm[:, None] & pm[None, :]
+    if HAS_D:
+        x = tl.load(x_ptr + xp_off, mask=xp_m, other=0.0).to(tl.float32)
+        if D_PER_P:
+            y += tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)[None, :] * x
+        else:
+            y += tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + xp_off, y.to(y_ptr.dtype.element_ty), mask=xp_m)
 
 
 @triton.jit
 def _chunk_dstate_bwd(dy_ptr, C_ptr, acs_ptr, dS_ptr,
                       T, H, G, P, N, Tp, nc,
-                      L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+                      CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    t = c * L + tl.arange(0, L)
-    tm = t < T
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
-    acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
-    dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & (p[None, :] < P),
-                 other=0.0)
-    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & (n[None, :] < N),
-                 other=0.0)
-    dye = (dy.to(tl.float32) * tl.exp(acs)[:, None]).to(Cm.dtype)
-    dS = _dot(tl.trans(dye), Cm, IEEE)                                         # [P, N]
+    dS = tl.zeros([BP, BN], dtype=tl.float32)
+    for kb in range(CH // BL):
+        t = c * CH + kb * BL + tl.arange(0, BL)
+        tm = t < T
+        acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
+        dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & (p[None, :] < P),
+                     other=0.0)
+        Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & (n[None, :] < N),
+                     other=0.0)
+        dye = (dy.to(tl.float32) * tl.exp(acs)[:, None]).to(Cm.dtype)
+        dS += _dot(tl.trans(dye), Cm, IEEE)                                    # [P, N]
     tl.store(dS_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :], dS,
              mask=(p[:, None] < P) & (n[None, :] < N))
 
 
 @triton.jit
-def _state_pass_bwd(dS_ptr, acs_ptr, dfinal_ptr, dh0_ptr, H, PN, Tp, nc,
-                    L: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
+def _state_pass_bwd(dS_ptr, hin_ptr, acs_ptr, dfinal_ptr, dh0_ptr, ddecay_ptr, H, PN, Tp, nc,
+                    CH: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -182,88 +204,113 @@ def _state_pass_bwd(dS_ptr, acs_ptr, dfinal_ptr, dh0_ptr, H, PN, Tp, nc,
         gstate = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(nc):
         c = nc - 1 - k
-        ptr = dS_ptr + ((b * nc + c) * H + h) * PN + i
-        dS = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, gstate, mask=m)                                         # becomes g_c
-        decay = tl.exp(tl.load(acs_ptr + bh * Tp + c * L + L - 1))
+        off = ((b * nc + c) * H + h) * PN + i
+        dS = tl.load(dS_ptr + off, mask=m, other=0.0)
+        tl.store(dS_ptr + off, gstate, mask=m)                                 # becomes g_c
+        decay = tl.exp(tl.load(acs_ptr + bh * Tp + c * CH + CH - 1))
+        hin = tl.load(hin_ptr + off, mask=m, other=0.0)
+        # d(chunk decay) * decay: this block's share of the gradient of acs at the chunk's end
+        tl.store(ddecay_ptr + (blk * tl.num_programs(1) + bh) * nc + c, decay * tl.sum(gstate * hin, 0))
         gstate = decay * gstate + dS
     tl.store(dh0_ptr + bh * PN + i, gstate, mask=m)
 
 
 @triton.jit
-def _chunk_bwd(x_ptr, step_ptr, A_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, gout_ptr, dy_ptr,
-               dx_ptr, dstep_ptr, dB_ptr, dC_ptr, dA_ptr,
+def _chunk_bwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, gout_ptr, dy_ptr,
+               dx_ptr, dstep_ptr, dB_ptr, dC_ptr, dacs_ptr, w_ptr, dD_ptr,
                T, H, G, P, N, Tp, nc,
-               L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-    c = tl.program_id(0)
+               CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+               HAS_D: tl.constexpr, D_PER_P: tl.constexpr):
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
+    NB: tl.constexpr = CH // BL
+    c = pid // NB
+    j = pid % NB
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    t = c * L + tl.arange(0, L)
+    t = c * CH + j * BL + tl.arange(0, BL)                                    # this block's rows
     tm = t < T
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
     pm = p < P
     nm = n < N
-    A = tl.load(A_ptr + h).to(tl.float32)
     step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
     acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
-    total = tl.load(acs_ptr + bh * Tp + c * L + L - 1)
+    total = tl.load(acs_ptr + bh * Tp + c * CH + CH - 1)
     xp_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
     xp_m = tm[:, None] & pm[None, :]
     x = tl.load(x_ptr + xp_off, mask=xp_m, other=0.0)
-    dy = tl.load(dy_ptr + xp_off, mask=xp_m, other=0.0).to(x.dtype)
-    bc_off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+    dy = tl.load(dy_ptr + xp_off, mask=xp_m, other=0.0)
+    dyc = dy.to(x.dtype)
     bc_m = tm[:, None] & nm[None, :]
-    Bm = tl.load(B_ptr + bc_off, mask=bc_m, other=0.0)
-    Cm = tl.load(C_ptr + bc_off, mask=bc_m, other=0.0)
+    Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
+    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
+    u = (x.to(tl.float32) * step[:, None]).to(x.dtype)                       # [L, P] step * x
     st_off = (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :]
     st_m = pm[:, None] & nm[None, :]
-    hin = tl.load(hin_ptr + st_off, mask=st_m, other=0.0)                     # [P, N] fp32
     gout = tl.load(gout_ptr + st_off, mask=st_m, other=0.0)                   # [P, N] fp32
-
-    u = (x.to(tl.float32) * step[:, None]).to(x.dtype)                       # [L, P] step * x
-    causal = t[:, None] >= t[None, :]
-    dec = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], -float("inf")))  # [l, s]
-    e_in = tl.exp(acs)                                                        # [L]
-    e_out = tl.exp(total - acs)                                               # [L]
-    CB = _dot(Cm, tl.trans(Bm), IEEE)                                         # [l, s]
-    DU = _dot(dy, tl.trans(u), IEEE)                                          # [l, s]: dy[l] . u[s]
-    CBd = CB * dec
-    DUd = DU * dec
-
-    du = _dot(tl.trans(CBd.to(x.dtype)), dy, IEEE)                            # [s, P]
-    du += _dot(Bm, tl.trans(gout.to(Bm.dtype)), IEEE) * e_out[:, None]
+    e_out = tl.exp(total - acs)
+    # As a source s: what its input sends to the outgoing state and to later rows l >= s.
+    du = _dot(Bm, tl.trans(gout.to(Bm.dtype)), IEEE) * e_out[:, None]         # [s, P]
+    dB_st = _dot(u, gout.to(u.dtype), IEEE) * e_out[:, None]                  # [s, N]
+    dB = dB_st
+    dacs = -tl.sum(dB_st * Bm.to(tl.float32), 1)
+    for i in range(j, NB):
+        lt = c * CH + i * BL + tl.arange(0, BL)
+        lm = lt < T
+        acs_l = tl.load(acs_ptr + bh * Tp + lt, mask=lt < Tp, other=0.0)
+        Cl = tl.load(C_ptr + ((b * T + lt[:, None]) * G + g) * N + n[None, :], mask=lm[:, None] & nm[None, :],
+                     other=0.0)
+        dyl = tl.load(dy_ptr + ((b * T + lt[:, None]) * H + h) * P + p[None, :], mask=lm[:, None] & pm[None, :],
+                      other=0.0).to(x.dtype)
+        dec = tl.exp(tl.where(lt[None, :] >= t[:, None], acs_l[None, :] - acs[:, None], -float("inf")))  # [s, l]
+        CBd = _dot(Bm, tl.trans(Cl), IEEE) * dec
+        DU = _dot(u, tl.trans(dyl), IEEE)                                     # [s, l]: dy[l] . u[s]
+        du += _dot(CBd.to(x.dtype), dyl, IEEE)
+        dB += _dot((DU * dec).to(Cl.dtype), Cl, IEEE)
+        dacs -= tl.sum(CBd * DU, 1)
+    # As a row l: what it reads from earlier sources s <= l and from the incoming state.
+    hin = tl.load(hin_ptr + st_off, mask=st_m, other=0.0)                     # [P, N] fp32
+    dC = _dot(dyc, hin.to(dyc.dtype), IEEE) * tl.exp(acs)[:, None]            # [l, N]
+    dacs += tl.sum(dC * Cm.to(tl.float32), 1)
+    for i in range(j + 1):
+        s = c * CH + i * BL + tl.arange(0, BL)
+        sm = s < T
+        acs_s = tl.load(acs_ptr + bh * Tp + s, mask=s < Tp, other=0.0)
+        step_s = tl.load(step_ptr + (b * T + s) * H + h, mask=sm, other=0.0)
+        Bs = tl.load(B_ptr + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=sm[:, None] & nm[None, :],
+                     other=0.0)
+        xs = tl.load(x_ptr + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=sm[:, None] & pm[None, :],
+                     other=0.0)
+        us = (xs.to(tl.float32) * step_s[:, None]).to(x.dtype)
+        dec = tl.exp(tl.where(t[:, None] >= s[None, :], acs[:, None] - acs_s[None, :], -float("inf")))  # [l, s]
+        DUd = _dot(dyc, tl.trans(us), IEEE) * dec
+        dC += _dot(DUd.to(Bs.dtype), Bs, IEEE)
+        dacs += tl.sum(DUd * _dot(Cm, tl.trans(Bs), IEEE), 1)
     dx = du * step[:, None]
     dstep = tl.sum(du * x.to(tl.float32), 1)
-
-    dC_in = _dot(dy, hin.to(dy.dtype), IEEE) * e_in[:, None]                 # [l, N]
-    dC = _dot(DUd.to(Bm.dtype), Bm, IEEE) + dC_in
-    dB_st = _dot(u, gout.to(u.dtype), IEEE) * e_out[:, None]                  # [s, N]
-    dB = _dot(tl.trans(DUd.to(Cm.dtype)), Cm, IEEE) + dB_st
-
-    Q = CBd * DU
-    dacs = tl.sum(Q, 1) - tl.sum(Q, 0)
-    dacs += tl.sum(dC_in * Cm.to(tl.float32), 1)
-    W = tl.sum(dB_st * Bm.to(tl.float32), 1)
-    last = tl.sum(W, 0) + tl.exp(total) * tl.sum(tl.sum(gout * hin, 1), 0)
-    dacs = dacs - W + tl.where(tl.arange(0, L) == L - 1, last, 0.0)
-    da = tl.sum(dacs, 0) - tl.cumsum(dacs, 0) + dacs                          # reverse cumsum
-    dstep += A * da
-    tl.store(dx_ptr + xp_off, dx, mask=xp_m)
+    if HAS_D:
+        dyf = dy.to(tl.float32)
+        if D_PER_P:
+            dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)[None, :] * dyf
+        else:
+            dx += tl.load(D_ptr + h).to(tl.float32) * dyf
+        tl.store(dD_ptr + (((b * nc + c) * NB + j) * H + h) * P + p, tl.sum(dyf * x.to(tl.float32), 0), mask=pm)
+    tl.store(dx_ptr + xp_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_m)
     tl.store(dstep_ptr + (b * T + t) * H + h, dstep, mask=tm)
     hn_off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
     tl.store(dB_ptr + hn_off, dB, mask=bc_m)
     tl.store(dC_ptr + hn_off, dC, mask=bc_m)
-    tl.store(dA_ptr + (b * nc + c) * H + h, tl.sum(tl.where(tm, step * da, 0.0), 0))
+    tl.store(dacs_ptr + bh * Tp + t, dacs, mask=t < Tp)
+    tl.store(w_ptr + bh * Tp + t, tl.sum(dB_st * Bm.to(tl.float32), 1), mask=t < Tp)
 
 
-def _launch_shape(x: torch.Tensor, B: torch.Tensor, L: int):
+def _launch_shape(x: torch.Tensor, B: torch.Tensor, CH: int):
     Bsz, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    nc = triton.cdiv(T, L)
-    return Bsz, T, H, P, G, N, nc, nc * L
+    nc = triton.cdiv(T, CH)
+    return Bsz, T, H, P, G, N, nc, nc * CH
 
 
 def _ieee(x: torch.Tensor) -> int:
@@ -278,60 +325,77 @@ def _state_block(PN: int) -> int:
 
 
 class _SSDCore(torch.autograd.Function):
-    """(x, step, A, B, C, h0) -> (y fp32, final fp32): the chunked scan with steps already processed."""
+    """(x, step, A, B, C, D, h0) -> (y, final fp32): the chunked scan with steps already processed and
+    the D skip fused; y in ``out_dtype``."""
 
     @staticmethod
-    def forward(ctx, x, step, A, B, C, h0, L):
-        Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, L)
+    def forward(ctx, x, step, A, B, C, D, h0, CH, BL, out_dtype):
+        Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, CH)
         BP, BN, PN = _block(P), _block(N), P * N
         dev = x.device
         acs = torch.empty(Bsz, H, Tp, dtype=torch.float32, device=dev)
         states = torch.empty(Bsz, nc, H, P, N, dtype=torch.float32, device=dev)
         final = torch.empty(Bsz, H, P, N, dtype=torch.float32, device=dev)
-        y = torch.empty(Bsz, T, H, P, dtype=torch.float32, device=dev)
+        y = torch.empty(Bsz, T, H, P, dtype=out_dtype, device=dev)
         ieee = _ieee(x)
-        grid = (nc, Bsz * H)
-        _chunk_state_fwd[grid](x, step, A, B, acs, states, T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee,
-                               num_warps=4)
+        meta = dict(CH=CH, BL=BL, BP=BP, BN=BN, IEEE=ieee)
+        _chunk_state_fwd[(nc, Bsz * H)](x, step, A, B, acs, states, T, H, G, P, N, Tp, nc, **meta, num_warps=4)
         SB = _state_block(PN)
         _state_pass_fwd[(triton.cdiv(PN, SB), Bsz * H)](states, acs, h0 if h0 is not None else final, final,
-                                                        H, PN, Tp, nc, L=L, BLOCK=SB, HAS_H0=h0 is not None,
+                                                        H, PN, Tp, nc, CH=CH, BLOCK=SB, HAS_H0=h0 is not None,
                                                         num_warps=4)
-        _chunk_scan_fwd[grid](x, step, B, C, acs, states, y, T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee,
-                              num_warps=4)
-        ctx.save_for_backward(x, step, A, B, C, acs, states)
-        ctx.L, ctx.has_h0, ctx.h0_dtype = L, h0 is not None, None if h0 is None else h0.dtype
+        _chunk_scan_fwd[(nc * (CH // BL), Bsz * H)](x, step, B, C, D if D is not None else A, acs, states, y,
+                                                    T, H, G, P, N, Tp, nc, **meta, HAS_D=D is not None,
+                                                    D_PER_P=D is not None and D.dim() == 2, num_warps=4)
+        ctx.save_for_backward(x, step, A, B, C, D, acs, states)
+        ctx.CH, ctx.BL, ctx.has_h0 = CH, BL, h0 is not None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, step, A, B, C, acs, states = ctx.saved_tensors
-        L = ctx.L
-        Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, L)
+        x, step, A, B, C, D, acs, states = ctx.saved_tensors
+        CH, BL = ctx.CH, ctx.BL
+        Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, CH)
         BP, BN, PN = _block(P), _block(N), P * N
+        NB = CH // BL
         dev = x.device
-        dy = torch.zeros_like(x, dtype=torch.float32) if dy is None else dy.contiguous()
+        f32 = dict(dtype=torch.float32, device=dev)
+        dy = torch.zeros(x.shape, **f32) if dy is None else dy.contiguous()
         dfinal = None if dfinal is None else dfinal.contiguous()
         ieee = _ieee(x)
-        grid = (nc, Bsz * H)
-        gout = torch.empty(Bsz, nc, H, P, N, dtype=torch.float32, device=dev)
-        dh0 = torch.empty(Bsz, H, P, N, dtype=torch.float32, device=dev)
-        _chunk_dstate_bwd[grid](dy, C, acs, gout, T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee, num_warps=4)
+        meta = dict(CH=CH, BL=BL, BP=BP, BN=BN, IEEE=ieee)
+        gout = torch.empty(Bsz, nc, H, P, N, **f32)
+        dh0 = torch.empty(Bsz, H, P, N, **f32)
+        _chunk_dstate_bwd[(nc, Bsz * H)](dy, C, acs, gout, T, H, G, P, N, Tp, nc, **meta, num_warps=4)
         SB = _state_block(PN)
-        _state_pass_bwd[(triton.cdiv(PN, SB), Bsz * H)](gout, acs, dfinal if dfinal is not None else dh0, dh0,
-                                                        H, PN, Tp, nc, L=L, BLOCK=SB,
-                                                        HAS_DFINAL=dfinal is not None, num_warps=4)
-        dx = torch.empty(Bsz, T, H, P, dtype=torch.float32, device=dev)
-        dstep = torch.empty(Bsz, T, H, dtype=torch.float32, device=dev)
-        dBh = torch.empty(Bsz, T, H, N, dtype=torch.float32, device=dev)
-        dCh = torch.empty(Bsz, T, H, N, dtype=torch.float32, device=dev)
-        dA = torch.empty(Bsz, nc, H, dtype=torch.float32, device=dev)
-        _chunk_bwd[grid](x, step, A, B, C, acs, states, gout, dy, dx, dstep, dBh, dCh, dA,
-                         T, H, G, P, N, Tp, nc, L=L, BP=BP, BN=BN, IEEE=ieee, num_warps=8)
+        nblk = triton.cdiv(PN, SB)
+        ddecay = torch.empty(nblk, Bsz, H, nc, **f32)
+        _state_pass_bwd[(nblk, Bsz * H)](gout, states, acs, dfinal if dfinal is not None else dh0, dh0, ddecay,
+                                         H, PN, Tp, nc, CH=CH, BLOCK=SB, HAS_DFINAL=dfinal is not None,
+                                         num_warps=4)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        dstep = torch.empty(Bsz, T, H, **f32)
+        dBh = torch.empty(Bsz, T, H, N, **f32)
+        dCh = torch.empty(Bsz, T, H, N, **f32)
+        dacs = torch.empty(Bsz, H, Tp, **f32)
+        w = torch.empty(Bsz, H, Tp, **f32)
+        dD = torch.empty(Bsz, nc * NB, H, P, **f32) if D is not None else dacs
+        _chunk_bwd[(nc * NB, Bsz * H)](x, step, B, C, D if D is not None else A, acs, states, gout, dy,
+                                       dx, dstep, dBh, dCh, dacs, w, dD, T, H, G, P, N, Tp, nc, **meta,
+                                       HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, num_warps=8)
+        # d acs -> d a: a reverse cumsum inside each chunk, plus the gradient of the chunk's end value.
+        dlast = w.view(Bsz, H, nc, CH).sum(-1) + ddecay.sum(0)                # [B, H, c]
+        da = dacs.view(Bsz, H, nc, CH).flip(-1).cumsum(-1).flip(-1) + dlast.unsqueeze(-1)
+        da = da.view(Bsz, H, Tp)[..., :T].transpose(1, 2)                      # [B, T, H]
+        dstep = dstep + da * A
+        dA = (da * step).sum((0, 1))
         dB = dBh.view(Bsz, T, G, H // G, N).sum(3).to(B.dtype)
         dC = dCh.view(Bsz, T, G, H // G, N).sum(3).to(C.dtype)
-        dh0 = dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
-        return dx.to(x.dtype), dstep, dA.sum((0, 1)).to(A.dtype), dB, dC, dh0, None
+        dDout = None
+        if D is not None:
+            dDout = dD.sum((0, 1))
+            dDout = (dDout if D.dim() == 2 else dDout.sum(-1)).to(D.dtype)
+        return dx, dstep, dA.to(A.dtype), dB, dC, dDout, dh0 if ctx.has_h0 else None, None, None, None
 
 
 def ssd_triton(
@@ -351,15 +415,17 @@ def ssd_triton(
     lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    block_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SSD through the Triton kernels; see ``seqblocks.ops.ssd.ssd`` for the contract (inputs valid,
-    fp16 / bf16 / fp32). ``chunk_size`` is rounded up to a power of two >= 16."""
+    fp16 / bf16 / fp32). ``chunk_size`` is rounded up to a power of two in [16, 256]; ``block_len``
+    (default ``DEFAULT_BLOCK``, at most the chunk) is the tile of time steps one program works on."""
     if cu_seqlens is not None:
         xx, dd, BB, CC = (unpack(t, cu_seqlens)[0] for t in (x, dt, B, C))
         zz = None if z is None else unpack(z, cu_seqlens)[0]
         y, final = ssd_triton(xx, dd, A, BB, CC, D, zz, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                               initial_state=initial_state, return_final_state=True, lengths=cu_seqlens.diff(),
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, block_len=block_len)
         y = pack(y, cu_seqlens)
         return (y, final) if return_final_state else y
 
@@ -370,18 +436,18 @@ def ssd_triton(
             else initial_state.float()
         y = x.new_zeros(x.shape)
         return (y, h0.clone()) if return_final_state else y
-    L = _block(min(chunk_size, 256))
+    CH = _block(min(chunk_size, 256))
+    BL = min(CH, DEFAULT_BLOCK) if block_len is None else min(CH, _block(block_len))
     step = process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)       # [B, T, H]
     valid = None
     if lengths is not None:
         valid = torch.arange(T, device=x.device) < lengths.to(x.device).unsqueeze(1)  # [B, T]
         step = torch.where(valid.unsqueeze(-1), step, torch.zeros((), device=x.device))
     h0 = None if initial_state is None else initial_state.float().contiguous()
+    # Without a gate or padding to apply afterwards, the kernel writes y in x's dtype directly.
+    out_dtype = x.dtype if z is None and valid is None else torch.float32
     y, final = _SSDCore.apply(x.contiguous(), step.contiguous(), A.float().contiguous(), B.contiguous(),
-                              C.contiguous(), h0, L)
-    if D is not None:
-        Dh = D.float() if D.dim() == 2 else D.float().unsqueeze(-1)
-        y = y + Dh * x.float()
+                              C.contiguous(), None if D is None else D.contiguous(), h0, CH, BL, out_dtype)
     if z is not None:
         y = y * F.silu(z.float())
     if valid is not None:
