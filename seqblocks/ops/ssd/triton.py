@@ -12,7 +12,10 @@ log-decay ``a = step * A`` and its within-chunk running sum ``acs``::
     backward  1. _chunk_dstate_bwd  per chunk: the gradient the outputs send to the incoming state,
                                     sum_l exp(acs[l]) dy[l] C[l]^T
               2. _state_pass_bwd    the reverse pass: g_c, the gradient of chunk c's end state
-              3. _chunk_bwd         per chunk: dx, d step, dB, dC (per head) and the per-chunk dA
+              3. _chunk_bwd_source  per (block of steps, row, head) as sources: dx, d step, dB, dD
+              4. _chunk_bwd_row     the same blocks as output rows: dC
+                                    (both give shares of d acs; a reverse cumsum per chunk in PyTorch
+                                    turns them into d step and dA)
 
 Steps are processed in PyTorch before the kernels (``dt + dt_bias``, softplus, the limits, zeroed on
 padding), so autograd carries d step back to ``dt`` and ``dt_bias``; the D skip and the z gate are
@@ -43,6 +46,7 @@ __all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK", "DEFAULT_BL
 
 DEFAULT_CHUNK = 256  # chunks of 256 steps: few states to store and pass (mamba_ssm's choice too)
 DEFAULT_BLOCK = 64   # a program's tile of time steps: L x L score tiles of 64 stay in registers
+SOURCE_BLOCK = 32    # the tile of the backward's source kernel (checked with ptxas for sm_90: no spills)
 
 
 def _block(n: int) -> int:
@@ -216,11 +220,13 @@ def _state_pass_bwd(dS_ptr, hin_ptr, acs_ptr, dfinal_ptr, dh0_ptr, ddecay_ptr, H
 
 
 @triton.jit
-def _chunk_bwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, gout_ptr, dy_ptr,
-               dx_ptr, dstep_ptr, dB_ptr, dC_ptr, dacs_ptr, w_ptr, dD_ptr,
-               T, H, G, P, N, Tp, nc,
-               CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-               HAS_D: tl.constexpr, D_PER_P: tl.constexpr):
+def _chunk_bwd_source(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, gout_ptr, dy_ptr,
+                      dx_ptr, dstep_ptr, dB_ptr, dacs_ptr, w_ptr, dD_ptr,
+                      T, H, G, P, N, Tp, nc,
+                      CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+                      HAS_D: tl.constexpr, D_PER_P: tl.constexpr):
+    """This block's steps as sources s: what their inputs send to the chunk's end state and to the rows
+    l >= s. Writes dx, d step (through u = step * x), dB, and the source share of d acs."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     NB: tl.constexpr = CH // BL
@@ -229,7 +235,7 @@ def _chunk_bwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, gout_ptr,
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    t = c * CH + j * BL + tl.arange(0, BL)                                    # this block's rows
+    t = c * CH + j * BL + tl.arange(0, BL)
     tm = t < T
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
@@ -241,22 +247,17 @@ def _chunk_bwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, gout_ptr,
     xp_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
     xp_m = tm[:, None] & pm[None, :]
     x = tl.load(x_ptr + xp_off, mask=xp_m, other=0.0)
-    dy = tl.load(dy_ptr + xp_off, mask=xp_m, other=0.0)
-    dyc = dy.to(x.dtype)
     bc_m = tm[:, None] & nm[None, :]
     Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
-    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
-    u = (x.to(tl.float32) * step[:, None]).to(x.dtype)                       # [L, P] step * x
-    st_off = (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :]
-    st_m = pm[:, None] & nm[None, :]
-    gout = tl.load(gout_ptr + st_off, mask=st_m, other=0.0)                   # [P, N] fp32
+    u = (x.to(tl.float32) * step[:, None]).to(x.dtype)                       # [s, P] step * x
+    gout = tl.load(gout_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
+                   mask=pm[:, None] & nm[None, :], other=0.0).to(x.dtype)     # [P, N]
     e_out = tl.exp(total - acs)
-    # As a source s: what its input sends to the outgoing state and to later rows l >= s.
-    du = _dot(Bm, tl.trans(gout.to(Bm.dtype)), IEEE) * e_out[:, None]         # [s, P]
-    dB_st = _dot(u, gout.to(u.dtype), IEEE) * e_out[:, None]                  # [s, N]
-    dB = dB_st
-    dacs = -tl.sum(dB_st * Bm.to(tl.float32), 1)
-    for i in range(j, NB):
+    du = _dot(Bm, tl.trans(gout), IEEE) * e_out[:, None]                      # [s, P]
+    dB = _dot(u, gout, IEEE) * e_out[:, None]                                 # [s, N]
+    w = tl.sum(dB * Bm.to(tl.float32), 1)                                     # feeds d acs[CH - 1]
+    dacs = -w
+    for i in range(j, NB):                                                    # rows l >= s
         lt = c * CH + i * BL + tl.arange(0, BL)
         lm = lt < T
         acs_l = tl.load(acs_ptr + bh * Tp + lt, mask=lt < Tp, other=0.0)
@@ -270,11 +271,52 @@ def _chunk_bwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, gout_ptr,
         du += _dot(CBd.to(x.dtype), dyl, IEEE)
         dB += _dot((DU * dec).to(Cl.dtype), Cl, IEEE)
         dacs -= tl.sum(CBd * DU, 1)
-    # As a row l: what it reads from earlier sources s <= l and from the incoming state.
-    hin = tl.load(hin_ptr + st_off, mask=st_m, other=0.0)                     # [P, N] fp32
-    dC = _dot(dyc, hin.to(dyc.dtype), IEEE) * tl.exp(acs)[:, None]            # [l, N]
-    dacs += tl.sum(dC * Cm.to(tl.float32), 1)
-    for i in range(j + 1):
+    dx = du * step[:, None]
+    dstep = tl.sum(du * x.to(tl.float32), 1)
+    if HAS_D:
+        dyf = tl.load(dy_ptr + xp_off, mask=xp_m, other=0.0).to(tl.float32)
+        if D_PER_P:
+            dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)[None, :] * dyf
+        else:
+            dx += tl.load(D_ptr + h).to(tl.float32) * dyf
+        tl.store(dD_ptr + (((b * nc + c) * NB + j) * H + h) * P + p, tl.sum(dyf * x.to(tl.float32), 0), mask=pm)
+    tl.store(dx_ptr + xp_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_m)
+    tl.store(dstep_ptr + (b * T + t) * H + h, dstep, mask=tm)
+    tl.store(dB_ptr + ((b * T + t[:, None]) * H + h) * N + n[None, :], dB, mask=bc_m)
+    tl.store(dacs_ptr + bh * Tp + t, dacs, mask=t < Tp)
+    tl.store(w_ptr + bh * Tp + t, w, mask=t < Tp)
+
+
+@triton.jit
+def _chunk_bwd_row(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dC_ptr, dacs_ptr,
+                   T, H, G, P, N, Tp, nc,
+                   CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    """This block's steps as rows l: what they read from the sources s <= l and from the incoming
+    state. Writes dC and the row share of d acs."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    NB: tl.constexpr = CH // BL
+    c = pid // NB
+    j = pid % NB
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    t = c * CH + j * BL + tl.arange(0, BL)
+    tm = t < T
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
+    bc_m = tm[:, None] & nm[None, :]
+    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
+    dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & pm[None, :],
+                 other=0.0).to(Cm.dtype)
+    hin = tl.load(hin_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
+                  mask=pm[:, None] & nm[None, :], other=0.0).to(Cm.dtype)     # [P, N]
+    dC = _dot(dy, hin, IEEE) * tl.exp(acs)[:, None]                           # [l, N]
+    dacs = tl.sum(dC * Cm.to(tl.float32), 1)
+    for i in range(j + 1):                                                    # sources s <= l
         s = c * CH + i * BL + tl.arange(0, BL)
         sm = s < T
         acs_s = tl.load(acs_ptr + bh * Tp + s, mask=s < Tp, other=0.0)
@@ -283,27 +325,13 @@ def _chunk_bwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, gout_ptr,
                      other=0.0)
         xs = tl.load(x_ptr + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=sm[:, None] & pm[None, :],
                      other=0.0)
-        us = (xs.to(tl.float32) * step_s[:, None]).to(x.dtype)
+        us = (xs.to(tl.float32) * step_s[:, None]).to(Cm.dtype)
         dec = tl.exp(tl.where(t[:, None] >= s[None, :], acs[:, None] - acs_s[None, :], -float("inf")))  # [l, s]
-        DUd = _dot(dyc, tl.trans(us), IEEE) * dec
+        DUd = _dot(dy, tl.trans(us), IEEE) * dec
         dC += _dot(DUd.to(Bs.dtype), Bs, IEEE)
         dacs += tl.sum(DUd * _dot(Cm, tl.trans(Bs), IEEE), 1)
-    dx = du * step[:, None]
-    dstep = tl.sum(du * x.to(tl.float32), 1)
-    if HAS_D:
-        dyf = dy.to(tl.float32)
-        if D_PER_P:
-            dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)[None, :] * dyf
-        else:
-            dx += tl.load(D_ptr + h).to(tl.float32) * dyf
-        tl.store(dD_ptr + (((b * nc + c) * NB + j) * H + h) * P + p, tl.sum(dyf * x.to(tl.float32), 0), mask=pm)
-    tl.store(dx_ptr + xp_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_m)
-    tl.store(dstep_ptr + (b * T + t) * H + h, dstep, mask=tm)
-    hn_off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
-    tl.store(dB_ptr + hn_off, dB, mask=bc_m)
-    tl.store(dC_ptr + hn_off, dC, mask=bc_m)
+    tl.store(dC_ptr + ((b * T + t[:, None]) * H + h) * N + n[None, :], dC, mask=bc_m)
     tl.store(dacs_ptr + bh * Tp + t, dacs, mask=t < Tp)
-    tl.store(w_ptr + bh * Tp + t, tl.sum(dB_st * Bm.to(tl.float32), 1), mask=t < Tp)
 
 
 def _launch_shape(x: torch.Tensor, B: torch.Tensor, CH: int):
@@ -339,7 +367,7 @@ class _SSDCore(torch.autograd.Function):
         y = torch.empty(Bsz, T, H, P, dtype=out_dtype, device=dev)
         ieee = _ieee(x)
         meta = dict(CH=CH, BL=BL, BP=BP, BN=BN, IEEE=ieee)
-        _chunk_state_fwd[(nc, Bsz * H)](x, step, A, B, acs, states, T, H, G, P, N, Tp, nc, **meta, num_warps=4)
+        _chunk_state_fwd[(nc, Bsz * H)](x, step, A, B, acs, states, T, H, G, P, N, Tp, nc, **meta, num_warps=8)
         SB = _state_block(PN)
         _state_pass_fwd[(triton.cdiv(PN, SB), Bsz * H)](states, acs, h0 if h0 is not None else final, final,
                                                         H, PN, Tp, nc, CH=CH, BLOCK=SB, HAS_H0=h0 is not None,
@@ -366,7 +394,7 @@ class _SSDCore(torch.autograd.Function):
         meta = dict(CH=CH, BL=BL, BP=BP, BN=BN, IEEE=ieee)
         gout = torch.empty(Bsz, nc, H, P, N, **f32)
         dh0 = torch.empty(Bsz, H, P, N, **f32)
-        _chunk_dstate_bwd[(nc, Bsz * H)](dy, C, acs, gout, T, H, G, P, N, Tp, nc, **meta, num_warps=4)
+        _chunk_dstate_bwd[(nc, Bsz * H)](dy, C, acs, gout, T, H, G, P, N, Tp, nc, **meta, num_warps=8)
         SB = _state_block(PN)
         nblk = triton.cdiv(PN, SB)
         ddecay = torch.empty(nblk, Bsz, H, nc, **f32)
@@ -377,12 +405,18 @@ class _SSDCore(torch.autograd.Function):
         dstep = torch.empty(Bsz, T, H, **f32)
         dBh = torch.empty(Bsz, T, H, N, **f32)
         dCh = torch.empty(Bsz, T, H, N, **f32)
-        dacs = torch.empty(Bsz, H, Tp, **f32)
+        dacs_src, dacs_row = torch.empty(2, Bsz, H, Tp, **f32).unbind(0)
         w = torch.empty(Bsz, H, Tp, **f32)
-        dD = torch.empty(Bsz, nc * NB, H, P, **f32) if D is not None else dacs
-        _chunk_bwd[(nc * NB, Bsz * H)](x, step, B, C, D if D is not None else A, acs, states, gout, dy,
-                                       dx, dstep, dBh, dCh, dacs, w, dD, T, H, G, P, N, Tp, nc, **meta,
-                                       HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, num_warps=8)
+        # The source kernel holds two accumulators (du, dB): half-height tiles keep it out of local memory.
+        BLs = min(BL, SOURCE_BLOCK)
+        dD = torch.empty(Bsz, nc * (CH // BLs), H, P, **f32) if D is not None else w
+        _chunk_bwd_source[(nc * (CH // BLs), Bsz * H)](x, step, B, C, D if D is not None else A, acs, gout, dy, dx,
+                                                       dstep, dBh, dacs_src, w, dD, T, H, G, P, N, Tp, nc,
+                                                       **dict(meta, BL=BLs), HAS_D=D is not None,
+                                                       D_PER_P=D is not None and D.dim() == 2, num_warps=8)
+        _chunk_bwd_row[(nc * NB, Bsz * H)](x, step, B, C, acs, states, dy, dCh, dacs_row, T, H, G, P, N, Tp, nc,
+                                           **meta, num_warps=8)
+        dacs = dacs_src + dacs_row
         # d acs -> d a: a reverse cumsum inside each chunk, plus the gradient of the chunk's end value.
         dlast = w.view(Bsz, H, nc, CH).sum(-1) + ddecay.sum(0)                # [B, H, c]
         da = dacs.view(Bsz, H, nc, CH).flip(-1).cumsum(-1).flip(-1) + dlast.unsqueeze(-1)
