@@ -77,8 +77,7 @@ def ssd(
         cu_seqlens (Tensor | None): [num_seqs + 1] offsets of sequences packed in a [1, total, ...] batch;
             the state restarts at every boundary (from ``initial_state[i]`` when given). Default: None.
         chunk_size (int | None): chunk length; results do not depend on it beyond rounding. The Triton path
-            rounds it up to a power of two in [16, 256]. Default: None, 256 for PyTorch and 64 for
-            Triton.
+            rounds it up to a power of two in [16, 256]. Default: None (256 on both paths).
         backend (str): "auto", "torch" or "triton". Default: "auto".
 
     Returns:
