@@ -162,3 +162,9 @@ def test_float64_is_not_served():
     t = inputs(T=5, dtype=torch.float64)
     with pytest.raises(ValueError, match="no Triton kernel"):
         ssd(*(t[k] for k in NAMES[:7]), backend="triton")
+
+
+if not INTERPRETER:
+    # Outside the interpreter the cases above run in the child process only (see tests/interpreter.py).
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
+        del globals()[_name]

@@ -42,11 +42,13 @@ from seqblocks.ops._backend import interpreter_enabled
 from seqblocks.ops.selective_scan import pack, unpack
 from seqblocks.ops.ssd._common import process_dt
 
-__all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK", "DEFAULT_BLOCK"]
+__all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK", "TILES"]
 
 DEFAULT_CHUNK = 256  # chunks of 256 steps: few states to store and pass (mamba_ssm's choice too)
-DEFAULT_BLOCK = 64   # a program's tile of time steps: L x L score tiles of 64 stay in registers
-SOURCE_BLOCK = 32    # the tile of the backward's source kernel (checked with ptxas for sm_90: no spills)
+# A program's tile of time steps, (forward, backward row kernel, backward source kernel), by operand
+# dtype. Chosen from an offline sm_90 compile (register use, no or little local memory at P = 64,
+# N = 128): the source kernel holds two accumulators (du, dB), and fp32 operands take the FMA path.
+TILES = {"half": (64, 64, 32), "fp32": (32, 16, 16)}
 
 
 def _block(n: int) -> int:
@@ -357,7 +359,8 @@ class _SSDCore(torch.autograd.Function):
     the D skip fused; y in ``out_dtype``."""
 
     @staticmethod
-    def forward(ctx, x, step, A, B, C, D, h0, CH, BL, out_dtype):
+    def forward(ctx, x, step, A, B, C, D, h0, CH, tiles, out_dtype):
+        BL = tiles[0]
         Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, CH)
         BP, BN, PN = _block(P), _block(N), P * N
         dev = x.device
@@ -376,13 +379,13 @@ class _SSDCore(torch.autograd.Function):
                                                     T, H, G, P, N, Tp, nc, **meta, HAS_D=D is not None,
                                                     D_PER_P=D is not None and D.dim() == 2, num_warps=4)
         ctx.save_for_backward(x, step, A, B, C, D, acs, states)
-        ctx.CH, ctx.BL, ctx.has_h0 = CH, BL, h0 is not None
+        ctx.CH, ctx.tiles, ctx.has_h0 = CH, tiles, h0 is not None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, step, A, B, C, D, acs, states = ctx.saved_tensors
-        CH, BL = ctx.CH, ctx.BL
+        CH, (_, BL, BLs) = ctx.CH, ctx.tiles
         Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, B, CH)
         BP, BN, PN = _block(P), _block(N), P * N
         NB = CH // BL
@@ -407,8 +410,6 @@ class _SSDCore(torch.autograd.Function):
         dCh = torch.empty(Bsz, T, H, N, **f32)
         dacs_src, dacs_row = torch.empty(2, Bsz, H, Tp, **f32).unbind(0)
         w = torch.empty(Bsz, H, Tp, **f32)
-        # The source kernel holds two accumulators (du, dB): half-height tiles keep it out of local memory.
-        BLs = min(BL, SOURCE_BLOCK)
         dD = torch.empty(Bsz, nc * (CH // BLs), H, P, **f32) if D is not None else w
         _chunk_bwd_source[(nc * (CH // BLs), Bsz * H)](x, step, B, C, D if D is not None else A, acs, gout, dy, dx,
                                                        dstep, dBh, dacs_src, w, dD, T, H, G, P, N, Tp, nc,
@@ -453,7 +454,7 @@ def ssd_triton(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SSD through the Triton kernels; see ``seqblocks.ops.ssd.ssd`` for the contract (inputs valid,
     fp16 / bf16 / fp32). ``chunk_size`` is rounded up to a power of two in [16, 256]; ``block_len``
-    (default ``DEFAULT_BLOCK``, at most the chunk) is the tile of time steps one program works on."""
+    (default ``TILES`` by dtype, at most the chunk) is the tile of time steps of every kernel."""
     if cu_seqlens is not None:
         xx, dd, BB, CC = (unpack(t, cu_seqlens)[0] for t in (x, dt, B, C))
         zz = None if z is None else unpack(z, cu_seqlens)[0]
@@ -471,7 +472,8 @@ def ssd_triton(
         y = x.new_zeros(x.shape)
         return (y, h0.clone()) if return_final_state else y
     CH = _block(min(chunk_size, 256))
-    BL = min(CH, DEFAULT_BLOCK) if block_len is None else min(CH, _block(block_len))
+    tiles = TILES["fp32" if x.dtype == torch.float32 else "half"] if block_len is None else (_block(block_len),) * 3
+    tiles = tuple(min(CH, t) for t in tiles)
     step = process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)       # [B, T, H]
     valid = None
     if lengths is not None:
@@ -481,7 +483,7 @@ def ssd_triton(
     # Without a gate or padding to apply afterwards, the kernel writes y in x's dtype directly.
     out_dtype = x.dtype if z is None and valid is None else torch.float32
     y, final = _SSDCore.apply(x.contiguous(), step.contiguous(), A.float().contiguous(), B.contiguous(),
-                              C.contiguous(), None if D is None else D.contiguous(), h0, CH, BL, out_dtype)
+                              C.contiguous(), None if D is None else D.contiguous(), h0, CH, tiles, out_dtype)
     if z is not None:
         y = y * F.silu(z.float())
     if valid is not None:
