@@ -73,7 +73,7 @@ def _chunk_state_fwd(x_ptr, step_ptr, A_ptr, B_ptr, acs_ptr, S_ptr,
                      CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B T H P passes 2^31 at long contexts
     h = bh % H
     g = h // (H // G)
     p = tl.arange(0, BP)
@@ -106,7 +106,7 @@ def _state_pass_fwd(S_ptr, acs_ptr, h0_ptr, final_ptr, H, PN, Tp, nc,
                     CH: tl.constexpr, BLOCK: tl.constexpr, HAS_H0: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B T H P passes 2^31 at long contexts
     h = bh % H
     i = blk * BLOCK + tl.arange(0, BLOCK)
     m = i < PN
@@ -132,7 +132,7 @@ def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, y_pt
     bh = tl.program_id(1)
     c = pid // (CH // BL)
     j = pid % (CH // BL)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B T H P passes 2^31 at long contexts
     h = bh % H
     g = h // (H // G)
     t = c * CH + j * BL + tl.arange(0, BL)                                    # output rows l
@@ -175,7 +175,7 @@ def _chunk_dstate_bwd(dy_ptr, C_ptr, acs_ptr, dS_ptr,
                       CH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B T H P passes 2^31 at long contexts
     h = bh % H
     g = h // (H // G)
     p = tl.arange(0, BP)
@@ -200,7 +200,7 @@ def _state_pass_bwd(dS_ptr, hin_ptr, acs_ptr, dfinal_ptr, dh0_ptr, ddecay_ptr, H
                     CH: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B T H P passes 2^31 at long contexts
     h = bh % H
     i = blk * BLOCK + tl.arange(0, BLOCK)
     m = i < PN
@@ -237,22 +237,32 @@ def _chunk_bwd_source(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, gout_ptr, d
     b = bh // H
     h = bh % H
     g = h // (H // G)
+    # One int64 base per tensor (B T H P can pass 2^31); offsets inside a row stay int32 (fewer registers).
+    x_ptr += (b.to(tl.int64) * T * H + h) * P
+    dy_ptr += (b.to(tl.int64) * T * H + h) * P
+    dx_ptr += (b.to(tl.int64) * T * H + h) * P
+    B_ptr += (b.to(tl.int64) * T * G + g) * N
+    C_ptr += (b.to(tl.int64) * T * G + g) * N
+    step_ptr += b.to(tl.int64) * T * H + h
+    dstep_ptr += b.to(tl.int64) * T * H + h
+    gout_ptr += ((b.to(tl.int64) * nc + c) * H + h) * P * N
+    dB_ptr += (b.to(tl.int64) * T * H + h) * N
     t = c * CH + j * BL + tl.arange(0, BL)
     tm = t < T
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
     pm = p < P
     nm = n < N
-    step = tl.load(step_ptr + (b * T + t) * H + h, mask=tm, other=0.0)
+    step = tl.load(step_ptr + t * H, mask=tm, other=0.0)
     acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
     total = tl.load(acs_ptr + bh * Tp + c * CH + CH - 1)
-    xp_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    xp_off = t[:, None] * (H * P) + p[None, :]
     xp_m = tm[:, None] & pm[None, :]
     x = tl.load(x_ptr + xp_off, mask=xp_m, other=0.0)
     bc_m = tm[:, None] & nm[None, :]
-    Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
+    Bm = tl.load(B_ptr + t[:, None] * (G * N) + n[None, :], mask=bc_m, other=0.0)
     u = (x.to(tl.float32) * step[:, None]).to(x.dtype)                       # [s, P] step * x
-    gout = tl.load(gout_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
+    gout = tl.load(gout_ptr + p[:, None] * N + n[None, :],
                    mask=pm[:, None] & nm[None, :], other=0.0).to(x.dtype)     # [P, N]
     e_out = tl.exp(total - acs)
     du = _dot(Bm, tl.trans(gout), IEEE) * e_out[:, None]                      # [s, P]
@@ -263,9 +273,9 @@ def _chunk_bwd_source(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, gout_ptr, d
         lt = c * CH + i * BL + tl.arange(0, BL)
         lm = lt < T
         acs_l = tl.load(acs_ptr + bh * Tp + lt, mask=lt < Tp, other=0.0)
-        Cl = tl.load(C_ptr + ((b * T + lt[:, None]) * G + g) * N + n[None, :], mask=lm[:, None] & nm[None, :],
+        Cl = tl.load(C_ptr + lt[:, None] * (G * N) + n[None, :], mask=lm[:, None] & nm[None, :],
                      other=0.0)
-        dyl = tl.load(dy_ptr + ((b * T + lt[:, None]) * H + h) * P + p[None, :], mask=lm[:, None] & pm[None, :],
+        dyl = tl.load(dy_ptr + lt[:, None] * (H * P) + p[None, :], mask=lm[:, None] & pm[None, :],
                       other=0.0).to(x.dtype)
         dec = tl.exp(tl.where(lt[None, :] >= t[:, None], acs_l[None, :] - acs[:, None], -float("inf")))  # [s, l]
         CBd = _dot(Bm, tl.trans(Cl), IEEE) * dec
@@ -283,8 +293,8 @@ def _chunk_bwd_source(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, gout_ptr, d
             dx += tl.load(D_ptr + h).to(tl.float32) * dyf
         tl.store(dD_ptr + (((b * nc + c) * NB + j) * H + h) * P + p, tl.sum(dyf * x.to(tl.float32), 0), mask=pm)
     tl.store(dx_ptr + xp_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_m)
-    tl.store(dstep_ptr + (b * T + t) * H + h, dstep, mask=tm)
-    tl.store(dB_ptr + ((b * T + t[:, None]) * H + h) * N + n[None, :], dB, mask=bc_m)
+    tl.store(dstep_ptr + t * H, dstep, mask=tm)
+    tl.store(dB_ptr + t[:, None] * (H * N) + n[None, :], dB, mask=bc_m)
     tl.store(dacs_ptr + bh * Tp + t, dacs, mask=t < Tp)
     tl.store(w_ptr + bh * Tp + t, w, mask=t < Tp)
 
@@ -303,6 +313,14 @@ def _chunk_bwd_row(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dC_p
     b = bh // H
     h = bh % H
     g = h // (H // G)
+    # One int64 base per tensor (B T H P can pass 2^31); offsets inside a row stay int32 (fewer registers).
+    x_ptr += (b.to(tl.int64) * T * H + h) * P
+    dy_ptr += (b.to(tl.int64) * T * H + h) * P
+    B_ptr += (b.to(tl.int64) * T * G + g) * N
+    C_ptr += (b.to(tl.int64) * T * G + g) * N
+    step_ptr += b.to(tl.int64) * T * H + h
+    hin_ptr += ((b.to(tl.int64) * nc + c) * H + h) * P * N
+    dC_ptr += (b.to(tl.int64) * T * H + h) * N
     t = c * CH + j * BL + tl.arange(0, BL)
     tm = t < T
     p = tl.arange(0, BP)
@@ -311,10 +329,10 @@ def _chunk_bwd_row(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dC_p
     nm = n < N
     acs = tl.load(acs_ptr + bh * Tp + t, mask=t < Tp, other=0.0)
     bc_m = tm[:, None] & nm[None, :]
-    Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=bc_m, other=0.0)
-    dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=tm[:, None] & pm[None, :],
+    Cm = tl.load(C_ptr + t[:, None] * (G * N) + n[None, :], mask=bc_m, other=0.0)
+    dy = tl.load(dy_ptr + t[:, None] * (H * P) + p[None, :], mask=tm[:, None] & pm[None, :],
                  other=0.0).to(Cm.dtype)
-    hin = tl.load(hin_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
+    hin = tl.load(hin_ptr + p[:, None] * N + n[None, :],
                   mask=pm[:, None] & nm[None, :], other=0.0).to(Cm.dtype)     # [P, N]
     dC = _dot(dy, hin, IEEE) * tl.exp(acs)[:, None]                           # [l, N]
     dacs = tl.sum(dC * Cm.to(tl.float32), 1)
@@ -322,17 +340,17 @@ def _chunk_bwd_row(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dC_p
         s = c * CH + i * BL + tl.arange(0, BL)
         sm = s < T
         acs_s = tl.load(acs_ptr + bh * Tp + s, mask=s < Tp, other=0.0)
-        step_s = tl.load(step_ptr + (b * T + s) * H + h, mask=sm, other=0.0)
-        Bs = tl.load(B_ptr + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=sm[:, None] & nm[None, :],
+        step_s = tl.load(step_ptr + s * H, mask=sm, other=0.0)
+        Bs = tl.load(B_ptr + s[:, None] * (G * N) + n[None, :], mask=sm[:, None] & nm[None, :],
                      other=0.0)
-        xs = tl.load(x_ptr + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=sm[:, None] & pm[None, :],
+        xs = tl.load(x_ptr + s[:, None] * (H * P) + p[None, :], mask=sm[:, None] & pm[None, :],
                      other=0.0)
         us = (xs.to(tl.float32) * step_s[:, None]).to(Cm.dtype)
         dec = tl.exp(tl.where(t[:, None] >= s[None, :], acs[:, None] - acs_s[None, :], -float("inf")))  # [l, s]
         DUd = _dot(dy, tl.trans(us), IEEE) * dec
         dC += _dot(DUd.to(Bs.dtype), Bs, IEEE)
         dacs += tl.sum(DUd * _dot(Cm, tl.trans(Bs), IEEE), 1)
-    tl.store(dC_ptr + ((b * T + t[:, None]) * H + h) * N + n[None, :], dC, mask=bc_m)
+    tl.store(dC_ptr + t[:, None] * (H * N) + n[None, :], dC, mask=bc_m)
     tl.store(dacs_ptr + bh * Tp + t, dacs, mask=t < Tp)
 
 
@@ -499,7 +517,7 @@ def _state_update(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr):
     bh = tl.program_id(0)
     pb = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B T H P passes 2^31 at long contexts
     h = bh % H
     g = h // (H // G)
     p = pb * BP + tl.arange(0, BP)
