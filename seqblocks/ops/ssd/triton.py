@@ -1,14 +1,15 @@
 """Triton kernels of SSD (Mamba-2's scan): the chunked form forward and backward, and the decode step.
 
-The chunked form (see ``torch.py`` for the same math in PyTorch), with chunks of ``L`` steps, the
-log-decay ``a = step * A`` and its within-chunk running sum ``acs``::
+The chunked form (see ``torch.py`` for the same math in PyTorch), with chunks of ``L`` steps (256 by
+default) worked on in tiles of ``BL`` steps (``TILES``), the log-decay ``a = step * A`` and its
+within-chunk running sum ``acs``::
 
     forward   1. _chunk_state_fwd   per (chunk, row, head): acs, and the chunk's own end state
                                     S = sum_s exp(acs[L-1] - acs[s]) step[s] x[s] B[s]^T     [P, N]
               2. _state_pass_fwd    per (row, head, block of P*N): the sequential pass over chunks,
                                     h_in[c] = h; h = exp(acs_c[L-1]) h + S_c   (written over S, in place)
-              3. _chunk_scan_fwd    per (chunk, row, head): y = (C B^T * decay mask * step) x
-                                    + exp(acs) * C h_in^T                          (two tl.dot, fp32 acc)
+              3. _chunk_scan_fwd    per (tile, row, head): y = (C B^T * decay mask * step) x over
+                                    the tiles up to the diagonal + exp(acs) * C h_in^T + D x
     backward  1. _chunk_dstate_bwd  per chunk: the gradient the outputs send to the incoming state,
                                     sum_l exp(acs[l]) dy[l] C[l]^T
               2. _state_pass_bwd    the reverse pass: g_c, the gradient of chunk c's end state
@@ -18,9 +19,10 @@ log-decay ``a = step * A`` and its within-chunk running sum ``acs``::
                                     turns them into d step and dA)
 
 Steps are processed in PyTorch before the kernels (``dt + dt_bias``, softplus, the limits, zeroed on
-padding), so autograd carries d step back to ``dt`` and ``dt_bias``; the D skip and the z gate are
-applied after the kernels the same way. ``lengths`` zero the steps of padding (the state passes through
-unchanged) and the outputs there; ``cu_seqlens`` run as a padded batch (``unpack`` / ``pack``).
+padding), so autograd carries d step back to ``dt`` and ``dt_bias``; the z gate is applied after the
+kernels the same way. The D skip is fused (output kernel; dD and D dy in the source kernel).
+``lengths`` zero the steps of padding (the state passes through unchanged) and the outputs there;
+``cu_seqlens`` run as a padded batch (``unpack`` / ``pack``).
 
 ``exp(acs[l] - acs[s])`` is taken for ``l >= s`` only (the exponent is then <= 0 for a stable A), so no
 masked entry can overflow. Matrix products take the inputs' dtype as operands (bf16 / fp16 on the
