@@ -9,6 +9,8 @@ Shapes: B batch, T time, H heads, P head width, N state, G groups.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from interpreter import INTERPRETER, run_file_under_interpreter
@@ -130,6 +132,21 @@ def test_bf16():
 
 def test_default_chunk_and_width_above_block():
     check(inputs(Bsz=1, T=70, H=2, P=20, N=17), chunk_size=64)
+
+
+@pytest.mark.parametrize(("name", "value"), [("x", math.nan), ("x", math.inf), ("B", math.nan), ("dt", math.nan)])
+def test_nonfinite_reaches_no_earlier_output(name, value):
+    """A non-finite input at step k leaves every output before k (and every other row) as without it,
+    and the outputs from k on are non-finite exactly where the reference's are."""
+    t = inputs(Bsz=2, T=40, H=2, P=3, N=4)
+    t[name] = t[name].clone()
+    t[name][0, 21, 0] = value  # inside the second chunk of 16, not at its start
+    y = _call(ssd, {**dict.fromkeys(NAMES), **t}, chunk_size=16, backend="triton")[0]
+    y_r = _call(ssd_ref, {**dict.fromkeys(NAMES), **{k: v.double() for k, v in t.items() if v is not None}})[0]
+    assert torch.isfinite(y[:, :21]).all() and torch.isfinite(y[1]).all()
+    assert torch.equal(torch.isfinite(y), torch.isfinite(y_r))
+    ok = torch.isfinite(y_r)
+    torch.testing.assert_close(y[ok].double(), y_r[ok], atol=2e-4 * y_r[ok].abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize(("D", "z", "limit", "G"), [("head", True, (0.0, float("inf")), 1),

@@ -157,9 +157,17 @@ def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, y_pt
                      other=0.0)
         xs = tl.load(x_ptr + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=sm[:, None] & pm[None, :],
                      other=0.0)
-        seg = tl.where(t[:, None] >= s[None, :], acs[:, None] - acs_s[None, :], -float("inf"))
-        scores = _dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :]  # [l, s]
-        y += _dot(scores.to(xs.dtype), xs, IEEE)
+        causal = t[:, None] >= s[None, :]
+        seg = tl.where(causal, acs[:, None] - acs_s[None, :], -float("inf"))
+        # Later sources must not reach row l through 0 * NaN: a non-finite B or step is masked out of
+        # the scores, and a non-finite x is zeroed and poisons only rows at or after it (same p).
+        scores = tl.where(causal, _dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :], 0.0)  # [l, s]
+        bad = (xs != xs) | (tl.abs(xs.to(tl.float32)) == float("inf"))
+        y += _dot(scores.to(xs.dtype), tl.where(bad, 0.0, xs).to(xs.dtype), IEEE)
+        # bad sources at or before row l: all of an earlier tile, a running count on the diagonal
+        seen = tl.cumsum(bad.to(tl.int32), 0)
+        seen = tl.where(i < j, tl.sum(bad.to(tl.int32), 0)[None, :], seen)
+        y = tl.where(seen > 0, float("nan"), y)
     xp_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
     xp_m = tm[:, None] & pm[None, :]
     if HAS_D:
@@ -499,6 +507,9 @@ def ssd_triton(
     if lengths is not None:
         valid = torch.arange(T, device=x.device) < lengths.to(x.device).unsqueeze(1)  # [B, T]
         step = torch.where(valid.unsqueeze(-1), step, torch.zeros((), device=x.device))
+    if valid is not None:  # padding never reads x or B (0 * NaN would reach the state and earlier rows)
+        x = torch.where(valid[..., None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        B = torch.where(valid[..., None, None], B, torch.zeros((), dtype=B.dtype, device=B.device))
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # Without a gate or padding to apply afterwards, the kernel writes y in x's dtype directly.
     out_dtype = x.dtype if z is None and valid is None else torch.float32
