@@ -16,7 +16,7 @@ from seqblocks.models import LRNNLMHeadModel
 
 # Mamba's CPU selective scan recomputes its chunks with torch.autograd.grad in backward, which Dynamo
 # does not trace (a graph break, still correct); on CUDA the Triton kernel serves it instead.
-HYBRIDS = [["attn", "lru"], ["s4d", "gqa"], ["rglru", "s5"], ["s4", "centaurus"], ["s7", "mla"]]
+HYBRIDS = [["attn", "lru"], ["s4d", "gqa"], ["rglru", "s5"], ["s4", "centaurus"], ["s7", "mla"], ["mamba2", "attn"]]
 
 
 @pytest.mark.parametrize("types", HYBRIDS, ids=lambda t: "+".join(t))

@@ -112,3 +112,63 @@ def test_logits_match_transformers_mamba2(ngroups):
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel < 1e-4, rel
     print(f"ngroups={ngroups}: max relative logit difference {rel:.2e}")
+
+
+def _packed_case(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    m = Mamba2(16, d_state=4, headdim=8, ngroups=2, chunk_size=4, dtype=torch.float64, **kwargs)
+    lens = [5, 1, 0, 9]
+    docs = [torch.randn(1, n, 16, dtype=torch.float64) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    return m, docs, cu
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rmsnorm": False, "D_has_hdim": True}])
+def test_packed_documents_equal_separate_runs_forward_and_grads(kwargs):
+    m, docs, cu = _packed_case(**kwargs)
+    packed = torch.cat(docs, 1).requires_grad_(True)
+    y = m(packed, cu_seqlens=cu)
+    alone = torch.cat([m(d) if d.shape[1] else d.new_zeros(d.shape) for d in docs], 1)
+    torch.testing.assert_close(y, alone, atol=1e-10, rtol=1e-8)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [packed, *m.parameters()], gy)
+    docs_leaf = torch.cat(docs, 1).requires_grad_(True)
+    pieces = docs_leaf.split([int(n) for n in cu.diff()], 1)
+    alone = torch.cat([m(d) if d.shape[1] else d * 0 for d in pieces], 1)
+    want = torch.autograd.grad(alone, [docs_leaf, *m.parameters()], gy)
+    for a, b in zip(got, want):  # A_log, D, dt_bias stay fp32 (keep_in_fp32): their sums round there
+        tol = 1e-9 if a.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol * 100)
+
+
+def test_packed_prefill_fills_one_cache_row_per_document():
+    m, docs, cu = _packed_case(seed=1)
+    cache = m.allocate_inference_cache(len(docs), 32, dtype=torch.float64)
+    m(torch.cat(docs, 1), cache, cu_seqlens=cu)
+    assert cache.seqlen_offset.tolist() == cu.diff().tolist()
+    step = torch.randn(len(docs), 1, 16, dtype=torch.float64)
+    y_step = m(step, cache)
+    for i, d in enumerate(docs):
+        own = m.allocate_inference_cache(1, 32, dtype=torch.float64)
+        if d.shape[1]:
+            m(d, own)
+        torch.testing.assert_close(y_step[i:i + 1], m(step[i:i + 1], own), atol=1e-10, rtol=1e-8)
+
+
+def test_packed_refuses_lengths_and_batches():
+    m, docs, cu = _packed_case()
+    x = torch.cat(docs, 1)
+    with pytest.raises(ValueError, match="either lengths or cu_seqlens"):
+        m(x, cu_seqlens=cu, lengths=torch.tensor([x.shape[1]]))
+    with pytest.raises(ValueError, match=r"\[1, total, D\]"):
+        m(x.expand(2, -1, -1), cu_seqlens=cu)
+
+
+def test_lm_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = LRNNLMHeadModel(d_model=32, d_state=8, n_layer=2, vocab_size=40, mixer_types=["mamba2", "mamba2"],
+                            d_intermediate=0)
+    ids = torch.randint(0, 40, (2, 9))
+    model.save_pretrained(tmp_path / "m")
+    loaded = LRNNLMHeadModel.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

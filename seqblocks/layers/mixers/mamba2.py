@@ -28,6 +28,7 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.layers.checks import (
     check_allocation,
+    check_cache,
     check_call,
     check_positive,
     check_range,
@@ -36,7 +37,7 @@ from seqblocks.layers.checks import (
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from seqblocks.ops.ssd import ssd, ssd_state_update
+from seqblocks.ops.ssd import causal_conv1d_packed, ssd, ssd_state_update
 from seqblocks.registry import MIXERS
 
 __all__ = ["Mamba2", "Mamba2Cache", "RMSNormGated"]
@@ -119,7 +120,7 @@ class Mamba2(Mixer):
     # Kept fp32 under a bf16 / fp16 cast of the module (Mixer.keep_in_fp32): decay, skip, step bias.
     keep_in_fp32 = ("A_log", "D", "dt_bias")
 
-    inputs = frozenset({"lengths"})
+    inputs = frozenset({"lengths", "cu_seqlens"})
 
     def __init__(
         self,
@@ -232,7 +233,7 @@ class Mamba2(Mixer):
         )
 
     def forward(self, x: torch.Tensor, cache: Mamba2Cache | None = None, *,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D].
 
         Args:
@@ -241,10 +242,15 @@ class Mamba2(Mixer):
                 when T = 1). Default: None.
             lengths (Tensor | None): [B] valid prefix of each row; outputs past it are 0 and the cache
                 advances by it. Default: None.
+            cu_seqlens (Tensor | None): [S + 1] offsets of S sequences packed in x [1, total, D]; the
+                conv and the state restart at every boundary, so each sequence gets its own outputs (a
+                cache then holds S rows, one per sequence). Default: None.
 
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
+        if cu_seqlens is not None:
+            return self._forward_packed(x, cache, cu_seqlens, lengths)
         x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, lengths, cache, Mamba2Cache)
         Bsz, T, _ = x.shape
         if is_empty(x):  # the empty rule (layers/checks.py)
@@ -279,6 +285,36 @@ class Mamba2(Mixer):
         if valid is not None:  # padded outputs are 0 (the gate and out_proj's bias would move them)
             out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out.to(in_dtype)
+
+    def _forward_packed(self, x: torch.Tensor, cache: Mamba2Cache | None, cu_seqlens: torch.Tensor,
+                        lengths: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` on sequences packed in x [1, total, D] (``cu_seqlens``): no unpacking anywhere."""
+        if lengths is not None:
+            raise ValueError("Mamba2: pass either lengths or cu_seqlens, not both")
+        x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, None, None, Mamba2Cache)
+        if x.shape[0] != 1:
+            raise ValueError(f"Mamba2: with cu_seqlens x must be [1, total, D], got {tuple(x.shape)}")
+        if cache is not None:
+            check_cache("Mamba2", cache, Mamba2Cache, cu_seqlens.numel() - 1, x.device)
+        if is_empty(x):
+            return x.new_zeros(x.shape, dtype=in_dtype)
+        z0, x0, z, xBC, dt = self.in_proj(x).split(
+            [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        acc = self._acc(x)
+        xBC, conv_final = causal_conv1d_packed(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, cu_seqlens,
+                                               activation="silu",
+                                               initial_state=None if cache is None else cache.conv_state)
+        xs, Bm, Cm = self._split(xBC)
+        y, final = ssd(xs, dt, -torch.exp(self.A_log.to(acc)), Bm, Cm, self._D(acc),
+                       None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+                       dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
+                       initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
+                       cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        if cache is not None:
+            cache.conv_state.copy_(conv_final)
+            cache.ssm_state.copy_(final)
+            cache.advance(cu_seqlens.diff().to(cache.seqlen_offset))
+        return self._out(y.flatten(-2), z, z0, x0).to(in_dtype)
 
     @staticmethod
     def _acc(t: torch.Tensor) -> torch.dtype:

@@ -2,9 +2,10 @@
 
 ``ssd`` validates its inputs and dispatches: ``reference.py`` is the sequential spec, ``torch.py`` the
 chunked PyTorch path (quadratic inside a chunk, state passing between chunks; the "minimal SSD"
-form), differentiated by autograd. There is no Triton kernel yet: ``backend="auto"`` runs the PyTorch
-path on every device and ``backend="triton"`` raises ``ValueError`` saying so. ``ssd_state_update`` is
-the one-token decode step, updating a cache's state in place.
+form), differentiated by autograd; ``triton.py`` the same chunked form as Triton kernels, forward and
+backward (``backend="auto"`` picks them for CUDA inputs of fp16 / bf16 / fp32). ``ssd_state_update`` is
+the one-token decode step, updating a cache's state in place (a one-kernel Triton path as well).
+``causal_conv1d_packed`` is Mamba-2's conv over packed sequences, restarting at every boundary.
 
 Layout is time before heads ([B, T, H, P]), as in mamba_ssm's ``mamba_chunk_scan_combined``.
 
@@ -20,10 +21,11 @@ from torch import Tensor
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.ssd._common import check_dt_limit, check_inputs
+from seqblocks.ops.ssd.packed_conv import causal_conv1d_packed
 from seqblocks.ops.ssd.reference import ssd_ref
 from seqblocks.ops.ssd.torch import ssd_state_update_torch, ssd_torch
 
-__all__ = ["ssd", "ssd_ref", "ssd_state_update"]
+__all__ = ["ssd", "ssd_ref", "ssd_state_update", "causal_conv1d_packed"]
 
 
 @outside_autocast
@@ -43,7 +45,7 @@ def ssd(
     return_final_state: bool = False,
     lengths: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The SSD scan: a diagonal state space whose decay is one scalar per head and step.
@@ -74,9 +76,9 @@ def ssd(
             writes the state, its outputs are 0, and the final state is each row's own. Default: None.
         cu_seqlens (Tensor | None): [num_seqs + 1] offsets of sequences packed in a [1, total, ...] batch;
             the state restarts at every boundary (from ``initial_state[i]`` when given). Default: None.
-        chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond
-            rounding. Default: 256.
-        backend (str): "auto" or "torch"; "triton" raises (no kernel yet). Default: "auto".
+        chunk_size (int | None): chunk length; results do not depend on it beyond rounding. The Triton path
+            rounds it up to a power of two in [16, 256]. Default: None (256 on both paths).
+        backend (str): "auto", "torch" or "triton". Default: "auto".
 
     Returns:
         y [B, T, H, P] in x's dtype; with ``return_final_state``, ``(y, final_state)`` with
@@ -85,15 +87,27 @@ def ssd(
     Raises:
         TypeError: non-tensor or non-floating inputs, a malformed ``dt_limit``.
         ValueError: mismatched shapes, groups that do not divide H, ``dt_limit`` out of order, a bad
-            ``chunk_size``, lengths out of [0, T], malformed cu_seqlens, an unknown backend or
-            ``backend="triton"``.
+            ``chunk_size``, lengths out of [0, T], malformed cu_seqlens, an unknown backend, or
+            ``backend="triton"`` for inputs it cannot serve (float64, CPU tensors outside the interpreter).
+        ImportError: ``backend="triton"`` without Triton installed.
     """
     limit = check_dt_limit("ssd", dt_limit)
     check_inputs("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, lengths, cu_seqlens, chunk_size)
-    resolve_backend(backend, x, dt, A, B, C, op="ssd", has_kernel=False)
+    if resolve_backend(backend, x, dt, A, B, C, op="ssd", has_kernel=_served(x, dt, A, B, C, D, z, dt_bias,
+                                                                             initial_state)) == "triton":
+        from seqblocks.ops.ssd.triton import DEFAULT_CHUNK, ssd_triton
+
+        return ssd_triton(x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=limit,
+                          initial_state=initial_state, return_final_state=return_final_state, lengths=lengths,
+                          cu_seqlens=cu_seqlens, chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size)
     return ssd_torch(x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=limit,
                      initial_state=initial_state, return_final_state=return_final_state, lengths=lengths,
-                     cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                     cu_seqlens=cu_seqlens, chunk_size=256 if chunk_size is None else chunk_size)
+
+
+def _served(*tensors: Tensor | None) -> bool:
+    """The Triton kernels take fp16 / bf16 / fp32 (float64 stays on the PyTorch path)."""
+    return all(t is None or t.dtype.itemsize <= 4 for t in tensors)
 
 
 @outside_autocast
@@ -136,6 +150,12 @@ def ssd_state_update(
         raise ValueError("ssd_state_update: expected state [B, H, P, N], x [B, H, P], dt [B, H], B and C [B, G, N]")
     check_inputs("ssd_state_update", x.unsqueeze(1), dt.unsqueeze(1), A, B.unsqueeze(1), C.unsqueeze(1), D,
                  None if z is None else z.unsqueeze(1), dt_bias, state, None, None)
-    resolve_backend(backend, state, x, op="ssd_state_update", has_kernel=False)
+    if resolve_backend(backend, state, x, op="ssd_state_update",
+                       has_kernel=_served(state, x, dt, A, B, C, D, z, dt_bias) and state.is_contiguous()
+                       and B.shape[-1] <= 256) == "triton":
+        from seqblocks.ops.ssd.triton import ssd_state_update_triton
+
+        return ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                       dt_limit=limit)
     return ssd_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                   dt_limit=limit)
