@@ -14,6 +14,12 @@ independent of the state, so only ``U``, the outputs and the next state need the
     o_i    = scale (e^{G_i} q_i^T S0 + sum_{j<=i} exp(G_i - G_j) (q_i . k_j) u_j)
     S_next = e^{G_C} S0 + sum_j exp(G_C - G_j) k_j u_j^T
 
+Non-finite values: inside a chunk the products multiply future tokens by a zero weight, and
+``0 * NaN = NaN`` would leak a NaN backwards in time. So non-finite inputs are replaced by 0 first and
+the outputs the sequential recurrence would make NaN are set to NaN afterwards: a token with a
+non-finite k, v, beta or g poisons its head from there on (and the final state), a non-finite q only
+its own output.
+
 Differentiated by autograd. Everything runs in fp32 (float64 for float64 inputs). Sequences packed
 with ``cu_seqlens`` run as a zero-padded batch: a padded step has ``b = 0`` and ``g = 0``, so it leaves
 the state unchanged and each row's final state is its own.
@@ -22,6 +28,8 @@ Shapes: B batch, T time, H heads, K key width, V value width, C chunk, n chunks,
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +73,17 @@ def gated_delta_rule_torch(
     q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
+    if T == 0:
+        S = q.new_zeros(Bsz, H, K, V) if initial_state is None else initial_state.to(acc)
+        return v.new_zeros(Bsz, 0, H, V, dtype=out_dtype), (S if output_final_state else None)
+    C = min(C, T)  # a chunk longer than the sequence only adds padding
+    # Non-finite inputs: zeroed here, their outputs poisoned below (module docstring).
+    bad_q = ~torch.isfinite(q).all(-1)  # [B, T, H]
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1) & torch.isfinite(beta))
+    if g is not None:
+        bad = bad | ~torch.isfinite(g)
+        g = _zero_nonfinite(g.to(acc))
+    q, k, v, beta = (_zero_nonfinite(t) for t in (q, k, v, beta))
     pad = (-T) % C
     n = (T + pad) // C
 
@@ -97,7 +116,14 @@ def gated_delta_rule_torch(
         S = chunk_decay[:, :, c, None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(Bsz, H, 0, C, V)  # [B, H, n, C, V]
     o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
+    poisoned = bad.to(torch.int32).cumsum(1) > 0  # [B, T, H]
+    o = o.masked_fill((poisoned | bad_q)[..., None], math.nan)
+    S = S.masked_fill(poisoned[:, -1, :, None, None], math.nan)
     return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _zero_nonfinite(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def delta_rule_step_torch(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,
