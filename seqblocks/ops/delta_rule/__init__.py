@@ -8,9 +8,10 @@ Per head, with state ``S`` [K, V], decay ``a_t = exp(g_t)`` (1 for the delta rul
 (fla's orientation and defaults: ``fla.ops.delta_rule.chunk_delta_rule`` and
 ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` compute the same function.) ``reference.py`` is the
 sequential spec; ``torch.py`` the chunked WY / UT-transform form (chunk 64), differentiated by
-autograd, which runs everywhere. There is no Triton kernel yet: ``backend="auto"`` runs the PyTorch
-path on every device and ``backend="triton"`` raises ``ValueError`` saying so. ``delta_rule_step``
-and ``gated_delta_rule_step`` are the one-token decode steps, advancing a cache's state in place.
+autograd, which runs everywhere; ``triton.py`` a fused chunked forward kernel (its backward recomputes
+the PyTorch path for now) and a fused decode-step kernel, chosen by ``backend="auto"`` on CUDA for
+fp16 / bf16 / fp32 inputs. ``delta_rule_step`` and ``gated_delta_rule_step`` are the one-token
+decode steps, advancing a cache's state in place.
 
 Layout is time before heads ([B, T, H, K]), as in fla.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
-from seqblocks.ops.delta_rule._checks import check_inputs, check_step_inputs
+from seqblocks.ops.delta_rule._checks import check_inputs, check_step_inputs, kernel_serves
 from seqblocks.ops.delta_rule.reference import delta_rule_ref, gated_delta_rule_ref
 from seqblocks.ops.delta_rule.torch import delta_rule_step_torch, gated_delta_rule_torch
 
@@ -62,7 +63,7 @@ def gated_delta_rule(
         use_qk_l2norm (bool): L2-normalise q and k over K first (``x / sqrt(sum(x^2) + 1e-6)``). Default: False.
         chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond rounding.
             Default: 64.
-        backend (str): "auto" or "torch"; "triton" raises (no kernel yet). Default: "auto".
+        backend (str): "auto", "torch" or "triton" (fp16 / bf16 / fp32 inputs). Default: "auto".
 
     Returns:
         (o, final_state): o [B, T, H, V] in q's dtype; final_state [B, H, K, V] ([N, H, K, V]) in fp32
@@ -71,10 +72,17 @@ def gated_delta_rule(
     Raises:
         TypeError: non-tensor or non-floating inputs, a non-integer ``cu_seqlens``, a non-real scale.
         ValueError: mismatched shapes (a per-channel beta [B, T, H, V] included), malformed cu_seqlens,
-            a bad ``chunk_size``, an unknown backend or ``backend="triton"``.
+            a bad ``chunk_size``, an unknown backend, ``backend="triton"`` for float64 or CPU inputs.
+        ImportError: ``backend="triton"`` without Triton.
     """
     check_inputs("gated_delta_rule", q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size)
-    resolve_backend(backend, q, k, v, op="gated_delta_rule", has_kernel=False)
+    served = kernel_serves(q, k, v, g, beta, initial_state)
+    if resolve_backend(backend, q, k, v, op="gated_delta_rule", has_kernel=served) == "triton":
+        from seqblocks.ops.delta_rule.triton import gated_delta_rule_triton
+
+        return gated_delta_rule_triton(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
     return gated_delta_rule_torch(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                   use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
@@ -100,7 +108,13 @@ def delta_rule(
     ``gated_delta_rule`` without the decay; arguments, results and errors as there.
     """
     check_inputs("delta_rule", q, k, v, None, beta, scale, initial_state, cu_seqlens, chunk_size, gated=False)
-    resolve_backend(backend, q, k, v, op="delta_rule", has_kernel=False)
+    served = kernel_serves(q, k, v, beta, initial_state)
+    if resolve_backend(backend, q, k, v, op="delta_rule", has_kernel=served) == "triton":
+        from seqblocks.ops.delta_rule.triton import gated_delta_rule_triton
+
+        return gated_delta_rule_triton(q, k, v, None, beta, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
     return gated_delta_rule_torch(q, k, v, None, beta, scale=scale, initial_state=initial_state,
                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                   use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
@@ -135,7 +149,11 @@ def gated_delta_rule_step(
         TypeError / ValueError: as ``gated_delta_rule``; a state narrower than fp32.
     """
     check_step_inputs("gated_delta_rule_step", state, q, k, v, g, beta, scale)
-    resolve_backend(backend, state, q, op="gated_delta_rule_step", has_kernel=False)
+    served = kernel_serves(q, k, v, g, beta, state=state)
+    if resolve_backend(backend, state, q, op="gated_delta_rule_step", has_kernel=served) == "triton":
+        from seqblocks.ops.delta_rule.triton import delta_rule_step_triton
+
+        return delta_rule_step_triton(state, q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm)
     return delta_rule_step_torch(state, q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm)
 
 

@@ -10,7 +10,11 @@ import torch
 
 from seqblocks.cache import host_sync_unsafe
 
-__all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS"]
+__all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
+           "kernel_serves"]
+
+#: Input dtypes the Triton kernels serve (float64 runs the PyTorch path).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: The epsilon of the q / k L2 normalisation, ``x / sqrt(sum(x^2) + eps)`` (fla's ``l2norm``).
 L2NORM_EPS = 1e-6
@@ -103,3 +107,11 @@ def check_step_inputs(op: str, state, q, k, v, g, beta, scale) -> None:
         raise TypeError(f"{op}: state must be fp32 (or float64) so the recurrence accumulates in it, got {state.dtype}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
         raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+
+
+def kernel_serves(*tensors: torch.Tensor | None, state: torch.Tensor | None = None) -> bool:
+    """Whether the Triton kernels serve these inputs: fp16 / bf16 / fp32 only, and a decode ``state``
+    that is contiguous fp32 (the step kernel updates it in place)."""
+    if state is not None and not (state.dtype == torch.float32 and state.is_contiguous()):
+        return False
+    return all(t is None or t.dtype in TRITON_DTYPES for t in tensors)
