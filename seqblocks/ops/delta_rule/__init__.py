@@ -8,8 +8,8 @@ Per head, with state ``S`` [K, V], decay ``a_t = exp(g_t)`` (1 for the delta rul
 (fla's orientation and defaults: ``fla.ops.delta_rule.chunk_delta_rule`` and
 ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` compute the same function.) ``reference.py`` is the
 sequential spec; ``torch.py`` the chunked WY / UT-transform form (chunk 64), differentiated by
-autograd, which runs everywhere; ``triton.py`` a fused chunked forward kernel (its backward recomputes
-the PyTorch path for now) and a fused decode-step kernel, chosen by ``backend="auto"`` on CUDA for
+autograd, which runs everywhere; ``triton.py`` the chunked forward and backward kernels and a fused
+decode-step kernel, chosen by ``backend="auto"`` on CUDA for
 fp16 / bf16 / fp32 inputs. ``delta_rule_step`` and ``gated_delta_rule_step`` are the one-token
 decode steps, advancing a cache's state in place.
 
