@@ -150,6 +150,16 @@ def test_nonfinite_key_poisons_only_later_outputs_of_its_head():
     assert torch.isnan(final[0, 1]).all() and torch.isfinite(final[0, 0]).all()
 
 
+def test_nonfinite_value_poisons_only_its_own_columns():
+    t = inputs(Bsz=1, T=20, h0=True)
+    t["v"][0, 9, 1, 2] = float("inf")
+    o, final = call(gated_delta_rule, t, chunk_size=8)
+    o_ref, final_ref = call(gated_delta_rule_ref, t)
+    torch.testing.assert_close(o, o_ref, equal_nan=True)
+    torch.testing.assert_close(final, final_ref, equal_nan=True)
+    assert torch.isnan(o[0, 9:, 1, 2]).all() and torch.isfinite(o[0, :, 1, :2]).all()
+
+
 def test_input_errors_name_the_value():
     t = inputs(T=5)
     q, k, v, g, beta = t["q"], t["k"], t["v"], t["g"], t["beta"]

@@ -93,3 +93,16 @@ else:
             _run(gated_delta_rule, t, backend="triton")
         o, _ = _run(gated_delta_rule, t, backend="auto")
         assert o.dtype == torch.float64
+
+    def test_chunk_kernel_nonfinite_rule_per_packed_sequence():
+        t = _inputs(1, 30, rows=3)
+        t["v"][0, 8, 1, 0] = float("nan")  # sequence 1 ([5, 20)), head 1
+        t["q"][0, 25, 0, 0] = float("nan")  # sequence 2, one output of head 0
+        cu = torch.tensor([0, 5, 20, 30])
+        o, final = _run(gated_delta_rule, t, backend="triton", cu_seqlens=cu, chunk_size=16)
+        o_ref, final_ref = _run(gated_delta_rule_ref, t, cu_seqlens=cu)
+        torch.testing.assert_close(o, o_ref, equal_nan=True)
+        torch.testing.assert_close(final, final_ref, equal_nan=True)
+        assert torch.isnan(o[0, 8:20, 1, 0]).all() and torch.isfinite(o[0, 8:, 1, 1:]).all()
+        assert torch.isfinite(o[0, 20:, 1]).all()
+        assert torch.isnan(o[0, 25, 0]).all() and torch.isfinite(o[0, 26:, 0]).all()

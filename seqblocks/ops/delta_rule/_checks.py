@@ -6,12 +6,15 @@ Shapes: B batch, T time, H heads, K key width, V value width, N packed sequences
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from seqblocks.cache import host_sync_unsafe
 
 __all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
-           "kernel_serves"]
+           "kernel_serves",
+           "zero_nonfinite", "poison"]
 
 #: Input dtypes the Triton kernels serve (float64 runs the PyTorch path).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -115,3 +118,42 @@ def kernel_serves(*tensors: torch.Tensor | None, state: torch.Tensor | None = No
     if state is not None and not (state.dtype == torch.float32 and state.is_contiguous()):
         return False
     return all(t is None or t.dtype in TRITON_DTYPES for t in tensors)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def zero_nonfinite(q, k, v, g, beta):
+    """The non-finite rule's first half: ``(q, k, v, g, beta)`` with NaN / inf replaced by 0, and the
+    flags ``bad_q`` [B, T, H] (a non-finite q: only that output is NaN) and ``bad`` [B, T, H, V] (a
+    non-finite k, g or beta makes the head NaN from there on; a non-finite v only its own columns)."""
+    bad_q = ~torch.isfinite(q).all(-1)
+    row = torch.isfinite(k).all(-1) & torch.isfinite(beta)
+    if g is not None:
+        row = row & torch.isfinite(g)
+        g = _finite_or_zero(g)
+    bad = ~(row[..., None] & torch.isfinite(v))
+    q, k, v, beta = (_finite_or_zero(t) for t in (q, k, v, beta))
+    return q, k, v, g, beta, bad_q, bad
+
+
+def poison(o, final, bad_q, bad, cu_seqlens=None):
+    """The second half: NaN where the sequential recurrence gives NaN, per head and value column and
+    (with ``cu_seqlens``) per packed sequence, without a host sync. o [B, T, H, V]; final [N, H, K, V]
+    or None."""
+    count = bad.to(torch.int32).cumsum(1)  # [B, T, H, V]
+    if cu_seqlens is None:
+        poisoned = count > 0
+        final_bad = poisoned[:, -1] if bad.shape[1] else None  # [B, H, V]
+    else:
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        padded = torch.cat([count.new_zeros(1, 1, *count.shape[2:]), count], dim=1)[0]  # [T + 1, H, V]
+        t = torch.arange(bad.shape[1], device=bad.device)
+        doc = torch.searchsorted(ends, t, right=True).clamp(max=starts.numel() - 1)
+        poisoned = (count[0] - padded[starts[doc]] > 0).unsqueeze(0)
+        final_bad = padded[ends] - padded[starts] > 0  # [N, H, V]
+    o = o.masked_fill(poisoned | bad_q[..., None], math.nan)
+    if final is not None and final_bad is not None:
+        final = final.masked_fill(final_bad[:, :, None, :], math.nan)
+    return o, final

@@ -29,13 +29,11 @@ Shapes: B batch, T time, H heads, K key width, V value width, C chunk, n chunks,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqblocks.ops.delta_rule._checks import compute_dtype, l2norm
+from seqblocks.ops.delta_rule._checks import compute_dtype, l2norm, poison, zero_nonfinite
 from seqblocks.ops.selective_scan import pack, unpack
 
 __all__ = ["gated_delta_rule_torch", "delta_rule_step_torch"]
@@ -78,12 +76,7 @@ def gated_delta_rule_torch(
         return v.new_zeros(Bsz, 0, H, V, dtype=out_dtype), (S if output_final_state else None)
     C = min(C, T)  # a chunk longer than the sequence only adds padding
     # Non-finite inputs: zeroed here, their outputs poisoned below (module docstring).
-    bad_q = ~torch.isfinite(q).all(-1)  # [B, T, H]
-    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1) & torch.isfinite(beta))
-    if g is not None:
-        bad = bad | ~torch.isfinite(g)
-        g = _zero_nonfinite(g.to(acc))
-    q, k, v, beta = (_zero_nonfinite(t) for t in (q, k, v, beta))
+    q, k, v, g, beta, bad_q, bad = zero_nonfinite(q, k, v, None if g is None else g.to(acc), beta)
     pad = (-T) % C
     n = (T + pad) // C
 
@@ -116,14 +109,8 @@ def gated_delta_rule_torch(
         S = chunk_decay[:, :, c, None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(Bsz, H, 0, C, V)  # [B, H, n, C, V]
     o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
-    poisoned = bad.to(torch.int32).cumsum(1) > 0  # [B, T, H]
-    o = o.masked_fill((poisoned | bad_q)[..., None], math.nan)
-    S = S.masked_fill(poisoned[:, -1, :, None, None], math.nan)
+    o, S = poison(o, S, bad_q, bad)
     return o.to(out_dtype), (S if output_final_state else None)
-
-
-def _zero_nonfinite(x: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def delta_rule_step_torch(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from seqblocks.ops.delta_rule._checks import L2NORM_EPS
+from seqblocks.ops.delta_rule._checks import L2NORM_EPS, poison, zero_nonfinite
 
 __all__ = ["gated_delta_rule_triton", "delta_rule_step_triton"]
 
@@ -411,10 +411,15 @@ def gated_delta_rule_triton(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, b
                             scale: float | None, initial_state: Tensor | None, output_final_state: bool,
                             cu_seqlens: Tensor | None, use_qk_l2norm: bool, chunk_size: int
                             ) -> tuple[Tensor, Tensor | None]:
-    """The chunked gated delta rule (``g`` None: ungated) on the Triton kernel; contract of ``gated_delta_rule``."""
+    """The chunked gated delta rule (``g`` None: ungated) on the Triton kernels; contract of ``gated_delta_rule``.
+
+    Non-finite inputs follow the PyTorch path's rule (zeroed before the kernels, their outputs NaN after).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, g, beta, bad_q, bad = zero_nonfinite(q, k, v, g, beta)
     o, final = DeltaRuleTriton.apply(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
                                      chunk_size)
+    o, final = poison(o, final, bad_q, bad, cu_seqlens)
     return o, (final if output_final_state else None)
 
 
