@@ -117,8 +117,8 @@ def section_chunk(bw, rate, fla, shapes):
                     def theirs(t):
                         kw = {"initial_state": t["h0"], "output_final_state": True, "use_qk_l2norm_in_kernel": True}
                         if gated:
-                            return fla["chunk_gated"](t["q"], t["k"], t["v"], t["g"].float(), t["beta"], **kw)
-                        return fla["chunk_delta"](t["q"], t["k"], t["v"], t["beta"], **kw)
+                            return fla["chunk_gated"](t["q"], t["k"], t["v"], g=t["g"].float(), beta=t["beta"], **kw)
+                        return fla["chunk_delta"](t["q"], t["k"], t["v"], beta=t["beta"], **kw)
                     ms = timed(theirs, t, backward)
                     anchor = None if ms is None else ("fla chunk", ms)
                     row("chunk", f"fla  {label}", ms, None, floor)
@@ -139,8 +139,8 @@ def section_decode(bw, fla):
         floor = 2 * B * H * K * V * 4 / bw * 1e3
         anchor = None
         if fla:
-            ms = timed(lambda _: fla["recurrent_gated"](q[:, None], k[:, None], v[:, None], gate[:, None].float(),
-                                                          beta[:, None], initial_state=state,
+            ms = timed(lambda _: fla["recurrent_gated"](q[:, None], k[:, None], v[:, None], g=gate[:, None].float(),
+                                                          beta=beta[:, None], initial_state=state,
                                                           output_final_state=True, use_qk_l2norm_in_kernel=True),
                        None, False)
             anchor = None if ms is None else ("fla fused_recurrent", ms)
