@@ -19,11 +19,13 @@ Shapes: B batch, T time, D model width, H query / key heads, HV value heads, K /
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqblocks.config import BlockConfig
 from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.mixers.deltanet import GATE_ACTIVATIONS, DeltaRuleMixer, HeadRMSNorm
 from seqblocks.registry import MIXERS
@@ -120,6 +122,15 @@ class GatedDeltaNet(DeltaRuleMixer):
                                   activation=output_gate_activation if use_gate else None, **fk)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False, **fk)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: BlockConfig, **kwargs: Any) -> GatedDeltaNet:
+        """``Mixer.from_config``, except that a block without a head width (``head_dim=None``) keeps this
+        mixer's own (``mixer_kwargs["head_dim"]``, else the default 256)."""
+        if config.head_dim is None and "head_dim" not in kwargs:
+            default = cls.config_class().__dataclass_fields__["head_dim"].default
+            kwargs = {**kwargs, "head_dim": config.mixer_kwargs.get("head_dim", default)}
+        return super().from_config(config, **kwargs)
 
     def reset_parameters(self) -> None:
         """fla's initialisation: A uniform in (0, 16) (A_log = log A), dt_bias = softplus^-1 of a log-uniform
