@@ -72,6 +72,10 @@ else:
         t = _inputs(1, 40, gated=gated, rows=4)
         _check(t, 1e-4, chunk_size=16, use_qk_l2norm=True, scale=0.7, cu_seqlens=torch.tensor([0, 5, 5, 22, 40]))
 
+    def test_chunk_kernel_wide_keys_not_a_power_of_two():
+        # K = 130 takes the 256-wide key tile and the smaller chunk; the K and V masks are exercised
+        _check(_inputs(1, 37, K=130, V=40), 1e-4, chunk_size=64)
+
     def test_chunk_kernel_bf16_inputs():
         _check(_inputs(2, 33, dtype=torch.bfloat16), 3e-2, chunk_size=16)
 

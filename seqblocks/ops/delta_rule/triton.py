@@ -312,18 +312,16 @@ def step_kernel(state, q, k, v, g, beta, o, H: tl.constexpr, K: tl.constexpr, V:
     tl.store(o + bh * V + cols_v, b_o.to(o.dtype.element_ty), mask=mask_v)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    # power-of-two tiles, at least 16 wide (tl.dot's minimum); all of K in one tile
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64, triton.next_power_of_2(V)))
-    return BK, BV
-
-
 def _launch_options(q: Tensor, chunk_size: int, K: int, V: int) -> dict:
-    BK, BV = _blocks(K, V)
-    return {"C": max(16, triton.next_power_of_2(min(chunk_size, 64))), "BK": BK, "BV": BV,
-            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-            "num_warps": 8 if BK * BV >= 128 * 64 else 4}
+    """Tiles: all of K in one power-of-two tile (>= 16, tl.dot's minimum), V in blocks of BV, chunks of C.
+    Wide keys take smaller chunks and V blocks so the fp32 [C, K] and [K, BV] dot operands fit in
+    shared memory (first settings, not tuned)."""
+    BK = max(16, triton.next_power_of_2(K))
+    wide = BK >= 256
+    C = max(16, min(triton.next_power_of_2(chunk_size), 32 if wide else 64))
+    BV = max(16, min(32 if BK >= 128 else 64, triton.next_power_of_2(V)))
+    return {"C": C, "BK": BK, "BV": BV, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "num_warps": 8 if BK >= 128 else 4}
 
 
 def _chunk_offsets(Bsz: int, T: int, C: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:
@@ -428,10 +426,12 @@ def delta_rule_step_triton(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Te
     """One decode token on the fused step kernel; ``state`` [B, H, K, V] (contiguous fp32) updated in place."""
     Bsz, H, K, V = state.shape
     scale = K ** -0.5 if scale is None else float(scale)
-    BK, BV = _blocks(K, V)
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(32 if BK >= 128 else 64, triton.next_power_of_2(V)))
     o = torch.empty(Bsz, H, V, device=q.device, dtype=q.dtype)
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
-    g = beta if g is None else g.contiguous()
-    step_kernel[(Bsz, H, triton.cdiv(V, BV))](state, q, k, v, g, beta, o, H, K, V, scale, BK=BK, BV=BV,
-                                              GATED=g is not beta, L2NORM=use_qk_l2norm, EPS=L2NORM_EPS)
+    gated = g is not None
+    step_kernel[(Bsz, H, triton.cdiv(V, BV))](state, q, k, v, g.contiguous() if gated else beta, beta, o, H, K, V,
+                                              scale, BK=BK, BV=BV, GATED=gated, L2NORM=use_qk_l2norm,
+                                              EPS=L2NORM_EPS)
     return o
