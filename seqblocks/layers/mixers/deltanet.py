@@ -103,6 +103,12 @@ def packed_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y.unsqueeze(0).to(x.dtype)
 
 
+def _zero_padding(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # t [B, T, ...] with 0 wherever valid [B, T] is False
+    keep = valid.view(*valid.shape, *([1] * (t.dim() - 2)))
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 class DeltaRuleMixer(Mixer):
     """What DeltaNet and Gated DeltaNet share: projections, short convs, the op call, the cache.
 
@@ -163,6 +169,35 @@ class DeltaRuleMixer(Mixer):
             t = t / t.abs().sum(-1, keepdim=True).clamp(min=1e-6)  # fla's sum_norm (an L1 normalisation)
         return t
 
+    def _qkv(self, x, cache, lengths, cu_seqlens, decode):
+        # x [B, T, D] -> q, k [B, T, HV, K], v [B, T, HV, V]: projections, short convs, feature maps
+        qk_act = "silu" if self.qk_activation == "silu" else None
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else (None,) * 3
+        states = (None,) * 3 if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
+        q, k, v = (self._conv(conv, proj(x), state, lengths, cu_seqlens, act, decode) for conv, proj, state, act in
+                   zip(convs, (self.q_proj, self.k_proj, self.v_proj), states, (qk_act, qk_act, "silu")))
+        q = self._qk_features(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
+        k = self._qk_features(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
+        if self.num_v_heads != self.num_heads:  # grouped value heads: value head i reads key head i // (HV / H)
+            q, k = (t.repeat_interleave(self.num_v_heads // self.num_heads, dim=2) for t in (q, k))
+        return q, k, v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
+
+    def _recurrence(self, q, k, v, g, beta, cache, cu_seqlens, decode):
+        # the op: one decode step on the cache's state, or a (chunked) pass from and into it
+        l2 = self.qk_norm == "l2"
+        if decode:
+            return gated_delta_rule_step(cache.state, q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                         beta[:, 0], use_qk_l2norm=l2).unsqueeze(1)
+        common = {"initial_state": None if cache is None else cache.state, "output_final_state": cache is not None,
+                  "cu_seqlens": cu_seqlens, "use_qk_l2norm": l2, "chunk_size": self.chunk_size}
+        if g is None:
+            o, final = delta_rule(q, k, v, beta, **common)
+        else:
+            o, final = gated_delta_rule(q, k, v, g, beta, **common)
+        if cache is not None:
+            cache.state.copy_(final)
+        return o
+
     def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None, *, lengths: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D].
@@ -188,43 +223,15 @@ class DeltaRuleMixer(Mixer):
                              f"lengths={'given' if lengths is not None else None}")
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
-        Bsz, T, _ = x.shape
+        T = x.shape[1]
         decode = cache is not None and T == 1 and lengths is None
-        qk_act = "silu" if self.qk_activation == "silu" else None
-        states = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
-        q = self._conv(self.q_conv1d if self.use_short_conv else None, self.q_proj(x), states[0], lengths,
-                       cu_seqlens, qk_act, decode)
-        k = self._conv(self.k_conv1d if self.use_short_conv else None, self.k_proj(x), states[1], lengths,
-                       cu_seqlens, qk_act, decode)
-        v = self._conv(self.v_conv1d if self.use_short_conv else None, self.v_proj(x), states[2], lengths,
-                       cu_seqlens, "silu", decode)
-        q = self._qk_features(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
-        k = self._qk_features(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
-        v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
-        if self.num_v_heads != self.num_heads:  # grouped value heads: value head i reads key head i // (HV / H)
-            q, k = (t.repeat_interleave(self.num_v_heads // self.num_heads, dim=2) for t in (q, k))
+        q, k, v = self._qkv(x, cache, lengths, cu_seqlens, decode)
         g, beta = self._gates(x)
         valid = lengths_mask(lengths, T, x.device)
-        if valid is not None:  # padding leaves the state alone: no write (beta = 0), no decay (g = 0)
-            keep = valid[..., None]
-            zero = torch.zeros((), dtype=beta.dtype, device=x.device)
-            beta = torch.where(keep, beta, zero)
-            g = None if g is None else torch.where(keep, g, zero)
-            q, k, v = (torch.where(keep[..., None], t, torch.zeros((), dtype=t.dtype, device=x.device))
-                       for t in (q, k, v))  # a NaN in padding is ignored
-        l2 = self.qk_norm == "l2"
-        if decode:
-            o = gated_delta_rule_step(cache.state, q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                                      beta[:, 0], use_qk_l2norm=l2).unsqueeze(1)
-        else:
-            common = {"initial_state": None if cache is None else cache.state, "output_final_state": cache is not None,
-                      "cu_seqlens": cu_seqlens, "use_qk_l2norm": l2, "chunk_size": self.chunk_size}
-            if g is None:
-                o, final = delta_rule(q, k, v, beta, **common)
-            else:
-                o, final = gated_delta_rule(q, k, v, g, beta, **common)
-            if cache is not None:
-                cache.state.copy_(final)
+        if valid is not None:  # padding leaves the state alone (beta = 0: no write; g = 0: no decay), NaNs too
+            q, k, v, beta = (_zero_padding(t, valid) for t in (q, k, v, beta))
+            g = None if g is None else _zero_padding(g, valid)
+        o = self._recurrence(q, k, v, g, beta, cache, cu_seqlens, decode)
         if cache is not None:
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_gate else None
