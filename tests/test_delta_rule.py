@@ -5,6 +5,8 @@ fla's naive implementations; the decode step against one step of the op; input c
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -183,6 +185,9 @@ def test_input_errors_name_the_value():
         delta_rule(q, k, v, beta, chunk_size=0)
     with pytest.raises(ValueError, match=r"unknown backend"):
         delta_rule(q, k, v, beta, backend="cuda")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+            gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float(), backend="triton")
     with pytest.raises(TypeError, match=r"state must be fp32"):
         delta_rule_step(torch.zeros(2, 3, 5, 4, dtype=torch.bfloat16), q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
     with pytest.raises(ValueError, match=r"v must have shape"):

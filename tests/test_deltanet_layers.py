@@ -105,7 +105,7 @@ def test_packed_sequences_equal_separate_ones(cls):
 @pytest.mark.parametrize("kw", [{}, {"use_short_conv": False}, {"allow_neg_eigval": True}, {"use_gate": False}])
 def test_options_prefill_then_steps(cls, kw):
     if cls is DeltaNet and "use_gate" in kw:
-        kw = {"use_gate": True, "qk_activation": "elu", "qk_norm": "sum"}
+        kw = {"use_gate": True, "qk_activation": "elu", "qk_norm": "sum", "use_beta": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer = small(cls, **kw).double()
