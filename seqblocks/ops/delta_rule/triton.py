@@ -341,7 +341,7 @@ def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2
     o = torch.empty(Bsz, T, H, V, device=q.device, dtype=q.dtype)
     final = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32)
     offsets, n_saved = _chunk_offsets(Bsz, T, opts["C"], cu_seqlens, q.device)
-    h = torch.empty(n_saved if save_states else 0, H, K, V, device=q.device, dtype=torch.float32)
+    h = torch.empty(n_saved, H, K, V, device=q.device, dtype=torch.float32) if save_states else final
     h0 = None if initial_state is None else initial_state.contiguous().float()
     grid = (N, H, triton.cdiv(V, opts["BV"]))
     chunk_fwd_kernel[grid](
