@@ -1,29 +1,30 @@
 """Triton kernels of the (gated) delta rule: the chunked forward and backward, and the fused decode step.
 
-``chunk_fwd_kernel`` runs one program per (sequence, head, block of V columns). It holds the state tile
-``S`` [K, BV] in fp32 registers and walks its sequence chunk by chunk (C steps each), doing the whole
-chunked form of ``torch.py`` per chunk:
+Forward, two kernels (the chunked form of ``torch.py``):
 
-1. the chunk-local UT transform: ``A = diag(b) (K K^T o D)`` strictly lower, with the decay matrix
-   ``D_ij = exp(G_i - G_j)``, and ``T = (I + A)^-1`` by forward substitution, one row at a time;
-2. ``W = T diag(b e^G) K`` and ``U' = T diag(b) V`` (both ``tl.dot``);
-3. the corrected values ``U = U' - W S``, the outputs ``o = scale (diag(e^G) Q S + (Q K^T o D) U)``;
-4. the state passing ``S <- e^{G_C} S + (diag(e^{G_C - G}) K)^T U``.
+- ``chunk_ut_kernel``, one program per (chunk, head), every chunk in parallel: the chunk-local UT
+  transform ``T = (I + A)^-1`` with ``A = diag(b) (K K^T o D)`` strictly lower and the decay matrix
+  ``D_ij = exp(G_i - G_j)`` (forward substitution, one row at a time), then ``W = T diag(b e^G) K`` and
+  ``U' = T diag(b) V``, all written to fp32 buffers ([B, T, H, C | K | V]).
+- ``chunk_fwd_kernel``, one program per (sequence, head, block of V columns), holds the state tile
+  ``S`` [K, BV] in fp32 registers and walks its chunks in order: ``U = U' - W S``, the outputs
+  ``o = scale (diag(e^G) Q S + (Q K^T o D) U)`` and the state passing
+  ``S <- e^{G_C} S + (diag(e^{G_C - G}) K)^T U``; it saves each chunk's starting state when a
+  gradient is needed.
 
-Programs of different V blocks recompute steps 1-2 (K-sized work) instead of exchanging them through
-memory; with ``cu_seqlens`` each program reads its own sequence's bounds, so packed batches need no
-host sync and no index tables. The grid is (sequences, heads, V / BV), from shapes only.
+Packed sequences (``cu_seqlens``) need no host sync: the sequential kernels read their sequence's
+bounds, and the chunk-parallel ones a (sequence, first token) table per chunk slot built on the
+device for the shape-only upper bound ``cdiv(T, C) + N`` slots (spare slots do nothing). Grids come
+from shapes only.
 
-The forward saves each chunk's starting state when a gradient is needed ([chunks, H, K, V] fp32; with
-``cu_seqlens`` each sequence's chunks start at an offset computed on the device). The backward is two
-kernels:
+Backward, two kernels:
 
 - ``chunk_bwd_dv_kernel``, per (sequence, head, V block), walks the chunks in reverse carrying ``dS``
-  [K, BV]: it recomputes the chunk's UT transform, ``W``, ``U``, writes ``dv`` and finally ``dh0``, and
-  writes its V block's share of every sum over V that the K side needs (``d(Q e^G)``, ``d(K e^{G_C-G})``,
+  [K, BV], reading the saved state, ``T``, ``W`` and ``U'``: it writes ``dv`` and finally ``dh0``, and
+  its V block's share of every sum over V that the key side needs (``d(Q e^G)``, ``d(K e^{G_C-G})``,
   ``dW`` [C, K]; ``dP``, ``dT`` from ``U'`` [C, C]; the ``beta`` term of ``U'`` and ``d(e^{G_C})``).
 - The shares are summed over V blocks (one ``sum`` over a leading axis of a few blocks), then
-  ``chunk_bwd_dqk_kernel``, per (sequence, head), goes back through ``T = (I + A)^-1``
+  ``chunk_bwd_dqk_kernel``, per (chunk, head) in parallel, goes back through ``T``
   (``dA = -T^T dT T^T``), the decay matrix, the gates and the L2 norm to ``dq``, ``dk``, ``dbeta`` and
   ``dg`` (a reverse cumulative sum inside the chunk).
 
@@ -107,7 +108,46 @@ def _ut_transform(b_k, b_b, D, rows_c, C: tl.constexpr, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def chunk_fwd_kernel(q, k, v, g, beta, o, h0, ht, h, chunk_offsets, cu_seqlens, T, H: tl.constexpr,
+def _slot(chunk_table, cu_seqlens, i_s, T, VARLEN: tl.constexpr):
+    # chunk slot -> (valid, first token t0, eos, base) of its sequence; slots past the last chunk are invalid
+    seq = tl.load(chunk_table + 2 * i_s).to(tl.int64)
+    t0 = tl.load(chunk_table + 2 * i_s + 1).to(tl.int64)
+    valid = seq >= 0
+    bos, eos, base = _seq_bounds(cu_seqlens, tl.maximum(seq, 0), T, VARLEN)
+    return valid, t0, tl.where(valid, eos, t0), base  # an invalid slot gets an empty token range
+
+
+@triton.jit
+def chunk_ut_kernel(k, v, g, beta, chunk_table, cu_seqlens, Tbuf, Wbuf, Ubuf, T, H: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Per (chunk, head), all chunks in parallel: the UT transform T = (I + A)^-1 ([C, C] rows per token),
+    W = T diag(b e^G) K ([C, K]) and U' = T diag(b) V ([C, V]), written for the sequential kernels."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
+    rows_c = tl.arange(0, C)
+    cols_k = tl.arange(0, BK)
+    mask_k = cols_k < K
+    t = t0 + rows_c
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    b_q, b_k, rq, rk, b_b, G = _load_qkbg(k, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
+    D, eG, to_end, gamma = _decays(G, rows_c, C)
+    Tmat, kk = _ut_transform(b_k, b_b, D, rows_c, C, PRECISION)
+    tl.store(Tbuf + tok[:, None] * C + rows_c[None, :], Tmat, mask=mask_t[:, None] & (rows_c[None, :] < C))
+    W = tl.dot(Tmat, (b_b * eG)[:, None] * b_k, input_precision=PRECISION)
+    tl.store(Wbuf + tok[:, None] * K + cols_k[None, :], W, mask=mask_t[:, None] & mask_k[None, :])
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        m_tv = mask_t[:, None] & (cols_v < V)[None, :]
+        b_v = tl.load(v + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        U0 = tl.dot(Tmat, b_b[:, None] * b_v, input_precision=PRECISION)
+        tl.store(Ubuf + tok[:, None] * V + cols_v[None, :], U0, mask=m_tv)
+
+
+@triton.jit
+def chunk_fwd_kernel(q, k, v, g, beta, Wbuf, Ubuf, o, h0, ht, h, chunk_offsets, cu_seqlens, T, H: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
                      VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
@@ -135,11 +175,9 @@ def chunk_fwd_kernel(q, k, v, g, beta, o, h0, ht, h, chunk_offsets, cu_seqlens, 
             i_c = first_chunk + (c0 - bos) // C
             tl.store(h + (i_c * H + i_h) * K * V + tile, S, mask=m_kv)
         b_q, b_k, rq, rk, b_b, G = _load_qkbg(q, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
-        b_v = tl.load(v + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         D, eG, to_end, gamma = _decays(G, rows_c, C)
-        Tmat, kk = _ut_transform(b_k, b_b, D, rows_c, C, PRECISION)
-        W = tl.dot(Tmat, (b_b * eG)[:, None] * b_k, input_precision=PRECISION)  # [C, BK]
-        U = tl.dot(Tmat, b_b[:, None] * b_v, input_precision=PRECISION)  # [C, BV], U'
+        W = tl.load(Wbuf + tok[:, None] * K + cols_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        U = tl.load(Ubuf + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0)  # U'
         U = U - tl.dot(W, S, input_precision=PRECISION)
         QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * D
         b_o = tl.dot(b_q * eG[:, None], S, input_precision=PRECISION) + tl.dot(QK, U, input_precision=PRECISION)
@@ -150,7 +188,8 @@ def chunk_fwd_kernel(q, k, v, g, beta, o, h0, ht, h, chunk_offsets, cu_seqlens, 
 
 
 @triton.jit
-def chunk_bwd_dv_kernel(q, k, v, g, beta, do, dht, h, chunk_offsets, cu_seqlens, dv, dh0, p_qk, p_c, p_t, T, BT,
+def chunk_bwd_dv_kernel(q, k, v, g, beta, Tbuf, Wbuf, Ubuf, do, dht, h, chunk_offsets, cu_seqlens, dv, dh0, p_qk,
+                        p_c, p_t, T, BT,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, HAS_DHT: tl.constexpr,
                         VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
@@ -184,10 +223,12 @@ def chunk_bwd_dv_kernel(q, k, v, g, beta, do, dht, h, chunk_offsets, cu_seqlens,
         b_do = scale * tl.load(do + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         S = tl.load(h + ((first_chunk + i_c) * H + i_h) * K * V + tile, mask=m_kv, other=0.0)
         D, eG, to_end, gamma = _decays(G, rows_c, C)
-        Tmat, kk = _ut_transform(b_k, b_b, D, rows_c, C, PRECISION)
-        W = tl.dot(Tmat, (b_b * eG)[:, None] * b_k, input_precision=PRECISION)
+        m_tc = mask_t[:, None] & (rows_c[None, :] < C)
+        Tmat = tl.load(Tbuf + tok[:, None] * C + rows_c[None, :], mask=m_tc, other=0.0)
+        W = tl.load(Wbuf + tok[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
         vb = b_b[:, None] * b_v
-        U = tl.dot(Tmat, vb, input_precision=PRECISION) - tl.dot(W, S, input_precision=PRECISION)
+        U = tl.load(Ubuf + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0) \
+            - tl.dot(W, S, input_precision=PRECISION)
         P = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * D
         kd = b_k * to_end[:, None]
         dU = tl.dot(tl.trans(P), b_do, input_precision=PRECISION) + tl.dot(kd, dS, input_precision=PRECISION)
@@ -206,7 +247,6 @@ def chunk_bwd_dv_kernel(q, k, v, g, beta, do, dht, h, chunk_offsets, cu_seqlens,
         tl.store(p_qk + (slot * 3)[:, None] * K + cols_k[None, :], d_qe, mask=m_tk)
         tl.store(p_qk + (slot * 3 + 1)[:, None] * K + cols_k[None, :], d_kd, mask=m_tk)
         tl.store(p_qk + (slot * 3 + 2)[:, None] * K + cols_k[None, :], d_w, mask=m_tk)
-        m_tc = mask_t[:, None] & (rows_c[None, :] < C)
         tl.store(p_c + (slot * 2)[:, None] * C + rows_c[None, :], d_p, mask=m_tc)
         tl.store(p_c + (slot * 2 + 1)[:, None] * C + rows_c[None, :], d_tu, mask=m_tc)
         tl.store(p_t + slot * 2, d_bv, mask=mask_t)
@@ -217,27 +257,28 @@ def chunk_bwd_dv_kernel(q, k, v, g, beta, do, dht, h, chunk_offsets, cu_seqlens,
 
 
 @triton.jit
-def chunk_bwd_dqk_kernel(q, k, g, beta, s_qk, s_c, s_t, cu_seqlens, dq, dk, dg, dbeta, T, H: tl.constexpr,
-                         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
+def chunk_bwd_dqk_kernel(q, k, g, beta, Tbuf, s_qk, s_c, s_t, chunk_table, cu_seqlens, dq, dk, dg, dbeta, T,
+                         H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
                          VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward pass 2, per (sequence, head): from the V sums of pass 1, back through the UT transform,
-    the decays and the L2 norm to dq, dk, dbeta and dg."""
-    i_n, i_h = tl.program_id(0), tl.program_id(1)
-    bos, eos, base = _seq_bounds(cu_seqlens, i_n, T, VARLEN)
+    """Backward pass 2, per (chunk, head), all chunks in parallel: from the V sums of pass 1, back through
+    the UT transform, the decays and the L2 norm to dq, dk, dbeta and dg."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
     rows_c = tl.arange(0, C)
     cols_k = tl.arange(0, BK)
     mask_k = cols_k < K
     causal = rows_c[:, None] >= rows_c[None, :]
     strict = rows_c[:, None] > rows_c[None, :]
-    for c0 in range(bos, eos, C):
-        t = c0 + rows_c
+    if valid:
+        t = t0 + rows_c
         mask_t = t < eos
         tok = ((base + t) * H + i_h).to(tl.int64)
         m_tk = mask_t[:, None] & mask_k[None, :]
         m_tc = mask_t[:, None] & (rows_c[None, :] < C)
         b_q, b_k, rq, rk, b_b, G = _load_qkbg(q, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
         D, eG, to_end, gamma = _decays(G, rows_c, C)
-        Tmat, kk = _ut_transform(b_k, b_b, D, rows_c, C, PRECISION)
+        Tmat = tl.load(Tbuf + tok[:, None] * C + rows_c[None, :], mask=m_tc, other=0.0)
+        kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
         d_qe = tl.load(s_qk + (tok * 3)[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
         d_kd = tl.load(s_qk + (tok * 3 + 1)[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
         d_w = tl.load(s_qk + (tok * 3 + 2)[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
@@ -324,13 +365,26 @@ def _launch_options(q: Tensor, chunk_size: int, K: int, V: int) -> dict:
             "num_warps": 8 if BK >= 128 else 4}
 
 
-def _chunk_offsets(Bsz: int, T: int, C: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:
-    """[N] index of each sequence's first chunk in the saved-state buffer, and the buffer's length
-    (an upper bound from shapes only: no host sync)."""
+def _chunk_offsets(Bsz: int, T: int, C: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, Tensor]:
+    """Chunk bookkeeping from shapes and device tensors only (no host sync).
+
+    Returns ``offsets`` [N], the slot of each sequence's first chunk, and ``table`` [slots, 2] int64,
+    each slot's (sequence, first token), sequence -1 for the spare slots of the upper bound
+    ``cdiv(T, C) + N`` that packed sequences allocate."""
+    per_row = triton.cdiv(T, C)
     if cu_seqlens is None:
-        return torch.arange(Bsz, device=device, dtype=torch.int64) * triton.cdiv(T, C), Bsz * triton.cdiv(T, C)
+        slots = torch.arange(Bsz * per_row, device=device, dtype=torch.int64)
+        offsets = torch.arange(Bsz, device=device, dtype=torch.int64) * per_row
+        return offsets, torch.stack([slots // per_row, (slots % per_row) * C], dim=1)
     counts = (cu_seqlens.diff().long() + C - 1) // C
-    return counts.cumsum(0) - counts, triton.cdiv(T, C) + cu_seqlens.numel() - 1
+    ends = counts.cumsum(0)
+    offsets = ends - counts
+    slots = torch.arange(per_row + cu_seqlens.numel() - 1, device=device, dtype=torch.int64)
+    seq = torch.searchsorted(ends, slots, right=True)
+    valid = seq < counts.numel()
+    seq_c = seq.clamp(max=counts.numel() - 1)
+    t0 = cu_seqlens.long()[seq_c] + (slots - offsets[seq_c]) * C
+    return offsets, torch.stack([torch.where(valid, seq_c, -1), torch.where(valid, t0, 0)], dim=1)
 
 
 def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size, save_states):
@@ -338,21 +392,28 @@ def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2
     V = v.shape[-1]
     N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
     opts = _launch_options(q, chunk_size, K, V)
+    C = opts["C"]
+    offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
+    cu = offsets if cu_seqlens is None else cu_seqlens
+    flags = {"GATED": g is not None, "VARLEN": cu_seqlens is not None, "L2NORM": use_qk_l2norm, "EPS": L2NORM_EPS}
+    f32 = {"device": q.device, "dtype": torch.float32}
+    # the chunk-local work, every chunk in parallel
+    Tbuf, Wbuf, Ubuf = (torch.empty(Bsz, T, H, n, **f32) for n in (C, K, V))
+    chunk_ut_kernel[(table.shape[0], H)](k, v, beta if g is None else g, beta, table, cu, Tbuf, Wbuf, Ubuf, T, H,
+                                         K, V, **flags, **opts)
+    # the sequential pass over chunks
     o = torch.empty(Bsz, T, H, V, device=q.device, dtype=q.dtype)
-    final = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32)
-    offsets, n_saved = _chunk_offsets(Bsz, T, opts["C"], cu_seqlens, q.device)
-    h = torch.empty(n_saved, H, K, V, device=q.device, dtype=torch.float32) if save_states else final
+    final = torch.empty(N, H, K, V, **f32)
+    h = torch.empty(table.shape[0], H, K, V, **f32) if save_states else final
     h0 = None if initial_state is None else initial_state.contiguous().float()
-    grid = (N, H, triton.cdiv(V, opts["BV"]))
-    chunk_fwd_kernel[grid](
-        q, k, v, beta if g is None else g, beta, o, final if h0 is None else h0, final, h, offsets,
-        offsets if cu_seqlens is None else cu_seqlens, T, H, K, V, scale, GATED=g is not None,
-        HAS_H0=h0 is not None, STORE_H=save_states, VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm,
-        EPS=L2NORM_EPS, **opts)
-    return o, final, h, offsets
+    chunk_fwd_kernel[(N, H, triton.cdiv(V, opts["BV"]))](
+        q, k, v, beta if g is None else g, beta, Wbuf, Ubuf, o, final if h0 is None else h0, final, h, offsets, cu,
+        T, H, K, V, scale, HAS_H0=h0 is not None, STORE_H=save_states, **flags, **opts)
+    return o, final, (h, offsets, table, Tbuf, Wbuf, Ubuf)
 
 
-def _chunk_backward(q, k, v, g, beta, h, offsets, cu_seqlens, do, dht, scale, use_qk_l2norm, chunk_size):
+def _chunk_backward(q, k, v, g, beta, saved, cu_seqlens, do, dht, scale, use_qk_l2norm, chunk_size):
+    h, offsets, table, Tbuf, Wbuf, Ubuf = saved
     Bsz, T, H, K = q.shape
     V = v.shape[-1]
     N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -365,19 +426,19 @@ def _chunk_backward(q, k, v, g, beta, h, offsets, cu_seqlens, do, dht, scale, us
     p_c = torch.empty(NV, rows, 2, C, device=q.device, dtype=torch.float32)
     p_t = torch.empty(NV, rows, 2, device=q.device, dtype=torch.float32)
     cu = offsets if cu_seqlens is None else cu_seqlens
-    gated, varlen = g is not None, cu_seqlens is not None
+    flags = {"GATED": g is not None, "VARLEN": cu_seqlens is not None, "L2NORM": use_qk_l2norm, "EPS": L2NORM_EPS}
     chunk_bwd_dv_kernel[(N, H, NV)](
-        q, k, v, beta if g is None else g, beta, do, dht, h, offsets, cu, dv, dh0, p_qk, p_c, p_t, T, Bsz * T,
-        H, K, V, scale, GATED=gated, HAS_DHT=True, VARLEN=varlen, L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, **opts)
+        q, k, v, beta if g is None else g, beta, Tbuf, Wbuf, Ubuf, do, dht, h, offsets, cu, dv, dh0, p_qk, p_c, p_t,
+        T, Bsz * T, H, K, V, scale, HAS_DHT=True, **flags, **opts)
     s_qk, s_c, s_t = p_qk.sum(0), p_c.sum(0), p_t.sum(0)  # the sums over V blocks
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dbeta = torch.empty_like(beta)
-    dg = torch.empty_like(g) if gated else dbeta
+    dg = torch.empty_like(g) if g is not None else dbeta
     opts.pop("BV")
-    chunk_bwd_dqk_kernel[(N, H)](
-        q, k, beta if g is None else g, beta, s_qk, s_c, s_t, cu, dq, dk, dg, dbeta, T, H, K, GATED=gated,
-        VARLEN=varlen, L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, **opts)
-    return dq, dk, dv, (dg if gated else None), dbeta, dh0
+    chunk_bwd_dqk_kernel[(table.shape[0], H)](
+        q, k, beta if g is None else g, beta, Tbuf, s_qk, s_c, s_t, table, cu, dq, dk, dg, dbeta, T, H, K,
+        **flags, **opts)
+    return dq, dk, dv, (dg if g is not None else None), dbeta, dh0
 
 
 class DeltaRuleTriton(torch.autograd.Function):
@@ -389,17 +450,17 @@ class DeltaRuleTriton(torch.autograd.Function):
         q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
         g = None if g is None else g.contiguous()
         save = any(ctx.needs_input_grad[:6])
-        o, final, h, offsets = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
-                                              chunk_size, save)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, h, offsets)
+        o, final, saved = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
+                                         chunk_size, save)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(saved if save else ()))
         ctx.options = (scale, use_qk_l2norm, chunk_size)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial_state, cu_seqlens, h, offsets = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, cu_seqlens, *saved = ctx.saved_tensors
         scale, use_qk_l2norm, chunk_size = ctx.options
-        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h, offsets, cu_seqlens, do.contiguous(),
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, saved, cu_seqlens, do.contiguous(),
                                                      dfinal.contiguous().float(), scale, use_qk_l2norm, chunk_size)
         dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
