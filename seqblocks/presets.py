@@ -14,6 +14,8 @@ training replaces it with the task's vocabulary size.
   the character task in under a minute on a quiet 2-core CPU. ``tiny-hybrid-mamba`` is the Mamba +
   attention twin; the pure-PyTorch selective scan makes it several times slower per step on CPU.
 - ``tiny-<mixer>``: the same size with one mixer type throughout, for each mixer family.
+- ``tiny-gated-deltanet-hybrid``, ``gated-deltanet-hybrid-130m``, ``qwen3.5-like`` (and ``tiny-qwen3.5-like``):
+  Gated DeltaNet + attention hybrids, three GDN layers per attention layer.
 - ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``mamba3-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized
   models (GPT-NeoX-sized vocabulary).
 """
@@ -115,6 +117,47 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {**copy.deepcopy(_GPU_TRAIN), "lr": 3e-4},
     },
 }
+
+# Gated DeltaNet hybrids: three GDN layers per attention layer (the Qwen3-Next / Qwen3.5 layout).
+def _gdn_pattern(n_layer: int) -> list[str]:
+    return [("attn" if i % 4 == 3 else "gated_deltanet") for i in range(n_layer)]
+
+
+# A Qwen3-Next-like shape: GDN with 16 query / key heads and 32 value heads of width 128; GQA attention
+# with 16 query / 2 KV heads of width 256 and rotary on a quarter of each head. Qwen3-Next's attention
+# output gate and MoE FFN have no seqblocks counterpart: plain GQA attention and a dense SwiGLU stand in.
+_QWEN35_GDN = {"head_dim": 128, "num_heads": 16, "num_v_heads": 32, "expand_v": 1.0}
+_QWEN35_ATTN = {"num_heads": 16, "num_heads_kv": 2, "head_dim": 256, "rotary_emb_dim": 64,
+                "qkv_proj_bias": False, "out_proj_bias": False}
+PRESETS.update({
+    "tiny-gated-deltanet-hybrid": _tiny(
+        "Gated DeltaNet + attention hybrid, 3 GDN : 1 attention, 4 layers, d_model 128, gated MLPs",
+        _gdn_pattern(4), d_intermediate=256,
+        mixer_kwargs={"attn": dict(_TINY_ATTN), "gated_deltanet": {"head_dim": 32, "num_heads": 3}}),
+    "gated-deltanet-hybrid-130m": {
+        "description": "~130M Gated DeltaNet + attention hybrid: 24 layers, d_model 768, 3 GDN (6 heads of "
+                       "width 128, values 256) : 1 attention (GPU)",
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+                  "mixer_types": _gdn_pattern(24), "d_intermediate": 0, "residual_in_fp32": True,
+                  "mixer_kwargs": {"attn": dict(_GPU_ATTN), "gated_deltanet": {"head_dim": 128, "num_heads": 6}}},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    "qwen3.5-like": {
+        "description": "Qwen3-Next / Qwen3.5-shaped hybrid: 48 layers, d_model 2048, 3 Gated DeltaNet (16 QK / 32 V "
+                       "heads of width 128) : 1 GQA attention (16 / 2 heads of width 256, rotary 64), dense "
+                       "SwiGLU 6144 in place of the MoE, ~3.5B (GPU)",
+        "model": {"d_model": 2048, "d_state": 16, "n_layer": 48, "vocab_size": 151936,
+                  "mixer_types": _gdn_pattern(48), "d_intermediate": 6144, "residual_in_fp32": True,
+                  "mixer_kwargs": {"attn": dict(_QWEN35_ATTN), "gated_deltanet": dict(_QWEN35_GDN)}},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    "tiny-qwen3.5-like": _tiny(
+        "qwen3.5-like at CPU size: 4 layers (3 GDN : 1 GQA attention), d_model 128, 2 QK / 4 V heads of width 32",
+        _gdn_pattern(4), d_intermediate=256,
+        mixer_kwargs={"attn": {"num_heads": 4, "num_heads_kv": 2, "head_dim": 64, "rotary_emb_dim": 16,
+                               "qkv_proj_bias": False, "out_proj_bias": False},
+                      "gated_deltanet": {"head_dim": 32, "num_heads": 2, "num_v_heads": 4, "expand_v": 1.0}}),
+})
 
 _PRESET_KEYS = {"description", "model", "train"}
 _CHECKPOINT_KEYS = {"model_type", "torch_dtype", "seqblocks_version"}

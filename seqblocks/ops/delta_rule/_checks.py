@@ -1,0 +1,159 @@
+"""Input validation of the delta-rule ops (kept apart so that the package namespace never needs the name
+``torch``, which the submodule ``.torch`` binds there).
+
+Shapes: B batch, T time, H heads, K key width, V value width, N packed sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seqblocks.cache import host_sync_unsafe
+
+__all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
+           "kernel_serves",
+           "zero_nonfinite", "poison"]
+
+#: Input dtypes the Triton kernels serve (float64 runs the PyTorch path).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: The epsilon of the q / k L2 normalisation, ``x / sqrt(sum(x^2) + eps)`` (fla's ``l2norm``).
+L2NORM_EPS = 1e-6
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp32, or float64 when any input is float64: the dtype of the state and every accumulation."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(sum(x^2, -1) + eps)`` in x's dtype (callers pass fp32)."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def _floating(op: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be real floating point, got {t.dtype}")
+
+
+def _shape_error(op: str, name: str, t: torch.Tensor, expected: str) -> ValueError:
+    return ValueError(f"{op}: {name} must have shape {expected}, got {tuple(t.shape)}")
+
+
+def check_inputs(op: str, q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size: int | None = None,
+                 gated: bool = True) -> int:
+    """Validate a full-sequence call; returns the number of sequences (B, or N with ``cu_seqlens``).
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs, a non-integer ``cu_seqlens``, a non-real ``scale``.
+        ValueError: mismatched shapes, malformed ``cu_seqlens``, a bad ``chunk_size`` or ``scale``.
+    """
+    _floating(op, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+    if gated and g is None:
+        raise TypeError(f"{op}: g must be a Tensor [B, T, H] of log decays, got None")
+    if q.dim() != 4:
+        raise _shape_error(op, "q", q, "[B, T, H, K]")
+    Bsz, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise _shape_error(op, "k", k, f"[{Bsz}, {T}, {H}, {K}] (q's shape)")
+    if v.dim() != 4 or v.shape[:3] != (Bsz, T, H):
+        raise _shape_error(op, "v", v, f"[{Bsz}, {T}, {H}, V]")
+    V = v.shape[-1]
+    if beta.shape != (Bsz, T, H):
+        hint = " (a per-channel beta [B, T, H, V] is not supported: fla's chunk kernels take [B, T, H])" \
+            if beta.shape == (Bsz, T, H, V) else ""
+        raise _shape_error(op, "beta", beta, f"[{Bsz}, {T}, {H}]{hint}")
+    if g is not None and g.shape != (Bsz, T, H):
+        raise _shape_error(op, "g", g, f"[{Bsz}, {T}, {H}]")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+        raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    rows = Bsz
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: cu_seqlens must be an int32 / int64 tensor [N + 1], got "
+                            f"{type(cu_seqlens).__name__}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"{op}: cu_seqlens must be 1-D [N + 1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+        if Bsz != 1:
+            raise ValueError(f"{op}: with cu_seqlens the batch must be packed as [1, total, H, K], got B={Bsz}")
+        if not host_sync_unsafe() and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T
+                                       or bool((cu_seqlens.diff() < 0).any())):
+            raise ValueError(f"{op}: cu_seqlens must rise from 0 to T={T} without decreasing, got "
+                             f"{cu_seqlens.tolist()}")
+        rows = cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (rows, H, K, V):
+        raise _shape_error(op, "initial_state", initial_state, f"[{rows}, {H}, {K}, {V}]")
+    return rows
+
+
+def check_step_inputs(op: str, state, q, k, v, g, beta, scale) -> None:
+    """Validate a decode step: state [B, H, K, V], q / k [B, H, K], v [B, H, V], g / beta [B, H]."""
+    _floating(op, state=state, q=q, k=k, v=v, g=g, beta=beta)
+    if state.dim() != 4:
+        raise _shape_error(op, "state", state, "[B, H, K, V]")
+    Bsz, H, K, V = state.shape
+    for name, t, shape in (("q", q, (Bsz, H, K)), ("k", k, (Bsz, H, K)), ("v", v, (Bsz, H, V)),
+                           ("g", g, (Bsz, H)), ("beta", beta, (Bsz, H))):
+        if t is not None and t.shape != shape:
+            raise _shape_error(op, name, t, f"{list(shape)} (from state {list(state.shape)})")
+    if state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: state must be fp32 (or float64) so the recurrence accumulates in it, got {state.dtype}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+        raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+
+
+def kernel_serves(*tensors: torch.Tensor | None, state: torch.Tensor | None = None) -> bool:
+    """Whether the Triton kernels serve these inputs: fp16 / bf16 / fp32 only, and a decode ``state``
+    that is contiguous fp32 (the step kernel updates it in place)."""
+    if state is not None and not (state.dtype == torch.float32 and state.is_contiguous()):
+        return False
+    return all(t is None or t.dtype in TRITON_DTYPES for t in tensors)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def zero_nonfinite(q, k, v, g, beta):
+    """The non-finite rule's first half: ``(q, k, v, g, beta)`` with NaN / inf replaced by 0, and the
+    flags ``bad_q`` [B, T, H] (a non-finite q: only that output is NaN) and ``bad`` [B, T, H, V] (a
+    non-finite k, g or beta makes the head NaN from there on; a non-finite v only its own columns)."""
+    bad_q = ~torch.isfinite(q).all(-1)
+    row = torch.isfinite(k).all(-1) & torch.isfinite(beta)
+    if g is not None:
+        row = row & torch.isfinite(g)
+        g = _finite_or_zero(g)
+    bad = ~(row[..., None] & torch.isfinite(v))
+    q, k, v, beta = (_finite_or_zero(t) for t in (q, k, v, beta))
+    return q, k, v, g, beta, bad_q, bad
+
+
+def poison(o, final, bad_q, bad, cu_seqlens=None):
+    """The second half: NaN where the sequential recurrence gives NaN, per head and value column and
+    (with ``cu_seqlens``) per packed sequence, without a host sync. o [B, T, H, V]; final [N, H, K, V]
+    or None."""
+    count = bad.to(torch.int32).cumsum(1)  # [B, T, H, V]
+    if cu_seqlens is None:
+        poisoned = count > 0
+        final_bad = poisoned[:, -1] if bad.shape[1] else None  # [B, H, V]
+    else:
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        padded = torch.cat([count.new_zeros(1, 1, *count.shape[2:]), count], dim=1)[0]  # [T + 1, H, V]
+        t = torch.arange(bad.shape[1], device=bad.device)
+        doc = torch.searchsorted(ends, t, right=True).clamp(max=starts.numel() - 1)
+        poisoned = (count[0] - padded[starts[doc]] > 0).unsqueeze(0)
+        final_bad = padded[ends] - padded[starts] > 0  # [N, H, V]
+    o = o.masked_fill(poisoned | bad_q[..., None], math.nan)
+    if final is not None and final_bad is not None:
+        final = final.masked_fill(final_bad[:, :, None, :], math.nan)
+    return o, final
