@@ -63,6 +63,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-mamba": _tiny("4 Mamba layers", ["mamba"] * 4),
     "tiny-mamba2": _tiny("4 Mamba-2 layers (SSD, head width 32, chunk 64)", ["mamba2"] * 4,
                          mixer_kwargs={"mamba2": {"headdim": 32, "chunk_size": 64}}),
+    "tiny-gla-hybrid": _tiny("GLA + attention hybrid, 4 layers (gated linear attention, 4 heads)",
+                             ["gla", "attn", "gla", "attn"], d_intermediate=256),
     "tiny-rglru": _tiny("4 RG-LRU layers (Griffin's recurrence) with gated MLPs", ["rglru"] * 4,
                         d_intermediate=256),
     "tiny-s7": _tiny("4 S7 layers (input-dependent S5) with gated MLPs", ["s7"] * 4, d_intermediate=256),

@@ -275,7 +275,7 @@ class GatedLinearAttention(GLAFamilyBase):
         check_positive("GatedLinearAttention", gate_low_rank_dim=gate_low_rank_dim)
         check_range("GatedLinearAttention", "gate_logit_normalizer", gate_logit_normalizer, 0, lo_open=True)
         if clamp_min is not None:
-            check_range("GatedLinearAttention", "clamp_min", clamp_min, hi=0)
+            check_range("GatedLinearAttention", "clamp_min", clamp_min, -math.inf, 0)
         self.gate_logit_normalizer, self.gate_low_rank_dim, self.clamp_min = \
             gate_logit_normalizer, gate_low_rank_dim, clamp_min
         self.layer_idx = layer_idx

@@ -82,6 +82,8 @@ def _inter(qg, kg, v, decay, A, S):
 def _one(q, k, v, g, scale, S, chunk_size, scalar):
     """One batch of whole sequences. q, k [B, T, H, K], g [B, T, H(, K)], S [B, H, K, V] -> (o [B, T, H, V], S)."""
     B, T, H, K = q.shape
+    if T == 0:  # an empty (packed) sequence: no output, the state passes unchanged
+        return v.new_zeros(v.shape), S
     C = chunk_size
     qc, kc, vc, gc = (_to_chunks(t, C) for t in (q, k, v, g))
     b = gc.cumsum(-1 if scalar else -2)  # [B, H, n, C] or [B, H, n, C, K]
