@@ -174,6 +174,13 @@ else:
         _compare(name, inputs, None, cu, atol=3e-2, backend="triton")
 
     @pytest.mark.parametrize("name", OPS)
+    def test_triton_odd_widths_and_strong_decay(name):
+        # K, V not powers of two (masked lanes), and a decay of e^-30 per step: e^-1920 over a chunk
+        inputs, h0 = _inputs(name, 2, 70, 1, 12, 20)
+        inputs[3] = torch.full_like(inputs[3], -30.0) if name == "gla" else inputs[3]
+        _compare(name, inputs, h0, atol=1e-3, backend="triton")
+
+    @pytest.mark.parametrize("name", OPS)
     def test_triton_step(name):
         fast, _, step = OPS[name]
         (q, k, v, g), h0 = _inputs(name, 2, 1, 2, 16, 32)
