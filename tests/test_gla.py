@@ -176,7 +176,7 @@ else:
     @pytest.mark.parametrize("name", OPS)
     def test_triton_odd_widths_and_strong_decay(name):
         # K, V not powers of two (masked lanes), and a decay of e^-30 per step: e^-1920 over a chunk
-        inputs, h0 = _inputs(name, 2, 70, 1, 12, 20)
+        inputs, h0 = _inputs(name, 1, 40, 1, 12, 20)
         inputs[3] = torch.full_like(inputs[3], -30.0) if name == "gla" else inputs[3]
         _compare(name, inputs, h0, atol=1e-3, backend="triton")
 
