@@ -158,3 +158,28 @@ def test_tiny_gla_hybrid_preset_builds_and_decodes():
     with torch.no_grad():
         logits = model(tokens[:, :-1]).logits
     assert torch.equal(logits[:, 4:].argmax(-1), tokens[:, 5:])  # greedy decode == full-pass argmax
+
+
+def test_gla_and_retnet_compile_to_one_graph():
+    from seqblocks.models import LRNNLMHeadModel
+
+    torch.manual_seed(0)
+    model = LRNNLMHeadModel(d_model=D, d_state=8, n_layer=2, vocab_size=50, mixer_types=["gla", "retnet"],
+                            mixer_kwargs={"gla": {"num_heads": 2}, "retnet": {"num_heads": 2}})
+    ids = torch.randint(0, 50, (2, 12))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch.testing.assert_close(torch.compile(model, backend="eager")(ids).logits, model(ids).logits)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from seqblocks.models import LRNNLMHeadModel
+
+    torch.manual_seed(0)
+    model = LRNNLMHeadModel(d_model=D, d_state=8, n_layer=2, vocab_size=50, mixer_types=["gla", "retnet"],
+                            mixer_kwargs={"gla": {"num_heads": 2, "gate_low_rank_dim": 8}, "retnet": {"num_heads": 2}})
+    model.save_pretrained(tmp_path)
+    loaded = LRNNLMHeadModel.from_pretrained(tmp_path)
+    ids = torch.randint(0, 50, (1, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

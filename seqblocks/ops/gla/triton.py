@@ -48,6 +48,9 @@ __all__ = ["gla_triton", "gla_step_triton", "MAX_K"]
 
 MAX_K = 256
 _BT, _BC = 64, 16
+# The chunk-walking kernels hold several [64, K] fp32 tiles and a [K, 32] state: 8 warps keep them in
+# registers at K = 128 (an untuned choice; the sub-block kernels keep Triton's default of 4).
+_WARPS = 8
 # Triton 3.9's CPU interpreter computes a bf16 x bf16 ``tl.dot`` wrongly (values ~1e10 off); there the
 # operands are rounded to bf16 and multiplied in fp32, which is what the tensor cores compute.
 _INTERPRETED = tl.constexpr(interpreter_enabled())
@@ -432,7 +435,7 @@ class _GLATriton(torch.autograd.Function):
         h0c = None if h0 is None else h0.to(f32).contiguous()
         _fwd_state[(triton.cdiv(V, BV), N * H)](q2, k2, v2, b, A, o, h0c if h0c is not None else ht, ht, states,
                                                cu, coff, scale, H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar,
-                                               HAS_H0=h0 is not None, HAS_HT=True, LOWP=lowp)
+                                               HAS_H0=h0 is not None, HAS_HT=True, LOWP=lowp, num_warps=_WARPS)
         ctx.save_for_backward(q2, k2, v2, b, A, states, ht, cu, coff, slot_seq, slot_chunk)
         ctx.meta = (B, T, H, K, V, N, S_n, scale, scalar, lowp, h0 is not None, cu_seqlens is not None, g.dtype,
                     v.dtype, None if h0 is None else h0.dtype)
@@ -453,13 +456,14 @@ class _GLATriton(torch.autograd.Function):
         _bwd_dstate[(triton.cdiv(V, BV), N * H)](q2, b, do2, dhtc if dhtc is not None else dstates,
                                                 dh0 if dh0 is not None else dstates, dstates, cu, coff, scale,
                                                 H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar,
-                                                HAS_DHT=dht is not None, HAS_DH0=has_h0, LOWP=lowp)
+                                                HAS_DHT=dht is not None, HAS_DH0=has_h0, LOWP=lowp,
+                                                num_warps=_WARPS)
         dq = torch.empty(TT, H, K, device=dev, dtype=f32)
         dk = torch.empty(TT, H, K, device=dev, dtype=f32)
         dv = torch.empty(TT, H, V, device=dev, dtype=f32)
         dA = torch.zeros(TT, H, _BT, device=dev, dtype=f32)
         _bwd_inter[(S_n, H)](q2, k2, v2, b, A, do2, states, dstates, dq, dk, dv, dA, slot_seq, slot_chunk, cu, N,
-                             scale, H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar, LOWP=lowp)
+                             scale, H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar, LOWP=lowp, num_warps=_WARPS)
         _bwd_intra[(S_n * (_BT // _BC), H)](q2, k2, b, dA, dq, dk, slot_seq, slot_chunk, cu, N, H, K, BT=_BT,
                                            BC=_BC, BK=BK, SCALAR=scalar, LOWP=lowp)
         # dg: dG_t = q_t dq_t - k_t dk_t, plus sum_v S_T dS_T at each sequence's last token; dg = suffix sums.
