@@ -43,7 +43,8 @@ def _grads(fn, inputs, h0, cu=None, *, cot_seed=1, **kw):
     gen = torch.Generator().manual_seed(cot_seed)
     do, ds = torch.randn(o.shape, generator=gen).to(o.dtype), torch.randn(s.shape, generator=gen)
     (o.float() * do.float()).sum().add((s * ds).sum()).backward()
-    return o, s, [t.grad for t in leaves] + ([] if h is None else [h.grad])
+    grads = [t.grad for t in leaves] + ([] if h is None else [h.grad])
+    return o, s, [torch.zeros_like(t) if d is None else d for t, d in zip([*leaves, h], grads)]  # T = 0: none
 
 
 def _compare(name, inputs, h0, cu=None, atol=2e-4, **kw):
@@ -158,11 +159,14 @@ if not INTERPRETER:
         (q, k, v, g), _ = _inputs("gla", 1, 5, 1, 16, 16)
         with pytest.raises(ValueError, match="CUDA tensors"):
             gla(q, k, v, g, backend="triton")
+        (q, k, v, g), _ = _inputs("gla", 1, 5, 1, 257, 4)
+        with pytest.raises(ValueError, match="no Triton kernel"):
+            gla(q, k, v, g, backend="triton")
 
 else:
 
     @pytest.mark.parametrize("name", OPS)
-    @pytest.mark.parametrize("T", [1, 7, 63, 65])
+    @pytest.mark.parametrize("T", [0, 1, 7, 63, 65])
     def test_triton_equals_reference(name, T):
         inputs, h0 = _inputs(name, 1, T, 2, 16, 16)
         _compare(name, inputs, h0, atol=1e-3, backend="triton")
@@ -189,3 +193,13 @@ else:
         o_step = step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], backend="triton")
         assert_close(o_step, o[:, 0], atol=1e-5)
         assert_close(state, s, atol=1e-5)
+
+    @pytest.mark.parametrize("name", OPS)
+    def test_triton_forward_without_gradients(name):
+        # no per-chunk states are stored when nothing needs a gradient
+        (q, k, v, g), h0 = _inputs(name, 1, 70, 2, 16, 16)
+        o_r, s_r = OPS[name][1](q, k, v, g, initial_state=h0, output_final_state=True)
+        with torch.no_grad():
+            o, s = OPS[name][0](q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
+        assert_close(o, o_r, atol=1e-4)
+        assert_close(s, s_r, atol=1e-4)

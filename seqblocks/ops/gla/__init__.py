@@ -23,9 +23,10 @@ from seqblocks.ops.gla.torch import gla_step_torch, gla_torch, simple_gla_torch
 __all__ = ["gla", "simple_gla", "gla_step", "simple_gla_step", "gla_ref", "simple_gla_ref"]
 
 
-def _kernel_serves(*tensors: Tensor | None) -> bool:
-    # The kernels compute in fp32 from fp32 / bf16 / fp16 inputs; float64 stays on the PyTorch path.
-    return not any(t is not None and t.dtype == float64 for t in tensors)
+def _kernel_serves(K: int, *tensors: Tensor | None) -> bool:
+    # The kernels compute in fp32 from fp32 / bf16 / fp16 inputs with one key block of at most 256
+    # channels; float64 and wider keys stay on the PyTorch path.
+    return K <= 256 and not any(t is not None and t.dtype == float64 for t in tensors)
 
 
 def _check_chunk(op: str, chunk_size) -> None:
@@ -87,7 +88,7 @@ def _dispatch(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqle
     check_inputs(op, q, k, v, g, initial_state, cu_seqlens, scalar_decay=scalar)
     _check_chunk(op, chunk_size)
     scale = resolve_scale(op, scale, q.shape[-1])
-    served = _kernel_serves(q, k, v, g, initial_state)
+    served = _kernel_serves(q.shape[-1], q, k, v, g, initial_state)
     if resolve_backend(backend, q, k, v, g, op=op, has_kernel=served) == "triton":
         from seqblocks.ops.gla.triton import gla_triton
 
@@ -127,7 +128,7 @@ def simple_gla_step(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, *
 def _step(op, state, q, k, v, g, scale, backend, *, scalar):
     check_step_inputs(op, state, q, k, v, g, scalar_decay=scalar)
     scale = resolve_scale(op, scale, q.shape[-1])
-    served = _kernel_serves(state, q, k, v, g)
+    served = _kernel_serves(state.shape[2], state, q, k, v, g)
     if resolve_backend(backend, state, q, k, v, g, op=op, has_kernel=served) == "triton":
         from seqblocks.ops.gla.triton import gla_step_triton
 

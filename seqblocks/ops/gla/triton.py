@@ -169,7 +169,7 @@ def _intra_scores(q, k, b, A, slot_seq, slot_chunk, cu, N, H, K, BT: tl.constexp
 @triton.jit
 def _fwd_state(q, k, v, b, A, o, h0, ht, states, cu, coff, scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, SCALAR: tl.constexpr, HAS_H0: tl.constexpr, HAS_HT: tl.constexpr,
-               LOWP: tl.constexpr):
+               SAVE: tl.constexpr, LOWP: tl.constexpr):
     iv, nh = tl.program_id(0), tl.program_id(1)
     n, h = nh // H, nh % H
     bos, eos = tl.load(cu + n), tl.load(cu + n + 1)
@@ -184,7 +184,8 @@ def _fwd_state(q, k, v, b, A, o, h0, ht, states, cu, coff, scale, H, K, V, BT: t
     for c in range(0, tl.cdiv(eos - bos, BT)):
         t = bos + c * BT + rt
         tm = t < eos
-        tl.store(states + (p0 + c) * H * K * V + s_off, S, mask=s_mask)
+        if SAVE:  # the state entering each chunk, for the backward (skipped without gradients)
+            tl.store(states + (p0 + c) * H * K * V + s_off, S, mask=s_mask)
         q_c = _load_rows(q, t, tm, h, H, K, kk, km)
         k_c = _load_rows(k, t, tm, h, H, K, kk, km)
         v_c = _load_rows(v, t, tm, h, H, V, vv, vm)
@@ -392,11 +393,12 @@ def _plan(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> tuple:
         num_slots = triton.cdiv(T, _BT) + N
     chunks = torch.div(cu[1:] - cu[:-1] + _BT - 1, _BT, rounding_mode="floor")
     coff = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+    num_slots = max(num_slots, 1)  # an empty input still launches one (idle) program
     slots = torch.arange(num_slots, device=device, dtype=torch.int64)
     slot_seq = torch.searchsorted(coff[1:].contiguous(), slots, right=True)
     slot_chunk = slots - coff[slot_seq.clamp(max=N - 1)]
     i32 = torch.int32
-    return cu.to(i32), coff.to(i32), slot_seq.to(i32), slot_chunk.to(i32), N, max(num_slots, 1)
+    return cu.to(i32), coff.to(i32), slot_seq.to(i32), slot_chunk.to(i32), N, num_slots
 
 
 def _segment_reverse_cumsum(x: torch.Tensor, B: int, T: int, cu: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -422,7 +424,9 @@ class _GLATriton(torch.autograd.Function):
         BK, BV = _blocks(K, V)
         lowp = q.dtype in (torch.bfloat16, torch.float16)
         cu, coff, slot_seq, slot_chunk, N, S_n = _plan(B, T, cu_seqlens, dev)
-        q2, k2, v2, g2 = (t.reshape(TT, H, -1).contiguous() for t in (q, k, v, g))
+        q2, k2 = q.reshape(TT, H, K).contiguous(), k.reshape(TT, H, K).contiguous()
+        v2 = v.reshape(TT, H, V).contiguous()
+        g2 = g.reshape((TT, H) if scalar else (TT, H, K)).contiguous()
         f32 = torch.float32
         b = torch.empty((TT, H) if scalar else (TT, H, K), device=dev, dtype=f32)
         _chunk_cumsum[(S_n, H)](g2, b, slot_seq, slot_chunk, cu, N, H, K, BT=_BT, BK=BK, SCALAR=scalar)
@@ -430,12 +434,14 @@ class _GLATriton(torch.autograd.Function):
         _intra_scores[(S_n * (_BT // _BC), H)](q2, k2, b, A, slot_seq, slot_chunk, cu, N, H, K, BT=_BT, BC=_BC,
                                                BK=BK, SCALAR=scalar, LOWP=lowp)
         o = torch.empty(TT, H, V, device=dev, dtype=q.dtype)
-        states = torch.empty(S_n, H, K, V, device=dev, dtype=f32)
+        save = any(ctx.needs_input_grad[:5])
         ht = torch.empty(N, H, K, V, device=dev, dtype=f32)
+        states = torch.empty(S_n, H, K, V, device=dev, dtype=f32) if save else ht
         h0c = None if h0 is None else h0.to(f32).contiguous()
         _fwd_state[(triton.cdiv(V, BV), N * H)](q2, k2, v2, b, A, o, h0c if h0c is not None else ht, ht, states,
                                                cu, coff, scale, H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar,
-                                               HAS_H0=h0 is not None, HAS_HT=True, LOWP=lowp, num_warps=_WARPS)
+                                               HAS_H0=h0 is not None, HAS_HT=True, SAVE=save, LOWP=lowp,
+                                               num_warps=_WARPS)
         ctx.save_for_backward(q2, k2, v2, b, A, states, ht, cu, coff, slot_seq, slot_chunk)
         ctx.meta = (B, T, H, K, V, N, S_n, scale, scalar, lowp, h0 is not None, cu_seqlens is not None, g.dtype,
                     v.dtype, None if h0 is None else h0.dtype)
