@@ -91,3 +91,36 @@ def test_triton_step(name):
     state = h0.clone()
     o_step = step(state, *(t[:, 0] for t in inputs), backend="triton")
     assert _rel(o_step, o[:, 0]) < 1e-2 and _rel(state, s) < 1e-5
+
+
+def test_strong_decay_stays_finite():
+    inputs, h0 = _inputs("gla", 1, 4096, 2, 128, 128, torch.float32)
+    inputs[3] = torch.full_like(inputs[3], -8.0)  # e^-512 over a chunk
+    ours = _run(gla, inputs, h0[:1], backend="triton")
+    ref = _run(gla, [t.double() for t in inputs], h0[:1].double(), backend="torch")
+    assert all(torch.isfinite(a).all() for a in ours)
+    assert all(_rel(a, b) < 1e-4 for a, b in zip(ours, ref, strict=True))
+
+
+@pytest.mark.parametrize("name", ["gla", "retnet"])
+def test_mixer_on_cuda_equals_cpu(name):
+    from seqblocks.layers.mixers import GatedLinearAttention, MultiScaleRetention
+
+    torch.manual_seed(0)
+    cls = GatedLinearAttention if name == "gla" else MultiScaleRetention
+    cpu = cls(512, num_heads=4)
+    gpu = cls(512, num_heads=4, device="cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 700, 512)
+    xg = x.cuda().requires_grad_()
+    xc = x.clone().requires_grad_()
+    y_gpu, y_cpu = gpu(xg), cpu(xc)  # "auto": Triton on CUDA, the chunked PyTorch path on CPU
+    cot = torch.randn_like(y_cpu)
+    y_gpu.backward(cot.cuda())
+    y_cpu.backward(cot)
+    assert _rel(y_gpu.cpu(), y_cpu) < 1e-4 and _rel(xg.grad.cpu(), xc.grad) < 1e-4
+    cache = gpu.allocate_inference_cache(2, 701)
+    with torch.no_grad():
+        gpu(x[:, :699].cuda(), cache)
+        step = gpu(x[:, 699:].cuda(), cache)  # the decode step kernel
+    assert _rel(step.cpu(), y_cpu[:, 699:].detach()) < 1e-4
