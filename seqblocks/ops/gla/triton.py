@@ -58,12 +58,15 @@ _INTERPRETED = tl.constexpr(interpreter_enabled())
 
 @triton.jit
 def _dot(a, b, LOWP: tl.constexpr):
+    # one return statement: the branches are constexpr, resolved when the kernel is compiled
     if LOWP:
         if _INTERPRETED:
-            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                          input_precision="ieee")
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    return tl.dot(a, b, input_precision="ieee")
+            c = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        else:
+            c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        c = tl.dot(a, b, input_precision="ieee")
+    return c
 
 
 @triton.jit
