@@ -10,7 +10,9 @@ slot map is built on the device from the bounds, and the grid size comes from th
 (``cdiv(B T, BT) + N`` slots bound the chunks of N sequences), so there is no host sync.
 
 Forward, four launches:
-  1. ``_chunk_cumsum``: b = the log-decay summed from the chunk start (fp32), per slot.
+  1. ``_chunk_prepare``: b = the log-decay summed from the chunk start (fp32), the chunk's total decay,
+     and the decayed ``q e^b`` and ``k e^{b_C - b}`` (exponents <= 0) in q's dtype, so that the chunk
+     walks below load two 16-bit tiles instead of computing them from three fp32 tiles (fewer spills).
   2. ``_intra_scores``: A [BT, BT] per chunk, ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)`` for j <= i, in
      sub-blocks of ``BC`` rows. Block pairs I > J are one ``tl.dot`` with both factors taken relative to
      block I's first row (exponents <= 0); the diagonal blocks are built column by column with the
@@ -48,8 +50,8 @@ __all__ = ["gla_triton", "gla_step_triton", "MAX_K"]
 
 MAX_K = 256
 _BT, _BC = 64, 16
-# The chunk-walking kernels hold several [64, K] fp32 tiles and a [K, 32] state: 8 warps keep them in
-# registers at K = 128 (an untuned choice; the sub-block kernels keep Triton's default of 4).
+# The chunk-walking kernels hold several [64, K] tiles and a [K, 32] fp32 state: 8 warps (an untuned
+# choice, the fewest spills at K = 128 by cuobjdump; the sub-block kernels keep Triton's default of 4).
 _WARPS = 8
 # Triton 3.9's CPU interpreter computes a bf16 x bf16 ``tl.dot`` wrongly (values ~1e10 off); there the
 # operands are rounded to bf16 and multiplied in fp32, which is what the tensor cores compute.
@@ -76,10 +78,15 @@ def _exp_where(mask, x):
 
 
 @triton.jit
+def _load_tile(ptr, t, tm, h, H, K, cols, cm):
+    # rows t of a [TT, H, K] tensor at head h, in its own dtype [len(t), len(cols)]; masked entries 0
+    return tl.load(ptr + (t[:, None] * H + h) * K + cols[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
+
+
+@triton.jit
 def _load_rows(ptr, t, tm, h, H, K, cols, cm):
-    # rows t of a [TT, H, K] tensor at head h, as fp32 [len(t), len(cols)]; masked entries 0
-    return tl.load(ptr + (t[:, None] * H + h) * K + cols[None, :], mask=tm[:, None] & cm[None, :],
-                   other=0.0).to(tl.float32)
+    # ``_load_tile`` as fp32
+    return _load_tile(ptr, t, tm, h, H, K, cols, cm).to(tl.float32)
 
 
 @triton.jit
@@ -105,8 +112,10 @@ def _load_b_row(b, t, valid, h, H, K, kk, km, SCALAR: tl.constexpr):
 
 
 @triton.jit
-def _chunk_cumsum(g, b, slot_seq, slot_chunk, cu, N, H, K, BT: tl.constexpr, BK: tl.constexpr,
-                  SCALAR: tl.constexpr):
+def _chunk_prepare(q, k, g, b, qg, kg, blast, slot_seq, slot_chunk, cu, N, H, K, BT: tl.constexpr,
+                   BK: tl.constexpr, SCALAR: tl.constexpr):
+    # b = cumsum of g from the chunk start; blast = the chunk's total log-decay [K]; the decayed
+    # qg = q e^b and kg = k e^(blast - b) (exponents <= 0), in q's dtype, for the chunk walks
     p, h = tl.program_id(0), tl.program_id(1)
     n = tl.load(slot_seq + p)
     if n < N:
@@ -114,14 +123,27 @@ def _chunk_cumsum(g, b, slot_seq, slot_chunk, cu, N, H, K, BT: tl.constexpr, BK:
         bos, eos = tl.load(cu + n), tl.load(cu + n + 1)
         t = bos + c * BT + tl.arange(0, BT)
         tm = t < eos
+        kk = tl.arange(0, BK)
+        km = kk < K
         if SCALAR:
-            x = tl.load(g + t * H + h, mask=tm, other=0.0).to(tl.float32)
-            tl.store(b + t * H + h, tl.cumsum(x, 0), mask=tm)
+            x = tl.cumsum(tl.load(g + t * H + h, mask=tm, other=0.0).to(tl.float32), 0)
+            tl.store(b + t * H + h, x, mask=tm)
+            total = tl.sum(tl.where(t == tl.minimum(bos + c * BT + BT, eos) - 1, x, 0.0), 0)
+            x = x[:, None]
+            tl.store(blast + (p * H + h) * K + kk, total + tl.zeros([BK], tl.float32), mask=km)
+            tot = total
         else:
-            kk = tl.arange(0, BK)
-            km = kk < K
-            x = _load_rows(g, t, tm, h, H, K, kk, km)
-            tl.store(b + (t[:, None] * H + h) * K + kk[None, :], tl.cumsum(x, 0), mask=tm[:, None] & km[None, :])
+            x = tl.cumsum(_load_rows(g, t, tm, h, H, K, kk, km), 0)
+            tl.store(b + (t[:, None] * H + h) * K + kk[None, :], x, mask=tm[:, None] & km[None, :])
+            tot = tl.sum(tl.where((t == tl.minimum(bos + c * BT + BT, eos) - 1)[:, None], x, 0.0), 0)
+            tl.store(blast + (p * H + h) * K + kk, tot, mask=km)
+            tot = tot[None, :]
+        off = (t[:, None] * H + h) * K + kk[None, :]
+        rows = tm[:, None] & km[None, :]
+        q_c = _load_rows(q, t, tm, h, H, K, kk, km)
+        k_c = _load_rows(k, t, tm, h, H, K, kk, km)
+        tl.store(qg + off, (q_c * _exp_where(tm[:, None], x)).to(qg.dtype.element_ty), mask=rows)
+        tl.store(kg + off, (k_c * _exp_where(tm[:, None], tot - x)).to(kg.dtype.element_ty), mask=rows)
 
 
 @triton.jit
@@ -170,7 +192,7 @@ def _intra_scores(q, k, b, A, slot_seq, slot_chunk, cu, N, H, K, BT: tl.constexp
 
 
 @triton.jit
-def _fwd_state(q, k, v, b, A, o, h0, ht, states, cu, coff, scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr,
+def _fwd_state(qg, kg, v, blast, A, o, h0, ht, states, cu, coff, scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, SCALAR: tl.constexpr, HAS_H0: tl.constexpr, HAS_HT: tl.constexpr,
                SAVE: tl.constexpr, LOWP: tl.constexpr):
     iv, nh = tl.program_id(0), tl.program_id(1)
@@ -189,25 +211,21 @@ def _fwd_state(q, k, v, b, A, o, h0, ht, states, cu, coff, scale, H, K, V, BT: t
         tm = t < eos
         if SAVE:  # the state entering each chunk, for the backward (skipped without gradients)
             tl.store(states + (p0 + c) * H * K * V + s_off, S, mask=s_mask)
-        q_c = _load_rows(q, t, tm, h, H, K, kk, km)
-        k_c = _load_rows(k, t, tm, h, H, K, kk, km)
-        v_c = _load_rows(v, t, tm, h, H, V, vv, vm)
-        b_c = _load_b(b, t, tm, h, H, K, kk, km, SCALAR)
-        last = tl.minimum(bos + c * BT + BT, eos) - 1
-        b_l = _load_b_row(b, last, last >= bos, h, H, K, kk, km, SCALAR)
+        q_g = _load_tile(qg, t, tm, h, H, K, kk, km)
+        k_g = _load_tile(kg, t, tm, h, H, K, kk, km)
+        v_c = _load_tile(v, t, tm, h, H, V, vv, vm)
         a = tl.load(A + (t[:, None] * H + h) * BT + rt[None, :], mask=tm[:, None], other=0.0)
-        q_g = q_c * _exp_where(tm[:, None], b_c)
-        k_g = k_c * _exp_where(tm[:, None], b_l - b_c)
         out = (_dot(a, v_c, LOWP) + _dot(q_g, S, LOWP)) * scale
         tl.store(o + (t[:, None] * H + h) * V + vv[None, :], out.to(o.dtype.element_ty),
                  mask=tm[:, None] & vm[None, :])
-        S = S * tl.trans(tl.exp(b_l)) + _dot(tl.trans(k_g), v_c, LOWP)
+        decay = tl.exp(tl.load(blast + ((p0 + c) * H + h) * K + kk, mask=km, other=0.0))
+        S = S * decay[:, None] + _dot(tl.trans(k_g), v_c, LOWP)
     if HAS_HT:
         tl.store(ht + n * H * K * V + s_off, S, mask=s_mask)
 
 
 @triton.jit
-def _bwd_dstate(q, b, do, dht, dh0, dstates, cu, coff, scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr,
+def _bwd_dstate(qg, blast, do, dht, dh0, dstates, cu, coff, scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, SCALAR: tl.constexpr, HAS_DHT: tl.constexpr, HAS_DH0: tl.constexpr,
                 LOWP: tl.constexpr):
     iv, nh = tl.program_id(0), tl.program_id(1)
@@ -227,19 +245,16 @@ def _bwd_dstate(q, b, do, dht, dh0, dstates, cu, coff, scale, H, K, V, BT: tl.co
         t = bos + c * BT + rt
         tm = t < eos
         tl.store(dstates + (p0 + c) * H * K * V + s_off, dS, mask=s_mask)
-        q_c = _load_rows(q, t, tm, h, H, K, kk, km)
-        do_c = _load_rows(do, t, tm, h, H, V, vv, vm)
-        b_c = _load_b(b, t, tm, h, H, K, kk, km, SCALAR)
-        last = tl.minimum(bos + c * BT + BT, eos) - 1
-        b_l = _load_b_row(b, last, last >= bos, h, H, K, kk, km, SCALAR)
-        q_g = q_c * _exp_where(tm[:, None], b_c)
-        dS = dS * tl.trans(tl.exp(b_l)) + _dot(tl.trans(q_g), do_c, LOWP) * scale
+        q_g = _load_tile(qg, t, tm, h, H, K, kk, km)
+        do_c = _load_tile(do, t, tm, h, H, V, vv, vm)
+        decay = tl.exp(tl.load(blast + ((p0 + c) * H + h) * K + kk, mask=km, other=0.0))
+        dS = dS * decay[:, None] + _dot(tl.trans(q_g), do_c, LOWP) * scale
     if HAS_DH0:
         tl.store(dh0 + n * H * K * V + s_off, dS, mask=s_mask)
 
 
 @triton.jit
-def _bwd_inter(q, k, v, b, A, do, states, dstates, dq, dk, dv, dA, slot_seq, slot_chunk, cu, N, scale, H, K, V,
+def _bwd_inter(kg, v, b, blast, A, do, states, dstates, dq, dk, dv, dA, slot_seq, slot_chunk, cu, N, scale, H, K, V,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr, LOWP: tl.constexpr):
     p, h = tl.program_id(0), tl.program_id(1)
     n = tl.load(slot_seq + p)
@@ -250,11 +265,7 @@ def _bwd_inter(q, k, v, b, A, do, states, dstates, dq, dk, dv, dA, slot_seq, slo
         km = kk < K
         t = bos + c * BT + rt
         tm = t < eos
-        k_c = _load_rows(k, t, tm, h, H, K, kk, km)
-        b_c = _load_b(b, t, tm, h, H, K, kk, km, SCALAR)
-        last = tl.minimum(bos + c * BT + BT, eos) - 1
-        b_l = _load_b_row(b, last, last >= bos, h, H, K, kk, km, SCALAR)
-        k_g = k_c * _exp_where(tm[:, None], b_l - b_c)
+        k_g = _load_tile(kg, t, tm, h, H, K, kk, km)
         a = tl.load(A + (t[:, None] * H + h) * BT + rt[None, :], mask=tm[:, None], other=0.0)
         acc_q = tl.zeros([BT, BK], dtype=tl.float32)
         acc_k = tl.zeros([BT, BK], dtype=tl.float32)
@@ -266,14 +277,16 @@ def _bwd_inter(q, k, v, b, A, do, states, dstates, dq, dk, dv, dA, slot_seq, slo
             s_mask = km[:, None] & vm[None, :]
             S = tl.load(states + p * H * K * V + s_off, mask=s_mask, other=0.0)
             dS = tl.load(dstates + p * H * K * V + s_off, mask=s_mask, other=0.0)
-            do_c = _load_rows(do, t, tm, h, H, V, vv, vm)
-            v_c = _load_rows(v, t, tm, h, H, V, vv, vm)
+            do_c = _load_tile(do, t, tm, h, H, V, vv, vm)
+            v_c = _load_tile(v, t, tm, h, H, V, vv, vm)
             acc_q += _dot(do_c, tl.trans(S), LOWP)
             acc_k += _dot(v_c, tl.trans(dS), LOWP)
             acc_a += _dot(do_c, tl.trans(v_c), LOWP)
             dv_c = _dot(tl.trans(a), do_c, LOWP) * scale + _dot(k_g, dS, LOWP)
             tl.store(dv + (t[:, None] * H + h) * V + vv[None, :], dv_c, mask=tm[:, None] & vm[None, :])
         row_mask = tm[:, None] & km[None, :]
+        b_c = _load_b(b, t, tm, h, H, K, kk, km, SCALAR)
+        b_l = tl.load(blast + (p * H + h) * K + kk, mask=km, other=0.0)[None, :]
         dq_c = acc_q * _exp_where(tm[:, None], b_c) * scale
         dk_c = acc_k * _exp_where(tm[:, None], b_l - b_c)
         tl.store(dq + (t[:, None] * H + h) * K + kk[None, :], dq_c, mask=row_mask)
@@ -432,7 +445,10 @@ class _GLATriton(torch.autograd.Function):
         g2 = g.reshape((TT, H) if scalar else (TT, H, K)).contiguous()
         f32 = torch.float32
         b = torch.empty((TT, H) if scalar else (TT, H, K), device=dev, dtype=f32)
-        _chunk_cumsum[(S_n, H)](g2, b, slot_seq, slot_chunk, cu, N, H, K, BT=_BT, BK=BK, SCALAR=scalar)
+        qg, kg = torch.empty_like(q2), torch.empty_like(k2)
+        blast = torch.empty(S_n, H, K, device=dev, dtype=f32)
+        _chunk_prepare[(S_n, H)](q2, k2, g2, b, qg, kg, blast, slot_seq, slot_chunk, cu, N, H, K, BT=_BT, BK=BK,
+                                 SCALAR=scalar, num_warps=_WARPS)
         A = torch.zeros(TT, H, _BT, device=dev, dtype=f32)
         _intra_scores[(S_n * (_BT // _BC), H)](q2, k2, b, A, slot_seq, slot_chunk, cu, N, H, K, BT=_BT, BC=_BC,
                                                BK=BK, SCALAR=scalar, LOWP=lowp)
@@ -441,11 +457,11 @@ class _GLATriton(torch.autograd.Function):
         ht = torch.empty(N, H, K, V, device=dev, dtype=f32)
         states = torch.empty(S_n, H, K, V, device=dev, dtype=f32) if save else ht
         h0c = None if h0 is None else h0.to(f32).contiguous()
-        _fwd_state[(triton.cdiv(V, BV), N * H)](q2, k2, v2, b, A, o, h0c if h0c is not None else ht, ht, states,
+        _fwd_state[(triton.cdiv(V, BV), N * H)](qg, kg, v2, blast, A, o, h0c if h0c is not None else ht, ht, states,
                                                cu, coff, scale, H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar,
                                                HAS_H0=h0 is not None, HAS_HT=True, SAVE=save, LOWP=lowp,
                                                num_warps=_WARPS)
-        ctx.save_for_backward(q2, k2, v2, b, A, states, ht, cu, coff, slot_seq, slot_chunk)
+        ctx.save_for_backward(q2, k2, v2, b, qg, kg, blast, A, states, ht, cu, coff, slot_seq, slot_chunk)
         ctx.meta = (B, T, H, K, V, N, S_n, scale, scalar, lowp, h0 is not None, cu_seqlens is not None, g.dtype,
                     v.dtype, None if h0 is None else h0.dtype)
         if not output_final_state:
@@ -454,7 +470,7 @@ class _GLATriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q2, k2, v2, b, A, states, ht, cu, coff, slot_seq, slot_chunk = ctx.saved_tensors
+        q2, k2, v2, b, qg, kg, blast, A, states, ht, cu, coff, slot_seq, slot_chunk = ctx.saved_tensors
         B, T, H, K, V, N, S_n, scale, scalar, lowp, has_h0, packed, g_dtype, v_dtype, h0_dtype = ctx.meta
         TT, dev, f32 = B * T, q2.device, torch.float32
         BK, BV = _blocks(K, V)
@@ -462,7 +478,7 @@ class _GLATriton(torch.autograd.Function):
         dstates = torch.empty(S_n, H, K, V, device=dev, dtype=f32)
         dh0 = torch.empty(N, H, K, V, device=dev, dtype=f32) if has_h0 else None
         dhtc = None if dht is None else dht.to(f32).contiguous()
-        _bwd_dstate[(triton.cdiv(V, BV), N * H)](q2, b, do2, dhtc if dhtc is not None else dstates,
+        _bwd_dstate[(triton.cdiv(V, BV), N * H)](qg, blast, do2, dhtc if dhtc is not None else dstates,
                                                 dh0 if dh0 is not None else dstates, dstates, cu, coff, scale,
                                                 H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar,
                                                 HAS_DHT=dht is not None, HAS_DH0=has_h0, LOWP=lowp,
@@ -471,7 +487,7 @@ class _GLATriton(torch.autograd.Function):
         dk = torch.empty(TT, H, K, device=dev, dtype=f32)
         dv = torch.empty(TT, H, V, device=dev, dtype=f32)
         dA = torch.zeros(TT, H, _BT, device=dev, dtype=f32)
-        _bwd_inter[(S_n, H)](q2, k2, v2, b, A, do2, states, dstates, dq, dk, dv, dA, slot_seq, slot_chunk, cu, N,
+        _bwd_inter[(S_n, H)](kg, v2, b, blast, A, do2, states, dstates, dq, dk, dv, dA, slot_seq, slot_chunk, cu, N,
                              scale, H, K, V, BT=_BT, BK=BK, BV=BV, SCALAR=scalar, LOWP=lowp, num_warps=_WARPS)
         _bwd_intra[(S_n * (_BT // _BC), H)](q2, k2, b, dA, dq, dk, slot_seq, slot_chunk, cu, N, H, K, BT=_BT,
                                            BC=_BC, BK=BK, SCALAR=scalar, LOWP=lowp)
