@@ -163,6 +163,38 @@ if not INTERPRETER:
         with pytest.raises(ValueError, match="no Triton kernel"):
             gla(q, k, v, g, backend="triton")
 
+    @pytest.mark.slow
+    @pytest.mark.skipif(not triton_available(), reason="needs Triton")
+    @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+    def test_kernels_compile_for_sm90(dtype):
+        """Every kernel compiles to an sm_90 cubin at K = V = 128 (no GPU needed: Triton's own ptxas)."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from seqblocks.ops.gla import triton as kernels
+
+        ints = {"N", "H", "K", "V"}
+        for scalar in (False, True):
+            common = {"BT": 64, "BK": 128, "SCALAR": scalar}
+            jobs = [(kernels._chunk_prepare, {}), (kernels._intra_scores, {"BC": 16, "LOWP": dtype == "bf16"}),
+                    (kernels._fwd_state, {"BV": 32, "HAS_H0": True, "HAS_HT": True, "SAVE": True,
+                                          "LOWP": dtype == "bf16"}),
+                    (kernels._bwd_dstate, {"BV": 32, "HAS_DHT": True, "HAS_DH0": True, "LOWP": dtype == "bf16"}),
+                    (kernels._bwd_inter, {"BV": 32, "LOWP": dtype == "bf16"}),
+                    (kernels._bwd_intra, {"BC": 16, "LOWP": dtype == "bf16"}),
+                    (kernels._step_kernel, {"BV": 32, "BT": None})]
+            for fn, extra in jobs:
+                consts = {k: v for k, v in {**common, **extra}.items() if v is not None and k in fn.arg_names}
+                sig = {n: "constexpr" if n in consts else "i32" if n in ints else "fp32" if n == "scale"
+                       else "*i32" if n in ("slot_seq", "slot_chunk", "cu", "coff")
+                       else f"*{dtype}" if n in ("q", "k", "v", "o", "do", "qg", "kg") else "*fp32"
+                       for n in fn.arg_names}
+                where = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+                src = ASTSource(fn=fn, signature=sig, constexprs=where)
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                assert compiled.asm["cubin"], fn
+
 else:
 
     @pytest.mark.parametrize("name", OPS)
