@@ -67,6 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          mixer_kwargs={"mamba2": {"headdim": 32, "chunk_size": 64}}),
     "tiny-mamba3": _tiny("4 Mamba-3 layers (SISO, trapezoidal and rotary, head width 32, state 32)", ["mamba3"] * 4,
                          mixer_kwargs={"mamba3": {"headdim": 32, "d_state": 32}}),
+    "tiny-gla-hybrid": _tiny("GLA + attention hybrid, 4 layers (gated linear attention, 4 heads)",
+                             ["gla", "attn", "gla", "attn"], d_intermediate=256),
     "tiny-rglru": _tiny("4 RG-LRU layers (Griffin's recurrence) with gated MLPs", ["rglru"] * 4,
                         d_intermediate=256),
     "tiny-s7": _tiny("4 S7 layers (input-dependent S5) with gated MLPs", ["s7"] * 4, d_intermediate=256),
