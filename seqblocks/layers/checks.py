@@ -170,8 +170,10 @@ def check_range(owner: str, name: str, value: Any, lo: float | None = None, hi: 
     below = lo is not None and (value <= lo if lo_open else value < lo)
     above = hi is not None and (value >= hi if hi_open else value > hi)
     if below or above:
-        bound = f"{lo:g}" if lo_name is None else f"{lo_name}={lo:g}"
-        left = "(-inf" if lo is None else ("(" if lo_open else "[") + bound
+        if lo is None:
+            left = "(-inf"
+        else:
+            left = ("(" if lo_open else "[") + (f"{lo:g}" if lo_name is None else f"{lo_name}={lo:g}")
         right = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
         raise ValueError(f"{owner}: {name} must lie in {left}, {right}, got {value!r}")
 
