@@ -159,6 +159,26 @@ def test_dispatch_and_errors():
         causal_conv1d_update(x[:, 0], h0.clone(), w, backend="triton")
 
 
+def test_tile_shapes_do_not_change_results():
+    """Other launch shapes (several chunks and channel blocks) give the same outputs and gradients."""
+    from seqblocks.ops.causal_conv1d.triton import ConvTiles, causal_conv1d_triton
+
+    x, w, b, h0 = _inputs(2, 29, 40, 4, state=True)
+    ins = [t.requires_grad_() for t in (x, w, b, h0)]
+    lengths = torch.tensor([29, 10])
+    runs = []
+    for tiles in (None, ConvTiles(fwd_block_t=8, fwd_block_d=16, fwd_warps=2, bwd_block_t=8, bwd_block_d=16,
+                                  bwd_warps=2, bwd_tiles=3)):
+        y, f = causal_conv1d_triton(x, w, b, activation="silu", initial_state=h0, lengths=lengths, tiles=tiles)
+        runs.append([y, f, *torch.autograd.grad([y, f], ins, [torch.ones_like(y), torch.ones_like(f)])])
+    for a, c in zip(*runs):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bwd_block_t must be >= 8"):
+        ConvTiles(bwd_block_t=4)
+    with pytest.raises(ValueError, match="fwd_block_d must be a power-of-two"):
+        ConvTiles(fwd_block_d=96)
+
+
 GPU_SHAPES = [(8, 2048, 1536, 4), (2, 4097, 2560, 4), (3, 129, 1000, 2), (1, 64, 64, 8)]
 
 

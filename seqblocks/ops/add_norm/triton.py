@@ -12,7 +12,7 @@ Design (see docs/kernels.md, "Fused residual add + norm"):
 - Forward: one read of x (and the residual), one write of ``r`` (skipped when ``r`` would be an
   exact copy of x and is not returned), one write of ``y``, and per row the fp32 ``rstd`` (and
   ``mean`` for LayerNorm), which is all the backward needs besides ``r``, weight and bias.
-- Backward: a fixed grid of programs (a few per SM) each walks a contiguous run of row tiles, reads
+- Backward: a fixed grid of programs (two per SM) each walks a contiguous run of row tiles, reads
   ``r``, ``dy`` (and the cotangent of the returned ``r``), writes ``dx`` (and ``dresidual``), and
   keeps its share of ``dweight`` / ``dbias`` in fp32 registers; each program stores one partial row
   and the partials are summed in a fixed order afterwards, so the result is deterministic (no atomics).
@@ -119,21 +119,25 @@ def _add_norm_bwd_kernel(
         tl.store(DB_PART + pid * D + cols, db, mask=cmask)
 
 
-def launch_config(dim: int) -> tuple[int, int, int]:
+def launch_config(dim: int, backward: bool = False) -> tuple[int, int, int]:
     """``(BLOCK_D, ROWS, num_warps)`` for rows of ``dim`` features.
 
-    A tile holds at least 4096 elements (several rows per program for small D); a warp gets about
-    512 of them (16 fp32 values per thread per live tile), capped at 16 warps.
+    Forward tiles hold at least 4096 elements (several rows per program for small D), 16 per thread;
+    the backward keeps more tensors live per element, so its tiles hold 2048, 8 per thread. Warps
+    are capped at 16 (at 32 a thread gets only 64 registers): from D = 8192 the backward holds 16
+    elements per thread, and past 8192 it spills to local memory (correct, slower).
     """
     block_d = triton.next_power_of_2(dim)
-    rows = max(1, 4096 // block_d)
-    num_warps = min(16, max(1, rows * block_d // 512))
+    tile, per_thread = (2048, 8) if backward else (4096, 16)
+    rows = max(1, tile // block_d)
+    num_warps = min(16, max(1, rows * block_d // (32 * per_thread)))
     return block_d, rows, num_warps
 
 
 def _num_programs(device: torch.device, tiles: int) -> int:
     if device.type == "cuda":
-        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        # About the number of backward programs resident at once (two per SM at <= 128 registers).
+        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter: a few programs, so the partial reduction is exercised
         cap = 3
     return max(1, min(tiles, cap))
@@ -180,7 +184,7 @@ class _AddNormFn(torch.autograd.Function):
         dx = torch.empty(M, D, dtype=x_dtype, device=r.device)
         store_dres = res_dtype is not None and ctx.needs_input_grad[1]
         dres = torch.empty(M, D, dtype=res_dtype, device=r.device) if store_dres else None
-        block_d, rows, num_warps = launch_config(D)
+        block_d, rows, num_warps = launch_config(D, backward=True)
         tiles = triton.cdiv(M, rows)
         n_prog = _num_programs(r.device, tiles)
         tiles_per_prog = triton.cdiv(tiles, n_prog) if tiles else 0

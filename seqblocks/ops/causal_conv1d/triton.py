@@ -8,22 +8,28 @@ Design (see docs/kernels.md, "Causal depthwise conv1d"):
 - Layout x [B, T, D], channels last (unit stride over D; any batch / time strides, so a slice of a
   projection's output is read in place). A program owns one row and a [BLOCK_T, BLOCK_D] tile:
   loads run along the channels (coalesced), and the W taps are W shifted loads of the same tile,
-  which hit in cache, so HBM sees one read of x and one write of y. Positions before the segment
-  come from ``initial_state``; the program of the first time tile also writes the row's final state
-  (the W - 1 inputs before its length), so no second launch is needed.
-- Backward, per row, in "extended" coordinates e = t + W - 1 over [initial_state, x]:
-  ``d ext[e] = sum_j w[W-1-j] dz[e-(W-1)+j] + dfinal[e - length]``; e < W - 1 is the initial
-  state's gradient, the rest is dx. With SiLU the pre-activation z is recomputed from x (W shifted
-  loads per needed tap) instead of being saved. A program walks ``TILES`` time tiles and keeps its
-  share of dweight / dbias in fp32 registers; each program stores one partial and the partials are
-  summed in a fixed order afterwards (deterministic, no atomics).
+  which hit in cache, so HBM sees about one read of x and one write of y. Only tiles that start
+  within W - 1 steps of the segment read ``initial_state`` (a runtime branch; the others skip that
+  masked load). The program of the first time tile also writes the row's final state (the W - 1
+  inputs before its length), so no second launch is needed.
+- Backward: ``dx[t] = sum_j w[W-1-j] dz[t+j] + dfinal[t + W - 1 - length]`` needs dz shifted by up
+  to W - 1 steps, i.e. values other threads hold. A program computes dz for its tile and the W - 1
+  steps after it (with SiLU, the pre-activation is recomputed from x rather than saved), writes them
+  to its own small fp32 scratch rows (L2-resident), waits at a barrier and reads them back shifted.
+  The first tile also forms the initial state's gradient the same way. A program walks
+  ``bwd_tiles`` time tiles and keeps its share of dweight / dbias in fp32 registers; each program
+  stores one partial and the partials are summed in a fixed order afterwards (deterministic, no
+  atomics).
 - The decode step is its own small kernel: one program per (row, channel block) reads the W - 1
   state columns and x, writes y and shifts the state in place (each program owns its state slice).
+- Launch shapes: ``ConvTiles`` (per call; ``DEFAULT_TILES`` otherwise).
 
 Shapes: B batch, T time, D channels, W filter width, P partials.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -31,28 +37,62 @@ import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
 
-__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "MAX_WIDTH"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "ConvTiles", "DEFAULT_TILES", "MAX_WIDTH"]
 
 MAX_WIDTH = 8
 
-# Forward / backward tiles; each program moves [BLOCK_T, BLOCK_D] elements per step. Under Triton's
-# interpreter (fixed process-wide when Triton is imported) small tiles keep the CPU tests fast and
-# still cross tile, chunk and channel-block boundaries.
-if interpreter_enabled():
-    _FWD = dict(BLOCK_T=16, BLOCK_D=64, num_warps=1)
-    _BWD = dict(BLOCK_T=16, BLOCK_D=32, num_warps=1, TILES=2)
-else:
-    _FWD = dict(BLOCK_T=32, BLOCK_D=128, num_warps=4)
-    _BWD = dict(BLOCK_T=32, BLOCK_D=128, num_warps=4, TILES=8)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvTiles:
+    """Tile shapes and warps of the kernels, for one call (benchmarks sweep them; results do not
+    depend on them). At the defaults, W = 4 compiles for sm_90 to <= 168 registers a thread with no
+    spills (W = 8: 240).
+
+    Args:
+        fwd_block_t (int): forward tile's time steps. Default: 16.
+        fwd_block_d (int): forward tile's channels. Default: 128.
+        fwd_warps (int): forward warps. Default: 4.
+        bwd_block_t (int): backward tile's time steps (>= 8, the widest filter's W - 1). Default: 8.
+        bwd_block_d (int): backward tile's channels. Default: 128.
+        bwd_warps (int): backward warps. Default: 4.
+        bwd_tiles (int): time tiles one backward program walks (fewer dweight partials). Default: 32.
+    """
+
+    fwd_block_t: int = 16
+    fwd_block_d: int = 128
+    fwd_warps: int = 4
+    bwd_block_t: int = 8
+    bwd_block_d: int = 128
+    bwd_warps: int = 4
+    bwd_tiles: int = 32
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v < 1 or (f.name != "bwd_tiles" and v & (v - 1)):
+                raise ValueError(f"ConvTiles: {f.name} must be a power-of-two int >= 1, got {v!r}")
+        if self.bwd_block_t < MAX_WIDTH:
+            raise ValueError(f"ConvTiles: bwd_block_t must be >= {MAX_WIDTH}, got {self.bwd_block_t}")
+
+
+# Triton fixes compile-or-interpret process-wide when it is imported; under the interpreter smaller
+# tiles keep the CPU tests fast and still cross tile, chunk and channel-block boundaries.
+DEFAULT_TILES = (ConvTiles(fwd_block_t=16, fwd_block_d=64, fwd_warps=1, bwd_block_t=16, bwd_block_d=32,
+                           bwd_warps=1, bwd_tiles=2) if interpreter_enabled() else ConvTiles())
+
+
+@triton.jit
+def _load_x(X, b, t, d, dm, T, stride_xb, stride_xt):
+    # [R, BD] fp32 inputs at times t; 0 outside [0, T).
+    in_x = (t >= 0) & (t < T)
+    return tl.load(X + b * stride_xb + t.to(tl.int64)[:, None] * stride_xt + d[None, :],
+                   mask=in_x[:, None] & dm[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _load_ext(X, INIT, b, t, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
               W: tl.constexpr, HAS_INIT: tl.constexpr):
-    # [BT, BD] fp32 inputs at times t (t < 0: the initial state; t < -(W-1) or t >= T: 0).
-    in_x = (t >= 0) & (t < T)
-    v = tl.load(X + b * stride_xb + t.to(tl.int64)[:, None] * stride_xt + d[None, :],
-                mask=in_x[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    # [R, BD] fp32 inputs at times t, where t in [-(W-1), 0) reads the initial state (0 without one).
+    v = _load_x(X, b, t, d, dm, T, stride_xb, stride_xt)
     if HAS_INIT:
         ti = t + (W - 1)
         in_s = (t < 0) & (ti >= 0)
@@ -62,17 +102,32 @@ def _load_ext(X, INIT, b, t, d, dm, T, stride_xb, stride_xt, stride_ib, stride_i
 
 
 @triton.jit
-def _preact(X, INIT, WT, BIAS, b, t, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
+def _tap_input(X, INIT, b, t, near_start, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
+               W: tl.constexpr, HAS_INIT: tl.constexpr):
+    # Only tiles starting within W - 1 of the segment's start read the initial state: the others
+    # skip its masked load (registers and instructions on every tile).
+    if HAS_INIT:
+        if near_start:
+            v = _load_ext(X, INIT, b, t, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it, W, HAS_INIT)
+        else:
+            v = _load_x(X, b, t, d, dm, T, stride_xb, stride_xt)
+    else:
+        v = _load_x(X, b, t, d, dm, T, stride_xb, stride_xt)
+    return v
+
+
+@triton.jit
+def _preact(X, INIT, WT, BIAS, b, t, near_start, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
             W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # z[t] = bias + sum_k w[k] x[t - (W-1) + k], fp32.
-    z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # z[t] = bias + sum_k w[k] x[t - (W-1) + k], fp32, [ROWS, BLOCK_D].
+    z = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         z += tl.load(BIAS + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(W):
         wk = tl.load(WT + d * W + k, mask=dm, other=0.0).to(tl.float32)
-        z += wk[None, :] * _load_ext(X, INIT, b, t + (k - (W - 1)), d, dm, T, stride_xb, stride_xt,
-                                     stride_ib, stride_it, W, HAS_INIT)
+        z += wk[None, :] * _tap_input(X, INIT, b, t + (k - (W - 1)), near_start, d, dm, T, stride_xb, stride_xt,
+                                      stride_ib, stride_it, W, HAS_INIT)
     return z
 
 
@@ -87,18 +142,18 @@ def _conv_fwd_kernel(
     pt = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
-    t = pt * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = pt * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
     L = T
     if HAS_LENS:
         L = tl.load(LENS + b).to(tl.int32)
-    z = _preact(X, INIT, WT, BIAS, b, t, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
+    z = _preact(X, INIT, WT, BIAS, b, t, t0 < W - 1, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
                 W, HAS_INIT, HAS_BIAS, BLOCK_T, BLOCK_D)
     if SILU:
         z = z * tl.sigmoid(z)
     z = tl.where((t < L)[:, None], z, 0.0)
-    tm = t < T
     tl.store(Y + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :], z.to(Y.dtype.element_ty),
-             mask=tm[:, None] & dm[None, :])
+             mask=(t < T)[:, None] & dm[None, :])
     if pt == 0:
         # final[j] = ext[L + j]: the input at time L + j - (W - 1).
         j = tl.arange(0, BLOCK_S)
@@ -109,60 +164,97 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _dz(X, INIT, WT, BIAS, DY, b, t, near_start, d, dm, T, D, L, stride_xb, stride_xt, stride_ib, stride_it,
+        W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dL/dz at times t (z the pre-activation), fp32; 0 at and past the row's length.
+    valid = (t >= 0) & (t < L)
+    g = tl.load(DY + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :],
+                mask=valid[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    if SILU:
+        z = _preact(X, INIT, WT, BIAS, b, t, near_start, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
+                    W, HAS_INIT, HAS_BIAS, ROWS, BLOCK_D)
+        s = tl.sigmoid(z)
+        g = g * s * (1.0 + z * (1.0 - s))
+    return g
+
+
+@triton.jit
 def _conv_bwd_kernel(
-    X, WT, BIAS, INIT, LENS, DY, DFINAL, DX, DINIT, DW_PART, DB_PART,
+    X, WT, BIAS, INIT, LENS, DY, DFINAL, DX, DINIT, DW_PART, DB_PART, SCRATCH,
     T, D, stride_xb, stride_xt, stride_ib, stride_it,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_LENS: tl.constexpr,
     SILU: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pc = tl.program_id(1)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pd = tl.program_id(2)
+    d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     L = T
     if HAS_LENS:
         L = tl.load(LENS + b).to(tl.int32)
+    part = b * tl.num_programs(1) + pc
+    # This program's scratch rows: dz of the tile and of the W - 1 steps after it, so that dx can
+    # read dz shifted by 0 .. W - 1 steps (other threads' values: hence the barriers).
+    S = SCRATCH + (part * tl.num_programs(2) + pd) * (BLOCK_T + BLOCK_S) * BLOCK_D
+    rt = tl.arange(0, BLOCK_T)
+    rs = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_D)
     kk = tl.arange(0, BLOCK_W)
     dw = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)  # row k: this program's share of dweight[:, k]
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    n_tiles = tl.cdiv(T, BLOCK_T)
     for i in range(TILES):
-        e = (pc * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)  # extended index, in [0, T + W - 1)
-        t = e - (W - 1)
-        de = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        dz_e = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for j in tl.static_range(W):
-            tj = t + j  # the output time whose tap W-1-j reads ext[e]
-            vj = (tj >= 0) & (tj < L)
-            g = tl.load(DY + b * T * D + tj.to(tl.int64)[:, None] * D + d[None, :],
-                        mask=vj[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            if SILU:
-                z = _preact(X, INIT, WT, BIAS, b, tj, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
-                            W, HAS_INIT, HAS_BIAS, BLOCK_T, BLOCK_D)
-                s = tl.sigmoid(z)
-                g = g * s * (1.0 + z * (1.0 - s))
-            wj = tl.load(WT + d * W + (W - 1 - j), mask=dm, other=0.0).to(tl.float32)
-            de += wj[None, :] * g
-            if j == W - 1:
-                dz_e = g  # dz at time e itself
-        if HAS_DFINAL:
-            jj = e - L
-            mf = (jj >= 0) & (jj < W - 1)
-            de += tl.load(DFINAL + b * (W - 1) * D + jj[:, None] * D + d[None, :],
-                          mask=mf[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        mx = (t >= 0) & (t < T)
-        tl.store(DX + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :], de.to(DX.dtype.element_ty),
-                 mask=mx[:, None] & dm[None, :])
-        if STORE_DINIT:
-            mi = (e >= 0) & (e < W - 1)
-            tl.store(DINIT + b * (W - 1) * D + e[:, None] * D + d[None, :], de.to(DINIT.dtype.element_ty),
-                     mask=mi[:, None] & dm[None, :])
-        # dweight[k] = sum_e dz[e] ext[e + k], with ext[e + k] the input at time t + k.
-        for k in tl.static_range(W):
-            xk = _load_ext(X, INIT, b, t + k, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it, W, HAS_INIT)
-            dw = tl.where((kk == k)[:, None], dw + tl.sum(dz_e * xk, axis=0)[None, :], dw)
-        db += tl.sum(dz_e, axis=0)
-    part = b * tl.num_programs(1) + pc
+        tile = pc * TILES + i
+        if tile < n_tiles:
+            t0 = tile * BLOCK_T
+            t = t0 + rt
+            near = t0 < W - 1
+            dz = _dz(X, INIT, WT, BIAS, DY, b, t, near, d, dm, T, D, L, stride_xb, stride_xt, stride_ib, stride_it,
+                     W, HAS_INIT, HAS_BIAS, SILU, BLOCK_T, BLOCK_D)
+            dz_tail = _dz(X, INIT, WT, BIAS, DY, b, t0 + BLOCK_T + rs, False, d, dm, T, D, L, stride_xb, stride_xt,
+                          stride_ib, stride_it, W, HAS_INIT, HAS_BIAS, SILU, BLOCK_S, BLOCK_D)
+            tl.store(S + rt[:, None] * BLOCK_D + c[None, :], dz, mask=dm[None, :])
+            tl.store(S + (BLOCK_T + rs)[:, None] * BLOCK_D + c[None, :], dz_tail, mask=dm[None, :])
+            tl.debug_barrier()
+            # dx[t] = sum_j w[W-1-j] dz[t + j] + dfinal[t + W - 1 - L]
+            de = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for j in tl.static_range(W):
+                wj = tl.load(WT + d * W + (W - 1 - j), mask=dm, other=0.0).to(tl.float32)
+                de += wj[None, :] * tl.load(S + (rt + j)[:, None] * BLOCK_D + c[None, :], mask=dm[None, :],
+                                            other=0.0)
+            if HAS_DFINAL:
+                jj = t + (W - 1) - L
+                de += tl.load(DFINAL + b * (W - 1) * D + jj[:, None] * D + d[None, :],
+                              mask=((jj >= 0) & (jj < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            tl.store(DX + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :], de.to(DX.dtype.element_ty),
+                     mask=(t < T)[:, None] & dm[None, :])
+            if STORE_DINIT:
+                if tile == 0:
+                    # d initial_state[e] = sum_j w[W-1-j] dz[e - (W-1) + j] + dfinal[e - L], e < W - 1
+                    te = rs - (W - 1)
+                    dh = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+                    for j in tl.static_range(W):
+                        wj = tl.load(WT + d * W + (W - 1 - j), mask=dm, other=0.0).to(tl.float32)
+                        dh += wj[None, :] * tl.load(S + (te + j)[:, None] * BLOCK_D + c[None, :],
+                                                    mask=(te + j >= 0)[:, None] & dm[None, :], other=0.0)
+                    if HAS_DFINAL:
+                        jf = rs - L
+                        dh += tl.load(DFINAL + b * (W - 1) * D + jf[:, None] * D + d[None, :],
+                                      mask=((jf >= 0) & (jf < W - 1))[:, None] & dm[None, :],
+                                      other=0.0).to(tl.float32)
+                    tl.store(DINIT + b * (W - 1) * D + rs[:, None] * D + d[None, :], dh.to(DINIT.dtype.element_ty),
+                             mask=(rs < W - 1)[:, None] & dm[None, :])
+            # dweight[k] = sum_t dz[t] x[t - (W-1) + k]; dbias = sum_t dz[t]
+            for k in tl.static_range(W):
+                xk = _tap_input(X, INIT, b, t + (k - (W - 1)), near, d, dm, T, stride_xb, stride_xt,
+                                stride_ib, stride_it, W, HAS_INIT)
+                dw = tl.where((kk == k)[:, None], dw + tl.sum(dz * xk, axis=0)[None, :], dw)
+            db += tl.sum(dz, axis=0)
+            tl.debug_barrier()  # the next tile overwrites the scratch rows
     tl.store(DW_PART + part * W * D + kk[:, None] * D + d[None, :], dw, mask=(kk < W)[:, None] & dm[None, :])
     if HAS_BIAS:
         tl.store(DB_PART + part * D + d, db, mask=dm)
@@ -202,7 +294,7 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, lengths, silu):
+    def forward(ctx, x, weight, bias, initial_state, lengths, silu, tiles):
         B, T, D = x.shape
         W = weight.shape[1]
         x = _unit_channel_stride(x)
@@ -211,18 +303,19 @@ class _CausalConv1dFn(torch.autograd.Function):
         state_dtype = x.dtype if initial_state is None else initial_state.dtype
         final = torch.empty(B, W - 1, D, dtype=state_dtype, device=x.device)
         lens = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
-        cfg = _FWD
-        grid = (B, max(1, triton.cdiv(T, cfg["BLOCK_T"])), triton.cdiv(D, cfg["BLOCK_D"]))
+        bt, bd = tiles.fwd_block_t, tiles.fwd_block_d
+        grid = (B, max(1, triton.cdiv(T, bt)), triton.cdiv(D, bd))
         if B > 0 and D > 0:
             _conv_fwd_kernel[grid](
                 x, weight, bias, init, lens, y, final, T, D, x.stride(0), x.stride(1),
                 0 if init is None else init.stride(0), 0 if init is None else init.stride(1),
                 W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_LENS=lens is not None,
-                SILU=silu, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
-                BLOCK_S=triton.next_power_of_2(max(W - 1, 1)), num_warps=cfg["num_warps"],
+                SILU=silu, BLOCK_T=bt, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(max(W - 1, 1)),
+                num_warps=tiles.fwd_warps,
             )
         ctx.save_for_backward(x, weight, bias, init, lens)
         ctx.silu = silu
+        ctx.tiles = tiles
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -231,28 +324,37 @@ class _CausalConv1dFn(torch.autograd.Function):
         x, weight, bias, init, lens = ctx.saved_tensors
         B, T, D = x.shape
         W = weight.shape[1]
-        dy = torch.zeros(B, T, D, dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
         dfinal = None if dfinal is None or W == 1 else dfinal.contiguous()
-        dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         store_dinit = init is not None and ctx.needs_input_grad[3]
-        dinit = torch.empty_like(init, memory_format=torch.contiguous_format) if store_dinit else None
-        cfg = _BWD
-        n_chunks = max(1, triton.cdiv(T + W - 1, cfg["BLOCK_T"] * cfg["TILES"]))
+        if T == 0 or B == 0 or D == 0:
+            # No output position: only the final state's cotangent flows, to the initial state.
+            dinit = None
+            if store_dinit:
+                dinit = torch.zeros_like(init) if dfinal is None else dfinal.to(init.dtype)
+            return (torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias),
+                    dinit, None, None, None)
+        dy = torch.zeros(B, T, D, dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
+        dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+        dinit = torch.empty(B, W - 1, D, dtype=init.dtype, device=x.device) if store_dinit else None
+        tiles = ctx.tiles
+        bt, bd = tiles.bwd_block_t, tiles.bwd_block_d
+        block_s = triton.next_power_of_2(max(W - 1, 1))
+        n_chunks = triton.cdiv(triton.cdiv(T, bt), tiles.bwd_tiles)
+        n_d = triton.cdiv(D, bd)
         dw_part = torch.empty(B * n_chunks, W, D, dtype=torch.float32, device=x.device)
         db_part = torch.empty(B * n_chunks, D, dtype=torch.float32, device=x.device) if bias is not None else None
-        if B > 0 and D > 0:
-            _conv_bwd_kernel[(B, n_chunks, triton.cdiv(D, cfg["BLOCK_D"]))](
-                x, weight, bias, init, lens, dy, dfinal, dx, dinit, dw_part, db_part, T, D,
-                x.stride(0), x.stride(1), 0 if init is None else init.stride(0),
-                0 if init is None else init.stride(1),
-                W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_LENS=lens is not None,
-                SILU=ctx.silu, HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
-                BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_W=triton.next_power_of_2(W), TILES=cfg["TILES"],
-                num_warps=cfg["num_warps"],
-            )
-        dw = dw_part.sum(0).t().contiguous().to(weight.dtype) if B > 0 else torch.zeros_like(weight)
-        db = None if bias is None else (db_part.sum(0).to(bias.dtype) if B > 0 else torch.zeros_like(bias))
-        return dx, dw, db, dinit, None, None
+        scratch = torch.empty(B * n_chunks * n_d, bt + block_s, bd, dtype=torch.float32, device=x.device)
+        _conv_bwd_kernel[(B, n_chunks, n_d)](
+            x, weight, bias, init, lens, dy, dfinal, dx, dinit, dw_part, db_part, scratch, T, D,
+            x.stride(0), x.stride(1), 0 if init is None else init.stride(0), 0 if init is None else init.stride(1),
+            W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_LENS=lens is not None,
+            SILU=ctx.silu, HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
+            BLOCK_T=bt, BLOCK_D=bd, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(W),
+            TILES=tiles.bwd_tiles, num_warps=tiles.bwd_warps,
+        )
+        dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
+        db = None if bias is None else db_part.sum(0).to(bias.dtype)
+        return dx, dw, db, dinit, None, None, None
 
 
 def causal_conv1d_triton(
@@ -263,10 +365,14 @@ def causal_conv1d_triton(
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
+    tiles: ConvTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton path of ``seqblocks.ops.causal_conv1d.causal_conv1d``; inputs are assumed valid."""
+    """The Triton path of ``seqblocks.ops.causal_conv1d.causal_conv1d``; inputs are assumed valid.
+
+    ``tiles`` (benchmarks, tests) overrides the launch shapes for this call; None: ``DEFAULT_TILES``.
+    """
     return _CausalConv1dFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                 initial_state, lengths, activation in ("silu", "swish"))
+                                 initial_state, lengths, activation in ("silu", "swish"), tiles or DEFAULT_TILES)
 
 
 def causal_conv1d_update_triton(
