@@ -44,8 +44,8 @@ MAX_WIDTH = 8
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvTiles:
     """Tile shapes and warps of the kernels, for one call (benchmarks sweep them; results do not
-    depend on them). At the defaults, W = 4 compiles for sm_90 to <= 168 registers a thread with no
-    spills (W = 8: 240).
+    depend on them). At the defaults, W = 4 compiles for sm_90 to <= 192 registers a thread in the
+    backward and <= 72 in the forward, with no spills (W = 8: 254 and 64).
 
     Args:
         fwd_block_t (int): forward tile's time steps. Default: 16.
