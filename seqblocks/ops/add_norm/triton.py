@@ -80,7 +80,8 @@ def _add_norm_bwd_kernel(
         w = tl.load(WEIGHT + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(tiles_per_prog):
+    # Two stages: the next row tile's loads are issued (cp.async) while this one is reduced.
+    for i in tl.range(tiles_per_prog, num_stages=2):
         rows = (pid * tiles_per_prog + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         m = rmask[:, None] & cmask[None, :]
