@@ -145,7 +145,8 @@ def run_case(bw, M, D, is_rms, r_fp32, backward):
 
 
 def sweep(bw):
-    """Forward / backward launch shapes at (32768, 2048) RMS, to check ``launch_config``'s choice."""
+    """Forward and backward launch shapes at (32768, 2048) RMS (kernels launched directly), to check
+    ``launch_config`` and the backward's programs per SM."""
     print("\n== launch sweep: RMSNorm (32768, 2048) bf16 ==", flush=True)
     M, D = 32768, 2048
     x, res = (torch.randn(M, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -159,14 +160,30 @@ def sweep(bw):
                 x, res, w, None, y, r, rstd, rstd, M, D, 1e-5, HAS_RES=True, HAS_W=True, HAS_B=False,
                 STORE_R=True, IS_RMS=True, ROWS=rows, BLOCK_D=D, num_warps=nw))
             add_row("sweep fwd", f"fwd rows={rows} num_warps={nw}", ms, floor_ms)
-    print(f"  default forward: {an_triton.launch_config(D)}; backward: {an_triton.launch_config(D, True)}")
+    dy, dr, dx, dres = (torch.randn(M, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    rstd = torch.rand(M, device="cuda") + 0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    floor_ms = M * D * 10 / bw * 1e3  # read dy, dr, r; write dx, dresidual
+    for rows, nw in ((1, 4), (1, 8), (2, 8), (2, 16)):
+        for per_sm in (1, 2, 4, 8):
+            tiles = triton.cdiv(M, rows)
+            n_prog = min(tiles, per_sm * sms)
+            tpp = triton.cdiv(tiles, n_prog)
+            n_prog = triton.cdiv(tiles, tpp)
+            dw_part = torch.empty(n_prog, D, device="cuda")
+            ms = bench(lambda: an_triton._add_norm_bwd_kernel[(n_prog,)](
+                dy, dr, r, w, rstd, rstd, dx, dres, dw_part, None, M, D, tpp, HAS_DR_OUT=True, HAS_W=True,
+                HAS_B=False, STORE_DRES=True, IS_RMS=True, ROWS=rows, BLOCK_D=D, num_warps=nw))
+            add_row("sweep bwd", f"bwd rows={rows} num_warps={nw} programs/SM={per_sm}", ms, floor_ms)
+    print(f"  defaults: forward {an_triton.launch_config(D)}, backward {an_triton.launch_config(D, True)} "
+          f"(BLOCK_D, ROWS, num_warps), backward programs 2 / SM")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write all rows to this file")
     p.add_argument("--residual-fp32", action="store_true", help="store r in fp32 (residual_in_fp32)")
-    p.add_argument("--sweep", action="store_true", help="also sweep the forward kernel's launch shapes")
+    p.add_argument("--sweep", action="store_true", help="also sweep the kernels' launch shapes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/add_norm.py needs a CUDA device")
