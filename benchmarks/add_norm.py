@@ -122,6 +122,9 @@ def run_case(bw, M, D, is_rms, r_fp32, backward):
     times = {}
     for name, fn in impls.items():
         def step():
+            for t in (x, res, w, b):  # no gradient accumulation inside the timed region
+                if t is not None:
+                    t.grad = None
             y, r = fn(x, res, w, b, 1e-5, r_fp32)
             if backward:
                 torch.autograd.backward([y, r], [gy, gr.to(r.dtype)])
