@@ -47,7 +47,7 @@ def _add_norm_fwd_kernel(
         s += tl.load(RES + off, mask=m, other=0.0).to(tl.float32)
     if STORE_R:
         # The norm reads r rounded to its storage dtype, as the reference does.
-        r = s.to(R.dtype.element_ty, fp_downcast_rounding="rtne")
+        r = s.to(R.dtype.element_ty)
         tl.store(R + off, r, mask=m)
         s = r.to(tl.float32)
     if IS_RMS:
