@@ -132,6 +132,8 @@ def test_errors():
         add_norm(x, torch.randn(2, 7), backend="triton")
     with pytest.raises(ValueError, match="weight shape"):
         add_norm(x, None, torch.randn(7), backend="triton")
+    with pytest.raises(ValueError, match="0-d tensor"):
+        add_norm(torch.tensor(1.0), backend="triton")
     with pytest.raises(TypeError, match="x must be a floating-point"):
         add_norm(torch.ones(2, 8, dtype=torch.long), backend="triton")
     with pytest.raises(ValueError, match="no Triton kernel"):  # float64 stays on the PyTorch path

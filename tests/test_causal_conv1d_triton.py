@@ -82,9 +82,10 @@ def test_lengths(activation):
     _check(x, w, b, None, activation=activation, lengths=torch.tensor([5, 23, 1, 0], dtype=torch.int32))
 
 
-def test_bf16_and_mixed_state_dtype():
+def test_bf16_fp16_and_mixed_state_dtype():
     x, w, b, h0 = _inputs(2, 21, 33, 4, torch.bfloat16, state=True)
     _check(x, w, b, h0, activation="silu", atol=2e-2)
+    _check(x.half(), w.half(), None, h0.half(), atol=4e-3)
     _check(x, w.float(), b.float(), h0.float(), activation="silu", lengths=torch.tensor([21, 3]), atol=2e-2)
 
 

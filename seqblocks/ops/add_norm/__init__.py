@@ -59,6 +59,8 @@ def add_norm(
         if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             raise TypeError(f"add_norm: {name} must be a floating-point Tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
+    if x.dim() == 0:
+        raise ValueError("add_norm: x must have shape [..., D], got a 0-d tensor")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"add_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     dim = x.shape[-1]
