@@ -190,6 +190,7 @@ def sweep(bw):
         add_row("sweep fwd", f"fwd {f}", ms, n * 4 / bw * 1e3)
     for f in [dict(bwd_block_t=8, bwd_block_d=128, bwd_warps=4, bwd_tiles=32),
               dict(bwd_block_t=8, bwd_block_d=128, bwd_warps=4, bwd_tiles=8),
+              dict(bwd_block_t=8, bwd_block_d=128, bwd_warps=8, bwd_tiles=32),
               dict(bwd_block_t=16, bwd_block_d=128, bwd_warps=8, bwd_tiles=16),
               dict(bwd_block_t=8, bwd_block_d=256, bwd_warps=8, bwd_tiles=32),
               dict(bwd_block_t=16, bwd_block_d=64, bwd_warps=4, bwd_tiles=16)]:
