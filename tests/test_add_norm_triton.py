@@ -12,7 +12,7 @@ import pytest
 import torch
 from interpreter import INTERPRETER, run_file_under_interpreter
 
-pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
+triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from seqblocks.ops.add_norm import add_norm, add_norm_ref  # noqa: E402
 
@@ -164,9 +164,55 @@ def test_gpu_real_shapes(shape, is_rms):
     assert torch.equal(add_norm(x, res, w, b, is_rms=is_rms), add_norm(x, res, w, b, is_rms=is_rms, backend="triton"))
 
 
+def _compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> None:
+    """Compile a kernel for sm_90 ahead of time (no GPU needed): catches what the interpreter lets
+    through (types changing under runtime branches, layouts). Absent pointers are constexpr None, as
+    at a real launch; pointers get the 16-byte alignment a launch specialises them with."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(constexprs)
+    full = {}
+    for name, ty in signature.items():
+        full[name] = "constexpr" if ty is None else ty
+        if ty is None:
+            consts[name] = None
+    full.update({k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
+    triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETER, reason="compiles for the GPU")
+@pytest.mark.parametrize("D", [768, 2048, 8192])
+def test_sm90_every_variant_compiles(D):
+    """Every flag combination the launcher can produce compiles for sm_90 (Triton's own compiler)."""
+    import itertools
+
+    from seqblocks.ops.add_norm import triton as k
+
+    for res, w, b, rms, st in itertools.product((False, True), repeat=5):
+        if rms and b:
+            continue
+        bd, rows, nw = k.launch_config(D)
+        _compile_for_sm90(k._add_norm_fwd_kernel, {
+            "X": "*bf16", "RES": "*bf16" if res else None, "WEIGHT": "*fp32" if w else None,
+            "BIAS": "*fp32" if b else None, "Y": "*bf16", "R": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+            "M": "i32", "D": "i32", "eps": "fp32"},
+            dict(HAS_RES=res, HAS_W=w, HAS_B=b, STORE_R=st, IS_RMS=rms, ROWS=rows, BLOCK_D=bd), nw)
+        bd, rows, nw = k.launch_config(D, backward=True)
+        _compile_for_sm90(k._add_norm_bwd_kernel, {
+            "DY": "*bf16", "DR_OUT": "*fp32" if st else None, "R": "*fp32", "WEIGHT": "*fp32" if w else None,
+            "MEAN": "*fp32", "RSTD": "*fp32", "DX": "*bf16", "DRES": "*bf16" if res else None,
+            "DW_PART": "*fp32" if w else None, "DB_PART": "*fp32" if b else None, "M": "i32", "D": "i32",
+            "tiles_per_prog": "i32"},
+            dict(HAS_DR_OUT=st, HAS_W=w, HAS_B=b, STORE_DRES=res, IS_RMS=rms, ROWS=rows, BLOCK_D=bd), nw)
+
+
 if not INTERPRETER:
     # Outside the interpreter the CPU cases run in the child process only (see the module docstring);
-    # the gpu cases stay, to run on CUDA.
-    for _name in [n for n in list(globals()) if n.startswith("test_") and not n.startswith("test_gpu")
+    # the gpu cases stay, to run on CUDA, and so do the sm_90 compile checks.
+    for _name in [n for n in list(globals()) if n.startswith("test_") and not n.startswith(("test_gpu", "test_sm90"))
                   and n != "test_kernels_under_interpreter"]:
         del globals()[_name]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from interpreter import INTERPRETER, run_file_under_interpreter
 
-pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
+triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update  # noqa: E402
 
@@ -204,9 +204,62 @@ def test_gpu_real_shapes(B, T, D, W, dtype):
     assert y.dtype == dtype
 
 
+def _compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> None:
+    """Compile a kernel for sm_90 ahead of time (no GPU needed): catches what the interpreter lets
+    through (types changing under runtime branches, layouts). Absent pointers are constexpr None, as
+    at a real launch; pointers get the 16-byte alignment a launch specialises them with."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(constexprs)
+    full = {}
+    for name, ty in signature.items():
+        full[name] = "constexpr" if ty is None else ty
+        if ty is None:
+            consts[name] = None
+    full.update({k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
+    triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETER, reason="compiles for the GPU")
+@pytest.mark.parametrize("W", [1, 3, 4, 8])
+def test_sm90_every_variant_compiles(W):
+    """Every flag combination the launchers can produce at the default tiles compiles for sm_90."""
+    import itertools
+
+    from seqblocks.ops.causal_conv1d import triton as k
+
+    t = k.ConvTiles()
+    bs, bw = triton.next_power_of_2(max(W - 1, 1)), triton.next_power_of_2(W)
+    common = {"T": "i32", "D": "i32", "stride_xb": "i64", "stride_xt": "i32", "stride_ib": "i32", "stride_it": "i32"}
+    for bias, init, lens, silu in itertools.product((False, True), repeat=4):
+        ptr = {"X": "*bf16", "WT": "*fp32", "BIAS": "*fp32" if bias else None, "INIT": "*fp32" if init else None,
+               "LENS": "*i32" if lens else None}
+        flags = dict(W=W, HAS_BIAS=bias, HAS_INIT=init, HAS_LENS=lens, SILU=silu)
+        _compile_for_sm90(k._conv_fwd_kernel, {**ptr, "Y": "*bf16", "FINAL": "*fp32", **common},
+                          dict(flags, BLOCK_T=t.fwd_block_t, BLOCK_D=t.fwd_block_d, BLOCK_S=bs), t.fwd_warps)
+        for dfinal, dinit in ((False, False), (True, False), (True, True), (False, True)):
+            if dinit and not init:
+                continue
+            _compile_for_sm90(k._conv_bwd_kernel, {
+                **ptr, "DY": "*bf16", "DFINAL": "*fp32" if dfinal else None, "DX": "*bf16",
+                "DINIT": "*fp32" if dinit else None, "DW_PART": "*fp32", "DB_PART": "*fp32" if bias else None,
+                "SCRATCH": "*fp32", **common},
+                dict(flags, HAS_DFINAL=dfinal, STORE_DINIT=dinit, BLOCK_T=t.bwd_block_t, BLOCK_D=t.bwd_block_d,
+                     BLOCK_S=bs, BLOCK_W=bw, TILES=t.bwd_tiles), t.bwd_warps)
+    for bias, silu in itertools.product((False, True), repeat=2):
+        _compile_for_sm90(k._conv_update_kernel, {
+            "X": "*bf16", "STATE": "*fp32", "WT": "*fp32", "BIAS": "*fp32" if bias else None, "Y": "*bf16",
+            "D": "i32", "stride_xb": "i32", "stride_sb": "i32", "stride_sj": "i32", "stride_sd": "i32"},
+            dict(W=W, HAS_BIAS=bias, SILU=silu, BLOCK_D=1024), 4)
+
+
 if not INTERPRETER:
     # Outside the interpreter the CPU cases run in the child process only (see the module docstring);
-    # the gpu cases stay, to run on CUDA.
-    for _name in [n for n in list(globals()) if n.startswith("test_") and not n.startswith("test_gpu")
+    # the gpu cases stay, to run on CUDA, and so do the sm_90 compile checks.
+    for _name in [n for n in list(globals()) if n.startswith("test_") and not n.startswith(("test_gpu", "test_sm90"))
                   and n != "test_kernels_under_interpreter"]:
         del globals()[_name]
