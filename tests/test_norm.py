@@ -84,10 +84,8 @@ def test_add_norm_errors():
         add_norm(x, None, torch.ones(8), torch.zeros(8), is_rms=True)
     with pytest.raises(ValueError, match="unknown backend"):
         add_norm(x, backend="cuda")
-    with pytest.raises(ValueError, match="needs CUDA tensors"):  # the inference kernel, asked for on the CPU
-        add_norm(x, backend="triton")
-    with pytest.raises(ValueError, match="no Triton kernel"):  # it has no backward
-        add_norm(x.requires_grad_(), backend="triton")
+    with pytest.raises(ValueError, match="no Triton kernel"):  # float64 has no kernel
+        add_norm(x.double(), backend="triton")
 
 
 def test_add_norm_gradients_match_autograd_of_unfused_math():

@@ -1,8 +1,8 @@
 """Residual add + normalisation as one op, the op behind ``Block(fused_add_norm=True)``.
 
-The PyTorch implementation (the add and the norm in adjacent lines, fp32 statistics) is the spec
-and the training path; ``triton.py`` fuses the two into one launch for inference (no gradient needed:
-decode steps, evaluation), which "auto" takes on CUDA.
+``reference.py`` is the spec and the PyTorch path (the add and the norm in adjacent lines, fp32
+statistics); ``triton.py`` fuses the two into one pass over memory, forward and backward, and
+``backend="auto"`` picks it on CUDA for fp16 / bf16 / fp32 rows of up to ``MAX_DIM`` features.
 
 Shapes: x, residual [..., D]; weight, bias [D].
 """
@@ -14,9 +14,12 @@ import torch
 from seqblocks.ops._backend import resolve_backend
 from seqblocks.ops.add_norm.reference import add_norm_ref
 
-MAX_D = 16384  # the widest row the kernel keeps in registers (ops/add_norm/triton.py)
-
 __all__ = ["add_norm", "add_norm_ref"]
+
+# What the Triton kernel serves: a row must fit one program's registers; float64 and wider rows run
+# on the PyTorch path.
+_MAX_DIM = 16384
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def add_norm(
@@ -46,11 +49,18 @@ def add_norm(
         is_rms (bool): RMSNorm when True, LayerNorm otherwise. Default: False.
         residual_in_fp32 (bool): store ``r`` in fp32. Default: False.
         prenorm (bool): also return ``r``. Default: False.
-        backend (str): "auto", "torch" or "triton". Default: "auto".
+        backend (str): "auto", "torch" or "triton" (fp16 / bf16 / fp32 and D <= 16384). Default: "auto".
 
     Raises:
-        ValueError: shapes disagree.
+        TypeError: a non-floating input.
+        ValueError: shapes disagree; "triton" asked for a call it does not serve.
     """
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            raise TypeError(f"add_norm: {name} must be a floating-point Tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if x.dim() == 0:
+        raise ValueError("add_norm: x must have shape [..., D], got a 0-d tensor")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"add_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     dim = x.shape[-1]
@@ -59,15 +69,11 @@ def add_norm(
             raise ValueError(f"add_norm: {name} shape {tuple(p.shape)} != ({dim},)")
     if is_rms and bias is not None:
         raise ValueError("add_norm: RMSNorm takes no bias")
-    # The kernel (``triton.py``) serves inference: no input needs a gradient (it has no backward).
-    tensors = (x, residual, weight, bias)
-    served = (dim <= MAX_D and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                   for t in tensors))
-              and all(t is None or (t.is_floating_point() and t.dtype.itemsize <= 4) for t in tensors))
-    if resolve_backend(backend, x, residual, op="add_norm", has_kernel=served) == "triton":
+    served = (dim <= _MAX_DIM and all(t.dtype in _KERNEL_DTYPES for t in (x, residual, weight, bias)
+                                      if t is not None))
+    if resolve_backend(backend, x, residual, weight, bias, op="add_norm", has_kernel=served) == "triton":
         from seqblocks.ops.add_norm.triton import add_norm_triton
 
-        y, r = add_norm_triton(x, residual, weight, bias, eps, is_rms, residual_in_fp32)
-        return (y, r) if prenorm else y
+        return add_norm_triton(x, residual, weight, bias, eps, is_rms, residual_in_fp32, prenorm)
     y, r = add_norm_ref(x, residual, weight, bias, eps, is_rms, residual_in_fp32)
     return (y, r) if prenorm else y

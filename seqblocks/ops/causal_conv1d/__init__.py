@@ -2,8 +2,9 @@
 
 ``causal_conv1d`` runs a whole segment, continuing from ``initial_state`` and returning the state for
 the next segment; ``causal_conv1d_update`` is the decode step. ``reference.py`` is the tap-by-tap spec,
-``torch.py`` the fast path (one grouped ``F.conv1d``); a Triton kernel will plug in behind the same
-functions.
+``torch.py`` the fast path (one grouped ``F.conv1d``), ``triton.py`` the GPU kernels (forward,
+backward and the decode step) that ``backend="auto"`` picks on CUDA for fp16 / bf16 / fp32 inputs and
+widths W <= 8.
 
 Shapes: B batch, T time, D channels, W filter width.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 # The package never uses the name ``torch``: importing the submodule ``.torch`` binds that name here.
 from torch import Tensor
+from torch import is_grad_enabled as torch_grad_enabled
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.causal_conv1d._checks import check_conv_inputs
@@ -19,6 +21,14 @@ from seqblocks.ops.causal_conv1d.reference import ACTIVATIONS, causal_conv1d_ref
 from seqblocks.ops.causal_conv1d.torch import causal_conv1d_torch, causal_conv1d_update_torch
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "ACTIVATIONS"]
+
+_KERNEL_MAX_WIDTH = 8  # the kernels unroll the taps; wider filters run on the PyTorch path
+
+
+def _kernel_serves(weight: Tensor, *tensors: Tensor | None) -> bool:
+    """fp16 / bf16 / fp32 inputs and W <= 8: what the Triton kernels take (float64 stays on torch)."""
+    return weight.shape[1] <= _KERNEL_MAX_WIDTH and all(
+        t.dtype.itemsize <= 4 for t in (weight, *tensors) if t is not None)
 
 
 @outside_autocast
@@ -58,7 +68,12 @@ def causal_conv1d(
         ValueError: mismatched shapes, an unknown activation or backend, lengths out of [0, T].
     """
     check_conv_inputs("causal_conv1d", x, weight, bias, activation, initial_state, lengths)
-    resolve_backend(backend, x, weight, op="causal_conv1d", has_kernel=False)
+    served = _kernel_serves(weight, x, bias, initial_state)
+    if resolve_backend(backend, x, weight, op="causal_conv1d", has_kernel=served) == "triton":
+        from seqblocks.ops.causal_conv1d.triton import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, activation=activation, initial_state=initial_state,
+                                    lengths=lengths)
     return causal_conv1d_torch(x, weight, bias, activation=activation, initial_state=initial_state,
                                lengths=lengths)
 
@@ -81,7 +96,9 @@ def causal_conv1d_update(
         weight (Tensor): [D, W].
         bias (Tensor | None): [D]. Default: None.
         activation (str | None): None or "silu" / "swish". Default: None.
-        backend (str): "auto", "torch" or "triton". Default: "auto".
+        backend (str): "auto", "torch" or "triton"; the Triton step is not differentiable, so a call
+            autograd records (grad enabled and an input requiring grad) runs on the PyTorch path.
+            Default: "auto".
 
     Returns:
         y (Tensor): [B, D] in x's dtype, equal to ``causal_conv1d`` on the one-step segment.
@@ -90,5 +107,11 @@ def causal_conv1d_update(
         TypeError / ValueError: as ``causal_conv1d``.
     """
     check_conv_inputs("causal_conv1d_update", x, weight, bias, activation, conv_state, None, step=True)
-    resolve_backend(backend, x, conv_state, op="causal_conv1d_update", has_kernel=False)
+    # The decode kernel is not differentiable: a call that autograd must record runs on the PyTorch path.
+    recorded = torch_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv_state, weight, bias))
+    served = _kernel_serves(weight, x, bias, conv_state) and not recorded
+    if resolve_backend(backend, x, conv_state, op="causal_conv1d_update", has_kernel=served) == "triton":
+        from seqblocks.ops.causal_conv1d.triton import causal_conv1d_update_triton
+
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
