@@ -99,3 +99,12 @@ def test_errors():
         causal_conv1d_update(x, torch.zeros(3, 3, 5, dtype=F64), w)
     with pytest.raises(TypeError, match="floating"):
         causal_conv1d(x.long(), w)
+
+
+def test_runs_kernel_answers_for_auto():
+    """``runs_kernel`` says what "auto" picks: the PyTorch path for CPU tensors (outside the interpreter)."""
+    from seqblocks.ops.causal_conv1d import runs_kernel
+
+    x, w = torch.randn(2, 5, 3), torch.randn(3, 4)
+    assert runs_kernel(x, w) is False
+    assert runs_kernel(x.double(), w.double()) is False

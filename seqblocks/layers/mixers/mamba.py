@@ -39,7 +39,7 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.mixer import Mixer
-from seqblocks.ops.causal_conv1d import causal_conv1d
+from seqblocks.ops.causal_conv1d import causal_conv1d, runs_kernel
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
 from seqblocks.ops.selective_scan.step import conv_step
@@ -228,11 +228,13 @@ class Mamba(Mixer):
 
     def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor | None,
               lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # silu(causal_conv1d(xs)). When training, its intermediates (the fp32 padded input and
-        # pre-activation, 16 bytes per inner channel and step) are recomputed in backward instead of
-        # saved: recomputing needs only xs, a view of in_proj's output, which the scan keeps for z anyway.
+        # silu(causal_conv1d(xs)). The Triton kernel saves only its inputs for backward. On the PyTorch
+        # path, when training, the intermediates (the fp32 padded input and pre-activation, 16 bytes per
+        # inner channel and step) are recomputed in backward instead of saved: recomputing needs only xs,
+        # a view of in_proj's output, which the scan keeps for z anyway.
         conv = functools.partial(causal_conv1d, activation="silu", lengths=lengths)
-        if torch.is_grad_enabled() and (xs.requires_grad or self.conv_weight.requires_grad):
+        training = torch.is_grad_enabled() and (xs.requires_grad or self.conv_weight.requires_grad)
+        if training and not runs_kernel(xs, self.conv_weight, self.conv_bias, conv_state):
             return checkpoint(conv, xs, self.conv_weight, self.conv_bias, initial_state=conv_state,
                               use_reentrant=False, preserve_rng_state=False)
         return conv(xs, self.conv_weight, self.conv_bias, initial_state=conv_state)

@@ -20,7 +20,7 @@ from seqblocks.ops.causal_conv1d._checks import check_conv_inputs
 from seqblocks.ops.causal_conv1d.reference import ACTIVATIONS, causal_conv1d_ref
 from seqblocks.ops.causal_conv1d.torch import causal_conv1d_torch, causal_conv1d_update_torch
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "ACTIVATIONS"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "runs_kernel", "ACTIVATIONS"]
 
 _KERNEL_MAX_WIDTH = 8  # the kernels unroll the taps; wider filters run on the PyTorch path
 
@@ -29,6 +29,16 @@ def _kernel_serves(weight: Tensor, *tensors: Tensor | None) -> bool:
     """fp16 / bf16 / fp32 inputs and W <= 8: what the Triton kernels take (float64 stays on torch)."""
     return weight.shape[1] <= _KERNEL_MAX_WIDTH and all(
         t.dtype.itemsize <= 4 for t in (weight, *tensors) if t is not None)
+
+
+def runs_kernel(x: Tensor, weight: Tensor, bias: Tensor | None = None, initial_state: Tensor | None = None) -> bool:
+    """Whether ``causal_conv1d(..., backend="auto")`` on these tensors runs the Triton kernel.
+
+    A caller that would otherwise recompute the conv to save memory asks this: the kernel saves only
+    its inputs for backward, the PyTorch path also its fp32 padded copy.
+    """
+    served = _kernel_serves(weight, x, bias, initial_state)
+    return resolve_backend("auto", x, weight, op="causal_conv1d", has_kernel=served) == "triton"
 
 
 @outside_autocast
