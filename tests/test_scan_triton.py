@@ -185,12 +185,6 @@ def test_tuning_through_the_op_and_its_checks():
         ScanTuning().block_t = 8
 
 
-if not INTERPRETER:
-    # Outside the interpreter the cases above run in the child process only (see the module docstring).
-    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
-        del globals()[_name]
-
-
 def test_prefer_backend_triton_runs_kernels_on_cpu_under_interpreter():
     """Under the interpreter, ``prefer_backend("triton")`` sends "auto" calls on CPU tensors to the kernel."""
     from seqblocks.ops import linear_scan, prefer_backend, resolve_backend
@@ -202,3 +196,10 @@ def test_prefer_backend_triton_runs_kernels_on_cpu_under_interpreter():
         assert resolve_backend("auto", a, op="t", has_kernel=False) == "torch"
         h = linear_scan(a, b)[0]
     torch.testing.assert_close(h, _scan(a, b)[0])
+
+
+if not INTERPRETER:
+    # Outside the interpreter the cases above run in the child process only (see the module docstring).
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_interpreter"]:
+        del globals()[_name]
+
