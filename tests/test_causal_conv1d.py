@@ -108,3 +108,53 @@ def test_runs_kernel_answers_for_auto():
     x, w = torch.randn(2, 5, 3), torch.randn(3, 4)
     assert runs_kernel(x, w) is False
     assert runs_kernel(x.double(), w.double()) is False
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+@pytest.mark.parametrize("W", [1, 4])
+def test_packed_conv_equals_each_sequence_alone(with_init, W):
+    from seqblocks.ops.causal_conv1d import causal_conv1d
+
+    g = torch.Generator().manual_seed(0)
+    lens, D = [3, 0, 1, 7], 5
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    x = torch.randn(1, sum(lens), D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(D, W, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(D, generator=g, dtype=torch.float64, requires_grad=True)
+    init = torch.randn(len(lens), W - 1, D, generator=g, dtype=torch.float64, requires_grad=True) if with_init \
+        else None
+    y, final = causal_conv1d(x, w, b, activation="silu", initial_state=init, cu_seqlens=cu)
+    ys, finals = [], []
+    for i, piece in enumerate(x.split(lens, 1)):
+        yi, fi = causal_conv1d(piece, w, b, activation="silu", initial_state=None if init is None else init[i:i + 1])
+        ys.append(yi)
+        finals.append(fi)
+    y_alone, final_alone = torch.cat(ys, 1), torch.cat(finals, 0)
+    torch.testing.assert_close(y, y_alone)
+    torch.testing.assert_close(final, final_alone)
+    gy, gf = torch.randn_like(y), torch.randn_like(final)
+    leaves = [t for t in (x, w, b, init) if t is not None]
+    # With W = 1 the initial state is empty and unused: its gradient is materialised as zeros.
+    got = torch.autograd.grad((y * gy).sum() + (final * gf).sum(), leaves, materialize_grads=True)
+    want = torch.autograd.grad((y_alone * gy).sum() + (final_alone * gf).sum(), leaves, materialize_grads=True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+def test_packed_conv_checks_its_inputs():
+
+    from seqblocks.ops.causal_conv1d import causal_conv1d
+
+    x, w = torch.randn(1, 6, 3), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="batch of 1, got batch 2"):
+        causal_conv1d(x.expand(2, 6, 3), w, cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match=r"state must have shape \[2, 3, 3\] \(\[num_seqs"):
+        causal_conv1d(x, w, initial_state=torch.zeros(1, 3, 3), cu_seqlens=torch.tensor([0, 2, 6]))
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, w, activation="relu", cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="rise from 0 to T=6"):
+        causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="int32 / int64"):
+        causal_conv1d(x, w, cu_seqlens=torch.tensor([0.0, 6.0]))
+    with pytest.raises(ValueError, match="either lengths or cu_seqlens"):
+        causal_conv1d(x, w, lengths=torch.tensor([6]), cu_seqlens=torch.tensor([0, 6]))

@@ -177,7 +177,7 @@ def test_input_errors_name_the_value():
         delta_rule(q.long(), k, v, beta)
     with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 3, 5, 4\]"):
         delta_rule(q, k, v, beta, initial_state=torch.zeros(2, 3, 4, 5))
-    with pytest.raises(ValueError, match=r"batch must be packed"):
+    with pytest.raises(ValueError, match=r"packed in a batch of 1"):
         delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T=5"):
         delta_rule(q[:1], k[:1], v[:1], beta[:1], cu_seqlens=torch.tensor([0, 6]))

@@ -140,7 +140,7 @@ if not INTERPRETER:
         (lambda q, k, v, g: gla(q, k, v.long(), g), TypeError, "v must be real floating point"),
         (lambda q, k, v, g: gla(q, k, v, g, scale="x"), TypeError, "scale"),
         (lambda q, k, v, g: gla(q, k, v, g, initial_state=torch.zeros(2, 2, 8, 4)), ValueError, "initial_state"),
-        (lambda q, k, v, g: gla(q, k, v, g, cu_seqlens=torch.tensor([0, 5])), ValueError, "batch must be"),
+        (lambda q, k, v, g: gla(q, k, v, g, cu_seqlens=torch.tensor([0, 5])), ValueError, "packed in a batch of 1"),
         (lambda q, k, v, g: gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 3])), ValueError,
          "rise from 0 to T"),
         (lambda q, k, v, g: gla(q, k, v, g, chunk_size=0), ValueError, "chunk_size"),

@@ -97,7 +97,7 @@ def test_packed_documents_equal_separate_rows(cls):
     assert_close(packed[:, 5:], layer(x[:, 5:]), atol=1e-10)
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(x, layer.allocate_inference_cache(1, 12), cu_seqlens=cu)
-    with pytest.raises(ValueError, match="cu_seqlens"):
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32 / int64 tensor"):
         layer(x, cu_seqlens=cu.float())
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(x, cu_seqlens=torch.tensor([0, 5, 11], dtype=torch.int32))  # does not end at T

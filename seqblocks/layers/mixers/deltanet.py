@@ -32,7 +32,7 @@ from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.delta_rule import delta_rule, gated_delta_rule, gated_delta_rule_step
 from seqblocks.registry import MIXERS
 
-__all__ = ["DeltaNet", "DeltaNetCache", "DeltaRuleMixer", "HeadRMSNorm", "packed_short_conv", "GATE_ACTIVATIONS"]
+__all__ = ["DeltaNet", "DeltaNetCache", "DeltaRuleMixer", "HeadRMSNorm", "GATE_ACTIVATIONS"]
 
 _QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 _QK_NORMS = ("l2", "sum")
@@ -78,29 +78,6 @@ class HeadRMSNorm(nn.Module):
             gate = gate.to(acc)
             h = h * (torch.sigmoid(gate) if self.activation == "sigmoid" else F.silu(gate))
         return h.to(o.dtype)
-
-
-def packed_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
-                      activation: str | None) -> torch.Tensor:
-    """A causal depthwise conv over sequences packed in x [1, T, C] that never reads across a boundary.
-
-    ``y_t = act(bias + sum_s weight[:, W - 1 - s] * x_{t - s})`` over the shifts s that stay inside
-    t's own sequence (``cu_seqlens`` [N + 1]). Accumulates in fp32 (float64 for float64 inputs).
-    """
-    T, W = x.shape[1], weight.shape[-1]
-    acc = torch.promote_types(torch.float32, x.dtype)
-    t = torch.arange(T, device=x.device)
-    starts = cu_seqlens.to(x.device).long()
-    doc = torch.searchsorted(starts[1:], t, right=True).clamp(max=starts.numel() - 2)
-    pos = t - starts[doc]  # [T] position inside the own sequence
-    xs, w = x[0].to(acc), weight.to(acc)
-    y = torch.zeros_like(xs) if bias is None else bias.to(acc).expand_as(xs).clone()
-    for s in range(min(W, T)):
-        shifted = F.pad(xs, (0, 0, s, 0))[:T]  # x_{t - s}
-        y = y + torch.where((pos >= s)[:, None], shifted, torch.zeros((), dtype=acc, device=x.device)) * w[:, W - 1 - s]
-    if activation is not None:
-        y = F.silu(y)
-    return y.unsqueeze(0).to(x.dtype)
 
 
 def _zero_padding(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -151,7 +128,7 @@ class DeltaRuleMixer(Mixer):
             return F.silu(x) if activation is not None else x
         weight = conv.weight[:, 0]
         if cu_seqlens is not None:
-            return packed_short_conv(x, weight, conv.bias, cu_seqlens, activation)
+            return causal_conv1d(x, weight, conv.bias, activation=activation, cu_seqlens=cu_seqlens)[0]
         if decode:
             return causal_conv1d_update(x[:, 0], conv_state, weight, conv.bias, activation=activation).unsqueeze(1)
         y, final = causal_conv1d(x, weight, conv.bias, activation=activation, initial_state=conv_state,

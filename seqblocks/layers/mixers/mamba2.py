@@ -37,7 +37,7 @@ from seqblocks.layers.checks import (
 )
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from seqblocks.ops.ssd import causal_conv1d_packed, ssd, ssd_state_update
+from seqblocks.ops.ssd import ssd, ssd_state_update
 from seqblocks.registry import MIXERS
 
 __all__ = ["Mamba2", "Mamba2Cache", "RMSNormGated"]
@@ -301,9 +301,9 @@ class Mamba2(Mixer):
         z0, x0, z, xBC, dt = self.in_proj(x).split(
             [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         acc = self._acc(x)
-        xBC, conv_final = causal_conv1d_packed(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, cu_seqlens,
-                                               activation="silu",
-                                               initial_state=None if cache is None else cache.conv_state)
+        xBC, conv_final = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                                        initial_state=None if cache is None else cache.conv_state,
+                                        cu_seqlens=cu_seqlens)
         xs, Bm, Cm = self._split(xBC)
         y, final = ssd(xs, dt, -torch.exp(self.A_log.to(acc)), Bm, Cm, self._D(acc),
                        None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),

@@ -17,6 +17,7 @@ from torch import is_grad_enabled as torch_grad_enabled
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.causal_conv1d._checks import check_conv_inputs
+from seqblocks.ops.causal_conv1d.packed import causal_conv1d_packed_torch
 from seqblocks.ops.causal_conv1d.reference import ACTIVATIONS, causal_conv1d_ref
 from seqblocks.ops.causal_conv1d.torch import causal_conv1d_torch, causal_conv1d_update_torch
 
@@ -50,6 +51,7 @@ def causal_conv1d(
     activation: str | None = None,
     initial_state: Tensor | None = None,
     lengths: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Causal depthwise convolution ``y[t, d] = act(bias[d] + sum_k weight[d, k] x[t - W + 1 + k, d])``.
@@ -66,6 +68,10 @@ def causal_conv1d(
             Default: None (zeros).
         lengths (Tensor | None): [B] integer valid prefix of each row: outputs past it are 0 and the
             final state is taken at the row's own end. Default: None (all T valid).
+        cu_seqlens (Tensor | None): [S + 1] offsets of S sequences packed in a batch of one (x [1, total,
+            D]): the conv restarts at each sequence's start (from ``initial_state[i]``, [S, W - 1, D]), and
+            the final state is [S, W - 1, D], one per sequence. PyTorch path only (``packed.py``).
+            Exclusive with ``lengths``. Default: None.
         backend (str): "auto", "torch" or "triton". Default: "auto".
 
     Returns:
@@ -77,7 +83,11 @@ def causal_conv1d(
         TypeError: non-floating inputs.
         ValueError: mismatched shapes, an unknown activation or backend, lengths out of [0, T].
     """
-    check_conv_inputs("causal_conv1d", x, weight, bias, activation, initial_state, lengths)
+    check_conv_inputs("causal_conv1d", x, weight, bias, activation, initial_state, lengths, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        resolve_backend(backend, x, weight, op="causal_conv1d", has_kernel=False)
+        return causal_conv1d_packed_torch(x, weight, bias, cu_seqlens, activation=activation,
+                                          initial_state=initial_state)
     served = _kernel_serves(weight, x, bias, initial_state)
     if resolve_backend(backend, x, weight, op="causal_conv1d", has_kernel=served) == "triton":
         from seqblocks.ops.causal_conv1d.triton import causal_conv1d_triton

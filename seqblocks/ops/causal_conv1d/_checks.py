@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from seqblocks.ops._packing import check_cu_seqlens
 from seqblocks.ops.causal_conv1d.reference import ACTIVATIONS
 
 __all__ = ["check_conv_inputs"]
@@ -14,7 +15,7 @@ __all__ = ["check_conv_inputs"]
 
 def check_conv_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       activation: str | None, state: torch.Tensor | None, lengths: torch.Tensor | None,
-                      step: bool = False) -> None:
+                      step: bool = False, cu_seqlens: torch.Tensor | None = None) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the offending argument."""
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("state", state)):
         if t is None:
@@ -33,8 +34,13 @@ def check_conv_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torc
         raise ValueError(f"{op}: bias must have shape [{D}], got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if state is not None and state.shape != (x.shape[0], W - 1, D):
-        raise ValueError(f"{op}: state must have shape [{x.shape[0]}, {W - 1}, {D}] ([B, W - 1, D]), got "
+    rows, rows_name = x.shape[0], "B"
+    if cu_seqlens is not None:
+        if lengths is not None:
+            raise ValueError(f"{op}: pass either lengths or cu_seqlens, not both")
+        rows, rows_name = check_cu_seqlens(op, cu_seqlens, x.shape[0], x.shape[1]), "num_seqs"
+    if state is not None and state.shape != (rows, W - 1, D):
+        raise ValueError(f"{op}: state must have shape [{rows}, {W - 1}, {D}] ([{rows_name}, W - 1, D]), got "
                          f"{tuple(state.shape)}")
     if lengths is not None:
         B, T = x.shape[:2]

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from seqblocks.cache import host_sync_unsafe
+from seqblocks.ops._packing import check_cu_seqlens
 
 __all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
            "kernel_serves",
@@ -79,18 +79,7 @@ def check_inputs(op: str, q, k, v, g, beta, scale, initial_state, cu_seqlens, ch
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     rows = Bsz
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{op}: cu_seqlens must be an int32 / int64 tensor [N + 1], got "
-                            f"{type(cu_seqlens).__name__}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"{op}: cu_seqlens must be 1-D [N + 1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
-        if Bsz != 1:
-            raise ValueError(f"{op}: with cu_seqlens the batch must be packed as [1, total, H, K], got B={Bsz}")
-        if not host_sync_unsafe() and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T
-                                       or bool((cu_seqlens.diff() < 0).any())):
-            raise ValueError(f"{op}: cu_seqlens must rise from 0 to T={T} without decreasing, got "
-                             f"{cu_seqlens.tolist()}")
-        rows = cu_seqlens.numel() - 1
+        rows = check_cu_seqlens(op, cu_seqlens, Bsz, T)
     if initial_state is not None and initial_state.shape != (rows, H, K, V):
         raise _shape_error(op, "initial_state", initial_state, f"[{rows}, {H}, {K}, {V}]")
     return rows

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from seqblocks.ops._packing import check_cu_seqlens
+
 __all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "resolve_scale", "num_rows"]
 
 
@@ -59,14 +61,7 @@ def check_inputs(op: str, q, k, v, g, initial_state, cu_seqlens, *, scalar_decay
     if K == 0 or v.shape[3] == 0:
         raise ValueError(f"{op}: head widths must be positive, got K={K}, V={v.shape[3]}")
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-                or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{op}: cu_seqlens must be a 1-D int32 / int64 tensor [num_seqs + 1], got {cu_seqlens!r}")
-        if B != 1:
-            raise ValueError(f"{op}: with cu_seqlens the batch must be [1, total, H, K], got B={B}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
-            raise ValueError(f"{op}: cu_seqlens must rise from 0 to T={T} without decreasing, got "
-                             f"{cu_seqlens.tolist()}")
+        check_cu_seqlens(op, cu_seqlens, B, T)
     rows = num_rows(B, cu_seqlens)
     if initial_state is not None and initial_state.shape != (rows, H, K, v.shape[3]):
         raise ValueError(f"{op}: initial_state must have shape [{rows}, {H}, {K}, {v.shape[3]}], got "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from seqblocks.ops._packing import check_cu_seqlens
+
 
 def check_scan_inputs(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None,
                       lengths: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
@@ -32,20 +34,7 @@ def check_scan_inputs(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Ten
         raise ValueError("linear_scan: pass either lengths or cu_seqlens, not both")
     num_rows = B
     if cu_seqlens is not None:
-        int_dtype = cu_seqlens.dtype in (torch.int32, torch.int64)
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or not int_dtype:
-            raise ValueError(
-                f"linear_scan: cu_seqlens must be a 1-D integer tensor [num_seqs + 1], got shape "
-                f"{tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
-            )
-        if B != 1:
-            raise ValueError(f"linear_scan: with cu_seqlens the batch must be [1, total, ...], got B={B}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
-            raise ValueError(
-                f"linear_scan: cu_seqlens must rise from 0 to T={T} without decreasing, "
-                f"got {cu_seqlens.tolist()}"
-            )
-        num_rows = cu_seqlens.numel() - 1
+        num_rows = check_cu_seqlens("linear_scan", cu_seqlens, B, T)
     if lengths is not None:
         if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
             raise ValueError(

@@ -5,7 +5,6 @@ chunked PyTorch path (quadratic inside a chunk, state passing between chunks; th
 form), differentiated by autograd; ``triton.py`` the same chunked form as Triton kernels, forward and
 backward (``backend="auto"`` picks them for CUDA inputs of fp16 / bf16 / fp32). ``ssd_state_update`` is
 the one-token decode step, updating a cache's state in place (a one-kernel Triton path as well).
-``causal_conv1d_packed`` is Mamba-2's conv over packed sequences, restarting at every boundary.
 
 Layout is time before heads ([B, T, H, P]), as in mamba_ssm's ``mamba_chunk_scan_combined``.
 
@@ -21,11 +20,10 @@ from torch import Tensor
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.ssd._common import check_dt_limit, check_inputs
-from seqblocks.ops.ssd.packed_conv import causal_conv1d_packed
 from seqblocks.ops.ssd.reference import ssd_ref
 from seqblocks.ops.ssd.torch import ssd_state_update_torch, ssd_torch
 
-__all__ = ["ssd", "ssd_ref", "ssd_state_update", "causal_conv1d_packed"]
+__all__ = ["ssd", "ssd_ref", "ssd_state_update"]
 
 
 @outside_autocast

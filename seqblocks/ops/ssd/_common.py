@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from seqblocks.ops._packing import check_cu_seqlens
+
 __all__ = ["check_inputs", "check_dt_limit", "process_dt", "compute_dtype", "head_groups"]
 
 
@@ -98,15 +100,7 @@ def check_inputs(op, x, dt, A, B, C, D, z, dt_bias, initial_state, lengths, cu_s
         raise ValueError(f"{op}: pass either lengths or cu_seqlens, not both")
     rows = Bsz
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-                or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{op}: cu_seqlens must be a 1-D int32 / int64 tensor [num_seqs + 1], got {cu_seqlens!r}")
-        if Bsz != 1:
-            raise ValueError(f"{op}: with cu_seqlens the batch must be [1, total, H, P], got B={Bsz}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
-            raise ValueError(f"{op}: cu_seqlens must rise from 0 to T={T} without decreasing, got "
-                             f"{cu_seqlens.tolist()}")
-        rows = cu_seqlens.numel() - 1
+        rows = check_cu_seqlens(op, cu_seqlens, Bsz, T)
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (Bsz,) \
                 or lengths.dtype not in (torch.int32, torch.int64):
