@@ -145,7 +145,7 @@ class Anchor:
             self.MambaConfig, self.MambaLMHeadModel, self.Mamba = MambaConfig, MambaLMHeadModel, Mamba
             self.selective_scan_fn, self.mamba_simple = selective_scan_fn, mamba_simple
         except Exception as e:  # noqa: BLE001  (any import failure means "not installed")
-            self.error = f"not installed ({type(e).__name__})"
+            self.error = f"not installed ({type(e).__name__}: {e})"[:160]
         self.rms_norm_fn = self.causal_conv1d_fn = None
         with contextlib.suppress(Exception):
             from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
@@ -253,7 +253,12 @@ def decode_fn(model, B: int, cg: bool, anchor_model: bool, new: int = 256, promp
     return lambda: generate(model, ids, new, temperature=0.0, cuda_graph=cg)
 
 
-def decode_rows(label, ours, theirs_model, batches=(1, 8), graphs=(True, False), new=256):
+DECODE_MODES = {"graph": True, "eager": False}
+DECODE_GRAPHS = (True, False)  # set from --decode-modes
+
+
+def decode_rows(label, ours, theirs_model, batches=(1, 8), graphs=None, new=256):
+    graphs = DECODE_GRAPHS if graphs is None else tuple(g for g in graphs if g in DECODE_GRAPHS)
     n_bytes = sum(p.numel() * 2 for p in ours.parameters())  # bf16 weights read once per token
     for B in batches:
         for cg in graphs:
@@ -456,7 +461,13 @@ def main(argv=None) -> None:
     p.add_argument("--anchors", default="/tmp/anchors", help="build folder of build_anchors.py")
     p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {ALL_ROWS}")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--decode-modes", default="graph,eager", help="decode rows to time: graph, eager or both")
     args = p.parse_args(argv)
+    global DECODE_GRAPHS
+    modes = [m.strip() for m in args.decode_modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(DECODE_MODES):
+        p.error(f"--decode-modes takes some of {sorted(DECODE_MODES)}, got {args.decode_modes!r}")
+    DECODE_GRAPHS = tuple(DECODE_MODES[m] for m in modes)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = sorted(set(rows) - set(ALL_ROWS))
     if bad:

@@ -358,11 +358,14 @@ def _launch_options(q: Tensor, chunk_size: int, K: int, V: int) -> dict:
     Wide keys take smaller chunks and V blocks so the fp32 [C, K] and [K, BV] dot operands fit in
     shared memory (first settings, not tuned)."""
     BK = max(16, triton.next_power_of_2(K))
-    wide = BK >= 256
-    C = max(16, min(triton.next_power_of_2(chunk_size), 32 if wide else 64))
-    BV = max(16, min(32 if BK >= 128 else 64, triton.next_power_of_2(V)))
+    # Shared memory per program grows with C * BK and BK * BV, and software pipelining multiplies it:
+    # at K = V = 128 the chunk-64 kernels asked an H200 for 245-303 KB (its limit is 227 KB). Chunks
+    # of 32 (16 from K = 256) without pipelining stay under ~105 KB (compiled for sm_90 offline).
+    cap = 64 if BK <= 64 else 32 if BK <= 128 else 16
+    C = max(16, min(triton.next_power_of_2(chunk_size), cap))
+    BV = max(16, min(16 if BK >= 512 else 32 if BK >= 128 else 64, triton.next_power_of_2(V)))
     return {"C": C, "BK": BK, "BV": BV, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-            "num_warps": 8 if BK >= 128 else 4}
+            "num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 128 else 2}
 
 
 def _chunk_offsets(Bsz: int, T: int, C: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, Tensor]:
