@@ -24,8 +24,9 @@ from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.mamba3._common import Mamba3State, check_inputs, kernel_serves
 from seqblocks.ops.mamba3.reference import mamba3_ref, mamba3_step_ref, zero_state
 from seqblocks.ops.mamba3.torch import mamba3_step_torch, mamba3_torch
+from seqblocks.ops.mamba3.tuning import Mamba3Tuning
 
-__all__ = ["Mamba3State", "mamba3", "mamba3_ref", "mamba3_step", "mamba3_step_ref", "zero_state"]
+__all__ = ["Mamba3State", "Mamba3Tuning", "mamba3", "mamba3_ref", "mamba3_step", "mamba3_step_ref", "zero_state"]
 
 
 @outside_autocast
@@ -51,6 +52,7 @@ def mamba3(
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
+    tuning: Mamba3Tuning | None = None,
 ) -> Tensor | tuple[Tensor, Mamba3State]:
     """The Mamba-3 scan: trapezoidal discretisation, data-dependent rotation, scalar decay per head.
 
@@ -88,13 +90,17 @@ def mamba3(
         chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond
             rounding. Default: 64.
         backend (str): "auto", "torch" or "triton" (the chunked scan as Triton kernels). Default: "auto".
+        tuning (Mamba3Tuning | None): launch settings of the Triton kernels (speed only; the kernel
+            chunk is at most ``tuning.rows`` rows, so at most ``chunk_size``). Default: None
+            (``Mamba3Tuning()``).
 
     Returns:
         y [B, T, H, P] ([B, T, R, H, P] for MIMO without ``mimo_o``) in v's dtype; with
         ``return_final_state``, ``(y, Mamba3State)``, the state fp32 (float64 for float64 inputs).
 
     Raises:
-        TypeError: non-tensor or non-floating inputs, a state that is not a 4-tuple.
+        TypeError: non-tensor or non-floating inputs, a state that is not a 4-tuple, a ``tuning``
+            that is not a ``Mamba3Tuning``.
         ValueError: mismatched shapes (named with the expected shape), an odd N, S > N / 2, groups
             not dividing H, R > 1 without ``mimo_v``, a bad ``chunk_size``, lengths out of [0, T],
             malformed cu_seqlens, an unknown backend, ``backend="triton"`` for inputs it cannot run on
@@ -103,13 +109,15 @@ def mamba3(
     """
     check_inputs("mamba3", q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                  initial_state, lengths, cu_seqlens, chunk_size)
+    if tuning is not None and not isinstance(tuning, Mamba3Tuning):
+        raise TypeError(f"mamba3: tuning must be a Mamba3Tuning or None, got {type(tuning).__name__}")
     scan = None
     serves = kernel_serves(q.shape[-3], q.shape[-1], v.shape[-1], v.dtype)
     if resolve_backend(backend, q, k, v, op="mamba3", has_kernel=serves) == "triton":
         from seqblocks.ops.mamba3.triton import chunk_scan_triton
 
         def scan(qr, kr, x, adt_, scale, gamma, h0, chunk):
-            return chunk_scan_triton(qr, kr, x, adt_, scale, gamma, h0, chunk, in_dtype=v.dtype)
+            return chunk_scan_triton(qr, kr, x, adt_, scale, gamma, h0, chunk, in_dtype=v.dtype, tuning=tuning)
     if initial_state is not None:
         initial_state = Mamba3State(*initial_state)
     return mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v=mimo_v, mimo_z=mimo_z,

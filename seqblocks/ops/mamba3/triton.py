@@ -8,14 +8,18 @@ MIMO fold) are ``torch.py``'s, differentiated by autograd; the kernels replace `
               + gamma_t sum_{r'} (q_{t,r} . k_{t,r'}) x_{t,r'} + exp(cum_t) H q_{t,r}
     H      <- exp(cum_L) H + sum_{s, r'} exp(cum_L - cum_s) scale_s x_{s,r'} k_{s,r'}^T
 
-One program per (batch, head) walks the chunks in order with the [P, N] state in registers (the
-forward) or in reverse with the state's gradient (the backward), as mamba_ssm's SISO kernel does.
+One program per (head, batch, slice) walks the chunks in order with its slice of the state in registers
+(the forward: a [BLOCK_P, N] slice, the slices of P are independent) or in reverse with the state's
+gradient (the backward: a [P, BLOCK_N] slice; dq, dk and dH are exact per slice of N, dx and the
+per-step scalar gradients are partial sums, written per slice and summed after the launch). Splitting
+the state is what makes the kernels fit sm_90 at N 128, P 64: one program holding the whole state
+needed 296 KB of shared memory (limit 227 KB) and spilled registers.
 Time and rank are flattened into rows (row = t R + r, R a power of two), so a chunk is BLOCK_T R rows
 and MIMO is the same kernel with R > 1. The forward stores each chunk's starting state (fp32) for the
 backward. All accumulation is fp32; ``tl.dot`` operands are the inputs' dtype (bf16 / fp16 with
 fp32 accumulation, fp32 as IEEE fp32; fp32 always under the CPU interpreter, whose bf16 dot is wrong).
-The state's own products (H q, x^T dH, the state update) take fp32 operands. Block sizes are powers of
-two, every dot dim >= 16.
+The state's own products (H q, x^T dH, the state update) take fp32 operands (tf32 for bf16 / fp16
+inputs on the GPU). Block sizes (``Mamba3Tuning``) are powers of two, every dot dim >= 16.
 
 Shapes: B batch, T time, R rank, H heads, P head width, N state, c chunks, L = BLOCK_T R rows.
 """
@@ -27,28 +31,36 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
+from seqblocks.ops.mamba3.tuning import Mamba3Tuning
 
 __all__ = ["chunk_scan_triton"]
 
 
-def _blocks(R: int, N: int, P: int, chunk_size: int) -> tuple[int, int, int]:
-    # Rows per chunk L = BLOCK_T R in [16, 64]: enough for tl.dot, small enough for the L x L scores.
-    block_t = max(triton.next_power_of_2(max(chunk_size, 1)), 1)
-    block_t = min(max(block_t, 16 // R if R < 16 else 1), max(64 // R, 1))
-    return block_t, max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
+def _blocks(R: int, N: int, P: int, chunk_size: int, tuning: Mamba3Tuning) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, the forward's BLOCK_N and BLOCK_P, the backward's BLOCK_N and BLOCK_P)."""
+    # Rows per chunk L = BLOCK_T R in [16, tuning.rows]: enough for tl.dot, small enough for the L x L
+    # scores and the registers of the backward.
+    block_t = triton.next_power_of_2(max(chunk_size, 1))
+    block_t = min(max(block_t, 16 // R if R < 16 else 1), max(tuning.rows // R, 1))
+    full_n, full_p = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
+    return block_t, full_n, min(tuning.block_p, full_p), min(tuning.block_n, full_n), full_p
 
 
 @triton.jit
 def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, Y, HF, HC, T, H, N, P,
                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                      STORE_STATES: tl.constexpr, PREC: tl.constexpr):
+                      STORE_STATES: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr):
+    # One program per (head, batch, block of P): the [BLOCK_P, N] slice of the state is independent of
+    # the other slices, only the [L, L] scores are recomputed per slice.
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
     L: tl.constexpr = BLOCK_T * R
     rows = tl.arange(0, L)
     tr = rows // R                                   # time of each row inside the chunk
     first = (rows % R) == 0                          # a step's decay enters once, at its first rank row
-    offs_n, offs_p = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mn, mp = offs_n < N, offs_p < P
     q_base = Q + pid_b * T * R * H * N + pid_h * N
     k_base = K + pid_b * T * R * H * N + pid_h * N
@@ -79,31 +91,38 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, Y, HF, HC, T, H, N, P,
         s = tl.dot(q, tl.trans(k), input_precision=PREC)                          # [L, L]
         w = tl.where(lower, tl.exp(tl.where(lower, cum[:, None] - cum[None, :], 0.0)) * scale[None, :],
                      tl.where(same, gamma[:, None], 0.0))
-        y = tl.dot((s * w).to(x.dtype), x, input_precision=PREC)                  # [L, P]
-        y += tl.exp(cum)[:, None] * tl.dot(q.to(tl.float32), tl.trans(h), input_precision="ieee")
-        tl.store(y_base + row[:, None] * (H * P) + offs_p[None, :], y, mask=rm[:, None] & mp[None, :])
+        y = tl.dot((s * w).to(x.dtype), x, input_precision=PREC)                  # [L, BLOCK_P]
+        y += tl.exp(cum)[:, None] * tl.dot(q.to(tl.float32), tl.trans(h), input_precision=STATE_PREC)
+        tl.store(y_base + row[:, None] * (H * P) + offs_p[None, :], y.to(Y.dtype.element_ty),
+                 mask=rm[:, None] & mp[None, :])
         u = tl.exp(cum_last - cum) * scale
         h = tl.exp(cum_last) * h + tl.dot(tl.trans(x.to(tl.float32) * u[:, None]), k.to(tl.float32),
-                                          input_precision="ieee")
+                                          input_precision=STATE_PREC)
     tl.store(HF + bh * P * N + st, h, mask=smask)
 
 
 @triton.jit
 def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT, DSCALE, DGAMMA, DH0,
-                      T, H, N, P, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+                      T, H, N, P, BATCH, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_P: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr):
+    # One program per (head, batch, block of N): dq, dk and the [P, BLOCK_N] slice of dH are exact per
+    # slice; dx and the per-row scalar gradients are sums over the slices (the scores q k^T are), so
+    # each slice writes its own partial (DX, DADT, DSCALE, DGAMMA have a leading slice axis).
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
     L: tl.constexpr = BLOCK_T * R
     rows = tl.arange(0, L)
     tr = rows // R
     first = (rows % R) == 0
-    offs_n, offs_p = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     mn, mp = offs_n < N, offs_p < P
     qk_off = pid_b * T * R * H * N + pid_h * N
     xp_off = pid_b * T * R * H * P + pid_h * P
+    part = pid_n.to(tl.int64) * BATCH * T * R           # this slice's partials: [slices, B, T R, H, .]
     s_base = pid_b * T * H + pid_h
-    r_base = pid_b * T * R * H + pid_h              # per-row scalars [B, T R, H]
+    r_base = part * H + pid_b * T * R * H + pid_h     # per-row scalars [slices, B, T R, H]
     bh = pid_b * H + pid_h
     st = offs_p[:, None] * N + offs_n[None, :]
     smask = mp[:, None] & mn[None, :]
@@ -131,34 +150,34 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT,
         e_cum = tl.exp(cum)
         E = tl.where(lower, tl.exp(tl.where(lower, cum[:, None] - cum[None, :], 0.0)), 0.0)
         A = tl.where(lower, E * scale[None, :], tl.where(same, gamma[:, None], 0.0))
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)                        # q_i . k_j
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)                        # q_i . k_j over this slice
         ds = tl.dot(dy.to(x.dtype), tl.trans(x), input_precision=PREC)          # dy_i . x_j
         dsA = ds * A
         u = tl.exp(cum_last - cum) * scale
         qf, kf, xf = q.to(tl.float32), k.to(tl.float32), x.to(tl.float32)
-        xdh = tl.dot(xf, dh, input_precision="ieee")                            # [L, N]: x_j^T dH
-        dq = tl.dot(dsA.to(k.dtype), k, input_precision=PREC) + e_cum[:, None] * tl.dot(dy, h_in,
-                                                                                       input_precision="ieee")
+        xdh = tl.dot(xf, dh, input_precision=STATE_PREC)                        # [L, BLOCK_N]: x_j^T dH
+        dq = tl.dot(dsA.to(k.dtype), k, input_precision=PREC) + e_cum[:, None] * tl.dot(
+            dy, h_in, input_precision=STATE_PREC)
+        tl.store(DQ + qk_off + row[:, None] * (H * N) + offs_n[None, :], dq, mask=mq)
         dk = tl.dot(tl.trans(dsA).to(q.dtype), q, input_precision=PREC) + u[:, None] * xdh
+        tl.store(DK + qk_off + row[:, None] * (H * N) + offs_n[None, :], dk, mask=mq)
         dx = tl.dot(tl.trans(s * A).to(x.dtype), dy.to(x.dtype), input_precision=PREC) \
-            + u[:, None] * tl.dot(kf, tl.trans(dh), input_precision="ieee")
+            + u[:, None] * tl.dot(kf, tl.trans(dh), input_precision=STATE_PREC)
+        tl.store(DX + part * H * P + xp_off + row[:, None] * (H * P) + offs_p[None, :], dx, mask=mx)
         G = ds * s
         vj = tl.sum(xdh * kf, 1)                                                 # x_j^T dH k_j
         dscale = tl.sum(G * E, 0) + tl.exp(cum_last - cum) * vj
         dgamma = tl.sum(tl.where(same, G, 0.0), 1)
         GA = G * tl.where(lower, A, 0.0)
-        inter = tl.dot(qf, tl.trans(h_in), input_precision="ieee")              # [L, P]: H q_i
+        inter = tl.dot(qf, tl.trans(h_in), input_precision=STATE_PREC)          # [L, P]: H q_i
         dcum = tl.sum(GA, 1) - tl.sum(GA, 0) + e_cum * tl.sum(dy * inter, 1) - u * vj
         dcum_last = tl.exp(cum_last) * tl.sum(tl.sum(dh * h_in, 1), 0) + tl.sum(u * vj, 0)
         dcum += tl.where(rows == L - 1, dcum_last, 0.0)
         dadt = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum                       # reverse cumsum
-        tl.store(DQ + qk_off + row[:, None] * (H * N) + offs_n[None, :], dq, mask=mq)
-        tl.store(DK + qk_off + row[:, None] * (H * N) + offs_n[None, :], dk, mask=mq)
-        tl.store(DX + xp_off + row[:, None] * (H * P) + offs_p[None, :], dx, mask=mx)
         tl.store(DADT + r_base + row * H, dadt, mask=rm)
         tl.store(DSCALE + r_base + row * H, dscale, mask=rm)
         tl.store(DGAMMA + r_base + row * H, dgamma, mask=rm)
-        dh = tl.exp(cum_last) * dh + tl.dot(tl.trans(dy * e_cum[:, None]), qf, input_precision="ieee")
+        dh = tl.exp(cum_last) * dh + tl.dot(tl.trans(dy * e_cum[:, None]), qf, input_precision=STATE_PREC)
     tl.store(DH0 + bh * P * N + st, dh, mask=smask)
 
 
@@ -166,57 +185,67 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT,
 INTERPRETED = interpreter_enabled()
 
 
-def _dot_dtype(dtype: torch.dtype) -> tuple[torch.dtype, str | None]:
-    # bf16 / fp16 inputs feed tl.dot in their own dtype (fp32 accumulation; no input precision to pick);
-    # fp32 inputs as IEEE fp32.
+def _dot_dtype(dtype: torch.dtype) -> tuple[torch.dtype, str | None, str]:
+    # (operand dtype, precision of the chunk's own dots, precision of the state's fp32 dots).
+    # bf16 / fp16 inputs feed tl.dot in their own dtype (fp32 accumulation; no input precision to pick)
+    # and the fp32 state's products run as tf32 (finer than the bf16 operands mamba_ssm rounds the
+    # state to); fp32 inputs are IEEE fp32 throughout.
     if dtype in (torch.bfloat16, torch.float16) and not INTERPRETED:
-        return dtype, None
-    return torch.float32, "ieee"
+        return dtype, None, "tf32"
+    return torch.float32, "ieee", "ieee"
 
 
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype):
+    def forward(ctx, qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype, tuning):
         Bsz, T, R, H, N = qr.shape
         P = x.shape[-1]
-        dd, prec = _dot_dtype(in_dtype)
+        dd, prec, state_prec = _dot_dtype(in_dtype)
         q_, k_, x_ = (t.to(dd).contiguous() for t in (qr, kr, x))
         adt_, scale_, gamma_ = (t.float().contiguous() for t in (adt, scale, gamma))
         h0_ = h0.float().contiguous()
-        block_t, block_n, block_p = _blocks(R, N, P, chunk_size)
+        block_t, fbn, fbp, _, _ = _blocks(R, N, P, chunk_size, tuning)
         nchunks = triton.cdiv(T, block_t)
         y = torch.empty(Bsz, T, R, H, P, device=qr.device, dtype=torch.float32)
         hf = torch.empty(Bsz, H, P, N, device=qr.device, dtype=torch.float32)
         store = any(ctx.needs_input_grad)  # each chunk's starting state, for the backward only
         hc = torch.empty(Bsz, H, nchunks if store else 1, P, N, device=qr.device, dtype=torch.float32)
-        _chunk_fwd_kernel[(H, Bsz)](q_, k_, x_, adt_, scale_, gamma_, h0_, y, hf, hc, T, H, N, P, R=R,
-                                    BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p, STORE_STATES=store,
-                                    PREC=prec, num_warps=4)
+        _chunk_fwd_kernel[(H, Bsz, triton.cdiv(P, fbp))](
+            q_, k_, x_, adt_, scale_, gamma_, h0_, y, hf, hc, T, H, N, P, R=R, BLOCK_T=block_t, BLOCK_N=fbn,
+            BLOCK_P=fbp, STORE_STATES=store, PREC=prec, STATE_PREC=state_prec, num_warps=tuning.fwd_num_warps,
+            num_stages=tuning.num_stages)
         ctx.save_for_backward(q_, k_, x_, adt_, scale_, gamma_, hc)
-        ctx.meta = (block_t, block_n, block_p, prec, qr.dtype, x.dtype)
+        ctx.meta = (chunk_size, tuning, prec, state_prec, qr.dtype, x.dtype)
         return y.to(x.dtype), hf.to(h0.dtype)
 
     @staticmethod
     def backward(ctx, dy, dhf):
         q_, k_, x_, adt_, scale_, gamma_, hc = ctx.saved_tensors
-        block_t, block_n, block_p, prec, q_dtype, x_dtype = ctx.meta
+        chunk_size, tuning, prec, state_prec, q_dtype, x_dtype = ctx.meta
         Bsz, T, R, H, N = q_.shape
         P = x_.shape[-1]
-        dy = torch.zeros(Bsz, T, R, H, P, device=q_.device) if dy is None else dy.float().contiguous()
-        dhf = torch.zeros(Bsz, H, P, N, device=q_.device) if dhf is None else dhf.float().contiguous()
-        dq, dk = (torch.empty(Bsz, T, R, H, N, device=q_.device) for _ in range(2))
-        dx = torch.empty(Bsz, T, R, H, P, device=q_.device)
-        dadt, dscale, dgamma = (torch.empty(Bsz, T, R, H, device=q_.device) for _ in range(3))
-        dh0 = torch.empty(Bsz, H, P, N, device=q_.device)
-        _chunk_bwd_kernel[(H, Bsz)](q_, k_, x_, adt_, scale_, gamma_, hc, dy, dhf, dq, dk, dx, dadt, dscale, dgamma,
-                                    dh0, T, H, N, P, R=R, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
-                                    PREC=prec, num_warps=8)
+        block_t, _, _, bbn, bbp = _blocks(R, N, P, chunk_size, tuning)
+        slices = triton.cdiv(N, bbn)
+        dev = q_.device
+        dy = torch.zeros(Bsz, T, R, H, P, device=dev) if dy is None else dy.float().contiguous()
+        dhf = torch.zeros(Bsz, H, P, N, device=dev) if dhf is None else dhf.float().contiguous()
+        dq, dk = (torch.empty(Bsz, T, R, H, N, device=dev) for _ in range(2))
+        dx = torch.empty(slices, Bsz, T, R, H, P, device=dev)           # partial sums over the N slices
+        dadt, dscale, dgamma = (torch.empty(slices, Bsz, T, R, H, device=dev) for _ in range(3))
+        dh0 = torch.empty(Bsz, H, P, N, device=dev)
+        _chunk_bwd_kernel[(H, Bsz, slices)](
+            q_, k_, x_, adt_, scale_, gamma_, hc, dy, dhf, dq, dk, dx, dadt, dscale, dgamma, dh0, T, H, N, P, Bsz,
+            R=R, BLOCK_T=block_t, BLOCK_N=bbn, BLOCK_P=bbp, PREC=prec, STATE_PREC=state_prec,
+            num_warps=tuning.bwd_num_warps, num_stages=tuning.num_stages)
+        dx, dadt, dscale, dgamma = (t[0] if slices == 1 else t.sum(0) for t in (dx, dadt, dscale, dgamma))
         return (dq.to(q_dtype), dk.to(q_dtype), dx.to(x_dtype), dadt[:, :, 0], dscale.sum(2), dgamma.sum(2), dh0,
-                None, None)
+                None, None, None)
 
 
-def chunk_scan_triton(qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype=None):
+def chunk_scan_triton(qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype=None, tuning=None):
     """``chunk_scan_torch`` by the Triton kernels: y [B, T, R, H, P] and the final carried state [B, H, P, N].
 
-    ``in_dtype`` (the op's input dtype) picks the ``tl.dot`` operand dtype; default: qr's."""
-    return _ChunkScan.apply(qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype or qr.dtype)
+    ``in_dtype`` (the op's input dtype) picks the ``tl.dot`` operand dtype (default: qr's); ``tuning``
+    the launch (default: ``Mamba3Tuning()``)."""
+    return _ChunkScan.apply(qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype or qr.dtype,
+                            tuning or Mamba3Tuning())
