@@ -13,9 +13,9 @@ from interpreter import INTERPRETER, run_file_under_interpreter
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
-from test_mamba3 import make_inputs, outputs_and_grads, random_state, split  # noqa: E402
+from test_mamba3 import TIMED, make_inputs, outputs_and_grads, random_state, split  # noqa: E402
 
-from seqblocks.ops.mamba3 import Mamba3State, Mamba3Tuning, mamba3, mamba3_ref  # noqa: E402
+from seqblocks.ops.mamba3 import Mamba3State, Mamba3Tuning, mamba3, mamba3_ref, mamba3_step  # noqa: E402
 
 SM90_SHARED = 232448  # bytes of shared memory per block on an H200, as Triton measured it there
 
@@ -57,8 +57,10 @@ if not INTERPRETER:
     def test_kernels_fit_sm90(R, chunk, tmp_path):
         """The chunked-scan kernels at mamba3-130m's / mamba_ssm's shapes (N 128, P 64) and the default
         ``Mamba3Tuning``, compiled for sm_90 down to a cubin: shared memory within the H200's limit,
-        registers within 255 and (almost) no spills. Compile only, no GPU."""
+        registers within 255 and (almost) no spills. Compile only, no GPU. The decode step (SISO and
+        MIMO 4) compiles with the SISO case."""
         pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+        from seqblocks.ops.mamba3 import step_triton
         from seqblocks.ops.mamba3 import triton as m3t
 
         tuning, N, P = Mamba3Tuning(), 128, 64
@@ -74,6 +76,13 @@ if not INTERPRETER:
             (m3t._chunk_bwd_kernel, bwd_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_N": bbn, "BLOCK_P": bbp,
                                                "PREC": None, "STATE_PREC": "tf32"}, tuning.bwd_num_warps),
         ]
+        if R == 1:
+            step_ptrs = {n: f32 for n in ("ANGLE", "SSM", "KST", "VST", "ADT", "DT", "TRAP", "QB", "KB", "ANG", "D",
+                                          "MV", "MZ", "MO")} | {n: bf for n in ("Q", "K", "V", "Z", "Y")}
+            for mimo in (False, True):
+                kernels.append((step_triton._mamba3_step_kernel, step_ptrs,
+                                {"R": 4 if mimo else 1, "HALVES": mimo, "HAS_D": True, "HAS_Z": True, "MIMO": mimo,
+                                 "FOLD": mimo, "BLOCK_N": N, "BLOCK_P": tuning.step_block_p}, tuning.step_num_warps))
         for fn, ptrs, constexprs, warps in kernels:
             compiled = _compile_sm90(fn, ptrs, constexprs, warps, tuning.num_stages)
             assert compiled.metadata.shared <= SM90_SHARED, (fn.__name__, compiled.metadata.shared)
@@ -107,6 +116,30 @@ if not INTERPRETER:
         assert (y.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
         for g, r in zip(grads, ref_grads):
             assert (g.float() - r.float()).abs().max() <= tol * r.float().abs().max()
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("R", [1, 4], ids=["siso", "mimo4"])
+    def test_triton_decode_step_at_real_shape(R):
+        """The decode-step kernel against the PyTorch step at B 8, H 24, P 64, N 128, bf16 inputs, 4 steps."""
+        torch.manual_seed(0)
+        Bsz, H, P, N, S, dev, bf = 8, 24, 64, 128, 32, "cuda", torch.bfloat16
+        mimo = R > 1
+        state = Mamba3State(torch.rand(Bsz, H, S, device=dev) * 6, torch.randn(Bsz, H, P, N, device=dev),
+                            torch.randn(Bsz, R, H, N, device=dev), torch.randn(Bsz, H, P, device=dev))
+        ours, theirs = Mamba3State(*(s.clone() for s in state)), Mamba3State(*(s.clone() for s in state))
+        kw = {f"mimo_{n}": torch.rand(H, R, P, device=dev) for n in "vzo"} if mimo else {}
+        for _ in range(4):
+            dt = torch.nn.functional.softplus(torch.randn(Bsz, H, device=dev) - 3)
+            args = [torch.randn(Bsz, R, 1, N, device=dev, dtype=bf), torch.randn(Bsz, R, 1, N, device=dev, dtype=bf),
+                    torch.randn(Bsz, H, P, device=dev, dtype=bf), -torch.rand(Bsz, H, device=dev) * dt, dt,
+                    torch.randn(Bsz, H, device=dev), torch.ones(H, R, N, device=dev), torch.ones(H, R, N, device=dev),
+                    torch.randn(Bsz, H, S, device=dev), torch.ones(H, device=dev),
+                    torch.randn(Bsz, H, P, device=dev, dtype=bf)]
+            y = mamba3_step(ours, *args, **kw, backend="triton")
+            ref = mamba3_step(theirs, *args, **kw, backend="torch")
+            assert (y.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+            for a, b in zip(ours, theirs):
+                assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 else:
 
@@ -162,6 +195,34 @@ else:
                 assert_scaled(a, b, 2e-4, name)
             for name, gr in ref_grads.items():
                 assert_scaled(grads[name], gr, 2e-4, f"d{name}")
+
+    @pytest.mark.parametrize(("mimo", "R", "G", "drop"),
+                             [(False, 1, 1, ()), (True, 2, 1, ()), (False, 1, 2, ("D", "z")), (True, 4, 1, ("mimo_o",)),
+                              (True, 2, 2, ("z", "mimo_z"))],
+                             ids=["siso", "mimo", "siso-groups-bare", "mimo4-ranks", "mimo-groups-nogate"])
+    def test_triton_decode_step_equals_torch_step(mimo, R, G, drop):
+        """The one-launch decode step against the PyTorch step over 3 + 3 tokens from a random state, in
+        place (y, angle, h, k, v), P walked in slices of 2, fp32 then bf16 inputs with an fp32 state."""
+        heads = 4 if G == 2 else 2
+        inputs = make_inputs(3, 5, R, G, mimo, dtype=torch.float32, heads=heads)
+        for name in drop:
+            inputs.pop(name)
+        state = Mamba3State(*(s.float() for s in random_state(3, R, heads=heads)))
+        ours, theirs = Mamba3State(*(s.clone() for s in state)), Mamba3State(*(s.clone() for s in state))
+        tuning = Mamba3Tuning(step_block_p=2)
+        for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            for t in range(3):
+                step = {k: (v[:, t] if k in TIMED else v) for k, v in inputs.items()}
+                step = {k: (v.to(dtype) if k in ("q", "k", "v", "z") else v) for k, v in step.items()}
+                args = [step.get(k) for k in ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D",
+                                              "z")]
+                kwargs = {k: step[k] for k in ("mimo_v", "mimo_z", "mimo_o") if k in step}
+                y = mamba3_step(ours, *args, **kwargs, backend="triton", tuning=tuning)
+                ref = mamba3_step(theirs, *args, **kwargs, backend="torch")
+                assert y.dtype == dtype and y.shape == ref.shape
+                assert_scaled(y.float(), ref.double(), atol, f"y[{t}]")
+                for name, a, b in zip(Mamba3State._fields, ours, theirs):
+                    assert_scaled(a, b.double(), 1e-5, f"{name}[{t}]")
 
     def test_triton_bf16():
         inputs = make_inputs(2, 33, 1)

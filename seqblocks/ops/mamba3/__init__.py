@@ -144,13 +144,15 @@ def mamba3_step(
     mimo_z: Tensor | None = None,
     mimo_o: Tensor | None = None,
     backend: str = "auto",
+    tuning: Mamba3Tuning | None = None,
 ) -> Tensor:
     """One decode step of ``mamba3``: advances ``state`` in place and returns ``y``.
 
     Args:
         state (Mamba3State): [B, ...] floating-point state (fp32 for a cache), overwritten.
         q, k (Tensor): [B, R, G, N].  v, z (Tensor): [B, H, P].  adt, dt, trap (Tensor): [B, H].
-        angles (Tensor): [B, H, S].  q_bias, k_bias, D, mimo_*, backend: as in ``mamba3``.
+        angles (Tensor): [B, H, S].  q_bias, k_bias, D, mimo_*, backend, tuning: as in ``mamba3``; the
+            Triton step (``step_triton.py``, one launch) needs an fp32 state.
 
     Returns:
         y (Tensor): [B, H, P] (or [B, R, H, P]) in v's dtype, equal to ``mamba3`` on the one-step
@@ -163,6 +165,13 @@ def mamba3_step(
         raise TypeError("mamba3_step: state is required (a Mamba3State), got None")
     check_inputs("mamba3_step", q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                  state, None, None, step=True)
-    resolve_backend(backend, q, k, v, op="mamba3_step", has_kernel=False)
+    if tuning is not None and not isinstance(tuning, Mamba3Tuning):
+        raise TypeError(f"mamba3_step: tuning must be a Mamba3Tuning or None, got {type(tuning).__name__}")
+    serves = kernel_serves(q.shape[-3], q.shape[-1], v.shape[-1], v.dtype, state_dtype=state[1].dtype)
+    if resolve_backend(backend, q, k, v, op="mamba3_step", has_kernel=serves) == "triton":
+        from seqblocks.ops.mamba3.step_triton import mamba3_step_triton
+
+        return mamba3_step_triton(Mamba3State(*state), q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
+                                  mimo_v, mimo_z, mimo_o, tuning)
     return mamba3_step_torch(Mamba3State(*state), q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                              mimo_v, mimo_z, mimo_o)
