@@ -66,15 +66,22 @@ if not INTERPRETER:
         tuning, N, P = Mamba3Tuning(), 128, 64
         block_t, fbn, fbp, bbn, bbp = m3t._blocks(R, N, P, chunk, tuning)
         bf, f32 = "*bf16", "*fp32"
-        fwd_ptrs = {n: f32 for n in ("ADT", "SCALE", "GAMMA", "H0", "Y", "HF", "HC")} | {n: bf for n in "QKX"}
-        bwd_ptrs = {n: f32 for n in ("ADT", "SCALE", "GAMMA", "HC", "DY", "DHF", "DQ", "DK", "DX", "DADT", "DSCALE",
-                                     "DGAMMA", "DH0")} | {n: bf for n in "QKX"}
+        fwd_ptrs = {n: f32 for n in ("ADT", "SCALE", "GAMMA", "H0", "D", "MZ", "MO", "Y", "YPRE", "HF", "HC")}
+        bwd_ptrs = {n: f32 for n in ("ADT", "SCALE", "GAMMA", "HC", "D", "DY", "DHF", "DQ", "DK", "DX", "DADT",
+                                     "DSCALE", "DGAMMA", "DH0")}
+        epi_ptrs = {n: f32 for n in ("D", "MZ", "MO", "YPRE", "DY", "DYPRE", "DZ", "DD", "DMZ", "DMO")}
+        for ptrs in (fwd_ptrs, bwd_ptrs, epi_ptrs):
+            ptrs.update({n: bf for n in "QKXZ"})
+        epilogue = {"HAS_D": True, "HAS_Z": True, "MIMO": R > 1, "FOLD": R > 1}  # everything the layer uses
         kernels = [
             (m3t._chunk_fwd_kernel, fwd_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_N": fbn, "BLOCK_P": fbp,
-                                               "STORE_STATES": True, "PREC": None, "STATE_PREC": "tf32"},
-             tuning.fwd_num_warps),
+                                               "STORE_STATES": True, "PREC": None, "STATE_PREC": "tf32",
+                                               "STORE_YPRE": True, **epilogue}, tuning.fwd_num_warps),
             (m3t._chunk_bwd_kernel, bwd_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_N": bbn, "BLOCK_P": bbp,
-                                               "PREC": None, "STATE_PREC": "tf32"}, tuning.bwd_num_warps),
+                                               "PREC": None, "STATE_PREC": "tf32", "HAS_D": True},
+             tuning.bwd_num_warps),
+            (m3t._epilogue_bwd_kernel, epi_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_P": bbp, "WRITE_DYPRE": True,
+                                                  **epilogue}, 4),
         ]
         if R == 1:
             step_ptrs = {n: f32 for n in ("ANGLE", "SSM", "KST", "VST", "ADT", "DT", "TRAP", "QB", "KB", "ANG", "D",
@@ -195,6 +202,29 @@ else:
                 assert_scaled(a, b, 2e-4, name)
             for name, gr in ref_grads.items():
                 assert_scaled(grads[name], gr, 2e-4, f"d{name}")
+
+    @pytest.mark.parametrize(("mimo", "drop"), [(False, ("D", "z")), (False, ("D",)), (True, ("mimo_o",)),
+                                                 (True, ("z", "mimo_z", "mimo_o"))],
+                             ids=["siso-bare", "siso-gate", "mimo-ranks", "mimo-ranks-nogate"])
+    def test_triton_epilogue_options(mimo, drop):
+        """The fused epilogue without the skip, the gate or the fold, forward and every gradient."""
+        R = 2 if mimo else 1
+        inputs = make_inputs(2, 19, R, mimo=mimo)
+        names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z")
+
+        def run(fn, cast, **kw):
+            leaves = {k: cast(v).requires_grad_() for k, v in inputs.items() if k not in drop}
+            args = [leaves.get(k) for k in names]
+            y = fn(*args, **{k: leaves[k] for k in ("mimo_v", "mimo_z", "mimo_o") if k in leaves}, **kw)
+            cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            return y, dict(zip(leaves, torch.autograd.grad((y * cot.to(y.dtype)).sum(), list(leaves.values()))))
+
+        ref, ref_grads = run(mamba3_ref, lambda t: t.detach().clone())
+        y, grads = run(mamba3, lambda t: t.detach().float(), backend="triton", chunk_size=16)
+        assert y.shape == ref.shape
+        assert_scaled(y, ref, 2e-4, "y")
+        for name, g in ref_grads.items():
+            assert_scaled(grads[name], g, 2e-4, f"d{name}")
 
     @pytest.mark.parametrize(("mimo", "R", "G", "drop"),
                              [(False, 1, 1, ()), (True, 2, 1, ()), (False, 1, 2, ("D", "z")), (True, 4, 1, ("mimo_o",)),

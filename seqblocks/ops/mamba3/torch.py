@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from seqblocks.ops.mamba3._common import TWO_PI, Mamba3State, compute_dtype, expand_groups, pack, rotate, unpack
 from seqblocks.ops.mamba3.reference import mamba3_step_ref, zero_state
 
-__all__ = ["mamba3_torch", "mamba3_step_torch", "chunk_scan_torch", "prepare", "finish", "Prepared"]
+__all__ = ["mamba3_torch", "mamba3_step_torch", "chunk_scan_torch", "prepare", "epilogue", "finish", "Prepared"]
 
 
 class Prepared(NamedTuple):
@@ -130,10 +130,8 @@ def chunk_scan_torch(qr, kr, x, adt, scale, gamma, h0, chunk_size):
     return torch.cat(ys, 1), Hc
 
 
-def finish(y, hf, prep: Prepared, v, D, z, mimo_v, mimo_z, mimo_o, lengths, return_final_state, out_dtype):
-    """Everything after the chunked scan: skip, gate, MIMO fold, poisoning and padding, the final state."""
-    x, valid, bad = prep.x, prep.valid, prep.bad
-    Bsz, T = x.shape[:2]
+def epilogue(y, x, D, z, mimo_v, mimo_z, mimo_o):
+    """Skip, gate and MIMO fold of the scan's output y [B, T, R, H, P] (x the scan's input, same shape)."""
     acc, mimo = x.dtype, mimo_v is not None
     if D is not None:
         y = y + D.to(acc)[:, None] * x
@@ -141,9 +139,18 @@ def finish(y, hf, prep: Prepared, v, D, z, mimo_v, mimo_z, mimo_o, lengths, retu
         zp = mimo_z.to(acc).transpose(0, 1) if mimo else 1.0
         y = y * F.silu(z.to(acc)[:, :, None] * zp)
     if not mimo:
-        y = y[:, :, 0]
-    elif mimo_o is not None:
-        y = torch.einsum("btrhp,hrp->bthp", y, mimo_o.to(acc))
+        return y[:, :, 0]
+    if mimo_o is not None:
+        return torch.einsum("btrhp,hrp->bthp", y, mimo_o.to(acc))
+    return y
+
+
+def finish(y, hf, prep: Prepared, v, lengths, return_final_state, out_dtype):
+    """Everything after the scan and its epilogue: poisoning and padding, the final state."""
+    valid, bad = prep.valid, prep.bad
+    Bsz, T = prep.x.shape[:2]
+    acc = prep.x.dtype
+    y = y.to(acc)
     poisoned = (bad.to(torch.int32).cumsum(1) > 0).view(Bsz, T, *([1] * (y.dim() - 2)))
     y = y.masked_fill(poisoned, math.nan)
     zero = torch.zeros((), dtype=acc, device=y.device)
@@ -177,8 +184,8 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
                  chunk_size=64, scan=None):
     """Chunked Mamba-3; see ``seqblocks.ops.mamba3.mamba3`` for the contract. Inputs are assumed valid.
 
-    ``scan`` replaces ``chunk_scan_torch`` (the Triton path passes its kernel); the prologue and epilogue
-    are the same for both."""
+    ``scan`` replaces ``chunk_scan_torch`` and ``epilogue`` (the Triton path passes its kernels, which
+    apply the skip, gate and MIMO fold themselves); the prologue and ``finish`` are the same for both."""
     if cu_seqlens is not None:
         unpacked = [None if t is None else unpack(t, cu_seqlens)[0] for t in (q, k, v, adt, dt, trap, angles, z)]
         y, final = mamba3_torch(*unpacked[:6], q_bias, k_bias, unpacked[6], D, unpacked[7], mimo_v=mimo_v,
@@ -197,9 +204,15 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
         state = initial_state or zero_state(Bsz, H, P, N, R, S, device=v.device, dtype=acc)
         return y, Mamba3State(*(s.to(acc).clone() for s in state))
     prep = prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size)
-    y, hf = (scan or chunk_scan_torch)(prep.qr, prep.kr, prep.x, prep.adt, prep.scale, prep.gamma, prep.h0,
-                                       chunk_size)
-    return finish(y, hf, prep, v, D, z, mimo_v, mimo_z, mimo_o, lengths, return_final_state, v.dtype)
+    if scan is not None:  # the kernels also apply the skip, the gate and the MIMO fold
+        y, hf = scan(prep.qr, prep.kr, prep.x, prep.adt, prep.scale, prep.gamma, prep.h0, chunk_size, D, z, mimo_z,
+                     mimo_o)
+        if mimo_v is None:
+            y = y[:, :, 0]
+    else:
+        y, hf = chunk_scan_torch(prep.qr, prep.kr, prep.x, prep.adt, prep.scale, prep.gamma, prep.h0, chunk_size)
+        y = epilogue(y, prep.x, D, z, mimo_v, mimo_z, mimo_o)
+    return finish(y, hf, prep, v, lengths, return_final_state, v.dtype)
 
 
 def mamba3_step_torch(state: Mamba3State, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,

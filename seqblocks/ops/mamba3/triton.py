@@ -47,9 +47,11 @@ def _blocks(R: int, N: int, P: int, chunk_size: int, tuning: Mamba3Tuning) -> tu
 
 
 @triton.jit
-def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, Y, HF, HC, T, H, N, P,
+def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, D, Z, MZ, MO, Y, YPRE, HF, HC, T, H, N, P,
                       R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                      STORE_STATES: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr):
+                      STORE_STATES: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr,
+                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, MIMO: tl.constexpr, FOLD: tl.constexpr,
+                      STORE_YPRE: tl.constexpr):
     # One program per (head, batch, block of P): the [BLOCK_P, N] slice of the state is independent of
     # the other slices, only the [L, L] scores are recomputed per slice.
     pid_h = tl.program_id(0)
@@ -73,6 +75,13 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, Y, HF, HC, T, H, N, P,
     h = tl.load(H0 + bh * P * N + st, mask=smask, other=0.0)
     lower = tr[:, None] > tr[None, :]
     same = tr[:, None] == tr[None, :]
+    # The epilogue's per-head parameters: skip D [H], MIMO gate and output projections [H, R, P] per row.
+    proj = (pid_h * R + rows % R)[:, None] * P + offs_p[None, :]
+    mzt = tl.load(MZ + proj, mask=mp[None, :], other=0.0) if MIMO and HAS_Z else 1.0
+    mot = tl.load(MO + proj, mask=mp[None, :], other=0.0) if FOLD else 1.0
+    d = tl.load(D + pid_h) if HAS_D else 0.0
+    steps = tl.arange(0, BLOCK_T)
+    zt_base = pid_b * T * H * P + pid_h * P          # z and the folded y: [B, T, H, P]
     nchunks = tl.cdiv(T, BLOCK_T)
     for c in range(nchunks):
         t = c * BLOCK_T + tr
@@ -93,8 +102,22 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, Y, HF, HC, T, H, N, P,
                      tl.where(same, gamma[:, None], 0.0))
         y = tl.dot((s * w).to(x.dtype), x, input_precision=PREC)                  # [L, BLOCK_P]
         y += tl.exp(cum)[:, None] * tl.dot(q.to(tl.float32), tl.trans(h), input_precision=STATE_PREC)
-        tl.store(y_base + row[:, None] * (H * P) + offs_p[None, :], y.to(Y.dtype.element_ty),
-                 mask=rm[:, None] & mp[None, :])
+        # Epilogue: skip, gate silu(z mimo_z), fold of the ranks with mimo_o.
+        if HAS_D:
+            y += d * x.to(tl.float32)
+        mx = rm[:, None] & mp[None, :]
+        if STORE_YPRE:
+            tl.store(YPRE + pid_b * T * R * H * P + pid_h * P + row[:, None] * (H * P) + offs_p[None, :], y, mask=mx)
+        if HAS_Z:
+            zr = tl.load(Z + zt_base + t[:, None] * (H * P) + offs_p[None, :], mask=mx, other=0.0).to(tl.float32) * mzt
+            y = y * zr / (1.0 + tl.exp(-zr))
+        if FOLD:
+            ts = c * BLOCK_T + steps
+            yo = tl.sum(tl.reshape(y * mot, (BLOCK_T, R, BLOCK_P)), 1)                # [BLOCK_T, BLOCK_P]
+            tl.store(Y + zt_base + ts[:, None] * (H * P) + offs_p[None, :], yo.to(Y.dtype.element_ty),
+                     mask=(ts < T)[:, None] & mp[None, :])
+        else:
+            tl.store(y_base + row[:, None] * (H * P) + offs_p[None, :], y.to(Y.dtype.element_ty), mask=mx)
         u = tl.exp(cum_last - cum) * scale
         h = tl.exp(cum_last) * h + tl.dot(tl.trans(x.to(tl.float32) * u[:, None]), k.to(tl.float32),
                                           input_precision=STATE_PREC)
@@ -102,12 +125,14 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, Y, HF, HC, T, H, N, P,
 
 
 @triton.jit
-def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT, DSCALE, DGAMMA, DH0,
+def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, D, DY, DHF, DQ, DK, DX, DADT, DSCALE, DGAMMA, DH0,
                       T, H, N, P, BATCH, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_P: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr):
+                      BLOCK_P: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr, HAS_D: tl.constexpr):
     # One program per (head, batch, block of N): dq, dk and the [P, BLOCK_N] slice of dH are exact per
     # slice; dx and the per-row scalar gradients are sums over the slices (the scores q k^T are), so
-    # each slice writes its own partial (DX, DADT, DSCALE, DGAMMA have a leading slice axis).
+    # each slice writes its own partial (DX, DADT, DSCALE, DGAMMA have a leading slice axis). DY is the
+    # gradient of the scan's output before the gate and fold (``_epilogue_bwd_kernel``); the skip's share
+    # of dx (D dy) is slice 0's.
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
@@ -129,6 +154,8 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT,
     dh = tl.load(DHF + bh * P * N + st, mask=smask, other=0.0)
     lower = tr[:, None] > tr[None, :]
     same = tr[:, None] == tr[None, :]
+    lead = offs_p * 0 + pid_n == 0                   # [BLOCK_P]: slice 0 adds the skip's share of dx
+    d = tl.load(D + pid_h) if HAS_D else 0.0
     nchunks = tl.cdiv(T, BLOCK_T)
     for cc in range(nchunks):
         c = nchunks - 1 - cc
@@ -163,6 +190,8 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT,
         tl.store(DK + qk_off + row[:, None] * (H * N) + offs_n[None, :], dk, mask=mq)
         dx = tl.dot(tl.trans(s * A).to(x.dtype), dy.to(x.dtype), input_precision=PREC) \
             + u[:, None] * tl.dot(kf, tl.trans(dh), input_precision=STATE_PREC)
+        if HAS_D:
+            dx += tl.where(lead, d, 0.0)[None, :] * dy
         tl.store(DX + part * H * P + xp_off + row[:, None] * (H * P) + offs_p[None, :], dx, mask=mx)
         G = ds * s
         vj = tl.sum(xdh * kf, 1)                                                 # x_j^T dH k_j
@@ -181,6 +210,74 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, DY, DHF, DQ, DK, DX, DADT,
     tl.store(DH0 + bh * P * N + st, dh, mask=smask)
 
 
+@triton.jit
+def _epilogue_bwd_kernel(X, D, Z, MZ, MO, YPRE, DY, DYPRE, DZ, DD, DMZ, DMO, T, H, P, R: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                         MIMO: tl.constexpr, FOLD: tl.constexpr, WRITE_DYPRE: tl.constexpr):
+    # Back through the skip, gate and fold, one program per (head, batch) over its time: the gradient of
+    # the scan's own output (DYPRE [B, T R, H, P]), dz, and per-(batch, head) partials of dD, dmimo_z and
+    # dmimo_o (summed over the batch after). Kept out of the chunked backward, whose registers are full.
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    L: tl.constexpr = BLOCK_T * R
+    rows = tl.arange(0, L)
+    tr = rows // R
+    steps = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    mp = offs_p < P
+    bh = pid_b * H + pid_h
+    xp_off = pid_b * T * R * H * P + pid_h * P
+    zt_base = pid_b * T * H * P + pid_h * P
+    proj = (pid_h * R + rows % R)[:, None] * P + offs_p[None, :]
+    mzt = tl.load(MZ + proj, mask=mp[None, :], other=0.0) if MIMO and HAS_Z else 1.0
+    mot = tl.load(MO + proj, mask=mp[None, :], other=0.0) if FOLD else 1.0
+    dd_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    dmz_acc = tl.zeros((R, BLOCK_P), dtype=tl.float32)
+    dmo_acc = tl.zeros((R, BLOCK_P), dtype=tl.float32)
+    for c in range(tl.cdiv(T, BLOCK_T)):
+        t = c * BLOCK_T + tr
+        row = c * L + rows
+        mx = (t < T)[:, None] & mp[None, :]
+        tz = zt_base + t[:, None] * (H * P) + offs_p[None, :]
+        rx = xp_off + row[:, None] * (H * P) + offs_p[None, :]
+        if FOLD:
+            dyt = tl.load(DY + tz, mask=mx, other=0.0)                           # the step's dy, on each rank
+            dy = dyt * mot
+        else:
+            dy = tl.load(DY + rx, mask=mx, other=0.0)
+        if HAS_Z or FOLD:
+            ypre = tl.load(YPRE + rx, mask=mx, other=0.0)
+        if HAS_Z:
+            zz = tl.load(Z + tz, mask=mx, other=0.0).to(tl.float32)
+            zr = zz * mzt
+            sg = 1.0 / (1.0 + tl.exp(-zr))
+            gate = zr * sg
+            dzr = dy * ypre * sg * (1.0 + zr * (1.0 - sg))
+            ts = c * BLOCK_T + steps
+            dz = tl.sum(tl.reshape(dzr * mzt, (BLOCK_T, R, BLOCK_P)), 1)
+            tl.store(DZ + zt_base + ts[:, None] * (H * P) + offs_p[None, :], dz, mask=(ts < T)[:, None] & mp[None, :])
+            if MIMO:
+                dmz_acc += tl.sum(tl.reshape(dzr * zz, (BLOCK_T, R, BLOCK_P)), 0)
+            if FOLD:
+                dmo_acc += tl.sum(tl.reshape(dyt * ypre * gate, (BLOCK_T, R, BLOCK_P)), 0)
+            dy = dy * gate
+        elif FOLD:
+            dmo_acc += tl.sum(tl.reshape(dyt * ypre, (BLOCK_T, R, BLOCK_P)), 0)
+        if WRITE_DYPRE:
+            tl.store(DYPRE + rx, dy, mask=mx)
+        if HAS_D:
+            dd_acc += tl.sum(dy * tl.load(X + rx, mask=mx, other=0.0).to(tl.float32), 0)
+    ranks = tl.arange(0, R)
+    pout = (bh * R + ranks)[:, None] * P + offs_p[None, :]
+    if HAS_D:
+        dd = tl.sum(dd_acc, 0)
+        tl.store(DD + bh + offs_p * 0, tl.zeros((BLOCK_P,), dtype=tl.float32) + dd, mask=offs_p == 0)
+    if MIMO and HAS_Z:
+        tl.store(DMZ + pout, dmz_acc, mask=mp[None, :])
+    if FOLD:
+        tl.store(DMO + pout, dmo_acc, mask=mp[None, :])
+
+
 # Triton's CPU interpreter computes bf16 / fp16 tl.dot wrongly (Triton 3.9), so it gets fp32 operands.
 INTERPRETED = interpreter_enabled()
 
@@ -197,55 +294,85 @@ def _dot_dtype(dtype: torch.dtype) -> tuple[torch.dtype, str | None, str]:
 
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype, tuning):
+    def forward(ctx, qr, kr, x, adt, scale, gamma, h0, D, z, mimo_z, mimo_o, mimo, chunk_size, in_dtype, tuning):
         Bsz, T, R, H, N = qr.shape
         P = x.shape[-1]
+        dev = qr.device
         dd, prec, state_prec = _dot_dtype(in_dtype)
         q_, k_, x_ = (t.to(dd).contiguous() for t in (qr, kr, x))
         adt_, scale_, gamma_ = (t.float().contiguous() for t in (adt, scale, gamma))
         h0_ = h0.float().contiguous()
+        D_, mz_, mo_ = (None if t is None else t.float().contiguous() for t in (D, mimo_z, mimo_o))
+        z_ = None if z is None else z.contiguous()
+        fold = mimo_o is not None
         block_t, fbn, fbp, _, _ = _blocks(R, N, P, chunk_size, tuning)
         nchunks = triton.cdiv(T, block_t)
-        y = torch.empty(Bsz, T, R, H, P, device=qr.device, dtype=torch.float32)
-        hf = torch.empty(Bsz, H, P, N, device=qr.device, dtype=torch.float32)
+        y = torch.empty((Bsz, T, H, P) if fold else (Bsz, T, R, H, P), device=dev, dtype=torch.float32)
+        hf = torch.empty(Bsz, H, P, N, device=dev, dtype=torch.float32)
         store = any(ctx.needs_input_grad)  # each chunk's starting state, for the backward only
-        hc = torch.empty(Bsz, H, nchunks if store else 1, P, N, device=qr.device, dtype=torch.float32)
+        hc = torch.empty(Bsz, H, nchunks if store else 1, P, N, device=dev, dtype=torch.float32)
+        store_ypre = store and (z is not None or fold)  # the scan's output before the gate, for the backward
+        ypre = torch.empty(Bsz, T, R, H, P, device=dev) if store_ypre else hf
+        none = adt_  # any tensor stands for an absent one (the kernel does not read it)
         _chunk_fwd_kernel[(H, Bsz, triton.cdiv(P, fbp))](
-            q_, k_, x_, adt_, scale_, gamma_, h0_, y, hf, hc, T, H, N, P, R=R, BLOCK_T=block_t, BLOCK_N=fbn,
-            BLOCK_P=fbp, STORE_STATES=store, PREC=prec, STATE_PREC=state_prec, num_warps=tuning.fwd_num_warps,
-            num_stages=tuning.num_stages)
-        ctx.save_for_backward(q_, k_, x_, adt_, scale_, gamma_, hc)
-        ctx.meta = (chunk_size, tuning, prec, state_prec, qr.dtype, x.dtype)
+            q_, k_, x_, adt_, scale_, gamma_, h0_, D_ if D is not None else none, z_ if z is not None else none,
+            mz_ if mimo_z is not None else none, mo_ if fold else none, y, ypre, hf, hc, T, H, N, P, R=R,
+            BLOCK_T=block_t, BLOCK_N=fbn, BLOCK_P=fbp, STORE_STATES=store, PREC=prec, STATE_PREC=state_prec,
+            HAS_D=D is not None, HAS_Z=z is not None, MIMO=mimo, FOLD=fold, STORE_YPRE=store_ypre,
+            num_warps=tuning.fwd_num_warps, num_stages=tuning.num_stages)
+        ctx.save_for_backward(q_, k_, x_, adt_, scale_, gamma_, hc, D_, z_, mz_, mo_, ypre if store_ypre else None)
+        ctx.meta = (chunk_size, tuning, prec, state_prec, qr.dtype, x.dtype, mimo)
         return y.to(x.dtype), hf.to(h0.dtype)
 
     @staticmethod
     def backward(ctx, dy, dhf):
-        q_, k_, x_, adt_, scale_, gamma_, hc = ctx.saved_tensors
-        chunk_size, tuning, prec, state_prec, q_dtype, x_dtype = ctx.meta
+        q_, k_, x_, adt_, scale_, gamma_, hc, D_, z_, mz_, mo_, ypre = ctx.saved_tensors
+        chunk_size, tuning, prec, state_prec, q_dtype, x_dtype, mimo = ctx.meta
         Bsz, T, R, H, N = q_.shape
         P = x_.shape[-1]
+        fold = mo_ is not None
         block_t, _, _, bbn, bbp = _blocks(R, N, P, chunk_size, tuning)
         slices = triton.cdiv(N, bbn)
         dev = q_.device
-        dy = torch.zeros(Bsz, T, R, H, P, device=dev) if dy is None else dy.float().contiguous()
+        y_shape = (Bsz, T, H, P) if fold else (Bsz, T, R, H, P)
+        dy = torch.zeros(y_shape, device=dev) if dy is None else dy.float().contiguous()
         dhf = torch.zeros(Bsz, H, P, N, device=dev) if dhf is None else dhf.float().contiguous()
         dq, dk = (torch.empty(Bsz, T, R, H, N, device=dev) for _ in range(2))
         dx = torch.empty(slices, Bsz, T, R, H, P, device=dev)           # partial sums over the N slices
         dadt, dscale, dgamma = (torch.empty(slices, Bsz, T, R, H, device=dev) for _ in range(3))
         dh0 = torch.empty(Bsz, H, P, N, device=dev)
+        dz = None if z_ is None else torch.empty(Bsz, T, H, P, device=dev)
+        dD = None if D_ is None else torch.empty(Bsz, H, device=dev)              # per-batch partials
+        dmz = None if mz_ is None else torch.empty(Bsz, H, R, P, device=dev)
+        dmo = None if mo_ is None else torch.empty(Bsz, H, R, P, device=dev)
+        none = adt_
+        dypre = dy
+        if z_ is not None or fold or D_ is not None:
+            write = z_ is not None or fold
+            dypre = torch.empty(Bsz, T, R, H, P, device=dev) if write else dy
+            _epilogue_bwd_kernel[(H, Bsz)](
+                x_, *(none if t is None else t for t in (D_, z_, mz_, mo_, ypre)), dy, dypre,
+                *(none if t is None else t for t in (dz, dD, dmz, dmo)), T, H, P, R=R, BLOCK_T=block_t, BLOCK_P=bbp,
+                HAS_D=D_ is not None, HAS_Z=z_ is not None, MIMO=mimo, FOLD=fold, WRITE_DYPRE=write,
+                num_warps=4)
         _chunk_bwd_kernel[(H, Bsz, slices)](
-            q_, k_, x_, adt_, scale_, gamma_, hc, dy, dhf, dq, dk, dx, dadt, dscale, dgamma, dh0, T, H, N, P, Bsz,
-            R=R, BLOCK_T=block_t, BLOCK_N=bbn, BLOCK_P=bbp, PREC=prec, STATE_PREC=state_prec,
-            num_warps=tuning.bwd_num_warps, num_stages=tuning.num_stages)
+            q_, k_, x_, adt_, scale_, gamma_, hc, none if D_ is None else D_, dypre, dhf, dq, dk, dx, dadt, dscale,
+            dgamma, dh0, T, H, N, P, Bsz, R=R, BLOCK_T=block_t, BLOCK_N=bbn, BLOCK_P=bbp, PREC=prec,
+            STATE_PREC=state_prec, HAS_D=D_ is not None, num_warps=tuning.bwd_num_warps,
+            num_stages=tuning.num_stages)
         dx, dadt, dscale, dgamma = (t[0] if slices == 1 else t.sum(0) for t in (dx, dadt, dscale, dgamma))
         return (dq.to(q_dtype), dk.to(q_dtype), dx.to(x_dtype), dadt[:, :, 0], dscale.sum(2), dgamma.sum(2), dh0,
-                None, None, None)
+                None if dD is None else dD.sum(0), None if dz is None else dz.to(z_.dtype),
+                None if dmz is None else dmz.sum(0), None if dmo is None else dmo.sum(0), None, None, None, None)
 
 
-def chunk_scan_triton(qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype=None, tuning=None):
-    """``chunk_scan_torch`` by the Triton kernels: y [B, T, R, H, P] and the final carried state [B, H, P, N].
+def chunk_scan_triton(qr, kr, x, adt, scale, gamma, h0, chunk_size, D=None, z=None, mimo_z=None, mimo_o=None,
+                      mimo=False, in_dtype=None, tuning=None):
+    """``chunk_scan_torch`` and the epilogue by the Triton kernels: the output after the skip ``D`` [H],
+    the gate ``silu(z mimo_z)`` (z [B, T, H, P]) and the fold by ``mimo_o`` [H, R, P] (y [B, T, H, P], or
+    [B, T, R, H, P] without ``mimo_o``), and the final carried state [B, H, P, N].
 
     ``in_dtype`` (the op's input dtype) picks the ``tl.dot`` operand dtype (default: qr's); ``tuning``
     the launch (default: ``Mamba3Tuning()``)."""
-    return _ChunkScan.apply(qr, kr, x, adt, scale, gamma, h0, chunk_size, in_dtype or qr.dtype,
-                            tuning or Mamba3Tuning())
+    return _ChunkScan.apply(qr, kr, x, adt, scale, gamma, h0, D, z, mimo_z, mimo_o, mimo, chunk_size,
+                            in_dtype or qr.dtype, tuning or Mamba3Tuning())
