@@ -91,9 +91,8 @@ def mamba3(
         chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond
             rounding. Default: 64.
         backend (str): "auto", "torch" or "triton" (the chunked scan as Triton kernels). Default: "auto".
-        tuning (Mamba3Tuning | None): launch settings of the Triton kernels (speed only; the kernel
-            chunk is at most ``tuning.rows`` rows, so at most ``chunk_size``). Default: None
-            (``Mamba3Tuning()``).
+        tuning (Mamba3Tuning | None): launch settings of the Triton kernels (speed only; their chunk
+            is min(chunk_size, tuning.rows / R) steps). Default: None (``Mamba3Tuning()``).
 
     Returns:
         y [B, T, H, P] ([B, T, R, H, P] for MIMO without ``mimo_o``) in v's dtype; with
