@@ -71,15 +71,16 @@ if not INTERPRETER:
                                      "DSCALE", "DGAMMA", "DH0")}
         epi_ptrs = {n: f32 for n in ("D", "MZ", "MO", "YPRE", "DY", "DYPRE", "DZ", "DD", "DMZ", "DMO")}
         for ptrs in (fwd_ptrs, bwd_ptrs, epi_ptrs):
-            ptrs.update({n: bf for n in "QKXZ"})
+            ptrs.update({n: bf for n in "XZ"} | {n: f32 for n in ("Q", "K", "QB", "KB", "TH")})
         epilogue = {"HAS_D": True, "HAS_Z": True, "MIMO": R > 1, "FOLD": R > 1}  # everything the layer uses
         kernels = [
             (m3t._chunk_fwd_kernel, fwd_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_N": fbn, "BLOCK_P": fbp,
                                                "STORE_STATES": True, "PREC": None, "STATE_PREC": "tf32",
-                                               "STORE_YPRE": True, **epilogue}, tuning.fwd_num_warps),
+                                               "STORE_YPRE": True, "HALVES": R > 1, **epilogue},
+             tuning.fwd_num_warps),
             (m3t._chunk_bwd_kernel, bwd_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_N": bbn, "BLOCK_P": bbp,
-                                               "PREC": None, "STATE_PREC": "tf32", "HAS_D": True},
-             tuning.bwd_num_warps),
+                                               "PREC": None, "STATE_PREC": "tf32", "HAS_D": True,
+                                               "HALVES": R > 1}, tuning.bwd_num_warps),
             (m3t._epilogue_bwd_kernel, epi_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_P": bbp, "WRITE_DYPRE": True,
                                                   **epilogue}, 4),
         ]
@@ -171,6 +172,11 @@ else:
     @pytest.mark.parametrize("T", [1, 7, 63, 65])
     def test_triton_equals_reference(mimo, R, T):
         _check(make_inputs(2, T, R, mimo=mimo), random_state(2, R) if T != 63 else None)
+
+    @pytest.mark.parametrize(("mimo", "R"), [(False, 1), (True, 2)], ids=["siso", "mimo"])
+    def test_triton_groups(mimo, R):
+        """Two groups of q / k over four heads: the kernels read each head's group raw and bias and rotate it."""
+        _check(make_inputs(2, 19, R, G=2, mimo=mimo, heads=4), random_state(2, R, heads=4))
 
     def test_triton_lengths_and_cu_seqlens():
         _check(make_inputs(3, 21, 1), random_state(3, 1), lengths=torch.tensor([21, 0, 9]))

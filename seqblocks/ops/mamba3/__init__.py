@@ -116,9 +116,9 @@ def mamba3(
     if resolve_backend(backend, q, k, v, op="mamba3", has_kernel=serves) == "triton":
         from seqblocks.ops.mamba3.triton import chunk_scan_triton
 
-        def scan(qr, kr, x, adt_, scale, gamma, h0, chunk, D_, z_, mz, mo):
-            return chunk_scan_triton(qr, kr, x, adt_, scale, gamma, h0, chunk, D_, z_, mz, mo, mimo_v is not None,
-                                     in_dtype=v.dtype, tuning=tuning)
+        def scan(q_in, k_in, qb, kb, th, x, adt_, scale, gamma, h0, chunk, D_, z_, mz, mo):
+            return chunk_scan_triton(q_in, k_in, qb, kb, th, x, adt_, scale, gamma, h0, chunk, D_, z_, mz, mo,
+                                     mimo_v is not None, in_dtype=v.dtype, tuning=tuning)
     if initial_state is not None:
         initial_state = Mamba3State(*initial_state)
     return mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v=mimo_v, mimo_z=mimo_z,

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
+from seqblocks.ops.mamba3._common import expand_groups, rotate
 from seqblocks.ops.mamba3.tuning import Mamba3Tuning
 
 __all__ = ["chunk_scan_triton"]
@@ -48,8 +49,36 @@ def _blocks(R: int, N: int, P: int, chunk_size: int, tuning: Mamba3Tuning) -> tu
 
 
 @triton.jit
-def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, D, Z, MZ, MO, Y, YPRE, HF, HC, T, H, N, P,
-                      R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+def _pairs(offs_n, N, HALVES: tl.constexpr):
+    # Channel n's rotation pair, its partner channel and the rotation's sign on the partner
+    # (-1 on a pair's first channel): rot(u)_n = u_n cos + sign_n u_partner sin.
+    if HALVES:
+        pair = offs_n % (N // 2)
+        first = offs_n < N // 2
+        partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
+    else:
+        pair = offs_n // 2
+        first = (offs_n % 2) == 0
+        partner = offs_n ^ 1
+    return pair, partner, tl.where(first, -1.0, 1.0)
+
+
+@triton.jit
+def _load_rotated(base, bias, th_base, row_off, bias_off, th_off, offs_n, pair, partner, sign, mask, S):
+    # [L, BLOCK_N] rows of rot(theta_t, u + bias) from the raw [B, T, R, G, N] input: each channel and its
+    # pair partner are loaded (the partner may lie outside this program's slice of N), theta at the pair.
+    th = tl.load(th_base + th_off[:, None] + pair[None, :], mask=mask & (pair < S)[None, :], other=0.0)
+    u = tl.load(base + row_off[:, None] + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) \
+        + tl.load(bias + bias_off[:, None] + offs_n[None, :], mask=mask, other=0.0)
+    w = tl.load(base + row_off[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32) \
+        + tl.load(bias + bias_off[:, None] + partner[None, :], mask=mask, other=0.0)
+    return u * tl.cos(th) + sign[None, :] * w * tl.sin(th)
+
+
+@triton.jit
+def _chunk_fwd_kernel(Q, K, QB, KB, TH, X, ADT, SCALE, GAMMA, H0, D, Z, MZ, MO, Y, YPRE, HF, HC, T, H, N, P, G, S,
+                      HALVES: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_P: tl.constexpr,
                       STORE_STATES: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, MIMO: tl.constexpr, FOLD: tl.constexpr,
                       STORE_YPRE: tl.constexpr):
@@ -65,8 +94,10 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, D, Z, MZ, MO, Y, YPRE, HF,
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mn, mp = offs_n < N, offs_p < P
-    q_base = Q + pid_b * T * R * H * N + pid_h * N
-    k_base = K + pid_b * T * R * H * N + pid_h * N
+    # q and k are read raw ([B, T R, G, N], head h reads group h // (H / G)) and biased and rotated on load.
+    qk_in = pid_b * T * R * G * N + (pid_h // (H // G)) * N
+    bias_off = (pid_h * R + rows % R) * N            # [H, R, N]
+    pair, partner, sign = _pairs(offs_n, N, HALVES)
     x_base = X + pid_b * T * R * H * P + pid_h * P
     y_base = Y + pid_b * T * R * H * P + pid_h * P
     s_base = pid_b * T * H + pid_h
@@ -88,8 +119,12 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, D, Z, MZ, MO, Y, YPRE, HF,
         t = c * BLOCK_T + tr
         row = c * L + rows
         rm = t < T
-        q = tl.load(q_base + row[:, None] * (H * N) + offs_n[None, :], mask=rm[:, None] & mn[None, :], other=0.0)
-        k = tl.load(k_base + row[:, None] * (H * N) + offs_n[None, :], mask=rm[:, None] & mn[None, :], other=0.0)
+        mq = rm[:, None] & mn[None, :]
+        th_off = (pid_b * T + t) * (H * S) + pid_h * S
+        q = _load_rotated(Q + qk_in, QB, TH, row * (G * N), bias_off, th_off, offs_n, pair, partner, sign, mq,
+                          S).to(X.dtype.element_ty)
+        k = _load_rotated(K + qk_in, KB, TH, row * (G * N), bias_off, th_off, offs_n, pair, partner, sign, mq,
+                          S).to(X.dtype.element_ty)
         x = tl.load(x_base + row[:, None] * (H * P) + offs_p[None, :], mask=rm[:, None] & mp[None, :], other=0.0)
         adt = tl.load(ADT + s_base + t * H, mask=rm & first, other=0.0)
         scale = tl.load(SCALE + s_base + t * H, mask=rm, other=0.0)
@@ -126,8 +161,9 @@ def _chunk_fwd_kernel(Q, K, X, ADT, SCALE, GAMMA, H0, D, Z, MZ, MO, Y, YPRE, HF,
 
 
 @triton.jit
-def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, D, DY, DHF, DQ, DK, DX, DADT, DSCALE, DGAMMA, DH0,
-                      T, H, N, P, BATCH, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+def _chunk_bwd_kernel(Q, K, QB, KB, TH, X, ADT, SCALE, GAMMA, HC, D, DY, DHF, DQ, DK, DX, DADT, DSCALE, DGAMMA,
+                      DH0, T, H, N, P, G, S, BATCH, HALVES: tl.constexpr, R: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_P: tl.constexpr, PREC: tl.constexpr, STATE_PREC: tl.constexpr, HAS_D: tl.constexpr):
     # One program per (head, batch, block of N): dq, dk and the [P, BLOCK_N] slice of dH are exact per
     # slice; dx and the per-row scalar gradients are sums over the slices (the scores q k^T are), so
@@ -144,7 +180,10 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, D, DY, DHF, DQ, DK, DX, DA
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     mn, mp = offs_n < N, offs_p < P
-    qk_off = pid_b * T * R * H * N + pid_h * N
+    qk_off = pid_b * T * R * H * N + pid_h * N       # dq, dk (in the rotated frame): [B, T R, H, N]
+    qk_in = pid_b * T * R * G * N + (pid_h // (H // G)) * N
+    bias_off = (pid_h * R + rows % R) * N
+    pair, partner, sign = _pairs(offs_n, N, HALVES)
     xp_off = pid_b * T * R * H * P + pid_h * P
     part = pid_n.to(tl.int64) * BATCH * T * R           # this slice's partials: [slices, B, T R, H, .]
     s_base = pid_b * T * H + pid_h
@@ -165,8 +204,11 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, D, DY, DHF, DQ, DK, DX, DA
         rm = t < T
         mq = rm[:, None] & mn[None, :]
         mx = rm[:, None] & mp[None, :]
-        q = tl.load(Q + qk_off + row[:, None] * (H * N) + offs_n[None, :], mask=mq, other=0.0)
-        k = tl.load(K + qk_off + row[:, None] * (H * N) + offs_n[None, :], mask=mq, other=0.0)
+        th_off = (pid_b * T + t) * (H * S) + pid_h * S
+        q = _load_rotated(Q + qk_in, QB, TH, row * (G * N), bias_off, th_off, offs_n, pair, partner, sign, mq,
+                          S).to(X.dtype.element_ty)
+        k = _load_rotated(K + qk_in, KB, TH, row * (G * N), bias_off, th_off, offs_n, pair, partner, sign, mq,
+                          S).to(X.dtype.element_ty)
         x = tl.load(X + xp_off + row[:, None] * (H * P) + offs_p[None, :], mask=mx, other=0.0)
         dy = tl.load(DY + xp_off + row[:, None] * (H * P) + offs_p[None, :], mask=mx, other=0.0)
         adt = tl.load(ADT + s_base + t * H, mask=rm & first, other=0.0)
@@ -194,11 +236,11 @@ def _chunk_bwd_kernel(Q, K, X, ADT, SCALE, GAMMA, HC, D, DY, DHF, DQ, DK, DX, DA
         if HAS_D:
             dx += tl.where(lead, d, 0.0)[None, :] * dy
         tl.store(DX + part * H * P + xp_off + row[:, None] * (H * P) + offs_p[None, :], dx, mask=mx)
-        G = ds * s
+        dss = ds * s                                                              # d loss / d s
         vj = tl.sum(xdh * kf, 1)                                                 # x_j^T dH k_j
-        dscale = tl.sum(G * E, 0) + tl.exp(cum_last - cum) * vj
-        dgamma = tl.sum(tl.where(same, G, 0.0), 1)
-        GA = G * tl.where(lower, A, 0.0)
+        dscale = tl.sum(dss * E, 0) + tl.exp(cum_last - cum) * vj
+        dgamma = tl.sum(tl.where(same, dss, 0.0), 1)
+        GA = dss * tl.where(lower, A, 0.0)
         inter = tl.dot(qf, tl.trans(h_in), input_precision=STATE_PREC)          # [L, P]: H q_i
         dcum = tl.sum(GA, 1) - tl.sum(GA, 0) + e_cum * tl.sum(dy * inter, 1) - u * vj
         dcum_last = tl.exp(cum_last) * tl.sum(tl.sum(dh * h_in, 1), 0) + tl.sum(u * vj, 0)
@@ -295,12 +337,15 @@ def _dot_dtype(dtype: torch.dtype) -> tuple[torch.dtype, str | None, str]:
 
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qr, kr, x, adt, scale, gamma, h0, D, z, mimo_z, mimo_o, mimo, chunk_size, in_dtype, tuning):
-        Bsz, T, R, H, N = qr.shape
-        P = x.shape[-1]
-        dev = qr.device
+    def forward(ctx, q_in, k_in, q_bias, k_bias, th, x, adt, scale, gamma, h0, D, z, mimo_z, mimo_o, mimo, chunk_size,
+                in_dtype, tuning):
+        Bsz, T, R, G, N = q_in.shape
+        H, P, S = x.shape[3], x.shape[4], th.shape[-1]
+        dev = x.device
         dd, prec, state_prec = _dot_dtype(in_dtype)
-        q_, k_, x_ = (t.to(dd).contiguous() for t in (qr, kr, x))
+        q_, k_, th_ = (t.float().contiguous() for t in (q_in, k_in, th))
+        qb_, kb_ = (t.transpose(0, 1).float().contiguous() for t in (q_bias, k_bias))  # [R, H, N] -> [H, R, N]
+        x_ = x.to(dd).contiguous()
         adt_, scale_, gamma_ = (t.float().contiguous() for t in (adt, scale, gamma))
         h0_ = h0.float().contiguous()
         D_, mz_, mo_ = (None if t is None else t.float().contiguous() for t in (D, mimo_z, mimo_o))
@@ -316,21 +361,23 @@ class _ChunkScan(torch.autograd.Function):
         ypre = torch.empty(Bsz, T, R, H, P, device=dev) if store_ypre else hf
         none = adt_  # any tensor stands for an absent one (the kernel does not read it)
         _chunk_fwd_kernel[(H, Bsz, triton.cdiv(P, fbp))](
-            q_, k_, x_, adt_, scale_, gamma_, h0_, D_ if D is not None else none, z_ if z is not None else none,
-            mz_ if mimo_z is not None else none, mo_ if fold else none, y, ypre, hf, hc, T, H, N, P, R=R,
+            q_, k_, qb_, kb_, th_, x_, adt_, scale_, gamma_, h0_, D_ if D is not None else none,
+            z_ if z is not None else none, mz_ if mimo_z is not None else none, mo_ if fold else none, y, ypre, hf, hc,
+            T, H, N, P, G, S, HALVES=mimo, R=R,
             BLOCK_T=block_t, BLOCK_N=fbn, BLOCK_P=fbp, STORE_STATES=store, PREC=prec, STATE_PREC=state_prec,
             HAS_D=D is not None, HAS_Z=z is not None, MIMO=mimo, FOLD=fold, STORE_YPRE=store_ypre,
             num_warps=tuning.fwd_num_warps, num_stages=tuning.num_stages)
-        ctx.save_for_backward(q_, k_, x_, adt_, scale_, gamma_, hc, D_, z_, mz_, mo_, ypre if store_ypre else None)
-        ctx.meta = (chunk_size, tuning, prec, state_prec, qr.dtype, x.dtype, mimo)
+        ctx.save_for_backward(q_, k_, qb_, kb_, th_, x_, adt_, scale_, gamma_, hc, D_, z_, mz_, mo_,
+                              ypre if store_ypre else None)
+        ctx.meta = (chunk_size, tuning, prec, state_prec, q_in.dtype, x.dtype, mimo)
         return y.to(x.dtype), hf.to(h0.dtype)
 
     @staticmethod
     def backward(ctx, dy, dhf):
-        q_, k_, x_, adt_, scale_, gamma_, hc, D_, z_, mz_, mo_, ypre = ctx.saved_tensors
+        q_, k_, qb_, kb_, th_, x_, adt_, scale_, gamma_, hc, D_, z_, mz_, mo_, ypre = ctx.saved_tensors
         chunk_size, tuning, prec, state_prec, q_dtype, x_dtype, mimo = ctx.meta
-        Bsz, T, R, H, N = q_.shape
-        P = x_.shape[-1]
+        Bsz, T, R, G, N = q_.shape
+        H, P, S = x_.shape[3], x_.shape[4], th_.shape[-1]
         fold = mo_ is not None
         block_t, _, _, bbn, bbp = _blocks(R, N, P, chunk_size, tuning)
         slices = triton.cdiv(N, bbn)
@@ -357,23 +404,45 @@ class _ChunkScan(torch.autograd.Function):
                 HAS_D=D_ is not None, HAS_Z=z_ is not None, MIMO=mimo, FOLD=fold, WRITE_DYPRE=write,
                 num_warps=4)
         _chunk_bwd_kernel[(H, Bsz, slices)](
-            q_, k_, x_, adt_, scale_, gamma_, hc, none if D_ is None else D_, dypre, dhf, dq, dk, dx, dadt, dscale,
-            dgamma, dh0, T, H, N, P, Bsz, R=R, BLOCK_T=block_t, BLOCK_N=bbn, BLOCK_P=bbp, PREC=prec,
+            q_, k_, qb_, kb_, th_, x_, adt_, scale_, gamma_, hc, none if D_ is None else D_, dypre, dhf, dq, dk, dx,
+            dadt, dscale, dgamma, dh0, T, H, N, P, G, S, Bsz, HALVES=mimo, R=R, BLOCK_T=block_t, BLOCK_N=bbn,
+            BLOCK_P=bbp, PREC=prec,
             STATE_PREC=state_prec, HAS_D=D_ is not None, num_warps=tuning.bwd_num_warps,
             num_stages=tuning.num_stages)
         dx, dadt, dscale, dgamma = (t[0] if slices == 1 else t.sum(0) for t in (dx, dadt, dscale, dgamma))
-        return (dq.to(q_dtype), dk.to(q_dtype), dx.to(x_dtype), dadt[:, :, 0], dscale.sum(2), dgamma.sum(2), dh0,
-                None if dD is None else dD.sum(0), None if dz is None else dz.to(z_.dtype),
-                None if dmz is None else dmz.sum(0), None if dmo is None else dmo.sum(0), None, None, None, None)
+        dq_in, dqb, dth = _unrotate(dq, q_, qb_, th_, mimo)
+        dk_in, dkb, dth_k = _unrotate(dk, k_, kb_, th_, mimo)
+        return (dq_in.to(q_dtype), dk_in.to(q_dtype), dqb, dkb, dth + dth_k, dx.to(x_dtype), dadt[:, :, 0],
+                dscale.sum(2), dgamma.sum(2), dh0, None if dD is None else dD.sum(0),
+                None if dz is None else dz.to(z_.dtype), None if dmz is None else dmz.sum(0),
+                None if dmo is None else dmo.sum(0), None, None, None, None)
 
 
-def chunk_scan_triton(qr, kr, x, adt, scale, gamma, h0, chunk_size, D=None, z=None, mimo_z=None, mimo_o=None,
-                      mimo=False, in_dtype=None, tuning=None):
-    """``chunk_scan_torch`` and the epilogue by the Triton kernels: the output after the skip ``D`` [H],
+def _unrotate(dr, u, bias, th, halves):
+    """Back through r = rot(theta, u + bias) (per head, u per group): from dr [B, T, R, H, N] in the rotated
+    frame to (du [B, T, R, G, N], dbias [R, H, N] (bias is [H, R, N]), dtheta [B, T, H, S]). d rot / d theta
+    turns a pair (a, b) into (-b', a'), so dtheta = dr_b r_a - dr_a r_b summed over the pair's ranks."""
+    H, S, G = dr.shape[3], th.shape[-1], u.shape[3]
+    r = rotate(expand_groups(u, H) + bias.transpose(0, 1), th[:, :, None], halves=halves)
+    dpre = rotate(dr, -th[:, :, None], halves=halves)                          # rot(theta)^T dr
+    N = dr.shape[-1]
+    if halves:
+        (ra, rb), (da, db) = ((t[..., : N // 2], t[..., N // 2:]) for t in (r, dr))
+    else:
+        (ra, rb), (da, db) = ((t[..., 0::2], t[..., 1::2]) for t in (r, dr))
+    dth = (db[..., :S] * ra[..., :S] - da[..., :S] * rb[..., :S]).sum(2)
+    du = dpre.unflatten(3, (G, H // G)).sum(4)
+    return du, dpre.sum((0, 1)), dth
+
+
+def chunk_scan_triton(q_in, k_in, q_bias, k_bias, th, x, adt, scale, gamma, h0, chunk_size, D=None, z=None,
+                      mimo_z=None, mimo_o=None, mimo=False, in_dtype=None, tuning=None):
+    """The rotation of q_in / k_in [B, T, R, G, N] (plus q_bias / k_bias [R, H, N]) by theta [B, T, H, S],
+    ``chunk_scan_torch`` and the epilogue by the Triton kernels: the output after the skip ``D`` [H],
     the gate ``silu(z mimo_z)`` (z [B, T, H, P]) and the fold by ``mimo_o`` [H, R, P] (y [B, T, H, P], or
     [B, T, R, H, P] without ``mimo_o``), and the final carried state [B, H, P, N].
 
     ``in_dtype`` (the op's input dtype) picks the ``tl.dot`` operand dtype (default: qr's); ``tuning``
     the launch (default: ``Mamba3Tuning()``)."""
-    return _ChunkScan.apply(qr, kr, x, adt, scale, gamma, h0, D, z, mimo_z, mimo_o, mimo, chunk_size,
-                            in_dtype or qr.dtype, tuning or Mamba3Tuning())
+    return _ChunkScan.apply(q_in, k_in, q_bias, k_bias, th, x, adt, scale, gamma, h0, D, z, mimo_z, mimo_o, mimo,
+                            chunk_size, in_dtype or q_in.dtype, tuning or Mamba3Tuning())
