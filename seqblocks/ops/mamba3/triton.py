@@ -1,9 +1,11 @@
 """Triton kernels of ``mamba3``'s chunked scan, forward and backward (imported only once
 ``seqblocks.ops._backend.resolve_backend`` has chosen "triton"; nothing else imports this module).
 
-The elementwise prologue (masks, trapezoid weights, angles, rotation, biases) is ``torch.py``'s,
-differentiated by autograd; the kernels replace ``chunk_scan_torch`` and ``epilogue`` (skip, gate, MIMO
-fold: the forward kernel applies them before writing y, ``_epilogue_bwd_kernel`` backs through them):
+The rest of the prologue (masks, trapezoid weights, accumulated angles, the MIMO lift) is ``torch.py``'s,
+differentiated by autograd; the kernels replace the bias and rotation of q and k (done on load from the
+raw group-level inputs; ``_unrotate`` is its backward), ``chunk_scan_torch`` and ``epilogue`` (skip,
+gate, MIMO fold: the forward kernel applies them before writing y, ``_epilogue_bwd_kernel`` backs
+through them). With q, k below the rotated, biased ones:
 
     y[t, r] = sum_{s < t, r'} exp(cum_t - cum_s) scale_s (q_{t,r} . k_{s,r'}) x_{s,r'}
               + gamma_t sum_{r'} (q_{t,r} . k_{t,r'}) x_{t,r'} + exp(cum_t) H q_{t,r}
