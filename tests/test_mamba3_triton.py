@@ -83,6 +83,8 @@ if not INTERPRETER:
                                                "HALVES": R > 1}, tuning.bwd_num_warps),
             (m3t._epilogue_bwd_kernel, epi_ptrs, {"R": R, "BLOCK_T": block_t, "BLOCK_P": bbp, "WRITE_DYPRE": True,
                                                   **epilogue}, 4),
+            (m3t._unrotate_kernel, {n: f32 for n in ("Q", "K", "QB", "KB", "TH", "DQ", "DK", "DQP", "DKP", "DTH")},
+             {"R": R, "BLOCK_T": m3t._unrotate_rows(R), "BLOCK_N": fbn, "HALVES": R > 1}, 4),
         ]
         if R == 1:
             step_ptrs = {n: f32 for n in ("ANGLE", "SSM", "KST", "VST", "ADT", "DT", "TRAP", "QB", "KB", "ANG", "D",

@@ -5,9 +5,10 @@ chunked PyTorch path (quadratic inside a chunk, state passing between chunks), d
 autograd, and ``triton.py`` the same chunked scan as Triton kernels, forward and backward, with the
 bias / rotation of q and k and the skip / gate / MIMO fold fused (the rest of the elementwise prologue
 stays PyTorch): ``backend="auto"`` picks them for CUDA tensors when Triton is installed, for MIMO ranks
-that are powers of two up to 8, N and P up to 256, and inputs other than float64; ``Mamba3Tuning`` sets their launch. ``mamba3_step`` is the one-token
-decode step (one Triton launch, ``step_triton.py``, for an fp32 state on CUDA; PyTorch otherwise),
-updating a ``Mamba3State`` in place. SISO (rank R = 1) and MIMO (R > 1, ``mimo_v`` given) share one op.
+that are powers of two up to 8, N and P up to 256, and inputs other than float64; ``Mamba3Tuning`` sets
+their launch. ``mamba3_step`` is the one-token decode step (one Triton launch, ``step_triton.py``, for an
+fp32 state on CUDA; PyTorch otherwise), updating a ``Mamba3State`` in place. SISO (rank R = 1) and MIMO
+(R > 1, ``mimo_v`` given) share one op.
 
 Layout is time before heads ([B, T, H, P]); mamba_ssm's kernels take ``adt`` / ``dt`` / ``trap`` as
 [B, H, T] and here they are [B, T, H] like every other seqblocks op.

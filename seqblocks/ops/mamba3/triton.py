@@ -3,7 +3,7 @@
 
 The rest of the prologue (masks, trapezoid weights, accumulated angles, the MIMO lift) is ``torch.py``'s,
 differentiated by autograd; the kernels replace the bias and rotation of q and k (done on load from the
-raw group-level inputs; ``_unrotate`` is its backward), ``chunk_scan_torch`` and ``epilogue`` (skip,
+raw group-level inputs; ``_unrotate_kernel`` is its backward), ``chunk_scan_torch`` and ``epilogue`` (skip,
 gate, MIMO fold: the forward kernel applies them before writing y, ``_epilogue_bwd_kernel`` backs
 through them). With q, k below the rotated, biased ones:
 
@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
-from seqblocks.ops.mamba3._common import expand_groups, rotate
 from seqblocks.ops.mamba3.tuning import Mamba3Tuning
 
 __all__ = ["chunk_scan_triton"]
@@ -323,6 +322,52 @@ def _epilogue_bwd_kernel(X, D, Z, MZ, MO, YPRE, DY, DYPRE, DZ, DD, DMZ, DMO, T, 
         tl.store(DMO + pout, dmo_acc, mask=mp[None, :])
 
 
+def _unrotate_rows(R: int) -> int:
+    """Steps per program of ``_unrotate_kernel``: 16 rows (32 spill registers at N 128)."""
+    return max(1, 16 // R)
+
+
+@triton.jit
+def _unrotate_kernel(Q, K, QB, KB, TH, DQ, DK, DQP, DKP, DTH, T, H, N, G, S, R: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HALVES: tl.constexpr):
+    # Back through r = rot(theta, u + bias), one program per (time block, batch, head): dr (DQ, DK, in the
+    # rotated frame) becomes rot(theta)^T dr (DQP, DKP, written elsewhere: other warps may still load a
+    # channel as their partner) and dtheta [B, T, H, S] = sum over ranks and q / k of dr_b r_a - dr_a r_b.
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2)
+    L: tl.constexpr = BLOCK_T * R
+    rows = tl.arange(0, L)
+    t = pid_t * BLOCK_T + rows // R
+    row = pid_t * L + rows
+    offs_n = tl.arange(0, BLOCK_N)
+    mask = (t < T)[:, None] & (offs_n < N)[None, :]
+    pair, partner, sign = _pairs(offs_n, N, HALVES)
+    th = tl.load(TH + ((pid_b * T + t) * (H * S) + pid_h * S)[:, None] + pair[None, :],
+                 mask=mask & (pair < S)[None, :], other=0.0)
+    cos, sin = tl.cos(th), tl.sin(th)
+    qk_in = pid_b * T * R * G * N + (pid_h // (H // G)) * N + row[:, None] * (G * N)
+    bias_off = ((pid_h * R + rows % R) * N)[:, None]
+    d_off = (pid_b * T * R + row)[:, None] * (H * N) + pid_h * N
+    dth = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+    for which in tl.static_range(2):
+        src, bias, dr, dpre = (Q, QB, DQ, DQP) if which == 0 else (K, KB, DK, DKP)
+        u = tl.load(src + qk_in + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(bias + bias_off + offs_n[None, :], mask=mask, other=0.0)
+        w = tl.load(src + qk_in + partner[None, :], mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(bias + bias_off + partner[None, :], mask=mask, other=0.0)
+        r_n = u * cos + sign[None, :] * w * sin                                  # rotated channel n
+        r_p = w * cos - sign[None, :] * u * sin                                  # rotated partner
+        d_n = tl.load(dr + d_off + offs_n[None, :], mask=mask, other=0.0)
+        d_p = tl.load(dr + d_off + partner[None, :], mask=mask, other=0.0)
+        tl.store(dpre + d_off + offs_n[None, :], d_n * cos - sign[None, :] * d_p * sin, mask=mask)
+        dth += d_p * r_n - d_n * r_p                                             # on a pair's first channel
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    dth = tl.sum(tl.reshape(dth, (BLOCK_T, R, BLOCK_N)), 1)
+    keep = (ts < T)[:, None] & (offs_n < N)[None, :] & (sign < 0)[None, :] & (pair < S)[None, :]
+    tl.store(DTH + ((pid_b * T + ts) * (H * S) + pid_h * S)[:, None] + pair[None, :], dth, mask=keep)
+
+
 # Triton's CPU interpreter computes bf16 / fp16 tl.dot wrongly (Triton 3.9), so it gets fp32 operands.
 INTERPRETED = interpreter_enabled()
 
@@ -412,29 +457,20 @@ class _ChunkScan(torch.autograd.Function):
             STATE_PREC=state_prec, HAS_D=D_ is not None, num_warps=tuning.bwd_num_warps,
             num_stages=tuning.num_stages)
         dx, dadt, dscale, dgamma = (t[0] if slices == 1 else t.sum(0) for t in (dx, dadt, dscale, dgamma))
-        dq_in, dqb, dth = _unrotate(dq, q_, qb_, th_, mimo)
-        dk_in, dkb, dth_k = _unrotate(dk, k_, kb_, th_, mimo)
-        return (dq_in.to(q_dtype), dk_in.to(q_dtype), dqb, dkb, dth + dth_k, dx.to(x_dtype), dadt[:, :, 0],
+        # Back through the bias and rotation (done on load), then the sums over a group's heads and the
+        # bias's (B, T).
+        dqp, dkp = torch.empty_like(dq), torch.empty_like(dk)
+        dth = torch.empty(Bsz, T, H, S, device=dev)
+        ub_t = _unrotate_rows(R)
+        _unrotate_kernel[(triton.cdiv(T, ub_t), Bsz, H)](
+            q_, k_, qb_, kb_, th_, dq, dk, dqp, dkp, dth, T, H, N, G, S, R=R, BLOCK_T=ub_t,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), HALVES=mimo, num_warps=4)
+        dq_in, dk_in = (t.unflatten(3, (G, H // G)).sum(4) for t in (dqp, dkp))
+        dqb, dkb = dqp.sum((0, 1)), dkp.sum((0, 1))                               # [R, H, N]
+        return (dq_in.to(q_dtype), dk_in.to(q_dtype), dqb, dkb, dth, dx.to(x_dtype), dadt[:, :, 0],
                 dscale.sum(2), dgamma.sum(2), dh0, None if dD is None else dD.sum(0),
                 None if dz is None else dz.to(z_.dtype), None if dmz is None else dmz.sum(0),
                 None if dmo is None else dmo.sum(0), None, None, None, None)
-
-
-def _unrotate(dr, u, bias, th, halves):
-    """Back through r = rot(theta, u + bias) (per head, u per group): from dr [B, T, R, H, N] in the rotated
-    frame to (du [B, T, R, G, N], dbias [R, H, N] (bias is [H, R, N]), dtheta [B, T, H, S]). d rot / d theta
-    turns a pair (a, b) into (-b', a'), so dtheta = dr_b r_a - dr_a r_b summed over the pair's ranks."""
-    H, S, G = dr.shape[3], th.shape[-1], u.shape[3]
-    r = rotate(expand_groups(u, H) + bias.transpose(0, 1), th[:, :, None], halves=halves)
-    dpre = rotate(dr, -th[:, :, None], halves=halves)                          # rot(theta)^T dr
-    N = dr.shape[-1]
-    if halves:
-        (ra, rb), (da, db) = ((t[..., : N // 2], t[..., N // 2:]) for t in (r, dr))
-    else:
-        (ra, rb), (da, db) = ((t[..., 0::2], t[..., 1::2]) for t in (r, dr))
-    dth = (db[..., :S] * ra[..., :S] - da[..., :S] * rb[..., :S]).sum(2)
-    du = dpre.unflatten(3, (G, H // G)).sum(4)
-    return du, dpre.sum((0, 1)), dth
 
 
 def chunk_scan_triton(q_in, k_in, q_bias, k_bias, th, x, adt, scale, gamma, h0, chunk_size, D=None, z=None,
