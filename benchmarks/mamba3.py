@@ -1,7 +1,12 @@
 """Mamba-3 benchmark: our op and layer against mamba_ssm 2.3.2's Mamba-3 Triton kernels and ``Mamba3`` module.
 
     python benchmarks/mamba3.py [--anchors BUILD_DIR] [--batch 8] [--seqlen 2048] [--d-model 768] [--chunk-size 64]
-                                [--json out.json]
+                                [--rows 32] [--block-p 32] [--block-n 32] [--fwd-warps 8] [--bwd-warps 8]
+                                [--stages 1] [--step-block-p 16] [--step-warps 4] [--json out.json]
+
+The kernel knobs (``Mamba3Tuning`` fields) take comma lists, e.g. ``--rows 16,32,64 --block-n 16,32``: the
+op rows are measured for every combination (a combination the compiler refuses is reported, not fatal)
+and the fastest forward+backward is printed last; the layer rows use the default tuning.
 
 Rows (bf16 activations, fp32 state, SISO, mamba_ssm's defaults: d_state 128, headdim 64, one group,
 rope_fraction 0.5, chunk 64):
@@ -9,6 +14,9 @@ rope_fraction 0.5, chunk 64):
   ``mamba3_siso_combined`` on the same inputs, forward and forward+backward (random cotangents).
 - ``layer``: the whole mixer, ``seqblocks.layers.mixers.Mamba3`` against mamba_ssm's ``Mamba3`` with the
   same state dict, forward and forward+backward.
+- ``decode``: one token with a cache: the op ``mamba3_step`` (Triton, the PyTorch step in the note) and
+  the layer's step against mamba_ssm's ``Mamba3.step`` (its CuteDSL kernel; "not installed" when that
+  does not import or run). The floor is the fp32 state read and written once.
 Each row prints our time, the anchor's time measured in the same run, the ratio (ours / anchor) and our
 % of the roofline: max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured here. The op's
 bytes are every input read once and the output written once (q and k once per group, not per head);
@@ -26,6 +34,7 @@ Needs a CUDA device. Shapes: B batch, T time, H heads, P head width, N state, G 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -35,7 +44,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from seqblocks.layers.mixers import Mamba3
-from seqblocks.ops.mamba3 import mamba3
+from seqblocks.ops.mamba3 import Mamba3State, Mamba3Tuning, mamba3, mamba3_step
 
 ROWS: list[dict] = []
 
@@ -117,16 +126,25 @@ def op_floor(Bsz, T, H, P, N, S, G, L, bw, mm) -> float:
     return max(nbytes / bw, flops / mm) * 1e3
 
 
+def tunings(args) -> list[Mamba3Tuning]:
+    """Every combination of the comma-separated knob lists."""
+    lists = {f: [int(v) for v in str(getattr(args, f)).split(",")] for f in
+             ("rows", "block_p", "block_n", "fwd_num_warps", "bwd_num_warps", "num_stages")}
+    return [Mamba3Tuning(**dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
+
+
+def tuning_name(t: Mamba3Tuning) -> str:
+    return (f"rows{t.rows} bp{t.block_p} bn{t.block_n} w{t.fwd_num_warps}/{t.bwd_num_warps} "
+            f"s{t.num_stages}")
+
+
 def section_op(args, bw, mm, anchor_fn, why):
     Bsz, T, D = args.batch, args.seqlen, args.d_model
     P, N = 64, 128
     H, S = 2 * D // P, N // 4
     inputs = op_inputs(Bsz, T, H, P, N, S)
     floor = op_floor(Bsz, T, H, P, N, S, 1, 64, bw, mm)
-    print(f"op: B={Bsz} T={T} H={H} P={P} N={N} S={S} (bf16, chunk 64)")
-
-    def ours():
-        return mamba3(*inputs, chunk_size=args.chunk_size)
+    print(f"op: B={Bsz} T={T} H={H} P={P} N={N} S={S} (bf16, chunk {args.chunk_size})")
 
     def theirs():
         q, k, v, adt, dt, trap, qb, kb, angles, Dp, z = inputs
@@ -135,12 +153,67 @@ def section_op(args, bw, mm, anchor_fn, why):
                          chunk_size=64)
 
     with torch.no_grad():
-        a = bench(theirs) if anchor_fn else None
-        add_row("op", "mamba3 forward", bench(ours), a, floor, "" if anchor_fn else why)
+        a_fwd = bench(theirs) if anchor_fn else None
     for x in inputs:
         x.requires_grad_(True)
-    a = bench(fwd_bwd(theirs, inputs)) if anchor_fn else None
-    add_row("op", "mamba3 forward+backward", bench(fwd_bwd(ours, inputs)), a, 3 * floor)
+    a_bwd = bench(fwd_bwd(theirs, inputs)) if anchor_fn else None
+    best = None
+    for tuning in tunings(args):
+        def ours(tuning=tuning):
+            return mamba3(*inputs, chunk_size=args.chunk_size, tuning=tuning)
+
+        name = tuning_name(tuning)
+        try:
+            with torch.no_grad():
+                fwd = bench(ours)
+            both = bench(fwd_bwd(ours, inputs))
+        except Exception as err:  # a launch the compiler or the device refuses: report, keep sweeping
+            print(f"  {name}: failed ({type(err).__name__}: {str(err)[:160]})", flush=True)
+            continue
+        add_row("op", f"forward {name}", fwd, a_fwd, floor, "" if anchor_fn else why)
+        add_row("op", f"forward+backward {name}", both, a_bwd, 3 * floor)
+        if best is None or both < best[0]:
+            best = (both, name)
+    if best:
+        print(f"  fastest forward+backward: {best[1]} ({best[0]:.3f} ms)")
+
+
+def section_decode(args, bw, anchor_cls, why):
+    Bsz, D = args.batch, args.d_model
+    P, N = 64, 128
+    H, S = 2 * D // P, N // 4
+    dev, bf = "cuda", torch.bfloat16
+    floor = Bsz * H * P * N * 4 * 2 / bw * 1e3  # the fp32 state read and written
+    print(f"decode: B={Bsz} H={H} P={P} N={N} (bf16 inputs, fp32 state)")
+    state = Mamba3State(torch.zeros(Bsz, H, S, device=dev), torch.randn(Bsz, H, P, N, device=dev),
+                        torch.randn(Bsz, 1, H, N, device=dev), torch.randn(Bsz, H, P, device=dev))
+    dt = F.softplus(torch.randn(Bsz, H, device=dev) - 3)
+    step_args = [torch.randn(Bsz, 1, 1, N, device=dev, dtype=bf), torch.randn(Bsz, 1, 1, N, device=dev, dtype=bf),
+                 torch.randn(Bsz, H, P, device=dev, dtype=bf), -torch.rand(Bsz, H, device=dev) * dt, dt,
+                 torch.randn(Bsz, H, device=dev), torch.ones(H, 1, N, device=dev), torch.ones(H, 1, N, device=dev),
+                 torch.randn(Bsz, H, S, device=dev), torch.ones(H, device=dev),
+                 torch.randn(Bsz, H, P, device=dev, dtype=bf)]
+    torch_ms = bench(lambda: mamba3_step(state, *step_args, backend="torch"))
+    for bp, warps in itertools.product(*([int(v) for v in str(x).split(",")]
+                                         for x in (args.step_block_p, args.step_num_warps))):
+        tuning = Mamba3Tuning(step_block_p=bp, step_num_warps=warps)
+        ms = bench(lambda tuning=tuning: mamba3_step(state, *step_args, tuning=tuning))
+        add_row("decode", f"mamba3_step bp{bp} w{warps}", ms, None, floor, f"our PyTorch step {torch_ms:.3f} ms")
+    ours = Mamba3(D, chunk_size=args.chunk_size, device=dev, dtype=bf)
+    cache = ours.allocate_inference_cache(Bsz, 1 << 20)
+    x = torch.randn(Bsz, 1, D, device=dev, dtype=bf)
+    with torch.no_grad():
+        mine = bench(lambda: ours(x, cache))
+        anchor, note = None, why
+        if anchor_cls:
+            try:
+                theirs = anchor_cls(d_model=D, layer_idx=0, device=dev, dtype=bf)
+                their_cache = theirs.allocate_inference_cache(Bsz, 1 << 20)
+                theirs.step(x[:, 0], *their_cache)
+                anchor, note = bench(lambda: theirs.step(x[:, 0], *their_cache)), ""
+            except Exception as err:  # mamba_ssm's step needs its CuteDSL kernels
+                note = f"not installed ({type(err).__name__}: {str(err)[:80]})"
+    add_row("decode", "Mamba3 layer step", mine, anchor, floor, note)
 
 
 def section_layer(args, bw, mm, anchor_cls, why):
@@ -170,7 +243,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--chunk-size", type=int, default=64, help="our chunk (rows per Triton program step)")
+    p.add_argument("--chunk-size", type=int, default=64, help="our chunk (the kernels cap it at --rows rows)")
+    defaults = Mamba3Tuning()
+    for flag, field in (("--rows", "rows"), ("--block-p", "block_p"), ("--block-n", "block_n"),
+                        ("--fwd-warps", "fwd_num_warps"), ("--bwd-warps", "bwd_num_warps"),
+                        ("--stages", "num_stages"), ("--step-block-p", "step_block_p"),
+                        ("--step-warps", "step_num_warps")):
+        p.add_argument(flag, dest=field, default=str(getattr(defaults, field)),
+                       help=f"Mamba3Tuning.{field}, a comma list to sweep (default {getattr(defaults, field)})")
     p.add_argument("--json", default=None, help="write all rows to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -184,6 +264,7 @@ def main(argv=None):
         print(f"mamba_ssm's Mamba-3: not installed ({why})")
     section_op(args, bw, mm, anchor_fn, "not installed")
     section_layer(args, bw, mm, anchor_cls, "not installed")
+    section_decode(args, bw, anchor_cls, "not installed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bandwidth": bw, "matmul_rate": mm, "rows": ROWS, "device": torch.cuda.get_device_name(),

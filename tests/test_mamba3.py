@@ -290,6 +290,27 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(other(x), m(x))
 
 
+def test_tuning_errors():
+    from seqblocks.ops.mamba3 import Mamba3Tuning
+
+    with pytest.raises(ValueError, match="rows=24 must be a power of two >= 16"):
+        Mamba3Tuning(rows=24)
+    with pytest.raises(ValueError, match="block_n=8"):
+        Mamba3Tuning(block_n=8)
+    with pytest.raises(ValueError, match="bwd_num_warps=3"):
+        Mamba3Tuning(bwd_num_warps=3)
+    with pytest.raises(ValueError, match="num_stages=0"):
+        Mamba3Tuning(num_stages=0)
+    with pytest.raises(TypeError, match="block_p must be an int, got None"):
+        Mamba3Tuning(block_p=None)
+    args, _ = split(make_inputs(1, 4, 1))
+    with pytest.raises(TypeError, match="tuning must be a Mamba3Tuning"):
+        mamba3(*args, tuning={"rows": 16})
+    step_args, _ = split({k: v[:, 0] if k in TIMED else v for k, v in make_inputs(1, 4, 1).items()})
+    with pytest.raises(TypeError, match="tuning must be a Mamba3Tuning"):
+        mamba3_step(random_state(1, 1), *step_args, tuning=16)
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="headdim"):
         Mamba3(16, headdim=7)

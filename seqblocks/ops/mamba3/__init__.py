@@ -2,11 +2,13 @@
 
 ``mamba3`` validates its inputs and dispatches: ``reference.py`` is the sequential spec, ``torch.py`` the
 chunked PyTorch path (quadratic inside a chunk, state passing between chunks), differentiated by
-autograd, and ``triton.py`` the same chunked scan as Triton kernels, forward and backward (the elementwise
-prologue and epilogue stay PyTorch): ``backend="auto"`` picks them for CUDA tensors when Triton is
-installed, for MIMO ranks that are powers of two up to 8, N and P up to 256, and inputs other than float64.
-``mamba3_step`` is the one-token decode step (PyTorch),
-updating a ``Mamba3State`` in place. SISO (rank R = 1) and MIMO (R > 1, ``mimo_v`` given) share one op.
+autograd, and ``triton.py`` the same chunked scan as Triton kernels, forward and backward, with the
+bias / rotation of q and k and the skip / gate / MIMO fold fused (the rest of the elementwise prologue
+stays PyTorch): ``backend="auto"`` picks them for CUDA tensors when Triton is installed, for MIMO ranks
+that are powers of two up to 8, N and P up to 256, and inputs other than float64; ``Mamba3Tuning`` sets
+their launch. ``mamba3_step`` is the one-token decode step (one Triton launch, ``step_triton.py``, for an
+fp32 state on CUDA; PyTorch otherwise), updating a ``Mamba3State`` in place. SISO (rank R = 1) and MIMO
+(R > 1, ``mimo_v`` given) share one op.
 
 Layout is time before heads ([B, T, H, P]); mamba_ssm's kernels take ``adt`` / ``dt`` / ``trap`` as
 [B, H, T] and here they are [B, T, H] like every other seqblocks op.
@@ -24,8 +26,9 @@ from seqblocks.ops._backend import outside_autocast, resolve_backend
 from seqblocks.ops.mamba3._common import Mamba3State, check_inputs, kernel_serves
 from seqblocks.ops.mamba3.reference import mamba3_ref, mamba3_step_ref, zero_state
 from seqblocks.ops.mamba3.torch import mamba3_step_torch, mamba3_torch
+from seqblocks.ops.mamba3.tuning import Mamba3Tuning
 
-__all__ = ["Mamba3State", "mamba3", "mamba3_ref", "mamba3_step", "mamba3_step_ref", "zero_state"]
+__all__ = ["Mamba3State", "Mamba3Tuning", "mamba3", "mamba3_ref", "mamba3_step", "mamba3_step_ref", "zero_state"]
 
 
 @outside_autocast
@@ -51,6 +54,7 @@ def mamba3(
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
+    tuning: Mamba3Tuning | None = None,
 ) -> Tensor | tuple[Tensor, Mamba3State]:
     """The Mamba-3 scan: trapezoidal discretisation, data-dependent rotation, scalar decay per head.
 
@@ -88,13 +92,16 @@ def mamba3(
         chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond
             rounding. Default: 64.
         backend (str): "auto", "torch" or "triton" (the chunked scan as Triton kernels). Default: "auto".
+        tuning (Mamba3Tuning | None): launch settings of the Triton kernels (speed only; their chunk
+            is min(chunk_size, tuning.rows / R) steps). Default: None (``Mamba3Tuning()``).
 
     Returns:
         y [B, T, H, P] ([B, T, R, H, P] for MIMO without ``mimo_o``) in v's dtype; with
         ``return_final_state``, ``(y, Mamba3State)``, the state fp32 (float64 for float64 inputs).
 
     Raises:
-        TypeError: non-tensor or non-floating inputs, a state that is not a 4-tuple.
+        TypeError: non-tensor or non-floating inputs, a state that is not a 4-tuple, a ``tuning``
+            that is not a ``Mamba3Tuning``.
         ValueError: mismatched shapes (named with the expected shape), an odd N, S > N / 2, groups
             not dividing H, R > 1 without ``mimo_v``, a bad ``chunk_size``, lengths out of [0, T],
             malformed cu_seqlens, an unknown backend, ``backend="triton"`` for inputs it cannot run on
@@ -103,13 +110,16 @@ def mamba3(
     """
     check_inputs("mamba3", q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                  initial_state, lengths, cu_seqlens, chunk_size)
+    if tuning is not None and not isinstance(tuning, Mamba3Tuning):
+        raise TypeError(f"mamba3: tuning must be a Mamba3Tuning or None, got {type(tuning).__name__}")
     scan = None
     serves = kernel_serves(q.shape[-3], q.shape[-1], v.shape[-1], v.dtype)
     if resolve_backend(backend, q, k, v, op="mamba3", has_kernel=serves) == "triton":
         from seqblocks.ops.mamba3.triton import chunk_scan_triton
 
-        def scan(qr, kr, x, adt_, scale, gamma, h0, chunk):
-            return chunk_scan_triton(qr, kr, x, adt_, scale, gamma, h0, chunk, in_dtype=v.dtype)
+        def scan(q_in, k_in, qb, kb, th, x, adt_, scale, gamma, h0, chunk, D_, z_, mz, mo):
+            return chunk_scan_triton(q_in, k_in, qb, kb, th, x, adt_, scale, gamma, h0, chunk, D_, z_, mz, mo,
+                                     mimo_v is not None, in_dtype=v.dtype, tuning=tuning)
     if initial_state is not None:
         initial_state = Mamba3State(*initial_state)
     return mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v=mimo_v, mimo_z=mimo_z,
@@ -136,13 +146,15 @@ def mamba3_step(
     mimo_z: Tensor | None = None,
     mimo_o: Tensor | None = None,
     backend: str = "auto",
+    tuning: Mamba3Tuning | None = None,
 ) -> Tensor:
     """One decode step of ``mamba3``: advances ``state`` in place and returns ``y``.
 
     Args:
         state (Mamba3State): [B, ...] floating-point state (fp32 for a cache), overwritten.
         q, k (Tensor): [B, R, G, N].  v, z (Tensor): [B, H, P].  adt, dt, trap (Tensor): [B, H].
-        angles (Tensor): [B, H, S].  q_bias, k_bias, D, mimo_*, backend: as in ``mamba3``.
+        angles (Tensor): [B, H, S].  q_bias, k_bias, D, mimo_*, backend, tuning: as in ``mamba3``; the
+            Triton step (``step_triton.py``, one launch) needs an fp32 state.
 
     Returns:
         y (Tensor): [B, H, P] (or [B, R, H, P]) in v's dtype, equal to ``mamba3`` on the one-step
@@ -155,6 +167,13 @@ def mamba3_step(
         raise TypeError("mamba3_step: state is required (a Mamba3State), got None")
     check_inputs("mamba3_step", q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                  state, None, None, step=True)
-    resolve_backend(backend, q, k, v, op="mamba3_step", has_kernel=False)
+    if tuning is not None and not isinstance(tuning, Mamba3Tuning):
+        raise TypeError(f"mamba3_step: tuning must be a Mamba3Tuning or None, got {type(tuning).__name__}")
+    serves = kernel_serves(q.shape[-3], q.shape[-1], v.shape[-1], v.dtype, state_dtype=state[1].dtype)
+    if resolve_backend(backend, q, k, v, op="mamba3_step", has_kernel=serves) == "triton":
+        from seqblocks.ops.mamba3.step_triton import mamba3_step_triton
+
+        return mamba3_step_triton(Mamba3State(*state), q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
+                                  mimo_v, mimo_z, mimo_o, tuning)
     return mamba3_step_torch(Mamba3State(*state), q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                              mimo_v, mimo_z, mimo_o)

@@ -32,10 +32,11 @@ class Mamba3State(NamedTuple):
     v: torch.Tensor
 
 
-def kernel_serves(R: int, N: int, P: int, dtype: torch.dtype) -> bool:
+def kernel_serves(R: int, N: int, P: int, dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> bool:
     """Whether the Triton kernels take these sizes: rank R a power of two up to 8, N and P up to 256,
-    inputs other than float64."""
-    return dtype != torch.float64 and R & (R - 1) == 0 and R <= 8 and N <= 256 and P <= 256
+    inputs other than float64 (and, for the decode step, an fp32 ``state_dtype``)."""
+    fp32_state = state_dtype is None or state_dtype == torch.float32
+    return dtype != torch.float64 and fp32_state and R & (R - 1) == 0 and R <= 8 and N <= 256 and P <= 256
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

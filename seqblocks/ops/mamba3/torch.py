@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from seqblocks.ops.mamba3._common import TWO_PI, Mamba3State, compute_dtype, expand_groups, pack, rotate, unpack
 from seqblocks.ops.mamba3.reference import mamba3_step_ref, zero_state
 
-__all__ = ["mamba3_torch", "mamba3_step_torch", "chunk_scan_torch", "prepare", "finish", "Prepared"]
+__all__ = ["mamba3_torch", "mamba3_step_torch", "chunk_scan_torch", "prepare", "epilogue", "finish", "Prepared"]
 
 
 class Prepared(NamedTuple):
     """The scan's inputs after the elementwise prologue (all in the accumulation dtype)."""
 
-    qr: torch.Tensor      # [B, T, R, H, N] rotated, biased q
-    kr: torch.Tensor      # [B, T, R, H, N] rotated, biased k
+    qr: torch.Tensor | None  # [B, T, R, H, N] rotated, biased q (None: the kernels rotate on load)
+    kr: torch.Tensor | None  # [B, T, R, H, N] rotated, biased k
     x: torch.Tensor       # [B, T, R, H, P] x (MIMO: lifted by mimo_v)
     adt: torch.Tensor     # [B, T, H] log decay, 0 at padding and poisoned tokens
     scale: torch.Tensor   # [B, T, H] a key's weight for every later step
@@ -52,6 +52,12 @@ class Prepared(NamedTuple):
     bad: torch.Tensor     # [B, T] tokens with a non-finite input of the state
     valid: torch.Tensor | None  # [B, T] inside lengths
     state: Mamba3State    # the initial state
+    q_in: torch.Tensor    # [B, T, R, G, N] q before bias and rotation
+    k_in: torch.Tensor    # [B, T, R, G, N] k before bias and rotation, 0 at poisoned tokens
+    q_bias: torch.Tensor  # [R, H, N]
+    k_bias: torch.Tensor  # [R, H, N]
+    th: torch.Tensor      # [B, T, H, S] the accumulated angles of every step
+    halves: bool          # MIMO's (i, i + N / 2) pairs, else SISO's (2i, 2i + 1)
 
 
 def accumulate_angles(theta0: torch.Tensor, inc: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -66,9 +72,11 @@ def accumulate_angles(theta0: torch.Tensor, inc: torch.Tensor, chunk: int) -> to
     return theta.flatten(1, 2)[:, :T]
 
 
-def prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size) -> Prepared:
+def prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size,
+            rotate_now=True) -> Prepared:
     """Everything before the chunked scan: masks, non-finite tokens, the trapezoid weights, the angles, the
-    rotated keys and queries and the carried initial state (module docstring)."""
+    rotated keys and queries (unless ``rotate_now=False``: the Triton kernels bias and rotate q and k as
+    they load them) and the carried initial state (module docstring)."""
     acc = compute_dtype(q, k, v, adt, dt, angles)
     Bsz, T, R, G, N = q.shape
     H, P, S = v.shape[2], v.shape[3], angles.shape[-1]
@@ -99,12 +107,14 @@ def prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_stat
     th = accumulate_angles(state.angle, inc, chunk_size)                         # [B, T, H, S]
     proj = mimo_v.to(acc).transpose(0, 1) if mimo else torch.ones(1, H, P, device=dev, dtype=acc)  # [R, H, P]
     x = v[:, :, None] * proj                                                     # [B, T, R, H, P]
-    qr = rotate(expand_groups(q, H) + q_bias, th[:, :, None], halves=mimo)     # [B, T, R, H, N]
-    kr = rotate(expand_groups(k, H) + k_bias, th[:, :, None], halves=mimo)
+    qr = kr = None
+    if rotate_now:
+        qr = rotate(expand_groups(q, H) + q_bias, th[:, :, None], halves=mimo)     # [B, T, R, H, N]
+        kr = rotate(expand_groups(k, H) + k_bias, th[:, :, None], halves=mimo)
     # The carried state starts with the first step's beta term of the given previous key and value.
     x_prev = state.v[:, None] * proj                                            # [B, R, H, P]
     h0 = state.ssm + carry_in[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", x_prev, state.k)
-    return Prepared(qr, kr, x, adt, scale, gamma, h0, th[:, -1], bad, valid, state)
+    return Prepared(qr, kr, x, adt, scale, gamma, h0, th[:, -1], bad, valid, state, q, k, q_bias, k_bias, th, mimo)
 
 
 def chunk_scan_torch(qr, kr, x, adt, scale, gamma, h0, chunk_size):
@@ -130,10 +140,8 @@ def chunk_scan_torch(qr, kr, x, adt, scale, gamma, h0, chunk_size):
     return torch.cat(ys, 1), Hc
 
 
-def finish(y, hf, prep: Prepared, v, D, z, mimo_v, mimo_z, mimo_o, lengths, return_final_state, out_dtype):
-    """Everything after the chunked scan: skip, gate, MIMO fold, poisoning and padding, the final state."""
-    x, valid, bad = prep.x, prep.valid, prep.bad
-    Bsz, T = x.shape[:2]
+def epilogue(y, x, D, z, mimo_v, mimo_z, mimo_o):
+    """Skip, gate and MIMO fold of the scan's output y [B, T, R, H, P] (x the scan's input, same shape)."""
     acc, mimo = x.dtype, mimo_v is not None
     if D is not None:
         y = y + D.to(acc)[:, None] * x
@@ -141,9 +149,18 @@ def finish(y, hf, prep: Prepared, v, D, z, mimo_v, mimo_z, mimo_o, lengths, retu
         zp = mimo_z.to(acc).transpose(0, 1) if mimo else 1.0
         y = y * F.silu(z.to(acc)[:, :, None] * zp)
     if not mimo:
-        y = y[:, :, 0]
-    elif mimo_o is not None:
-        y = torch.einsum("btrhp,hrp->bthp", y, mimo_o.to(acc))
+        return y[:, :, 0]
+    if mimo_o is not None:
+        return torch.einsum("btrhp,hrp->bthp", y, mimo_o.to(acc))
+    return y
+
+
+def finish(y, hf, prep: Prepared, v, lengths, return_final_state, out_dtype):
+    """Everything after the scan and its epilogue: poisoning and padding, the final state."""
+    valid, bad = prep.valid, prep.bad
+    Bsz, T = prep.x.shape[:2]
+    acc = prep.x.dtype
+    y = y.to(acc)
     poisoned = (bad.to(torch.int32).cumsum(1) > 0).view(Bsz, T, *([1] * (y.dim() - 2)))
     y = y.masked_fill(poisoned, math.nan)
     zero = torch.zeros((), dtype=acc, device=y.device)
@@ -160,14 +177,20 @@ def finish(y, hf, prep: Prepared, v, D, z, mimo_v, mimo_z, mimo_o, lengths, retu
 
 def _final_state(prep: Prepared, hf, v, lengths) -> Mamba3State:
     # The last valid step's key and value (the initial ones for an empty row).
-    state, kr = prep.state, prep.kr
-    Bsz, dev = kr.shape[0], kr.device
+    state = prep.state
+    Bsz, dev, H = v.shape[0], v.device, v.shape[2]
+
+    def key(rows, t):  # the rotated, biased key of step t of each row: [B, R, H, N]
+        if prep.kr is not None:
+            return prep.kr[rows, t]
+        return rotate(expand_groups(prep.k_in[rows, t], H) + prep.k_bias, prep.th[rows, t][:, None], prep.halves)
+
     if lengths is None:
-        return Mamba3State(prep.theta, hf, kr[:, -1].contiguous(), v[:, -1])
+        return Mamba3State(prep.theta, hf, key(slice(None), -1).contiguous(), v[:, -1])
     last = (lengths.to(dev) - 1).clamp(min=0)
     has = lengths.to(dev) > 0
     rows = torch.arange(Bsz, device=dev)
-    k_last = torch.where(has[:, None, None, None], kr[rows, last], state.k)
+    k_last = torch.where(has[:, None, None, None], key(rows, last), state.k)
     v_last = torch.where(has[:, None, None], v[rows, last], state.v)
     return Mamba3State(prep.theta, hf, k_last, v_last)
 
@@ -177,8 +200,9 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
                  chunk_size=64, scan=None):
     """Chunked Mamba-3; see ``seqblocks.ops.mamba3.mamba3`` for the contract. Inputs are assumed valid.
 
-    ``scan`` replaces ``chunk_scan_torch`` (the Triton path passes its kernel); the prologue and epilogue
-    are the same for both."""
+    ``scan`` replaces the rotation, ``chunk_scan_torch`` and ``epilogue`` (the Triton path passes its
+    kernels, which bias and rotate q and k on load and apply the skip, gate and MIMO fold themselves);
+    the rest of the prologue and ``finish`` are the same for both."""
     if cu_seqlens is not None:
         unpacked = [None if t is None else unpack(t, cu_seqlens)[0] for t in (q, k, v, adt, dt, trap, angles, z)]
         y, final = mamba3_torch(*unpacked[:6], q_bias, k_bias, unpacked[6], D, unpacked[7], mimo_v=mimo_v,
@@ -196,10 +220,17 @@ def mamba3_torch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
         S, N = angles.shape[-1], q.shape[-1]
         state = initial_state or zero_state(Bsz, H, P, N, R, S, device=v.device, dtype=acc)
         return y, Mamba3State(*(s.to(acc).clone() for s in state))
-    prep = prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size)
-    y, hf = (scan or chunk_scan_torch)(prep.qr, prep.kr, prep.x, prep.adt, prep.scale, prep.gamma, prep.h0,
-                                       chunk_size)
-    return finish(y, hf, prep, v, D, z, mimo_v, mimo_z, mimo_o, lengths, return_final_state, v.dtype)
+    prep = prepare(q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_v, initial_state, lengths, chunk_size,
+                   rotate_now=scan is None)
+    if scan is not None:  # the kernels also bias and rotate q and k, and apply the skip, gate and MIMO fold
+        y, hf = scan(prep.q_in, prep.k_in, prep.q_bias, prep.k_bias, prep.th, prep.x, prep.adt, prep.scale,
+                     prep.gamma, prep.h0, chunk_size, D, z, mimo_z, mimo_o)
+        if mimo_v is None:
+            y = y[:, :, 0]
+    else:
+        y, hf = chunk_scan_torch(prep.qr, prep.kr, prep.x, prep.adt, prep.scale, prep.gamma, prep.h0, chunk_size)
+        y = epilogue(y, prep.x, D, z, mimo_v, mimo_z, mimo_o)
+    return finish(y, hf, prep, v, lengths, return_final_state, v.dtype)
 
 
 def mamba3_step_torch(state: Mamba3State, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=None, z=None,
