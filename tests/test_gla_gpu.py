@@ -80,7 +80,12 @@ def test_triton_matches_fla(name):
     fla_fn = fla_chunk.chunk_gla if name == "gla" else fla_chunk.chunk_simple_gla
     theirs = _run(lambda q, k, v, g, **kw: fla_fn(q, k, v, g, initial_state=kw["initial_state"],
                                                   output_final_state=True), inputs, h0)
-    assert all(_rel(a, b) < 3e-2 for a, b in zip(ours, theirs, strict=True))
+    # Both against the float64 PyTorch path: ours must be as close as fla's kernel is (a first H200 run
+    # had ours within 3e-2 of float64 but not within 3e-2 of fla, so compare each with the exact value).
+    ref = _run(OPS[name][0], [t.double() for t in inputs], h0.double(), backend="torch")
+    for i, (a, b, r) in enumerate(zip(ours, theirs, ref, strict=True)):
+        ours_err, fla_err = _rel(a, r), _rel(b, r)
+        assert ours_err <= max(1.25 * fla_err, 3e-2), (i, ours_err, fla_err)
 
 
 @pytest.mark.parametrize("name", OPS)
