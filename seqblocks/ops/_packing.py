@@ -1,7 +1,8 @@
 """Packed sequences (``cu_seqlens``), checked once for every op that takes them.
 
 ``cu_seqlens`` [S + 1] holds the offsets of S sequences packed along the time axis of a batch of one:
-sequence i is ``x[0, cu_seqlens[i]:cu_seqlens[i + 1]]``. Reading its values costs one host sync, paid
+sequence i is ``x[0, cu_seqlens[i]:cu_seqlens[i + 1]]``. ``unpack`` / ``pack`` turn that into a zero-padded
+batch and back, the way the PyTorch paths serve packed input. Reading its values costs one host sync, paid
 here, at the op's entry, by every op alike.
 """
 
@@ -11,7 +12,7 @@ import torch
 
 from seqblocks.cache import host_sync_unsafe
 
-__all__ = ["check_cu_seqlens"]
+__all__ = ["check_cu_seqlens", "unpack", "pack"]
 
 
 def check_cu_seqlens(op: str, cu_seqlens: object, batch: int, T: int) -> int:
@@ -34,3 +35,22 @@ def check_cu_seqlens(op: str, cu_seqlens: object, batch: int, T: int) -> int:
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
         raise ValueError(f"{op}: cu_seqlens must rise from 0 to T={T} without decreasing, got {cu_seqlens.tolist()}")
     return cu_seqlens.numel() - 1
+
+
+def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed [1, total, ...] -> (padded [num_seqs, max_len, ...], lengths [num_seqs]); padding is 0."""
+    lengths = cu_seqlens.diff().long()
+    S, L = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    t = torch.arange(L, device=x.device)
+    valid = t < lengths.unsqueeze(1)
+    idx = (cu_seqlens[:-1].long().unsqueeze(1) + t).clamp(max=max(x.shape[1] - 1, 0))
+    out = x[0][idx]  # [S, L, ...]
+    mask = valid.view(S, L, *([1] * (x.dim() - 2)))
+    return torch.where(mask, out, torch.zeros((), dtype=x.dtype, device=x.device)), lengths
+
+
+def pack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``unpack``: padded [num_seqs, max_len, ...] -> packed [1, total, ...]."""
+    lengths = cu_seqlens.diff().long()
+    valid = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)
+    return x[valid].unsqueeze(0)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqblocks.ops._packing import pack, unpack
 from seqblocks.ops.delta_rule._checks import compute_dtype, l2norm, poison, zero_nonfinite
-from seqblocks.ops.selective_scan import pack, unpack
 
 __all__ = ["gated_delta_rule_torch", "delta_rule_step_torch"]
 

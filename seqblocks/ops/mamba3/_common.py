@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Mamba3State", "kernel_serves", "check_inputs", "check_state", "compute_dtype", "rotate", "pack", "unpack",
+from seqblocks.ops._packing import check_cu_seqlens
+
+__all__ = ["Mamba3State", "kernel_serves", "check_inputs", "check_state", "compute_dtype", "rotate",
            "expand_groups"]
 
 
@@ -65,23 +67,6 @@ def rotate(x: torch.Tensor, theta: torch.Tensor, halves: bool) -> torch.Tensor:
     if halves:
         return torch.cat([a, b], -1)
     return torch.stack([a, b], -1).flatten(-2)
-
-
-def unpack(t: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[1, total, ...] packed sequences -> ([num_seqs, max_len, ...] zero padded, lengths [num_seqs])."""
-    bounds = cu_seqlens.tolist()
-    lengths = cu_seqlens.diff()
-    width = max(max(b - a for a, b in zip(bounds[:-1], bounds[1:])), 1)
-    out = t.new_zeros((len(bounds) - 1, width, *t.shape[2:]))
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        out[i, : b - a] = t[0, a:b]
-    return out, lengths
-
-
-def pack(t: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``unpack``: [num_seqs, max_len, ...] -> [1, total, ...]."""
-    bounds = cu_seqlens.tolist()
-    return torch.cat([t[i, : b - a] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], 0).unsqueeze(0)
 
 
 def _shape_error(op: str, name: str, t: torch.Tensor, expected: str) -> ValueError:
@@ -178,15 +163,7 @@ def check_inputs(op, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_
     if lengths is not None and cu_seqlens is not None:
         raise ValueError(f"{op}: pass either lengths or cu_seqlens, not both")
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-                or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{op}: cu_seqlens must be a 1-D int32 / int64 tensor [num_seqs + 1], got {cu_seqlens!r}")
-        if Bsz != 1:
-            raise ValueError(f"{op}: with cu_seqlens the batch must be [1, total, ...], got B={Bsz}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
-            raise ValueError(f"{op}: cu_seqlens must rise from 0 to T={T} without decreasing, got "
-                             f"{cu_seqlens.tolist()}")
-        rows = cu_seqlens.numel() - 1
+        rows = check_cu_seqlens(op, cu_seqlens, Bsz, T)
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (Bsz,) \
                 or lengths.dtype not in (torch.int32, torch.int64):

@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from seqblocks.ops.mamba3._common import TWO_PI, Mamba3State, compute_dtype, expand_groups, pack, rotate, unpack
+from seqblocks.ops._packing import pack, unpack
+from seqblocks.ops.mamba3._common import TWO_PI, Mamba3State, compute_dtype, expand_groups, rotate
 from seqblocks.ops.mamba3.reference import mamba3_step_ref, zero_state
 
 __all__ = ["mamba3_torch", "mamba3_step_torch", "chunk_scan_torch", "prepare", "epilogue", "finish", "Prepared"]

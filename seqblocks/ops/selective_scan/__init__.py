@@ -17,12 +17,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
-from seqblocks.ops.selective_scan._common import check_inputs, pack, unpack
+from seqblocks.ops._packing import pack, unpack
+from seqblocks.ops.selective_scan._common import check_inputs
 from seqblocks.ops.selective_scan.reference import selective_scan_ref
 from seqblocks.ops.selective_scan.torch import selective_scan_torch, selective_state_update_torch
 from seqblocks.ops.selective_scan.tuning import SelectiveScanTuning
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "pack", "unpack", "SelectiveScanTuning"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "SelectiveScanTuning"]
 
 
 @outside_autocast

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from seqblocks.ops._packing import check_cu_seqlens
 from seqblocks.ops.discretize import DISCRETIZATIONS
 
-__all__ = ["check_inputs", "pack", "unpack"]
+__all__ = ["check_inputs"]
 
 
 def _shape_error(name: str, t: torch.Tensor, expected: str) -> ValueError:
@@ -60,15 +61,7 @@ def check_inputs(u, delta, A, B, C, D, z, delta_bias, discretization, delta_A, i
         raise ValueError("selective_scan: pass either lengths or cu_seqlens, not both")
     rows = Bsz
     if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"selective_scan: cu_seqlens must be a 1-D integer tensor [num_seqs + 1], got "
-                             f"shape {tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}")
-        if Bsz != 1:
-            raise ValueError(f"selective_scan: with cu_seqlens the batch must be [1, total, D], got B={Bsz}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
-            raise ValueError(f"selective_scan: cu_seqlens must rise from 0 to T={T} without decreasing, got "
-                             f"{cu_seqlens.tolist()}")
-        rows = cu_seqlens.numel() - 1
+        rows = check_cu_seqlens("selective_scan", cu_seqlens, Bsz, T)
     if lengths is not None:
         if lengths.shape != (Bsz,) or lengths.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"selective_scan: lengths must be an integer tensor of shape ({Bsz},), got shape "
@@ -77,22 +70,3 @@ def check_inputs(u, delta, A, B, C, D, z, delta_bias, discretization, delta_A, i
             raise ValueError(f"selective_scan: lengths must lie in [0, T={T}], got {lengths.tolist()}")
     if initial_state is not None and initial_state.shape != (rows, Dm, N):
         raise _shape_error("initial_state", initial_state, f"[{rows}, {Dm}, {N}]")
-
-
-def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed [1, total, ...] -> (padded [num_seqs, max_len, ...], lengths [num_seqs]); padding is 0."""
-    lengths = cu_seqlens.diff().long()
-    S, L = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    t = torch.arange(L, device=x.device)
-    valid = t < lengths.unsqueeze(1)
-    idx = (cu_seqlens[:-1].long().unsqueeze(1) + t).clamp(max=max(x.shape[1] - 1, 0))
-    out = x[0][idx]  # [S, L, ...]
-    mask = valid.view(S, L, *([1] * (x.dim() - 2)))
-    return torch.where(mask, out, torch.zeros((), dtype=x.dtype, device=x.device)), lengths
-
-
-def pack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``unpack``: padded [num_seqs, max_len, ...] -> packed [1, total, ...]."""
-    lengths = cu_seqlens.diff().long()
-    valid = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)
-    return x[valid].unsqueeze(0)

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from seqblocks.ops.selective_scan import pack, unpack
+from seqblocks.ops._packing import pack, unpack
 from seqblocks.ops.ssd._common import compute_dtype, head_groups, process_dt
 
 __all__ = ["ssd_torch", "ssd_state_update_torch"]

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops._backend import interpreter_enabled
-from seqblocks.ops.selective_scan import pack, unpack
+from seqblocks.ops._packing import pack, unpack
 from seqblocks.ops.ssd._common import process_dt
 
 __all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK", "TILES"]
