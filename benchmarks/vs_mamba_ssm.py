@@ -2,7 +2,8 @@
 """seqblocks against mamba_ssm end to end (issue #14): one GPU run, one markdown table.
 
     python3 .anchors/build_anchors.py /tmp/anchors          # once per machine (about 150 s)
-    PYTHONPATH=. python benchmarks/vs_mamba_ssm.py [--anchors /tmp/anchors] [--rows a,b] [--json out.json]
+    PYTHONPATH=. python benchmarks/vs_mamba_ssm.py [--anchors /tmp/anchors] [--anchors-src .anchors] [--rows a,b]
+        [--decode-modes graph,eager] [--json out.json]
 
 Rows (bf16; training and layers under bf16 autocast with fp32 parameters, as in training):
 - ``train``: mamba-130m LM train step (B8 T2048, cross entropy, fused AdamW): time and peak memory.
@@ -129,10 +130,10 @@ def _fmt_gb(v) -> str:
 class Anchor:
     """mamba_ssm (and causal_conv1d) as built by build_anchors.py, or the reason they are missing."""
 
-    def __init__(self, build_dir: str) -> None:
+    def __init__(self, build_dir: str, src_dir: str = ".anchors") -> None:
         self.error = None
         try:
-            sys.path.insert(0, build_dir)
+            sys.path[:0] = [build_dir, src_dir]  # build_anchors.py lives beside the source tarballs
             import build_anchors
 
             build_anchors.activate(build_dir)
@@ -461,6 +462,7 @@ def main(argv=None) -> None:
     p.add_argument("--anchors", default="/tmp/anchors", help="build folder of build_anchors.py")
     p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {ALL_ROWS}")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--anchors-src", default=".anchors", help="folder holding build_anchors.py")
     p.add_argument("--decode-modes", default="graph,eager", help="decode rows to time: graph, eager or both")
     args = p.parse_args(argv)
     global DECODE_GRAPHS
@@ -478,7 +480,7 @@ def main(argv=None) -> None:
     Roof.bw, Roof.flops = copy_bandwidth(), matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {Roof.bw / 1e12:.2f} TB/s, bf16 matmul {Roof.flops / 1e12:.0f} "
           f"TFLOP/s", flush=True)
-    anchor = Anchor(args.anchors)
+    anchor = Anchor(args.anchors, args.anchors_src)
     print(f"mamba_ssm: {anchor.error or 'imported'}", flush=True)
     for r in rows:
         print(f"[{r}]", flush=True)
