@@ -172,3 +172,29 @@ def test_lm_save_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "m")
     loaded = LRNNLMHeadModel.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_bidirectional_sees_both_ways_per_row_and_per_packed_sequence():
+    """``bidirectional=True`` (a seqblocks extra): later tokens move earlier outputs; padding and packing
+    still give each sequence its own outputs; no cache."""
+
+    torch.manual_seed(0)
+    m = Mamba2(16, d_state=8, headdim=8, chunk_size=4, bidirectional=True, dtype=torch.float64).eval()
+    assert m.causal is False and Mamba2.config_class()(d_model=16).bidirectional is False
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 7] += 1.0
+    assert not torch.allclose(m(x2)[:, :7], y[:, :7])
+    lengths = torch.tensor([9, 4, 6])
+    padded = m(x, lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(padded[b, :n], m(x[b: b + 1, :n])[0], atol=1e-10, rtol=0)
+    packed = m(torch.cat([x[0, :4], x[1, :5]]).unsqueeze(0), cu_seqlens=torch.tensor([0, 4, 9]))
+    torch.testing.assert_close(packed[0, :4], m(x[:1, :4])[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(packed[0, 4:], m(x[1:2, :5])[0], atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="not causal"):
+        m.allocate_inference_cache(1, 8)
+    causal = Mamba2(16, d_state=8, headdim=8, chunk_size=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not causal"):
+        m(x[:1], causal.allocate_inference_cache(1, 8))

@@ -50,8 +50,8 @@ from seqblocks.ops.scan.reference import state_dtype
 from seqblocks.ops.scan.step import linear_scan_step
 from seqblocks.ops.ssm_conv_kernels import ssm_powers
 
-__all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "complex_dtype", "post_layers",
-           "diag_states", "complex_linear", "real_readout"]
+__all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "reverse_sequences", "complex_dtype",
+           "post_layers", "diag_states", "complex_linear", "real_readout"]
 
 MODES = ("conv", "scan")
 
@@ -89,6 +89,18 @@ def reverse_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     idx = torch.where(t < n, n - 1 - t, t)
     idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
     return torch.gather(x, 1, idx)
+
+
+def reverse_sequences(x: torch.Tensor, lengths: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Reverse along dim 1 each row's valid prefix (``lengths``) or each packed sequence (``cu_seqlens``,
+    x [1, total, ...]), leaving padding in place (an involution): the reversed pass of a bidirectional
+    mixer."""
+    if cu_seqlens is None:
+        return reverse_rows(x, lengths)
+    t = torch.arange(x.shape[1], device=x.device)
+    cu = cu_seqlens.to(x.device)
+    seq = torch.bucketize(t, cu[1:], right=True)
+    return x.index_select(1, cu[seq] + cu[seq + 1] - 1 - t)
 
 
 class LTIMixer(Mixer):

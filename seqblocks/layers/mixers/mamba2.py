@@ -36,6 +36,7 @@ from seqblocks.layers.checks import (
     lengths_mask,
 )
 from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.mixers._lti import reverse_sequences
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.ssd import ssd, ssd_state_update
 from seqblocks.registry import MIXERS
@@ -109,6 +110,9 @@ class Mamba2(Mixer):
         bias (bool): biases in in_proj and out_proj. Default: False.
         conv_bias (bool): bias in the conv. Default: True.
         chunk_size (int): chunk length of the SSD scan. Default: 256.
+        bidirectional (bool): add a reversed pass of the SSD scan over the conv's output (a seqblocks
+            extra, not in mamba_ssm): the same weights scan each row (or packed sequence) backwards too,
+            the D skip counted once; not causal, so no cache. Default: False.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: parameter placement. Default: None.
 
@@ -143,11 +147,14 @@ class Mamba2(Mixer):
         bias: bool = False,
         conv_bias: bool = True,
         chunk_size: int = 256,
+        bidirectional: bool = False,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        self.bidirectional = bool(bidirectional)
+        self.causal = not self.bidirectional
         check_positive("Mamba2", d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
                        ngroups=ngroups, chunk_size=chunk_size)
         d_inner = expand * d_model
@@ -221,6 +228,8 @@ class Mamba2(Mixer):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> Mamba2Cache:
         """A zeroed ``Mamba2Cache`` for ``batch_size`` sequences (``max_seqlen`` does not change its size)."""
+        if self.bidirectional:
+            raise ValueError("Mamba2(bidirectional=True) is not causal and keeps no cache")
         check_allocation("Mamba2", batch_size, max_seqlen, dtype)
         device = self.in_proj.weight.device
         state_dtype = torch.promote_types(torch.float32, self.in_proj.weight.dtype)
@@ -249,6 +258,8 @@ class Mamba2(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
+        if cache is not None and self.bidirectional:
+            raise ValueError("Mamba2(bidirectional=True) is not causal and cannot run with a cache")
         if cu_seqlens is not None:
             return self._forward_packed(x, cache, cu_seqlens, lengths)
         x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, lengths, cache, Mamba2Cache)
@@ -271,11 +282,13 @@ class Mamba2(Mixer):
         xBC, conv_final = causal_conv1d(xBC, weight, self.conv1d.bias, activation="silu",
                                         initial_state=None if cache is None else cache.conv_state, lengths=lengths)
         xs, Bm, Cm = self._split(xBC)
-        y, final = ssd(xs, dt, A, Bm, Cm, self._D(acc),
-                       None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
+        y, final = ssd(xs, dt, A, Bm, Cm, self._D(acc), gate,
                        dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
                        initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
                        lengths=lengths, chunk_size=self.chunk_size)
+        if self.bidirectional:
+            y = y + self._reversed_pass(xs, dt, A, Bm, Cm, gate, lengths=lengths, cu_seqlens=None)
         if cache is not None:
             cache.conv_state.copy_(conv_final)
             cache.ssm_state.copy_(final)
@@ -305,16 +318,30 @@ class Mamba2(Mixer):
                                         initial_state=None if cache is None else cache.conv_state,
                                         cu_seqlens=cu_seqlens)
         xs, Bm, Cm = self._split(xBC)
-        y, final = ssd(xs, dt, -torch.exp(self.A_log.to(acc)), Bm, Cm, self._D(acc),
-                       None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+        A = -torch.exp(self.A_log.to(acc))
+        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
+        y, final = ssd(xs, dt, A, Bm, Cm, self._D(acc), gate,
                        dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
                        initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
                        cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        if self.bidirectional:
+            y = y + self._reversed_pass(xs, dt, A, Bm, Cm, gate, lengths=None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.conv_state.copy_(conv_final)
             cache.ssm_state.copy_(final)
             cache.advance(cu_seqlens.diff().to(cache.seqlen_offset))
         return self._out(y.flatten(-2), z, z0, x0).to(in_dtype)
+
+    def _reversed_pass(self, xs, dt, A, Bm, Cm, gate, *, lengths, cu_seqlens) -> torch.Tensor:
+        # The SSD scan over each row's valid prefix (or each packed sequence) backwards, reversed back;
+        # the D skip is in the forward pass only.
+        def rev(t):
+            return None if t is None else reverse_sequences(t, lengths, cu_seqlens)
+
+        y = ssd(rev(xs), rev(dt), A, rev(Bm), rev(Cm), None, rev(gate), dt_bias=self.dt_bias.to(A.dtype),
+                dt_softplus=True, dt_limit=self.dt_limit, lengths=lengths, cu_seqlens=cu_seqlens,
+                chunk_size=self.chunk_size)
+        return rev(y)
 
     @staticmethod
     def _acc(t: torch.Tensor) -> torch.dtype:

@@ -40,7 +40,7 @@ from seqblocks.layers.checks import (
     lengths_mask,
 )
 from seqblocks.layers.mixer import Mixer
-from seqblocks.layers.mixers._lti import reverse_rows
+from seqblocks.layers.mixers._lti import reverse_sequences
 from seqblocks.layers.mixers.mamba2 import RMSNormGated
 from seqblocks.ops.mamba3 import Mamba3State, mamba3, mamba3_step
 from seqblocks.registry import MIXERS
@@ -285,7 +285,7 @@ class Mamba3(Mixer):
     def _reversed_pass(self, *inputs, lengths, cu_seqlens) -> torch.Tensor:
         # The scan over each sequence reversed (its valid prefix, or each packed sequence), reversed back.
         def rev(t):
-            return None if t is None else _reverse(t, lengths, cu_seqlens)
+            return None if t is None else reverse_sequences(t, lengths, cu_seqlens)
         Cm, Bm, xs, adt, dt, trap, angles, gate, mimo = inputs
         y = mamba3(*map(rev, (Cm, Bm, xs, adt, dt, trap)), self.C_bias, self.B_bias, rev(angles), None, rev(gate),
                    **mimo, lengths=lengths, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
@@ -301,15 +301,3 @@ class Mamba3(Mixer):
         zr = torch.einsum("bthp,hrp->btrhp", z.to(acc), self.mimo_z.to(acc))
         y = self.norm(y.to(acc).flatten(-2), zr.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
         return torch.einsum("btrhp,hrp->bthp", y, self.mimo_o.to(acc)).flatten(-2)
-
-
-def _reverse(x: torch.Tensor, lengths: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Reverse along dim 1 each row's valid prefix (``lengths``) or each packed sequence (``cu_seqlens``),
-    leaving padding in place (an involution)."""
-    if cu_seqlens is None:
-        return reverse_rows(x, lengths)
-    t = torch.arange(x.shape[1], device=x.device)
-    cu = cu_seqlens.to(x.device)
-    seq = torch.bucketize(t, cu[1:], right=True)
-    idx = cu[seq] + cu[seq + 1] - 1 - t
-    return x.index_select(1, idx)
