@@ -76,16 +76,21 @@ def gated_delta_rule(
         ImportError: ``backend="triton"`` without Triton.
     """
     check_inputs("gated_delta_rule", q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size)
+    return _dispatch("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                     use_qk_l2norm, chunk_size, backend)
+
+
+def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
+              chunk_size, backend) -> tuple[Tensor, Tensor | None]:
+    # Both public ops, checked: the kernels or the PyTorch path (g None: the ungated rule).
+    kw = {"scale": scale, "initial_state": initial_state, "output_final_state": output_final_state,
+          "cu_seqlens": cu_seqlens, "use_qk_l2norm": use_qk_l2norm, "chunk_size": chunk_size}
     served = kernel_serves(q, k, v, g, beta, initial_state)
-    if resolve_backend(backend, q, k, v, op="gated_delta_rule", has_kernel=served) == "triton":
+    if resolve_backend(backend, q, k, v, op=op, has_kernel=served) == "triton":
         from seqblocks.ops.delta_rule.triton import gated_delta_rule_triton
 
-        return gated_delta_rule_triton(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                       use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
-    return gated_delta_rule_torch(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                  use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+        return gated_delta_rule_triton(q, k, v, g, beta, **kw)
+    return gated_delta_rule_torch(q, k, v, g, beta, **kw)
 
 
 @outside_autocast
@@ -108,16 +113,8 @@ def delta_rule(
     ``gated_delta_rule`` without the decay; arguments, results and errors as there.
     """
     check_inputs("delta_rule", q, k, v, None, beta, scale, initial_state, cu_seqlens, chunk_size, gated=False)
-    served = kernel_serves(q, k, v, beta, initial_state)
-    if resolve_backend(backend, q, k, v, op="delta_rule", has_kernel=served) == "triton":
-        from seqblocks.ops.delta_rule.triton import gated_delta_rule_triton
-
-        return gated_delta_rule_triton(q, k, v, None, beta, scale=scale, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                       use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
-    return gated_delta_rule_torch(q, k, v, None, beta, scale=scale, initial_state=initial_state,
-                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                  use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+    return _dispatch("delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                     use_qk_l2norm, chunk_size, backend)
 
 
 @outside_autocast
