@@ -183,6 +183,14 @@ class BlockConfig(ConfigBase):
         rotary_dim (int | None): rotary width for partial RoPE. Default: None (= head_dim).
         rope_scaling (float): linear position-interpolation factor for RoPE. Default: 1.0.
         d_state (int): state width of recurrent mixers. Default: 16.
+        qk_norm (bool): RMSNorm (learnable weight over head_dim) on every query and key head, before
+            RoPE (Qwen3 / Gemma 3). Default: False.
+        attention_chunk_size (int | None): Llama-4 chunked local attention ("chunked_gqa"): a query sees
+            only the earlier keys of its own chunk of attention_chunk_size positions. Default: None.
+        sparse_select_k (int | None): keys each query attends to in "sparse_gqa" (the indexer's top-k).
+            Default: None.
+        attn_logit_softcapping (float | None): attention-logit soft-cap, ``c * tanh(score / c)``
+            (Gemma 2). Default: None.
         mixer_kwargs (dict): extra constructor arguments for the mixer (JSON values). Default: {}.
     """
 
@@ -213,6 +221,10 @@ class BlockConfig(ConfigBase):
     rotary_dim: int | None = None
     rope_scaling: float = 1.0
     d_state: int = 16
+    qk_norm: bool = False
+    attention_chunk_size: int | None = None
+    sparse_select_k: int | None = None
+    attn_logit_softcapping: float | None = None
     mixer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -223,7 +235,7 @@ class BlockConfig(ConfigBase):
                      "linear_attention_chunk_size", "d_state"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         for name in ("n_kv_heads", "head_dim", "window_size", "kv_lora_rank", "q_lora_rank", "rope_dim",
-                     "rotary_dim"):
+                     "rotary_dim", "attention_chunk_size", "sparse_select_k"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "a positive integer or None")
         if self.head_dim is None:
@@ -242,6 +254,9 @@ class BlockConfig(ConfigBase):
         _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "a positive float")
         _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a positive float")
         _require(self.rope_scaling > 0, "rope_scaling", self.rope_scaling, "a positive float")
+        if self.attn_logit_softcapping is not None:
+            _require(self.attn_logit_softcapping > 0, "attn_logit_softcapping", self.attn_logit_softcapping,
+                     "a positive float or None")
         _require(all(isinstance(k, str) for k in self.mixer_kwargs), "mixer_kwargs", self.mixer_kwargs,
                  "a dict with string keys")
         try:

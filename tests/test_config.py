@@ -11,6 +11,7 @@ NON_DEFAULTS = dict(
     pre_norm=False, causal=False, window_size=128, attention_dropout=0.05, attention_type="flex",
     attention_block_size=64, linear_attention_chunk_size=32, kv_lora_rank=64, q_lora_rank=48, rope_dim=16,
     rotary_dim=16, rope_scaling=2.0, d_state=64, mixer_kwargs={"dt_min": 0.001, "nested": {"a": [1, 2]}},
+    qk_norm=True, attention_chunk_size=64, sparse_select_k=32, attn_logit_softcapping=50.0,
 )
 
 
@@ -66,6 +67,9 @@ def test_head_dim_is_its_own_field():
         ("rotary_dim", 63, "rotary_dim=63"),
         ("attention", " ", "attention"),
         ("rope_theta", float("inf"), "rope_theta must be finite"),
+        ("attention_chunk_size", 0, "attention_chunk_size=0"),
+        ("sparse_select_k", -2, "sparse_select_k=-2"),
+        ("attn_logit_softcapping", 0.0, "attn_logit_softcapping=0.0"),
     ],
 )
 def test_validation_names_the_field(field, value, match):

@@ -80,7 +80,8 @@ def registered() -> list[str]:
     return [n for n in MIXERS.primary_names()] + ["user_ema"]
 
 
-SMALL = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}, "mamba3": {"headdim": 8}}
+SMALL = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}, "mamba3": {"headdim": 8},
+         "chunked_gqa": {"attention_chunk_size": 4}, "sparse_gqa": {"sparse_select_k": 2}}
 
 
 def make(name: str) -> nn.Module:

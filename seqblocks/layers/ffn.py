@@ -17,7 +17,7 @@ from torch import nn
 from seqblocks.registry import FFNS, MLPS
 
 __all__ = ["FFNBase", "FeedForward", "ReLUFeedForward", "ReLU2FeedForward", "GatedFeedForward",
-           "GEGLUFeedForward", "NoFFN", "GatedMLP"]
+           "GEGLUFeedForward", "GatedReLU2FeedForward", "NoFFN", "GatedMLP"]
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,13 @@ class GEGLUFeedForward(GatedFeedForward):
     activation = staticmethod(F.gelu)
 
 
+class GatedReLU2FeedForward(GatedFeedForward):
+    """Gated squared ReLU: down(relu(gate(x))^2 * up(x)) (lmxlab's "gated_relu2"; the SwiGLU layout with
+    Primer's activation on the gate)."""
+
+    activation = staticmethod(relu2)
+
+
 class NoFFN(FFNBase):
     """No feed-forward sublayer: the block skips it entirely (no norm, no residual add)."""
 
@@ -104,6 +111,7 @@ FFNS.register("relu2", ReLU2FeedForward)
 FFNS.register("gated", GatedFeedForward)
 FFNS.register("swiglu", GatedFeedForward, description="alias of 'gated': SwiGLU")
 FFNS.register("geglu", GEGLUFeedForward)
+FFNS.register("gated_relu2", GatedReLU2FeedForward)
 FFNS.register("none", NoFFN)
 
 

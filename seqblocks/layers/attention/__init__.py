@@ -1,6 +1,7 @@
 """Attention mixers, their caches and FlexAttention-style score / mask mods.
 
-Modules: ``mha`` (MHA / GQA / MQA / sliding window), ``mla``, ``cross_attention``, ``linear_attention``,
+Modules: ``mha`` (MHA / GQA / MQA / sliding window), ``chunked`` (Llama-4 chunked local attention),
+``sparse`` (top-k sparse attention with a lightning indexer), ``mla``, ``cross_attention``, ``linear_attention``,
 ``common`` (what they share), ``cache``, ``score_mods``.
 """
 
@@ -11,6 +12,7 @@ from seqblocks.layers.attention.cache import (
     MLACache,
     RollingKVCache,
 )
+from seqblocks.layers.attention.chunked import ChunkedGQA
 from seqblocks.layers.attention.cross_attention import CrossAttention
 from seqblocks.layers.attention.linear_attention import LinearAttention
 from seqblocks.layers.attention.mha import GQA, MHA, MQA, SlidingWindowAttention
@@ -20,6 +22,7 @@ from seqblocks.layers.attention.score_mods import (
     alibi_score_mod,
     and_masks,
     causal_mask,
+    chunked_causal_mask,
     compose,
     document_mask,
     or_masks,
@@ -27,8 +30,10 @@ from seqblocks.layers.attention.score_mods import (
     sliding_window_mask,
     soft_cap,
 )
+from seqblocks.layers.attention.sparse import SparseGQA, SparseKVCache
 
-__all__ = ["MHA", "GQA", "MQA", "MLA", "SlidingWindowAttention", "CrossAttention", "LinearAttention", "KVCache",
+__all__ = ["MHA", "GQA", "MQA", "MLA", "SlidingWindowAttention", "ChunkedGQA", "SparseGQA", "SparseKVCache",
+           "chunked_causal_mask", "CrossAttention", "LinearAttention", "KVCache",
            "RollingKVCache", "MLACache", "LinearAttentionCache", "CrossAttentionCache", "causal_mask",
            "sliding_window_mask", "prefix_lm_mask", "document_mask", "alibi_score_mod", "soft_cap", "additive_bias",
            "compose", "and_masks", "or_masks"]

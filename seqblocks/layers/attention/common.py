@@ -27,14 +27,16 @@ import torch
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.attention.score_mods import mod_kind
+from seqblocks.layers.attention.score_mods import compose, mod_kind, soft_cap
 from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
 from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
 
 __all__ = ["AttentionCore", "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
-           "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries"]
+           "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "make_qk_norm",
+           "with_softcap"]
 
 
 def resolve_heads(owner: str, embed_dim: int, num_heads: int | None, num_heads_kv: int | None,
@@ -100,6 +102,33 @@ def make_rotary(owner: str, head_dim: int, rotary_emb_dim: int, base: float, int
         raise ValueError(f"{owner}: rotary_emb_dim={rotary_emb_dim} and a rotary position module both given; "
                          f"use one")
     return RotaryEmbedding(head_dim, base=base, rotary_dim=rotary_emb_dim, interleaved=interleaved, device=device)
+
+
+def make_qk_norm(owner: str, enabled: bool, head_dim: int, eps: float, *, device=None,
+                 dtype=None) -> tuple[RMSNorm | None, RMSNorm | None]:
+    """(q_norm, k_norm): RMSNorms over the head width K, one learnable [K] weight each, or (None, None).
+
+    Raises:
+        ValueError: ``eps`` not positive.
+    """
+    if not enabled:
+        return None, None
+    check_range(owner, "qk_norm_eps", eps, 0.0, lo_open=True)
+    return (RMSNorm(head_dim, eps, device=device, dtype=dtype), RMSNorm(head_dim, eps, device=device, dtype=dtype))
+
+
+def with_softcap(owner: str, softcap: float | None, score_mod: Callable | None) -> Callable | None:
+    """``score_mod`` preceded by tanh soft-capping at ``softcap`` (None: ``score_mod`` unchanged).
+
+    Raises:
+        ValueError: ``softcap`` not a positive number.
+    """
+    if softcap is None:
+        return score_mod
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float) or not softcap > 0:
+        raise ValueError(f"{owner}: softcap={softcap!r} must be a positive number or None")
+    cap = soft_cap(float(softcap))
+    return cap if score_mod is None else compose(cap, score_mod)
 
 
 def rotary_of(rotary_emb: nn.Module | None, position: PositionBase | None) -> nn.Module | None:

@@ -56,7 +56,8 @@ from seqblocks.registry import MIXERS
 __all__ = ["LinearAttention"]
 
 # MHA options that only softmax attention has, with the value that means "not used".
-_SOFTMAX_ONLY = {"window_size": None, "score_mod": None, "mask_mod": None, "dropout": 0.0, "softmax_scale": None}
+_SOFTMAX_ONLY = {"window_size": None, "score_mod": None, "mask_mod": None, "dropout": 0.0, "softmax_scale": None,
+                 "qk_norm": False, "softcap": None}
 
 
 @MIXERS.register("linear_attention")
@@ -159,6 +160,7 @@ class LinearAttention(Mixer):
         args = dict(arguments)
         args.pop("attention_type", None)
         args.pop("attention_block_size", None)
+        args.pop("qk_norm_eps", None)  # serves qk_norm only, which linear attention refuses
         bad = [name for name, unused in _SOFTMAX_ONLY.items() if args.pop(name, unused) != unused]
         if bad:
             raise ValueError(f"{owner}: attention_type='linear' (kernelized, no softmax scores) cannot apply "

@@ -45,12 +45,14 @@ from seqblocks.layers.attention.cache import KVCache, RollingKVCache
 from seqblocks.layers.attention.common import (
     AttentionCore,
     intersect_valid,
+    make_qk_norm,
     make_rotary,
     poisoned_queries,
     resolve_heads,
     rope_positions,
     rotary_of,
     split_mask,
+    with_softcap,
 )
 from seqblocks.layers.attention.cross_attention import CrossAttention
 from seqblocks.layers.attention.linear_attention import LinearAttention
@@ -108,6 +110,12 @@ class MHA(AttentionCore):
         mask_mod (Callable | None): ``(b, h, q_idx, kv_idx) -> bool`` at token indices. Default: None.
         position (PositionBase | None): a block's rotary or bias (ALiBi) position module (what
             ``ConfigurableBlock`` passes); additive positions belong to the model input. Default: None.
+        qk_norm (bool): RMSNorm over the head width of every query and key head (one learnable
+            [head_dim] weight for queries, one for keys), before RoPE (Qwen3 / Gemma 3 / OLMo 2).
+            Default: False.
+        qk_norm_eps (float): epsilon of the QK-norm. Default: 1e-5.
+        softcap (float | None): attention-logit soft-capping, ``softcap * tanh(score / softcap)`` on the
+            scaled scores, before any ``score_mod`` (Gemma 2). Default: None.
         device, dtype: parameter placement. Default: None.
 
     ``MHA(..., attention_type="linear")`` (also ``GQA`` / ``MQA``) returns a ``LinearAttention`` with
@@ -152,6 +160,9 @@ class MHA(AttentionCore):
         score_mod: Callable | None = None,
         mask_mod: Callable | None = None,
         position: PositionBase | None = None,
+        qk_norm: bool = False,
+        qk_norm_eps: float = 1e-5,
+        softcap: float | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -160,6 +171,9 @@ class MHA(AttentionCore):
         num_heads, num_heads_kv, head_dim = resolve_heads(owner, embed_dim, num_heads, num_heads_kv, head_dim)
         if window_size is not None and not causal:
             raise ValueError(f"{owner}: window_size={window_size} is a causal sliding window; it needs causal=True")
+        if not isinstance(qk_norm, bool):
+            raise TypeError(f"{owner}: qk_norm must be a bool, got {qk_norm!r}")
+        score_mod = with_softcap(owner, softcap, score_mod)
         # linear_attention_chunk_size / linear_feature_map serve only the "linear" alias (see __new__).
         self.init_core(num_heads=num_heads, attention_type=attention_type, attention_block_size=attention_block_size,
                        dropout=dropout, score_mod=score_mod, mask_mod=mask_mod, softmax_scale=softmax_scale,
@@ -173,6 +187,8 @@ class MHA(AttentionCore):
         self.rotary_emb_dim = rotary_emb_dim
         self.rotary_emb = make_rotary(owner, head_dim, rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved,
                                       position, device)
+        self.softcap = softcap
+        self.q_norm, self.k_norm = make_qk_norm(owner, qk_norm, head_dim, qk_norm_eps, **factory)
         self.reset_parameters()
 
     @classmethod
@@ -191,6 +207,9 @@ class MHA(AttentionCore):
     def reset_parameters(self) -> None:
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
     @property
     def rotary(self) -> nn.Module | None:
@@ -199,7 +218,8 @@ class MHA(AttentionCore):
     @classmethod
     def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> MHA:
         """Build from a ``BlockConfig``: n_heads, n_kv_heads, head_dim, bias, causal, window_size,
-        attention_type, attention_block_size, linear_attention_chunk_size, attention dropout, plus
+        attention_type, attention_block_size, linear_attention_chunk_size, attention dropout, qk_norm
+        (with norm_eps), attn_logit_softcapping (as softcap), plus
         ``config.mixer_kwargs`` and ``kwargs`` (which win)."""
         args: dict[str, Any] = dict(
             num_heads=config.n_heads, num_heads_kv=config.n_kv_heads, head_dim=config.head_dim,
@@ -208,6 +228,7 @@ class MHA(AttentionCore):
             attention_block_size=config.attention_block_size,
             linear_attention_chunk_size=config.linear_attention_chunk_size,
             dropout=config.effective_attention_dropout, position=position,
+            qk_norm=config.qk_norm, qk_norm_eps=config.norm_eps, softcap=config.attn_logit_softcapping,
         )
         args.update(cls._config_overrides(config))
         args.update(config.mixer_kwargs)
@@ -259,6 +280,8 @@ class MHA(AttentionCore):
         H, Hkv, K = self.num_heads, self.num_heads_kv, self.head_dim
         q, k, v = self.in_proj(x).split((H * K, Hkv * K, Hkv * K), dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
+        if self.q_norm is not None:  # QK-norm comes before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         rotary = self.rotary
         index = None  # token indices; only rotary and cached calls need them (no extra launch otherwise)
         if cache is not None:
@@ -381,5 +404,7 @@ class SlidingWindowAttention(MHA):
                          "sees every earlier token); use LinearAttention ('linear_attention') without a window")
 
 
+MIXERS.register("sliding_window_gqa", SlidingWindowAttention,
+                description="alias of 'sliding_window' (lmxlab's name): GQA with a causal sliding window")
 MIXERS.register("mha", MHA)
 MIXERS.register("attn", MHA, description="alias of 'mha': multi-head attention, the short name for mixer_types lists")

@@ -23,8 +23,8 @@ import torch
 
 from seqblocks.layers.position import alibi_slopes
 
-__all__ = ["causal_mask", "sliding_window_mask", "prefix_lm_mask", "document_mask", "alibi_score_mod",
-           "soft_cap", "additive_bias", "compose", "and_masks", "or_masks", "mod_kind"]
+__all__ = ["causal_mask", "sliding_window_mask", "chunked_causal_mask", "prefix_lm_mask", "document_mask",
+           "alibi_score_mod", "soft_cap", "additive_bias", "compose", "and_masks", "or_masks", "mod_kind"]
 
 
 def _tag(fn: Callable, kind: str, name: str) -> Callable:
@@ -76,6 +76,23 @@ def sliding_window_mask(window: int) -> Callable:
         return (d >= 0) & (d < window)
 
     return _tag(mask, "mask", f"sliding_window_mask_{window}")
+
+
+def chunked_causal_mask(chunk_size: int) -> Callable:
+    """Mask mod: Llama-4 chunked local attention: causal, and a query sees only keys of its own chunk
+    (positions ``c * chunk_size .. (c + 1) * chunk_size - 1``).
+
+    Raises:
+        ValueError: ``chunk_size`` is not a positive int.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunked_causal_mask: chunk_size={chunk_size!r} must be a positive int")
+
+    def mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (torch.div(q_idx, chunk_size, rounding_mode="floor")
+                                    == torch.div(kv_idx, chunk_size, rounding_mode="floor"))
+
+    return _tag(mask, "mask", f"chunked_causal_mask_{chunk_size}")
 
 
 def prefix_lm_mask(prefix_length: int | torch.Tensor) -> Callable:

@@ -1,0 +1,272 @@
+"""Top-k sparse attention with a lightweight indexer (DeepSeek sparse attention): ``SparseGQA``, "sparse_gqa".
+
+A small indexer scores every (query, key) pair and each query attends, with ordinary softmax attention,
+only to the ``sparse_select_k`` visible keys it scores highest (all of them while fewer are visible).
+The indexer is DeepSeek-V3.2's "lightning indexer"::
+
+    I[t, s] = sum_j w[t, j] * relu(qI[t, j] . kI[s])        qI = x Wq_I, kI = x Wk_I, w = x Ww_I
+
+with ``indexer_heads`` heads j of width ``indexer_dim``, one key kI per token shared by the heads, scores
+in fp32. Visible keys are causal (s <= t), valid (not padding) and allowed by a user mask; selection
+happens among them only, so no query can pick a future key. Decoding caches the indexer keys kI beside
+the keys and values (``SparseKVCache``), so a step scores exactly the keys the full pass scored.
+
+lmxlab's "sparse_gqa" sums three branches (mean-pooled compressed keys every ``sparse_compress_ratio``
+tokens, the top-k selected keys, a sliding window), with one key-only score per KV head. Here the
+selection branch is the whole layer, with DeepSeek-V3.2's query-dependent indexer; the field name
+``sparse_select_k`` is lmxlab's. The top-k choice is piecewise constant, so the LM loss gives the indexer
+no gradient (DeepSeek-V3.2 trains it with a separate KL loss to the dense attention, which this layer
+does not compute): its projections stay at their initialisation unless a caller trains them.
+
+The reference form below materialises the [B, T, T] index scores and a boolean selection mask; it is
+O(T^2) in memory (no gather kernel).
+
+Non-finite values follow the causal rule of every attention (``seqblocks.layers.finite``): a NaN / Inf
+in token t's query, key, value or indexer key is zeroed and poisons the outputs from t on, whether or
+not a later query selects it (selection depends on the data, the rule must not).
+
+Shapes: B batch, T time, D model width, H query heads, Hkv key/value heads, K head width, J indexer
+heads, E indexer width, S cache slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqblocks.cache import host_sync_unsafe
+from seqblocks.layers.attention.cache import KVCache
+from seqblocks.layers.attention.common import (
+    intersect_valid,
+    poisoned_queries,
+    rope_positions,
+    split_mask,
+    token_index,
+)
+from seqblocks.layers.attention.mha import GQA
+from seqblocks.layers.checks import (
+    check_allocation,
+    check_cache,
+    check_input,
+    check_lengths,
+    check_position_ids,
+    is_empty,
+    lengths_mask,
+    to_module_dtype,
+)
+from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
+from seqblocks.registry import MIXERS
+
+__all__ = ["SparseGQA", "SparseKVCache", "index_scores", "top_k_mask"]
+
+
+@dataclasses.dataclass(eq=False)
+class SparseKVCache(KVCache):
+    """A ``KVCache`` plus the indexer key of every position.
+
+    Attributes:
+        index_k (Tensor): [B, S, E] indexer keys (zeroed where non-finite).
+    """
+
+    index_k: torch.Tensor = None
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int,
+                 index_dim: int, *, device=None, dtype=None) -> SparseKVCache:
+        cache = super().allocate(batch_size, max_seqlen, num_kv_heads, head_dim, v_dim, device=device, dtype=dtype)
+        cache.index_k = torch.zeros(batch_size, max_seqlen, index_dim, device=device, dtype=dtype)
+        return cache
+
+    def write_index(self, index: torch.Tensor, index_k: torch.Tensor) -> None:
+        """Store indexer keys [B, T, E] at positions ``index`` [B, T]."""
+        b_idx = torch.arange(index.shape[0], device=index.device)[:, None]
+        self.index_k[b_idx, index] = index_k.to(self.index_k.dtype)
+
+
+def index_scores(index_q: torch.Tensor, index_w: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
+    """Lightning-indexer scores, fp32: I [B, Tq, Tk] = sum_j w[b, t, j] * relu(qI[b, t, j] . kI[b, s]).
+
+    Args:
+        index_q (Tensor): [B, Tq, J, E]. index_w (Tensor): [B, Tq, J]. index_k (Tensor): [B, Tk, E].
+    """
+    dots = torch.einsum("btje,bse->btjs", index_q.float(), index_k.float()).relu()  # [B, Tq, J, Tk]
+    return (dots * index_w.float()[..., None]).sum(2)
+
+
+def top_k_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, Tq, Tk] bool: for each query, its ``k`` highest-scoring visible keys (every visible key when
+    fewer are visible). ``scores`` [B, Tq, Tk] float, ``visible`` [B, Tq, Tk] bool."""
+    k = min(k, scores.shape[-1])
+    masked = scores.masked_fill(~visible, float("-inf"))
+    top = masked.topk(k, dim=-1).indices  # [B, Tq, k]
+    chosen = torch.zeros_like(visible).scatter_(-1, top, True)
+    return chosen & visible  # a query with fewer than k visible keys picked some invisible ones: drop them
+
+
+@MIXERS.register("sparse_gqa")
+class SparseGQA(GQA):
+    """Grouped-query attention in which each query attends only to its top-k keys by a lightning indexer.
+
+    Args:
+        embed_dim (int): model width D.
+        num_heads (int): query heads. Required.
+        sparse_select_k (int): keys per query (``BlockConfig.sparse_select_k``). Required.
+        indexer_heads (int): indexer heads J. Default: 4.
+        indexer_dim (int | None): indexer width E. Default: None (= the attention head width).
+        *args, **kwargs: the other ``MHA`` arguments (no ``window_size``; ``causal`` must stay True).
+
+    Raises:
+        ValueError: ``sparse_select_k`` missing or not a positive int; bad indexer sizes; a window;
+            ``causal=False``; ``attention_type="linear"``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int | None = None, *args: Any, sparse_select_k: int | None = None,
+                 indexer_heads: int = 4, indexer_dim: int | None = None, window_size: int | None = None,
+                 device=None, dtype=None, **kwargs: Any) -> None:
+        k = sparse_select_k
+        if k is None:
+            raise ValueError("SparseGQA needs sparse_select_k (BlockConfig.sparse_select_k or sparse_select_k=...)")
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"SparseGQA: sparse_select_k={k!r} must be a positive int")
+        for name, value in (("indexer_heads", indexer_heads), ("indexer_dim", indexer_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"SparseGQA: {name}={value!r} must be a positive int")
+        if window_size is not None:
+            raise ValueError(f"SparseGQA: window_size={window_size} is not supported (the indexer selects among "
+                             f"all earlier keys)")
+        if kwargs.get("causal", True) is False:
+            raise ValueError("SparseGQA is causal; causal=False is not supported")
+        super().__init__(embed_dim, num_heads, *args, device=device, dtype=dtype, **kwargs)
+        self.sparse_select_k = k
+        self.indexer_heads = indexer_heads
+        self.indexer_dim = indexer_dim if indexer_dim is not None else self.head_dim
+        factory = {"device": device, "dtype": dtype}
+        J, E = self.indexer_heads, self.indexer_dim
+        self.indexer_q = nn.Linear(embed_dim, J * E, bias=False, **factory)
+        self.indexer_k = nn.Linear(embed_dim, E, bias=False, **factory)
+        self.indexer_w = nn.Linear(embed_dim, J, bias=False, **factory)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for name in ("indexer_q", "indexer_k", "indexer_w"):
+            if hasattr(self, name):  # MHA.__init__ calls this before the indexer exists
+                getattr(self, name).reset_parameters()
+
+    @classmethod
+    def _config_overrides(cls, config) -> dict[str, Any]:
+        return {"sparse_select_k": config.sparse_select_k}
+
+    @classmethod
+    def _alias_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("SparseGQA: attention_type='linear' has no scores to select keys by; use "
+                         "LinearAttention ('linear_attention')")
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, sparse_select_k={self.sparse_select_k}, "
+                f"indexer_heads={self.indexer_heads}, indexer_dim={self.indexer_dim}")
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> SparseKVCache:
+        """A ``SparseKVCache`` of ``max_seqlen`` positions (keys, values and indexer keys)."""
+        check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
+        device = self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        K = self.head_dim
+        return SparseKVCache.allocate(batch_size, max_seqlen, self.num_heads_kv, K, K, self.indexer_dim,
+                                      device=device, dtype=dtype)
+
+    def indexer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qI [B, T, J, E], w [B, T, J], kI [B, T, E]) of the input x [B, T, D]; w carries the
+        J^-1/2 E^-1/2 scale of DeepSeek-V3.2 (it does not change the ranking)."""
+        B, T, _ = x.shape
+        J, E = self.indexer_heads, self.indexer_dim
+        w = self.indexer_w(x) * (J * E) ** -0.5
+        return self.indexer_q(x).view(B, T, J, E), w, self.indexer_k(x)
+
+    def forward(self, x: torch.Tensor, cache: SparseKVCache | None = None, *, mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> y [B, T, D] (cache, mask, position_ids, lengths as in ``MHA``; a full mask must
+        have one head, and with a cache only a [B, T] key-padding mask is accepted)."""
+        owner = type(self).__name__
+        check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
+        in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
+        B, T, _ = x.shape
+        check_lengths(owner, lengths, B, T)
+        check_position_ids(owner, position_ids, B, T)
+        if cache is not None:
+            check_cache(owner, cache, SparseKVCache, B, x.device)
+        if is_empty(x):
+            return x.new_zeros(x.shape, dtype=in_dtype)
+        H, Hkv, K = self.num_heads, self.num_heads_kv, self.head_dim
+        q, k, v = self.in_proj(x).split((H * K, Hkv * K, Hkv * K), dim=-1)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        index = token_index(cache, T, x.device)  # [1 or B, T]
+        rotary = self.rotary
+        if rotary is not None:
+            rope_pos = rope_positions(position_ids, index)
+            q, k = rotary.rotate(q, rope_pos), rotary.rotate(k, rope_pos)
+        iq, iw, ik = self.indexer(x)
+        bad_q, bad_kv = nonfinite_tokens(q, iq, iw), nonfinite_tokens(k, v, ik)  # [B, T]
+        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
+        iq, iw, ik = zero_nonfinite(iq), zero_nonfinite(iw), zero_nonfinite(ik)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, K]
+        key_valid, attn_mask = split_mask(owner, mask, B, T, T)
+        length_valid = lengths_mask(lengths, T, x.device)
+        key_valid = intersect_valid(key_valid, length_valid)
+        bad_key = bad_kv if key_valid is None else bad_kv & key_valid
+        if cache is None:
+            out = self._attend_full(q, k, v, iq, iw, ik, key_valid, attn_mask)
+            poisoned, _ = poisoned_queries(bad_key, index, causal=True, window=None)
+        else:
+            if attn_mask is not None:
+                raise ValueError(f"{owner}: with a cache, mask must be a [B, T] key-padding mask (full masks "
+                                 f"cannot be remembered for later steps)")
+            poisoned, last = poisoned_queries(bad_key, index, causal=True, window=None, prior=cache.nonfinite_last)
+            out = self._attend_cached(q, k, v, iq, iw, ik, key_valid, index, cache, lengths)
+            cache.nonfinite_last.copy_(last[:, -1])
+        y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * out.shape[-1]))
+        y = poison(y, poisoned | bad_q)
+        if length_valid is not None:
+            y = y.masked_fill(~length_valid[..., None], 0.0)
+        return y.to(in_dtype)
+
+    def _attend_full(self, q, k, v, iq, iw, ik, key_valid, attn_mask) -> torch.Tensor:
+        B, T = q.shape[0], q.shape[2]
+        pos = torch.arange(T, device=q.device)
+        visible = (pos[:, None] >= pos[None, :]).expand(B, T, T)  # causal [B, Tq, Tk]
+        if key_valid is not None:
+            visible = visible & key_valid[:, None, :]
+        if attn_mask is not None:
+            if attn_mask.shape[1] != 1:
+                raise ValueError(f"{type(self).__name__}: a full mask must have one head ([B, 1, Tq, Tk]) so the "
+                                 f"indexer selects among the keys it allows; got {tuple(attn_mask.shape)}")
+            allowed = attn_mask[:, 0] if attn_mask.dtype == torch.bool else attn_mask[:, 0] > float("-inf")
+            visible = visible & allowed
+        chosen = top_k_mask(index_scores(iq, iw, ik), visible, self.sparse_select_k)[:, None]  # [B, 1, Tq, Tk]
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            chosen = attn_mask.masked_fill(~chosen, float("-inf"))  # keep the additive values on the chosen keys
+        return self.attend(q, k, v, causal=True, window=None, q_pos=None, kv_pos=None, key_valid=key_valid,
+                           attn_mask=chosen)
+
+    def _attend_cached(self, q, k, v, iq, iw, ik, key_valid, index, cache: SparseKVCache, lengths) -> torch.Tensor:
+        B, T = q.shape[0], q.shape[2]
+        new_valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        S = cache.k.shape[2]
+        if not host_sync_unsafe():
+            cache.check_capacity(T, type(self).__name__)
+            S = int(cache.seqlen_offset.max()) + T  # only the slots in use (the others are invalid anyway)
+        cache.write(index, k, v, new_valid)
+        cache.write_index(index, ik)
+        slots = torch.arange(S, device=q.device)
+        visible = (slots[None, None, :] <= index[:, :, None]) & cache.key_valid[:, None, :S]  # [B, T, S]
+        chosen = top_k_mask(index_scores(iq, iw, cache.index_k[:, :S]), visible, self.sparse_select_k)
+        out = self.attend(q, cache.k[:, :, :S].to(q.dtype), cache.v[:, :, :S].to(q.dtype), causal=True, window=None,
+                          q_pos=index, kv_pos=None, key_valid=cache.key_valid[:, :S], attn_mask=chosen[:, None])
+        consumed = torch.full_like(cache.seqlen_offset, T) if lengths is None else lengths.to(cache.seqlen_offset)
+        cache.advance(consumed)
+        return out
