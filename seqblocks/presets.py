@@ -16,6 +16,8 @@ training replaces it with the task's vocabulary size.
 - ``tiny-<mixer>``: the same size with one mixer type throughout, for each mixer family.
 - ``tiny-gated-deltanet-hybrid``, ``gated-deltanet-hybrid-130m``, ``qwen3.5-like`` (and ``tiny-qwen3.5-like``):
   Gated DeltaNet + attention hybrids, three GDN layers per attention layer.
+- ``gemma3-like`` / ``tiny-gemma3-like``: 5 sliding-window : 1 global attention, QK-norm, soft-capping.
+- ``llama4-like`` / ``tiny-llama4-like``: 3 chunked attention : 1 global NoPE attention (iRoPE), dense MLP.
 - ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``mamba3-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized
   models (GPT-NeoX-sized vocabulary).
 """
@@ -159,6 +161,65 @@ PRESETS.update({
         mixer_kwargs={"attn": {"num_heads": 4, "num_heads_kv": 2, "head_dim": 64, "rotary_emb_dim": 16,
                                "qkv_proj_bias": False, "out_proj_bias": False},
                       "gated_deltanet": {"head_dim": 32, "num_heads": 2, "num_v_heads": 4, "expand_v": 1.0}}),
+})
+
+# Gemma-3-like: 5 sliding-window layers : 1 global layer, QK-norm, attention-logit and final-logit
+# soft-capping (Gemma 2's caps, 50 and 30), local RoPE base 10k and global 1M. Gemma's GeGLU MLP and
+# sandwich norms have no LRNNLMHeadModel counterpart: the gated (SwiGLU) MLP and pre-norm blocks stand in.
+def _gemma3_pattern(n_layer: int) -> list[str]:
+    return [("attn" if i % 6 == 5 else "sliding_window") for i in range(n_layer)]
+
+
+def _gemma3_kwargs(heads: int, kv_heads: int, head_dim: int, window: int) -> dict[str, Any]:
+    common = {"num_heads": heads, "num_heads_kv": kv_heads, "head_dim": head_dim, "rotary_emb_dim": head_dim,
+              "qk_norm": True, "softcap": 50.0, "qkv_proj_bias": False, "out_proj_bias": False}
+    return {"sliding_window": {**common, "window_size": window},
+            "attn": {**common, "rotary_emb_base": 1_000_000.0}}
+
+
+# Llama-4-like: 3 chunked local attention layers (RoPE) : 1 global GQA layer with no positions (NoPE), the
+# iRoPE layout; the global layers simply have no rotary_emb_dim.
+# MoE: ffn="moe" once it lands (issue 17 item 1); until then a dense gated MLP stands in.
+def _llama4_pattern(n_layer: int) -> list[str]:
+    return [("gqa" if i % 4 == 3 else "chunked_gqa") for i in range(n_layer)]
+
+
+def _llama4_kwargs(heads: int, kv_heads: int, head_dim: int, chunk: int) -> dict[str, Any]:
+    common = {"num_heads": heads, "num_heads_kv": kv_heads, "head_dim": head_dim, "qkv_proj_bias": False,
+              "out_proj_bias": False}
+    return {"chunked_gqa": {**common, "attention_chunk_size": chunk, "rotary_emb_dim": head_dim,
+                            "rotary_emb_base": 500_000.0},
+            "gqa": dict(common)}
+
+
+PRESETS.update({
+    "tiny-gemma3-like": _tiny(
+        "gemma3-like at CPU size: 6 layers (5 sliding-window (32) : 1 global attention), QK-norm, soft-capped "
+        "attention (50) and final logits (30), d_model 128, gated MLPs",
+        _gemma3_pattern(6), d_intermediate=256, final_logit_softcapping=30.0,
+        mixer_kwargs=_gemma3_kwargs(4, 2, 32, 32)),
+    "gemma3-like": {
+        "description": "Gemma-3-1B-shaped: 26 layers, d_model 1152, 5 sliding-window (512) : 1 global attention "
+                       "(4 query / 1 KV heads of width 256), QK-norm, soft-capped attention (50) and final logits "
+                       "(30), gated MLP 6912, ~1B with its 262k vocabulary (GPU)",
+        "model": {"d_model": 1152, "d_state": 16, "n_layer": 26, "vocab_size": 262144,
+                  "mixer_types": _gemma3_pattern(26), "d_intermediate": 6912, "residual_in_fp32": True,
+                  "final_logit_softcapping": 30.0, "mixer_kwargs": _gemma3_kwargs(4, 1, 256, 512)},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    "tiny-llama4-like": _tiny(
+        "llama4-like at CPU size: 4 layers (3 chunked attention (chunk 32, RoPE) : 1 global GQA without positions, "
+        "iRoPE), d_model 128, dense gated MLPs in place of the MoE",
+        _llama4_pattern(4), d_intermediate=256, mixer_kwargs=_llama4_kwargs(4, 2, 32, 32)),
+    "llama4-like": {
+        "description": "Llama-4-shaped at ~1.5B: 16 layers, d_model 2048, 3 chunked attention (chunk 8192, RoPE) : "
+                       "1 global GQA without positions (iRoPE), 16 query / 4 KV heads of width 128, dense gated "
+                       "MLP 8192 in place of the MoE (GPU)",
+        "model": {"d_model": 2048, "d_state": 16, "n_layer": 16, "vocab_size": 202048,
+                  "mixer_types": _llama4_pattern(16), "d_intermediate": 8192, "residual_in_fp32": True,
+                  "mixer_kwargs": _llama4_kwargs(16, 4, 128, 8192)},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
 })
 
 _PRESET_KEYS = {"description", "model", "train"}

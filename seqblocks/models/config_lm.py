@@ -52,6 +52,8 @@ class LanguageModelConfig(ConfigBase):
         initializer_range (float): std of the embedding init. Default: 0.02.
         rescale_residual (bool): divide each residual output projection by sqrt(2 * n_layers) (by
             sqrt(n_layers) for blocks with one sublayer), once. Default: True.
+        final_logit_softcapping (float | None): soft-cap of the logits, ``c * tanh(logits / c)``
+            (Gemma 2). Default: None.
     """
 
     vocab_size: int
@@ -62,6 +64,7 @@ class LanguageModelConfig(ConfigBase):
     embedding_dropout: float = 0.0
     initializer_range: float = 0.02
     rescale_residual: bool = True
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, list):
@@ -86,6 +89,8 @@ class LanguageModelConfig(ConfigBase):
             raise _bad("embedding_dropout", self.embedding_dropout, "a probability in [0, 1)")
         if not self.initializer_range > 0:
             raise _bad("initializer_range", self.initializer_range, "a positive float")
+        if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
+            raise _bad("final_logit_softcapping", self.final_logit_softcapping, "a positive float or None")
 
     @property
     def d_model(self) -> int:
@@ -132,16 +137,26 @@ class LanguageModelConfig(ConfigBase):
         return cls(vocab_size=vocab_size, blocks=(block,) * n_layers, **model_kwargs)
 
     @classmethod
-    def from_pattern(cls, pattern: Sequence[str], vocab_size: int = 256, *, d_model: int = 64,
+    def from_pattern(cls, pattern: Sequence[str], vocab_size: int = 256, *, d_model: int = 64, irope: bool = False,
                      **kwargs: Any) -> LanguageModelConfig:
         """One layer per mixer name in ``pattern`` (e.g. ["mamba", "mamba", "mha"]), every other block
         field shared (defaults: gated FFN of 2 * d_model, RMSNorm, RoPE, no biases). ``kwargs``
-        override LanguageModelConfig or BlockConfig fields."""
+        override LanguageModelConfig or BlockConfig fields (``qk_norm``, ``attention_chunk_size``,
+        ``sparse_select_k``, ``attn_logit_softcapping``, ``final_logit_softcapping``, ...).
+
+        ``irope=True`` is Llama 4's iRoPE layout: the "chunked_gqa" layers keep the shared position
+        encoding and every other layer gets ``position="none"`` (NoPE on the global layers).
+        Default: False."""
+        if not isinstance(irope, bool):
+            raise TypeError(f"from_pattern: irope must be a bool, got {irope!r}")
         model_kwargs, block_kwargs = _split_kwargs(kwargs)
         defaults = {"ffn": "gated", "norm": "rms_norm", "position": "rope", "d_ff": 2 * d_model, "bias": False,
                     "n_heads": max(1, d_model // 32)}
         defaults.update(block_kwargs)
-        blocks = tuple(BlockConfig(attention=name, d_model=d_model, **defaults) for name in pattern)
+        nope = {**defaults, "position": "none"}
+        blocks = tuple(BlockConfig(attention=name, d_model=d_model,
+                                   **(nope if irope and name.strip().lower() != "chunked_gqa" else defaults))
+                       for name in pattern)
         return cls(vocab_size=vocab_size, blocks=blocks, **model_kwargs)
 
 

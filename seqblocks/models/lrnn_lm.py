@@ -58,6 +58,8 @@ class LRNNLMHeadModel(CausalLM):
             sqrt(n_residuals_per_layer * n_layer), once), ``n_residuals_per_layer`` (default 1, or 2
             with an MLP). Default: None (those defaults).
         device, dtype: parameter placement. Default: None.
+        final_logit_softcapping (float | None): keyword only; soft-cap of the logits,
+            ``c * tanh(logits / c)`` (Gemma 2). Default: None.
 
     The arguments are read into a ``ModelConfig`` (``model.config``); ``LRNNLMHeadModel.from_config``
     builds from one directly.
@@ -87,6 +89,7 @@ class LRNNLMHeadModel(CausalLM):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         *,
+        final_logit_softcapping: float | None = None,
         config: ModelConfig | None = None,
     ) -> None:
         # ``config`` (keyword only) builds from a ModelConfig and ignores the other arguments; it is
@@ -98,7 +101,7 @@ class LRNNLMHeadModel(CausalLM):
                 mixer_kwargs=mixer_kwargs, mlp_cls=mlp_cls, initializer_cfg=initializer_cfg,
                 norm_epsilon=norm_epsilon, rms_norm=rms_norm, fused_add_norm=fused_add_norm,
                 residual_in_fp32=residual_in_fp32, tie_embeddings=tie_embeddings,
-                pad_vocab_size_multiple=pad_vocab_size_multiple)
+                pad_vocab_size_multiple=pad_vocab_size_multiple, final_logit_softcapping=final_logit_softcapping)
         elif not isinstance(config, ModelConfig):
             raise TypeError(f"LRNNLMHeadModel: config must be a ModelConfig, got {type(config).__name__}")
         self._build(config, device=device, dtype=dtype)

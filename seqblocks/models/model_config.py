@@ -36,7 +36,7 @@ _SIZE_FIELD = re.compile(r"^(d_|n_|num_)|(_dim|_size|_rank|heads)$")
 #: ``LRNNLMHeadModel``'s constructor arguments, as a config file or an older checkpoint spells them.
 ARGUMENT_FIELDS = ("d_model", "d_state", "n_layer", "vocab_size", "mixer_types", "d_intermediate", "mixer_kwargs",
                    "mlp_cls", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32", "tie_embeddings",
-                   "pad_vocab_size_multiple", "initializer_cfg")
+                   "pad_vocab_size_multiple", "initializer_cfg", "final_logit_softcapping")
 
 
 def _layer_config_class(mixer: str) -> type[ConfigBase]:
@@ -101,6 +101,8 @@ class ModelConfig(ConfigBase):
         tie_embeddings (bool): LM head shares the embedding matrix. Default: True.
         pad_vocab_size_multiple (int): embedding rows padded to a multiple of this. Default: 8.
         initializer (InitConfig): weight initialisation. Default: InitConfig().
+        final_logit_softcapping (float | None): soft-cap of the logits, ``c * tanh(logits / c)``
+            (Gemma 2). Default: None.
 
     Derived (properties, never stored): ``n_layer``, ``mixer_types``, ``padded_vocab_size``.
     """
@@ -117,6 +119,7 @@ class ModelConfig(ConfigBase):
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 8
     initializer: InitConfig = dataclasses.field(default_factory=InitConfig)
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list | tuple):
@@ -144,6 +147,9 @@ class ModelConfig(ConfigBase):
         MLPS.get(self.mlp)
         if not self.norm_epsilon > 0:
             raise ValueError(f"ModelConfig.norm_epsilon={self.norm_epsilon!r} must be positive")
+        if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
+            raise ValueError(f"ModelConfig.final_logit_softcapping={self.final_logit_softcapping!r} must be "
+                             f"positive or None")
 
     @property
     def n_layer(self) -> int:
