@@ -202,7 +202,8 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         logits = F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.vocab_size])
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:  # Gemma 2's final-logit soft-cap, in fp32
-            logits = (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            logits = (cap * torch.tanh(wide / cap)).to(logits.dtype)
         return CausalLMOutput(logits=logits)
 
     def _add_position(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class ChunkedGQA(GQA):
         return {"attention_chunk_size": config.attention_chunk_size}
 
     @classmethod
-    def _alias_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+    def _linear_alias(cls, args: tuple, kwargs: dict[str, Any]):
         raise ValueError("ChunkedGQA: attention_type='linear' has no chunks (kernelized attention sees every "
                          "earlier token); use LinearAttention ('linear_attention')")
 

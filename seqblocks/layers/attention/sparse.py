@@ -98,10 +98,17 @@ def index_scores(index_q: torch.Tensor, index_w: torch.Tensor, index_k: torch.Te
 
 def top_k_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
     """[B, Tq, Tk] bool: for each query, its ``k`` highest-scoring visible keys (every visible key when
-    fewer are visible). ``scores`` [B, Tq, Tk] float, ``visible`` [B, Tq, Tk] bool."""
-    k = min(k, scores.shape[-1])
-    masked = scores.masked_fill(~visible, float("-inf"))
-    top = masked.topk(k, dim=-1).indices  # [B, Tq, k]
+    fewer are visible); equal scores go to the later key. ``scores`` [B, Tq, Tk] float, ``visible``
+    [B, Tq, Tk] bool.
+
+    The tie rule matters: relu makes exact ties (score 0) common, and a full pass and a decode step
+    must pick the same keys although they see different numbers of slots. A stable sort of the
+    key-reversed scores orders ties by position, whatever the slot count."""
+    Tk = scores.shape[-1]
+    k = min(k, Tk)
+    masked = scores.masked_fill(~visible, float("-inf")).flip(-1)  # latest key first
+    order = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # [B, Tq, k]
+    top = Tk - 1 - order
     chosen = torch.zeros_like(visible).scatter_(-1, top, True)
     return chosen & visible  # a query with fewer than k visible keys picked some invisible ones: drop them
 
@@ -160,7 +167,7 @@ class SparseGQA(GQA):
         return {"sparse_select_k": config.sparse_select_k}
 
     @classmethod
-    def _alias_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+    def _linear_alias(cls, args: tuple, kwargs: dict[str, Any]):
         raise ValueError("SparseGQA: attention_type='linear' has no scores to select keys by; use "
                          "LinearAttention ('linear_attention')")
 
