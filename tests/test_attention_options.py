@@ -417,3 +417,32 @@ def test_gemma3_and_llama4_presets_have_their_layouts():
     assert llama["mixer_types"][:4] == ["chunked_gqa"] * 3 + ["gqa"]
     assert "rotary_emb_dim" not in llama["mixer_kwargs"]["gqa"]  # iRoPE: the global layers are NoPE
     assert llama["mixer_kwargs"]["chunked_gqa"]["attention_chunk_size"] == 8192
+
+
+# ---- GPU: the backends "auto" picks there (flex for the chunk mask mod, SDPA for the top-k mask) -------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["chunked", "sparse"])
+def test_gpu_backends_match_standard_and_decode(name):
+    torch.manual_seed(15)
+    width, T = 256, 384
+    kw = dict(num_heads=4, num_heads_kv=2, qk_norm=True, rotary_emb_dim=64, softcap=30.0, device="cuda",
+              dtype=torch.bfloat16)
+    if name == "chunked":
+        fast, ref = (ChunkedGQA(width, attention_chunk_size=64, attention_type=t, **kw) for t in ("auto", "standard"))
+    else:
+        fast, ref = (SparseGQA(width, sparse_select_k=48, attention_type=t, **kw) for t in ("auto", "standard"))
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, T, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fast(x)
+    assert_close(y, ref(x), atol=3e-2, rtol=3e-2)
+    y.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all() and fast.in_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        fast.eval()
+        full = fast(x)
+        cache = fast.allocate_inference_cache(2, T)
+        steps = [fast(x[:, :100], cache)] + [fast.step(x[:, t : t + 1], cache) for t in range(100, 140)]
+    assert_close(torch.cat(steps, 1), full[:, :140], atol=3e-2, rtol=3e-2)
