@@ -356,6 +356,9 @@ def test_other_bad_values_are_refused():
         LRNNLMHeadModel(D, 4, 1, 11, ["attn"], final_logit_softcapping=0.0)
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         LanguageModelConfig.from_pattern(["gqa"], d_model=D, final_logit_softcapping=-2.0)
+    for attention in ("mla", "linear_attention"):
+        with pytest.raises(ValueError, match="qk_norm"):
+            ConfigurableBlock(BlockConfig(attention=attention, qk_norm=True, d_model=D, n_heads=2, d_ff=32))
     mixer = SparseGQA(D, num_heads=2, sparse_select_k=2)
     with pytest.raises(ValueError, match="one head"):
         mixer(torch.randn(1, 4, D), mask=torch.ones(1, 2, 4, 4, dtype=torch.bool))

@@ -189,6 +189,9 @@ class LinearAttention(Mixer):
             raise ValueError(f"{owner}: linear attention has no attention probabilities to drop "
                              f"(attention dropout {config.effective_attention_dropout}); set "
                              f"BlockConfig.attention_dropout=0.0")
+        if config.qk_norm or config.attn_logit_softcapping is not None:
+            raise ValueError(f"{owner}: linear attention takes no qk_norm / attn_logit_softcapping (BlockConfig."
+                             f"qk_norm={config.qk_norm}, attn_logit_softcapping={config.attn_logit_softcapping})")
         if config.attention_type not in ("auto", "linear"):
             raise ValueError(f"{owner}: BlockConfig.attention_type={config.attention_type!r} is a softmax "
                              f"backend; linear attention takes 'auto' or 'linear'")

@@ -168,6 +168,9 @@ class MLA(AttentionCore):
         qk_nope_head_dim), rope_theta, bias, causal, attention_type, attention_block_size, dropout."""
         if config.window_size is not None:
             raise ValueError(f"MLA does not take a sliding window (BlockConfig.window_size={config.window_size})")
+        if config.qk_norm or config.attn_logit_softcapping is not None:
+            raise ValueError(f"MLA does not take qk_norm / attn_logit_softcapping (BlockConfig.qk_norm="
+                             f"{config.qk_norm}, attn_logit_softcapping={config.attn_logit_softcapping})")
         args: dict[str, Any] = dict(
             num_heads=config.n_heads, kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank,
             qk_nope_head_dim=config.head_dim, qk_rope_head_dim=config.rope_dim, rope_base=config.rope_theta,
