@@ -86,7 +86,8 @@ def distinct_mixers() -> list[str]:
     return [n for n in MIXERS.primary_names() if not getattr(MIXERS.get(n), "is_identity", False)]
 
 
-MIXER_KWARGS = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}, "mamba3": {"headdim": 8}}
+MIXER_KWARGS = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}, "mamba3": {"headdim": 8},
+                "chunked_gqa": {"attention_chunk_size": 4}, "sparse_gqa": {"sparse_select_k": 2}}
 
 
 def tiny_lm(name: str, device: str = "cpu") -> LRNNLMHeadModel:

@@ -150,7 +150,8 @@ REAL_TYPES = [t for t in MIXER_TYPES if not getattr(MIXERS.get(t), "is_identity"
 ALL_TYPES = MIXER_TYPES + list(STAND_INS)
 # Small constructor arguments for mixers whose defaults are large or that need extra arguments.
 TEST_MIXER_KWARGS: dict[str, dict] = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8},
-                                      "mamba3": {"headdim": 8}}
+                                      "mamba3": {"headdim": 8}, "chunked_gqa": {"attention_chunk_size": 4},
+                                      "sparse_gqa": {"sparse_select_k": 2}}
 SEED_HYBRID = ["S5", "Mamba", "attn", "LRU"]
 
 

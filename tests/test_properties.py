@@ -47,7 +47,8 @@ from seqblocks.registry import MIXERS
 D = 16
 V = 11  # not a multiple of the vocabulary padding, so the embedding has padded rows
 MIXER_NAMES = list(MIXERS.primary_names())
-SMALL = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}, "mamba3": {"headdim": 8}}
+SMALL = {"sliding_window": {"window_size": 4}, "mamba2": {"headdim": 8}, "mamba3": {"headdim": 8},
+         "chunked_gqa": {"attention_chunk_size": 4}, "sparse_gqa": {"sparse_select_k": 2}}
 
 CI_EXAMPLES = 25
 SLOW_EXAMPLES = int(os.environ.get("SEQBLOCKS_PROPERTY_EXAMPLES", "300"))

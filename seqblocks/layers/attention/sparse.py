@@ -35,6 +35,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import host_sync_unsafe
@@ -87,13 +88,16 @@ class SparseKVCache(KVCache):
 
 
 def index_scores(index_q: torch.Tensor, index_w: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
-    """Lightning-indexer scores, fp32: I [B, Tq, Tk] = sum_j w[b, t, j] * relu(qI[b, t, j] . kI[b, s]).
+    """Lightning-indexer scores I [B, Tq, Tk] = sum_j w[b, t, j] * relu(qI[b, t, j] . kI[b, s]), in fp32
+    (float64 for float64 inputs), also under autocast.
 
     Args:
         index_q (Tensor): [B, Tq, J, E]. index_w (Tensor): [B, Tq, J]. index_k (Tensor): [B, Tk, E].
     """
-    dots = torch.einsum("btje,bse->btjs", index_q.float(), index_k.float()).relu()  # [B, Tq, J, Tk]
-    return (dots * index_w.float()[..., None]).sum(2)
+    wide = torch.promote_types(index_q.dtype, torch.float32)
+    with torch.autocast(index_q.device.type, enabled=False):  # autocast would run the einsum's bmm in bf16
+        dots = torch.einsum("btje,bse->btjs", index_q.to(wide), index_k.to(wide)).relu()  # [B, Tq, J, Tk]
+        return (dots * index_w.to(wide)[..., None]).sum(2)
 
 
 def top_k_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
@@ -186,12 +190,19 @@ class SparseGQA(GQA):
                                       device=device, dtype=dtype)
 
     def indexer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(qI [B, T, J, E], w [B, T, J], kI [B, T, E]) of the input x [B, T, D]; w carries the
-        J^-1/2 E^-1/2 scale of DeepSeek-V3.2 (it does not change the ranking)."""
+        """(qI [B, T, J, E], w [B, T, J], kI [B, T, E]) of the input x [B, T, D], in fp32 (float64 for a
+        float64 input) whatever the model dtype or autocast: the selection is discrete, and a bf16 score
+        would flip near-ties between a bf16 and an fp32 run. w carries the J^-1/2 E^-1/2 scale of
+        DeepSeek-V3.2 (it does not change the ranking)."""
         B, T, _ = x.shape
         J, E = self.indexer_heads, self.indexer_dim
-        w = self.indexer_w(x) * (J * E) ** -0.5
-        return self.indexer_q(x).view(B, T, J, E), w, self.indexer_k(x)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xw = x.to(wide)
+            q = F.linear(xw, self.indexer_q.weight.to(wide)).view(B, T, J, E)
+            w = F.linear(xw, self.indexer_w.weight.to(wide)) * (J * E) ** -0.5
+            k = F.linear(xw, self.indexer_k.weight.to(wide))
+        return q, w, k
 
     def forward(self, x: torch.Tensor, cache: SparseKVCache | None = None, *, mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
