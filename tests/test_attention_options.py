@@ -294,6 +294,18 @@ def test_bf16_works_and_stays_close_to_fp32(name):
     assert_close(torch.cat(steps, 1).float(), ref, atol=5e-2, rtol=5e-2)
 
 
+def test_sparse_bf16_decoding_picks_the_keys_the_full_pass_picks():
+    torch.manual_seed(16)
+    mixer = SparseGQA(64, num_heads=4, num_heads_kv=2, sparse_select_k=16, dtype=torch.bfloat16).eval()
+    x = torch.randn(2, 96, 64, dtype=torch.bfloat16)
+    cache = mixer.allocate_inference_cache(2, 96)
+    assert cache.k.dtype == torch.bfloat16 and cache.index_k.dtype == torch.float32  # fp32 indexer keys
+    with torch.no_grad():
+        full = mixer(x)
+        steps = [mixer(x[:, :40], cache)] + [mixer.step(x[:, t : t + 1], cache) for t in range(40, 96)]
+    assert_close(torch.cat(steps, 1).float(), full.float(), atol=3e-2, rtol=3e-2)
+
+
 # ---- aliases, FFN, errors -------------------------------------------------------------------------------
 
 

@@ -69,7 +69,7 @@ class SparseKVCache(KVCache):
     """A ``KVCache`` plus the indexer key of every position.
 
     Attributes:
-        index_k (Tensor): [B, S, E] indexer keys (zeroed where non-finite).
+        index_k (Tensor): [B, S, E] indexer keys (zeroed where non-finite), fp32 whatever the cache dtype.
     """
 
     index_k: torch.Tensor = None
@@ -78,7 +78,9 @@ class SparseKVCache(KVCache):
     def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int,
                  index_dim: int, *, device=None, dtype=None) -> SparseKVCache:
         cache = super().allocate(batch_size, max_seqlen, num_kv_heads, head_dim, v_dim, device=device, dtype=dtype)
-        cache.index_k = torch.zeros(batch_size, max_seqlen, index_dim, device=device, dtype=dtype)
+        # fp32 (float64 for float64 models) like the indexer: bf16 keys would change which keys a step picks
+        wide = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
+        cache.index_k = torch.zeros(batch_size, max_seqlen, index_dim, device=device, dtype=wide)
         return cache
 
     def write_index(self, index: torch.Tensor, index_k: torch.Tensor) -> None:
