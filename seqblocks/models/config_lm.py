@@ -28,6 +28,7 @@ from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.mixer import build_component
 from seqblocks.models.engine import CausalLM
 from seqblocks.models.init import InitConfig
+from seqblocks.models.mtp import check_mtp_fields
 from seqblocks.registry import MODELS, NORMS, POSITIONS
 
 __all__ = ["LanguageModelConfig", "LanguageModel"]
@@ -52,6 +53,9 @@ class LanguageModelConfig(ConfigBase):
         initializer_range (float): std of the embedding init. Default: 0.02.
         rescale_residual (bool): divide each residual output projection by sqrt(2 * n_layers) (by
             sqrt(n_layers) for blocks with one sublayer), once. Default: True.
+        mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
+            the last layer's kind; 0 disables MTP. Default: 0.
+        mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
     """
 
     vocab_size: int
@@ -62,6 +66,8 @@ class LanguageModelConfig(ConfigBase):
     embedding_dropout: float = 0.0
     initializer_range: float = 0.02
     rescale_residual: bool = True
+    mtp_n_predict: int = 0
+    mtp_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, list):
@@ -86,6 +92,7 @@ class LanguageModelConfig(ConfigBase):
             raise _bad("embedding_dropout", self.embedding_dropout, "a probability in [0, 1)")
         if not self.initializer_range > 0:
             raise _bad("initializer_range", self.initializer_range, "a positive float")
+        check_mtp_fields("LanguageModelConfig", self.mtp_n_predict, self.mtp_lambda)
 
     @property
     def d_model(self) -> int:
@@ -184,6 +191,7 @@ class LanguageModel(CausalLM):
         last = config.blocks[-1]
         self.norm_f = build_component(NORMS.get(last.norm), last) if config.final_norm else None
         self._build_head(**factory)
+        self._build_mtp(config.mtp_n_predict, lambda: ConfigurableBlock(last, **factory), last.norm_eps, **factory)
         for module in (self.position, self.norm_f):
             if module is not None:
                 module.to(**factory)

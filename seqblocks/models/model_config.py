@@ -21,6 +21,7 @@ from typing import Any
 from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.build import is_block_config_mixer, mixer_class, mixer_config, resolve_mixer_kwargs
 from seqblocks.models.init import InitConfig
+from seqblocks.models.mtp import check_mtp_fields
 from seqblocks.registry import MIXERS, MLPS
 
 __all__ = ["LayerConfig", "ModelConfig", "ARGUMENT_FIELDS", "SIZE_LIMITS"]
@@ -36,7 +37,7 @@ _SIZE_FIELD = re.compile(r"^(d_|n_|num_)|(_dim|_size|_rank|heads)$")
 #: ``LRNNLMHeadModel``'s constructor arguments, as a config file or an older checkpoint spells them.
 ARGUMENT_FIELDS = ("d_model", "d_state", "n_layer", "vocab_size", "mixer_types", "d_intermediate", "mixer_kwargs",
                    "mlp_cls", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32", "tie_embeddings",
-                   "pad_vocab_size_multiple", "initializer_cfg")
+                   "pad_vocab_size_multiple", "initializer_cfg", "mtp_n_predict", "mtp_lambda")
 
 
 def _layer_config_class(mixer: str) -> type[ConfigBase]:
@@ -101,6 +102,9 @@ class ModelConfig(ConfigBase):
         tie_embeddings (bool): LM head shares the embedding matrix. Default: True.
         pad_vocab_size_multiple (int): embedding rows padded to a multiple of this. Default: 8.
         initializer (InitConfig): weight initialisation. Default: InitConfig().
+        mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
+            the last layer's kind; 0 disables MTP. Default: 0.
+        mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
 
     Derived (properties, never stored): ``n_layer``, ``mixer_types``, ``padded_vocab_size``.
     """
@@ -117,6 +121,8 @@ class ModelConfig(ConfigBase):
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 8
     initializer: InitConfig = dataclasses.field(default_factory=InitConfig)
+    mtp_n_predict: int = 0
+    mtp_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list | tuple):
@@ -144,6 +150,7 @@ class ModelConfig(ConfigBase):
         MLPS.get(self.mlp)
         if not self.norm_epsilon > 0:
             raise ValueError(f"ModelConfig.norm_epsilon={self.norm_epsilon!r} must be positive")
+        check_mtp_fields("ModelConfig", self.mtp_n_predict, self.mtp_lambda)
 
     @property
     def n_layer(self) -> int:
