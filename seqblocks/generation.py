@@ -49,6 +49,8 @@ class GenerationOutput:
         num_generated (Tensor): [B] tokens generated per row (a stop token included).
         scores (Tensor | None): [B, N, V] fp32 logits that each generated token was drawn from, before
             any processing (penalty, temperature, filtering); None unless ``return_scores``.
+        draft_acceptance (float | None): with ``mtp_draft``, the fraction of MTP draft tokens that the
+            main model accepted (each row's own leading accepts); None otherwise.
     """
 
     sequences: torch.Tensor
@@ -56,6 +58,7 @@ class GenerationOutput:
     lengths: torch.Tensor
     num_generated: torch.Tensor
     scores: torch.Tensor | None = None
+    draft_acceptance: float | None = None
 
 
 def process_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
@@ -398,6 +401,7 @@ def generate(
     cuda_graph: bool = False,
     integration_timesteps: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    mtp_draft: bool = False,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -435,6 +439,12 @@ def generate(
             C == T covers the prompts only, and generated tokens then get the mixers' default.
             Default: None.
         max_seqlen (int | None): cache capacity. Default: None (T + max_new_tokens).
+        mtp_draft (bool): speculative self-drafting: the model's MTP modules draft up to
+            ``mtp_n_predict`` tokens, the main model verifies them in one call, and the standard
+            acceptance rule keeps the output distributed exactly as plain decoding's (greedy: the same
+            tokens). Needs equal-length prompts; not with ``cuda_graph``, ``repetition_penalty``,
+            ``integration_timesteps`` or ``stop_sequences``. ``draft_acceptance`` reports the rate.
+            Default: False.
 
     Returns:
         GenerationOutput
@@ -470,6 +480,15 @@ def generate(
     stopping = stop_ids is not None or bool(stop_seqs)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+
+    if not isinstance(mtp_draft, bool):
+        raise TypeError(f"mtp_draft must be a bool, got {type(mtp_draft).__name__} {mtp_draft!r}")
+    if mtp_draft:
+        K = _check_mtp_draft(model, lengths, T, cuda_graph, repetition_penalty, integration_timesteps,
+                             stop_sequences)
+        options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+        return _speculative_generate(model, input_ids, N, K, model.allocate_inference_cache(B, max_seqlen), options,
+                                     stop_ids, pad_token_id, generator, callback, return_scores)
 
     ts_decode = False
     if integration_timesteps is not None:
@@ -589,3 +608,167 @@ def generate(
     sequences.scatter_(1, lengths[:, None] + offsets, generated)
     return GenerationOutput(sequences=sequences, tokens=generated, lengths=lengths + n_gen, num_generated=n_gen,
                             scores=scores)
+
+
+# ---------------------------------------------------------------- speculative self-drafting with MTP
+
+def _draft_with_mtp(model: Any, hidden: torch.Tensor, fed: torch.Tensor, newest: torch.Tensor, k: int,
+                    options: dict[str, Any], generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` draft tokens from the model's MTP modules, and the processed logits each was drawn from.
+
+    Depth d at position j reads depth d - 1's hidden at j and the token d places ahead of j, so the
+    depth-1 token stream is ``fed`` shifted by one with ``newest`` (sampled, not yet fed) appended,
+    and each further depth shifts once more and appends the previous depth's draft. The modules run
+    over the whole sequence without caches (drafts only have to be proposals; the main model verifies).
+
+    Args:
+        hidden (Tensor): [B, n, D] the main model's final hidden at the fed positions.
+        fed (Tensor): [B, n] the tokens fed to the main model.
+        newest (Tensor): [B] the latest generated token (not yet fed).
+        k (int): drafts to make (at most the number of MTP depths).
+
+    Returns:
+        (drafts [B, k] int64, draft_logits [B, k, V] fp32 processed).
+    """
+    stream = torch.cat([fed[:, 1:], newest[:, None]], dim=1)  # [B, n]
+    drafts, draft_logits = [], []
+    for module in model.mtp[:k]:
+        hidden = module(hidden, model.embedding(stream))
+        logits = model.head_logits(module.out_norm(hidden[:, -1:]))[:, 0]
+        processed = process_logits(logits, **options)
+        token = sample(processed, temperature=options["temperature"], generator=generator)
+        drafts.append(token)
+        draft_logits.append(processed)
+        stream = torch.cat([stream[:, 1:], token[:, None]], dim=1)
+    B = fed.shape[0]
+    if not drafts:
+        return fed.new_zeros(B, 0), hidden.new_zeros(B, 0, model.vocab_size, dtype=torch.float32)
+    return torch.stack(drafts, dim=1), torch.stack(draft_logits, dim=1)
+
+
+def _verify(target: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor, temperature: float,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard speculative acceptance rule (Leviathan et al. 2023; Chen et al. 2023).
+
+    Draft i (drawn from q_i) is accepted with probability min(1, p_i(d) / q_i(d)); greedy decoding
+    accepts it when it is the target's argmax. Per row: the number of leading accepted drafts j, and
+    the token that follows them: at a rejection, a draw from norm(max(0, p_j - q_j)) (greedy: the
+    argmax of p_j); after all k accepted, a draw from p_k. Either way each emitted token is distributed
+    exactly as the target's next token.
+
+    Args:
+        target (Tensor): [B, k + 1, V] processed target logits at the newest token and each draft.
+        drafts (Tensor): [B, k].
+        draft_logits (Tensor): [B, k, V] processed draft logits.
+
+    Returns:
+        (accepted [B, k] bool (leading accepts only), follow [B, k + 1]: the token emitted after j
+        accepted drafts, for every j).
+    """
+    B, k = drafts.shape
+    if temperature == 0:
+        best = target.argmax(dim=-1)  # [B, k + 1]
+        accept = drafts == best[:, :k]
+        return accept.long().cumprod(dim=1).bool(), best
+    p = target.softmax(dim=-1)  # [B, k + 1, V]
+    q = draft_logits.softmax(dim=-1)  # [B, k, V]
+    p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(B, k, device=target.device, generator=generator)
+    accept = (u * q_d <= p_d).long().cumprod(dim=1).bool()
+    residual = (p[:, :k] - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :k])
+    follow = torch.cat([residual, p[:, k:]], dim=1)  # [B, k + 1, V]
+    drawn = sample(follow.log().flatten(0, 1), temperature=1.0, generator=generator).view(B, k + 1)
+    return accept, drawn
+
+
+def _check_mtp_draft(model: Any, lengths: torch.Tensor, T: int, cuda_graph: bool, repetition_penalty: float,
+                     integration_timesteps: Any, stop_sequences: Any) -> int:
+    K = len(getattr(model, "mtp", ()))
+    if K == 0:
+        raise ValueError("mtp_draft=True needs a model with MTP modules (mtp_n_predict > 0), this one has none")
+    unsupported = {"cuda_graph": cuda_graph, "repetition_penalty != 1": repetition_penalty != 1.0,
+                   "integration_timesteps": integration_timesteps is not None,
+                   "stop_sequences": stop_sequences is not None, "prompts of different lengths": bool(
+                       (lengths != T).any())}
+    bad = [name for name, used in unsupported.items() if used]
+    if bad:
+        raise ValueError(f"mtp_draft=True does not support {bad}; generate without mtp_draft for those")
+    return K
+
+
+def _speculative_generate(model: Any, input_ids: torch.Tensor, N: int, K: int, caches: Any, options: dict[str, Any],
+                          stop_ids: torch.Tensor | None, pad_token_id: int, generator: torch.Generator | None,
+                          callback: Callable | None, return_scores: bool) -> GenerationOutput:
+    """``generate(..., mtp_draft=True)``: draft up to K tokens with the MTP modules, verify them in one
+    main-model call over the caches, keep the accepted prefix (the smallest over the batch, so rows
+    stay in lockstep; a row's own next token is still exact, see ``_verify``) and roll the caches back
+    by restoring a snapshot and re-feeding the kept tokens when a draft was rejected, which is right
+    for every mixer, recurrent states included."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    temperature = options["temperature"]
+    hidden = model._final_hidden(input_ids, caches, None, None, None, {})  # [B, T, D]
+    first_logits = model.head_logits(hidden[:, -1:])[:, 0]
+    newest = sample(process_logits(first_logits, **options), temperature=temperature, generator=generator)
+    fed = input_ids
+    emitted, raw = [newest], [first_logits.float()[:, None]]
+    n, drafted, accepted_total = 1, 0, 0
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)
+
+    def emit(round_tokens: list[torch.Tensor]) -> None:
+        # Rows that already stopped emit nothing more (their tokens are padded out below).
+        nonlocal stopped
+        for token in round_tokens:
+            active = ~stopped
+            n_gen.add_(active.long())
+            if callback is not None:
+                callback(torch.where(active, token, torch.full_like(token, pad_token_id)), active)
+            if stop_ids is not None:
+                stopped = stopped | (active & torch.isin(token, stop_ids))
+
+    emit([newest])
+    while n < N and not bool(stopped.all()):
+        k = min(K, N - n - 1)
+        drafts, draft_logits = _draft_with_mtp(model, hidden, fed, newest, k, options, generator)
+        block = torch.cat([newest[:, None], drafts], dim=1)  # [B, k + 1]
+        saved = [t.clone() for t in caches.tensors()] if k > 0 else None
+        block_hidden = model._final_hidden(block, caches, None, None, None, {})
+        block_logits = model.head_logits(block_hidden)  # [B, k + 1, V]
+        target = process_logits(block_logits.flatten(0, 1), **options).view(B, k + 1, -1)
+        accept, follow = _verify(target, drafts, draft_logits, temperature, generator)
+        per_row = accept.sum(dim=1)  # [B]
+        j = int(per_row.min())
+        drafted += B * k
+        accepted_total += int(per_row.sum())
+        # After the kept j drafts a row emits its accepted draft j + 1, or else its follow-up token.
+        nxt = follow[:, j]
+        if j < k:
+            nxt = torch.where(accept[:, j], drafts[:, j], nxt)
+            for t, s in zip(caches.tensors(), saved):
+                t.copy_(s)
+            block_hidden = model._final_hidden(block[:, : j + 1], caches, None, None, None, {})
+        hidden = torch.cat([hidden, block_hidden[:, : j + 1]], dim=1)
+        fed = torch.cat([fed, block[:, : j + 1]], dim=1)
+        round_tokens = [*drafts[:, :j].unbind(1), nxt]
+        emit(round_tokens)
+        emitted.extend(round_tokens)
+        raw.append(block_logits[:, : j + 1].float())
+        newest = nxt
+        n += j + 1
+    tokens = torch.stack(emitted, dim=1)[:, :N]  # [B, n]
+    if tokens.shape[1] < N:
+        tokens = torch.cat([tokens, tokens.new_full((B, N - tokens.shape[1]), pad_token_id)], dim=1)
+    offsets = torch.arange(N, device=device)[None]
+    generated = torch.where(offsets < n_gen[:, None], tokens, torch.full_like(tokens, pad_token_id))
+    scores = None
+    if return_scores:
+        scores = torch.cat(raw, dim=1)[:, :N]
+        scores = torch.cat([scores, scores.new_zeros(B, N - scores.shape[1], scores.shape[-1])], dim=1)
+        scores = scores * (offsets < n_gen[:, None])[..., None]
+    sequences = torch.cat([input_ids, generated], dim=1)
+    return GenerationOutput(sequences=sequences, tokens=generated, lengths=T + n_gen, num_generated=n_gen,
+                            scores=scores, draft_acceptance=accepted_total / drafted if drafted else None)

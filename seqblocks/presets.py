@@ -18,6 +18,8 @@ training replaces it with the task's vocabulary size.
   Gated DeltaNet + attention hybrids, three GDN layers per attention layer.
 - ``gemma3-like`` / ``tiny-gemma3-like``: 5 sliding-window : 1 global attention, QK-norm, soft-capping.
 - ``llama4-like`` / ``tiny-llama4-like``: 3 chunked attention : 1 global NoPE attention (iRoPE), dense MLP.
+- ``nemotron-h-like``, ``falcon-h1-like`` (Mamba-2 + attention hybrids) and ``deepseek-like`` (MLA +
+  multi-token prediction), each with a ``tiny-`` CPU twin.
 - ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``mamba3-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized
   models (GPT-NeoX-sized vocabulary).
 """
@@ -218,6 +220,63 @@ PRESETS.update({
         "model": {"d_model": 2048, "d_state": 16, "n_layer": 16, "vocab_size": 202048,
                   "mixer_types": _llama4_pattern(16), "d_intermediate": 8192, "residual_in_fp32": True,
                   "mixer_kwargs": _llama4_kwargs(16, 4, 128, 8192)},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+})
+
+
+# Mamba-2 + attention hybrids and DeepSeek-like MLA + MTP (issue 17). Nemotron-H alternates a mixer
+# layer (Mamba-2, or GQA attention at a few places) with a squared-ReLU MLP layer; a seqblocks Block
+# pairs each mixer with its MLP, so "M-" / "*-" become one block each. Falcon-H1 runs attention and
+# Mamba-2 in parallel inside every layer; seqblocks has no parallel-mixer block, so falcon-h1-like is
+# the sequential approximation lmxlab also uses: Mamba-2 layers with an attention layer every fourth,
+# each with a SwiGLU MLP.
+def _every(n_layer: int, period: int, mixer: str, other: str) -> list[str]:
+    return [(other if i % period == period - 1 else mixer) for i in range(n_layer)]
+
+
+_TINY_GQA = {"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 32, "qkv_proj_bias": False, "out_proj_bias": False}
+_GPU_GQA = {"num_heads": 12, "num_heads_kv": 4, "rotary_emb_dim": 64, "qkv_proj_bias": False, "out_proj_bias": False}
+_TINY_MAMBA2 = {"headdim": 32, "chunk_size": 64}
+PRESETS.update({
+    "tiny-nemotron-h-like": _tiny(
+        "nemotron-h-like at CPU size: 4 layers, 3 Mamba-2 : 1 GQA attention, squared-ReLU MLP 256, d_model 128",
+        _every(4, 4, "mamba2", "attn"), d_intermediate=256, mlp_cls="relu2_mlp",
+        mixer_kwargs={"attn": dict(_TINY_GQA), "mamba2": dict(_TINY_MAMBA2)}),
+    "nemotron-h-like": {
+        "description": "Nemotron-H-shaped hybrid: 24 layers, d_model 768, Mamba-2 (state 128) with GQA attention "
+                       "(12 / 4 heads) at every 8th layer, squared-ReLU MLP 3072 after each mixer (GPU)",
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+                  "mixer_types": _every(24, 8, "mamba2", "attn"), "d_intermediate": 3072, "mlp_cls": "relu2_mlp",
+                  "residual_in_fp32": True, "tie_embeddings": False, "mixer_kwargs": {"attn": dict(_GPU_GQA)}},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    "tiny-falcon-h1-like": _tiny(
+        "falcon-h1-like at CPU size: 4 layers, 3 Mamba-2 : 1 GQA attention in sequence (Falcon-H1's parallel "
+        "layer approximated), SwiGLU MLP 256, d_model 128",
+        _every(4, 4, "mamba2", "attn"), d_intermediate=256,
+        mixer_kwargs={"attn": dict(_TINY_GQA), "mamba2": dict(_TINY_MAMBA2)}),
+    "falcon-h1-like": {
+        "description": "Falcon-H1-shaped hybrid, sequential approximation of its parallel attention + Mamba-2 "
+                       "layers: 24 layers, d_model 768, 3 Mamba-2 : 1 GQA attention, SwiGLU MLP 2048 (GPU)",
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+                  "mixer_types": _every(24, 4, "mamba2", "attn"), "d_intermediate": 2048, "residual_in_fp32": True,
+                  "tie_embeddings": False, "mixer_kwargs": {"attn": dict(_GPU_GQA)}},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    # The FFN is a dense SwiGLU for now: it becomes ffn="shared_moe" once the MoE FFNs land.
+    "tiny-deepseek-like": _tiny(
+        "deepseek-like at CPU size: 4 MLA layers (4 heads, KV rank 32, rope 16), SwiGLU MLP 256, one MTP depth, "
+        "d_model 128", ["mla"] * 4, d_intermediate=256, mtp_n_predict=1, mtp_lambda=0.3,
+        mixer_kwargs={"mla": {"num_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16}}),
+    "deepseek-like": {
+        "description": "DeepSeek-V3-shaped: 24 MLA layers (12 heads, KV rank 256, Q rank 512, rope 32), d_model 768, "
+                       "dense SwiGLU 2048 in place of the shared-expert MoE, one MTP depth (GPU)",
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+                  "mixer_types": ["mla"] * 24, "d_intermediate": 2048, "tie_embeddings": False,
+                  "mtp_n_predict": 1, "mtp_lambda": 0.3,
+                  "mixer_kwargs": {"mla": {"num_heads": 12, "kv_lora_rank": 256, "q_lora_rank": 512,
+                                           "qk_rope_head_dim": 32}}},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
 })

@@ -51,3 +51,18 @@ def test_gated_ffns(name, act):
     gate, up = (x @ ffn.gate_up.weight.T).chunk(2, -1)
     torch.testing.assert_close(ffn(x), (act(gate) * up) @ ffn.down.weight.T)
     assert ffn.gate_up.bias is None
+
+
+def test_relu2_mlp_is_registered_and_computes_squared_relu():
+    from seqblocks.layers.ffn import ReLU2MLP
+    from seqblocks.registry import MLPS
+
+    assert MLPS.get("relu2_mlp") is ReLU2MLP
+    mlp = ReLU2MLP(8, hidden_features=20, out_features=6, bias=True, multiple_of=16)
+    assert mlp.hidden_features == 32 and mlp.fc1.weight.shape == (32, 8) and mlp.fc2.weight.shape == (6, 32)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(mlp(x), mlp.fc2(torch.clamp(mlp.fc1(x), min=0) ** 2))
+    assert ReLU2MLP(8).hidden_features == 128  # 4 * 8 rounded up to the default multiple
+    for bad in ({"in_features": 0}, {"in_features": 8, "multiple_of": 0}, {"in_features": 8, "hidden_features": -1}):
+        with pytest.raises(ValueError, match="ReLU2MLP"):
+            ReLU2MLP(**bad)

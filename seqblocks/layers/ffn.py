@@ -17,7 +17,7 @@ from torch import nn
 from seqblocks.registry import FFNS, MLPS
 
 __all__ = ["FFNBase", "FeedForward", "ReLUFeedForward", "ReLU2FeedForward", "GatedFeedForward",
-           "GEGLUFeedForward", "GatedReLU2FeedForward", "NoFFN", "GatedMLP"]
+           "GEGLUFeedForward", "GatedReLU2FeedForward", "NoFFN", "GatedMLP", "ReLU2MLP"]
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -159,3 +159,36 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, gate = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(y * self.activation(gate))
+
+
+@MLPS.register("relu2_mlp")
+class ReLU2MLP(nn.Module):
+    """Squared-ReLU MLP (Primer; Nemotron-H's dense MLP) with ``GatedMLP``'s signature: ``fc2(relu(fc1(x))^2)``.
+
+    Args:
+        in_features (int): input width.
+        hidden_features (int | None): hidden width before rounding. Default: None (= 4 in_features).
+        out_features (int | None): output width. Default: None (= in_features).
+        bias (bool): biases in both linears. Default: False.
+        multiple_of (int): hidden width is rounded up to a multiple of this. Default: 128.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 bias: bool = False, multiple_of: int = 128, device=None, dtype=None) -> None:
+        super().__init__()
+        if in_features <= 0:
+            raise ValueError(f"ReLU2MLP: in_features={in_features} must be positive")
+        if multiple_of <= 0:
+            raise ValueError(f"ReLU2MLP: multiple_of={multiple_of} must be positive")
+        out_features = out_features if out_features is not None else in_features
+        hidden = hidden_features if hidden_features is not None else 4 * in_features
+        if hidden <= 0:
+            raise ValueError(f"ReLU2MLP: hidden_features={hidden_features} must be positive")
+        hidden = (hidden + multiple_of - 1) // multiple_of * multiple_of
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden, out_features, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(relu2(self.fc1(x)))

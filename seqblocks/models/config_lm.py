@@ -28,6 +28,7 @@ from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.mixer import build_component
 from seqblocks.models.engine import CausalLM
 from seqblocks.models.init import InitConfig
+from seqblocks.models.mtp import check_mtp_fields
 from seqblocks.registry import MODELS, NORMS, POSITIONS
 
 __all__ = ["LanguageModelConfig", "LanguageModel"]
@@ -54,6 +55,9 @@ class LanguageModelConfig(ConfigBase):
             sqrt(n_layers) for blocks with one sublayer), once. Default: True.
         final_logit_softcapping (float | None): soft-cap of the logits, ``c * tanh(logits / c)``
             (Gemma 2). Default: None.
+        mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
+            the last layer's kind; 0 disables MTP. Default: 0.
+        mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
     """
 
     vocab_size: int
@@ -65,6 +69,8 @@ class LanguageModelConfig(ConfigBase):
     initializer_range: float = 0.02
     rescale_residual: bool = True
     final_logit_softcapping: float | None = None
+    mtp_n_predict: int = 0
+    mtp_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, list):
@@ -91,6 +97,7 @@ class LanguageModelConfig(ConfigBase):
             raise _bad("initializer_range", self.initializer_range, "a positive float")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
             raise _bad("final_logit_softcapping", self.final_logit_softcapping, "a positive float or None")
+        check_mtp_fields("LanguageModelConfig", self.mtp_n_predict, self.mtp_lambda)
 
     @property
     def d_model(self) -> int:
@@ -199,6 +206,7 @@ class LanguageModel(CausalLM):
         last = config.blocks[-1]
         self.norm_f = build_component(NORMS.get(last.norm), last) if config.final_norm else None
         self._build_head(**factory)
+        self._build_mtp(config.mtp_n_predict, lambda: ConfigurableBlock(last, **factory), last.norm_eps, **factory)
         for module in (self.position, self.norm_f):
             if module is not None:
                 module.to(**factory)

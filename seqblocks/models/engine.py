@@ -29,6 +29,7 @@ from seqblocks.checkpoint import CheckpointMixin
 from seqblocks.layers.checks import check_allocation, check_lengths, check_position_ids, check_timesteps
 from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
+from seqblocks.models.mtp import MTPModule
 
 __all__ = ["CausalLMOutput", "CausalLM", "mixer_inputs"]
 
@@ -37,6 +38,7 @@ class CausalLMOutput(NamedTuple):
     """What a language model's ``forward`` / ``step`` return."""
 
     logits: torch.Tensor  # [B, T, V]
+    mtp_logits: tuple[torch.Tensor, ...] | None = None  # depth k: [B, T - k, V]; None without MTP
 
 
 def mixer_inputs(mixer: nn.Module) -> frozenset[str]:
@@ -73,6 +75,12 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         self.lm_head = nn.Linear(self.d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
         if self.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+
+    def _build_mtp(self, n_predict: int, make_block: Any, eps: float, device=None, dtype=None) -> None:
+        """``n_predict`` MTP modules (``seqblocks.models.mtp``), each around ``make_block()``; an empty
+        ModuleList when 0. The embedding and head stay shared with the main model."""
+        self.mtp = nn.ModuleList(MTPModule(self.d_model, make_block(), eps=eps, device=device, dtype=dtype)
+                                 for _ in range(n_predict))
 
     def mixers(self) -> list[nn.Module]:
         raise NotImplementedError  # abstract: each front door knows where its mixers live
@@ -118,7 +126,9 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             **mixer_kwargs: further mixer inputs (``mask``, ...); each reaches the mixers that declare it.
 
         Returns:
-            CausalLMOutput: ``logits`` [B, T or num_last_tokens, vocab_size].
+            CausalLMOutput: ``logits`` [B, T or num_last_tokens, vocab_size]; with MTP modules and
+            neither caches nor ``num_last_tokens``, also ``mtp_logits``: depth k's [B, T - k, vocab_size]
+            (position i predicts the token k + 1 places after it).
 
         Raises:
             ValueError / TypeError: malformed inputs, caches too small, or a keyword no mixer takes.
@@ -181,6 +191,16 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         return self._run(input_ids, caches, None, 0, integration_timesteps, None, extra)
 
     def _run(self, input_ids, caches, position_ids, num_last_tokens, integration_timesteps, lengths, extra):
+        hidden = self._final_hidden(input_ids, caches, position_ids, integration_timesteps, lengths, extra)
+        mtp_logits = None
+        if getattr(self, "mtp", None) and caches is None and num_last_tokens == 0:
+            mtp_logits = self.mtp_logits(hidden, input_ids)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        return CausalLMOutput(logits=self.head_logits(hidden), mtp_logits=mtp_logits)
+
+    def _final_hidden(self, input_ids, caches, position_ids, integration_timesteps, lengths, extra) -> torch.Tensor:
+        """Embedding, position encoding and backbone (final norm included): [B, T, D]; caches advance."""
         T = input_ids.shape[1]
         hidden = self.embedding(input_ids)
         if self.position is not None:
@@ -197,14 +217,38 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         hidden = self._backbone(hidden, caches, self._route(inputs))
         if caches is not None and isinstance(caches, InferenceCaches):
             caches.seqlen_offset.add_(lengths if lengths is not None else T)
-        if num_last_tokens > 0:
-            hidden = hidden[:, -num_last_tokens:]
+        return hidden
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: [B, T, D] final hidden -> [B, T, vocab_size] logits (padded rows dropped), with
+        the final-logit soft-cap ``c * tanh(logits / c)`` (Gemma 2, in fp32) when the config sets one."""
         logits = F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.vocab_size])
         cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None:  # Gemma 2's final-logit soft-cap, in fp32
+        if cap is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
             logits = (cap * torch.tanh(wide / cap)).to(logits.dtype)
-        return CausalLMOutput(logits=logits)
+        return logits
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every MTP depth's logits over a whole sequence (no caches).
+
+        Args:
+            hidden (Tensor): [B, T, D] the main model's final hidden (``_final_hidden``).
+            input_ids (Tensor): [B, T] the tokens it was computed from.
+
+        Returns:
+            tuple[Tensor, ...]: depth k's logits [B, T - k, V]; position i predicts token i + k + 1
+            (empty once T - k <= 0).
+        """
+        T = input_ids.shape[1]
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                out.append(hidden.new_zeros(hidden.shape[0], 0, self.vocab_size))
+                continue
+            hidden = module(hidden[:, :-1], self.embedding(input_ids[:, k:]))  # [B, T - k, D]
+            out.append(self.head_logits(module.out_norm(hidden)))
+        return tuple(out)
 
     def _add_position(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if isinstance(self.position, LearnedPosition):

@@ -60,6 +60,9 @@ class LRNNLMHeadModel(CausalLM):
         device, dtype: parameter placement. Default: None.
         final_logit_softcapping (float | None): keyword only; soft-cap of the logits,
             ``c * tanh(logits / c)`` (Gemma 2). Default: None.
+        mtp_n_predict (int): keyword only; multi-token prediction depths (``seqblocks.models.mtp``),
+            each a ``Block`` like the last layer's. Default: 0 (off).
+        mtp_lambda (float): keyword only; weight of the MTP loss in training. Default: 0.1.
 
     The arguments are read into a ``ModelConfig`` (``model.config``); ``LRNNLMHeadModel.from_config``
     builds from one directly.
@@ -90,6 +93,8 @@ class LRNNLMHeadModel(CausalLM):
         dtype: torch.dtype | None = None,
         *,
         final_logit_softcapping: float | None = None,
+        mtp_n_predict: int = 0,
+        mtp_lambda: float = 0.1,
         config: ModelConfig | None = None,
     ) -> None:
         # ``config`` (keyword only) builds from a ModelConfig and ignores the other arguments; it is
@@ -101,7 +106,8 @@ class LRNNLMHeadModel(CausalLM):
                 mixer_kwargs=mixer_kwargs, mlp_cls=mlp_cls, initializer_cfg=initializer_cfg,
                 norm_epsilon=norm_epsilon, rms_norm=rms_norm, fused_add_norm=fused_add_norm,
                 residual_in_fp32=residual_in_fp32, tie_embeddings=tie_embeddings,
-                pad_vocab_size_multiple=pad_vocab_size_multiple, final_logit_softcapping=final_logit_softcapping)
+                pad_vocab_size_multiple=pad_vocab_size_multiple, final_logit_softcapping=final_logit_softcapping,
+                mtp_n_predict=mtp_n_predict, mtp_lambda=mtp_lambda)
         elif not isinstance(config, ModelConfig):
             raise TypeError(f"LRNNLMHeadModel: config must be a ModelConfig, got {type(config).__name__}")
         self._build(config, device=device, dtype=dtype)
@@ -129,15 +135,17 @@ class LRNNLMHeadModel(CausalLM):
         if config.d_intermediate > 0:
             mlp_cls = functools.partial(MLPS.get(config.mlp), hidden_features=config.d_intermediate,
                                         out_features=D, **factory)
-        layers = []
-        for i, layer in enumerate(config.layers):
-            mixer = build_mixer(layer.mixer, layer.mixer_config, layer_idx=i, **factory)
-            layers.append(Block(D, mixer_cls=lambda _dim, m=mixer: m, mlp_cls=mlp_cls or nn.Identity,
-                                norm_cls=norm_cls, fused_add_norm=config.fused_add_norm,
-                                residual_in_fp32=config.residual_in_fp32))
-        self.layers = nn.ModuleList(layers)
+
+        def block(layer_idx: int, layer) -> Block:
+            mixer = build_mixer(layer.mixer, layer.mixer_config, layer_idx=layer_idx, **factory)
+            return Block(D, mixer_cls=lambda _dim: mixer, mlp_cls=mlp_cls or nn.Identity, norm_cls=norm_cls,
+                         fused_add_norm=config.fused_add_norm, residual_in_fp32=config.residual_in_fp32)
+
+        self.layers = nn.ModuleList(block(i, layer) for i, layer in enumerate(config.layers))
         self.norm_f = norm_cls(D)
         self._build_head(**factory)
+        self._build_mtp(config.mtp_n_predict, lambda: block(config.n_layer - 1, config.layers[-1]),
+                        config.norm_epsilon, **factory)
         self._apply_initializer(config.initializer, [[layer.mixer if layer.norm is not None else None, layer.mlp]
                                                      for layer in self.layers])
 

@@ -21,6 +21,7 @@ from typing import Any
 from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.build import is_block_config_mixer, mixer_class, mixer_config, resolve_mixer_kwargs
 from seqblocks.models.init import InitConfig
+from seqblocks.models.mtp import check_mtp_fields
 from seqblocks.registry import MIXERS, MLPS
 
 __all__ = ["LayerConfig", "ModelConfig", "ARGUMENT_FIELDS", "SIZE_LIMITS"]
@@ -36,7 +37,8 @@ _SIZE_FIELD = re.compile(r"^(d_|n_|num_)|(_dim|_size|_rank|heads)$")
 #: ``LRNNLMHeadModel``'s constructor arguments, as a config file or an older checkpoint spells them.
 ARGUMENT_FIELDS = ("d_model", "d_state", "n_layer", "vocab_size", "mixer_types", "d_intermediate", "mixer_kwargs",
                    "mlp_cls", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32", "tie_embeddings",
-                   "pad_vocab_size_multiple", "initializer_cfg", "final_logit_softcapping")
+                   "pad_vocab_size_multiple", "initializer_cfg", "final_logit_softcapping",
+                   "mtp_n_predict", "mtp_lambda")
 
 
 def _layer_config_class(mixer: str) -> type[ConfigBase]:
@@ -103,6 +105,9 @@ class ModelConfig(ConfigBase):
         initializer (InitConfig): weight initialisation. Default: InitConfig().
         final_logit_softcapping (float | None): soft-cap of the logits, ``c * tanh(logits / c)``
             (Gemma 2). Default: None.
+        mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
+            the last layer's kind; 0 disables MTP. Default: 0.
+        mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
 
     Derived (properties, never stored): ``n_layer``, ``mixer_types``, ``padded_vocab_size``.
     """
@@ -120,6 +125,8 @@ class ModelConfig(ConfigBase):
     pad_vocab_size_multiple: int = 8
     initializer: InitConfig = dataclasses.field(default_factory=InitConfig)
     final_logit_softcapping: float | None = None
+    mtp_n_predict: int = 0
+    mtp_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list | tuple):
@@ -150,6 +157,7 @@ class ModelConfig(ConfigBase):
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
             raise ValueError(f"ModelConfig.final_logit_softcapping={self.final_logit_softcapping!r} must be "
                              f"positive or None")
+        check_mtp_fields("ModelConfig", self.mtp_n_predict, self.mtp_lambda)
 
     @property
     def n_layer(self) -> int:

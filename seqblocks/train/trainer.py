@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqblocks.models.mtp import mtp_loss
 from seqblocks.tasks import IGNORE_INDEX, Batch, Task, get_task
 from seqblocks.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -98,6 +99,17 @@ def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over scored positions, in fp32 (logits may be bf16 under autocast)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def _mtp_loss_sum(out: Any, targets: torch.Tensor, module: nn.Module) -> torch.Tensor | float:
+    """The model's MTP loss (``mtp_lambda`` times the mean over depths) scaled by this micro-batch's
+    scored tokens, so that after the step's division by the token count it weighs like the main loss;
+    0 for a model without MTP. The logged ``loss`` stays the main next-token cross-entropy."""
+    mtp_logits = getattr(out, "mtp_logits", None)
+    if not mtp_logits:
+        return 0.0
+    scored = (targets != IGNORE_INDEX).sum()
+    return mtp_loss(mtp_logits, targets, module.config.mtp_lambda, IGNORE_INDEX) * scored
 
 
 @torch.no_grad()
@@ -425,9 +437,10 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 sync = contextlib.nullcontext() if not ddp or m == len(parts) - 1 else wrapped.no_sync()
                 with sync:
                     with autocast_context(info.device, config.precision):
-                        logits = runner(part.input_ids).logits
-                    loss = _loss_sum(logits, part.targets)
-                    (loss * (info.world_size / max(count, 1))).backward()
+                        out = runner(part.input_ids)
+                    loss = _loss_sum(out.logits, part.targets)
+                    objective = loss + _mtp_loss_sum(out, part.targets, module)
+                    (objective * (info.world_size / max(count, 1))).backward()
                 step_loss += loss.detach()
             max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
