@@ -232,7 +232,12 @@ class Mixer(nn.Module):
         config_cls = cls.config_class()
         names = config_cls.field_names()
         block = config.to_dict()
-        values = {k: block[k] for k in names[1:] if k in block and k != "mixer_kwargs"}
+        for k in _SOFTMAX_ATTENTION_FIELDS:  # options of the softmax attention mixers, never forwarded by name
+            if block.get(k) not in (None, False):
+                raise ValueError(f"{cls.__name__}: BlockConfig.{k}={block[k]!r} applies to the softmax attention "
+                                 f"mixers only; set this mixer's own options through mixer_kwargs")
+        values = {k: block[k] for k in names[1:]
+                  if k in block and k != "mixer_kwargs" and k not in _SOFTMAX_ATTENTION_FIELDS}
         values.update(config.mixer_kwargs)
         values.update({k: v for k, v in kwargs.items() if k in names})
         layer_idx = values.pop("layer_idx", None)
@@ -248,6 +253,12 @@ class Mixer(nn.Module):
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"{type(self).__name__}.step expects x of shape [B, 1, D], got {tuple(x.shape)}")
         return run_mixer(self, x, cache, inputs)
+
+
+#: BlockConfig fields that configure softmax attention (``MHA`` and its kin). ``Mixer.from_config`` never
+#: passes them to another mixer's config, where a field of the same name can mean something else
+#: (DeltaNet's ``qk_norm`` is "l2" / "sum").
+_SOFTMAX_ATTENTION_FIELDS = ("qk_norm", "attention_chunk_size", "sparse_select_k", "attn_logit_softcapping")
 
 
 class AttentionBase(Mixer):
