@@ -184,6 +184,11 @@ class BlockConfig(ConfigBase):
         rope_scaling (float): linear position-interpolation factor for RoPE. Default: 1.0.
         d_state (int): state width of recurrent mixers. Default: 16.
         mixer_kwargs (dict): extra constructor arguments for the mixer (JSON values). Default: {}.
+        mup (bool): muP (maximal update parameterisation, ``docs/mup.md``): softmax attention scores
+            scaled by 1 / head_dim instead of 1 / sqrt(head_dim) ("mha", "gqa", "mqa",
+            "sliding_window", "mla"; other mixers keep their own scales). In a ``LanguageModel`` it
+            also switches on the model-level rules (init, output multiplier, learning-rate groups)
+            against ``LanguageModelConfig.mup_base_width``. Default: False.
     """
 
     attention: str = "mha"
@@ -214,6 +219,7 @@ class BlockConfig(ConfigBase):
     rope_scaling: float = 1.0
     d_state: int = 16
     mixer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mup: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -199,8 +199,8 @@ class MHA(AttentionCore):
     @classmethod
     def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> MHA:
         """Build from a ``BlockConfig``: n_heads, n_kv_heads, head_dim, bias, causal, window_size,
-        attention_type, attention_block_size, linear_attention_chunk_size, attention dropout, plus
-        ``config.mixer_kwargs`` and ``kwargs`` (which win)."""
+        attention_type, attention_block_size, linear_attention_chunk_size, attention dropout, ``mup``
+        (softmax_scale = 1 / head_dim), plus ``config.mixer_kwargs`` and ``kwargs`` (which win)."""
         args: dict[str, Any] = dict(
             num_heads=config.n_heads, num_heads_kv=config.n_kv_heads, head_dim=config.head_dim,
             qkv_proj_bias=config.bias, out_proj_bias=config.bias, causal=config.causal,
@@ -209,6 +209,9 @@ class MHA(AttentionCore):
             linear_attention_chunk_size=config.linear_attention_chunk_size,
             dropout=config.effective_attention_dropout, position=position,
         )
+        if config.mup and config.attention_type != "linear":
+            # muP: scores scale as 1 / head_dim, so q.k (whose entries correlate after training) stays O(1).
+            args["softmax_scale"] = 1.0 / config.effective_head_dim
         args.update(cls._config_overrides(config))
         args.update(config.mixer_kwargs)
         args.update(kwargs)
