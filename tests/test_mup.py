@@ -1,5 +1,7 @@
 """muP (BlockConfig.mup, LanguageModelConfig.mup_base_width) and hidden states from every model."""
 
+import importlib.util
+import json
 import math
 
 import pytest
@@ -237,3 +239,29 @@ def test_transformer_hidden_states():
     assert (len(enc), len(dec)) == (3, 4) and dec[-1].shape == (2, 4, 32)
     torch.testing.assert_close(logits, model.decoder.lm_head(dec[-1]))
     torch.testing.assert_close(logits, model(ids, ids[:, :4]))
+
+
+# ------------------------------------------------------------------ seqblocks bench mup
+
+
+def test_bench_mup_smallest_size_writes_table_json_and_plot(tmp_path, capsys):
+    from seqblocks.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "mup", "--d-model", "8", "--widths", "8,16", "--steps", "2", "--seq-len", "8",
+                 "--batch-size", "2", "--lr", "1e-3,1e-2", "--out", str(out), "--no-progress"]) == 0
+    payload = json.loads((out / "mup.json").read_text())
+    assert len(payload["rows"]) == 2 * 2 * 2  # (SP, muP) x widths x lrs
+    assert all(r["loss"] is None or r["loss"] > 0 for r in payload["rows"])
+    assert set(payload["best_lr"]) == {"SP/8", "SP/16", "muP/8", "muP/16"}
+    table = (out / "mup.md").read_text()
+    assert "| muP | 16 |" in table and "best lr" in table
+    assert "muP: the best lr" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "mup.png").stat().st_size > 1000
+
+
+def test_bench_mup_rejects_a_base_that_is_not_the_narrowest_width(tmp_path):
+    from seqblocks.cli import main
+
+    assert main(["bench", "mup", "--d-model", "16", "--widths", "8,16", "--out", str(tmp_path)]) == 2
