@@ -265,3 +265,31 @@ def test_bench_mup_rejects_a_base_that_is_not_the_narrowest_width(tmp_path):
     from seqblocks.cli import main
 
     assert main(["bench", "mup", "--d-model", "16", "--widths", "8,16", "--out", str(tmp_path)]) == 2
+
+
+def test_mup_model_in_bf16():
+    torch.manual_seed(0)
+    model = _lm(128, mup=True).to(torch.bfloat16)
+    out = model(torch.randint(0, V, (2, 6)), return_hidden=True)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert all(h.dtype == torch.bfloat16 for h in out.hidden_states)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mup_model_trains_and_decodes_on_cuda_with_a_cuda_graph():
+    torch.manual_seed(0)
+    model = _lm(256, mup=True).cuda()
+    optimizer = make_optimizer(model, 1e-2)  # fused AdamW over groups of different learning rates
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-2, 1e-2 / 4}
+    ids = torch.randint(0, V, (2, 16), device="cuda")
+    for _ in range(2):
+        loss = F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    plain = generate(model, ids[:, :8], 8, temperature=0.0, return_scores=True)
+    graphed = generate(model, ids[:, :8], 8, temperature=0.0, return_scores=True, cuda_graph=True)
+    assert torch.equal(plain.tokens, graphed.tokens)
+    torch.testing.assert_close(plain.scores, graphed.scores, atol=1e-4, rtol=1e-4)

@@ -54,7 +54,7 @@ class LanguageModelConfig(ConfigBase):
         initializer_range (float): std of the embedding init. Default: 0.02.
         rescale_residual (bool): divide each residual output projection by sqrt(2 * n_layers) (by
             sqrt(n_layers) for blocks with one sublayer), once. Default: True.
-        mup_base_width (int | None): muP's base width (lmxlab's name); needs ``BlockConfig.mup=True``
+        mup_base_width (int | None): muP's base width; needs ``BlockConfig.mup=True``
             in every block. With ``mup`` on, hidden linears are initialised with std initializer_range /
             sqrt(width_mult), their Adam learning rate is divided by width_mult (through
             ``seqblocks.train.make_optimizer``) and the logits are multiplied by 1 / width_mult, where
