@@ -193,6 +193,11 @@ class BlockConfig(ConfigBase):
         attn_logit_softcapping (float | None): attention-logit soft-cap, ``c * tanh(score / c)``
             (Gemma 2). Default: None.
         mixer_kwargs (dict): extra constructor arguments for the mixer (JSON values). Default: {}.
+        mup (bool): muP (maximal update parameterisation, ``docs/mup.md``): softmax attention scores
+            scaled by 1 / head_dim instead of 1 / sqrt(head_dim) ("mha", "gqa", "mqa",
+            "sliding_window", "mla"; other mixers keep their own scales). In a ``LanguageModel`` it
+            also switches on the model-level rules (init, output multiplier, learning-rate groups)
+            against ``LanguageModelConfig.mup_base_width``. Default: False.
     """
 
     attention: str = "mha"
@@ -227,6 +232,7 @@ class BlockConfig(ConfigBase):
     sparse_select_k: int | None = None
     attn_logit_softcapping: float | None = None
     mixer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mup: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

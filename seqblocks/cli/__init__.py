@@ -123,21 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("bench", help="mixer speed (default) or `bench tasks`: MQAR across mixer types")
-    p.add_argument("what", nargs="?", choices=["speed", "tasks"], default="speed")
+    p = sub.add_parser("bench", help="mixer speed (default), `bench tasks`: MQAR across mixer types, or "
+                       "`bench mup`: learning-rate transfer across widths with and without muP")
+    p.add_argument("what", nargs="?", choices=["speed", "tasks", "mup"], default="speed")
     p.add_argument("--mixers", help="comma-separated mixer names (default: every registered causal mixer for "
                    "speed; attn,mamba,rglru,s4d,lru for tasks, those registered)")
     p.add_argument("--out", "-o", default="bench", help="directory for the table, JSON and plot (default: bench)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--d-model", type=int, help="width (speed default 256, tasks default 64)")
-    p.add_argument("--seq-len", type=int, help="sequence length (speed default 512; tasks default 32)")
-    p.add_argument("--batch-size", type=int, help="batch (speed default 4; tasks default 64)")
+    p.add_argument("--d-model", type=int, help="width (speed default 256, tasks default 64; mup: the base width, "
+                   "default 32)")
+    p.add_argument("--seq-len", type=int, help="sequence length (speed default 512; tasks and mup default 32)")
+    p.add_argument("--batch-size", type=int, help="batch (speed default 4; tasks default 64; mup default 16)")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repetitions (median reported)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="speed: input and weight dtype")
-    p.add_argument("--steps", type=int, help="tasks: training steps per mixer (default 2000)")
+    p.add_argument("--steps", type=int, help="tasks: training steps per mixer (default 2000); mup: per run "
+                   "(default 80)")
+    p.add_argument("--widths", help="mup: comma-separated widths, the narrowest = --d-model (default: d_model "
+                   "and 4 * d_model)")
     p.add_argument("--num-kv-pairs", default=None, help="tasks: comma-separated MQAR pair counts (default 4)")
     p.add_argument("--lr", help="tasks: learning rate, or comma-separated rates to sweep (each mixer keeps its "
-                   "best; default 1e-2)")
+                   "best; default 1e-2); mup: the sweep (default 1e-3,3e-3,1e-2,3e-2,1e-1)")
     p.add_argument("--no-progress", action="store_true")
     _add_threads_option(p)
     return parser

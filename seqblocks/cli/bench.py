@@ -1,4 +1,5 @@
-"""``seqblocks bench``: mixer speed on this machine, and ``bench tasks``: MQAR across mixer types.
+"""``seqblocks bench``: mixer speed on this machine, ``bench tasks``: MQAR across mixer types, and
+``bench mup``: learning-rate transfer across widths with and without muP.
 
 Speed: each causal mixer is built alone at width D and timed on [B, T, D] inputs: forward,
 forward + backward, and one decode step after a prefill of T tokens (median of ``--repeats`` runs
@@ -6,7 +7,11 @@ after a warm-up). Tasks: a 2-layer model per mixer type (with gated MLPs) is tra
 scored on held-out rows; attention and input-dependent mixers (Mamba) should recall the pairs, LTI
 mixers (S4D, LRU) should fall behind (Arora et al., "Zoology", 2023).
 
-Both write ``<name>.md`` (a markdown table), ``<name>.json`` and ``<name>.png`` (when matplotlib is
+muP: a 2-layer attention LM (untied head) is trained at two widths over a sweep of learning rates on
+the embedded character task, in the standard parameterisation and in muP (base width = the narrower
+one); with muP the best learning rate of the narrow model should also be (near) the best of the wide one.
+
+Each writes ``<name>.md`` (a markdown table), ``<name>.json`` and ``<name>.png`` (when matplotlib is
 installed) into ``--out``.
 
 Shapes: B batch, T time, D width.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -24,9 +30,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_speed_bench", "run_task_bench", "speed_rows", "task_rows", "markdown_table"]
+__all__ = ["run_speed_bench", "run_task_bench", "run_mup_bench", "speed_rows", "task_rows", "mup_rows",
+           "markdown_table"]
 
 TASK_MIXERS = ("attn", "mamba", "rglru", "s4d", "lru")
+MUP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -339,3 +347,140 @@ def _learning_rates(text: str | None) -> list[float]:
     if not lrs or any(not lr > 0 for lr in lrs):
         raise ValueError(f"--lr values must be positive, got {text!r}")
     return lrs
+
+
+# ---------------------------------------------------------------- bench mup
+
+
+def mup_rows(widths: list[int], lrs: list[float], *, base_width: int, steps: int, seq_len: int, batch_size: int,
+             device: torch.device, n_layers: int = 2, n_heads: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out loss of a ``n_layers`` attention LM per (parameterisation, width, learning rate) after
+    ``steps`` Adam steps on the character task; muP runs use ``mup_base_width=base_width``. A diverged
+    run has loss None."""
+    import torch.nn.functional as F
+
+    from seqblocks.models.config_lm import LanguageModel, LanguageModelConfig
+    from seqblocks.tasks import IGNORE_INDEX, get_task
+    from seqblocks.train import make_optimizer
+
+    task = get_task("chars", seq_len=seq_len, max_chars=200_000, eval_examples=64)
+
+    def loss_of(model, batch) -> torch.Tensor:
+        logits = model(batch.input_ids.to(device)).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.to(device).flatten(),
+                               ignore_index=IGNORE_INDEX)
+
+    rows = []
+    for mup in (False, True):
+        for width in widths:
+            for lr in lrs:
+                torch.manual_seed(seed)
+                extra = {"mup": True, "mup_base_width": base_width} if mup else {}
+                config = LanguageModelConfig.from_pattern(["mha"] * n_layers, vocab_size=task.vocab_size,
+                                                          d_model=width, n_heads=n_heads, tie_embeddings=False,
+                                                          max_seq_len=seq_len, **extra)
+                model = LanguageModel(config, device=device)
+                optimizer = make_optimizer(model, lr, weight_decay=0.0)
+                t0 = time.perf_counter()
+                for step in range(steps):
+                    loss = loss_of(model, task.batch("train", step, batch_size, seed=seed))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                with torch.no_grad():
+                    val = loss_of(model.eval(), task.batch("val", 0, task.eval_examples)).item()
+                rows.append({"parameterisation": "muP" if mup else "SP", "width": width, "lr": lr,
+                             "loss": val if math.isfinite(val) else None, "train_s": time.perf_counter() - t0})
+                print(f"  {rows[-1]['parameterisation']:<3} width={width:<5} lr={lr:<8g} loss={val:.4f}",
+                      file=sys.stderr, flush=True)
+    return rows
+
+
+def _best_lrs(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float | None]:
+    best: dict[tuple[str, int], tuple[float, float] | None] = {}
+    for r in rows:
+        key = (r["parameterisation"], r["width"])
+        if r["loss"] is not None and (best.get(key) is None or r["loss"] < best[key][1]):
+            best[key] = (r["lr"], r["loss"])
+        best.setdefault(key, None)
+    return {k: v[0] if v is not None else None for k, v in best.items()}
+
+
+def _plot_mup(rows: list[dict[str, Any]], path: Path, title: str) -> bool | str:
+    from seqblocks.train.plot import MISSING_MATPLOTLIB, pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return MISSING_MATPLOTLIB
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100, sharey=True)
+    best = _best_lrs(rows)
+    for ax, name in zip(axes, ("SP", "muP")):
+        for width in sorted({r["width"] for r in rows}):
+            pts = [(r["lr"], r["loss"]) for r in rows
+                   if r["parameterisation"] == name and r["width"] == width and r["loss"] is not None]
+            if not pts:
+                continue
+            line, = ax.plot(*zip(*pts), "o-", label=f"width {width}")
+            if best.get((name, width)) is not None:
+                ax.axvline(best[(name, width)], color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title("standard parameterisation" if name == "SP" else "muP", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("held-out loss (dotted: best lr)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_mup_bench(args: argparse.Namespace) -> int:
+    import seqblocks  # noqa: F401
+
+    device = _device(args.device)
+    base = args.d_model or 32
+    widths = _widths(args.widths) if args.widths else [base, 4 * base]
+    if min(widths) != base:
+        raise ValueError(f"--widths {args.widths!r}: the narrowest width must be the base width --d-model={base}")
+    T, B, steps = args.seq_len or 32, args.batch_size or 16, args.steps or 80
+    lrs = _learning_rates(args.lr) if args.lr else list(MUP_LRS)
+    title = (f"muP: 2-layer attention LM on chars, widths {', '.join(map(str, widths))} (base {base}), "
+             f"{steps} Adam steps of {B} x {T}")
+    print(title, file=sys.stderr)
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None:
+        print(threads.describe(), file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = mup_rows(widths, lrs, base_width=base, steps=steps, seq_len=T, batch_size=B, device=device)
+    best = _best_lrs(rows)
+    table_rows = []
+    for (name, width), best_lr in best.items():
+        losses = {r["lr"]: r["loss"] for r in rows if r["parameterisation"] == name and r["width"] == width}
+        table_rows.append([name, width] + [losses[lr] if losses[lr] is not None else "diverged" for lr in lrs]
+                          + [f"{best_lr:g}" if best_lr is not None else "-"])
+    headers = ["parameterisation", "width"] + [f"lr {lr:g}" for lr in lrs] + ["best lr"]
+    table = f"{title}\n\n" + markdown_table(headers, table_rows)
+    transfer = {name: len({best.get((name, w)) for w in widths}) == 1 for name in ("SP", "muP")}
+    table += "\n" + "\n".join(f"{name}: the best lr is {'the same' if same else 'not the same'} at every width"
+                               for name, same in transfer.items()) + "\n"
+    out = Path(args.out)
+    _write(out, "mup", table, {"title": title, "rows": rows, "best_lr": {f"{k[0]}/{k[1]}": v for k, v in best.items()},
+                               "total_s": time.perf_counter() - t0})
+    print(table)
+    plotted = _plot_mup(rows, out / "mup.png", title)
+    print(f"wrote {out / 'mup.md'}, {out / 'mup.json'}" + (f", {out / 'mup.png'}" if plotted is True
+                                                             else f" ({plotted})"))
+    return 0
+
+
+def _widths(text: str) -> list[int]:
+    """``--widths a,b``: positive model widths."""
+    try:
+        widths = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--widths must be comma-separated integers, got {text!r}") from None
+    if len(widths) < 2 or widths[0] <= 0:
+        raise ValueError(f"--widths needs at least two positive widths, got {text!r}")
+    return widths

@@ -439,4 +439,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what == "tasks":
         return bench.run_task_bench(args)
+    if args.what == "mup":
+        return bench.run_mup_bench(args)
     return bench.run_speed_bench(args)

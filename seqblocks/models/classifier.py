@@ -199,15 +199,20 @@ class Classifier(nn.Module):
         self.head = nn.Linear(d_model, num_classes if num_classes > 0 else output_dim, **factory)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None,
-                integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                integration_timesteps: torch.Tensor | None = None, return_hidden: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Args:
             x (Tensor): [B, T, F] features, or [B, T] token ids with ``vocab_size``.
             lengths (Tensor | None): [B] valid steps per row, in [1, T] (pooling needs a step). Default: None.
             integration_timesteps (Tensor | None): [B, T] time since the previous step (events).
                 Default: None.
+            return_hidden (bool): also return the hidden states. Default: False.
 
         Returns:
-            Tensor: [B, num_classes] logits (or [B, output_dim]).
+            Tensor: [B, num_classes] logits (or [B, output_dim]); with ``return_hidden``,
+            ``(logits, hidden_states)``: the input of each layer (the projected input first), then the
+            last layer's output, which the final pooling reads; n_layers + 1 tensors [B, T_i, d_model]
+            (T_i shrinks after a layer with intermediate pooling).
         """
         if self.has_embedding:
             if x.dim() != 2 or x.dtype.is_floating_point:
@@ -229,7 +234,9 @@ class Classifier(nn.Module):
                 raise ValueError(f"Classifier: every row needs a step to pool (lengths >= 1), got {lengths.tolist()}")
             lengths = lengths.to(device=h.device, dtype=torch.long)
         h = self.input_dropout(h)
+        hidden_states = []
         for mixer, norm, mode, stride in zip(self.mixers, self.norms, self.intermediate_pooling, self.pooling_factor):
+            hidden_states.append(h)
             declared = getattr(mixer, "inputs", frozenset())
             inputs = {k: v for k, v in (("lengths", lengths), ("integration_timesteps", integration_timesteps))
                       if v is not None and k in declared}
@@ -237,7 +244,8 @@ class Classifier(nn.Module):
             h = norm(h + self.dropout(y))
             if mode != "none":
                 h, lengths, integration_timesteps = pool_windows(h, mode, stride, lengths, integration_timesteps)
-        return self.head(pool_sequence(h, self.pooling, lengths))
+        logits = self.head(pool_sequence(h, self.pooling, lengths))
+        return (logits, (*hidden_states, h)) if return_hidden else logits
 
 
 def _is_per_type(params: dict[str, Any]) -> bool:

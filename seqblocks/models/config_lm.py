@@ -25,10 +25,12 @@ from torch import nn
 
 from seqblocks.blocks import ConfigurableBlock
 from seqblocks.config import BlockConfig, ConfigBase
+from seqblocks.layers.attention.common import AttentionCore
 from seqblocks.layers.mixer import build_component
 from seqblocks.models.engine import CausalLM
 from seqblocks.models.init import InitConfig
 from seqblocks.models.mtp import check_mtp_fields
+from seqblocks.models.mup import MupSpec
 from seqblocks.registry import MODELS, NORMS, POSITIONS
 
 __all__ = ["LanguageModelConfig", "LanguageModel"]
@@ -58,6 +60,12 @@ class LanguageModelConfig(ConfigBase):
         mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
             the last layer's kind; 0 disables MTP. Default: 0.
         mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
+        mup_base_width (int | None): muP's base width; needs ``BlockConfig.mup=True``
+            in every block. With ``mup`` on, hidden linears are initialised with std initializer_range /
+            sqrt(width_mult), their Adam learning rate is divided by width_mult (through
+            ``seqblocks.train.make_optimizer``) and the logits are multiplied by 1 / width_mult, where
+            width_mult = d_model / mup_base_width (``docs/mup.md``). Default: None (the model's own
+            d_model when the blocks ask for ``mup``: width_mult 1).
     """
 
     vocab_size: int
@@ -71,6 +79,7 @@ class LanguageModelConfig(ConfigBase):
     final_logit_softcapping: float | None = None
     mtp_n_predict: int = 0
     mtp_lambda: float = 0.1
+    mup_base_width: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, list):
@@ -98,6 +107,14 @@ class LanguageModelConfig(ConfigBase):
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
             raise _bad("final_logit_softcapping", self.final_logit_softcapping, "a positive float or None")
         check_mtp_fields("LanguageModelConfig", self.mtp_n_predict, self.mtp_lambda)
+        mup_layers = [i for i, b in enumerate(self.blocks) if b.mup]
+        if mup_layers and len(mup_layers) != len(self.blocks):
+            raise _bad("blocks", f"mup=True in layers {mup_layers} only", "the same BlockConfig.mup in every block")
+        if self.mup_base_width is not None:
+            if self.mup_base_width <= 0:
+                raise _bad("mup_base_width", self.mup_base_width, "a positive integer or None")
+            if not mup_layers:
+                raise _bad("mup_base_width", self.mup_base_width, "blocks with BlockConfig.mup=True (or None)")
 
     @property
     def d_model(self) -> int:
@@ -106,6 +123,18 @@ class LanguageModelConfig(ConfigBase):
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def mup(self) -> bool:
+        """Whether the model is muP-parameterised (its blocks have ``mup=True``)."""
+        return self.blocks[0].mup
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier d_model / mup_base_width (1.0 without muP or without a base width)."""
+        if not self.mup or self.mup_base_width is None:
+            return 1.0
+        return self.d_model / self.mup_base_width
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LanguageModelConfig:
@@ -210,20 +239,33 @@ class LanguageModel(CausalLM):
         for module in (self.position, self.norm_f):
             if module is not None:
                 module.to(**factory)
+        mup = None
+        if config.mup:
+            # Softmax attention and the FFNs get the muP init; other mixers keep their own fan-in init.
+            init = [m for layer in self.layers for m in (layer.attention, layer.ffn)
+                    if m is layer.ffn or isinstance(m, AttentionCore)]
+            mup = MupSpec(config.width_mult, tuple(init), tuple(self.layers))
         self._apply_initializer(
             InitConfig(initializer_range=config.initializer_range, rescale_prenorm_residual=config.rescale_residual),
             [[layer.attention if layer.attn_norm is not None else None,
               layer.ffn if layer.ffn_norm is not None else None] for layer in self.layers],
+            mup,
         )
 
     def mixers(self) -> list[nn.Module]:
         return [layer.attention for layer in self.layers]
 
-    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]]) -> torch.Tensor:
+    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]],
+                  hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
         hidden = self.embedding_dropout(hidden)
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(hidden)
             hidden, _ = layer(hidden, cache=None if caches is None else caches[i], **inputs[i])
-        return hidden if self.norm_f is None else self.norm_f(hidden)
+        hidden = hidden if self.norm_f is None else self.norm_f(hidden)
+        if hidden_states is not None:
+            hidden_states.append(hidden)
+        return hidden
 
     def checkpoint_config(self) -> dict[str, Any]:
         return self.config.to_dict()

@@ -30,6 +30,7 @@ from seqblocks.layers.checks import check_allocation, check_lengths, check_posit
 from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
 from seqblocks.models.mtp import MTPModule
+from seqblocks.models.mup import MupSpec, apply_mup
 
 __all__ = ["CausalLMOutput", "CausalLM", "mixer_inputs"]
 
@@ -39,6 +40,9 @@ class CausalLMOutput(NamedTuple):
 
     logits: torch.Tensor  # [B, T, V]
     mtp_logits: tuple[torch.Tensor, ...] | None = None  # depth k: [B, T - k, V]; None without MTP
+    #: with ``return_hidden=True``: the residual stream entering each layer (the embedding output
+    #: first), then the final-norm output the head reads (last); n_layers + 1 tensors [B, T, D].
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 def mixer_inputs(mixer: nn.Module) -> frozenset[str]:
@@ -50,13 +54,16 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
     """The engine shared by seqblocks' language models (see the module docstring).
 
     Subclasses build ``self.layers`` and call ``_build_embedding`` / ``_build_head``; they implement
-    ``mixers()`` (the mixer of each layer), ``_backbone(hidden, caches, inputs)`` (layers and final norm)
-    and the checkpoint hooks.
+    ``mixers()`` (the mixer of each layer), ``_backbone(hidden, caches, inputs, hidden_states)`` (layers
+    and final norm; it appends each layer's input and the final output to ``hidden_states`` when that
+    is a list) and the checkpoint hooks.
     """
 
     vocab_size: int
     d_model: int
     position: PositionBase | None
+    #: the logits are multiplied by this (muP: mup_base_width / d_model; ``docs/mup.md``).
+    output_multiplier: float = 1.0
 
     def _build_embedding(self, vocab_size: int, d_model: int, pad_vocab_size_multiple: int,
                          tie_embeddings: bool, position: PositionBase | None, device=None, dtype=None) -> None:
@@ -85,12 +92,17 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
     def mixers(self) -> list[nn.Module]:
         raise NotImplementedError  # abstract: each front door knows where its mixers live
 
-    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]]) -> torch.Tensor:
+    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]],
+                  hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
-    def _apply_initializer(self, config: InitConfig, residual_modules: list[list[nn.Module | None]]) -> None:
-        """``seqblocks.models.init``'s rules: embedding init, then the residual projections rescaled."""
+    def _apply_initializer(self, config: InitConfig, residual_modules: list[list[nn.Module | None]],
+                           mup: MupSpec | None = None) -> None:
+        """``seqblocks.models.init``'s rules: embedding init, (with ``mup``) the muP hidden-weight init,
+        learning-rate tags and output multiplier, then the residual projections rescaled."""
         init_embeddings(self.embedding, self.lm_head, self.tie_embeddings, config)
+        if mup is not None:
+            self.output_multiplier = apply_mup(mup, config)
         rescale_residual_projections(residual_modules, self.d_model, config)
 
     # ---------------------------------------------------------------- routing
@@ -108,6 +120,7 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 inference_params: dict | None = None, num_last_tokens: int = 0,
                 integration_timesteps: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                return_hidden: bool = False, output_hidden_states: bool | None = None,
                 **mixer_kwargs: Any) -> CausalLMOutput:
         """Logits for every position (or the last ``num_last_tokens``).
 
@@ -123,12 +136,17 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             lengths (Tensor | None): [B] valid prefix length of each right-padded row, in [0, T];
                 reaches only mixers that take it. With caches, every stateful mixer must take it and
                 each row's caches advance by its own length. Default: None.
+            return_hidden (bool): also return ``hidden_states`` (see ``CausalLMOutput``), each cut to
+                the last ``num_last_tokens`` positions like the logits. Default: False.
+            output_hidden_states (bool | None): Hugging Face's spelling of ``return_hidden``; True or
+                False overrides it. Default: None.
             **mixer_kwargs: further mixer inputs (``mask``, ...); each reaches the mixers that declare it.
 
         Returns:
             CausalLMOutput: ``logits`` [B, T or num_last_tokens, vocab_size]; with MTP modules and
             neither caches nor ``num_last_tokens``, also ``mtp_logits``: depth k's [B, T - k, vocab_size]
-            (position i predicts the token k + 1 places after it).
+            (position i predicts the token k + 1 places after it); ``hidden_states`` with
+            ``return_hidden`` (else None).
 
         Raises:
             ValueError / TypeError: malformed inputs, caches too small, or a keyword no mixer takes.
@@ -155,11 +173,13 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             unused = sorted(set(extra) - set().union(*routes))
             if unused:
                 raise TypeError(f"{owner}.forward: the inputs {unused} are declared by no mixer of this model")
+        if output_hidden_states is not None:
+            return_hidden = output_hidden_states
         return self._run(input_ids, inference_params, position_ids, num_last_tokens, integration_timesteps,
-                         lengths, extra)
+                         lengths, extra, bool(return_hidden))
 
     def step(self, input_ids: torch.Tensor, caches: dict, integration_timesteps: torch.Tensor | None = None,
-             **mixer_kwargs: Any) -> CausalLMOutput:
+             return_hidden: bool = False, **mixer_kwargs: Any) -> CausalLMOutput:
         """Feed one token per row and advance ``caches`` in place (no host synchronisation, so it can
         be captured in a CUDA graph).
 
@@ -167,6 +187,7 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             input_ids (Tensor): [B, 1] (or [B]) token ids.
             caches (dict): from ``allocate_inference_cache``, after any prefill.
             integration_timesteps (Tensor | None): [B, 1] (or [B]) time delta of this token. Default: None.
+            return_hidden (bool): also return ``hidden_states`` (as ``forward``). Default: False.
 
         Returns:
             CausalLMOutput: ``logits`` [B, 1, vocab_size].
@@ -188,19 +209,28 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             integration_timesteps = integration_timesteps[:, None]
         check_timesteps(type(self).__name__, integration_timesteps, B, 1)
         extra = {k: v for k, v in mixer_kwargs.items() if v is not None}
-        return self._run(input_ids, caches, None, 0, integration_timesteps, None, extra)
+        return self._run(input_ids, caches, None, 0, integration_timesteps, None, extra, bool(return_hidden))
 
-    def _run(self, input_ids, caches, position_ids, num_last_tokens, integration_timesteps, lengths, extra):
-        hidden = self._final_hidden(input_ids, caches, position_ids, integration_timesteps, lengths, extra)
+    def _run(self, input_ids, caches, position_ids, num_last_tokens, integration_timesteps, lengths, extra,
+             return_hidden=False):
+        hidden_states: list[torch.Tensor] | None = [] if return_hidden else None
+        hidden = self._final_hidden(input_ids, caches, position_ids, integration_timesteps, lengths, extra,
+                                    hidden_states)
         mtp_logits = None
         if getattr(self, "mtp", None) and caches is None and num_last_tokens == 0:
             mtp_logits = self.mtp_logits(hidden, input_ids)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
-        return CausalLMOutput(logits=self.head_logits(hidden), mtp_logits=mtp_logits)
+            if hidden_states is not None:
+                hidden_states = [h[:, -num_last_tokens:] for h in hidden_states]
+        return CausalLMOutput(logits=self.head_logits(hidden), mtp_logits=mtp_logits,
+                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
-    def _final_hidden(self, input_ids, caches, position_ids, integration_timesteps, lengths, extra) -> torch.Tensor:
-        """Embedding, position encoding and backbone (final norm included): [B, T, D]; caches advance."""
+    def _final_hidden(self, input_ids, caches, position_ids, integration_timesteps, lengths, extra,
+                      hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Embedding, position encoding and backbone (final norm included): [B, T, D]; caches advance.
+        With a list as ``hidden_states``, the backbone appends the residual stream entering each layer
+        and then the final-norm output to it."""
         T = input_ids.shape[1]
         hidden = self.embedding(input_ids)
         if self.position is not None:
@@ -214,15 +244,18 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         inputs = {"lengths": lengths, "integration_timesteps": integration_timesteps, "position_ids": position_ids,
                   **extra}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        hidden = self._backbone(hidden, caches, self._route(inputs))
+        hidden = self._backbone(hidden, caches, self._route(inputs), hidden_states)
         if caches is not None and isinstance(caches, InferenceCaches):
             caches.seqlen_offset.add_(lengths if lengths is not None else T)
         return hidden
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head: [B, T, D] final hidden -> [B, T, vocab_size] logits (padded rows dropped), with
-        the final-logit soft-cap ``c * tanh(logits / c)`` (Gemma 2, in fp32) when the config sets one."""
+        """The LM head: [B, T, D] final hidden -> [B, T, vocab_size] logits (padded rows dropped), times
+        muP's ``output_multiplier``, then the final-logit soft-cap ``c * tanh(logits / c)`` (Gemma 2, in
+        fp32) when the config sets one. Every path (forward, step, generate, MTP) reads logits here."""
         logits = F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.vocab_size])
+        if self.output_multiplier != 1.0:
+            logits = logits * self.output_multiplier
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))

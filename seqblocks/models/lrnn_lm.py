@@ -152,18 +152,25 @@ class LRNNLMHeadModel(CausalLM):
     def mixers(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.layers]
 
-    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]]) -> torch.Tensor:
+    def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]],
+                  hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
         residual = None
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:  # the residual stream entering layer i: residual + branch output
+                hidden_states.append(hidden if residual is None else (residual + hidden).to(hidden.dtype))
             cache = None if caches is None else caches[i]
             hidden, residual = layer(hidden, residual, inference_params=cache, **inputs[i])
         if self.fused_add_norm:
             weight, bias, eps, is_rms = norm_params(self.norm_f, hidden.dtype)
-            return add_norm(hidden, residual, weight, bias, eps, is_rms, residual_in_fp32=self.residual_in_fp32)
-        residual = hidden if residual is None else residual + hidden
-        if self.residual_in_fp32:
-            residual = residual.float()
-        return self.norm_f(residual).to(hidden.dtype)
+            out = add_norm(hidden, residual, weight, bias, eps, is_rms, residual_in_fp32=self.residual_in_fp32)
+        else:
+            residual = hidden if residual is None else residual + hidden
+            if self.residual_in_fp32:
+                residual = residual.float()
+            out = self.norm_f(residual).to(hidden.dtype)
+        if hidden_states is not None:
+            hidden_states.append(out)
+        return out
 
     # ---------------------------------------------------------------- checkpoints
 

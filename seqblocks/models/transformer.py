@@ -132,17 +132,23 @@ class TransformerEncoder(_Stack):
         return TransformerCache(seqlen_offset=offset, max_seqlen=max_seqlen, layers=layers)
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, cache: TransformerCache | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, return_hidden: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """inputs: token ids [B, T] (or embeddings [B, T, D]) -> hidden states [B, T, D].
 
-        ``mask`` [B, T] bool marks real tokens (key padding) or is a full attention mask.
+        ``mask`` [B, T] bool marks real tokens (key padding) or is a full attention mask. With
+        ``return_hidden=True`` it returns ``(output, hidden_states)``: the input of each block (the
+        embedding output first) and then ``output`` itself, num_layers + 1 tensors [B, T, D].
         """
         x = self._embed(inputs, None if cache is None else cache.seqlen_offset)
+        hidden_states = []
         for i, blk in enumerate(self.layers):
+            hidden_states.append(x)
             x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i], lengths=lengths)
         if cache is not None:
             cache.advance(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
-        return self._finish(x)
+        x = self._finish(x)
+        return (x, (*hidden_states, x)) if return_hidden else x
 
 
 class TransformerDecoder(_Stack):
@@ -200,7 +206,8 @@ class TransformerDecoder(_Stack):
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: TransformerCache | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                cache: TransformerCache | None = None, lengths: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """tokens [B, T] -> logits [B, T, V].
 
         Args:
@@ -210,11 +217,16 @@ class TransformerDecoder(_Stack):
             mask (Tensor | None): [B, T] bool target key padding.
             cache (TransformerCache | None): from ``allocate_inference_cache``.
             lengths (Tensor | None): [B] valid prefix of each target row.
+            return_hidden (bool): return ``(logits, hidden_states)``: the input of each block (the
+                embedding output first), then the final-norm output the LM head reads; num_layers + 1
+                tensors [B, T, D]. Default: False.
         """
         if self.cross_attention and memory is None and (cache is None or not self._memory_cached(cache)):
             raise ValueError("TransformerDecoder: memory is required (cross_attention=True and no cached memory)")
         x = self._embed(tokens, None if cache is None else cache.seqlen_offset)
+        hidden_states = []
         for i, blk in enumerate(self.layers):
+            hidden_states.append(x)
             layer_cache = None if cache is None else cache.layers[i]
             if self.cross_attention:
                 x = blk(x, memory, mask=mask, memory_mask=memory_mask, cache=layer_cache, lengths=lengths)
@@ -222,7 +234,9 @@ class TransformerDecoder(_Stack):
                 x = blk(x, mask=mask, cache=layer_cache, lengths=lengths)
         if cache is not None:
             cache.advance(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
-        return self.lm_head(self._finish(x))
+        x = self._finish(x)
+        logits = self.lm_head(x)
+        return (logits, (*hidden_states, x)) if return_hidden else logits
 
     @staticmethod
     def _memory_cached(cache: TransformerCache) -> bool:
@@ -270,9 +284,16 @@ class TransformerEncoderDecoder(nn.Module):
         return self.decoder(tgt, memory, memory_mask=src_mask, mask=tgt_mask, cache=cache)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
-                tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits [B, T, V] of ``tgt`` given ``src``."""
-        return self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask=tgt_mask)
+                tgt_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Teacher-forced logits [B, T, V] of ``tgt`` given ``src``; with ``return_hidden=True``,
+        ``(logits, encoder_hidden_states, decoder_hidden_states)`` (each as the stack's own
+        ``return_hidden``; the encoder's last entry is the memory the decoder attends to)."""
+        if not return_hidden:
+            return self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask=tgt_mask)
+        memory, encoder_hidden = self.encoder(src, mask=src_mask, return_hidden=True)
+        logits, decoder_hidden = self.decoder(tgt, memory, memory_mask=src_mask, mask=tgt_mask, return_hidden=True)
+        return logits, encoder_hidden, decoder_hidden
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, *,
                                  memory_seqlen: int, **kwargs: Any) -> TransformerCache:

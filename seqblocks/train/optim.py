@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from seqblocks.models.mup import lr_scale
+
 __all__ = ["param_groups", "make_optimizer", "lr_factor", "make_scheduler"]
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
@@ -16,7 +18,7 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Split ``model``'s trainable parameters into a decayed group and a non-decayed one.
 
     Not decayed: biases, every parameter of a norm layer, embeddings (tied output heads included,
@@ -27,6 +29,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     A parameter a module tagged with ``_optim = {"lr": ..., "weight_decay": ...}`` (S4 / S4D's ``lr`` /
     ``wd`` arguments for their SSM parameters) goes into a group of its own with those settings
     (weight decay 0 unless given); the schedule scales its lr like every other group's.
+
+    A parameter muP tagged with a learning-rate multiplier (``seqblocks.models.mup``: the hidden
+    weights of a ``mup=True`` LanguageModel, multiplier 1 / width_mult) goes, still split by decay,
+    into a group with ``lr = lr * multiplier``; ``lr`` must then be given.
+
+    Raises:
+        ValueError: muP-tagged parameters and no ``lr``.
     """
     no_decay: set[int] = set()
     for module in model.modules():
@@ -34,6 +43,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     decay, keep, seen = [], [], set()
     hinted: dict[tuple, list] = {}
+    scaled: dict[tuple[float, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
@@ -44,8 +54,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         skip = (id(param) in no_decay or param.ndim < 2 or name.endswith("bias")
                 or getattr(param, "_no_weight_decay", False))
+        scale = lr_scale(param)
+        if scale != 1.0:
+            scaled.setdefault((scale, not skip), []).append(param)
+            continue
         (keep if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    if scaled and lr is None:
+        raise ValueError("param_groups: the model has muP learning-rate multipliers (mup=True); pass lr")
+    for (scale, decayed), params in scaled.items():
+        groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale})
     for hints, params in hinted.items():
         groups.append({"params": params, "weight_decay": 0.0, **dict(hints)})
     return groups
@@ -53,12 +71,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model, weight_decay)``; the fused kernel on CUDA parameters."""
+    """AdamW over ``param_groups(model, weight_decay, lr)`` (so muP's per-group learning rates apply);
+    the fused kernel on CUDA parameters."""
     if lr <= 0:
         raise ValueError(f"lr={lr} must be positive")
     if weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay} must be >= 0")
-    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, weight_decay, lr) if g["params"]]
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
 

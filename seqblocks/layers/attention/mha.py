@@ -219,8 +219,8 @@ class MHA(AttentionCore):
     def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> MHA:
         """Build from a ``BlockConfig``: n_heads, n_kv_heads, head_dim, bias, causal, window_size,
         attention_type, attention_block_size, linear_attention_chunk_size, attention dropout, qk_norm
-        (with norm_eps), attn_logit_softcapping (as softcap), plus
-        ``config.mixer_kwargs`` and ``kwargs`` (which win)."""
+        (with norm_eps), attn_logit_softcapping (as softcap), ``mup`` (softmax_scale = 1 / head_dim),
+        plus ``config.mixer_kwargs`` and ``kwargs`` (which win)."""
         args: dict[str, Any] = dict(
             num_heads=config.n_heads, num_heads_kv=config.n_kv_heads, head_dim=config.head_dim,
             qkv_proj_bias=config.bias, out_proj_bias=config.bias, causal=config.causal,
@@ -230,6 +230,9 @@ class MHA(AttentionCore):
             dropout=config.effective_attention_dropout, position=position,
             qk_norm=config.qk_norm, qk_norm_eps=config.norm_eps, softcap=config.attn_logit_softcapping,
         )
+        if config.mup and config.attention_type != "linear":
+            # muP: scores scale as 1 / head_dim, so q.k (whose entries correlate after training) stays O(1).
+            args["softmax_scale"] = 1.0 / config.effective_head_dim
         args.update(cls._config_overrides(config))
         args.update(config.mixer_kwargs)
         args.update(kwargs)

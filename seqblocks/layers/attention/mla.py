@@ -165,7 +165,8 @@ class MLA(AttentionCore):
     @classmethod
     def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> MLA:
         """Build from a ``BlockConfig``: n_heads, kv_lora_rank, q_lora_rank, rope_dim, head_dim (as
-        qk_nope_head_dim), rope_theta, bias, causal, attention_type, attention_block_size, dropout."""
+        qk_nope_head_dim), rope_theta, bias, causal, attention_type, attention_block_size, dropout, ``mup``
+        (softmax_scale = 1 / (qk_nope_head_dim + qk_rope_head_dim))."""
         if config.window_size is not None:
             raise ValueError(f"MLA does not take a sliding window (BlockConfig.window_size={config.window_size})")
         if config.qk_norm or config.attn_logit_softcapping is not None:
@@ -180,7 +181,11 @@ class MLA(AttentionCore):
         )
         args.update(config.mixer_kwargs)
         args.update(kwargs)
-        return cls(config.d_model, **args)
+        mla = cls(config.d_model, **args)
+        if config.mup and args.get("softmax_scale") is None:
+            # muP: 1 / qk_dim instead of qk_dim ** -0.5 (qk_dim is known once the defaults are resolved).
+            mla.softmax_scale = 1.0 / (mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+        return mla
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, "
