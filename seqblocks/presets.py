@@ -229,7 +229,7 @@ PRESETS.update({
 # layer (Mamba-2, or GQA attention at a few places) with a squared-ReLU MLP layer; a seqblocks Block
 # pairs each mixer with its MLP, so "M-" / "*-" become one block each. Falcon-H1 runs attention and
 # Mamba-2 in parallel inside every layer; seqblocks has no parallel-mixer block, so falcon-h1-like is
-# the sequential approximation lmxlab also uses: Mamba-2 layers with an attention layer every fourth,
+# the common sequential approximation: Mamba-2 layers with an attention layer every fourth,
 # each with a SwiGLU MLP.
 def _every(n_layer: int, period: int, mixer: str, other: str) -> list[str]:
     return [(other if i % period == period - 1 else mixer) for i in range(n_layer)]

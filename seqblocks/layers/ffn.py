@@ -90,7 +90,7 @@ class GEGLUFeedForward(GatedFeedForward):
 
 
 class GatedReLU2FeedForward(GatedFeedForward):
-    """Gated squared ReLU: down(relu(gate(x))^2 * up(x)) (lmxlab's "gated_relu2"; the SwiGLU layout with
+    """Gated squared ReLU: down(relu(gate(x))^2 * up(x)) ("gated_relu2"; the SwiGLU layout with
     Primer's activation on the gate)."""
 
     activation = staticmethod(relu2)

@@ -59,7 +59,7 @@ class LanguageModelConfig(ConfigBase):
             (Gemma 2). Default: None.
         mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
             the last layer's kind; 0 disables MTP. Default: 0.
-        mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
+        mtp_lambda (float): weight of the MTP loss the trainer adds. Default: 0.1.
         mup_base_width (int | None): muP's base width; needs ``BlockConfig.mup=True``
             in every block. With ``mup`` on, hidden linears are initialised with std initializer_range /
             sqrt(width_mult), their Adam learning rate is divided by width_mult (through

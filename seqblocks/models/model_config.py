@@ -107,7 +107,7 @@ class ModelConfig(ConfigBase):
             (Gemma 2). Default: None.
         mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
             the last layer's kind; 0 disables MTP. Default: 0.
-        mtp_lambda (float): weight of the MTP loss the trainer adds (lmxlab's name). Default: 0.1.
+        mtp_lambda (float): weight of the MTP loss the trainer adds. Default: 0.1.
 
     Derived (properties, never stored): ``n_layer``, ``mixer_types``, ``padded_vocab_size``.
     """

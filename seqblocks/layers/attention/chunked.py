@@ -12,7 +12,7 @@ decoding keeps a ``RollingKVCache`` of C slots and masks the slots of the previo
 ``MHA`` with ``window_size = C`` (the cache, and the rule that a non-finite key poisons at most the C
 queries from it on) plus ``chunked_causal_mask(C)`` as a mask mod at token indices, so a full pass and
 token-by-token decoding see the same keys. RoPE keeps absolute positions: rotary scores depend only on
-the distance q - k, so chunk-local positions (lmxlab's ``pos % C``) give the same scores.
+the distance q - k, so chunk-local positions (``pos % C``) give the same scores.
 
 Shapes: B batch, T time, D model width.
 """

@@ -408,6 +408,6 @@ class SlidingWindowAttention(MHA):
 
 
 MIXERS.register("sliding_window_gqa", SlidingWindowAttention,
-                description="alias of 'sliding_window' (lmxlab's name): GQA with a causal sliding window")
+                description="alias of 'sliding_window' (the name some configs use): GQA with a causal sliding window")
 MIXERS.register("mha", MHA)
 MIXERS.register("attn", MHA, description="alias of 'mha': multi-head attention, the short name for mixer_types lists")

@@ -11,12 +11,12 @@ in fp32. Visible keys are causal (s <= t), valid (not padding) and allowed by a 
 happens among them only, so no query can pick a future key. Decoding caches the indexer keys kI beside
 the keys and values (``SparseKVCache``), so a step scores exactly the keys the full pass scored.
 
-lmxlab's "sparse_gqa" sums three branches (mean-pooled compressed keys every ``sparse_compress_ratio``
+Some "sparse_gqa" designs sum three branches (mean-pooled compressed keys every ``sparse_compress_ratio``
 tokens, the top-k selected keys, a sliding window), with one key-only score per KV head. Here the
 selection branch is the whole layer, with DeepSeek-V3.2's query-dependent indexer; the field name
-``sparse_select_k`` is lmxlab's. The top-k choice is piecewise constant, so the LM loss gives the indexer
-no gradient (DeepSeek-V3.2 trains it with a separate KL loss to the dense attention, which this layer
-does not compute): its projections stay at their initialisation unless a caller trains them.
+``sparse_select_k`` keeps the name those designs use. The top-k choice is piecewise constant, so the LM
+loss gives the indexer no gradient (DeepSeek-V3.2 trains it with a separate KL loss to the dense
+attention, which this layer does not compute): its projections stay at their initialisation unless a caller trains them.
 
 The reference form below materialises the [B, T, T] index scores and a boolean selection mask; it is
 O(T^2) in memory (no gather kernel).
