@@ -21,7 +21,10 @@ the reset need, so any registered mixer serves. A request gets exactly the token
 it alone: greedy, or sampled with its own ``seed`` (a per-request generator draws the same noise in
 the same order), up to floating-point differences between batch sizes. ``cuda_graph=True`` replays the
 decode step of the full slot batch from a CUDA graph (``seqblocks.generation.graph_decoder``; the
-engine then uses that decoder's caches).
+engine then uses that decoder's caches). With ``page_size`` the attention layers keep their keys and
+values in a shared pool of pages (``seqblocks.layers.attention.paged``) addressed by one block table,
+so a request holds pages for its own prompt and ``max_tokens`` only; recurrent layers keep their
+per-slot state rows ("recurrent-state slots"), and a hybrid model mixes both in one batch.
 
 Shapes: S slots, T prompt length, V vocabulary.
 """
@@ -104,12 +107,17 @@ class Request:
         return self.finish_reason is not None
 
 
+def _per_row(cache) -> list[tuple[str, torch.Tensor]]:
+    """A cache's batch-first tensors (a paged cache's page pools are shared by the rows, not per row)."""
+    pooled = getattr(cache, "pooled", ())
+    return [(name, t) for name, t in cache.tensors() if t.dim() > 0 and name not in pooled]
+
+
 def _slot_view(caches: InferenceCaches, slot: int) -> InferenceCaches:
-    """A batch-1 view of every cache at row ``slot`` (the tensors share storage with ``caches``)."""
+    """A batch-1 view of every cache at row ``slot`` (the tensors share storage with ``caches``; page
+    pools are shared whole)."""
     def view(cache):
-        fields = {f.name: getattr(cache, f.name)[slot:slot + 1] for f in dataclasses.fields(cache)
-                  if isinstance(getattr(cache, f.name), torch.Tensor) and getattr(cache, f.name).dim() > 0}
-        return dataclasses.replace(cache, **fields)
+        return dataclasses.replace(cache, **{name: t[slot:slot + 1] for name, t in _per_row(cache)})
     return InferenceCaches({i: view(c) for i, c in caches.items()}, caches.seqlen_offset[slot:slot + 1],
                            caches.max_seqlen)
 
@@ -125,13 +133,20 @@ class Engine:
         prefill_chunk_size (int): prompt tokens prefilled per step, over all prefilling requests.
             Default: 512.
         cuda_graph (bool): replay the decode step from a CUDA graph (CUDA only). Default: False.
+        page_size (int | None): page the attention layers' caches (``PagedKVCache`` / ``PagedMLACache``)
+            in pages of this many positions; recurrent layers (and attention without a paged cache)
+            keep one state row per slot. A request is admitted once pages for its prompt plus
+            ``max_tokens`` are free, and gives them back when it finishes. Default: None (contiguous
+            caches of ``max_seqlen`` per slot).
+        num_pages (int | None): the page pool (page 0 is scratch). Default: enough for every slot at
+            ``max_seqlen``.
 
     Thread safety: ``add_request`` and ``cancel`` may be called from other threads while one thread
     runs ``step``.
     """
 
     def __init__(self, model: Any, *, max_batch_size: int = 8, max_seqlen: int = 2048, prefill_chunk_size: int = 512,
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, page_size: int | None = None, num_pages: int | None = None) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_seqlen", max_seqlen),
                             ("prefill_chunk_size", prefill_chunk_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -144,14 +159,23 @@ class Engine:
         self.max_batch_size, self.max_seqlen, self.prefill_chunk_size = max_batch_size, max_seqlen, prefill_chunk_size
         self.device = next(model.parameters()).device
         self.decoder = None
+        self.page_size, self.allocator, self.block_table = page_size, None, None
+        self._pages: dict[int, list[int]] = {}
         if cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError("Engine: cuda_graph=True needs a model on a CUDA device")
+            if page_size is not None:
+                raise ValueError("Engine: cuda_graph=True with paged caches is not supported; give one of them")
             self.decoder = graph_decoder(model, max_batch_size, max_seqlen, self.device)
             self.caches = self.decoder.caches
+        elif page_size is not None:
+            self.caches = self._paged_caches(page_size, num_pages)
         else:
             self.caches = model.allocate_inference_cache(max_batch_size, max_seqlen)
-        self._tensors = [t for t in self.caches.tensors() if t.dim() > 0]
+        per_row = {id(self.caches.seqlen_offset): self.caches.seqlen_offset}
+        for cache in self.caches.values():
+            per_row.update((id(t), t) for _, t in _per_row(cache))  # the shared block table once
+        self._tensors = list(per_row.values())
         self.slots: list[Request | None] = [None] * max_batch_size
         self.waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
@@ -160,6 +184,28 @@ class Engine:
         self.stats = {"requests": 0, "finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "steps": 0}
         for t in self._tensors:
             t.zero_()
+
+    def _paged_caches(self, page_size: int, num_pages: int | None) -> InferenceCaches:
+        from seqblocks.layers.attention.paged import PageAllocator, new_block_table
+
+        S, L, model = self.max_batch_size, self.max_seqlen, self.model
+        self.block_table = new_block_table(S, L, page_size, device=self.device)
+        if num_pages is None:
+            num_pages = S * self.block_table.shape[1] + 1
+        self.allocator = PageAllocator(num_pages)
+        dtype = next(model.parameters()).dtype
+        caches = {}
+        for i, mixer in enumerate(model.mixers()):
+            paged = getattr(mixer, "allocate_paged_cache", None)
+            if callable(paged):
+                caches[i] = paged(self.block_table, num_pages, page_size, L, dtype=dtype)
+            else:
+                caches[i] = mixer.allocate_inference_cache(S, L, dtype=dtype)
+        return InferenceCaches(caches, torch.zeros(S, dtype=torch.long, device=self.device), L)
+
+    def _pages_needed(self, request: Request) -> int:
+        tokens = min(len(request.prompt) + request.params.max_tokens, self.max_seqlen)
+        return -(-tokens // self.page_size)
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -189,6 +235,9 @@ class Engine:
             raise ValueError(f"Engine.add_request: stop_tokens {bad} lie outside [0, {V})")
         request = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params,
                           on_token=on_token)
+        if self.allocator is not None and self._pages_needed(request) > self.allocator.num_pages - 1:
+            raise ValueError(f"Engine.add_request: the request needs {self._pages_needed(request)} pages of "
+                             f"{self.page_size} positions, the pool has {self.allocator.num_pages - 1}")
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.repetition_penalty != 1.0:
@@ -275,16 +324,25 @@ class Engine:
             if not self.waiting:
                 return
             if self.slots[slot] is None:
-                request = self.waiting.popleft()
+                request = self.waiting[0]
+                if self.allocator is not None and self.allocator.num_free < self._pages_needed(request):
+                    return  # first come, first served: wait until enough pages are back
+                self.waiting.popleft()
                 request.slot = slot
                 self.slots[slot] = request
                 for t in self._tensors:
                     t[slot].zero_()
+                if self.allocator is not None:
+                    pages = self.allocator.allocate(self._pages_needed(request))
+                    self._pages[slot] = pages
+                    self.block_table[slot, : len(pages)] = torch.tensor(pages, device=self.device)
 
     def _decode(self, decoding: list[Request], prefilling: list[Request]) -> None:
         rows = [r.slot for r in decoding]
         keep = torch.tensor([r.slot for r in prefilling], dtype=torch.long, device=self.device)
         saved = [t.index_select(0, keep) for t in self._tensors] if prefilling else None
+        if self.block_table is not None and prefilling:
+            self.block_table.index_fill_(0, keep, 0)  # their step writes go to the scratch page
         tokens = self._newest.clone()
         if self.decoder is not None:
             logits = self.decoder(tokens[:, None])
@@ -330,6 +388,9 @@ class Engine:
         request.finish_time = time.perf_counter()
         if request.slot is not None and self.slots[request.slot] is request:
             self.slots[request.slot] = None
+            if self.allocator is not None:
+                self.allocator.free(self._pages.pop(request.slot, []))
+                self.block_table[request.slot] = 0
         self.stats["finished"] += 1
         if request.on_token is not None:
             request.on_token(request, -1)

@@ -213,6 +213,9 @@ class SparseGQA(GQA):
             if hasattr(self, name):  # MHA.__init__ calls this before the indexer exists
                 getattr(self, name).reset_parameters()
 
+    #: the indexer keys are not paged: a serving engine gives this layer a per-slot ``SparseKVCache``
+    allocate_paged_cache = None
+
     @classmethod
     def _config_overrides(cls, config) -> dict[str, Any]:
         return {"sparse_select_k": config.sparse_select_k, "sparse_compress_ratio": config.sparse_compress_ratio}
