@@ -100,3 +100,31 @@ def test_engine_with_paged_caches_gives_each_request_its_tokens_alone(types):
     small = Engine(model, max_batch_size=2, max_seqlen=16, page_size=2, num_pages=5)
     with pytest.raises(ValueError, match="needs 8 pages of 2 positions, the pool has 4"):
         small.add_request(list(range(10)), SamplingParams(max_tokens=5))
+
+
+def test_prefix_caching_reuses_whole_prompt_pages_and_stays_exact():
+    model = tiny_lm(["gqa", "mla"], mixer_kwargs={"gqa": {"num_heads": 2}, "mla": SMALL["mla"]})
+    engine = Engine(model, max_batch_size=2, max_seqlen=24, prefill_chunk_size=4, page_size=3, num_pages=12,
+                    prefix_caching=True)
+    system = [5, 9, 2, 7, 7, 1, 3]  # a shared "system prompt": two whole pages of 3
+    prompts = [system + [4, 8], system + [6], system[:5] + [11, 12], system + [4, 8], [1, 2, 3, 4]]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    first = engine.generate(prompts[:1], params)
+    got = first + engine.generate(prompts[1:], params)
+    for p, tokens in zip(prompts, got):
+        assert tokens == generate(model, torch.tensor([p]), 4, temperature=0).tokens[0].tolist()
+    # the later requests skipped 6 + 3 + 6 prefix tokens (system[:5] shares one whole page only)
+    assert engine.stats["prefix_hit_tokens"] == 15
+    assert engine.allocator.num_free + len(engine._idle) == 11  # every page free or cached-and-unused
+    # a pool too small for everything evicts the unused cached pages
+    many = [[20 + i, 21 + i, 22 + i, 23 + i, 24 + i, 25 + i, 1] for i in range(6)]
+    for p, tokens in zip(many, engine.generate(many, params)):
+        assert tokens == generate(model, torch.tensor([p]), 4, temperature=0).tokens[0].tolist()
+
+
+def test_prefix_caching_needs_every_layer_paged():
+    model = tiny_lm(["mamba", "gqa"], mixer_kwargs={"gqa": {"num_heads": 2}})
+    with pytest.raises(ValueError, match="every layer's cache is paged"):
+        Engine(model, page_size=4, prefix_caching=True)
+    with pytest.raises(ValueError, match="page_size"):
+        Engine(model, prefix_caching=True)

@@ -140,13 +140,19 @@ class Engine:
             caches of ``max_seqlen`` per slot).
         num_pages (int | None): the page pool (page 0 is scratch). Default: enough for every slot at
             ``max_seqlen``.
+        prefix_caching (bool): with ``page_size``, keep the full pages of finished prompts and map them
+            into later requests whose prompts start with the same tokens, which then prefill only the
+            rest. Exact only when every layer's cache is paged (a recurrent state at a page boundary is
+            not kept), so a model with other layers raises. Unused cached pages are evicted, least
+            recently used first, when the pool runs short. Default: False.
 
     Thread safety: ``add_request`` and ``cancel`` may be called from other threads while one thread
     runs ``step``.
     """
 
     def __init__(self, model: Any, *, max_batch_size: int = 8, max_seqlen: int = 2048, prefill_chunk_size: int = 512,
-                 cuda_graph: bool = False, page_size: int | None = None, num_pages: int | None = None) -> None:
+                 cuda_graph: bool = False, page_size: int | None = None, num_pages: int | None = None,
+                 prefix_caching: bool = False) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_seqlen", max_seqlen),
                             ("prefill_chunk_size", prefill_chunk_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -161,6 +167,11 @@ class Engine:
         self.decoder = None
         self.page_size, self.allocator, self.block_table = page_size, None, None
         self._pages: dict[int, list[int]] = {}
+        self.prefix_caching = bool(prefix_caching)
+        self._prefix: dict[tuple[int, ...], int] = {}  # the tokens up to a page's end -> that page
+        self._page_key: dict[int, tuple[int, ...]] = {}
+        self._refs: dict[int, int] = {}  # cached pages -> requests using them
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unused (LRU first)
         if cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError("Engine: cuda_graph=True needs a model on a CUDA device")
@@ -176,12 +187,20 @@ class Engine:
         for cache in self.caches.values():
             per_row.update((id(t), t) for _, t in _per_row(cache))  # the shared block table once
         self._tensors = list(per_row.values())
+        if self.prefix_caching:
+            if page_size is None:
+                raise ValueError("Engine: prefix_caching=True needs paged caches (page_size)")
+            unpaged = [i for i, c in self.caches.items() if not getattr(c, "pooled", ())]
+            if unpaged:
+                raise ValueError(f"Engine: prefix_caching=True is exact only when every layer's cache is paged; "
+                                 f"layers {unpaged} keep per-slot states ({type(self.caches[unpaged[0]]).__name__})")
         self.slots: list[Request | None] = [None] * max_batch_size
         self.waiting: collections.deque[Request] = collections.deque()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._ids = itertools.count()
         self._newest = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # token to feed next
-        self.stats = {"requests": 0, "finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "steps": 0}
+        self.stats = {"requests": 0, "finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "steps": 0,
+                      "prefix_hit_tokens": 0}
         for t in self._tensors:
             t.zero_()
 
@@ -202,6 +221,30 @@ class Engine:
             else:
                 caches[i] = mixer.allocate_inference_cache(S, L, dtype=dtype)
         return InferenceCaches(caches, torch.zeros(S, dtype=torch.long, device=self.device), L)
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """Cached pages holding the longest run of whole pages the prompt starts with (the prompt's last
+        token is always fed again, for its logits)."""
+        N, pages = self.page_size, []
+        for j in range((len(request.prompt) - 1) // N):
+            page = self._prefix.get(tuple(request.prompt[: (j + 1) * N]))
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def _register_prefix(self, request: Request) -> None:
+        """After its prompt is prefilled, offer the request's whole prompt pages to later requests."""
+        if any(int(c.nonfinite_last[request.slot]) for c in self.caches.values()):
+            return  # a non-finite prompt token: its poison count is not kept with the pages
+        N = self.page_size
+        for j, page in enumerate(self._pages[request.slot][: len(request.prompt) // N]):
+            key = tuple(request.prompt[: (j + 1) * N])
+            if page in self._refs:
+                continue  # already cached (mapped in from an earlier request)
+            if key in self._prefix:
+                break  # another request cached this prefix first; keep this page private
+            self._prefix[key], self._page_key[page], self._refs[page] = page, key, 1
 
     def _pages_needed(self, request: Request) -> int:
         tokens = min(len(request.prompt) + request.params.max_tokens, self.max_seqlen)
@@ -298,6 +341,9 @@ class Engine:
             request.fed += len(chunk)
             self.stats["prompt_tokens"] += len(chunk)
             if request.fed == len(request.prompt):
+                if self.prefix_caching:
+                    with self._lock:
+                        self._register_prefix(request)
                 self._emit(request, logits)
         self.stats["steps"] += 1
 
@@ -325,7 +371,10 @@ class Engine:
                 return
             if self.slots[slot] is None:
                 request = self.waiting[0]
-                if self.allocator is not None and self.allocator.num_free < self._pages_needed(request):
+                shared = self._cached_prefix(request) if self.prefix_caching else []
+                fresh = self._pages_needed(request) - len(shared) if self.allocator is not None else 0
+                if self.allocator is not None and self.allocator.num_free + len(self._idle) - sum(
+                        p in self._idle for p in shared) < fresh:
                     return  # first come, first served: wait until enough pages are back
                 self.waiting.popleft()
                 request.slot = slot
@@ -333,9 +382,23 @@ class Engine:
                 for t in self._tensors:
                     t[slot].zero_()
                 if self.allocator is not None:
-                    pages = self.allocator.allocate(self._pages_needed(request))
+                    for page in shared:
+                        self._refs[page] += 1
+                        self._idle.pop(page, None)
+                    while self.allocator.num_free < fresh:  # evict unused cached pages, oldest first
+                        page, _ = self._idle.popitem(last=False)
+                        del self._prefix[self._page_key.pop(page)], self._refs[page]
+                        self.allocator.free([page])
+                    pages = shared + self.allocator.allocate(fresh)
                     self._pages[slot] = pages
                     self.block_table[slot, : len(pages)] = torch.tensor(pages, device=self.device)
+                if shared:
+                    start = len(shared) * self.page_size
+                    request.fed = start
+                    self.caches.seqlen_offset[slot] = start
+                    for cache in self.caches.values():
+                        cache.seqlen_offset[slot] = start
+                    self.stats["prefix_hit_tokens"] += start
 
     def _decode(self, decoding: list[Request], prefilling: list[Request]) -> None:
         rows = [r.slot for r in decoding]
@@ -382,15 +445,29 @@ class Engine:
             self._finish(request, "length")
 
     def _finish(self, request: Request, reason: str) -> None:
+        with self._lock:
+            now = self._release(request, reason)
+        if now and request.on_token is not None:
+            request.on_token(request, -1)
+
+    def _release(self, request: Request, reason: str) -> bool:
+        """End ``request`` (its slot and pages go back); False if it had ended already."""
         if request.finished:
-            return
+            return False
         request.finish_reason = reason
         request.finish_time = time.perf_counter()
         if request.slot is not None and self.slots[request.slot] is request:
             self.slots[request.slot] = None
             if self.allocator is not None:
-                self.allocator.free(self._pages.pop(request.slot, []))
+                private = []
+                for page in self._pages.pop(request.slot, []):
+                    if page in self._refs:  # a cached prefix page: kept for later requests
+                        self._refs[page] -= 1
+                        if self._refs[page] == 0:
+                            self._idle[page] = None
+                    else:
+                        private.append(page)
+                self.allocator.free(private)
                 self.block_table[request.slot] = 0
         self.stats["finished"] += 1
-        if request.on_token is not None:
-            request.on_token(request, -1)
+        return True
