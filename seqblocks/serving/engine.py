@@ -19,12 +19,15 @@ when they finish, between steps. One ``step``:
 Every cache tensor is batch-first (the mixer contract), which is all the slot views, the snapshot and
 the reset need, so any registered mixer serves. A request gets exactly the tokens ``generate`` gives
 it alone: greedy, or sampled with its own ``seed`` (a per-request generator draws the same noise in
-the same order), up to floating-point differences between batch sizes. ``cuda_graph=True`` replays the
-decode step of the full slot batch from a CUDA graph (``seqblocks.generation.graph_decoder``; the
-engine then uses that decoder's caches). With ``page_size`` the attention layers keep their keys and
-values in a shared pool of pages (``seqblocks.layers.attention.paged``) addressed by one block table,
-so a request holds pages for its own prompt and ``max_tokens`` only; recurrent layers keep their
-per-slot state rows ("recurrent-state slots"), and a hybrid model mixes both in one batch.
+the same order), up to floating-point differences between batch sizes. A decode step runs only the
+first ``bucket`` slots, the smallest of 1, 2, 4, ... ``max_batch_size`` that covers every decoding slot
+(requests take the lowest free slot), through a view of those rows; ``cuda_graph=True`` replays it
+from one CUDA graph per bucket (``seqblocks.generation.CUDAGraphDecoder`` over the rows' view,
+captured on first use; capture restores every cache tensor it ran on). With ``page_size`` the
+attention layers keep their keys and values in a shared pool of pages
+(``seqblocks.layers.attention.paged``) addressed by one block table, so a request holds pages for its
+own prompt and ``max_tokens`` only; recurrent layers keep their per-slot state rows ("recurrent-state
+slots"), and a hybrid model mixes both in one batch.
 
 Shapes: S slots, T prompt length, V vocabulary.
 """
@@ -42,7 +45,7 @@ from typing import Any
 import torch
 
 from seqblocks.cache import InferenceCaches
-from seqblocks.generation import check_sampling_options, graph_decoder, process_logits, sample
+from seqblocks.generation import CUDAGraphDecoder, check_sampling_options, process_logits, sample
 
 __all__ = ["Engine", "Request", "SamplingParams"]
 
@@ -113,13 +116,18 @@ def _per_row(cache) -> list[tuple[str, torch.Tensor]]:
     return [(name, t) for name, t in cache.tensors() if t.dim() > 0 and name not in pooled]
 
 
-def _slot_view(caches: InferenceCaches, slot: int) -> InferenceCaches:
-    """A batch-1 view of every cache at row ``slot`` (the tensors share storage with ``caches``; page
+def _rows_view(caches: InferenceCaches, start: int, stop: int) -> InferenceCaches:
+    """A view of rows ``start:stop`` of every cache (the tensors share storage with ``caches``; page
     pools are shared whole)."""
     def view(cache):
-        return dataclasses.replace(cache, **{name: t[slot:slot + 1] for name, t in _per_row(cache)})
-    return InferenceCaches({i: view(c) for i, c in caches.items()}, caches.seqlen_offset[slot:slot + 1],
+        return dataclasses.replace(cache, **{name: t[start:stop] for name, t in _per_row(cache)})
+    return InferenceCaches({i: view(c) for i, c in caches.items()}, caches.seqlen_offset[start:stop],
                            caches.max_seqlen)
+
+
+def _slot_view(caches: InferenceCaches, slot: int) -> InferenceCaches:
+    """A batch-1 view of every cache at row ``slot``."""
+    return _rows_view(caches, slot, slot + 1)
 
 
 class Engine:
@@ -132,7 +140,8 @@ class Engine:
         max_seqlen (int): the most tokens (prompt + generated) a request may hold. Default: 2048.
         prefill_chunk_size (int): prompt tokens prefilled per step, over all prefilling requests.
             Default: 512.
-        cuda_graph (bool): replay the decode step from a CUDA graph (CUDA only). Default: False.
+        cuda_graph (bool): replay the decode step from CUDA graphs, one per bucket (CUDA only).
+            Default: False.
         page_size (int | None): page the attention layers' caches (``PagedKVCache`` / ``PagedMLACache``)
             in pages of this many positions; recurrent layers (and attention without a paged cache)
             keep one state row per slot. A request is admitted once pages for its prompt plus
@@ -164,7 +173,10 @@ class Engine:
         self.model = model
         self.max_batch_size, self.max_seqlen, self.prefill_chunk_size = max_batch_size, max_seqlen, prefill_chunk_size
         self.device = next(model.parameters()).device
-        self.decoder = None
+        self.cuda_graph = bool(cuda_graph)
+        self.decoders: dict[int, Any] = {}  # bucket -> CUDAGraphDecoder over the first rows
+        # decode batch sizes: a step runs the smallest bucket that covers every decoding slot
+        self.buckets = sorted({min(2 ** i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.page_size, self.allocator, self.block_table = page_size, None, None
         self._pages: dict[int, list[int]] = {}
         self.prefix_caching = bool(prefix_caching)
@@ -172,14 +184,9 @@ class Engine:
         self._page_key: dict[int, tuple[int, ...]] = {}
         self._refs: dict[int, int] = {}  # cached pages -> requests using them
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unused (LRU first)
-        if cuda_graph:
-            if self.device.type != "cuda":
-                raise ValueError("Engine: cuda_graph=True needs a model on a CUDA device")
-            if page_size is not None:
-                raise ValueError("Engine: cuda_graph=True with paged caches is not supported; give one of them")
-            self.decoder = graph_decoder(model, max_batch_size, max_seqlen, self.device)
-            self.caches = self.decoder.caches
-        elif page_size is not None:
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("Engine: cuda_graph=True needs a model on a CUDA device")
+        if page_size is not None:
             self.caches = self._paged_caches(page_size, num_pages)
         else:
             self.caches = model.allocate_inference_cache(max_batch_size, max_seqlen)
@@ -402,18 +409,22 @@ class Engine:
 
     def _decode(self, decoding: list[Request], prefilling: list[Request]) -> None:
         rows = [r.slot for r in decoding]
+        bucket = next(b for b in self.buckets if b > max(rows))  # slots 0 .. bucket - 1 take the step
+        prefilling = [r for r in prefilling if r.slot < bucket]
         keep = torch.tensor([r.slot for r in prefilling], dtype=torch.long, device=self.device)
         saved = [t.index_select(0, keep) for t in self._tensors] if prefilling else None
         if self.block_table is not None and prefilling:
             self.block_table.index_fill_(0, keep, 0)  # their step writes go to the scratch page
-        tokens = self._newest.clone()
-        if self.decoder is not None:
-            logits = self.decoder(tokens[:, None])
+        tokens = self._newest[:bucket, None].clone()
+        if self.cuda_graph:
+            decoder = self.decoders.get(bucket)
+            if decoder is None:  # captured on first use; capture restores every cache tensor it touched
+                decoder = self.decoders[bucket] = CUDAGraphDecoder(self.model, _rows_view(self.caches, 0, bucket))
+            logits = decoder(tokens)
         else:
-            logits = self.model.step(tokens[:, None], self.caches).logits[:, -1]
+            logits = self.model.step(tokens, _rows_view(self.caches, 0, bucket)).logits[:, -1]
         busy = set(rows) | {r.slot for r in prefilling}
-        free = torch.tensor([s for s in range(self.max_batch_size) if s not in busy], dtype=torch.long,
-                            device=self.device)
+        free = torch.tensor([s for s in range(bucket) if s not in busy], dtype=torch.long, device=self.device)
         for i, t in enumerate(self._tensors):
             if saved is not None:
                 t.index_copy_(0, keep, saved[i])
