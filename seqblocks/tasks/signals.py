@@ -209,9 +209,9 @@ class CoupledOscillators(_SignalTask):
 
     Args:
         seq_len (int): samples T per row. Default: 128.
-        min_gap (float): smallest gap between samples. Default: 0.05.
-        max_gap (float): largest gap. Default: 1.0.
-        noise (float): observation noise std. Default: 0.05.
+        min_gap (float): smallest gap between samples. Default: 0.02.
+        max_gap (float): largest gap. Default: 0.5.
+        noise (float): observation noise std. Default: 0.02.
         timesteps (bool): give the model the gaps as ``integration_timesteps`` (the event form of S5 /
             Mamba); False hides them (the regular form sees only the values). Default: True.
         eval_examples (int): held-out set size. Default: 128.
@@ -220,7 +220,7 @@ class CoupledOscillators(_SignalTask):
     name = "oscillators"
     description = "forecast noisy coupled oscillators sampled at irregular times (next-sample MSE)"
 
-    def __init__(self, seq_len: int = 128, min_gap: float = 0.05, max_gap: float = 1.0, noise: float = 0.05,
+    def __init__(self, seq_len: int = 128, min_gap: float = 0.02, max_gap: float = 0.5, noise: float = 0.02,
                  timesteps: bool = True, *, eval_examples: int = 128) -> None:
         super().__init__(eval_examples)
         _check("oscillators", isinstance(seq_len, int) and seq_len >= 2, f"seq_len={seq_len!r} must be an int >= 2")
