@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from seqblocks.train.optim import make_optimizer, make_scheduler
