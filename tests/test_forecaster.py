@@ -190,3 +190,13 @@ def test_event_form_beats_regular_form(mixer):
         model = Forecaster(2, d_model=32, n_layer=2, mixer_types=mixer, mixer_kwargs=EVENT[mixer])
         mse[event] = fit_regression(model, task, steps=150, batch_size=16, lr=3e-3).after["mse"]
     assert mse[True] < 0.95 * mse[False], mse
+
+
+def test_demo_command(tmp_path, capsys):
+    from seqblocks.cli import main
+
+    assert main(["demo", "oscillators", "--steps", "2", "--seq-len", "16", "--no-progress", "--threads", "1",
+                 "--mixers", "S5,LRU", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "event: MSE" in out and "regular: MSE" in out and "free-running forecast" in out
+    assert (tmp_path / "oscillators.csv").read_text().count("\n") == 5

@@ -191,3 +191,13 @@ def test_training_is_deterministic():
         torch.manual_seed(0)
         runs.append(fit_regression(LRUUnet(), task, steps=3, batch_size=4).losses)
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_demo_command(tmp_path, capsys):
+    from seqblocks.cli import main
+
+    assert main(["demo", "denoise", "--steps", "2", "--seq-len", "64", "--no-progress", "--threads", "1",
+                 "--out", str(tmp_path / "unet")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out SI-SNR" in out and "== offline" in out
+    assert isinstance(load_pretrained(tmp_path / "unet"), LRUUnet)
