@@ -49,6 +49,18 @@ def test_prefill_then_steps_equals_forward(mixers):
 
 
 @pytest.mark.parametrize("mixers", MIXERS)
+def test_causal(mixers):
+    model = _model(mixers)
+    x, ts = torch.randn(2, 10, 3), torch.rand(2, 10) + 0.1
+    x2, ts2 = x.clone(), ts.clone()
+    x2[:, 5:] += 1.0
+    ts2[:, 5:] += 0.5
+    y, y2 = model(x, ts), model(x2, ts2)
+    torch.testing.assert_close(y[:, :5], y2[:, :5], rtol=0, atol=0)
+    assert (y[:, 5:] - y2[:, 5:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mixers", MIXERS)
 @pytest.mark.parametrize("timesteps", ["none", "one", "per_position"])
 def test_generation_equals_teacher_forcing(mixers, timesteps):
     model = _model(mixers)

@@ -109,6 +109,7 @@ class UNetCache:
         lru (dict[str, SSMCache]): the state of every LRU layer, by module name.
         carry (list[Tensor | None]): per level, the [B, r - 1, c_i] delayed up-sampled steps.
         conv (Tensor | None): [B, PRE_CONV_WIDTH - 1, C_in] the last input samples (``pre_conv``).
+        batch_size (int): streams B.
         num_samples (int): samples consumed so far.
         closed (bool): a chunk shorter than a multiple of the frame ended the stream.
     """
