@@ -56,7 +56,8 @@ def test_causal(mixers):
     x2[:, 5:] += 1.0
     ts2[:, 5:] += 0.5
     y, y2 = model(x, ts), model(x2, ts2)
-    torch.testing.assert_close(y[:, :5], y2[:, :5], rtol=0, atol=0)
+    # S4D runs as an FFT convolution: the past moves by rounding only.
+    torch.testing.assert_close(y[:, :5], y2[:, :5], rtol=0, atol=1e-5)
     assert (y[:, 5:] - y2[:, 5:]).abs().max() > 1e-3
 
 
