@@ -472,7 +472,8 @@ def generate(
                          "repetition_penalty": repetition_penalty != 1.0, "stop_tokens": stop_tokens is not None,
                          "stop_sequences": stop_sequences is not None, "callback": callback is not None,
                          "return_scores": return_scores, "cuda_graph": cuda_graph, "mtp_draft": mtp_draft,
-                         "seed": seed is not None, "generator": generator is not None}
+                         "seed": seed is not None, "generator": generator is not None,
+                         "draft_model": draft_model is not None}
         given = sorted(k for k, v in token_options.items() if v)
         if given:
             raise ValueError(f"generate: {given} are token-sampling options; {type(model).__name__} generates "
