@@ -63,7 +63,9 @@ from seqblocks.models import (
     LRNNLMHeadModel,
     ModelConfig,
 )
+from seqblocks.models.forecaster import Forecaster, generate_continuous
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
+from seqblocks.models.unet import LRUUnet
 from seqblocks.registry import (
     Registry,
     attention_registry,
@@ -145,4 +147,7 @@ __all__ = [
     "InitConfig",
     "MixerConfig",
     "__version__",
+    "Forecaster",
+    "LRUUnet",
+    "generate_continuous",
 ]

@@ -409,7 +409,11 @@ def generate(
 
     Args:
         model: a seqblocks language model (``LRNNLMHeadModel``, ``LanguageModel``, or anything with
-            their ``forward`` / ``step`` / ``allocate_inference_cache`` / ``vocab_size``).
+            their ``forward`` / ``step`` / ``allocate_inference_cache`` / ``vocab_size``). A real-valued
+            model (``continuous_outputs = True``: ``Forecaster``) goes to
+            ``seqblocks.models.forecaster.generate_continuous(model, input_ids, max_new_tokens,
+            integration_timesteps)``, which returns the [B, N, F] generated samples; a token-sampling
+            option given with it raises ValueError.
         input_ids (Tensor): [B, T] prompts, right-padded when their lengths differ.
         max_new_tokens (int): tokens to generate per row. Default: 20.
         lengths (Tensor | None): [B] prompt lengths in [1, T]. Default: None (all T).
@@ -460,6 +464,21 @@ def generate(
     Raises:
         ValueError / TypeError: invalid arguments (the message names them).
     """
+    if getattr(model, "continuous_outputs", False):  # a real-valued model: seqblocks.models.forecaster
+        from seqblocks.models.forecaster import generate_continuous
+
+        token_options = {"lengths": lengths is not None, "temperature": temperature != 1.0, "top_k": top_k is not None,
+                         "top_p": top_p is not None, "min_p": min_p is not None,
+                         "repetition_penalty": repetition_penalty != 1.0, "stop_tokens": stop_tokens is not None,
+                         "stop_sequences": stop_sequences is not None, "callback": callback is not None,
+                         "return_scores": return_scores, "cuda_graph": cuda_graph, "mtp_draft": mtp_draft,
+                         "seed": seed is not None, "generator": generator is not None,
+                         "draft_model": draft_model is not None}
+        given = sorted(k for k, v in token_options.items() if v)
+        if given:
+            raise ValueError(f"generate: {given} are token-sampling options; {type(model).__name__} generates "
+                             f"real values deterministically (generate_continuous)")
+        return generate_continuous(model, input_ids, max_new_tokens, integration_timesteps=integration_timesteps)
     _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                          pad_token_id, seed, generator, callback, max_seqlen)
     B, T = input_ids.shape

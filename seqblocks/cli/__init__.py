@@ -1,4 +1,4 @@
-"""The ``seqblocks`` command line: list, info, train, generate, eval, bench.
+"""The ``seqblocks`` command line: list, info, train, generate, eval, bench, demo.
 
 ``main(argv)`` parses the arguments and runs one subcommand; it returns the process exit status
 (0 on success, 2 on a usage or configuration error, 1 when a run directory cannot be written for want
@@ -160,7 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "best; default 1e-2); mup: the sweep (default 1e-3,3e-3,1e-2,3e-2,1e-1)")
     p.add_argument("--no-progress", action="store_true")
     _add_threads_option(p)
+
+    p = sub.add_parser("demo", help="real-valued models on CPU: `demo denoise` (LRUUnet, SI-SNR) or `demo "
+                       "oscillators` (forecasters, event vs regular form)")
+    p.add_argument("what", choices=["denoise", "oscillators"])
+    p.add_argument("--steps", type=int, help="training steps (default 150)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--seq-len", type=int, help="samples per example (denoise default 512, oscillators 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixers", help="oscillators: comma-separated mixer names (default S5)")
+    p.add_argument("--out", "-o", help="denoise: save the model here; oscillators: write the table here")
+    p.add_argument("--no-progress", action="store_true")
+    _add_threads_option(p)
     return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from seqblocks.cli.demo import cmd_demo
+
+    return cmd_demo(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
                "generate": commands.cmd_generate, "serve": commands.cmd_serve, "eval": commands.cmd_eval,
-               "bench": commands.cmd_bench}
+               "bench": commands.cmd_bench, "demo": _cmd_demo}
     threads = None
     try:
         if hasattr(args, "threads"):  # the commands that compute

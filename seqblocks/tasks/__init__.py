@@ -1,4 +1,5 @@
-"""Embedded tasks: synthetic recall / copying probes and character-level LM on the stdlib's source.
+"""Embedded tasks: synthetic recall / copying probes and character-level LM on the stdlib's source, and
+the real-valued tasks of ``seqblocks.tasks.signals`` (waveform denoising, irregular time series; ``SIGNAL_TASKS``).
 
 ``TASKS`` maps task names to task classes; ``get_task(name, **options)`` builds one and raises
 ``ValueError`` listing the valid names (or the task's valid options) on a mistake.
@@ -12,10 +13,12 @@ from typing import Any
 from seqblocks.registry import Registry
 from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task
 from seqblocks.tasks.chars import CharTokenizer, StdlibChars
+from seqblocks.tasks.signals import SIGNAL_TASKS, CoupledOscillators, Denoising, get_signal_task, si_snr
 from seqblocks.tasks.synthetic import MQAR, Copying, InductionHeads, SelectiveCopying
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "Task", "CharTokenizer", "StdlibChars", "MQAR", "Copying",
-           "InductionHeads", "SelectiveCopying", "get_task", "task_options"]
+           "InductionHeads", "SelectiveCopying", "get_task", "task_options",
+           "SIGNAL_TASKS", "CoupledOscillators", "Denoising", "get_signal_task", "si_snr"]
 
 TASKS: Registry = Registry("task")
 for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying):
