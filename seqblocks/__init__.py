@@ -9,6 +9,7 @@ from seqblocks.blocks import Block, ConfigurableBlock, DecoderBlock, EncoderBloc
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig
 from seqblocks.generation import GenerationOutput, generate
+from seqblocks.interop import convert, from_hf, save_hf, save_mamba_ssm
 from seqblocks.layers import (
     LRU,
     RGLRU,
@@ -131,6 +132,10 @@ __all__ = [
     "SinusoidalPosition",
     "attention_registry",
     "generate",
+    "from_hf",
+    "save_hf",
+    "save_mamba_ssm",
+    "convert",
     "ffn_registry",
     "mixer_registry",
     "norm_registry",
