@@ -171,8 +171,11 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def finite_or_none(value: Any) -> float | None:
-    """A JSON bound as a float, with infinity (and None) as None."""
+    """A JSON bound as a float, with infinity (and None) as None. transformers >= 5 writes
+    non-finite floats as ``{"__float__": "Infinity"}``."""
     if value is None:
         return None
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        value = value["__float__"]
     value = float(value)
     return None if math.isinf(value) else value
