@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "best; default 1e-2); mup: the sweep (default 1e-3,3e-3,1e-2,3e-2,1e-1)")
     p.add_argument("--no-progress", action="store_true")
     _add_threads_option(p)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face (or mamba_ssm) model folder to a seqblocks "
+                       "checkpoint, or a seqblocks checkpoint to a Hugging Face folder")
+    p.add_argument("src", help="the folder to read: a seqblocks checkpoint, an HF folder, or a mamba_ssm folder")
+    p.add_argument("dst", help="the folder to write")
+    p.add_argument("--to", choices=["seqblocks", "hf", "mamba_ssm"], default=None,
+                   help="target format (default: hf for a seqblocks checkpoint, seqblocks otherwise)")
+    p.add_argument("--family", default=None, help="HF family to write with --to hf (default: read from the model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="convert the weights to this dtype (default: keep them)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     return parser
 
 
@@ -155,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
-               "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench}
+               "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench,
+               "convert": commands.cmd_convert}
     threads = None
     try:
         if hasattr(args, "threads"):  # the commands that compute
