@@ -269,3 +269,22 @@ def test_tokenizer_files_are_loaded_and_copied(tmp_path, saved):
     assert model.tokenizer.encode("a b").ids == [0, 1]
     out = model.save_hf(tmp_path / "exported")
     assert (out / "tokenizer.json").is_file()
+
+
+def test_mamba_ssm_hybrid_round_trip(tmp_path):
+    """Mamba-2 + attention layers with a gated MLP and a padded vocabulary: written in mamba_ssm's format
+    and read back, the same model."""
+    torch.manual_seed(0)
+    model = LRNNLMHeadModel(32, 8, 3, V - 3, ["mamba2", "attn", "mamba2"], d_intermediate=48,
+                            mixer_kwargs={"mamba2": {"headdim": 8, "ngroups": 2, "chunk_size": 8},
+                                          "attn": {"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 4}}).eval()
+    out = seqblocks.save_mamba_ssm(model, tmp_path / "native")
+    config = json.loads((out / "config.json").read_text())
+    assert config["ssm_cfg"]["layer"] == "Mamba2" and config["attn_layer_idx"] == [1]
+    assert config["attn_cfg"]["causal"] is True and config["attn_cfg"]["num_heads_kv"] == 2
+    back = seqblocks.from_hf(out)
+    ids = torch.randint(0, V - 3, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="all Mamba or all Mamba-2"):
+        seqblocks.save_mamba_ssm(LRNNLMHeadModel(32, 8, 2, V, ["mamba", "mamba2"]), tmp_path / "mixed")

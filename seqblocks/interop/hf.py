@@ -38,7 +38,7 @@ from seqblocks.interop._files import (
     tokenizer_files,
     write_weights,
 )
-from seqblocks.layers.attention.mha import MHA
+from seqblocks.layers.attention.mha import GQA, MHA, SlidingWindowAttention
 from seqblocks.layers.mixers.mamba import Mamba
 from seqblocks.layers.mixers.mamba2 import Mamba2
 from seqblocks.layers.mixers.rglru import RGLRU
@@ -778,7 +778,8 @@ _MIXER_IGNORE = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_
 def _block_view(b: BlockConfig) -> dict[str, Any]:
     view = {k: v for k, v in b.to_dict().items() if k not in _BLOCK_IGNORE}
     cls = MIXERS.get(b.attention)
-    view["mixer"] = cls.__name__ if not issubclass(cls, MHA) else "MHA"
+    # plain softmax attention under any of its names; variants (MQA, chunked, sparse, MLA, ...) by class
+    view["mixer"] = "MHA" if cls in (MHA, GQA, SlidingWindowAttention) else cls.__name__
     view["head_dim"], view["n_kv_heads"] = b.effective_head_dim, b.effective_n_kv_heads
     view["rotary_dim"] = b.rotary_dim if b.rotary_dim is not None else b.effective_head_dim
     if b.rope_scaling != 1.0:
