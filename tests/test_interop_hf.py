@@ -214,6 +214,19 @@ def test_corrupted_and_foreign_folders_raise_clearly(tmp_path, saved):
     (mixed / "model.safetensors").write_bytes((saved["gpt2"][1] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="lacks the tensor 'model.embed_tokens.weight'"):
         seqblocks.from_hf(mixed)
+    # NaN weights are refused unless asked for; mis-shaped ones are named
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved["mistral"][1] / "model.safetensors"))
+    nan = dict(state, **{"model.norm.weight": torch.full_like(state["model.norm.weight"], float("nan"))})
+    save_file(nan, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.norm.weight.*NaN"):
+        seqblocks.from_hf(broken)
+    assert seqblocks.from_hf(broken, allow_non_finite=True).norm_f.weight.isnan().all()
+    cut = dict(state, **{"model.norm.weight": state["model.norm.weight"][:7]})
+    save_file(cut, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"mis-shaped \['norm_f.weight: \(7,\) for \(32,\)'\]"):
+        seqblocks.from_hf(broken)
     # a truncated sharded checkpoint: the missing shard is named
     hf = saved["llama"][0]
     shards = tmp_path / "shards"

@@ -522,26 +522,46 @@ def _hf_weights_in(state: dict[str, torch.Tensor], family: str, config: Any, n_l
 # ---------------------------------------------------------------------------------------------- build + load
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``: every parameter must be given, with its shape (a tied head may be
-    absent); ``ValueError`` names what is missing, unexpected or mis-shaped."""
-    own = model.state_dict()
-    if getattr(model, "tie_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        own = {k: v for k, v in own.items() if k != "lm_head.weight"}
-    padded = getattr(model, "padded_vocab_size", None)
+def fit_state(skeleton: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` checked against ``skeleton`` (a model of the config, e.g. on the meta device): every
+    tensor given, with its shape (a tied head may be absent; vocabulary rows are zero-padded to the
+    model's padded vocabulary).
+
+    Raises:
+        ValueError: naming what is missing, unexpected or mis-shaped.
+    """
+    own = {k: v.shape for k, v in skeleton.state_dict().items()}
+    state = dict(state)
+    if getattr(skeleton, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+        own.pop("lm_head.weight", None)
+    padded = getattr(skeleton, "padded_vocab_size", None)
     if padded is not None:
         for key in ("embedding.weight", "lm_head.weight"):
-            if key in state and key in own and state[key].shape[0] < padded:  # pad the vocabulary rows with zeros
-                extra = state[key].new_zeros(padded - state[key].shape[0], *state[key].shape[1:])
+            if key in state and key in own and state[key].dim() == 2 and state[key].shape[0] < padded:
+                extra = state[key].new_zeros(padded - state[key].shape[0], state[key].shape[1])
                 state[key] = torch.cat([state[key], extra])
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
+    shapes = [f"{k}: {tuple(state[k].shape)} for {tuple(own[k])}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k]]
     if missing or unexpected or shapes:
         raise ValueError(f"{source}: the weights do not fit the model of its config: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}, mis-shaped {shapes[:8]}")
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """``ValueError`` naming the tensors of ``state`` that hold NaN / Inf."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"{source}: tensors {bad[:8]} hold NaN / Inf (pass allow_non_finite=True to load them "
+                         f"anyway)")
+
+
+def copy_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy the checked ``state`` (``fit_state``) into ``model``'s tensors."""
+    own = model.state_dict()
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value.to(own[key].dtype))
@@ -567,7 +587,7 @@ def build_model(spec: LanguageModelConfig | dict[str, Any], device=None) -> nn.M
 
 
 def from_hf(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-            **overrides: Any) -> nn.Module:
+            allow_non_finite: bool = False, **overrides: Any) -> nn.Module:
     """Load a local Hugging Face model folder as a seqblocks model.
 
     Args:
@@ -576,6 +596,7 @@ def from_hf(path: str | Path, *, device: torch.device | str | None = None, dtype
             written by one of ``FAMILIES``' transformers classes, or by mamba_ssm's ``MambaLMHeadModel``.
         device: where to place the model. Default: None (CPU).
         dtype: parameter dtype. Default: None (config.json's ``dtype`` / ``torch_dtype``, else fp32).
+        allow_non_finite: load weights that hold NaN / Inf. Default: False (they raise).
         **overrides: seqblocks options to change on the imported config: a ``LanguageModelConfig`` /
             ``LRNNLMHeadModel`` field, a ``BlockConfig`` field (every block), or an option of the
             model's mixers (e.g. ``attention_type="flash"``, ``scale_first_input=True``, ``chunk_size=64``).
@@ -594,18 +615,31 @@ def from_hf(path: str | Path, *, device: torch.device | str | None = None, dtype
     folder = as_folder(path, "from_hf")
     hf = read_config(folder)
     family = detect_family(hf, str(folder / "config.json"))
+    target_dtype = _dtype_of(hf, dtype)
     if family == "mamba_ssm":
-        from seqblocks.interop.mamba_ssm import config_from_mamba_ssm, weights_from_mamba_ssm
+        from seqblocks.interop.mamba_ssm import config_from_mamba_ssm
 
         spec = apply_overrides(config_from_mamba_ssm(hf), overrides)
-        model = build_model(spec, device=device)
-        load_state(model, weights_from_mamba_ssm(read_weights(folder), spec["n_layer"]), str(folder))
     else:
         spec = apply_overrides(config_from_hf(hf, family), overrides)
+    # The config is built once on the meta device first: every constructor check runs, and the weights
+    # are checked against it, before anything is allocated.
+    with torch.device("meta"):
+        skeleton = build_model(spec)
+    state = read_weights(folder)
+    if not allow_non_finite:
+        check_finite(state, str(folder))
+    if family == "mamba_ssm":
+        from seqblocks.interop.mamba_ssm import weights_from_mamba_ssm
+
+        state = weights_from_mamba_ssm(state, spec["n_layer"])
+    else:
         n_layer = spec.n_layers if isinstance(spec, LanguageModelConfig) else spec["n_layer"]
-        model = build_model(spec, device=device)
-        load_state(model, _hf_weights_in(read_weights(folder), family, spec, n_layer), str(folder))
-    model = model.to(dtype=_dtype_of(hf, dtype)).eval()
+        state = _hf_weights_in(state, family, spec, n_layer)
+    state = fit_state(skeleton, state, str(folder))
+    model = build_model(spec, device=device)
+    copy_state(model, state)
+    model = model.to(dtype=target_dtype).eval()
     model.tokenizer_path = str(folder) if tokenizer_files(folder) else None
     model.tokenizer = load_tokenizer(folder)
     return model
