@@ -5,6 +5,7 @@ hybrid language models, and Triton kernels for the hot paths.
 """
 
 from seqblocks._version import __version__
+from seqblocks.beam_search import BeamSearchOutput, beam_search
 from seqblocks.blocks import Block, ConfigurableBlock, DecoderBlock, EncoderBlock
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig
@@ -136,6 +137,8 @@ __all__ = [
     "save_hf",
     "save_mamba_ssm",
     "convert",
+    "beam_search",
+    "BeamSearchOutput",
     "ffn_registry",
     "mixer_registry",
     "norm_registry",
