@@ -10,6 +10,7 @@ from seqblocks.blocks import Block, ConfigurableBlock, DecoderBlock, EncoderBloc
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig
 from seqblocks.generation import GenerationOutput, generate
+from seqblocks.interop import convert, from_hf, save_hf, save_mamba_ssm
 from seqblocks.layers import (
     LRU,
     RGLRU,
@@ -134,6 +135,10 @@ __all__ = [
     "SinusoidalPosition",
     "attention_registry",
     "generate",
+    "from_hf",
+    "save_hf",
+    "save_mamba_ssm",
+    "convert",
     "beam_search",
     "BeamSearchOutput",
     "ffn_registry",

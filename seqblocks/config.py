@@ -182,7 +182,11 @@ class BlockConfig(ConfigBase):
         q_lora_rank (int | None): MLA query low-rank width (None: full-rank queries). Default: None.
         rope_dim (int | None): MLA decoupled RoPE width. Default: None.
         rotary_dim (int | None): rotary width for partial RoPE. Default: None (= head_dim).
-        rope_scaling (float): linear position-interpolation factor for RoPE. Default: 1.0.
+        rope_scaling (float): RoPE context-extension factor (1.0: none). Default: 1.0.
+        rope_scaling_type (str): how ``rope_scaling`` acts: "linear" (position interpolation), "ntk"
+            or "llama3" (``RotaryEmbedding``). Default: "linear".
+        rope_scaling_kwargs (dict): further ``RotaryEmbedding`` arguments of the scaling rule ("llama3":
+            ``low_freq_factor``, ``high_freq_factor``, ``original_max_positions``). Default: {}.
         d_state (int): state width of recurrent mixers. Default: 16.
         qk_norm (bool): RMSNorm (learnable weight over head_dim) on every query and key head, before
             RoPE (Qwen3 / Gemma 3). Default: False.
@@ -229,6 +233,8 @@ class BlockConfig(ConfigBase):
     rope_dim: int | None = None
     rotary_dim: int | None = None
     rope_scaling: float = 1.0
+    rope_scaling_type: str = "linear"
+    rope_scaling_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     d_state: int = 16
     qk_norm: bool = False
     attention_chunk_size: int | None = None
@@ -240,7 +246,7 @@ class BlockConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("attention", "ffn", "norm", "position", "attention_type"):
+        for name in ("attention", "ffn", "norm", "position", "attention_type", "rope_scaling_type"):
             _require(bool(getattr(self, name).strip()), name, getattr(self, name), "a non-empty name")
         for name in ("d_model", "n_heads", "d_ff", "max_seq_len", "attention_block_size",
                      "linear_attention_chunk_size", "d_state"):
@@ -268,12 +274,13 @@ class BlockConfig(ConfigBase):
         if self.attn_logit_softcapping is not None:
             _require(self.attn_logit_softcapping > 0, "attn_logit_softcapping", self.attn_logit_softcapping,
                      "a positive float or None")
-        _require(all(isinstance(k, str) for k in self.mixer_kwargs), "mixer_kwargs", self.mixer_kwargs,
-                 "a dict with string keys")
-        try:
-            json.dumps(self.mixer_kwargs)
-        except TypeError as err:
-            raise ValueError(f"BlockConfig.mixer_kwargs must hold JSON values: {err}") from None
+        for name in ("mixer_kwargs", "rope_scaling_kwargs"):
+            value = getattr(self, name)
+            _require(all(isinstance(k, str) for k in value), name, value, "a dict with string keys")
+            try:
+                json.dumps(value)
+            except TypeError as err:
+                raise ValueError(f"BlockConfig.{name} must hold JSON values: {err}") from None
 
     @property
     def effective_head_dim(self) -> int:

@@ -28,6 +28,7 @@ __all__ = [
     "POSITIONS",
     "MLPS",
     "MODELS",
+    "CONVERTERS",
     "mixer_registry",
     "attention_registry",
     "ffn_registry",
@@ -182,6 +183,10 @@ POSITIONS: Registry = Registry("position")
 MLPS: Registry = Registry("mlp")
 #: Model classes a checkpoint's ``model_type`` may name; loading resolves classes only through it.
 MODELS: Registry = Registry("model")
+#: Checkpoint formats of other ecosystems: objects with ``load(path, **kwargs) -> model`` and
+#: ``save(model, path, **kwargs)``; ``seqblocks.interop`` registers "hf". The models' ``from_hf`` /
+#: ``save_hf`` reach it here, so the models never import the (higher) interop package.
+CONVERTERS: Registry = Registry("converter")
 
 # Other names for the same registries.
 mixer_registry = MIXERS

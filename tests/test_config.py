@@ -10,7 +10,8 @@ NON_DEFAULTS = dict(
     head_dim=32, d_ff=256, bias=False, dropout=0.1, norm_eps=1e-6, rope_theta=500000.0, max_seq_len=4096,
     pre_norm=False, causal=False, window_size=128, attention_dropout=0.05, attention_type="flex",
     attention_block_size=64, linear_attention_chunk_size=32, kv_lora_rank=64, q_lora_rank=48, rope_dim=16,
-    rotary_dim=16, rope_scaling=2.0, d_state=64, mixer_kwargs={"dt_min": 0.001, "nested": {"a": [1, 2]}},
+    rotary_dim=16, rope_scaling=2.0, rope_scaling_type="llama3", rope_scaling_kwargs={"low_freq_factor": 2.0},
+    d_state=64, mixer_kwargs={"dt_min": 0.001, "nested": {"a": [1, 2]}},
     qk_norm=True, attention_chunk_size=64, sparse_select_k=32, sparse_compress_ratio=4, attn_logit_softcapping=50.0,
     mup=True,
 )

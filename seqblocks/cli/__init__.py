@@ -173,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="denoise: save the model here; oscillators: write the table here")
     p.add_argument("--no-progress", action="store_true")
     _add_threads_option(p)
+    p = sub.add_parser("convert", help="convert a Hugging Face (or mamba_ssm) model folder to a seqblocks "
+                       "checkpoint, or a seqblocks checkpoint to a Hugging Face folder")
+    p.add_argument("src", help="the folder to read: a seqblocks checkpoint, an HF folder, or a mamba_ssm folder")
+    p.add_argument("dst", help="the folder to write")
+    p.add_argument("--to", choices=["seqblocks", "hf", "mamba_ssm"], default=None,
+                   help="target format (default: hf for a seqblocks checkpoint, seqblocks otherwise)")
+    p.add_argument("--family", default=None, help="HF family to write with --to hf (default: read from the model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="convert the weights to this dtype (default: keep them)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     return parser
 
 
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
                "generate": commands.cmd_generate, "serve": commands.cmd_serve, "eval": commands.cmd_eval,
-               "bench": commands.cmd_bench, "demo": _cmd_demo}
+               "bench": commands.cmd_bench, "demo": _cmd_demo, "convert": commands.cmd_convert}
     threads = None
     try:
         if hasattr(args, "threads"):  # the commands that compute

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["cmd_list", "cmd_info", "cmd_train", "cmd_generate", "cmd_eval", "cmd_bench", "parse_task_options",
+__all__ = ["cmd_list", "cmd_info", "cmd_train", "cmd_generate", "cmd_eval", "cmd_bench", "cmd_convert",
+           "parse_task_options",
            "load_checkpoint", "stream_sample"]
 
 
@@ -461,3 +462,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "mup":
         return bench.run_mup_bench(args)
     return bench.run_speed_bench(args)
+
+
+# ---------------------------------------------------------------- convert
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from seqblocks.interop import convert, folder_kind
+
+    try:
+        kind = folder_kind(args.src)
+        dst = convert(args.src, args.dst, to=args.to, family=args.family, dtype=args.dtype, overwrite=args.overwrite)
+    except NotADirectoryError as err:
+        raise ValueError(str(err)) from None
+    target = args.to or ("hf" if kind == "seqblocks" else "seqblocks")
+    config = json.loads((Path(dst) / "config.json").read_text())
+    what = config.get("architectures", [config.get("model_type", "mamba_ssm MambaLMHeadModel")])[0]
+    _out(f"{args.src} ({kind}) -> {dst} ({target}: {what})")
+    return 0

@@ -17,7 +17,13 @@ from torch import nn
 from seqblocks.registry import FFNS, MLPS
 
 __all__ = ["FFNBase", "FeedForward", "ReLUFeedForward", "ReLU2FeedForward", "GatedFeedForward",
-           "GEGLUFeedForward", "GatedReLU2FeedForward", "NoFFN", "GatedMLP", "ReLU2MLP"]
+           "GEGLUFeedForward", "GatedReLU2FeedForward", "TanhGELUFeedForward", "TanhGEGLUFeedForward", "NoFFN",
+           "GatedMLP", "ReLU2MLP", "gelu_tanh"]
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return F.gelu(x, approximate="tanh")
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +102,19 @@ class GatedReLU2FeedForward(GatedFeedForward):
     activation = staticmethod(relu2)
 
 
+class TanhGELUFeedForward(FeedForward):
+    """Linear -> GELU (tanh approximation) -> Linear (GPT-2's FFN, "gelu_tanh")."""
+
+    activation = staticmethod(gelu_tanh)
+
+
+class TanhGEGLUFeedForward(GatedFeedForward):
+    """GEGLU with the tanh-approximated GELU: down(gelu_tanh(gate(x)) * up(x)) (Gemma, RecurrentGemma;
+    "geglu_tanh")."""
+
+    activation = staticmethod(gelu_tanh)
+
+
 class NoFFN(FFNBase):
     """No feed-forward sublayer: the block skips it entirely (no norm, no residual add)."""
 
@@ -112,6 +131,8 @@ FFNS.register("gated", GatedFeedForward)
 FFNS.register("swiglu", GatedFeedForward, description="alias of 'gated': SwiGLU")
 FFNS.register("geglu", GEGLUFeedForward)
 FFNS.register("gated_relu2", GatedReLU2FeedForward)
+FFNS.register("gelu_tanh", TanhGELUFeedForward)
+FFNS.register("geglu_tanh", TanhGEGLUFeedForward)
 FFNS.register("none", NoFFN)
 
 

@@ -12,11 +12,14 @@ from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.ops.add_norm import add_norm
 from seqblocks.registry import NORMS
 
-__all__ = ["NormBase", "LayerNorm", "RMSNorm", "is_fusable_norm", "norm_params"]
+__all__ = ["NormBase", "LayerNorm", "RMSNorm", "OffsetRMSNorm", "is_fusable_norm", "norm_params"]
 
 
 class NormBase(nn.Module):
     is_rms: bool = False
+    #: the scale is ``weight + weight_offset`` (formed in fp32); 1.0 for the (1 + w) norms, whose
+    #: weight then starts at 0.
+    weight_offset: float = 0.0
 
     def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -29,9 +32,15 @@ class NormBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.weight_offset)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def scale(self) -> torch.Tensor:
+        """The multiplier of the normalised input: ``weight``, or ``weight + weight_offset`` in fp32."""
+        if self.weight_offset == 0.0:
+            return self.weight
+        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) + self.weight_offset
 
     @classmethod
     def from_config(cls, config) -> NormBase:
@@ -41,7 +50,7 @@ class NormBase(nn.Module):
         """Normalise the last dimension in fp32; the output has ``x``'s dtype."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__}({self.dim}) got input with last dimension {x.shape[-1]}")
-        return add_norm(x, None, self.weight, self.bias, self.eps, is_rms=self.is_rms)
+        return add_norm(x, None, self.scale(), self.bias, self.eps, is_rms=self.is_rms)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -75,6 +84,19 @@ class RMSNorm(NormBase):
         super().__init__(dim, eps, bias=False, device=device, dtype=dtype)
 
 
+@NORMS.register("gemma_rms_norm")
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm scaled by (1 + weight): x / sqrt(mean(x^2) + eps) * (1 + weight), in fp32, with the
+    weight initialised at 0 (Gemma, RecurrentGemma). The same function as ``RMSNorm`` with weight + 1.
+
+    Args:
+        dim (int): normalised width.
+        eps (float): added to the mean square. Default: 1e-5.
+    """
+
+    weight_offset = 1.0
+
+
 def is_fusable_norm(norm: nn.Module) -> bool:
     """Whether ``ops.add_norm`` can stand in for ``norm`` (ours, or torch's LayerNorm / RMSNorm)."""
     if isinstance(norm, NormBase):
@@ -88,7 +110,7 @@ def is_fusable_norm(norm: nn.Module) -> bool:
 def norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, float, bool]:
     """``(weight, bias, eps, is_rms)`` of a fusable norm, for ``ops.add_norm``."""
     if isinstance(norm, NormBase):
-        return norm.weight, norm.bias, norm.eps, norm.is_rms
+        return norm.scale(), norm.bias, norm.eps, norm.is_rms
     if isinstance(norm, nn.LayerNorm):
         return norm.weight, norm.bias, norm.eps, False
     eps = norm.eps if norm.eps is not None else torch.finfo(dtype).eps

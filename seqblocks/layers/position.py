@@ -25,7 +25,10 @@ from torch import nn
 from seqblocks.registry import POSITIONS
 
 __all__ = ["PositionBase", "RotaryEmbedding", "ALiBi", "SinusoidalPosition", "LearnedPosition",
-           "NoPosition", "alibi_slopes", "positions_from_offset"]
+           "NoPosition", "alibi_slopes", "llama3_frequencies", "positions_from_offset", "SCALING_TYPES"]
+
+#: RoPE context-extension rules ``RotaryEmbedding(scaling_type=...)`` knows.
+SCALING_TYPES = ("linear", "ntk", "llama3")
 
 
 def positions_from_offset(offset: torch.Tensor | int, length: int, device=None) -> torch.Tensor:
@@ -84,8 +87,15 @@ class RotaryEmbedding(PositionBase):
         interleaved (bool): rotate pairs (0, 1), (2, 3), ... (GPT-J layout) instead of the two halves
             (GPT-NeoX layout). Default: False.
         scaling_factor (float): context-extension factor; 1.0 disables scaling. Default: 1.0.
-        scaling_type (str): "linear" (position interpolation: positions / factor) or "ntk"
-            (base * factor^(d / (d - 2))). Default: "linear".
+        scaling_type (str): "linear" (position interpolation: positions / factor), "ntk"
+            (base * factor^(d / (d - 2))) or "llama3" (Llama 3.1's per-frequency rule: wavelengths
+            longer than ``original_max_positions / low_freq_factor`` are divided by the factor, those
+            shorter than ``original_max_positions / high_freq_factor`` are kept, and the band between
+            blends the two linearly in ``original_max_positions / wavelength``). Default: "linear".
+        low_freq_factor (float): "llama3" only. Default: 1.0.
+        high_freq_factor (float): "llama3" only; must exceed low_freq_factor. Default: 4.0.
+        original_max_positions (int): "llama3" only: the context length the model was trained at.
+            Default: 8192.
     """
 
     kind = "rotary"
@@ -99,6 +109,10 @@ class RotaryEmbedding(PositionBase):
         scaling_factor: float = 1.0,
         scaling_type: str = "linear",
         device=None,
+        *,
+        low_freq_factor: float = 1.0,
+        high_freq_factor: float = 4.0,
+        original_max_positions: int = 8192,
     ) -> None:
         super().__init__()
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
@@ -106,8 +120,18 @@ class RotaryEmbedding(PositionBase):
             raise ValueError(f"RotaryEmbedding: rotary_dim={rotary_dim} must be even and in (0, {head_dim}]")
         if base <= 0 or scaling_factor <= 0:
             raise ValueError(f"RotaryEmbedding: base={base} and scaling_factor={scaling_factor} must be > 0")
-        if scaling_type not in ("linear", "ntk"):
-            raise ValueError(f"RotaryEmbedding: scaling_type={scaling_type!r}; expected 'linear' or 'ntk'")
+        if scaling_type not in SCALING_TYPES:
+            raise ValueError(f"RotaryEmbedding: scaling_type={scaling_type!r}; expected one of {SCALING_TYPES}")
+        if scaling_type == "llama3":
+            if not 0 < low_freq_factor < high_freq_factor:
+                raise ValueError(f"RotaryEmbedding: llama3 scaling needs 0 < low_freq_factor < high_freq_factor, "
+                                 f"got {low_freq_factor} and {high_freq_factor}")
+            if isinstance(original_max_positions, bool) or not isinstance(original_max_positions, int) \
+                    or original_max_positions <= 0:
+                raise ValueError(f"RotaryEmbedding: original_max_positions={original_max_positions!r} must be a "
+                                 f"positive int")
+        self.low_freq_factor, self.high_freq_factor = float(low_freq_factor), float(high_freq_factor)
+        self.original_max_positions = original_max_positions
         self.head_dim, self.rotary_dim, self.interleaved = head_dim, rotary_dim, interleaved
         self.base, self.scaling_factor, self.scaling_type = base, scaling_factor, scaling_type
         if scaling_type == "ntk" and rotary_dim > 2:
@@ -119,7 +143,11 @@ class RotaryEmbedding(PositionBase):
 
     def _inv_freq(self, device) -> torch.Tensor:
         exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device) / self.rotary_dim
-        return 1.0 / self._freq_base**exponent
+        inv_freq = 1.0 / self._freq_base**exponent
+        if self.scaling_type == "llama3" and self.scaling_factor != 1.0:
+            inv_freq = llama3_frequencies(inv_freq, self.scaling_factor, self.low_freq_factor, self.high_freq_factor,
+                                          self.original_max_positions)
+        return inv_freq
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -130,12 +158,13 @@ class RotaryEmbedding(PositionBase):
     @classmethod
     def from_config(cls, config) -> RotaryEmbedding:
         return cls(config.effective_head_dim, base=config.rope_theta, rotary_dim=config.rotary_dim,
-                   scaling_factor=config.rope_scaling)
+                   scaling_factor=config.rope_scaling, scaling_type=config.rope_scaling_type,
+                   **config.rope_scaling_kwargs)
 
     def angles(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rotation angles [B or 1, T, rotary_dim / 2] in ``dtype`` (fp32, or float64), formed in float64."""
         pos = _as_2d(positions).to(torch.float64)
-        if self.scaling_type == "linear" and self.scaling_factor != 1.0:
+        if self.scaling_type == "linear" and self.scaling_factor != 1.0:  # ntk / llama3 act on inv_freq
             pos = pos / self.scaling_factor
         return (pos[..., None] * self.inv_freq.to(pos.device, torch.float64)).to(dtype)
 
@@ -159,6 +188,22 @@ class RotaryEmbedding(PositionBase):
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "
                 f"interleaved={self.interleaved}, scaling={self.scaling_type}:{self.scaling_factor}")
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_positions: int) -> torch.Tensor:
+    """Llama 3.1's context extension of RoPE frequencies ``inv_freq`` [R / 2] (float64).
+
+    With wavelength w = 2 pi / f and L = original_max_positions: frequencies whose w exceeds
+    L / low_freq_factor (slow ones) are divided by ``factor``; those whose w is below L / high_freq_factor
+    (fast ones) are kept; in between, f is interpolated as (1 - s) f / factor + s f with
+    s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    wavelength = 2 * math.pi / inv_freq
+    s = (original_max_positions / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - s) * inv_freq / factor + s * inv_freq
+    slow = wavelength > original_max_positions / low_freq_factor
+    fast = wavelength < original_max_positions / high_freq_factor
+    return torch.where(slow, inv_freq / factor, torch.where(fast, inv_freq, blended))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -52,6 +52,8 @@ class LanguageModelConfig(ConfigBase):
         pad_vocab_size_multiple (int): embedding rows padded to a multiple of this. Default: 1.
         final_norm (bool): a norm (the last block's kind) before the head. Default: True.
         embedding_dropout (float): dropout on the embeddings. Default: 0.0.
+        embedding_scale (float | None): multiply the token embeddings by this before the first layer
+            (Gemma / RecurrentGemma: sqrt(d_model)). Default: None (no scale).
         initializer_range (float): std of the embedding init. Default: 0.02.
         rescale_residual (bool): divide each residual output projection by sqrt(2 * n_layers) (by
             sqrt(n_layers) for blocks with one sublayer), once. Default: True.
@@ -74,6 +76,7 @@ class LanguageModelConfig(ConfigBase):
     pad_vocab_size_multiple: int = 1
     final_norm: bool = True
     embedding_dropout: float = 0.0
+    embedding_scale: float | None = None
     initializer_range: float = 0.02
     rescale_residual: bool = True
     final_logit_softcapping: float | None = None
@@ -102,6 +105,8 @@ class LanguageModelConfig(ConfigBase):
             raise _bad("blocks", f"positions {sorted(additive)}", "at most one additive position encoding")
         if not 0.0 <= self.embedding_dropout < 1.0:
             raise _bad("embedding_dropout", self.embedding_dropout, "a probability in [0, 1)")
+        if self.embedding_scale is not None and not self.embedding_scale > 0:
+            raise _bad("embedding_scale", self.embedding_scale, "a positive float or None")
         if not self.initializer_range > 0:
             raise _bad("initializer_range", self.initializer_range, "a positive float")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
@@ -257,6 +262,8 @@ class LanguageModel(CausalLM):
 
     def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]],
                   hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.config.embedding_scale is not None:
+            hidden = hidden * self.config.embedding_scale
         hidden = self.embedding_dropout(hidden)
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:

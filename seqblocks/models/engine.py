@@ -31,6 +31,7 @@ from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
 from seqblocks.models.mtp import MTPModule
 from seqblocks.models.mup import MupSpec, apply_mup
+from seqblocks.registry import CONVERTERS
 
 __all__ = ["CausalLMOutput", "CausalLM", "mixer_inputs"]
 
@@ -91,6 +92,28 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
 
     def mixers(self) -> list[nn.Module]:
         raise NotImplementedError  # abstract: each front door knows where its mixers live
+
+    # ---------------------------------------------------------------- other formats
+
+    @classmethod
+    def from_hf(cls, path: Any, **overrides: Any) -> CausalLM:
+        """Load a local Hugging Face model folder (``seqblocks.from_hf``, which takes the same arguments:
+        ``device``, ``dtype`` and config overrides). The folder must describe a model of this class
+        (``LRNNLMHeadModel``: Mamba / Mamba-2 and mamba_ssm folders; ``LanguageModel``: the others).
+
+        Raises:
+            TypeError: the folder's family builds another class (the message names it).
+        """
+        model = CONVERTERS.get("hf").load(path, **overrides)
+        if not isinstance(model, cls):
+            raise TypeError(f"{cls.__name__}.from_hf: {path} holds a model that seqblocks builds as a "
+                            f"{type(model).__name__}; use seqblocks.from_hf or {type(model).__name__}.from_hf")
+        return model
+
+    def save_hf(self, path: Any, **kwargs: Any) -> Any:
+        """Write this model as a Hugging Face model folder (``seqblocks.save_hf``; ``family=`` picks the
+        family, default read from the model). Returns the folder."""
+        return CONVERTERS.get("hf").save(self, path, **kwargs)
 
     def _backbone(self, hidden: torch.Tensor, caches: Any, inputs: list[dict[str, Any]],
                   hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:

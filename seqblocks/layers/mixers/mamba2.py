@@ -103,6 +103,7 @@ class Mamba2(Mixer):
         D_has_hdim (bool): skip D per channel [d_ssm] instead of per head [H]. Default: False.
         rmsnorm (bool): gated RMSNorm after the scan (else the scan applies silu(z)). Default: True.
         norm_before_gate (bool): normalise, then gate. Default: False.
+        rmsnorm_eps (float): epsilon of the gated RMSNorm. Default: 1e-5.
         dt_min, dt_max (float): range of the initial step (log-uniform). Default: 0.001, 0.1.
         dt_init_floor (float): lower clamp of the initial step. Default: 1e-4.
         dt_limit (tuple): ``(lo, hi)`` clamp of the step; ``hi = None`` means no upper limit (mamba_ssm's
@@ -140,6 +141,7 @@ class Mamba2(Mixer):
         D_has_hdim: bool = False,
         rmsnorm: bool = True,
         norm_before_gate: bool = False,
+        rmsnorm_eps: float = 1e-5,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
@@ -167,6 +169,7 @@ class Mamba2(Mixer):
         nheads = d_ssm_ // headdim
         if nheads % ngroups:
             raise ValueError(f"Mamba2: ngroups={ngroups} must divide the number of heads d_ssm / headdim = {nheads}")
+        check_range("Mamba2", "rmsnorm_eps", rmsnorm_eps, 0, lo_open=True)
         if conv_init is not None:
             check_range("Mamba2", "conv_init", conv_init, 0, lo_open=True)
         if not isinstance(A_init_range, tuple | list) or len(A_init_range) != 2:
@@ -201,7 +204,7 @@ class Mamba2(Mixer):
         self.A_log = nn.Parameter(torch.empty(nheads, device=device, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_ssm_ if D_has_hdim else nheads, device=device, dtype=torch.float32))
         if rmsnorm:
-            self.norm = RMSNormGated(d_ssm_, eps=1e-5, norm_before_gate=norm_before_gate,
+            self.norm = RMSNormGated(d_ssm_, eps=rmsnorm_eps, norm_before_gate=norm_before_gate,
                                      group_size=d_ssm_ // ngroups, **fk)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
         self.reset_parameters()

@@ -90,6 +90,9 @@ class RGLRU(Mixer):
             dense gate. Default: 1.
         conv_bias (bool): bias in the conv. Default: True.
         bias (bool): biases in the input and output projections. Default: False.
+        scale_first_input (bool): multiply the input at token index 0 by sqrt(1 - a_0^2) like every
+            other one. False is the reference recurrentgemma rule: the first input enters unscaled,
+            h_0 = i_0 * x_0 (with a zero initial state the decay there does not matter). Default: True.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: parameter placement. Default: None.
 
@@ -112,11 +115,15 @@ class RGLRU(Mixer):
         num_heads: int = 1,
         conv_bias: bool = True,
         bias: bool = False,
+        scale_first_input: bool = True,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if not isinstance(scale_first_input, bool):
+            raise TypeError(f"RGLRU: scale_first_input must be a bool, got {scale_first_input!r}")
+        self.scale_first_input = scale_first_input
         check_positive("RGLRU", d_model=d_model, d_conv=d_conv, num_heads=num_heads)
         check_range("RGLRU", "expand", expand, 0, lo_open=True)
         if int(expand * d_model) <= 0:
@@ -194,14 +201,19 @@ class RGLRU(Mixer):
         pre = pre + self.gate_bias.to(x.dtype).view(2, *([1] * (x.dim() - 1)), self.num_heads, -1)
         return pre[0].flatten(-2), pre[1].flatten(-2)
 
-    def _recurrence_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a_t, sqrt(1 - a_t^2) * i_t * x_t) in fp32 (float64 for float64 ``x``), for conv outputs [..., E]."""
+    def _recurrence_inputs(self, x: torch.Tensor,
+                           first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, sqrt(1 - a_t^2) * i_t * x_t) in fp32 (float64 for float64 ``x``), for conv outputs [B, T, E].
+        ``first`` [B, T] bool marks the tokens at index 0, whose multiplier is 1 when
+        ``scale_first_input`` is False."""
         acc = torch.promote_types(torch.float32, x.dtype)
         ra, ri = self._gates(x)
         r, i = torch.sigmoid(ra.to(acc)), torch.sigmoid(ri.to(acc))
         log_a = -self.c * r * F.softplus(-self.a_param.to(acc))  # log(sigmoid(Lambda)^(c r))
         a = torch.exp(log_a)
         mult = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a))  # sqrt(1 - a^2), accurate near a = 1
+        if first is not None:
+            mult = torch.where(first[..., None], torch.ones_like(mult), mult)
         return a, mult * (i * x.to(acc))
 
     def forward(self, x: torch.Tensor, cache: RGLRUCache | None = None, *,
@@ -222,7 +234,7 @@ class RGLRU(Mixer):
             return x.new_zeros(x.shape, dtype=in_dtype)
         g = F.gelu(self.gate_proj(x), approximate="tanh")
         xs = self.in_proj(x)
-        if cache is not None and T == 1 and lengths is None:
+        if cache is not None and T == 1 and lengths is None and self.scale_first_input:
             # Two fused ops (one Triton launch each on CUDA): the conv step also advances the cache, the
             # RG-LRU step computes the gates' nonlinearities and the update in place.
             xc = conv_step(xs[:, 0], cache.conv_state, self.conv_weight, self.conv_bias,
@@ -232,7 +244,11 @@ class RGLRU(Mixer):
             return self.out_proj(h.to(x.dtype).unsqueeze(1) * g).to(in_dtype)
         xc, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias,
                                        initial_state=None if cache is None else cache.conv_state, lengths=lengths)
-        a, b = self._recurrence_inputs(xc)
+        first = None
+        if not self.scale_first_input:
+            start = torch.zeros(Bsz, dtype=torch.long, device=x.device) if cache is None else cache.seqlen_offset
+            first = (start[:, None] + torch.arange(T, device=x.device)) == 0  # [B, T]
+        a, b = self._recurrence_inputs(xc, first)
         h, final = linear_scan(a, b, None if cache is None else cache.rnn_state, lengths=lengths)
         if cache is not None:
             cache.conv_state.copy_(conv_final)
