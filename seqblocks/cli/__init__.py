@@ -41,6 +41,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-tokens", type=int, help="characters to sample at the end (language tasks)")
     g.add_argument("--sample-prompt", help="prompt of the final sample")
     g.add_argument("--sample-temperature", type=float)
+    g.add_argument("--seq-len-warmup", type=int, help="sequence-length warmup over the first N steps (0: off)")
+    g.add_argument("--seq-len-start", type=int, help="first length of the sequence-length warmup (default 16)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -145,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "best; default 1e-2); mup: the sweep (default 1e-3,3e-3,1e-2,3e-2,1e-1)")
     p.add_argument("--no-progress", action="store_true")
     _add_threads_option(p)
+
+    from seqblocks.cli.post import add_post_parsers
+
+    add_post_parsers(sub)
     return parser
 
 
@@ -156,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
                "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench}
+    from seqblocks.cli.post import HANDLERS
+
+    handler.update(HANDLERS)
     threads = None
     try:
         if hasattr(args, "threads"):  # the commands that compute

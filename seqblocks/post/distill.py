@@ -112,8 +112,8 @@ def student_config(teacher: nn.Module, mixer: str = "gated_deltanet", layers: Se
         chosen = sorted(set(int(i) for i in layers))
         bad = [i for i in chosen if i not in attention]
         if bad:
-            raise ValueError(f"layers {bad} are not attention layers of the teacher (its attention layers: {attention}, "
-                             f"of {len(mixers)})")
+            raise ValueError(f"layers {bad} are not attention layers of the teacher (its attention layers: "
+                             f"{attention}, of {len(mixers)})")
     if not chosen:
         raise ValueError(f"no layer to replace: the teacher's attention layers are {attention}")
     if mixer not in LINEAR_RNN_TARGETS:
@@ -334,13 +334,13 @@ def distill(teacher: nn.Module, student: nn.Module, config: DistillConfig, out_d
                              ignore_index=IGNORE_INDEX)
         teacher_ce = F.cross_entropy(t_out.logits[..., :V].float().flatten(0, 1), batch.targets.flatten(),
                                      ignore_index=IGNORE_INDEX)
-        metrics = {"ce": float(ce), "teacher_ce": float(teacher_ce)}
+        metrics = {"ce": float(ce.detach()), "teacher_ce": float(teacher_ce)}
         if hidden_stage:
             loss = hidden_alignment_loss(s_out.hidden_states, t_out.hidden_states)
-            return loss, {**metrics, "stage": 1.0, "hidden_mse": float(loss)}
+            return loss, {**metrics, "stage": 1.0, "hidden_mse": float(loss.detach())}
         kl = kd_loss(s_out.logits[..., :V], t_out.logits[..., :V], config.temperature, scored)
         loss = config.alpha * kl + (1 - config.alpha) * ce
-        return loss, {**metrics, "stage": 2.0, "kl": float(kl)}
+        return loss, {**metrics, "stage": 2.0, "kl": float(kl.detach())}
 
     run_info = {"teacher": teacher.config.to_dict() if hasattr(teacher, "config") else None,
                 "replaced_layers": sorted(replaced)}

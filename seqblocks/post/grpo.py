@@ -96,7 +96,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     loss = ((per_token * mask).sum(-1) / lengths).mean()
     total = mask.sum().clamp(min=1)
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    return loss, {"kl": float((kl * mask).sum() / total), "clip_frac": float((clipped * mask).sum() / total)}
+    return loss, {"kl": float((kl.detach() * mask).sum() / total),
+                  "clip_frac": float((clipped * mask).sum() / total)}
 
 
 def completion_token_logprobs(model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
