@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["QUANT_MODES", "QuantizeReport", "quantize", "quantized_perplexity"]
+__all__ = ["QUANT_MODES", "QuantizeReport", "quantize", "quantize_reference", "quantized_perplexity"]
 
 QUANT_MODES = ("int8", "int4")
 
@@ -107,6 +107,33 @@ def quantize(model: nn.Module, mode: str = "int8", *, group_size: int = 32, inpl
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     q.quantize_(target, config, filter_fn=select)
     return target, QuantizeReport(mode, type(config).__name__, chosen, skipped)
+
+
+def quantize_reference(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """The readable spec of symmetric weight-only quantisation: per output row (``group_size`` None)
+    or per group of ``group_size`` input elements, ``scale = absmax / ((qmax - qmin) / 2)`` and
+    ``q = clamp(round(w / scale), qmin, qmax)`` with ``[qmin, qmax] = [-2^(bits-1), 2^(bits-1) - 1]``.
+
+    Args:
+        weight (Tensor): [N, K] a linear layer's weight.
+        bits (int): 8 or 4.
+        group_size (int | None): group width along K (must divide it). Default: None (whole rows).
+
+    Returns:
+        tuple: the dequantised weight ``q * scale`` [N, K] (fp32) and the scales [N, K / group].
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits!r} must be 4 or 8")
+    N, K = weight.shape
+    group = K if group_size is None else group_size
+    if K % group:
+        raise ValueError(f"group_size={group} must divide the input width {K}")
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    w = weight.detach().float().reshape(N, K // group, group)
+    scale = (w.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.clamp(torch.round(w / scale), qmin, qmax)
+    return (q * scale).reshape(N, K), scale.squeeze(-1)
 
 
 @torch.no_grad()
