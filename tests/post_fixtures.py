@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from seqblocks.models.lrnn_lm import LRNNLMHeadModel
@@ -27,3 +28,13 @@ def tiny_checkpoint(directory: Path, task: str = "copying", options: dict | None
     (directory / "task.json").write_text(json.dumps({"name": task, "options": options or {"vocab_size": 16,
                                                                                           "num_tokens": 4}}))
     return directory
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: these models are tiny, and on a busy 2-core machine one thread is
+    several times faster than two that other processes keep waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

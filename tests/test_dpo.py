@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from post_fixtures import tiny_checkpoint, tiny_model
+from post_fixtures import one_thread, tiny_checkpoint, tiny_model  # noqa: F401
 
 from seqblocks.post.dpo import (
     DPOConfig,
@@ -20,6 +20,8 @@ from seqblocks.post.dpo import (
     sequence_logprobs,
     train_dpo,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _log_sigmoid(x: float) -> float:

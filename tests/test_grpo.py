@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from post_fixtures import tiny_checkpoint, tiny_model
+from post_fixtures import one_thread, tiny_checkpoint, tiny_model  # noqa: F401
 
 from seqblocks.post.grpo import (
     CopyPrompts,
@@ -19,6 +19,8 @@ from seqblocks.post.grpo import (
     kl_k3,
     train_grpo,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_group_advantages_on_a_constructed_batch():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from post_fixtures import TINY, tiny_checkpoint, tiny_model
+from post_fixtures import TINY, one_thread, tiny_checkpoint, tiny_model  # noqa: F401
 from safetensors.torch import load_file
 
 from seqblocks.models.lrnn_lm import LRNNLMHeadModel
@@ -25,6 +25,8 @@ from seqblocks.post.lora import (
 
 HYBRID = {"d_model": 32, "mixer_types": ["gated_deltanet", "mamba"],
           "mixer_kwargs": {"gated_deltanet": {"num_heads": 2, "head_dim": 16}}}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_adapters(model: torch.nn.Module) -> None:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from post_fixtures import tiny_checkpoint, tiny_model
+from post_fixtures import one_thread, tiny_checkpoint, tiny_model  # noqa: F401
 
 from seqblocks.generation import generate
 from seqblocks.post.quantize import quantize, quantize_reference
@@ -20,6 +20,8 @@ MIXED = {"d_model": 64, "mixer_types": ["gated_deltanet", "mamba2"],
 # Relative error ||logits_q - logits|| / ||logits|| of random tiny models (measured: int8 0.9-2.1 %,
 # int4 with groups of 32: 13-28 %); the bounds leave room over those.
 LOGIT_ERROR = {"int8": 0.04, "int4": 0.40}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
