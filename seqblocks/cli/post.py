@@ -119,9 +119,9 @@ def _load(path: str, device):
 
 
 def _device(name: str):
-    from seqblocks.cli.commands import _device as resolve
+    from seqblocks.train.distributed import resolve_device
 
-    return resolve(name)
+    return resolve_device(name)
 
 
 def _loop_values(args: argparse.Namespace) -> dict[str, Any]:
