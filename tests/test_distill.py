@@ -130,7 +130,7 @@ def test_distillation_brings_the_student_to_the_teachers_loss(tmp_path):
     student, _ = _student(teacher, "gated_deltanet", [1])
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not n.startswith("layers.1.mixer.")}
     config = DistillConfig(task="copying", task_options={"vocab_size": 8, "num_tokens": 4}, steps=30, hidden_steps=5,
-                           lr=3e-3, batch_size=16, log_every=5, ckpt_every=0, device="cpu")
+                           lr=3e-3, batch_size=16, log_every=5, ckpt_every=0)
     distill(teacher, student, DistillConfig(**{**config.to_dict(), "steps": 5}), tmp_path / "stage1",
             log=lambda m: None)
     # The alignment stage trains only the replaced mixers.

@@ -107,7 +107,7 @@ def _pairs() -> list[PreferencePair]:
 
 def test_train_dpo_raises_the_margin_and_resumes_exactly(tmp_path):
     pairs = _pairs()
-    config = DPOConfig(steps=6, lr=3e-3, beta=0.5, batch_size=4, log_every=1, ckpt_every=3, device="cpu")
+    config = DPOConfig(steps=6, lr=3e-3, beta=0.5, batch_size=4, log_every=1, ckpt_every=3)
     policy, reference = tiny_model(), tiny_model()
     full = train_dpo(policy, reference, pairs, config, tmp_path / "full", log=lambda m: None)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

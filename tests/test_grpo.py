@@ -105,7 +105,7 @@ def test_grpo_config_validates():
 
 
 def test_train_grpo_logs_rewards_and_kl(tmp_path):
-    config = GRPOConfig(steps=3, lr=1e-2, batch_size=2, group_size=4, max_new_tokens=4, log_every=1, device="cpu")
+    config = GRPOConfig(steps=3, lr=1e-2, batch_size=2, group_size=4, max_new_tokens=4, log_every=1)
     result = train_grpo(tiny_model(), tiny_model(), CopyPrompts(16, 4), copy_reward, config, tmp_path / "run",
                         log=lambda m: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -127,7 +127,7 @@ def _device(name: str):
 def _loop_values(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
             "grad_clip": args.grad_clip, "seed": args.seed, "log_every": args.log_every,
-            "ckpt_every": args.ckpt_every, "device": str(_device(args.device))}
+            "ckpt_every": args.ckpt_every}
 
 
 def _resolve_task(args: argparse.Namespace, task_info: dict | None, ckpt: Path) -> tuple[str, dict[str, Any]]:

@@ -57,7 +57,9 @@ class LoopConfig(ConfigBase):
         log_every (int): a metrics row every N steps. Default: 10.
         ckpt_every (int): checkpoint every N steps (and at the end); 0: only at the end. Default: 50.
         keep_checkpoints (int): checkpoints kept; 0 keeps all. Default: 2.
-        device (str): "cpu", "cuda", "cuda:N" or "auto". Default: "auto".
+
+    The model's device is the caller's choice (the loop trains it where it is), so a run may resume
+    on another device.
     """
 
     steps: int = 100
@@ -70,7 +72,6 @@ class LoopConfig(ConfigBase):
     log_every: int = 10
     ckpt_every: int = 50
     keep_checkpoints: int = 2
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
