@@ -96,3 +96,19 @@ def test_quantize_command_reports_the_perplexity_change(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["mode"] == "int8" and result["quantized_layers"] > 0
     assert abs(result["ppl_change"]) < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,config", [("int8", "Int8WeightOnlyConfig"), ("int4", "Int4WeightOnlyConfig")])
+def test_cuda_quantisation_uses_the_gpu_kernels(mode, config):
+    model = tiny_model(d_model=128, mixer_kwargs={"attn": {"num_heads": 2}}).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 16, (2, 12), device="cuda")
+    ref = model(ids).logits.float()
+    quantized, report = quantize(model, mode, group_size=64)
+    assert report.config == config and not report.skipped
+    out = quantized(ids).logits.float()
+    assert ((out - ref).norm() / ref.norm()).item() < LOGIT_ERROR[mode]
+    for graph in (False, True):
+        tokens = generate(quantized, ids[:, :4], max_new_tokens=6, temperature=0, cuda_graph=graph).tokens
+        assert tokens.shape == (2, 6)
