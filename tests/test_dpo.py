@@ -142,3 +142,30 @@ def test_dpo_command_end_to_end(tmp_path):
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
     assert main(args[:-4] + ["--lora-r", "2", "--threads", "1", "--resume", "--steps", "3"]) == 0
     assert (out / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_run_loop_refuses_what_it_cannot_do(tmp_path):
+    from seqblocks.post.runner import LoopConfig, run_loop
+
+    model = tiny_model()
+    ids = torch.randint(0, 16, (2, 6))
+
+    def objective(step):
+        return model(ids).logits.float().square().mean(), {}
+
+    config = LoopConfig(steps=1, log_every=1)
+    run_loop(model, objective, config, tmp_path / "run", recipe="demo", log=lambda m: None)
+    with pytest.raises(ValueError, match="'demo' checkpoint, not 'dpo'"):
+        run_loop(model, objective, config, tmp_path / "run", recipe="dpo", resume=True, log=lambda m: None)
+    with pytest.raises(ValueError, match="holds a previous run|overwrite"):
+        run_loop(model, objective, config, tmp_path / "run", recipe="demo", log=lambda m: None)
+    done = run_loop(model, objective, config, tmp_path / "run", recipe="demo", resume=True, log=lambda m: None)
+    assert done.already_complete and done.step == 1
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_loop(model, objective, config, tmp_path / "empty", recipe="demo", resume=True, log=lambda m: None)
+    with pytest.raises(FloatingPointError, match="the loss is nan"):
+        run_loop(model, lambda step: (objective(step)[0] * float("nan"), {}), config, tmp_path / "nan",
+                 recipe="demo", log=lambda m: None)
+    frozen = tiny_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        run_loop(frozen, objective, config, tmp_path / "frozen", recipe="demo", log=lambda m: None)

@@ -218,7 +218,7 @@ def run_loop(model: nn.Module, objective: Objective, config: LoopConfig, out_dir
                 lr = scheduler.get_last_lr()[0]
                 loss, metrics = objective(step)
                 if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"{recipe} step {step + 1}: the loss is {float(loss)}; lower the "
+                    raise FloatingPointError(f"{recipe} step {step + 1}: the loss is {float(loss.detach())}; lower the "
                                              f"learning rate (lr={config.lr})")
                 loss.backward()
                 max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
@@ -232,7 +232,7 @@ def run_loop(model: nn.Module, objective: Objective, config: LoopConfig, out_dir
                     window[key] = window.get(key, 0.0) + float(value)
                 count += 1
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
                     bar.update(1)
                 if done % config.log_every == 0 or done == config.steps:
                     last_row = {"type": "train", "step": done, **{k: v / count for k, v in window.items()},
