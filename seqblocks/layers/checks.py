@@ -129,8 +129,9 @@ def check_cache(owner: str, cache: Any, cls: type[Cache], B: int, device: torch.
         raise TypeError(f"{owner}: cache.seqlen_offset must be a [B] tensor, got {_describe(cache.seqlen_offset)}")
     if cache.batch_size != B:
         raise ValueError(f"{owner}: the cache was allocated for batch_size={cache.batch_size}, got a batch of {B}")
+    pooled = getattr(cache, "pooled", ())  # a paged cache's page pools are not per row
     for name, t in cache.tensors():
-        if t.dim() > 0 and t.shape[0] != B:
+        if t.dim() > 0 and t.shape[0] != B and name not in pooled:
             raise ValueError(f"{owner}: cache.{name} has {t.shape[0]} rows, expected the batch size {B}")
         if device is not None and t.device != device:
             raise ValueError(f"{owner}: cache.{name} is on {t.device} but the input is on {device}")

@@ -6,6 +6,8 @@
 - ``MLACache``: MLA's compressed latents ``c_kv`` and the shared rotary key ``k_pe`` per position.
 - ``LinearAttentionCache``: the recurrent state (S, z) of linear attention.
 - ``CrossAttentionCache``: the keys / values of the encoder output, computed once per memory.
+- ``PagedKVCache`` / ``PagedMLACache`` (``paged.py``): the same positions in a pool of pages with a block
+  table, for serving.
 
 ``seqlen_offset`` [B] (a tensor) counts each sequence's tokens; ``key_valid`` [B, slots] marks slots that
 hold a real, unpadded token; ``nonfinite_last`` [B] is 1 + the position of the latest valid token whose
@@ -61,6 +63,16 @@ class KVCache(Cache):
         self.k[b_idx, :, index] = k.transpose(1, 2).to(self.k.dtype)
         self.v[b_idx, :, index] = v.transpose(1, 2).to(self.v.dtype)
         self.key_valid[b_idx, index] = valid
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache can hold (slots)."""
+        return self.k.shape[2]
+
+    def read(self, S: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys [B, Hkv, S, K], values [B, Hkv, S, V] and validity [B, S] of slots 0..S-1 (after a call of
+        T tokens was written; unwritten slots are invalid already)."""
+        return self.k[:, :, :S], self.v[:, :, :S], self.key_valid[:, :S]
 
 
 @dataclasses.dataclass(eq=False)
@@ -156,6 +168,14 @@ class MLACache(Cache):
         self.c_kv[b_idx, index] = c_kv.to(self.c_kv.dtype)
         self.k_pe[b_idx, index] = k_pe.to(self.k_pe.dtype)
         self.key_valid[b_idx, index] = valid
+
+    @property
+    def capacity(self) -> int:
+        return self.c_kv.shape[1]
+
+    def read(self, S: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents [B, S, R], rotated keys [B, S, P] and validity [B, S] of slots 0..S-1."""
+        return self.c_kv[:, :S], self.k_pe[:, :S], self.key_valid[:, :S]
 
 
 @dataclasses.dataclass(eq=False)

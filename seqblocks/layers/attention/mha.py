@@ -56,6 +56,7 @@ from seqblocks.layers.attention.common import (
 )
 from seqblocks.layers.attention.cross_attention import CrossAttention
 from seqblocks.layers.attention.linear_attention import LinearAttention
+from seqblocks.layers.attention.paged import PagedKVCache
 from seqblocks.layers.checks import (
     check_allocation,
     check_cache,
@@ -263,6 +264,17 @@ class MHA(AttentionCore):
                                            device=device, dtype=dtype)
         return KVCache.allocate(batch_size, max_seqlen, Hkv, K, K, device=device, dtype=dtype)
 
+    def allocate_paged_cache(self, block_table: torch.Tensor, num_pages: int, page_size: int, max_seqlen: int,
+                             dtype: torch.dtype | None = None) -> PagedKVCache:
+        """A ``PagedKVCache`` over ``block_table`` [B, max_pages] with a pool of ``num_pages`` pages
+        (sliding-window layers too: they page their keys like a global layer and mask by the window)."""
+        if not self.causal:
+            raise ValueError(f"{type(self).__name__}: a non-causal attention cannot decode with a cache")
+        dtype = dtype or self.in_proj.weight.dtype
+        return PagedKVCache.allocate_paged(block_table, num_pages, page_size, max_seqlen, self.num_heads_kv,
+                                           self.head_dim, self.head_dim, device=self.in_proj.weight.device,
+                                           dtype=dtype)
+
     # Forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: KVCache | RollingKVCache | None = None, *,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -275,7 +287,8 @@ class MHA(AttentionCore):
         check_lengths(owner, lengths, B, T)
         check_position_ids(owner, position_ids, B, T)
         if cache is not None:
-            check_cache(owner, cache, RollingKVCache if self.window_size is not None else KVCache, B, x.device)
+            kind = RollingKVCache if self.window_size is not None and not isinstance(cache, KVCache) else KVCache
+            check_cache(owner, cache, kind, B, x.device)
             if not self.causal:
                 raise ValueError(f"{owner}: a non-causal attention cannot decode with a cache")
         if is_empty(x):  # the empty rule (layers/checks.py)
@@ -348,11 +361,11 @@ class MHA(AttentionCore):
             cache.write(index, k, v, new_valid)
             # Outside capture, attend only to the slots in use; under capture (and for flex, whose compiled
             # kernel is specialised to shapes), to all slots: the same result, the unused slots are invalid.
-            S = cache.k.shape[2] if used is None or self.static_kv(q) else used
+            S = cache.capacity if used is None or self.static_kv(q) else used
             if out is None:
-                out = self.attend(q, cache.k[:, :, :S].to(q.dtype), cache.v[:, :, :S].to(q.dtype), causal=True,
-                                  window=self.window_size, q_pos=index, kv_pos=None,
-                                  key_valid=cache.key_valid[:, :S], attn_mask=None)
+                keys, vals, valid = cache.read(S, T)  # a paged cache gathers its pages here
+                out = self.attend(q, keys.to(q.dtype), vals.to(q.dtype), causal=True, window=self.window_size,
+                                  q_pos=index, kv_pos=None, key_valid=valid, attn_mask=None)
         cache.advance(consumed)
         return out
 

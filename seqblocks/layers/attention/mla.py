@@ -32,6 +32,7 @@ from seqblocks.layers.attention.common import (
     split_mask,
     token_index,
 )
+from seqblocks.layers.attention.paged import PagedMLACache
 from seqblocks.layers.checks import (
     check_allocation,
     check_cache,
@@ -202,6 +203,15 @@ class MLA(AttentionCore):
         return MLACache.allocate(batch_size, max_seqlen, self.kv_lora_rank, self.qk_rope_head_dim,
                                  device=w.device, dtype=dtype or w.dtype)
 
+    def allocate_paged_cache(self, block_table: torch.Tensor, num_pages: int, page_size: int, max_seqlen: int,
+                             dtype: torch.dtype | None = None) -> PagedMLACache:
+        """A ``PagedMLACache`` over ``block_table`` [B, max_pages] with a pool of ``num_pages`` pages."""
+        if not self.causal:
+            raise ValueError("MLA: a non-causal attention cannot decode with a cache")
+        w = self.kv_a_proj.weight
+        return PagedMLACache.allocate_paged(block_table, num_pages, page_size, max_seqlen, self.kv_lora_rank,
+                                            self.qk_rope_head_dim, device=w.device, dtype=dtype or w.dtype)
+
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
             return self.q_proj(x)
@@ -245,7 +255,7 @@ class MLA(AttentionCore):
             cache.nonfinite_last.copy_(last[:, -1])
             if attn_mask is not None:
                 raise ValueError("MLA: with a cache, mask must be a [B, T] key-padding mask")
-            S = cache.max_seqlen
+            S = cache.capacity
             if not host_sync_unsafe():
                 cache.check_capacity(T, "MLA")
                 used = int(cache.seqlen_offset.max()) + T
@@ -254,8 +264,8 @@ class MLA(AttentionCore):
                         else torch.ones(B, T, dtype=torch.bool, device=x.device))
             if not (S == T and key_valid is None):
                 # Otherwise (an empty cache, no padding) this call's latents are all there is to attend to.
-                c_kv, k_pe = cache.c_kv[:, :S].to(x.dtype), cache.k_pe[:, :S].to(x.dtype)
-                key_valid, q_pos = cache.key_valid[:, :S], index
+                c_kv, k_pe, key_valid = cache.read(S, T)  # a paged cache gathers its pages here
+                c_kv, k_pe, q_pos = c_kv.to(x.dtype), k_pe.to(x.dtype), index
         Tk = c_kv.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, Tk, H, Kn + V).split((Kn, V), dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, Tk, H, P)), dim=-1)
