@@ -41,6 +41,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-tokens", type=int, help="characters to sample at the end (language tasks)")
     g.add_argument("--sample-prompt", help="prompt of the final sample")
     g.add_argument("--sample-temperature", type=float)
+    g.add_argument("--seq-len-warmup", type=int, help="sequence-length warmup over the first N steps (0: off)")
+    g.add_argument("--seq-len-start", type=int, help="first length of the sequence-length warmup (default 16)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="convert the weights to this dtype (default: keep them)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    from seqblocks.cli.post import add_post_parsers
+
+    add_post_parsers(sub)
     return parser
 
 
@@ -201,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
                "generate": commands.cmd_generate, "serve": commands.cmd_serve, "eval": commands.cmd_eval,
                "bench": commands.cmd_bench, "demo": _cmd_demo, "convert": commands.cmd_convert}
+    from seqblocks.cli.post import HANDLERS
+
+    handler.update(HANDLERS)
     threads = None
     try:
         if hasattr(args, "threads"):  # the commands that compute

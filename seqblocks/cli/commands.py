@@ -187,6 +187,7 @@ _TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warm
                 "grad_clip", "seed", "precision", "compile", "compile_backend", "parallel", "device", "eval_every",
                 "eval_batch_size", "ckpt_every", "keep_checkpoints", "log_every", "sample_tokens", "sample_prompt",
                 "sample_temperature")
+_TRAIN_FLAGS += ("seq_len_warmup", "seq_len_start")  # the curriculum (seqblocks.train.curriculum)
 
 
 def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any]):
@@ -438,7 +439,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = args.seed
     if seed is None:
         try:
-            seed = load_train_state(ckpt)["train_config"]["seed"]
+            state = load_train_state(ckpt)  # a post-training checkpoint keeps its run's config as "config"
+            seed = state.get("train_config", state.get("config", {})).get("seed", 0)
         except FileNotFoundError:
             seed = 0
     result = evaluate(model, task, args.batch_size, device, args.precision, seed)

@@ -50,6 +50,10 @@ class TrainConfig(ConfigBase):
         sample_tokens (int): characters sampled at the end of a language task; 0: none. Default: 300.
         sample_prompt (str): prompt of that sample. Default: "def ".
         sample_temperature (float): its temperature. Default: 0.8.
+        seq_len_warmup (int): sequence-length warmup: over the first N steps the rows are cut to a
+            length growing linearly from ``seq_len_start`` to the task's (``seqblocks.train.curriculum``);
+            0: off. Default: 0.
+        seq_len_start (int): the first length of that warmup. Default: 16.
     """
 
     task: str = "chars"
@@ -78,6 +82,8 @@ class TrainConfig(ConfigBase):
     sample_tokens: int = 300
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
+    seq_len_warmup: int = 0
+    seq_len_start: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,8 +91,10 @@ class TrainConfig(ConfigBase):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
+        if self.seq_len_start <= 0:
+            raise ValueError(f"TrainConfig.seq_len_start={self.seq_len_start!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
-                     "weight_decay"):
+                     "weight_decay", "seq_len_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.lr <= 0:

@@ -156,6 +156,10 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
 def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -> tuple[list[Batch], int]:
     """This rank's micro-batches of optimizer step ``step`` and the global batch's scored-token count."""
     full = task.batch("train", step, config.batch_size, config.seed)
+    if config.seq_len_warmup:
+        from seqblocks.train.curriculum import curriculum_batch
+
+        full = curriculum_batch(full, step, config.seq_len_warmup, config.seq_len_start)
     micro = config.batch_size // config.grad_accum
     per_rank = micro // info.world_size
     parts = [full[m * micro + info.rank * per_rank: m * micro + (info.rank + 1) * per_rank]
