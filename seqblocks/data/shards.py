@@ -97,7 +97,7 @@ class _ShardWriter:
         self._handle.close()
         os.replace(self._tmp, self.directory / name)
         self.shards.append({"file": name, "tokens": self._count, "sha256": self._hash.hexdigest()})
-        self._handle, self._tmp = None, None
+        self._handle, self._tmp, self._count = None, None, 0
 
     def close(self) -> None:
         if self._handle is not None and self._count:

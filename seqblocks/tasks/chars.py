@@ -52,7 +52,7 @@ class CharTokenizer:
         self._index = {ch: i for i, ch in enumerate(alphabet)}
         self._unknown = re.compile("[^" + re.escape(alphabet) + "]")
         # Known ASCII characters map through a 128-entry byte table: encoding is one pass in C.
-        table = bytearray([self.unk_id] * 256)
+        table = bytearray([min(self.unk_id, 255)] * 256)  # only used when unk_id < 256 (the fast path)
         for ch, i in self._index.items():
             if ord(ch) < 128:
                 table[ord(ch)] = i
