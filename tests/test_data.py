@@ -225,7 +225,8 @@ def test_shard_task_batches_are_deterministic_and_valid(tmp_path, corpus):
     task = get_task("shards", path=str(tmp_path / "d"), seq_len=32, eval_examples=10)
     assert isinstance(task, ShardTask) and task.is_language and task.vocab_size == 99
     a, b = task.batch("train", 3, 4, seed=1), task.batch("train", 3, 4, seed=1)
-    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, task.batch("train", 4, 4, 1).input_ids)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, task.batch("train", 4, 4, 1).input_ids)
     assert a.input_ids.shape == (4, 32) and a.input_ids.dtype == torch.long
     scored = a.targets != IGNORE_INDEX
     assert torch.equal(a.targets[scored], torch.cat([a.input_ids[:, 1:], a.targets[:, -1:]], 1)[scored])

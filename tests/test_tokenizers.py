@@ -88,8 +88,9 @@ def test_tiktoken_encoding_from_a_local_file_round_trips(tmp_path):
 
 
 def test_named_tiktoken_encoding_says_it_needs_a_download(tmp_path, monkeypatch):
-    tiktoken = pytest.importorskip("tiktoken")
+    pytest.importorskip("tiktoken")
     import tiktoken.load
+    import tiktoken.registry
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
