@@ -50,6 +50,15 @@ class TrainConfig(ConfigBase):
         sample_tokens (int): characters sampled at the end of a language task; 0: none. Default: 300.
         sample_prompt (str): prompt of that sample. Default: "def ".
         sample_temperature (float): its temperature. Default: 0.8.
+        pack_boundaries (bool): pass the packed rows' document boundaries to the model as
+            ``cu_seqlens=`` (a task of packed rows, such as ``shards``, and a model whose forward takes
+            it); without it the loss across boundaries is still masked by the task. Default: False.
+        tensorboard (bool): also write the metrics as TensorBoard events under ``RUN/tensorboard``
+            (needs the ``tensorboard`` package). Default: False.
+        wandb (bool): also log to Weights & Biases in offline mode under ``RUN/wandb`` (needs ``wandb``).
+            Default: False.
+        peak_flops (float): the device's peak FLOP/s that MFU is measured against; 0: a known CUDA
+            device's bf16 peak, and no MFU on others. Default: 0.0.
     """
 
     task: str = "chars"
@@ -78,6 +87,10 @@ class TrainConfig(ConfigBase):
     sample_tokens: int = 300
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
+    pack_boundaries: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,7 +99,7 @@ class TrainConfig(ConfigBase):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
-                     "weight_decay"):
+                     "weight_decay", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.lr <= 0:
