@@ -45,14 +45,10 @@ class MissingExtraError(ImportError):
     """An optional package is missing; the message names the extra that installs it."""
 
 
-def _require(module: str, extra: str = "data"):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(f"this needs the {module!r} package: pip install 'seqblocks[{extra}]' "
-                                f"(or pip install {module})") from None
+def missing_extra(module: str, extra: str = "data") -> MissingExtraError:
+    """The error for a missing optional package: it names the extra that installs it."""
+    return MissingExtraError(f"this needs the {module!r} package: pip install 'seqblocks[{extra}]' "
+                             f"(or pip install {module})")
 
 
 @runtime_checkable
@@ -104,7 +100,10 @@ class TiktokenTokenizer:
             ValueError: an unknown name, or the encoding is not cached and cannot be downloaded; the
                 message says how to get it.
         """
-        tiktoken = _require("tiktoken")
+        try:
+            import tiktoken
+        except ImportError:
+            raise missing_extra("tiktoken") from None
         known = tiktoken.list_encoding_names()
         if name not in known:
             raise ValueError(f"unknown tiktoken encoding {name!r}; known: {sorted(known)} (or a local .tiktoken file)")
@@ -130,7 +129,10 @@ class TiktokenTokenizer:
             eos (str | None): the end-of-document token, added after the ranks. Default: "<|endoftext|>".
             name (str | None): the encoding's name. Default: the file's stem.
         """
-        tiktoken = _require("tiktoken")
+        try:
+            import tiktoken
+        except ImportError:
+            raise missing_extra("tiktoken") from None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tiktoken file {str(path)!r} does not exist")
@@ -160,7 +162,10 @@ class TiktokenTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TiktokenTokenizer:
-        tiktoken = _require("tiktoken")
+        try:
+            import tiktoken
+        except ImportError:
+            raise missing_extra("tiktoken") from None
         encoding = tiktoken.Encoding(data["name"], pat_str=data["pat_str"],
                                      mergeable_ranks=_parse_ranks(data["ranks"], "tokenizer.json"),
                                      special_tokens=data["special_tokens"])
@@ -212,7 +217,10 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, eos: str | None = None) -> HFTokenizer:
-        tokenizers = _require("tokenizers")
+        try:
+            import tokenizers
+        except ImportError:
+            raise missing_extra("tokenizers") from None
         return cls(tokenizers.Tokenizer.from_file(str(path)), eos)
 
     @property
@@ -236,7 +244,10 @@ class HFTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HFTokenizer:
-        tokenizers = _require("tokenizers")
+        try:
+            import tokenizers
+        except ImportError:
+            raise missing_extra("tokenizers") from None
         return cls(tokenizers.Tokenizer.from_str(json.dumps(data["tokenizer"])), data.get("eos"))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -325,7 +336,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
     Raises:
         ValueError: ``vocab_size`` too small for the byte alphabet and the special tokens.
     """
-    tokenizers = _require("tokenizers")
+    try:
+        import tokenizers
+    except ImportError:
+        raise missing_extra("tokenizers") from None
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size={vocab_size} must be at least {256 + len(special_tokens)} (the 256 byte tokens "
                          f"and {len(special_tokens)} special token(s))")

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from seqblocks.tokenizers import _require
+from seqblocks.tokenizers import missing_extra
 
 __all__ = ["iter_documents", "expand_sources", "FOLDER_SUFFIXES"]
 
@@ -119,7 +119,10 @@ def _column(batch, field: str, where: str):
 
 
 def _table_documents(path: Path, field: str) -> Iterator[str]:
-    _require("pyarrow")
+    try:
+        import pyarrow  # noqa: F401  (the readers below import its submodules)
+    except ImportError:
+        raise missing_extra("pyarrow") from None
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -145,7 +148,10 @@ def _table_documents(path: Path, field: str) -> Iterator[str]:
 
 
 def _dataset_documents(source: str, field: str) -> Iterator[str]:
-    datasets = _require("datasets")
+    try:
+        import datasets
+    except ImportError:
+        raise missing_extra("datasets") from None
     if source.startswith("hf:"):
         name, _, split = source[3:].partition(":")
         data = datasets.load_dataset(name, split=split or "train")

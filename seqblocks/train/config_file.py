@@ -100,9 +100,12 @@ def _read(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"run file {str(path)!r} does not exist")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        from seqblocks.tokenizers import _require
+        from seqblocks.tokenizers import missing_extra
 
-        yaml = _require("yaml", "data")
+        try:
+            import yaml
+        except ImportError:
+            raise missing_extra("yaml") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -111,9 +114,12 @@ def _read(path: Path) -> dict[str, Any]:
         try:
             import tomllib
         except ImportError:  # Python 3.10
-            from seqblocks.tokenizers import _require
+            from seqblocks.tokenizers import missing_extra
 
-            tomllib = _require("tomli", "data")
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise missing_extra("tomli") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
