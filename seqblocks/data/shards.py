@@ -182,7 +182,6 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], tokenizer:
     """
     from seqblocks.data.sources import expand_sources, iter_documents
     from seqblocks.tokenizers import load_tokenizer
-    from seqblocks.train.checkpointing import atomic_write_text
 
     np = _numpy()
     tok = load_tokenizer(tokenizer)
@@ -251,8 +250,21 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], tokenizer:
                 "splits": {s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards}
                            for s, w in writers.items()},
                 "tokenizer": tok.to_dict()}
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``path`` under a temporary name, flush it to disk, rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fill_empty_split(writers: dict[str, _ShardWriter], held: dict[str, Any], val_fraction: float) -> None:
