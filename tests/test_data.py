@@ -236,8 +236,13 @@ def test_shard_task_batches_are_deterministic_and_valid(tmp_path, corpus):
     assert "cat" in task.decode(a.input_ids[0].tolist()) or "the" in task.decode(a.input_ids[0].tolist())
     with pytest.raises(ValueError, match="needs path=DIR"):
         get_task("shards")
-    with pytest.raises(ValueError, match="fewer than seq_len"):
+    with pytest.raises(ValueError, match="train split .* fewer than seq_len"):
         get_task("shards", path=str(tmp_path / "d"), seq_len=100_000)
+    # A validation split shorter than a row is scored as one shorter row.
+    n_val = task.shards.num_tokens("val")
+    short = get_task("shards", path=str(tmp_path / "d"), seq_len=n_val + 10)
+    (row,) = short.eval_batches(4)
+    assert row.input_ids.shape == (1, n_val - 1)
 
 
 def test_stream_batches_pack_raw_text_without_prepare(corpus):

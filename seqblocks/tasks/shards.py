@@ -107,10 +107,13 @@ class ShardTask(Task):
         self.path, self._seq_len, self.mask_boundaries = os.fspath(path), seq_len, mask_boundaries
         self.shards = Shards(path)
         self.tokenizer = self.shards.tokenizer()
-        for split in ("train", "val"):
-            if self.shards.num_tokens(split) < seq_len + 1:
-                raise ValueError(f"shards: the {split} split of {self.path!r} has {self.shards.num_tokens(split)} "
-                                 f"tokens, fewer than seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more text")
+        n_train, n_val = self.shards.num_tokens("train"), self.shards.num_tokens("val")
+        if n_train < seq_len + 1:
+            raise ValueError(f"shards: the train split of {self.path!r} has {n_train} tokens, fewer than seq_len + 1 "
+                             f"= {seq_len + 1}; use a smaller seq_len or more text")
+        if n_val < 2:
+            raise ValueError(f"shards: the validation split of {self.path!r} has {n_val} tokens; prepare it again "
+                             f"with a larger val_fraction")
 
     @property
     def vocab_size(self) -> int:
@@ -124,10 +127,10 @@ class ShardTask(Task):
         return {"path": self.path, "seq_len": self._seq_len, "mask_boundaries": self.mask_boundaries,
                 "eval_examples": self.eval_examples}
 
-    def _rows(self, split: str, starts: list[int]) -> PackedBatch:
+    def _rows(self, split: str, starts: list[int], length: int | None = None) -> PackedBatch:
         import numpy as np
 
-        rows = np.stack([self.shards.read(split, s, self._seq_len + 1) for s in starts])
+        rows = np.stack([self.shards.read(split, s, (length or self._seq_len) + 1) for s in starts])
         return pack_rows(torch.from_numpy(rows), self.shards.eos_id, self.mask_boundaries)
 
     def _make(self, split: str, generator: torch.Generator, batch_size: int) -> PackedBatch:
@@ -135,12 +138,15 @@ class ShardTask(Task):
         return self._rows(split, torch.randint(0, high, (batch_size,), generator=generator).tolist())
 
     def eval_batches(self, batch_size: int, seed: int = 0) -> list[Batch]:
-        """Consecutive non-overlapping windows from the start of the validation stream (seed unused)."""
+        """Consecutive non-overlapping windows from the start of the validation stream (seed unused).
+
+        A validation split shorter than a row (a tiny corpus) is scored as one shorter row."""
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
-        count = min(self.eval_examples, (self.shards.num_tokens("val") - 1) // self._seq_len)
-        starts = [i * self._seq_len for i in range(count)]
-        return [self._rows("val", starts[i:i + batch_size]) for i in range(0, count, batch_size)]
+        length = min(self._seq_len, self.shards.num_tokens("val") - 1)
+        count = min(self.eval_examples, (self.shards.num_tokens("val") - 1) // length)
+        starts = [i * length for i in range(count)]
+        return [self._rows("val", starts[i:i + batch_size], length) for i in range(0, count, batch_size)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
