@@ -266,6 +266,7 @@ def _prepare_run_data(spec, out: Path, progress: bool) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import seqblocks  # noqa: F401
     from seqblocks.presets import DEFAULT_PRESET, load_config
+    from seqblocks.tasks import CharTokenizer
     from seqblocks.train import train
 
     name = args.config or DEFAULT_PRESET
@@ -318,7 +319,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _out(f"checkpoint: {result.checkpoint}")
     cfg = result.config
     if result.task.is_language and cfg.sample_tokens > 0 and result.step == cfg.steps:
-        _out(f"--- sample ({cfg.sample_tokens} characters, temperature {cfg.sample_temperature}) ---")
+        unit = "characters" if isinstance(result.task.tokenizer, CharTokenizer) else "tokens"
+        _out(f"--- sample ({cfg.sample_tokens} {unit}, temperature {cfg.sample_temperature}) ---")
         stream_sample(result.model.eval(), result.task.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                       temperature=cfg.sample_temperature, seed=cfg.seed)
         _out("---")
