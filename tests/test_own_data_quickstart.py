@@ -12,6 +12,7 @@ import time
 import pytest
 
 from seqblocks.cli import main
+from seqblocks.tokenizers import train_bpe
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 NAMES = ["Ada", "Bo", "Cleo", "Dev", "Emi", "Finn"]
@@ -89,3 +90,24 @@ def test_own_data_quickstart_runs_as_written_in_under_two_minutes(my_texts, caps
     _check_run(my_texts, out, capsys)
     assert elapsed < 120, f"the own-data quickstart took {elapsed:.0f} s"
     assert "val loss" in out
+
+
+def test_train_prepares_raw_text_given_to_data(my_texts, capsys):
+    """`--data` with text (not shards) prepares it into RUN/data with `--tokenizer`, then trains."""
+    run = my_texts / "run.toml"
+    run.write_text('[model]\nd_model = 32\nd_state = 4\nn_layer = 2\nmixer_types = ["mamba", "attn"]\n'
+                   'd_intermediate = 32\nmixer_kwargs = {attn = {num_heads = 2}, mamba = {expand = 1}}\n'
+                   '[data]\nseq_len = 16\neval_examples = 4\nval_fraction = 0.2\n'
+                   '[schedule]\nsteps = 2\nwarmup_steps = 1\n[train]\nbatch_size = 2\ndevice = "cpu"\n'
+                   '[sample]\ntokens = 0\n')
+    assert main(["train", "--config", str(run), "--data", "my_texts/*.txt", "--tokenizer", "char", "-o", "raw",
+                 "--no-progress"]) == 0
+    manifest = json.loads((my_texts / "raw" / "data" / "manifest.json").read_text())
+    assert manifest["val_fraction"] == 0.2 and manifest["splits"]["val"]["documents"] > 0
+    task = json.loads((sorted((my_texts / "raw" / "checkpoints").glob("step_*"))[-1] / "task.json").read_text())
+    assert task["name"] == "shards" and task["options"]["path"] == str((my_texts / "raw" / "data").resolve())
+    # Prepared shards with another tokenizer than the one named: refused before training.
+    train_bpe([_story(i) for i in range(5)], vocab_size=300).save(my_texts / "other.json")
+    capsys.readouterr()
+    assert main(["train", "--config", str(run), "--data", "raw/data", "--tokenizer", "other.json", "-o", "x"]) == 2
+    assert "raw/data was prepared with another tokenizer than 'other.json'" in capsys.readouterr().err

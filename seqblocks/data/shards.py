@@ -232,6 +232,8 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], tokenizer:
             if held[split] is not None:
                 writers[split].write(held[split])
             writers[split].close()
+        if bar is not None:
+            bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=True)
     except BaseException:
         for writer in writers.values():
             writer.abort()
