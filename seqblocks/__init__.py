@@ -5,6 +5,7 @@ hybrid language models, and Triton kernels for the hot paths.
 """
 
 from seqblocks._version import __version__
+from seqblocks.beam_search import BeamSearchOutput, beam_search
 from seqblocks.blocks import Block, ConfigurableBlock, DecoderBlock, EncoderBlock
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig
@@ -131,6 +132,8 @@ __all__ = [
     "SinusoidalPosition",
     "attention_registry",
     "generate",
+    "beam_search",
+    "BeamSearchOutput",
     "ffn_registry",
     "mixer_registry",
     "norm_registry",

@@ -190,6 +190,9 @@ class BlockConfig(ConfigBase):
             only the earlier keys of its own chunk of attention_chunk_size positions. Default: None.
         sparse_select_k (int | None): keys each query attends to in "sparse_gqa" (the indexer's top-k).
             Default: None.
+        sparse_compress_ratio (int | None): "sparse_gqa"'s compression branch: keys and values mean-pooled
+            over blocks of this many positions (with ``window_size`` set, "sparse_gqa" adds a sliding-window
+            branch too). Default: None (no compression branch).
         attn_logit_softcapping (float | None): attention-logit soft-cap, ``c * tanh(score / c)``
             (Gemma 2). Default: None.
         mixer_kwargs (dict): extra constructor arguments for the mixer (JSON values). Default: {}.
@@ -230,6 +233,7 @@ class BlockConfig(ConfigBase):
     qk_norm: bool = False
     attention_chunk_size: int | None = None
     sparse_select_k: int | None = None
+    sparse_compress_ratio: int | None = None
     attn_logit_softcapping: float | None = None
     mixer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     mup: bool = False
@@ -242,7 +246,7 @@ class BlockConfig(ConfigBase):
                      "linear_attention_chunk_size", "d_state"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         for name in ("n_kv_heads", "head_dim", "window_size", "kv_lora_rank", "q_lora_rank", "rope_dim",
-                     "rotary_dim", "attention_chunk_size", "sparse_select_k"):
+                     "rotary_dim", "attention_chunk_size", "sparse_select_k", "sparse_compress_ratio"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "a positive integer or None")
         if self.head_dim is None:

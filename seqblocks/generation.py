@@ -49,8 +49,8 @@ class GenerationOutput:
         num_generated (Tensor): [B] tokens generated per row (a stop token included).
         scores (Tensor | None): [B, N, V] fp32 logits that each generated token was drawn from, before
             any processing (penalty, temperature, filtering); None unless ``return_scores``.
-        draft_acceptance (float | None): with ``mtp_draft``, the fraction of MTP draft tokens that the
-            main model accepted (each row's own leading accepts); None otherwise.
+        draft_acceptance (float | None): with ``mtp_draft`` or a ``draft_model``, the fraction of draft
+            tokens that the main model accepted (each row's own leading accepts); None otherwise.
     """
 
     sequences: torch.Tensor
@@ -402,6 +402,8 @@ def generate(
     integration_timesteps: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     mtp_draft: bool = False,
+    draft_model: Any = None,
+    num_draft_tokens: int = 4,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -445,6 +447,12 @@ def generate(
             tokens). Needs equal-length prompts; not with ``cuda_graph``, ``repetition_penalty``,
             ``integration_timesteps`` or ``stop_sequences``. ``draft_acceptance`` reports the rate.
             Default: False.
+        draft_model: speculative decoding with a small draft model (any seqblocks language model with
+            the same vocabulary, its own caches): it proposes ``num_draft_tokens`` tokens with the same
+            sampling options, the model verifies them in one call, and the acceptance rule keeps the
+            output distributed exactly as plain decoding's (greedy: the same tokens). Same restrictions
+            as ``mtp_draft``; not both. Default: None.
+        num_draft_tokens (int): tokens the draft model proposes per round. Default: 4.
 
     Returns:
         GenerationOutput
@@ -483,12 +491,20 @@ def generate(
 
     if not isinstance(mtp_draft, bool):
         raise TypeError(f"mtp_draft must be a bool, got {type(mtp_draft).__name__} {mtp_draft!r}")
-    if mtp_draft:
-        K = _check_mtp_draft(model, lengths, T, cuda_graph, repetition_penalty, integration_timesteps,
-                             stop_sequences)
+    if mtp_draft or draft_model is not None:
         options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+        _check_speculative(lengths, T, cuda_graph, repetition_penalty, integration_timesteps, stop_sequences,
+                           "mtp_draft=True" if mtp_draft else "draft_model")
+        if mtp_draft and draft_model is not None:
+            raise ValueError("give mtp_draft=True or a draft_model, not both")
+        if mtp_draft:
+            K = _check_mtp_draft(model)
+            drafter = _MTPDrafter(model, input_ids, options, generator)
+        else:
+            K = _check_draft_model(model, draft_model, num_draft_tokens)
+            drafter = _ModelDrafter(draft_model, input_ids, max_seqlen, options, generator)
         return _speculative_generate(model, input_ids, N, K, model.allocate_inference_cache(B, max_seqlen), options,
-                                     stop_ids, pad_token_id, generator, callback, return_scores)
+                                     stop_ids, pad_token_id, generator, callback, return_scores, drafter)
 
     ts_decode = False
     if integration_timesteps is not None:
@@ -612,39 +628,91 @@ def generate(
 
 # ---------------------------------------------------------------- speculative self-drafting with MTP
 
-def _draft_with_mtp(model: Any, hidden: torch.Tensor, fed: torch.Tensor, newest: torch.Tensor, k: int,
-                    options: dict[str, Any], generator: torch.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` draft tokens from the model's MTP modules, and the processed logits each was drawn from.
+class _MTPDrafter:
+    """Drafts from the model's own MTP modules (``generate(..., mtp_draft=True)``).
 
     Depth d at position j reads depth d - 1's hidden at j and the token d places ahead of j, so the
-    depth-1 token stream is ``fed`` shifted by one with ``newest`` (sampled, not yet fed) appended,
-    and each further depth shifts once more and appends the previous depth's draft. The modules run
-    over the whole sequence without caches (drafts only have to be proposals; the main model verifies).
+    depth-1 token stream is the fed tokens shifted by one with the newest (sampled, not yet fed) token
+    appended, and each further depth shifts once more and appends the previous depth's draft. The
+    modules run over the whole sequence without caches (drafts only have to be proposals; the main
+    model verifies)."""
 
-    Args:
-        hidden (Tensor): [B, n, D] the main model's final hidden at the fed positions.
-        fed (Tensor): [B, n] the tokens fed to the main model.
-        newest (Tensor): [B] the latest generated token (not yet fed).
-        k (int): drafts to make (at most the number of MTP depths).
+    def __init__(self, model: Any, input_ids: torch.Tensor, options: dict[str, Any],
+                 generator: torch.Generator | None) -> None:
+        self.model, self.options, self.generator = model, options, generator
+        self.fed = input_ids
+        self.hidden = None  # [B, n, D] the main model's final hidden at the fed positions
 
-    Returns:
-        (drafts [B, k] int64, draft_logits [B, k, V] fp32 processed).
-    """
-    stream = torch.cat([fed[:, 1:], newest[:, None]], dim=1)  # [B, n]
-    drafts, draft_logits = [], []
-    for module in model.mtp[:k]:
-        hidden = module(hidden, model.embedding(stream))
-        logits = model.head_logits(module.out_norm(hidden[:, -1:]))[:, 0]
-        processed = process_logits(logits, **options)
-        token = sample(processed, temperature=options["temperature"], generator=generator)
-        drafts.append(token)
-        draft_logits.append(processed)
-        stream = torch.cat([stream[:, 1:], token[:, None]], dim=1)
-    B = fed.shape[0]
-    if not drafts:
-        return fed.new_zeros(B, 0), hidden.new_zeros(B, 0, model.vocab_size, dtype=torch.float32)
-    return torch.stack(drafts, dim=1), torch.stack(draft_logits, dim=1)
+    def start(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+    def draft(self, newest: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(drafts [B, k] int64, the processed fp32 logits each was drawn from [B, k, V])."""
+        model, hidden = self.model, self.hidden
+        stream = torch.cat([self.fed[:, 1:], newest[:, None]], dim=1)  # [B, n]
+        drafts, draft_logits = [], []
+        for module in model.mtp[:k]:
+            hidden = module(hidden, model.embedding(stream))
+            logits = model.head_logits(module.out_norm(hidden[:, -1:]))[:, 0]
+            processed = process_logits(logits, **self.options)
+            token = sample(processed, temperature=self.options["temperature"], generator=self.generator)
+            drafts.append(token)
+            draft_logits.append(processed)
+            stream = torch.cat([stream[:, 1:], token[:, None]], dim=1)
+        B = self.fed.shape[0]
+        if not drafts:
+            return self.fed.new_zeros(B, 0), self.hidden.new_zeros(B, 0, model.vocab_size, dtype=torch.float32)
+        return torch.stack(drafts, dim=1), torch.stack(draft_logits, dim=1)
+
+    def commit(self, kept: torch.Tensor, kept_hidden: torch.Tensor, drafted: int) -> None:
+        """The round fed ``kept`` [B, j + 1] to the main model, which gave ``kept_hidden``."""
+        self.hidden = torch.cat([self.hidden, kept_hidden], dim=1)
+        self.fed = torch.cat([self.fed, kept], dim=1)
+
+
+class _ModelDrafter:
+    """Drafts from a separate (small) language model with caches of its own.
+
+    Each round the draft model is fed the newest token and then each draft but the last, sampling the
+    next draft from its processed logits; its caches are snapshotted first and, when the main model
+    rejects a draft, restored and fed the kept tokens again, which is right for every mixer."""
+
+    def __init__(self, model: Any, input_ids: torch.Tensor, max_seqlen: int, options: dict[str, Any],
+                 generator: torch.Generator | None) -> None:
+        self.model, self.options, self.generator = model, options, generator
+        self.caches = model.allocate_inference_cache(input_ids.shape[0], max_seqlen)
+        self.saved: list[torch.Tensor] | None = None
+        model(input_ids, inference_params=self.caches, num_last_tokens=1)  # the prompt, as the main model saw it
+
+    def start(self, hidden: torch.Tensor) -> None:
+        pass
+
+    def draft(self, newest: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B = newest.shape[0]
+        if k == 0:
+            self.saved = None
+            return newest.new_zeros(B, 0), torch.zeros(B, 0, self.model.vocab_size, device=newest.device)
+        self.saved = [t.clone() for t in self.caches.tensors()]
+        drafts, draft_logits, token = [], [], newest
+        for _ in range(k):
+            logits = self.model.step(token[:, None], self.caches).logits[:, -1]
+            processed = process_logits(logits, **self.options)
+            token = sample(processed, temperature=self.options["temperature"], generator=self.generator)
+            drafts.append(token)
+            draft_logits.append(processed)
+        return torch.stack(drafts, dim=1), torch.stack(draft_logits, dim=1)
+
+    def commit(self, kept: torch.Tensor, kept_hidden: torch.Tensor, drafted: int) -> None:
+        """The draft model has been fed the newest token and ``drafted - 1`` drafts; bring it to ``kept``."""
+        if drafted > 0 and kept.shape[1] == drafted + 1:  # every draft accepted: feed the last one
+            self.model.step(kept[:, -1:], self.caches)
+            return
+        if drafted > 0 and kept.shape[1] == drafted:  # all but the last: exactly what it was fed
+            return
+        if self.saved is not None:
+            for t, s in zip(self.caches.tensors(), self.saved):
+                t.copy_(s)
+        self.model(kept, inference_params=self.caches, num_last_tokens=1)
 
 
 def _verify(target: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor, temperature: float,
@@ -684,25 +752,41 @@ def _verify(target: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tens
     return accept, drawn
 
 
-def _check_mtp_draft(model: Any, lengths: torch.Tensor, T: int, cuda_graph: bool, repetition_penalty: float,
-                     integration_timesteps: Any, stop_sequences: Any) -> int:
-    K = len(getattr(model, "mtp", ()))
-    if K == 0:
-        raise ValueError("mtp_draft=True needs a model with MTP modules (mtp_n_predict > 0), this one has none")
+def _check_speculative(lengths: torch.Tensor, T: int, cuda_graph: bool, repetition_penalty: float,
+                       integration_timesteps: Any, stop_sequences: Any, what: str) -> None:
     unsupported = {"cuda_graph": cuda_graph, "repetition_penalty != 1": repetition_penalty != 1.0,
                    "integration_timesteps": integration_timesteps is not None,
                    "stop_sequences": stop_sequences is not None, "prompts of different lengths": bool(
                        (lengths != T).any())}
     bad = [name for name, used in unsupported.items() if used]
     if bad:
-        raise ValueError(f"mtp_draft=True does not support {bad}; generate without mtp_draft for those")
+        raise ValueError(f"{what} does not support {bad}; generate without it for those")
+
+
+def _check_mtp_draft(model: Any) -> int:
+    K = len(getattr(model, "mtp", ()))
+    if K == 0:
+        raise ValueError("mtp_draft=True needs a model with MTP modules (mtp_n_predict > 0), this one has none")
     return K
+
+
+def _check_draft_model(model: Any, draft_model: Any, num_draft_tokens: Any) -> int:
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be a positive int")
+    for name in ("step", "allocate_inference_cache", "vocab_size"):
+        if not hasattr(draft_model, name):
+            raise TypeError(f"draft_model must be a seqblocks language model; {type(draft_model).__name__} has no "
+                            f"{name!r}")
+    if draft_model.vocab_size != model.vocab_size:
+        raise ValueError(f"draft_model has vocab_size={draft_model.vocab_size}, the model {model.vocab_size}; "
+                         f"they must share the vocabulary")
+    return num_draft_tokens
 
 
 def _speculative_generate(model: Any, input_ids: torch.Tensor, N: int, K: int, caches: Any, options: dict[str, Any],
                           stop_ids: torch.Tensor | None, pad_token_id: int, generator: torch.Generator | None,
-                          callback: Callable | None, return_scores: bool) -> GenerationOutput:
-    """``generate(..., mtp_draft=True)``: draft up to K tokens with the MTP modules, verify them in one
+                          callback: Callable | None, return_scores: bool, drafter: Any) -> GenerationOutput:
+    """``generate(..., mtp_draft=True)`` or ``draft_model=``: draft up to K tokens (``drafter``), verify them in one
     main-model call over the caches, keep the accepted prefix (the smallest over the batch, so rows
     stay in lockstep; a row's own next token is still exact, see ``_verify``) and roll the caches back
     by restoring a snapshot and re-feeding the kept tokens when a draft was rejected, which is right
@@ -711,9 +795,9 @@ def _speculative_generate(model: Any, input_ids: torch.Tensor, N: int, K: int, c
     device = input_ids.device
     temperature = options["temperature"]
     hidden = model._final_hidden(input_ids, caches, None, None, None, {})  # [B, T, D]
+    drafter.start(hidden)
     first_logits = model.head_logits(hidden[:, -1:])[:, 0]
     newest = sample(process_logits(first_logits, **options), temperature=temperature, generator=generator)
-    fed = input_ids
     emitted, raw = [newest], [first_logits.float()[:, None]]
     n, drafted, accepted_total = 1, 0, 0
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -733,7 +817,7 @@ def _speculative_generate(model: Any, input_ids: torch.Tensor, N: int, K: int, c
     emit([newest])
     while n < N and not bool(stopped.all()):
         k = min(K, N - n - 1)
-        drafts, draft_logits = _draft_with_mtp(model, hidden, fed, newest, k, options, generator)
+        drafts, draft_logits = drafter.draft(newest, k)
         block = torch.cat([newest[:, None], drafts], dim=1)  # [B, k + 1]
         saved = [t.clone() for t in caches.tensors()] if k > 0 else None
         block_hidden = model._final_hidden(block, caches, None, None, None, {})
@@ -751,8 +835,7 @@ def _speculative_generate(model: Any, input_ids: torch.Tensor, N: int, K: int, c
             for t, s in zip(caches.tensors(), saved):
                 t.copy_(s)
             block_hidden = model._final_hidden(block[:, : j + 1], caches, None, None, None, {})
-        hidden = torch.cat([hidden, block_hidden[:, : j + 1]], dim=1)
-        fed = torch.cat([fed, block[:, : j + 1]], dim=1)
+        drafter.commit(block[:, : j + 1], block_hidden[:, : j + 1], k)
         round_tokens = [*drafts[:, :j].unbind(1), nxt]
         emit(round_tokens)
         emitted.extend(round_tokens)

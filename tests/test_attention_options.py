@@ -251,6 +251,97 @@ def test_sparse_from_block_config():
     assert y.shape == (2, 6, D)
 
 
+def _branch(mixer, q, k, v, allowed):
+    """softmax(q k^T / sqrt(K) masked to ``allowed`` [B, Tq, Tk]) v per head [B, H, Tq, K]; a query that
+    sees no key gets 0."""
+    rep = mixer.num_heads // mixer.num_heads_kv
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(mixer.head_dim)).masked_fill(~allowed[:, None], float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, -1)) @ v
+
+
+@torch.no_grad()
+def _three_branches(mixer, x):
+    """The three-branch layer written out: top-k selection + mean-pooled compressed blocks of the
+    pre-RoPE keys (seen once complete) + a sliding window, summed, then the output projection."""
+    B, T, _ = x.shape
+    H, Hkv, K = mixer.num_heads, mixer.num_heads_kv, mixer.head_dim
+    r, w = mixer.sparse_compress_ratio, mixer.window_size
+    q, k, v = _qkv(mixer, x)
+    assert mixer.rotary is not None
+    mixer.rotary_emb, saved = None, mixer.rotary_emb  # the same projections without RoPE: the pre-RoPE keys
+    _, raw_k, _ = _qkv(mixer, x)
+    mixer.rotary_emb = saved
+    out = _branch(mixer, q, k, v, _explicit_top_k(mixer, x, _causal(T)))
+    i = torch.arange(T)
+    out = out + _branch(mixer, q, k, v, ((i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w))[None])
+    n = T // r
+    pooled_k = torch.stack([raw_k[:, :, j * r:(j + 1) * r].mean(2) for j in range(n)], 2)  # [B, Hkv, n, K]
+    pooled_v = torch.stack([v[:, :, j * r:(j + 1) * r].mean(2) for j in range(n)], 2)
+    ck = mixer.compress_k(pooled_k.transpose(1, 2).reshape(B, n, Hkv * K)).view(B, n, Hkv, K).transpose(1, 2)
+    cv = mixer.compress_v(pooled_v.transpose(1, 2).reshape(B, n, Hkv * K)).view(B, n, Hkv, K).transpose(1, 2)
+    ready = torch.tensor([[(j + 1) * r - 1 <= t for j in range(n)] for t in range(T)])[None]
+    out = out + _branch(mixer, q, ck, cv, ready)
+    return mixer.out_proj(out.transpose(1, 2).reshape(B, T, H * K))
+
+
+def _three_branch_layer(**kwargs):
+    mixer = SparseGQA(D, num_heads=4, num_heads_kv=2, sparse_select_k=2, sparse_compress_ratio=3, window_size=4,
+                      indexer_heads=2, rotary_emb_dim=4, qk_norm=True, dtype=F64, **kwargs)
+    _randomise_norms(mixer)
+    return mixer
+
+
+def test_sparse_three_branches_match_the_written_out_layer():
+    torch.manual_seed(15)
+    mixer = _three_branch_layer()
+    x = torch.randn(2, 11, D, dtype=F64)
+    assert_close(mixer(x), _three_branches(mixer, x), atol=1e-10)
+    plain = SparseGQA(D, num_heads=4, num_heads_kv=2, sparse_select_k=2, indexer_heads=2, rotary_emb_dim=4,
+                      qk_norm=True, dtype=F64)
+    plain.load_state_dict(mixer.state_dict(), strict=False)
+    assert (mixer(x) - plain(x)).abs().max() > 1e-3  # the branches add something
+
+
+def test_sparse_three_branches_under_the_cache_and_causal():
+    torch.manual_seed(16)
+    mixer = _three_branch_layer()
+    x = torch.randn(2, 13, D, dtype=F64)
+    cache = mixer.allocate_inference_cache(2, 13)
+    assert cache.raw_k is not None and cache.raw_k.shape == cache.k.shape
+    for prefill in (1, 5):
+        check_prefill_then_steps(mixer, x, prefill=prefill, atol=1e-10)
+    check_chunked_prefill(mixer, x, split=7, atol=1e-10)
+    changed = x.clone()
+    changed[:, 8:] = torch.randn(2, 5, D, dtype=F64)
+    assert_close(mixer(changed)[:, :8], mixer(x)[:, :8], atol=1e-12)  # no block or key leaks a future token
+    assert SparseGQA(D, num_heads=2, sparse_select_k=2).allocate_inference_cache(1, 4).raw_k is None
+
+
+def test_sparse_compressed_blocks_never_straddle_packed_documents():
+    torch.manual_seed(17)
+    mixer = SparseGQA(D, num_heads=2, sparse_select_k=1, sparse_compress_ratio=3, dtype=F64)
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])  # block [3, 6) holds tokens of both documents
+    x = torch.randn(1, 10, D, dtype=F64)
+    same = doc[:, :, None] == doc[:, None, :]
+    y = mixer(x, mask=same)
+    changed = x.clone()
+    changed[:, :4] = torch.randn(1, 4, D, dtype=F64)  # the first document only
+    assert_close(mixer(changed, mask=same)[:, 4:], y[:, 4:], atol=1e-12)
+
+
+def test_sparse_three_branches_from_block_config_and_gradients():
+    block = ConfigurableBlock(BlockConfig(attention="sparse_gqa", sparse_select_k=2, sparse_compress_ratio=2,
+                                          window_size=3, d_model=D, n_heads=2, position="rope", d_ff=32))
+    mixer = block.attention
+    assert (mixer.sparse_compress_ratio, mixer.window_size) == (2, 3)
+    x = torch.randn(2, 7, D, requires_grad=True)
+    y, _ = block(x)
+    y.square().sum().backward()
+    for name in ("compress_k", "compress_v"):
+        assert getattr(mixer, name).weight.grad.abs().sum() > 0, name
+
+
 # ---- gradients, bf16 ------------------------------------------------------------------------------------
 
 
@@ -354,8 +445,12 @@ def test_other_bad_values_are_refused():
         ChunkedGQA(D, num_heads=2, attention_chunk_size=3, window_size=4)
     with pytest.raises(ValueError, match="linear"):
         ChunkedGQA(D, num_heads=2, attention_chunk_size=3, attention_type="linear")
-    with pytest.raises(ValueError, match="window_size"):
-        SparseGQA(D, num_heads=2, sparse_select_k=2, window_size=4)
+    with pytest.raises(ValueError, match="window_size=0"):
+        SparseGQA(D, num_heads=2, sparse_select_k=2, window_size=0)
+    with pytest.raises(ValueError, match="sparse_compress_ratio=True"):
+        SparseGQA(D, num_heads=2, sparse_select_k=2, sparse_compress_ratio=True)
+    with pytest.raises(ValueError, match="sparse_compress_ratio"):
+        BlockConfig(attention="sparse_gqa", sparse_select_k=2, sparse_compress_ratio=-1)
     with pytest.raises(ValueError, match="indexer_heads=0"):
         SparseGQA(D, num_heads=2, sparse_select_k=2, indexer_heads=0)
     with pytest.raises(ValueError, match="softcap=-1"):

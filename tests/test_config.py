@@ -11,7 +11,7 @@ NON_DEFAULTS = dict(
     pre_norm=False, causal=False, window_size=128, attention_dropout=0.05, attention_type="flex",
     attention_block_size=64, linear_attention_chunk_size=32, kv_lora_rank=64, q_lora_rank=48, rope_dim=16,
     rotary_dim=16, rope_scaling=2.0, d_state=64, mixer_kwargs={"dt_min": 0.001, "nested": {"a": [1, 2]}},
-    qk_norm=True, attention_chunk_size=64, sparse_select_k=32, attn_logit_softcapping=50.0,
+    qk_norm=True, attention_chunk_size=64, sparse_select_k=32, sparse_compress_ratio=4, attn_logit_softcapping=50.0,
     mup=True,
 )
 

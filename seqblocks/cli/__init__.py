@@ -1,4 +1,4 @@
-"""The ``seqblocks`` command line: list, info, train, generate, eval, bench, tokenizer train, prepare.
+"""The ``seqblocks`` command line: list, info, train, generate, serve, eval, bench, tokenizer train, prepare.
 
 ``main(argv)`` parses the arguments and runs one subcommand; it returns the process exit status
 (0 on success, 2 on a usage or configuration error, 1 when a run directory cannot be written for want
@@ -142,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     _add_generation_options(p)
 
+    p = sub.add_parser("serve", help="an HTTP server for a checkpoint: OpenAI-compatible /v1/completions and "
+                       "/v1/chat/completions (streaming), continuous batching (needs the serve extra)")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache slots)")
+    p.add_argument("--max-seqlen", type=int, default=2048, help="the most tokens (prompt + generated) per request")
+    p.add_argument("--prefill-chunk-size", type=int, default=512, help="prompt tokens prefilled per engine step")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get a 503")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the decode step from a CUDA graph")
+    p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint's folder name)")
+    _add_threads_option(p)
+
     p = sub.add_parser("eval", help="loss / perplexity / accuracy of a checkpoint on a task's held-out split")
     p.add_argument("checkpoint", help="checkpoint directory or run directory")
     _add_task_options(p, "task name (default: the task the checkpoint was trained on)")
@@ -204,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.overrides = overrides
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
-               "generate": commands.cmd_generate, "eval": commands.cmd_eval, "bench": commands.cmd_bench,
-               "tokenizer": commands.cmd_tokenizer, "prepare": commands.cmd_prepare}
+               "generate": commands.cmd_generate, "serve": commands.cmd_serve, "eval": commands.cmd_eval,
+               "bench": commands.cmd_bench, "tokenizer": commands.cmd_tokenizer, "prepare": commands.cmd_prepare}
     threads = None
     try:
         if hasattr(args, "threads"):  # the commands that compute

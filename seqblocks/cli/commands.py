@@ -476,6 +476,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from seqblocks.serving import Engine
+    from seqblocks.serving.server import serve
+
+    device = _device(args.device)
+    model, _, tokenizer, ckpt = load_checkpoint(args.checkpoint, device=device)
+    engine = Engine(model.eval(), max_batch_size=args.max_batch_size, max_seqlen=args.max_seqlen,
+                    prefill_chunk_size=args.prefill_chunk_size, cuda_graph=args.cuda_graph)
+    name = args.model_name or Path(ckpt).resolve().name
+    print(f"[serving {ckpt} as {name!r} on http://{args.host}:{args.port}, {args.max_batch_size} slots]",
+          file=sys.stderr, flush=True)
+    serve(engine, tokenizer, host=args.host, port=args.port, model_name=name, max_queue=args.max_queue,
+          request_timeout=args.request_timeout)
+    return 0
+
+
 # ---------------------------------------------------------------- eval
 
 

@@ -258,7 +258,8 @@ class Mixer(nn.Module):
 #: BlockConfig fields that configure softmax attention (``MHA`` and its kin). ``Mixer.from_config`` never
 #: passes them to another mixer's config, where a field of the same name can mean something else
 #: (DeltaNet's ``qk_norm`` is "l2" / "sum").
-_SOFTMAX_ATTENTION_FIELDS = ("qk_norm", "attention_chunk_size", "sparse_select_k", "attn_logit_softcapping")
+_SOFTMAX_ATTENTION_FIELDS = ("qk_norm", "attention_chunk_size", "sparse_select_k", "sparse_compress_ratio",
+                             "attn_logit_softcapping")
 
 
 class AttentionBase(Mixer):

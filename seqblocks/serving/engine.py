@@ -1,0 +1,335 @@
+"""Continuous batching of any seqblocks language model (attention, recurrent or hybrid): ``Engine``.
+
+The engine owns one set of decode caches for ``max_batch_size`` slots (``model.allocate_inference_cache``
+at that batch size), so attention layers hold their KV caches and recurrent layers their states side
+by side, one row per slot. Requests wait in a FIFO queue, take a free slot when one opens, and leave it
+when they finish, between steps. One ``step``:
+
+1. admits waiting requests into free slots (the slot's rows of every cache tensor are zeroed: the
+   empty prefix, by the cache contract);
+2. runs one decode step for every slot that is decoding: the batch feeds each such slot its newest
+   token (free and prefilling slots get a filler token, and afterwards the prefilling slots' rows are
+   restored from a snapshot and the free ones zeroed, so only decoding rows change), then samples each
+   decoding request's next token with its own parameters;
+3. spends up to ``prefill_chunk_size`` prompt tokens on the prefilling requests, oldest first: a chunk
+   runs through ``model.forward`` on a batch-1 view of the request's slot (views share storage, so the
+   layers' in-place cache writes land in the slot). A request whose prompt is done samples its first
+   token and decodes from the next step on.
+
+Every cache tensor is batch-first (the mixer contract), which is all the slot views, the snapshot and
+the reset need, so any registered mixer serves. A request gets exactly the tokens ``generate`` gives
+it alone: greedy, or sampled with its own ``seed`` (a per-request generator draws the same noise in
+the same order), up to floating-point differences between batch sizes. ``cuda_graph=True`` replays the
+decode step of the full slot batch from a CUDA graph (``seqblocks.generation.graph_decoder``; the
+engine then uses that decoder's caches).
+
+Shapes: S slots, T prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from seqblocks.cache import InferenceCaches
+from seqblocks.generation import check_sampling_options, graph_decoder, process_logits, sample
+
+__all__ = ["Engine", "Request", "SamplingParams"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples.
+
+    Attributes:
+        max_tokens (int): the most tokens to generate. Default: 16.
+        temperature (float): 0 is greedy. Default: 1.0.
+        top_k (int | None), top_p (float | None), min_p (float | None): filters, as in ``generate``.
+        repetition_penalty (float): CTRL's penalty on tokens already in the request. Default: 1.0.
+        stop_tokens (tuple[int, ...]): the request finishes after generating one (kept). Default: ().
+        seed (int | None): seed of the request's own generator. Default: None (torch's global RNG).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams: max_tokens={self.max_tokens!r} must be a positive int")
+        check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                               repetition_penalty=self.repetition_penalty)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_tokens):
+            raise TypeError(f"SamplingParams: stop_tokens must be ints, got {self.stop_tokens!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"SamplingParams: seed must be an int or None, got {self.seed!r}")
+        object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One request's state. ``tokens`` grows as the engine generates; ``finish_reason`` is set once it ends
+    ("stop": a stop token, "length": ``max_tokens`` or the engine's ``max_seqlen``, "cancelled").
+
+    Timing (``time.perf_counter`` seconds): ``arrival``, ``first_token_time``, ``finish_time``."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[Request, int], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    slot: int | None = None
+    fed: int = 0  # prompt tokens prefilled so far
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # [1, V] bool, with a repetition penalty
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _slot_view(caches: InferenceCaches, slot: int) -> InferenceCaches:
+    """A batch-1 view of every cache at row ``slot`` (the tensors share storage with ``caches``)."""
+    def view(cache):
+        fields = {f.name: getattr(cache, f.name)[slot:slot + 1] for f in dataclasses.fields(cache)
+                  if isinstance(getattr(cache, f.name), torch.Tensor) and getattr(cache, f.name).dim() > 0}
+        return dataclasses.replace(cache, **fields)
+    return InferenceCaches({i: view(c) for i, c in caches.items()}, caches.seqlen_offset[slot:slot + 1],
+                           caches.max_seqlen)
+
+
+class Engine:
+    """Continuous batching over ``max_batch_size`` cache slots (module docstring).
+
+    Args:
+        model: a seqblocks language model (``forward`` / ``step`` / ``allocate_inference_cache`` /
+            ``vocab_size``), in eval mode.
+        max_batch_size (int): slots S, the most requests decoded together. Default: 8.
+        max_seqlen (int): the most tokens (prompt + generated) a request may hold. Default: 2048.
+        prefill_chunk_size (int): prompt tokens prefilled per step, over all prefilling requests.
+            Default: 512.
+        cuda_graph (bool): replay the decode step from a CUDA graph (CUDA only). Default: False.
+
+    Thread safety: ``add_request`` and ``cancel`` may be called from other threads while one thread
+    runs ``step``.
+    """
+
+    def __init__(self, model: Any, *, max_batch_size: int = 8, max_seqlen: int = 2048, prefill_chunk_size: int = 512,
+                 cuda_graph: bool = False) -> None:
+        for name, value in (("max_batch_size", max_batch_size), ("max_seqlen", max_seqlen),
+                            ("prefill_chunk_size", prefill_chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine: {name}={value!r} must be a positive int")
+        for name in ("step", "allocate_inference_cache", "vocab_size"):
+            if not hasattr(model, name):
+                raise TypeError(f"Engine: model must be a seqblocks language model; {type(model).__name__} has no "
+                                f"{name!r}")
+        self.model = model
+        self.max_batch_size, self.max_seqlen, self.prefill_chunk_size = max_batch_size, max_seqlen, prefill_chunk_size
+        self.device = next(model.parameters()).device
+        self.decoder = None
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError("Engine: cuda_graph=True needs a model on a CUDA device")
+            self.decoder = graph_decoder(model, max_batch_size, max_seqlen, self.device)
+            self.caches = self.decoder.caches
+        else:
+            self.caches = model.allocate_inference_cache(max_batch_size, max_seqlen)
+        self._tensors = [t for t in self.caches.tensors() if t.dim() > 0]
+        self.slots: list[Request | None] = [None] * max_batch_size
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._newest = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # token to feed next
+        self.stats = {"requests": 0, "finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "steps": 0}
+        for t in self._tensors:
+            t.zero_()
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, on_token: Callable[[Request, int], None] | None = None) -> Request:
+        """Queue a request; ``on_token(request, token)`` is called (from the stepping thread) for each
+        generated token, and once more with token -1 when the request finishes.
+
+        Raises:
+            ValueError / TypeError: an empty prompt, ids outside the vocabulary, or a prompt that
+                leaves no room for a token within ``max_seqlen``.
+        """
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"Engine.add_request: params must be SamplingParams, got {type(params).__name__}")
+        prompt = [int(t) for t in prompt]
+        V = self.model.vocab_size
+        if not prompt:
+            raise ValueError("Engine.add_request: the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise ValueError(f"Engine.add_request: prompt ids must lie in [0, {V})")
+        if len(prompt) >= self.max_seqlen:
+            raise ValueError(f"Engine.add_request: a prompt of {len(prompt)} tokens leaves no room within "
+                             f"max_seqlen={self.max_seqlen}")
+        bad = [t for t in params.stop_tokens if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"Engine.add_request: stop_tokens {bad} lie outside [0, {V})")
+        request = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params,
+                          on_token=on_token)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.repetition_penalty != 1.0:
+            request.seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
+            request.seen[0, torch.tensor(prompt, device=self.device)] = True
+        with self._lock:
+            self.waiting.append(request)
+            self.stats["requests"] += 1
+        return request
+
+    def cancel(self, request_id: str) -> bool:
+        """Finish a waiting or running request now ("cancelled"); its slot frees at once. Returns whether
+        it was found."""
+        with self._lock:
+            for request in list(self.waiting):
+                if request.request_id == request_id:
+                    self.waiting.remove(request)
+                    self._finish(request, "cancelled")
+                    return True
+            for request in self.slots:
+                if request is not None and request.request_id == request_id:
+                    self._finish(request, "cancelled")
+                    return True
+        return False
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    # -- stepping -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit, decode one token for every decoding request, prefill a chunk (module docstring)."""
+        with self._lock:
+            self._admit()
+            running = [r for r in self.slots if r is not None]
+        decoding = [r for r in running if r.fed == len(r.prompt) and not r.finished]
+        if decoding:
+            self._decode(decoding, [r for r in running if r.fed < len(r.prompt)])
+        budget = self.prefill_chunk_size
+        for request in sorted((r for r in running if r.fed < len(r.prompt) and not r.finished),
+                              key=lambda r: r.arrival):
+            if budget <= 0:
+                break
+            chunk = request.prompt[request.fed:request.fed + budget]
+            budget -= len(chunk)
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits = self.model(ids, inference_params=_slot_view(self.caches, request.slot),
+                                num_last_tokens=1).logits[:, -1]
+            request.fed += len(chunk)
+            self.stats["prompt_tokens"] += len(chunk)
+            if request.fed == len(request.prompt):
+                self._emit(request, logits)
+        self.stats["steps"] += 1
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Step until there is no work (or ``until()`` is true)."""
+        while self.has_work() and not (until is not None and until()):
+            self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Queue ``prompts`` (one ``SamplingParams`` for all, or one each), run them, return their tokens."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"Engine.generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        self.run(until=lambda: all(r.finished for r in requests))
+        return [r.tokens for r in requests]
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        for slot in range(self.max_batch_size):
+            if not self.waiting:
+                return
+            if self.slots[slot] is None:
+                request = self.waiting.popleft()
+                request.slot = slot
+                self.slots[slot] = request
+                for t in self._tensors:
+                    t[slot].zero_()
+
+    def _decode(self, decoding: list[Request], prefilling: list[Request]) -> None:
+        rows = [r.slot for r in decoding]
+        keep = torch.tensor([r.slot for r in prefilling], dtype=torch.long, device=self.device)
+        saved = [t.index_select(0, keep) for t in self._tensors] if prefilling else None
+        tokens = self._newest.clone()
+        if self.decoder is not None:
+            logits = self.decoder(tokens[:, None])
+        else:
+            logits = self.model.step(tokens[:, None], self.caches).logits[:, -1]
+        busy = set(rows) | {r.slot for r in prefilling}
+        free = torch.tensor([s for s in range(self.max_batch_size) if s not in busy], dtype=torch.long,
+                            device=self.device)
+        for i, t in enumerate(self._tensors):
+            if saved is not None:
+                t.index_copy_(0, keep, saved[i])
+            if free.numel():
+                t.index_fill_(0, free, 0)
+        for request in decoding:
+            self._emit(request, logits[request.slot:request.slot + 1])
+
+    def _emit(self, request: Request, logits: torch.Tensor) -> None:
+        """Sample ``request``'s next token from its logits [1, V] and record it."""
+        if request.finished:  # cancelled from another thread during this step
+            return
+        p = request.params
+        processed = process_logits(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                                   repetition_penalty=p.repetition_penalty, seen=request.seen)
+        token = int(sample(processed, temperature=p.temperature, generator=request.generator)[0])
+        if request.seen is not None:
+            request.seen[0, token] = True
+        request.tokens.append(token)
+        self.stats["generated_tokens"] += 1
+        if request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        self._newest[request.slot] = token
+        if request.on_token is not None:
+            request.on_token(request, token)
+        if token in p.stop_tokens:
+            self._finish(request, "stop")
+        elif len(request.tokens) >= p.max_tokens or len(request.prompt) + len(request.tokens) >= self.max_seqlen:
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.finished:
+            return
+        request.finish_reason = reason
+        request.finish_time = time.perf_counter()
+        if request.slot is not None and self.slots[request.slot] is request:
+            self.slots[request.slot] = None
+        self.stats["finished"] += 1
+        if request.on_token is not None:
+            request.on_token(request, -1)
