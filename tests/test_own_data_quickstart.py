@@ -78,7 +78,7 @@ def _check_run(root: pathlib.Path, out: str, capsys) -> None:
 
 def test_own_data_quickstart_commands_run(my_texts, capsys):
     """The three commands as the README gives them, the training shortened to keep the suite fast."""
-    out = _run(_commands(), ["--steps", "8", "--eval-every", "0", "--no-progress"], capsys)
+    out = _run(_commands(), ["--steps", "8", "--eval-every", "0", "--sample-tokens", "24", "--no-progress"], capsys)
     _check_run(my_texts, out, capsys)
 
 
