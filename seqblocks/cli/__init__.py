@@ -1,4 +1,5 @@
-"""The ``seqblocks`` command line: list, info, train, generate, eval, bench, demo.
+"""The ``seqblocks`` command line: list, info, train, generate, serve, eval, bench, demo, convert, tokenizer
+train, prepare, and the post-training commands (distill, dpo, grpo, lora, quantize).
 
 ``main(argv)`` parses the arguments and runs one subcommand; it returns the process exit status
 (0 on success, 2 on a usage or configuration error, 1 when a run directory cannot be written for want
@@ -101,9 +102,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "(another host's, or a hung process)")
     p.add_argument("--stop-after", type=int, help="stop after this many steps of the schedule (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--config", dest="run_file", metavar="RUN.toml",
+                   help="a run file (TOML or YAML: [model], [data], [tokenizer], [optim], [schedule], ...); every "
+                        "flag, and --section.key VALUE for any key of it (--optim.lr 3e-4), overrides it")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="train on your own text: a directory from `seqblocks prepare`, or text files, folders, "
+                        "globs, .jsonl / .parquet / .arrow files, prepared into OUT/data first (repeatable)")
+    p.add_argument("--tokenizer", help="tokenizer of text given to --data: char (default), gpt2, cl100k_base, ..., "
+                   "a .tiktoken file or a tokenizer .json (from `seqblocks tokenizer train`)")
     _add_task_options(p, "task name (default: the preset's, usually chars)")
     _add_train_options(p)
     _add_threads_option(p)
+
+    p = sub.add_parser("tokenizer", help="`tokenizer train`: train a byte-level BPE tokenizer on your text")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("sources", nargs="+", help="text files, folders, globs, .jsonl / .parquet / .arrow files")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, 256 bytes and <|endoftext|> "
+                   "included (default 8192)")
+    p.add_argument("--min-frequency", type=int, default=2, help="learn no merge seen fewer times (default 2)")
+    p.add_argument("--text-field", default="text", help="the text field of JSONL / table sources (default text)")
+    p.add_argument("--out", "-o", default="tokenizer.json", help="where to write it (default tokenizer.json)")
+
+    p = sub.add_parser("prepare", help="tokenize text once, in parallel, into memory-mapped token shards")
+    p.add_argument("sources", nargs="+", help="text files, folders, globs, .jsonl / .parquet / .arrow files, "
+                   "saved datasets, hf:NAME[:SPLIT]")
+    p.add_argument("--out", "-o", required=True, help="the directory of the shards")
+    p.add_argument("--tokenizer", default="char", help="char (default), gpt2, cl100k_base, ..., a .tiktoken file or "
+                   "a tokenizer .json")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of documents (default 0.01)")
+    p.add_argument("--text-field", default="text", help="the text field of JSONL / table sources (default text)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPUs, at most 8)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2**27)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("generate", help="sample from a checkpoint, streaming to the terminal")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest checkpoint)")
@@ -200,12 +230,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from seqblocks.cli import commands
+    from seqblocks.tokenizers import MissingExtraError
+    from seqblocks.train.config_file import is_override
     from seqblocks.train.rundir import RunDirectoryWriteError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `train --optim.lr 3e-4`: the run file's dotted keys, taken out before argparse sees them.
+    overrides: list[str] = []
+    if argv[:1] == ["train"]:
+        rest = []
+        for i, word in enumerate(argv):
+            if overrides and overrides[-1] is None:
+                overrides[-1] = word
+            elif i and is_override(word):
+                overrides.extend([word] if "=" in word else [word, None])
+            else:
+                rest.append(word)
+        argv = rest
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        if overrides and overrides[-1] is None:
+            print(f"seqblocks train: error: {overrides[-2]} needs a value", file=sys.stderr)
+            return 2
+        args.overrides = overrides
     handler = {"list": commands.cmd_list, "info": commands.cmd_info, "train": commands.cmd_train,
                "generate": commands.cmd_generate, "serve": commands.cmd_serve, "eval": commands.cmd_eval,
-               "bench": commands.cmd_bench, "demo": _cmd_demo, "convert": commands.cmd_convert}
+               "bench": commands.cmd_bench, "demo": _cmd_demo, "convert": commands.cmd_convert,
+               "tokenizer": commands.cmd_tokenizer, "prepare": commands.cmd_prepare}
     from seqblocks.cli.post import HANDLERS
 
     handler.update(HANDLERS)
@@ -217,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             threads = args.cpu_threads = CpuThreads(args.threads)
             threads.start()
         return handler[args.command](args) or 0
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, MissingExtraError) as err:
         if os.environ.get("SEQBLOCKS_DEBUG"):
             raise
         print(f"seqblocks {args.command}: error: {err}", file=sys.stderr)

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 __all__ = ["cmd_list", "cmd_info", "cmd_train", "cmd_generate", "cmd_eval", "cmd_bench", "cmd_convert",
-           "parse_task_options",
-           "load_checkpoint", "stream_sample"]
+           "cmd_tokenizer", "cmd_prepare", "cmd_serve", "parse_task_options", "load_checkpoint", "stream_sample"]
 
 
 def _out(text: str = "") -> None:
@@ -209,22 +208,86 @@ def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any
     return TrainConfig.from_dict(values)
 
 
+def _run_spec(args: argparse.Namespace):
+    """The run file (``--config``) with its dotted overrides, ``--data`` and ``--tokenizer`` applied, or
+    None when none of them is given (the preset alone describes the run)."""
+    from seqblocks.train.config_file import load_run_file, parse_overrides, resolve_run
+
+    overrides = parse_overrides(getattr(args, "overrides", []) or [])
+    if args.data:
+        overrides["data.path"] = args.data if len(args.data) > 1 else args.data[0]
+    if args.tokenizer is not None:
+        overrides["tokenizer.name"] = args.tokenizer
+    if args.config is not None:
+        overrides.setdefault("model.preset", args.config)
+    if args.run_file is None and not (set(overrides) - {"model.preset"}):
+        return None
+    if args.run_file is not None:
+        return load_run_file(args.run_file, overrides)
+    return resolve_run({}, overrides, "command line")
+
+
+def _prepare_run_data(spec, out: Path, progress: bool) -> None:
+    """Point the run at its data: a prepared directory as it is, text sources prepared into ``OUT/data``."""
+    from seqblocks.data import is_prepared, prepare
+    from seqblocks.tokenizers import load_tokenizer
+
+    path = spec.data.pop("path", None)
+    if path is None:
+        if spec.tokenizer is not None:
+            raise ValueError(f"{spec.source}: tokenizer.name / --tokenizer is the tokenizer of your own text; give "
+                             f"the text too (data.path / --data)")
+        if spec.data:
+            raise ValueError(f"{spec.source}: data.{sorted(spec.data)[0]} prepares your own text; give the text "
+                             f"too (data.path / --data)")
+        return
+    if isinstance(path, str) and is_prepared(path):
+        from seqblocks.data import Shards
+
+        if spec.tokenizer is not None and load_tokenizer(spec.tokenizer).to_dict() != Shards(path).manifest[
+                "tokenizer"]:
+            raise ValueError(f"{path} was prepared with another tokenizer than {spec.tokenizer!r}; prepare it "
+                             f"again with that tokenizer, or leave --tokenizer out")
+        if spec.data:
+            print(f"seqblocks train: {path} is prepared already; data.{', data.'.join(sorted(spec.data))} "
+                  f"(options of preparing) are not used", file=sys.stderr)
+        data_dir = Path(path)
+    else:
+        data_dir = out / "data"
+        options = {k: spec.data[k] for k in ("val_fraction", "text_field", "workers", "shard_tokens") if k in spec.data}
+        options.setdefault("val_fraction", 0.05)
+        print(f"seqblocks train: preparing {path} into {data_dir}", file=sys.stderr, flush=True)
+        manifest = prepare(path, spec.tokenizer or "char", data_dir, progress=progress, **options)
+        split = manifest["splits"]
+        print(f"seqblocks train: {split['train']['tokens']:,} training and {split['val']['tokens']:,} validation "
+              f"tokens ({split['train']['documents']} + {split['val']['documents']} documents)", file=sys.stderr)
+    spec.train["task_options"] = {**spec.train.get("task_options", {}), "path": str(data_dir.resolve())}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import seqblocks  # noqa: F401
     from seqblocks.presets import DEFAULT_PRESET, load_config
+    from seqblocks.tasks import CharTokenizer
     from seqblocks.train import train
 
     name = args.config or DEFAULT_PRESET
-    out = Path(args.out) if args.out else Path("runs") / Path(name).stem
+    stem = Path(args.run_file).stem if args.run_file else Path(name).stem
+    out = Path(args.out) if args.out else Path("runs") / stem
     if args.resume:
-        if args.config is not None or args.task is not None or args.task_opt or any(
+        if args.config is not None or args.task is not None or args.task_opt or args.run_file or args.data or \
+                args.tokenizer or getattr(args, "overrides", None) or any(
                 getattr(args, f, None) is not None for f in _TRAIN_FLAGS if f != "steps"):
             print("seqblocks train: --resume continues with the run's saved configuration; the other model and "
                   "training options given (all but --steps) are ignored", file=sys.stderr)
         model_config, config = {}, None
     else:
-        loaded = load_config(name)
-        model_config, config = loaded["model"], train_config_from_args(args, loaded["train"])
+        spec = _run_spec(args)
+        if spec is None:
+            loaded = load_config(name)
+            model_config, config = loaded["model"], train_config_from_args(args, loaded["train"])
+        else:
+            _prepare_run_data(spec, out, progress=not args.no_progress)
+            model_config, config = spec.model, train_config_from_args(args, spec.train)
     threads = getattr(args, "cpu_threads", None)
     header = [threads] if threads is not None else []
 
@@ -257,7 +320,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _out(f"checkpoint: {result.checkpoint}")
     cfg = result.config
     if result.task.is_language and cfg.sample_tokens > 0 and result.step == cfg.steps:
-        _out(f"--- sample ({cfg.sample_tokens} characters, temperature {cfg.sample_temperature}) ---")
+        unit = "characters" if isinstance(result.task.tokenizer, CharTokenizer) else "tokens"
+        _out(f"--- sample ({cfg.sample_tokens} {unit}, temperature {cfg.sample_temperature}) ---")
         stream_sample(result.model.eval(), result.task.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                       temperature=cfg.sample_temperature, seed=cfg.seed)
         _out("---")
@@ -276,13 +340,15 @@ def _is_main_process() -> bool:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """(model, task info dict or None, tokenizer or None) from a checkpoint or run directory."""
     from seqblocks.checkpoint import load_pretrained
-    from seqblocks.tasks import CharTokenizer
+    from seqblocks.tokenizers import tokenizer_from_dict
     from seqblocks.train.checkpointing import TASK_FILE, TOKENIZER_FILE, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     model = load_pretrained(ckpt, device=device)
     task = json.loads((ckpt / TASK_FILE).read_text()) if (ckpt / TASK_FILE).is_file() else None
-    tokenizer = CharTokenizer.load(ckpt / TOKENIZER_FILE) if (ckpt / TOKENIZER_FILE).is_file() else None
+    # The tokenizer the run trained with, whole (char, tiktoken or BPE): nothing to give again.
+    tokenizer = tokenizer_from_dict(json.loads((ckpt / TOKENIZER_FILE).read_text())) \
+        if (ckpt / TOKENIZER_FILE).is_file() else None
     return model, task, tokenizer, ckpt
 
 
@@ -307,7 +373,8 @@ def _stop_sequences(stop: list[str], tokenizer) -> list[list[int]]:
                                  f"got {text!r}") from None
             continue
         ids = tokenizer.encode(text)
-        unknown = sorted({ch for ch, i in zip(text, ids) if i == tokenizer.unk_id})
+        unk_id = getattr(tokenizer, "unk_id", None)
+        unknown = sorted({ch for ch, i in zip(text, ids) if unk_id is not None and i == unk_id})
         if unknown:
             raise ValueError(f"--stop {text!r}: the tokenizer has no {', '.join(map(repr, unknown))}, so the model "
                              f"never generates it")
@@ -345,15 +412,24 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"the number of new tokens ({max_new_tokens!r}) must be a positive integer")
     pieces: list[str] = []
+    generated: list[int] = []
     streamed = False
 
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        if stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
     def on_token(tokens: torch.Tensor, active: torch.Tensor) -> None:
+        # Decoded as a whole and printed as it grows: a BPE token may hold part of a character, so a
+        # trailing replacement character waits for the tokens that complete it.
         if bool(active[0]):
-            piece = decode([int(tokens[0])])
-            pieces.append(piece)
-            if stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            generated.append(int(tokens[0]))
+            text = decode(generated)
+            done = len("".join(pieces))
+            if tokenizer is None or not text.endswith("\ufffd"):
+                emit(text[done:])
 
     if stream:
         sys.stdout.write(prompt if tokenizer is not None else " ".join(str(i) for i in ids))
@@ -364,6 +440,9 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, *, stream:
         with torch.no_grad():
             generate(model, input_ids, max_new_tokens, stop_sequences=stop_sequences or None, callback=on_token,
                      **options)
+        rest = decode(generated)[len("".join(pieces)):] if generated else ""
+        if rest:
+            emit(rest)
     finally:
         if streamed:  # end the streamed line, so whatever follows (an error too) starts on its own
             sys.stdout.write("\n")
@@ -481,4 +560,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = json.loads((Path(dst) / "config.json").read_text())
     what = config.get("architectures", [config.get("model_type", "mamba_ssm MambaLMHeadModel")])[0]
     _out(f"{args.src} ({kind}) -> {dst} ({target}: {what})")
+# ---------------------------------------------------------------- tokenizer, prepare
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from seqblocks.data import iter_documents
+    from seqblocks.tokenizers import train_bpe
+
+    out = Path(args.out)
+    tokenizer = train_bpe(iter_documents(args.sources, args.text_field), args.vocab_size,
+                          min_frequency=args.min_frequency)
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    _out(f"{out}: byte-level BPE, {tokenizer.vocab_size:,} tokens (end of document: {tokenizer.eos!r}); use it with "
+         f"--tokenizer {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from seqblocks.data import prepare
+
+    manifest = prepare(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                       text_field=args.text_field, shard_tokens=args.shard_tokens, workers=args.workers,
+                       progress=not args.no_progress)
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        _out(f"{split}: {info['tokens']:,} tokens, {info['documents']:,} documents, {len(info['shards'])} shard(s)")
+    _out(f"{args.out}: {manifest['dtype']} shards, vocabulary {manifest['vocab_size']:,}; train on it with "
+         f"seqblocks train --data {args.out}")
     return 0

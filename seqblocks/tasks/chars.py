@@ -36,19 +36,23 @@ class CharTokenizer:
     Args:
         alphabet (str): the known characters, id = position. Default: tab, newline and ASCII 32..126.
         unk (str): how the unknown token is rendered by ``decode``. Default: "\\ufffd".
+        eos (bool): add an end-of-document token after the unknown one (id ``len(alphabet) + 1``), which
+            separates the documents of a prepared corpus; ``encode`` never produces it and ``decode``
+            renders it as nothing. Default: False.
     """
 
     DEFAULT_ALPHABET = "\t\n" + "".join(chr(c) for c in range(32, 127))
 
-    def __init__(self, alphabet: str = DEFAULT_ALPHABET, unk: str = "\ufffd") -> None:
+    def __init__(self, alphabet: str = DEFAULT_ALPHABET, unk: str = "\ufffd", eos: bool = False) -> None:
         if len(set(alphabet)) != len(alphabet) or not alphabet:
             raise ValueError("CharTokenizer: alphabet must be a non-empty string of distinct characters")
         self.alphabet, self.unk = alphabet, unk
         self.unk_id = len(alphabet)
+        self.eos_id = len(alphabet) + 1 if eos else None
         self._index = {ch: i for i, ch in enumerate(alphabet)}
         self._unknown = re.compile("[^" + re.escape(alphabet) + "]")
         # Known ASCII characters map through a 128-entry byte table: encoding is one pass in C.
-        table = bytearray([self.unk_id] * 256)
+        table = bytearray([min(self.unk_id, 255)] * 256)  # only used when unk_id < 256 (the fast path)
         for ch, i in self._index.items():
             if ord(ch) < 128:
                 table[ord(ch)] = i
@@ -58,7 +62,7 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.alphabet) + 1
+        return len(self.alphabet) + 1 + (self.eos_id is not None)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_tensor(text).tolist()
@@ -75,16 +79,20 @@ class CharTokenizer:
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return "".join(self.alphabet[i] if 0 <= i < len(self.alphabet) else self.unk for i in ids)
+        return "".join(self.alphabet[i] if 0 <= i < len(self.alphabet) else "" if i == self.eos_id else self.unk
+                       for i in ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "char", "alphabet": self.alphabet, "unk": self.unk}
+        data = {"type": "char", "alphabet": self.alphabet, "unk": self.unk}
+        if self.eos_id is not None:
+            data["eos"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
         if data.get("type") != "char":
             raise ValueError(f"not a char tokenizer: type={data.get('type')!r}")
-        return cls(data["alphabet"], data["unk"])
+        return cls(data["alphabet"], data["unk"], eos=bool(data.get("eos", False)))
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))

@@ -54,6 +54,15 @@ class TrainConfig(ConfigBase):
             length growing linearly from ``seq_len_start`` to the task's (``seqblocks.train.curriculum``);
             0: off. Default: 0.
         seq_len_start (int): the first length of that warmup. Default: 16.
+        pack_boundaries (bool): pass the packed rows' document boundaries to the model as
+            ``cu_seqlens=`` (a task of packed rows, such as ``shards``, and a model whose forward takes
+            it); without it the loss across boundaries is still masked by the task. Default: False.
+        tensorboard (bool): also write the metrics as TensorBoard events under ``RUN/tensorboard``
+            (needs the ``tensorboard`` package). Default: False.
+        wandb (bool): also log to Weights & Biases in offline mode under ``RUN/wandb`` (needs ``wandb``).
+            Default: False.
+        peak_flops (float): the device's peak FLOP/s that MFU is measured against; 0: a known CUDA
+            device's bf16 peak, and no MFU on others. Default: 0.0.
     """
 
     task: str = "chars"
@@ -84,6 +93,10 @@ class TrainConfig(ConfigBase):
     sample_temperature: float = 0.8
     seq_len_warmup: int = 0
     seq_len_start: int = 16
+    pack_boundaries: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,7 +107,7 @@ class TrainConfig(ConfigBase):
         if self.seq_len_start <= 0:
             raise ValueError(f"TrainConfig.seq_len_start={self.seq_len_start!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
-                     "weight_decay", "seq_len_warmup"):
+                     "weight_decay", "seq_len_warmup", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.lr <= 0:

@@ -368,11 +368,14 @@ class RunDirectory:
             self.clear()
 
     def clear(self) -> None:
-        """Delete the run's own files (checkpoints, metrics, run.json, the loss plot); nothing else."""
+        """Delete the run's own files (checkpoints, metrics, run.json, the loss plot, its TensorBoard / W&B
+        logs); nothing else."""
         self._require_lock()
         with self.writing(self.path):
-            if (self.path / CHECKPOINT_DIR).is_dir():
-                shutil.rmtree(self.path / CHECKPOINT_DIR)
+            # The TensorBoard and W&B logs of seqblocks.train.logging belong to the run too.
+            for name in (CHECKPOINT_DIR, "tensorboard", "wandb"):
+                if (self.path / name).is_dir():
+                    shutil.rmtree(self.path / name)
             for name in (METRICS_FILE, RUN_CONFIG, LOSS_PLOT):
                 (self.path / name).unlink(missing_ok=True)
 

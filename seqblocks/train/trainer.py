@@ -48,7 +48,8 @@ from seqblocks.train.checkpointing import (
 )
 from seqblocks.train.config import TrainConfig
 from seqblocks.train.distributed import DistInfo, barrier, init_distributed, reshard, wrap_model
-from seqblocks.train.metrics import MetricsWriter, read_metrics, rewrite_metrics
+from seqblocks.train.logging import RunLogger, active_params, memory_gib, mfu, peak_flops
+from seqblocks.train.metrics import read_metrics, rewrite_metrics
 from seqblocks.train.optim import make_optimizer, make_scheduler
 from seqblocks.train.rundir import LOSS_PLOT, METRICS_FILE, RUN_CONFIG, RunDirectory
 
@@ -114,7 +115,7 @@ def _mtp_loss_sum(out: Any, targets: torch.Tensor, module: nn.Module) -> torch.T
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.device | str = "cpu",
-             precision: str = "fp32", seed: int = 0) -> dict[str, float]:
+             precision: str = "fp32", seed: int = 0, pack_boundaries: bool = False) -> dict[str, float]:
     """Loss, perplexity and accuracy of ``model`` on ``task``'s held-out split.
 
     Args:
@@ -124,6 +125,7 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
         device (torch.device | str): where to run. Default: "cpu".
         precision (str): "fp32", "bf16" or "auto". Default: "fp32".
         seed (int): the task seed (synthetic tasks draw their held-out set from it). Default: 0.
+        pack_boundaries (bool): pass packed batches' document boundaries as ``cu_seqlens=``. Default: False.
 
     Returns:
         dict: ``loss`` (mean cross-entropy per scored token), ``ppl`` (exp(loss)), ``acc`` (argmax
@@ -137,7 +139,7 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
         for batch in task.eval_batches(batch_size, seed):
             batch = batch.to(device)
             with autocast_context(device, precision):
-                logits = model(batch.input_ids).logits
+                logits = model(batch.input_ids, **_boundaries(batch, pack_boundaries)).logits
             logits = logits[..., : task.vocab_size].float()
             scored = batch.targets != IGNORE_INDEX
             total += float(_loss_sum(logits, batch.targets))
@@ -151,6 +153,26 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / max(count, 1),
             "seq_acc": rows_right / max(rows, 1), "tokens": count}
+
+
+def _boundaries(batch: Batch, pack_boundaries: bool) -> dict[str, torch.Tensor]:
+    """The model's ``cu_seqlens=`` keyword for a packed batch when boundaries are passed, else nothing."""
+    return {"cu_seqlens": batch.cu_seqlens()} if pack_boundaries else {}
+
+
+def _check_pack_boundaries(module: nn.Module, task: Task, config: TrainConfig) -> None:
+    import inspect
+
+    from seqblocks.tasks.shards import PackedBatch
+
+    if not config.pack_boundaries:
+        return
+    if not isinstance(task.batch("train", 0, 1, config.seed), PackedBatch):
+        raise ValueError(f"TrainConfig.pack_boundaries: task {config.task!r} has no document boundaries to pass "
+                         f"(a task of packed rows, such as 'shards', has)")
+    if "cu_seqlens" not in inspect.signature(module.forward).parameters:
+        raise ValueError(f"TrainConfig.pack_boundaries: the forward of {type(module).__name__} takes no cu_seqlens=; "
+                         f"leave pack_boundaries off (the loss is still masked across documents)")
 
 
 def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -> tuple[list[Batch], int]:
@@ -330,6 +352,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
         from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
 
         load_weights(module, ckpt / WEIGHTS_NAME)
+    _check_pack_boundaries(module, task, config)
     module.to(info.device)
     module.train()
     fsdp = config.parallel == "fsdp" and info.distributed
@@ -368,6 +391,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             rewrite_metrics(metrics_path, history)
     barrier(info)
     n_params = sum(p.numel() for p in module.parameters())
+    n_active, peak = active_params(module), peak_flops(info.device, config.peak_flops)
     say(f"task {config.task} (vocab {task.vocab_size}, seq_len {task.seq_len}), {n_params / 1e6:.2f}M parameters, "
         f"{config.steps} steps of {config.batch_size} x {task.seq_len} tokens on {info.device}"
         f"{f' x {info.world_size} processes ({config.parallel})' if info.distributed else ''}")
@@ -382,13 +406,13 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     # Throughput counts training steps only (evaluation and checkpoint time excluded).
     window_loss, window_steps, window_tokens, window_time, rate_ema = 0.0, 0, 0, 0.0, None
     last_ckpt, final_eval, loss_value, done, completed = ckpt, {}, float("nan"), start, False
-    metrics_file = None
+    logger = None
     evals: dict[int, dict[str, float]] = {}
 
     def log_row(row: dict[str, Any]) -> None:
-        if metrics_file is not None:
+        if logger is not None:
             with run.writing(metrics_path):
-                metrics_file.write(row)
+                logger.write(row)
 
     def checkpoint(step: int) -> Path | None:
         extra = {"tokens_seen": tokens_seen, "elapsed_s": elapsed}
@@ -402,7 +426,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                                  task, extra, card)
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed)
+        result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed,
+                          config.pack_boundaries)
         if fsdp:
             reshard(module)
         log_row({"type": "eval", "step": step, **result})
@@ -430,7 +455,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     try:
         if run is not None:
             with run.writing(metrics_path):
-                metrics_file = MetricsWriter(metrics_path)
+                logger = RunLogger(out_dir, tensorboard=config.tensorboard, wandb=config.wandb, start_step=start,
+                                   config={"model": model_config, "train": config.to_dict()})
         for step in range(start, end):
             t0 = time.perf_counter()
             parts, count = _micro_batches(task, step, config, info)
@@ -441,7 +467,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 sync = contextlib.nullcontext() if not ddp or m == len(parts) - 1 else wrapped.no_sync()
                 with sync:
                     with autocast_context(info.device, config.precision):
-                        out = runner(part.input_ids)
+                        out = runner(part.input_ids, **_boundaries(part, config.pack_boundaries))
                     loss = _loss_sum(out.logits, part.targets)
                     objective = loss + _mtp_loss_sum(out, part.targets, module)
                     (objective * (info.world_size / max(count, 1))).backward()
@@ -471,13 +497,20 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             rate_ema = step_tokens / dt if rate_ema is None else 0.9 * rate_ema + 0.1 * step_tokens / dt
             if bar is not None:
                 rate = rate_ema
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
+                util = mfu(n_active, rate, peak)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", tokens=_short(tokens_seen),
+                                **({"mfu": f"{util:.1%}"} if util is not None else {}),
+                                mem=f"{memory_gib(info.device):.2f}G", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
             if done % config.log_every == 0 or done == end:
                 rate = window_tokens / max(window_time, 1e-9)
                 row = {"type": "train", "step": done, "loss": window_loss / window_steps, "lr": lr,
                        "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": rate,
-                       "elapsed_s": elapsed, "cpu_threads": torch.get_num_threads()}
+                       "elapsed_s": elapsed, "cpu_threads": torch.get_num_threads(),
+                       "memory_gib": memory_gib(info.device)}
+                util = mfu(n_active, rate, peak)
+                if util is not None:
+                    row["mfu"] = util
                 log_row(row)
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
             is_last = done == end
@@ -495,8 +528,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     finally:
         if bar is not None:
             bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        if logger is not None:
+            logger.close()
         # Also when the run ends early (Ctrl-C, a diverged loss): the plot shows it up to there.
         if run is not None:
             plotted = plot(done)
@@ -507,3 +540,11 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     result_model = saver if saver is not None else module
     metrics = {"train_loss": loss_value, **{f"val_{k}": v for k, v in final_eval.items()}}
     return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end, config=config)
+
+
+def _short(n: int) -> str:
+    """1234567 -> "1.23M": the tokens seen, in the progress bar."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
