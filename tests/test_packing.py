@@ -193,3 +193,40 @@ def test_block_config_unused():
     ids = torch.randint(0, 29, (1, 12), generator=torch.Generator().manual_seed(8))
     packed = model(ids, cu_seqlens=offsets(DOCS)).logits[0]
     assert_close(packed, torch.cat(separate(model, ids, (DOCS,))), atol=1e-9, msg="rope GQA: packed != alone")
+
+
+def _mha_alone(mixer, x, cu):
+    return torch.cat([mixer(x[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)], 1)
+
+
+@pytest.mark.parametrize("options", [
+    {"rotary_emb_dim": 8},
+    {"rotary_emb_dim": 8, "window_size": 2, "softcap": 5.0},
+    {"causal": False},
+    {"attention_type": "standard", "mask_mod": lambda b, h, q, kv: (q - kv) % 2 == 0},
+    {"attention_type": "flex"},
+])
+def test_mha_block_diagonal(options):
+    """MHA's native packed path (a document mask, in-document positions) == each document alone."""
+    from seqblocks.layers.attention.mha import MHA
+
+    torch.manual_seed(0)
+    mixer = MHA(16, 2, dtype=torch.float64, **options).eval()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    cu = offsets(DOCS)
+    with torch.no_grad():  # flex has no CPU backward
+        assert_close(mixer(x, cu_seqlens=cu), _mha_alone(mixer, x, cu), atol=1e-9, msg=f"MHA {options}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_nonfinite_stays_in_its_document(causal):
+    from seqblocks.layers.attention.mha import MHA
+
+    torch.manual_seed(0)
+    mixer = MHA(16, 2, causal=causal, dtype=torch.float64).eval()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    x[0, 1] = float("nan")  # in the first document (tokens 0..4)
+    y = mixer(x, cu_seqlens=offsets(DOCS))
+    assert torch.isnan(y[0, 1 if causal else 0:5]).all()
+    assert torch.isfinite(y[0, 5:]).all()
+    assert_close(y[0, 5:], _mha_alone(mixer, x[:, 5:], offsets(DOCS[1:]))[0], atol=1e-9, msg="later documents")
