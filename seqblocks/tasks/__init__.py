@@ -1,4 +1,5 @@
-"""Embedded tasks: synthetic recall / copying probes and character-level LM on the stdlib's source.
+"""Embedded tasks: synthetic recall / copying probes, character-level LM on the stdlib's source, a
+text-to-text task for encoder-decoders and text classification from a CSV / JSONL file.
 
 ``TASKS`` maps task names to task classes; ``get_task(name, **options)`` builds one and raises
 ``ValueError`` listing the valid names (or the task's valid options) on a mistake.
@@ -12,13 +13,16 @@ from typing import Any
 from seqblocks.registry import Registry
 from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task
 from seqblocks.tasks.chars import CharTokenizer, StdlibChars
+from seqblocks.tasks.classification import TextClassification
+from seqblocks.tasks.seq2seq import StringTransduction
 from seqblocks.tasks.synthetic import MQAR, Copying, InductionHeads, SelectiveCopying
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "Task", "CharTokenizer", "StdlibChars", "MQAR", "Copying",
-           "InductionHeads", "SelectiveCopying", "get_task", "task_options"]
+           "InductionHeads", "SelectiveCopying", "StringTransduction", "TextClassification", "get_task",
+           "task_options"]
 
 TASKS: Registry = Registry("task")
-for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying):
+for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying, StringTransduction, TextClassification):
     TASKS.register(_cls.name, _cls, description=_cls.description)
 TASKS.register("stdlib", StdlibChars, description="alias of 'chars'")
 

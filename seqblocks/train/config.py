@@ -50,6 +50,9 @@ class TrainConfig(ConfigBase):
         sample_tokens (int): characters sampled at the end of a language task; 0: none. Default: 300.
         sample_prompt (str): prompt of that sample. Default: "def ".
         sample_temperature (float): its temperature. Default: 0.8.
+        activation_checkpointing (int): recompute the activations of every N-th block in the backward
+            pass instead of storing them (``torch.utils.checkpoint``; 1: every block); the gradients are
+            the same. 0: off. Default: 0.
     """
 
     task: str = "chars"
@@ -78,6 +81,7 @@ class TrainConfig(ConfigBase):
     sample_tokens: int = 300
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
+    activation_checkpointing: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,7 +90,7 @@ class TrainConfig(ConfigBase):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
-                     "weight_decay"):
+                     "weight_decay", "activation_checkpointing"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.lr <= 0:
