@@ -53,7 +53,7 @@ def corpus(tmp_path):
 
 
 def _packed_options(corpus: str) -> dict:
-    return {"seq_len": 48, "max_chars": 20_000, "root": corpus, "eval_examples": 8, "pack_documents": True}
+    return {"seq_len": 32, "max_chars": 20_000, "root": corpus, "eval_examples": 8, "pack_documents": True}
 
 
 def test_packed_rows_mark_documents(corpus):
@@ -65,17 +65,17 @@ def test_packed_rows_mark_documents(corpus):
     # no target across a boundary: the last character of a file does not predict the next file's first
     assert (batch.targets[:, :-1][changes] == IGNORE_INDEX).all()
     assert (batch.targets != IGNORE_INDEX).sum() == batch.targets.numel() - changes.sum()
-    assert batch[1:3].document_ids.shape == (2, 48)
+    assert batch[1:3].document_ids.shape == (2, 32)
 
 
 def test_resume_is_bit_exact_with_packed_rows(tmp_path, corpus):
-    config = _config("chars", _packed_options(corpus))
+    config = _config("chars", _packed_options(corpus), steps=4, eval_every=2, ckpt_every=2)
     full = tmp_path / "full"
     train(TINY, config, full, **_quiet())
     split = tmp_path / "split"
-    train(TINY, config, split, stop_after=3, **_quiet())
+    train(TINY, config, split, stop_after=2, **_quiet())
     resumed = train({}, config, split, resume=True, **_quiet())
-    assert resumed.step == 6
+    assert resumed.step == 4
     assert [r["loss"] for r in _rows(split, "train")] == [r["loss"] for r in _rows(full, "train")]
     a = build_train_model(TINY, get_task("chars", **_packed_options(corpus)))
     b = build_train_model(TINY, get_task("chars", **_packed_options(corpus)))
@@ -157,12 +157,14 @@ def test_classifier_trains_from_a_file(tmp_path, fmt):
     options = {"path": str(path), "seq_len": 24, "eval_examples": 64}
     task = get_task("classification", **options)
     assert task.labels == ["neg", "pos"] and task.num_classes == 2
-    config = _config("classification", options, steps=20, lr=1e-2, eval_every=10, ckpt_every=20,
+    steps = 20 if fmt == "csv" else 4  # one format learns; the other only has to train
+    config = _config("classification", options, steps=steps, lr=1e-2, eval_every=steps // 2, ckpt_every=steps,
                      batch_size=16, warmup_steps=3)
     result = train(CLASSIFIER, config, tmp_path / "run", **_quiet())
     evals = _rows(tmp_path / "run", "eval")
-    assert [r["step"] for r in evals] == [10, 20]  # every eval_every steps, on held-out rows
-    assert result.metrics["val_acc"] > 0.75
+    assert [r["step"] for r in evals] == [steps // 2, steps]  # every eval_every steps, on held-out rows
+    if fmt == "csv":
+        assert result.metrics["val_acc"] > 0.75
     assert evals[-1]["tokens"] == min(64, len(task.eval_batches(64)[0].targets))
 
 
@@ -238,8 +240,9 @@ def test_activation_checkpointing_every_n_and_in_training(tmp_path):
     with pytest.raises(ValueError, match="every=0"):
         activation_checkpointing(model, 0)
     mqar = {"vocab_size": 24, "num_kv_pairs": 2, "seq_len": 12, "eval_examples": 16}
-    plain = train(TINY, _config("mqar", mqar, eval_every=0), tmp_path / "a", **_quiet())
-    ckpt = train(TINY, _config("mqar", mqar, eval_every=0, activation_checkpointing=1), tmp_path / "b", **_quiet())
+    short = {"steps": 3, "eval_every": 0, "ckpt_every": 0}
+    plain = train(TINY, _config("mqar", mqar, **short), tmp_path / "a", **_quiet())
+    ckpt = train(TINY, _config("mqar", mqar, activation_checkpointing=1, **short), tmp_path / "b", **_quiet())
     assert [r["loss"] for r in _rows(tmp_path / "a", "train")] == [r["loss"] for r in _rows(tmp_path / "b", "train")]
     assert plain.metrics["val_loss"] == ckpt.metrics["val_loss"]
     with pytest.raises(ValueError, match="activation_checkpointing=-1"):
