@@ -257,3 +257,27 @@ def test_evaluate_bits_per_byte(corpus):
     assert result["bpb"] == pytest.approx(result["loss"] / math.log(2))
     table = task.token_bytes()
     assert table.shape == (task.vocab_size,) and int(table[task.tokenizer.unk_id]) == 3
+
+
+def test_cli_trains_and_evaluates_each_kind(tmp_path, capsys):
+    from seqblocks.cli import main
+
+    flags = ["--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-batch-size", "8", "--no-progress",
+             "--device", "cpu", "--sample-tokens", "0"]
+    out = tmp_path / "s2s"
+    # the task picks the model kind: an encoder-decoder for seq2seq
+    assert main(["train", "--task", "seq2seq", "--task-opt", "max_len=5", "--task-opt", "eval_examples=8",
+                 "--activation-checkpointing", "1", "--out", str(out), *flags]) == 0
+    config = json.loads((out / "run.json").read_text())
+    assert config["model"]["model"] == "encoder_decoder" and config["train"]["activation_checkpointing"] == 1
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "seq2seq"
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in _labelled_rows(40)))
+    out = tmp_path / "cls"
+    assert main(["train", "--task", "classification", "--task-opt", f"path={data}", "--task-opt", "seq_len=16",
+                 "--out", str(out), *flags]) == 0
+    assert json.loads((out / "run.json").read_text())["model"]["model"] == "classifier"
+    assert main(["eval", str(out), "--json"]) == 0
+    assert main(["train", "--task", "chars", "--model", "classifier", "--out", str(tmp_path / "bad"), *flags]) == 2
+    assert "cannot train on" in capsys.readouterr().err

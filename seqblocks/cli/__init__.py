@@ -41,6 +41,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-tokens", type=int, help="characters to sample at the end (language tasks)")
     g.add_argument("--sample-prompt", help="prompt of the final sample")
     g.add_argument("--sample-temperature", type=float)
+    g.add_argument("--activation-checkpointing", type=int, metavar="N",
+                   help="recompute every N-th block's activations in the backward pass (1: every block; 0: off)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, help="stop after this many steps of the schedule (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_task_options(p, "task name (default: the preset's, usually chars)")
+    p.add_argument("--model", choices=["causal_lm", "encoder_decoder", "classifier"],
+                   help="model kind (default: the one the task trains: an encoder-decoder for seq2seq, a "
+                        "classifier for classification, else the config's causal LM)")
     _add_train_options(p)
     _add_threads_option(p)
 

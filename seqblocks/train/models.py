@@ -31,11 +31,55 @@ from torch import nn
 from seqblocks.tasks import Batch, Task
 
 PAD_ID = 0  # padding of seq2seq sources and classifier inputs
-__all__ = ["MODEL_KINDS", "model_kind", "kind_of_model", "build_train_model", "forward_logits", "save_train_model",
-           "activation_checkpointing"]
+__all__ = ["MODEL_KINDS", "DEFAULT_MODEL_CONFIGS", "choose_model_config", "model_kind", "kind_of_model",
+           "build_train_model", "forward_logits", "save_train_model", "load_train_model", "activation_checkpointing"]
 
 MODEL_KINDS = ("causal_lm", "encoder_decoder", "classifier")
 _TASK_KIND = {"causal_lm": "lm", "encoder_decoder": "seq2seq", "classifier": "classification"}
+
+
+#: The model ``seqblocks train`` builds for a kind when the config given is of another kind: small
+#: enough to train on a CPU in minutes.
+DEFAULT_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "encoder_decoder": {"model": "encoder_decoder", "d_model": 64, "num_heads": 4, "d_ff": 128,
+                        "num_encoder_layers": 2, "num_decoder_layers": 2, "max_seq_len": 512},
+    "classifier": {"model": "classifier", "d_model": 64, "d_state": 16, "n_layers": 2, "lrnn_cls": "s4d",
+                   "pooling": "mean", "dropout": 0.1},
+}
+
+
+def choose_model_config(model_config: dict[str, Any], task_name: str, kind: str | None = None, *,
+                        explicit: bool = False) -> dict[str, Any]:
+    """The model config ``seqblocks train`` trains: ``model_config`` when it fits the task, else the
+    default config of the kind the task needs (``DEFAULT_MODEL_CONFIGS``).
+
+    Args:
+        model_config (dict): the preset's or config file's model.
+        task_name (str): the task (``seqblocks.tasks.TASKS``).
+        kind (str | None): the kind asked for (``--model``); None: the one the task needs. Default: None.
+        explicit (bool): ``model_config`` was chosen by the user (a config named on the command line):
+            it is kept as it is unless ``kind`` asks for another kind. Default: False.
+
+    Raises:
+        ValueError: an unknown kind or task.
+    """
+    from seqblocks.tasks import TASKS
+
+    have = model_kind(model_config)
+    if kind is None:
+        if explicit:
+            return model_config
+        need = getattr(TASKS.get(task_name), "kind", "lm")
+        kind = next(k for k, v in _TASK_KIND.items() if v == need)
+    elif kind not in MODEL_KINDS:
+        raise ValueError(f"--model {kind!r}: expected one of {MODEL_KINDS}")
+    if kind == have:
+        return model_config
+    if kind == "causal_lm":
+        from seqblocks.presets import DEFAULT_PRESET, get_preset
+
+        return get_preset(DEFAULT_PRESET)["model"]
+    return dict(DEFAULT_MODEL_CONFIGS[kind])
 
 
 def model_kind(model_config: dict[str, Any]) -> str:
@@ -133,6 +177,27 @@ def save_train_model(module: nn.Module, directory: Path, model_config: dict[str,
 
     save_weights(module, Path(directory) / WEIGHTS_NAME, config=dict(model_config))
     (Path(directory) / CONFIG_NAME).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+
+
+def load_train_model(directory: Path, task_info: dict[str, Any] | None, device=None) -> nn.Module | None:
+    """The encoder-decoder or classifier a checkpoint directory holds (``save_train_model``), rebuilt for
+    its task (``task_info``: the checkpoint's ``{"name", "options"}``); None for a causal LM's checkpoint.
+
+    Raises:
+        ValueError: such a checkpoint without its task.
+    """
+    from seqblocks.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights
+    from seqblocks.tasks import get_task
+
+    path = Path(directory) / CONFIG_NAME
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(config, dict) or config.get("model") not in ("encoder_decoder", "classifier"):
+        return None
+    if task_info is None:
+        raise ValueError(f"{directory}: a {config['model']} checkpoint is rebuilt for its task, and it names none")
+    model = build_train_model(config, get_task(task_info["name"], **task_info["options"]))
+    load_weights(model, Path(directory) / WEIGHTS_NAME)
+    return model.to(device)
 
 
 def activation_checkpointing(model: nn.Module, every: int) -> int:
