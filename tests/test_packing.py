@@ -230,3 +230,36 @@ def test_nonfinite_stays_in_its_document(causal):
     assert torch.isnan(y[0, 1 if causal else 0:5]).all()
     assert torch.isfinite(y[0, 5:]).all()
     assert_close(y[0, 5:], _mha_alone(mixer, x[:, 5:], offsets(DOCS[1:]))[0], atol=1e-9, msg="later documents")
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned", "rope", "alibi"])
+@pytest.mark.parametrize("stack", ["encoder", "decoder_only"])
+def test_transformer_stacks_packed(position, stack):
+    from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder
+
+    torch.manual_seed(0)
+    common = dict(d_model=16, num_layers=2, num_heads=2, d_ff=32, position=position, max_seq_len=16,
+                  dtype=torch.float64)
+    model = (TransformerEncoder(29, **common) if stack == "encoder"
+             else TransformerDecoder(29, cross_attention=False, **common)).eval()
+    ids = torch.randint(0, 29, (2, 12), generator=torch.Generator().manual_seed(9))
+    packed = model(ids, cu_seqlens=offsets(DOCS, ROW2))
+    alone = []
+    for b, row in enumerate((DOCS, ROW2)):
+        start = 0
+        for n in row:
+            alone.append(model(ids[b:b + 1, start:start + n])[0])
+            start += n
+    assert_close(packed.reshape(-1, packed.shape[-1]), torch.cat(alone), atol=1e-9, msg=f"{stack} {position}")
+    doc = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4, [7] * 2 + [3] * 6 + [7] * 4])
+    assert torch.equal(model(ids, document_ids=doc), packed)
+    with pytest.raises(ValueError, match=r"take no \['mask'\]"):
+        model(ids, mask=torch.ones(2, 12, dtype=torch.bool), cu_seqlens=offsets(DOCS, ROW2))
+
+
+def test_cross_attention_decoder_refuses_packing():
+    from seqblocks.models.transformer import TransformerDecoder
+
+    model = TransformerDecoder(29, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    with pytest.raises(ValueError, match="decoder-only stack"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, 16), cu_seqlens=torch.tensor([0, 4]))
