@@ -281,3 +281,16 @@ def test_cli_trains_and_evaluates_each_kind(tmp_path, capsys):
     assert main(["eval", str(out), "--json"]) == 0
     assert main(["train", "--task", "chars", "--model", "classifier", "--out", str(tmp_path / "bad"), *flags]) == 2
     assert "cannot train on" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_survives_a_deep_copy():
+    import copy
+
+    from seqblocks.presets import build_model
+
+    model = build_model({**TINY, "vocab_size": 24}).double()
+    activation_checkpointing(model, 1)
+    twin = copy.deepcopy(model)
+    assert twin.layers[0].forward.args[0] is twin.layers[0]  # bound to the copy, not the original
+    ids = torch.randint(0, 24, (2, 8))
+    torch.testing.assert_close(twin(ids).logits, model(ids).logits, atol=0, rtol=0)

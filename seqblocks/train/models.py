@@ -200,23 +200,32 @@ def load_train_model(directory: Path, task_info: dict[str, Any] | None, device=N
     return model.to(device)
 
 
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``block``'s own forward, its activations recomputed in the backward pass (a module-level function
+    bound with ``functools.partial``, so a deep copy or pickle of the model rebinds it to the copy)."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = type(block).forward.__get__(block)
+    if not torch.is_grad_enabled():  # evaluation: nothing to save
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def activation_checkpointing(model: nn.Module, every: int) -> int:
     """Recompute the activations of every ``every``-th block in the backward pass instead of keeping
     them (``torch.utils.checkpoint``, non-reentrant, the RNG state restored so dropout repeats).
 
     The blocks are the entries of each ``layers`` ``nn.ModuleList`` in ``model`` (a causal LM's,
     an encoder's and a decoder's stack) and a classifier's ``mixers``. Only the forward of each block
-    instance is wrapped, so parameters and state-dict keys are unchanged. Returns how many blocks
-    were wrapped.
+    instance is replaced, so parameters, classes and state-dict keys are unchanged. Returns how many
+    blocks were wrapped (a block already wrapped is not wrapped again).
 
     Raises:
         ValueError: ``every`` < 1.
     """
     import functools
 
-    from torch.utils.checkpoint import checkpoint
-
-    if not isinstance(every, int) or every < 1:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"activation_checkpointing: every={every!r} must be a positive int")
     wrapped = 0
     for module in model.modules():
@@ -225,16 +234,8 @@ def activation_checkpointing(model: nn.Module, every: int) -> int:
             if not isinstance(stack, nn.ModuleList):
                 continue
             for i, block in enumerate(stack):
-                if i % every or getattr(block, "_activation_checkpointed", False):
+                if i % every or isinstance(block.__dict__.get("forward"), functools.partial):
                     continue
-                forward = block.forward
-
-                def run(*args, _forward=forward, **kwargs):
-                    if not torch.is_grad_enabled():  # evaluation: nothing to save
-                        return _forward(*args, **kwargs)
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-                block.forward = functools.wraps(forward)(run)
-                block._activation_checkpointed = True
+                block.forward = functools.partial(_checkpointed_forward, block)
                 wrapped += 1
     return wrapped
