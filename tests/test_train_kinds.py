@@ -165,6 +165,8 @@ def test_classifier_trains_from_a_file(tmp_path, fmt):
     assert [r["step"] for r in evals] == [steps // 2, steps]  # every eval_every steps, on held-out rows
     if fmt == "csv":
         assert result.metrics["val_acc"] > 0.75
+    # eval_steps: the first N held-out batches only
+    assert evaluate(build_train_model(CLASSIFIER, task), task, batch_size=4, max_batches=2)["tokens"] == 8
     assert evals[-1]["tokens"] == min(64, len(task.eval_batches(64)[0].targets))
 
 
@@ -262,8 +264,8 @@ def test_evaluate_bits_per_byte(corpus):
 def test_cli_trains_and_evaluates_each_kind(tmp_path, capsys):
     from seqblocks.cli import main
 
-    flags = ["--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-batch-size", "8", "--no-progress",
-             "--device", "cpu", "--sample-tokens", "0"]
+    flags = ["--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-batch-size", "4", "--eval-steps", "1",
+             "--no-progress", "--device", "cpu", "--sample-tokens", "0"]
     out = tmp_path / "s2s"
     # the task picks the model kind: an encoder-decoder for seq2seq
     assert main(["train", "--task", "seq2seq", "--task-opt", "max_len=5", "--task-opt", "eval_examples=8",

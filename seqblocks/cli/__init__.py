@@ -35,6 +35,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--eval-steps", type=int, help="evaluate on the first N held-out batches only (0: all)")
     g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: at the end only)")
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (0: all)")
     g.add_argument("--log-every", type=int, help="metrics line every N steps")

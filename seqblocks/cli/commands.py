@@ -185,7 +185,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 _TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                 "grad_clip", "seed", "precision", "compile", "compile_backend", "parallel", "device", "eval_every",
                 "eval_batch_size", "ckpt_every", "keep_checkpoints", "log_every", "sample_tokens", "sample_prompt",
-                "sample_temperature", "activation_checkpointing")
+                "sample_temperature", "activation_checkpointing", "eval_steps")
 
 
 def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any]):

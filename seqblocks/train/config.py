@@ -44,6 +44,8 @@ class TrainConfig(ConfigBase):
         eval_every (int): evaluate on the held-out split every N steps (and at the end); 0: only at the
             end. Default: 100.
         eval_batch_size (int): batch size of evaluation. Default: 64.
+        eval_steps (int): evaluate on the first N batches of the held-out set only; 0: all of it.
+            Default: 0.
         ckpt_every (int): checkpoint every N steps (and at the end); 0: only at the end. Default: 100.
         keep_checkpoints (int): checkpoints kept, newest first; 0 keeps all. Default: 2.
         log_every (int): write a metrics line every N steps. Default: 10.
@@ -75,6 +77,7 @@ class TrainConfig(ConfigBase):
     device: str = "auto"
     eval_every: int = 100
     eval_batch_size: int = 64
+    eval_steps: int = 0
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -90,7 +93,7 @@ class TrainConfig(ConfigBase):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
-                     "weight_decay", "activation_checkpointing"):
+                     "weight_decay", "activation_checkpointing", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.lr <= 0:

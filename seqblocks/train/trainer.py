@@ -136,7 +136,7 @@ def bits_per_byte(nats: float, nbytes: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.device | str = "cpu",
-             precision: str = "fp32", seed: int = 0) -> dict[str, float]:
+             precision: str = "fp32", seed: int = 0, max_batches: int = 0) -> dict[str, float]:
     """Loss, perplexity and accuracy of ``model`` on ``task``'s held-out split.
 
     Args:
@@ -147,6 +147,7 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
         device (torch.device | str): where to run. Default: "cpu".
         precision (str): "fp32", "bf16" or "auto". Default: "fp32".
         seed (int): the task seed (synthetic tasks draw their held-out set from it). Default: 0.
+        max_batches (int): score only the first N batches of the held-out set; 0: all. Default: 0.
 
     Returns:
         dict: ``loss`` (mean cross-entropy per scored token), ``ppl`` (exp(loss)), ``acc`` (argmax
@@ -159,7 +160,8 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
     kind, table = kind_of_model(model), task.token_bytes()
     total, correct, count, rows_right, rows, nbytes = 0.0, 0, 0, 0, 0, 0
     try:
-        for batch in task.eval_batches(batch_size, seed):
+        batches = task.eval_batches(batch_size, seed)
+        for batch in batches[:max_batches] if max_batches > 0 else batches:
             batch = batch.to(device)
             with autocast_context(device, precision):
                 logits = forward_logits(model, batch, kind)[1]
@@ -433,7 +435,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                                  task, extra, card)
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed)
+        result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed,
+                          max_batches=config.eval_steps)
         if fsdp:
             reshard(module)
         log_row({"type": "eval", "step": step, **result})
