@@ -351,7 +351,11 @@ def load_config(name_or_path: str) -> dict[str, Any]:
         config["source"] = f"config file {name_or_path!r}"
     else:
         get_preset(name_or_path)  # raises the listing error
-    config["model"] = model_kwargs(config["model"], config["source"])
+    model = config["model"]
+    kind = model.get("model", "causal_lm") if isinstance(model, dict) else "causal_lm"
+    if kind == "causal_lm":  # an encoder-decoder's / classifier's config is checked when it is built
+        model = {k: v for k, v in model.items() if k != "model"} if isinstance(model, dict) else model
+        config["model"] = model_kwargs(model, config["source"])
     return config
 
 

@@ -36,6 +36,7 @@ from seqblocks.layers.attention import CrossAttention
 from seqblocks.layers.attention.mha import MHA
 from seqblocks.layers.attention.score_mods import mod_kind
 from seqblocks.layers.checks import check_positive, check_range
+from seqblocks.layers.mixer import run_mixer
 from seqblocks.layers.position import ALiBi
 from seqblocks.registry import NORMS
 
@@ -201,15 +202,27 @@ class EncoderBlock(_BlockBase):
         return self.attn.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: Cache | None = None,
-                position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. ``mask``: [B, T] key padding (True = real) or a full mask (see
-        ``MHA``); ``cache``: the self-attention cache (causal blocks); ``lengths`` [B] valid prefixes."""
-        self._check_length(x.shape[1], cache)
-        kw = dict(cache=cache, mask=mask, position_ids=position_ids, lengths=lengths)
+        ``MHA``); ``cache``: the self-attention cache (causal blocks); ``lengths`` [B] valid prefixes;
+        ``cu_seqlens`` [N + 1]: documents packed in x [1, total, D], each attending only to itself."""
+        if cu_seqlens is None:
+            self._check_length(x.shape[1], cache)
+            kw = dict(cache=cache, mask=mask, position_ids=position_ids, lengths=lengths)
+
+            def attn(h: torch.Tensor) -> torch.Tensor:
+                return self.attn(h, **kw)
+        else:  # positions restart per document: the longest document must fit
+            self._check_length(int(cu_seqlens.diff().max()), cache)
+            kw = dict(mask=mask, position_ids=position_ids, lengths=lengths, cu_seqlens=cu_seqlens)
+
+            def attn(h: torch.Tensor) -> torch.Tensor:
+                return run_mixer(self.attn, h, cache, kw)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.ln1(x), **kw))
+            x = x + self.dropout(attn(self.ln1(x)))
             return x + self.dropout(self.ffn(self.ln2(x)))
-        x = self.ln1(x + self.dropout(self.attn(x, **kw)))
+        x = self.ln1(x + self.dropout(attn(x)))
         return self.ln2(x + self.dropout(self.ffn(x)))
 
 

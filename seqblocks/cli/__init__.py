@@ -36,6 +36,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--eval-steps", type=int, help="evaluate on the first N held-out batches only (0: all)")
     g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: at the end only)")
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (0: all)")
     g.add_argument("--log-every", type=int, help="metrics line every N steps")
@@ -44,6 +45,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-temperature", type=float)
     g.add_argument("--seq-len-warmup", type=int, help="sequence-length warmup over the first N steps (0: off)")
     g.add_argument("--seq-len-start", type=int, help="first length of the sequence-length warmup (default 16)")
+    g.add_argument("--activation-checkpointing", type=int, metavar="N",
+                   help="recompute every N-th block's activations in the backward pass (1: every block; 0: off)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -111,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer of text given to --data: char (default), gpt2, cl100k_base, ..., "
                    "a .tiktoken file or a tokenizer .json (from `seqblocks tokenizer train`)")
     _add_task_options(p, "task name (default: the preset's, usually chars)")
+    p.add_argument("--model", choices=["causal_lm", "encoder_decoder", "classifier"],
+                   help="model kind (default: the one the task trains: an encoder-decoder for seq2seq, a "
+                        "classifier for classification, else the config's causal LM)")
     _add_train_options(p)
     _add_threads_option(p)
 

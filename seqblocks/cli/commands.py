@@ -185,7 +185,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 _TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                 "grad_clip", "seed", "precision", "compile", "compile_backend", "parallel", "device", "eval_every",
                 "eval_batch_size", "ckpt_every", "keep_checkpoints", "log_every", "sample_tokens", "sample_prompt",
-                "sample_temperature")
+                "sample_temperature", "activation_checkpointing", "eval_steps")
 _TRAIN_FLAGS += ("seq_len_warmup", "seq_len_start")  # the curriculum (seqblocks.train.curriculum)
 
 
@@ -281,6 +281,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   "training options given (all but --steps) are ignored", file=sys.stderr)
         model_config, config = {}, None
     else:
+        from seqblocks.train.models import choose_model_config
+
         spec = _run_spec(args)
         if spec is None:
             loaded = load_config(name)
@@ -288,6 +290,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             _prepare_run_data(spec, out, progress=not args.no_progress)
             model_config, config = spec.model, train_config_from_args(args, spec.train)
+        # the model kind follows the task (an encoder-decoder for seq2seq, a classifier for
+        # classification) unless --model or a named config says otherwise
+        model_config = choose_model_config(model_config, config.task, getattr(args, "model", None),
+                                           explicit=args.config is not None or spec is not None)
     threads = getattr(args, "cpu_threads", None)
     header = [threads] if threads is not None else []
 
@@ -342,10 +348,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     from seqblocks.checkpoint import load_pretrained
     from seqblocks.tokenizers import tokenizer_from_dict
     from seqblocks.train.checkpointing import TASK_FILE, TOKENIZER_FILE, resolve_checkpoint
+    from seqblocks.train.models import load_train_model
 
     ckpt = resolve_checkpoint(path)
-    model = load_pretrained(ckpt, device=device)
     task = json.loads((ckpt / TASK_FILE).read_text()) if (ckpt / TASK_FILE).is_file() else None
+    model = load_train_model(ckpt, task, device=device)  # an encoder-decoder's or classifier's
+    if model is None:
+        model = load_pretrained(ckpt, device=device)
     # The tokenizer the run trained with, whole (char, tiktoken or BPE): nothing to give again.
     tokenizer = tokenizer_from_dict(json.loads((ckpt / TOKENIZER_FILE).read_text())) \
         if (ckpt / TOKENIZER_FILE).is_file() else None
@@ -513,7 +522,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{ckpt} does not say which task it was trained on; give --task")
     task = get_task(name, **options)
-    if task.vocab_size > model.vocab_size:
+    if task.vocab_size > getattr(model, "vocab_size", task.vocab_size):
         raise ValueError(f"task {name!r} has {task.vocab_size} tokens but the model only {model.vocab_size}")
     seed = args.seed
     if seed is None:

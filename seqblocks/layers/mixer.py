@@ -10,7 +10,10 @@ A mixer is an ``nn.Module`` subclass of ``Mixer`` that maps ``x`` [B, T, D] to `
 - ``inputs``: class data naming the optional keyword inputs ``forward`` consumes, a subset of
   ``MIXER_INPUTS`` (``lengths`` [B], ``integration_timesteps`` [B, T], ``position_ids``, ``mask``,
   ``cu_seqlens``). Blocks and models route each input to exactly the mixers that declare it; giving a
-  mixer one it does not declare raises ``TypeError``.
+  mixer one it does not declare raises ``TypeError``. One exception: ``cu_seqlens`` (documents packed
+  in a batch of one) reaches every mixer that declares ``lengths`` too; ``run_mixer`` unpacks the
+  documents into a right-padded batch for those that do not run packed input natively
+  (``seqblocks.layers.packing``).
 - ``allocate_inference_cache(batch_size, max_seqlen, dtype=None) -> Cache``: a preallocated,
   static-shape cache (``seqblocks.cache``).
 - ``step(x, cache)``: the T = 1 case of ``forward``.
@@ -49,6 +52,7 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.checks import check_allocation, check_cache, check_input, check_lengths, check_positive
+from seqblocks.layers.packing import run_unpacked
 from seqblocks.registry import MIXERS
 
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
@@ -58,7 +62,7 @@ MIXER_INPUTS = frozenset({"lengths", "integration_timesteps", "position_ids", "m
 PLACEMENT_ARGS = ("device", "dtype", "layer_idx")
 
 __all__ = ["MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
-           "run_mixer", "build_component", "mixer_config_class"]
+           "run_mixer", "accepted_inputs", "build_component", "mixer_config_class"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -327,11 +331,22 @@ class IdentityMixer(Mixer):
 MIXERS.register("identity", IdentityMixer, description="alias of 'none': no sequence mixing")
 
 
+def accepted_inputs(mixer: Any) -> frozenset[str]:
+    """The optional inputs ``run_mixer`` can give ``mixer``: those it declares in ``Mixer.inputs``, and
+    ``cu_seqlens`` for every mixer that declares ``lengths`` (served by ``layers.packing.run_unpacked``)."""
+    declared = frozenset(getattr(mixer, "inputs", frozenset()))
+    return declared | {"cu_seqlens"} if "lengths" in declared else declared
+
+
 def run_mixer(mixer: Mixer, x: torch.Tensor, cache: Any = None, inputs: dict[str, Any] | None = None) -> torch.Tensor:
     """``mixer(x, cache, **inputs)`` under the contract: inputs that are None are dropped, and one the
-    mixer does not declare in ``inputs`` raises ``TypeError`` naming the mixer and what it declares."""
+    mixer does not declare in ``inputs`` raises ``TypeError`` naming the mixer and what it declares.
+    ``cu_seqlens`` given to a mixer that declares ``lengths`` but not ``cu_seqlens`` runs the documents
+    as a right-padded batch (``seqblocks.layers.packing.run_unpacked``)."""
     given = {k: v for k, v in (inputs or {}).items() if v is not None}
-    rejected = sorted(set(given) - mixer.inputs)
+    if "cu_seqlens" in given and "cu_seqlens" not in mixer.inputs and "lengths" in mixer.inputs:
+        return run_unpacked(mixer, x, cache, given)
+    rejected = sorted(set(given) - accepted_inputs(mixer))
     if rejected:
         raise TypeError(f"{type(mixer).__name__} does not take the inputs {rejected}; it takes "
                         f"{sorted(mixer.inputs)}")

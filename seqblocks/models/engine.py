@@ -27,6 +27,8 @@ from torch import nn
 from seqblocks.cache import Cache, InferenceCaches, cache_offset, host_sync_unsafe
 from seqblocks.checkpoint import CheckpointMixin
 from seqblocks.layers.checks import check_allocation, check_lengths, check_position_ids, check_timesteps
+from seqblocks.layers.mixer import Mixer, accepted_inputs
+from seqblocks.layers.packing import packed_positions, packing_offsets
 from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
 from seqblocks.models.mtp import MTPModule
@@ -47,8 +49,9 @@ class CausalLMOutput(NamedTuple):
 
 
 def mixer_inputs(mixer: nn.Module) -> frozenset[str]:
-    """The optional inputs ``mixer`` declares (``Mixer.inputs``; none for a module that is not a Mixer)."""
-    return getattr(mixer, "inputs", frozenset())
+    """The optional inputs ``mixer`` takes (``Mixer.inputs``, plus ``cu_seqlens`` for a mixer that
+    declares ``lengths``: ``layers.mixer.accepted_inputs``; none for a module that is not a Mixer)."""
+    return accepted_inputs(mixer) if isinstance(mixer, Mixer) else getattr(mixer, "inputs", frozenset())
 
 
 class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqblocks", "causal-lm"]):
@@ -144,6 +147,7 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
                 inference_params: dict | None = None, num_last_tokens: int = 0,
                 integration_timesteps: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
                 return_hidden: bool = False, output_hidden_states: bool | None = None,
+                cu_seqlens: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 **mixer_kwargs: Any) -> CausalLMOutput:
         """Logits for every position (or the last ``num_last_tokens``).
 
@@ -163,6 +167,14 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
                 the last ``num_last_tokens`` positions like the logits. Default: False.
             output_hidden_states (bool | None): Hugging Face's spelling of ``return_hidden``; True or
                 False overrides it. Default: None.
+            cu_seqlens (Tensor | None): [N + 1] int32 / int64 offsets of N documents packed over the
+                flattened B * T tokens (0 first, B * T last; each row start is a boundary too). Every
+                mixer then sees each document alone: recurrences and convolutions restart,
+                attention is block-diagonal, positions restart at 0 (``seqblocks.layers.packing``).
+                Not with caches, ``lengths``, ``position_ids`` or other mixer inputs. Default: None.
+            document_ids (Tensor | None): [B, T] integer document id of each token, instead of
+                ``cu_seqlens``: a document starts where the id changes and at each row start.
+                Default: None.
             **mixer_kwargs: further mixer inputs (``mask``, ...); each reaches the mixers that declare it.
 
         Returns:
@@ -198,8 +210,32 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
                 raise TypeError(f"{owner}.forward: the inputs {unused} are declared by no mixer of this model")
         if output_hidden_states is not None:
             return_hidden = output_hidden_states
+        packed = None
+        if cu_seqlens is not None or document_ids is not None:
+            packed = self._check_packing(B, T, cu_seqlens, document_ids, inference_params, lengths, position_ids,
+                                         extra, input_ids.device)
         return self._run(input_ids, inference_params, position_ids, num_last_tokens, integration_timesteps,
-                         lengths, extra, bool(return_hidden))
+                         lengths, extra, bool(return_hidden), cu_seqlens=packed)
+
+    def _check_packing(self, B, T, cu_seqlens, document_ids, caches, lengths, position_ids, extra,
+                       device) -> torch.Tensor:
+        """The packed batch's offsets over its B * T tokens (``layers.packing.packing_offsets``)."""
+        owner = type(self).__name__
+        given = {"inference_params": caches, "lengths": lengths, "position_ids": position_ids, **extra}
+        clash = sorted(k for k, v in given.items() if v is not None)
+        if clash:
+            raise ValueError(f"{owner}.forward: packed documents (cu_seqlens / document_ids) take no {clash}; "
+                             f"positions restart per document and the rows carry no padding")
+        if getattr(self, "mtp", None):
+            raise ValueError(f"{owner}.forward: packed documents with multi-token prediction "
+                             f"(mtp_n_predict={len(self.mtp)}) are not supported; pack without MTP")
+        packed = packing_offsets(owner, B, T, cu_seqlens=cu_seqlens, document_ids=document_ids, device=device)
+        unable = sorted({type(m).__name__ for m in self.mixers() if "cu_seqlens" not in mixer_inputs(m)
+                         and not getattr(m, "is_identity", False)})
+        if unable:
+            raise TypeError(f"{owner}.forward: the mixers {unable} take neither cu_seqlens nor lengths, so they "
+                            f"cannot run packed documents")
+        return packed
 
     def step(self, input_ids: torch.Tensor, caches: dict, integration_timesteps: torch.Tensor | None = None,
              return_hidden: bool = False, **mixer_kwargs: Any) -> CausalLMOutput:
@@ -235,10 +271,10 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         return self._run(input_ids, caches, None, 0, integration_timesteps, None, extra, bool(return_hidden))
 
     def _run(self, input_ids, caches, position_ids, num_last_tokens, integration_timesteps, lengths, extra,
-             return_hidden=False):
+             return_hidden=False, cu_seqlens=None):
         hidden_states: list[torch.Tensor] | None = [] if return_hidden else None
         hidden = self._final_hidden(input_ids, caches, position_ids, integration_timesteps, lengths, extra,
-                                    hidden_states)
+                                    hidden_states, cu_seqlens=cu_seqlens)
         mtp_logits = None
         if getattr(self, "mtp", None) and caches is None and num_last_tokens == 0:
             mtp_logits = self.mtp_logits(hidden, input_ids)
@@ -250,14 +286,17 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
                               hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
     def _final_hidden(self, input_ids, caches, position_ids, integration_timesteps, lengths, extra,
-                      hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      hidden_states: list[torch.Tensor] | None = None, cu_seqlens=None) -> torch.Tensor:
         """Embedding, position encoding and backbone (final norm included): [B, T, D]; caches advance.
         With a list as ``hidden_states``, the backbone appends the residual stream entering each layer
-        and then the final-norm output to it."""
-        T = input_ids.shape[1]
+        and then the final-norm output to it. With ``cu_seqlens`` (checked offsets over the B * T
+        tokens) the backbone runs on the rows flattened into one packed row [1, B * T, D]."""
+        B, T = input_ids.shape
         hidden = self.embedding(input_ids)
         if self.position is not None:
-            if position_ids is None:
+            if cu_seqlens is not None:
+                positions = packed_positions(cu_seqlens, B * T).view(B, T)
+            elif position_ids is None:
                 start = cache_offset(caches)[:, None] if caches is not None else 0
                 positions = start + torch.arange(T, device=input_ids.device)
                 positions = positions if caches is not None else positions[None]
@@ -267,6 +306,15 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         inputs = {"lengths": lengths, "integration_timesteps": integration_timesteps, "position_ids": position_ids,
                   **extra}
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        if cu_seqlens is not None:
+            hidden = hidden.reshape(1, B * T, hidden.shape[-1])
+            inputs = {k: v.reshape(1, B * T) for k, v in inputs.items()}  # integration_timesteps [B, T]
+            inputs["cu_seqlens"] = cu_seqlens
+            start = 0 if hidden_states is None else len(hidden_states)
+            hidden = self._backbone(hidden, caches, self._route(inputs), hidden_states).view(B, T, -1)
+            if hidden_states is not None:
+                hidden_states[start:] = [h.view(B, T, -1) for h in hidden_states[start:]]
+            return hidden
         hidden = self._backbone(hidden, caches, self._route(inputs), hidden_states)
         if caches is not None and isinstance(caches, InferenceCaches):
             caches.seqlen_offset.add_(lengths if lengths is not None else T)

@@ -23,6 +23,7 @@ from torch import nn
 
 from seqblocks.blocks.encoder_decoder import DecoderBlock, EncoderBlock
 from seqblocks.cache import Cache
+from seqblocks.layers.packing import packed_positions, packing_offsets
 from seqblocks.layers.position import LearnedPosition, SinusoidalPosition, positions_from_offset
 from seqblocks.registry import NORMS
 
@@ -69,7 +70,8 @@ class _Stack(nn.Module):
     def _block_kwargs(self, position: str, rope_max: int) -> dict[str, Any]:
         return {"use_rope": position == "rope", "alibi": position == "alibi", "rope_max_positions": rope_max}
 
-    def _embed(self, inputs: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, inputs: torch.Tensor, offset: torch.Tensor | None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         owner = type(self).__name__
         if self.embedding is not None:
             if inputs.dim() != 2 or inputs.dtype.is_floating_point:
@@ -81,9 +83,33 @@ class _Stack(nn.Module):
             x = inputs
         if self.pos_embedding is not None:
             T = x.shape[1]
-            pos = positions_from_offset(0 if offset is None else offset, T, device=x.device)
+            pos = positions if positions is not None else positions_from_offset(0 if offset is None else offset, T,
+                                                                                 device=x.device)
             x = self.pos_embedding.embed(x, pos)
         return self.embed_dropout(x)
+
+    def _packed(self, inputs: torch.Tensor, cu_seqlens, document_ids, given: dict[str, Any]):
+        """The packed run's (offsets over B * T tokens, in-document positions [B, T]); None unpacked."""
+        if cu_seqlens is None and document_ids is None:
+            return None, None
+        owner = type(self).__name__
+        clash = sorted(k for k, v in given.items() if v is not None)
+        if clash:
+            raise ValueError(f"{owner}: packed documents (cu_seqlens / document_ids) take no {clash}")
+        B, T = inputs.shape[:2]
+        cu = packing_offsets(owner, B, T, cu_seqlens=cu_seqlens, document_ids=document_ids, device=inputs.device)
+        return cu, packed_positions(cu, B * T).view(B, T)
+
+    def _run_blocks(self, x: torch.Tensor, cu: torch.Tensor | None, call) -> tuple[torch.Tensor, list]:
+        """Each block as ``call(i, block, x, cu)``; packed (``cu``) on the rows flattened to [1, B * T, D]."""
+        B, T, D = x.shape
+        if cu is not None:
+            x = x.reshape(1, B * T, D)
+        hidden_states = []
+        for i, blk in enumerate(self.layers):
+            hidden_states.append(x if cu is None else x.view(B, T, D))
+            x = call(i, blk, x, cu)
+        return (x if cu is None else x.view(B, T, D)), hidden_states
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.final_norm is None else self.final_norm(x)
@@ -132,19 +158,28 @@ class TransformerEncoder(_Stack):
         return TransformerCache(seqlen_offset=offset, max_seqlen=max_seqlen, layers=layers)
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, cache: TransformerCache | None = None,
-                lengths: torch.Tensor | None = None, return_hidden: bool = False,
+                lengths: torch.Tensor | None = None, return_hidden: bool = False, *,
+                cu_seqlens: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """inputs: token ids [B, T] (or embeddings [B, T, D]) -> hidden states [B, T, D].
 
         ``mask`` [B, T] bool marks real tokens (key padding) or is a full attention mask. With
         ``return_hidden=True`` it returns ``(output, hidden_states)``: the input of each block (the
         embedding output first) and then ``output`` itself, num_layers + 1 tensors [B, T, D].
+        ``cu_seqlens`` ([N + 1] offsets over the B * T tokens) or ``document_ids`` ([B, T]) pack several
+        documents per row: each attends only to itself and its positions restart (as
+        ``seqblocks.layers.packing``; not with ``mask``, ``cache`` or ``lengths``).
         """
-        x = self._embed(inputs, None if cache is None else cache.seqlen_offset)
-        hidden_states = []
-        for i, blk in enumerate(self.layers):
-            hidden_states.append(x)
-            x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i], lengths=lengths)
+        cu, positions = self._packed(inputs, cu_seqlens, document_ids, {"mask": mask, "cache": cache,
+                                                                         "lengths": lengths})
+        x = self._embed(inputs, None if cache is None else cache.seqlen_offset, positions)
+
+        def call(i, blk, h, cu):
+            if cu is not None:
+                return blk(h, cu_seqlens=cu)
+            return blk(h, mask=mask, cache=None if cache is None else cache.layers[i], lengths=lengths)
+
+        x, hidden_states = self._run_blocks(x, cu, call)
         if cache is not None:
             cache.advance(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
         x = self._finish(x)
@@ -207,7 +242,9 @@ class TransformerDecoder(_Stack):
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: TransformerCache | None = None, lengths: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                return_hidden: bool = False, *, cu_seqlens: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """tokens [B, T] -> logits [B, T, V].
 
         Args:
@@ -220,18 +257,27 @@ class TransformerDecoder(_Stack):
             return_hidden (bool): return ``(logits, hidden_states)``: the input of each block (the
                 embedding output first), then the final-norm output the LM head reads; num_layers + 1
                 tensors [B, T, D]. Default: False.
+            cu_seqlens, document_ids (Tensor | None): packed documents, as ``TransformerEncoder``
+                (a decoder-only stack, ``cross_attention=False``, only). Default: None.
         """
+        if self.cross_attention and (cu_seqlens is not None or document_ids is not None):
+            raise ValueError("TransformerDecoder: packed documents (cu_seqlens / document_ids) need a decoder-only "
+                             "stack (cross_attention=False); with cross-attention each target row has one source")
         if self.cross_attention and memory is None and (cache is None or not self._memory_cached(cache)):
             raise ValueError("TransformerDecoder: memory is required (cross_attention=True and no cached memory)")
-        x = self._embed(tokens, None if cache is None else cache.seqlen_offset)
-        hidden_states = []
-        for i, blk in enumerate(self.layers):
-            hidden_states.append(x)
+        cu, positions = self._packed(tokens, cu_seqlens, document_ids, {"mask": mask, "cache": cache,
+                                                                        "lengths": lengths})
+        x = self._embed(tokens, None if cache is None else cache.seqlen_offset, positions)
+
+        def call(i, blk, h, cu):
             layer_cache = None if cache is None else cache.layers[i]
+            if cu is not None:
+                return blk(h, cu_seqlens=cu)
             if self.cross_attention:
-                x = blk(x, memory, mask=mask, memory_mask=memory_mask, cache=layer_cache, lengths=lengths)
-            else:
-                x = blk(x, mask=mask, cache=layer_cache, lengths=lengths)
+                return blk(h, memory, mask=mask, memory_mask=memory_mask, cache=layer_cache, lengths=lengths)
+            return blk(h, mask=mask, cache=layer_cache, lengths=lengths)
+
+        x, hidden_states = self._run_blocks(x, cu, call)
         if cache is not None:
             cache.advance(x.shape[1] if lengths is None else lengths.to(cache.seqlen_offset))
         x = self._finish(x)

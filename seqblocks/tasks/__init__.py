@@ -1,6 +1,7 @@
-"""Embedded tasks: synthetic recall / copying probes, character-level LM on the stdlib's source,
-``shards``: language modelling on your own text prepared by ``seqblocks prepare``, and the real-valued
-tasks of ``seqblocks.tasks.signals`` (waveform denoising, irregular time series; ``SIGNAL_TASKS``).
+"""Embedded tasks: synthetic recall / copying probes, character-level LM on the stdlib's source, a
+text-to-text task for encoder-decoders, text classification from a CSV / JSONL file, ``shards``:
+language modelling on your own text prepared by ``seqblocks prepare``, and the real-valued tasks of
+``seqblocks.tasks.signals`` (waveform denoising, irregular time series; ``SIGNAL_TASKS``).
 
 ``TASKS`` maps task names to task classes; ``get_task(name, **options)`` builds one and raises
 ``ValueError`` listing the valid names (or the task's valid options) on a mistake.
@@ -14,16 +15,18 @@ from typing import Any
 from seqblocks.registry import Registry
 from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task
 from seqblocks.tasks.chars import CharTokenizer, StdlibChars
+from seqblocks.tasks.classification import TextClassification
+from seqblocks.tasks.seq2seq import StringTransduction
 from seqblocks.tasks.shards import PackedBatch, ShardTask
 from seqblocks.tasks.signals import SIGNAL_TASKS, CoupledOscillators, Denoising, get_signal_task, si_snr
 from seqblocks.tasks.synthetic import MQAR, Copying, InductionHeads, SelectiveCopying
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "Task", "CharTokenizer", "StdlibChars", "ShardTask", "PackedBatch",
-           "MQAR", "Copying", "InductionHeads", "SelectiveCopying", "get_task", "task_options",
-           "SIGNAL_TASKS", "CoupledOscillators", "Denoising", "get_signal_task", "si_snr"]
+           "MQAR", "Copying", "InductionHeads", "SelectiveCopying", "StringTransduction", "TextClassification",
+           "get_task", "task_options", "SIGNAL_TASKS", "CoupledOscillators", "Denoising", "get_signal_task", "si_snr"]
 
 TASKS: Registry = Registry("task")
-for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying):
+for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying, StringTransduction, TextClassification):
     TASKS.register(_cls.name, _cls, description=_cls.description)
 TASKS.register("stdlib", StdlibChars, description="alias of 'chars'")
 TASKS.register(ShardTask.name, ShardTask, description=ShardTask.description)

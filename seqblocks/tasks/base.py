@@ -31,15 +31,25 @@ class Batch:
     """One batch of a task.
 
     Attributes:
-        input_ids (Tensor): [B, T] int64 model inputs.
-        targets (Tensor): [B, T] int64 next-token targets; ``IGNORE_INDEX`` where not scored.
+        input_ids (Tensor): [B, T] int64 model inputs (a seq2seq task's decoder inputs).
+        targets (Tensor): [B, T] int64 next-token targets; ``IGNORE_INDEX`` where not scored. A
+            classification task's are [B, 1]: the label of each row.
+        document_ids (Tensor | None): [B, T] int64 document of each token, for rows that pack several
+            documents (the model then sees each document alone). Default: None.
+        src_ids (Tensor | None): [B, S] int64 source tokens of a seq2seq task (the encoder input).
+            Default: None.
     """
 
     input_ids: torch.Tensor
     targets: torch.Tensor
+    document_ids: torch.Tensor | None = None
+    src_ids: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> Batch:
-        return Batch(self.input_ids[rows], self.targets[rows])
+        return Batch(*(None if t is None else t[rows] for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.input_ids, self.targets, self.document_ids, self.src_ids
 
     @property
     def num_targets(self) -> int:
@@ -47,7 +57,7 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self._tensors()))
 
 
 def stable_hash(*parts: Any) -> int:
@@ -74,6 +84,9 @@ class Task(abc.ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     is_language: ClassVar[bool] = False
+    #: what the task trains: "lm" (a causal LM's next tokens), "seq2seq" (an encoder-decoder: batches
+    #: carry ``src_ids``) or "classification" (a classifier: targets [B, 1] are labels).
+    kind: ClassVar[str] = "lm"
 
     def __init__(self, *, eval_examples: int = 512) -> None:
         if eval_examples <= 0:
@@ -119,6 +132,11 @@ class Task(abc.ABC):
             raise ValueError(f"batch_size={batch_size} must be positive")
         full = self.batch("val", 0, self.eval_examples, seed)
         return [full[i:i + batch_size] for i in range(0, self.eval_examples, batch_size)]
+
+    def token_bytes(self) -> torch.Tensor | None:
+        """[vocab_size] int64 UTF-8 bytes of each token's text, for bits-per-byte; None for a task
+        whose targets are not text (the default)."""
+        return None
 
     def decode(self, ids: list[int]) -> str:
         """Render token ids as text (language tasks decode characters; synthetic ones list ids)."""

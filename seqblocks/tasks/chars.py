@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from seqblocks.tasks.base import Batch, Task, stable_hash
+from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task, stable_hash
 
 __all__ = ["CharTokenizer", "StdlibChars", "stdlib_files"]
 
@@ -115,10 +115,13 @@ def stdlib_files(root: str | None = None) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_corpus(root: str, max_chars: int, val_fraction: float) -> tuple[str, str, tuple[str, ...]]:
+def _load_corpus(root: str, max_chars: int, val_fraction: float) -> tuple[str, str, tuple[str, ...],
+                                                                         tuple[int, ...], tuple[int, ...]]:
     base = Path(root)
     files = sorted(stdlib_files(root), key=lambda p: stable_hash("stdlib-order", p.relative_to(base).as_posix()))
     train, val, used, n_train, n_val = [], [], [], 0, 0
+    train_starts: list[int] = []  # where each file (document) starts in its split's text
+    val_starts: list[int] = []
     val_budget = max(1, int(max_chars * val_fraction))
     for path in files:
         rel = path.relative_to(base).as_posix()
@@ -131,6 +134,7 @@ def _load_corpus(root: str, max_chars: int, val_fraction: float) -> tuple[str, s
             continue
         text = f"# file: {rel}\n{text}\n"
         (val if in_val else train).append(text)
+        (val_starts if in_val else train_starts).append(n_val if in_val else n_train)
         used.append(rel)
         if in_val:
             n_val += len(text)
@@ -138,14 +142,16 @@ def _load_corpus(root: str, max_chars: int, val_fraction: float) -> tuple[str, s
             n_train += len(text)
         if n_val >= val_budget and n_train >= max_chars - val_budget:
             break
-    return "".join(train), "".join(val), tuple(used)
+    return "".join(train), "".join(val), tuple(used), tuple(train_starts), tuple(val_starts)
 
 
 class StdlibChars(Task):
     """Character-level language modelling on the Python standard library's own source files.
 
     Training batches are random windows of the training text; the held-out set is consecutive,
-    non-overlapping windows of the validation text.
+    non-overlapping windows of the validation text. With ``pack_documents`` each source file is a
+    document: a window spanning files is a packed row, its batch carries ``document_ids`` (the model
+    sees each file alone) and the first token of a file is never a target of the previous file's last.
 
     Args:
         seq_len (int): T, characters per row. Default: 128.
@@ -153,6 +159,7 @@ class StdlibChars(Task):
         val_fraction (float): share of files (and characters) held out. Default: 0.1.
         root (str | None): the directory to read instead of the stdlib (for tests). Default: None.
         eval_examples (int): held-out windows scored by ``eval``. Default: 256.
+        pack_documents (bool): rows are packed documents (see above). Default: False.
     """
 
     name = "chars"
@@ -160,7 +167,7 @@ class StdlibChars(Task):
     is_language = True
 
     def __init__(self, seq_len: int = 128, max_chars: int = 2_000_000, val_fraction: float = 0.1,
-                 root: str | None = None, *, eval_examples: int = 256) -> None:
+                 root: str | None = None, *, eval_examples: int = 256, pack_documents: bool = False) -> None:
         super().__init__(eval_examples=eval_examples)
         if seq_len <= 0 or max_chars <= 0:
             raise ValueError(f"chars: seq_len={seq_len} and max_chars={max_chars} must be positive")
@@ -170,7 +177,10 @@ class StdlibChars(Task):
         self.root = root
         self.tokenizer = CharTokenizer()
         resolved = str(Path(root or sysconfig.get_paths()["stdlib"]).resolve())
-        train, val, self.files = _load_corpus(resolved, max_chars, val_fraction)
+        train, val, self.files, train_starts, val_starts = _load_corpus(resolved, max_chars, val_fraction)
+        self.pack_documents = bool(pack_documents)
+        self._starts = {"train": torch.tensor(train_starts, dtype=torch.long),
+                        "val": torch.tensor(val_starts, dtype=torch.long)}
         min_len = seq_len + 2
         if len(train) < min_len or len(val) < min_len:
             raise ValueError(f"chars: corpus under {resolved!r} is too small for seq_len={seq_len} "
@@ -187,24 +197,35 @@ class StdlibChars(Task):
         return self._seq_len
 
     def config(self) -> dict[str, Any]:
-        return {"seq_len": self._seq_len, "max_chars": self.max_chars, "val_fraction": self.val_fraction,
-                "root": self.root, "eval_examples": self.eval_examples}
+        config = {"seq_len": self._seq_len, "max_chars": self.max_chars, "val_fraction": self.val_fraction,
+                  "root": self.root, "eval_examples": self.eval_examples}
+        if self.pack_documents:
+            config["pack_documents"] = True
+        return config
+
+    def token_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes of each character id (the unknown token counts its rendering's bytes)."""
+        return torch.tensor([len(self.tokenizer.decode([i]).encode("utf-8")) for i in range(self.vocab_size)])
 
     def _make(self, split: str, generator: torch.Generator, batch_size: int) -> Batch:
         data = self.train_ids if split == "train" else self.val_ids
         starts = torch.randint(0, data.numel() - self._seq_len - 1, (batch_size,), generator=generator)
-        return self._windows(data, starts)
+        return self._windows(data, starts, split)
 
-    def _windows(self, data: torch.Tensor, starts: torch.Tensor) -> Batch:
+    def _windows(self, data: torch.Tensor, starts: torch.Tensor, split: str) -> Batch:
         idx = starts[:, None] + torch.arange(self._seq_len + 1)[None, :]
         rows = data[idx]
-        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        if not self.pack_documents:
+            return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        doc = torch.searchsorted(self._starts[split], idx, right=True)  # [B, T + 1] file of each character
+        targets = rows[:, 1:].masked_fill(doc[:, 1:] != doc[:, :-1], IGNORE_INDEX)
+        return Batch(rows[:, :-1].contiguous(), targets.contiguous(), document_ids=doc[:, :-1].contiguous())
 
     def eval_batches(self, batch_size: int, seed: int = 0) -> list[Batch]:
         """Consecutive non-overlapping windows from the start of the validation text (seed unused)."""
         count = min(self.eval_examples, (self.val_ids.numel() - 1) // self._seq_len)
         starts = torch.arange(count) * self._seq_len
-        return [self._windows(self.val_ids, starts[i:i + batch_size]) for i in range(0, count, batch_size)]
+        return [self._windows(self.val_ids, starts[i:i + batch_size], "val") for i in range(0, count, batch_size)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

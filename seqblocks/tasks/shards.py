@@ -37,23 +37,26 @@ class PackedBatch(Batch):
     Attributes:
         input_ids (Tensor): [B, T] int64.
         targets (Tensor): [B, T] int64; ``IGNORE_INDEX`` after an EOS when boundaries are masked.
-        doc_ids (Tensor): [B, T] int64 document index of each input token within its row.
+        document_ids (Tensor): [B, T] int64 document index of each input token within its row (``Batch``'s
+            field; ``doc_ids`` is the same tensor).
     """
 
-    doc_ids: torch.Tensor | None = None
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        return self.document_ids
 
     def __getitem__(self, rows: slice) -> PackedBatch:
-        return PackedBatch(self.input_ids[rows], self.targets[rows], self.doc_ids[rows])
+        return PackedBatch(self.input_ids[rows], self.targets[rows], self.document_ids[rows])
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                           self.doc_ids.to(device, non_blocking=True))
+                           self.document_ids.to(device, non_blocking=True))
 
     def cu_seqlens(self) -> torch.Tensor:
         """[N + 1] int32 offsets of the document pieces in the flattened batch, starting 0, ending B * T."""
-        B, T = self.doc_ids.shape
-        starts = torch.ones(B, T, dtype=torch.bool, device=self.doc_ids.device)
-        starts[:, 1:] = self.doc_ids[:, 1:] != self.doc_ids[:, :-1]
+        B, T = self.document_ids.shape
+        starts = torch.ones(B, T, dtype=torch.bool, device=self.document_ids.device)
+        starts[:, 1:] = self.document_ids[:, 1:] != self.document_ids[:, :-1]
         offsets = starts.flatten().nonzero().flatten()
         end = torch.tensor([B * T], device=offsets.device)
         return torch.cat([offsets, end]).to(torch.int32)

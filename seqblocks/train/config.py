@@ -44,6 +44,8 @@ class TrainConfig(ConfigBase):
         eval_every (int): evaluate on the held-out split every N steps (and at the end); 0: only at the
             end. Default: 100.
         eval_batch_size (int): batch size of evaluation. Default: 64.
+        eval_steps (int): evaluate on the first N batches of the held-out set only; 0: all of it.
+            Default: 0.
         ckpt_every (int): checkpoint every N steps (and at the end); 0: only at the end. Default: 100.
         keep_checkpoints (int): checkpoints kept, newest first; 0 keeps all. Default: 2.
         log_every (int): write a metrics line every N steps. Default: 10.
@@ -63,6 +65,9 @@ class TrainConfig(ConfigBase):
             Default: False.
         peak_flops (float): the device's peak FLOP/s that MFU is measured against; 0: a known CUDA
             device's bf16 peak, and no MFU on others. Default: 0.0.
+        activation_checkpointing (int): recompute the activations of every N-th block in the backward
+            pass instead of storing them (``torch.utils.checkpoint``; 1: every block); the gradients are
+            the same. 0: off. Default: 0.
     """
 
     task: str = "chars"
@@ -85,6 +90,7 @@ class TrainConfig(ConfigBase):
     device: str = "auto"
     eval_every: int = 100
     eval_batch_size: int = 64
+    eval_steps: int = 0
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -97,6 +103,7 @@ class TrainConfig(ConfigBase):
     tensorboard: bool = False
     wandb: bool = False
     peak_flops: float = 0.0
+    activation_checkpointing: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,7 +114,7 @@ class TrainConfig(ConfigBase):
         if self.seq_len_start <= 0:
             raise ValueError(f"TrainConfig.seq_len_start={self.seq_len_start!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",
-                     "weight_decay", "seq_len_warmup", "peak_flops"):
+                     "weight_decay", "seq_len_warmup", "peak_flops", "activation_checkpointing", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.lr <= 0:

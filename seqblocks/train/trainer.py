@@ -50,6 +50,14 @@ from seqblocks.train.config import TrainConfig
 from seqblocks.train.distributed import DistInfo, barrier, init_distributed, reshard, wrap_model
 from seqblocks.train.logging import RunLogger, active_params, memory_gib, mfu, peak_flops
 from seqblocks.train.metrics import read_metrics, rewrite_metrics
+from seqblocks.train.models import (
+    activation_checkpointing,
+    build_train_model,
+    forward_logits,
+    kind_of_model,
+    model_kind,
+    save_train_model,
+)
 from seqblocks.train.optim import make_optimizer, make_scheduler
 from seqblocks.train.rundir import LOSS_PLOT, METRICS_FILE, RUN_CONFIG, RunDirectory
 
@@ -113,34 +121,57 @@ def _mtp_loss_sum(out: Any, targets: torch.Tensor, module: nn.Module) -> torch.T
     return mtp_loss(mtp_logits, targets, module.config.mtp_lambda, IGNORE_INDEX) * scored
 
 
+def _target_bytes(table: torch.Tensor | None, targets: torch.Tensor) -> int:
+    """UTF-8 bytes of the scored targets (``Task.token_bytes`` table); 0 without a table."""
+    if table is None:
+        return 0
+    scored = targets[targets != IGNORE_INDEX]
+    return int(table.to(scored.device)[scored.clamp(0, table.numel() - 1)].sum())
+
+
+def bits_per_byte(nats: float, nbytes: int) -> float:
+    """Bits per UTF-8 byte of text scored with ``nats`` summed cross-entropy over ``nbytes`` bytes:
+    nats per token * tokens / bytes / ln 2 (a tokenizer-independent measure)."""
+    return nats / max(nbytes, 1) / math.log(2)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.device | str = "cpu",
-             precision: str = "fp32", seed: int = 0, pack_boundaries: bool = False) -> dict[str, float]:
+             precision: str = "fp32", seed: int = 0, pack_boundaries: bool = False,
+             max_batches: int = 0) -> dict[str, float]:
     """Loss, perplexity and accuracy of ``model`` on ``task``'s held-out split.
 
     Args:
-        model (nn.Module): maps input ids [B, T] to an output with ``.logits`` [B, T, V].
+        model (nn.Module): a causal LM (input ids [B, T] to an output with ``.logits`` [B, T, V]), an
+            encoder-decoder or a classifier (``seqblocks.train.models``).
         task (Task): the task; its ``eval_batches`` is the held-out set.
         batch_size (int): rows per forward. Default: 64.
         device (torch.device | str): where to run. Default: "cpu".
         precision (str): "fp32", "bf16" or "auto". Default: "fp32".
         seed (int): the task seed (synthetic tasks draw their held-out set from it). Default: 0.
-        pack_boundaries (bool): pass packed batches' document boundaries as ``cu_seqlens=``. Default: False.
+        pack_boundaries (bool): pass the document boundaries of ``shards`` batches to the model (the
+            chars task's ``pack_documents`` rows always pass theirs). Default: False.
+        max_batches (int): score only the first N batches of the held-out set; 0: all. Default: 0.
 
     Returns:
         dict: ``loss`` (mean cross-entropy per scored token), ``ppl`` (exp(loss)), ``acc`` (argmax
-        accuracy per scored token), ``seq_acc`` (rows with every scored token right), ``tokens``.
+        accuracy per scored token), ``seq_acc`` (rows with every scored token right), ``tokens``; and
+        ``bpb`` (bits per UTF-8 byte) for a text task (``Task.token_bytes``).
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total, correct, count, rows_right, rows = 0.0, 0, 0, 0, 0
+    kind, table = kind_of_model(model), task.token_bytes()
+    total, correct, count, rows_right, rows, nbytes = 0.0, 0, 0, 0, 0, 0
     try:
-        for batch in task.eval_batches(batch_size, seed):
+        batches = task.eval_batches(batch_size, seed)
+        for batch in batches[:max_batches] if max_batches > 0 else batches:
             batch = batch.to(device)
             with autocast_context(device, precision):
-                logits = model(batch.input_ids, **_boundaries(batch, pack_boundaries)).logits
-            logits = logits[..., : task.vocab_size].float()
+                logits = forward_logits(model, batch, kind, _boundaries(batch, pack_boundaries))[1]
+            width = task.num_classes if kind == "classifier" else getattr(task, "target_vocab_size", task.vocab_size)
+            logits = logits[..., :width].float()
+            nbytes += _target_bytes(table, batch.targets)
             scored = batch.targets != IGNORE_INDEX
             total += float(_loss_sum(logits, batch.targets))
             right = (logits.argmax(-1) == batch.targets) & scored
@@ -151,13 +182,19 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
     finally:
         model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / max(count, 1),
-            "seq_acc": rows_right / max(rows, 1), "tokens": count}
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / max(count, 1),
+              "seq_acc": rows_right / max(rows, 1), "tokens": count}
+    if table is not None:
+        result["bpb"] = bits_per_byte(total, nbytes)
+    return result
 
 
-def _boundaries(batch: Batch, pack_boundaries: bool) -> dict[str, torch.Tensor]:
-    """The model's ``cu_seqlens=`` keyword for a packed batch when boundaries are passed, else nothing."""
-    return {"cu_seqlens": batch.cu_seqlens()} if pack_boundaries else {}
+def _boundaries(batch: Batch, pack_boundaries: bool) -> bool:
+    """Whether the model gets ``batch``'s document boundaries: a ``shards`` batch's with
+    ``pack_boundaries``, other packed rows' (the chars task's ``pack_documents``) always."""
+    from seqblocks.tasks.shards import PackedBatch
+
+    return pack_boundaries or not isinstance(batch, PackedBatch)
 
 
 def _check_pack_boundaries(module: nn.Module, task: Task, config: TrainConfig) -> None:
@@ -209,7 +246,7 @@ def _write_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, modul
             target = saver
 
         def write(tmp: Path) -> None:
-            target.save_pretrained(tmp, model_card_kwargs={"training": card})
+            save_train_model(target, tmp, model_config, card)
             state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                      "rng": rng_state(), "data": {"next_step": step, "seed": config.seed},
                      "train_config": config.to_dict(), "model_config": model_config,
@@ -241,14 +278,16 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
           stop_after: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None,
           step_hook: Callable[[int], None] | None = None) -> TrainResult:
-    """Train an ``LRNNLMHeadModel`` on a task.
+    """Train a model on a task: a causal LM (``LRNNLMHeadModel``), an encoder-decoder or a classifier,
+    as the model config's ``"model"`` key says (``seqblocks.train.models``).
 
     The run owns ``out_dir`` while it trains (see ``seqblocks.train.rundir``): rank 0 holds its lock,
     and a directory holding a previous run is refused unless ``resume`` or ``overwrite`` says what to
     do with it.
 
     Args:
-        model_config (dict): ``LRNNLMHeadModel`` keyword arguments (``vocab_size`` is set from the task).
+        model_config (dict): the model's keyword arguments (``vocab_size`` and the other sizes a task
+            fixes are set from the task), with ``"model"`` naming its kind (default "causal_lm").
         config (TrainConfig): the run.
         out_dir (str | Path): run directory: ``metrics.jsonl``, ``loss.png``, ``run.json``, ``checkpoints/``.
         resume (bool): continue from the latest checkpoint in ``out_dir``; the model and training
@@ -311,8 +350,6 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
            say: Callable[[str], None], *, resume: bool, steps: int | None, stop_after: int | None,
            progress: bool, step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """The run itself, in a directory ``run`` owns (``run`` is None on ranks other than 0)."""
-    from seqblocks.presets import build_model
-
     state, ckpt, extended_from = None, None, None
     if resume:
         ckpt = latest_checkpoint(out_dir)
@@ -332,7 +369,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
         say(f"the run in run directory {out_dir} is complete ({state['step']} of {config.steps} steps, {ckpt}); "
             f"nothing to do (--resume --steps N with N > {state['step']} continues it)")
         task = get_task(config.task, **config.task_options)
-        module = build_model({**model_config, "vocab_size": task.vocab_size})
+        module = build_train_model(model_config, task)
         from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
 
         load_weights(module, ckpt / WEIGHTS_NAME)
@@ -347,7 +384,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     model_config = {**model_config, "vocab_size": task.vocab_size}
 
     torch.manual_seed(config.seed)
-    module = build_model(model_config)
+    kind = model_kind(model_config)
+    module = build_train_model(model_config, task)
     if state is not None:
         from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
 
@@ -355,8 +393,10 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     _check_pack_boundaries(module, task, config)
     module.to(info.device)
     module.train()
+    if config.activation_checkpointing:
+        activation_checkpointing(module, config.activation_checkpointing)
     fsdp = config.parallel == "fsdp" and info.distributed
-    saver = build_model(model_config) if fsdp and info.is_main else None
+    saver = build_train_model(model_config, task) if fsdp and info.is_main else None
     wrapped = wrap_model(module, info, config.parallel)
     runner = torch.compile(wrapped, backend=config.compile_backend) if config.compile else wrapped
     optimizer = make_optimizer(module, config.lr, config.weight_decay, (config.beta1, config.beta2))
@@ -405,6 +445,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
     # Throughput counts training steps only (evaluation and checkpoint time excluded).
     window_loss, window_steps, window_tokens, window_time, rate_ema = 0.0, 0, 0, 0.0, None
+    table = task.token_bytes()  # bits per byte of a text task
+    window_nats, window_bytes = 0.0, 0
     last_ckpt, final_eval, loss_value, done, completed = ckpt, {}, float("nan"), start, False
     logger = None
     evals: dict[int, dict[str, float]] = {}
@@ -427,11 +469,12 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed,
-                          config.pack_boundaries)
+                          config.pack_boundaries, max_batches=config.eval_steps)
         if fsdp:
             reshard(module)
         log_row({"type": "eval", "step": step, **result})
-        say(f"step {step}: val loss {result['loss']:.4f}, ppl {result['ppl']:.2f}, acc {result['acc']:.3f}")
+        bpb = f", bpb {result['bpb']:.4f}" if "bpb" in result else ""
+        say(f"step {step}: val loss {result['loss']:.4f}{bpb}, ppl {result['ppl']:.2f}, acc {result['acc']:.3f}")
         evals[step] = result
         return result
 
@@ -462,13 +505,15 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             parts, count = _micro_batches(task, step, config, info)
             lr = scheduler.get_last_lr()[0]
             step_loss = torch.zeros((), device=info.device)
+            step_bytes = torch.zeros((), dtype=torch.long, device=info.device)
             for m, part in enumerate(parts):
                 part = part.to(info.device)
+                step_bytes += _target_bytes(table, part.targets)
                 sync = contextlib.nullcontext() if not ddp or m == len(parts) - 1 else wrapped.no_sync()
                 with sync:
                     with autocast_context(info.device, config.precision):
-                        out = runner(part.input_ids, **_boundaries(part, config.pack_boundaries))
-                    loss = _loss_sum(out.logits, part.targets)
+                        out, logits = forward_logits(runner, part, kind, _boundaries(part, config.pack_boundaries))
+                    loss = _loss_sum(logits, part.targets)
                     objective = loss + _mtp_loss_sum(out, part.targets, module)
                     (objective * (info.world_size / max(count, 1))).backward()
                 step_loss += loss.detach()
@@ -481,6 +526,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             optimizer.zero_grad(set_to_none=True)
             if info.distributed:
                 torch.distributed.all_reduce(step_loss)
+                if table is not None:
+                    torch.distributed.all_reduce(step_bytes)
             loss_value = float(step_loss) / max(count, 1)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss_value}; lower the learning rate "
@@ -491,6 +538,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             tokens_seen += step_tokens
             elapsed += dt
             window_loss += loss_value
+            window_nats += float(step_loss)
+            window_bytes += int(step_bytes)
             window_steps += 1
             window_tokens += step_tokens
             window_time += dt
@@ -511,8 +560,11 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 util = mfu(n_active, rate, peak)
                 if util is not None:
                     row["mfu"] = util
+                if table is not None:
+                    row["bpb"] = bits_per_byte(window_nats, window_bytes)
                 log_row(row)
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+                window_nats, window_bytes = 0.0, 0
             is_last = done == end
             evaluated = (config.eval_every and done % config.eval_every == 0) or done == config.steps
             if evaluated:

@@ -35,7 +35,8 @@ from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
 from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
 
 __all__ = ["AttentionCore", "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
-           "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "make_qk_norm",
+           "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "document_mods",
+           "make_qk_norm",
            "with_softcap"]
 
 
@@ -191,8 +192,31 @@ def intersect_valid(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Ten
     return a if b is None else a & b
 
 
+def document_mods(document: torch.Tensor, positions: torch.Tensor, score_mod: Callable | None,
+                  mask_mod: Callable | None) -> tuple[Callable | None, Callable]:
+    """(score_mod, mask_mod) of attention over packed documents, at token indices.
+
+    The mask is block-diagonal: a query sees only keys of its own document (``document`` [T], the
+    document of each token). A layer's own ``mask_mod`` / ``score_mod`` then see in-document
+    positions (``positions`` [T]), exactly as they would with each document alone. Flex serves the
+    mask block-sparsely; the dense backends materialise it as a boolean mask.
+    """
+    def doc_mask(b, h, q_idx, kv_idx):
+        same = document[q_idx] == document[kv_idx]
+        return same if mask_mod is None else same & mask_mod(b, h, positions[q_idx], positions[kv_idx])
+
+    if score_mod is None:
+        return None, doc_mask
+
+    def doc_score(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, positions[q_idx], positions[kv_idx])
+
+    return doc_score, doc_mask
+
+
 def poisoned_queries(bad_key: torch.Tensor, index: torch.Tensor, *, causal: bool, window: int | None,
-                     prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     prior: torch.Tensor | None = None,
+                     document: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(poisoned [B, T] bool, last [B, T] or None): the queries whose outputs a non-finite key poisons.
 
     ``bad_key`` [B, T] marks this call's valid keys that held a NaN / Inf (already zeroed, so the
@@ -200,15 +224,24 @@ def poisoned_queries(bad_key: torch.Tensor, index: torch.Tensor, *, causal: bool
     index p is poisoned when it may see such a key (index <= p, and > p - window with a window).
     ``last`` is 1 + the index of the latest bad key up to each query (0: none) and ``prior`` [B] the
     same count carried by a cache (``nonfinite_last``), so decoding poisons exactly what the full pass
-    does. Non-causal: every query of a row with a bad key.
+    does. Non-causal: every query of a row with a bad key. With packed documents (``document`` [T], the
+    document of each token; no cache) only queries of the bad key's own document.
     """
     if not causal:
-        return bad_key.any(1, keepdim=True).expand_as(bad_key), None
+        if document is None:
+            return bad_key.any(1, keepdim=True).expand_as(bad_key), None
+        n = int(document.max()) + 1 if document.numel() else 0
+        per_doc = bad_key.new_zeros(bad_key.shape[0], n, dtype=torch.long).index_add_(1, document, bad_key.long())
+        return per_doc[:, document] > 0, None
     idx = index.expand_as(bad_key)
     last = torch.where(bad_key, idx + 1, torch.zeros((), dtype=idx.dtype, device=idx.device)).cummax(1).values
     if prior is not None:
         last = torch.maximum(last, prior[:, None].to(last.dtype))
-    poisoned = last > 0
+    if document is None:
+        poisoned = last > 0
+    else:  # the latest bad key up to the query lies in the query's document
+        first = torch.searchsorted(document.contiguous(), document, right=False)  # [T] its document's first token
+        poisoned = last > first.to(last.dtype)
     if window is not None:
         poisoned = poisoned & (idx - last + 1 < window)
     return poisoned, last
@@ -273,8 +306,14 @@ class AttentionCore(Mixer):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
                q_pos: torch.Tensor | None, kv_pos: torch.Tensor | None, key_valid: torch.Tensor | None,
-               attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Softmax attention of [B, H, Tq, K] queries on [B, Hkv, Tk, K] keys with the layer's options."""
+               attn_mask: torch.Tensor | None,
+               documents: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Softmax attention of [B, H, Tq, K] queries on [B, Hkv, Tk, K] keys with the layer's options;
+        ``documents`` (document [T], in-document position [T]) makes it block-diagonal over packed
+        documents (``document_mods``)."""
+        score_mod, mask_mod = self.score_mod, self.mask_mod
+        if documents is not None:
+            score_mod, mask_mod = document_mods(*documents, score_mod, mask_mod)
         kwargs = self.bias_kwargs(q_pos, kv_pos, q.shape[2], k.shape[2], q.device)
         extra = kwargs.pop("extra_bias", None)
         if extra is not None:
@@ -283,7 +322,7 @@ class AttentionCore(Mixer):
                 else extra.masked_fill(~attn_mask, float("-inf")))
         return attention(
             q, k, v, causal=causal, window=window, scale=self.softmax_scale, q_positions=q_pos,
-            kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask, score_mod=self.score_mod,
-            mask_mod=self.mask_mod, dropout_p=self.dropout if self.training else 0.0,
+            kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask, score_mod=score_mod,
+            mask_mod=mask_mod, dropout_p=self.dropout if self.training else 0.0,
             backend=self.attention_type, block_size=self.attention_block_size, **kwargs,
         )

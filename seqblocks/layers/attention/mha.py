@@ -21,6 +21,10 @@ Inputs and conventions (shared by every attention mixer):
   (as ``ConfigurableBlock`` passes it). A query that may see no key outputs 0.
 - ``lengths`` [B]: valid prefix of each padded sequence: later tokens are neither attended to nor
   cached, their outputs are 0, and a cache advances by each row's length.
+- ``cu_seqlens`` [N + 1] (``MHA`` and its subclasses): N documents packed in x [1, total, D]. Without a
+  cache or mask, attention is block-diagonal (a FlexAttention document mask on CUDA, a boolean mask in
+  SDPA otherwise), RoPE angles and score / mask mods use in-document positions; with a cache or a mask
+  the documents run as a padded batch (``seqblocks.layers.packing.run_unpacked``).
 - Attention dropout (``dropout``) acts on the attention probabilities in training mode only.
 - Non-finite values (``seqblocks.layers.finite``): a NaN / Inf in token t's query, key or value is
   zeroed before the softmax (a masked key's ``0 * NaN`` would reach every query) and the outputs of
@@ -68,7 +72,9 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
+from seqblocks.layers.packing import document_index, packed_positions, run_unpacked
 from seqblocks.layers.position import PositionBase
+from seqblocks.ops._packing import check_cu_seqlens
 from seqblocks.ops.attention import ATTENTION_BACKENDS
 from seqblocks.registry import MIXERS
 
@@ -130,7 +136,7 @@ class MHA(AttentionCore):
             attention_type cannot serve.
     """
 
-    inputs = frozenset({"mask", "position_ids", "lengths"})
+    inputs = frozenset({"mask", "position_ids", "lengths", "cu_seqlens"})
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if kwargs.get("attention_type") == "linear":
@@ -278,14 +284,23 @@ class MHA(AttentionCore):
     # Forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: KVCache | RollingKVCache | None = None, *,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] -> y [B, T, D] (see the module docstring for cache, mask, position_ids, lengths)."""
+                lengths: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> y [B, T, D] (see the module docstring for cache, mask, position_ids, lengths,
+        cu_seqlens)."""
         owner = type(self).__name__
+        if cu_seqlens is not None and (cache is not None or mask is not None or lengths is not None):
+            return run_unpacked(self, x, cache, {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths,
+                                                 "position_ids": position_ids})
         check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
         check_lengths(owner, lengths, B, T)
         check_position_ids(owner, position_ids, B, T)
+        documents = None
+        if cu_seqlens is not None:
+            check_cu_seqlens(owner, cu_seqlens, B, T)
+            cu = cu_seqlens.to(x.device)
+            documents = (document_index(cu, T), packed_positions(cu, T))
         if cache is not None:
             kind = RollingKVCache if self.window_size is not None and not isinstance(cache, KVCache) else KVCache
             check_cache(owner, cache, kind, B, x.device)
@@ -303,7 +318,7 @@ class MHA(AttentionCore):
         if cache is not None:
             index = cache.seqlen_offset[:, None] + torch.arange(T, device=x.device)
         elif rotary is not None:
-            index = torch.arange(T, device=x.device)[None]
+            index = torch.arange(T, device=x.device)[None] if documents is None else documents[1][None]
         if rotary is not None:
             rope_pos = rope_positions(position_ids, index)
             q, k = rotary.rotate(q, rope_pos), rotary.rotate(k, rope_pos)
@@ -316,9 +331,10 @@ class MHA(AttentionCore):
         bad_key = bad_kv if key_valid is None else bad_kv & key_valid
         if cache is None:
             out = self.attend(q, k, v, causal=self.causal, window=self.window_size, q_pos=None, kv_pos=None,
-                              key_valid=key_valid, attn_mask=attn_mask)
+                              key_valid=key_valid, attn_mask=attn_mask, documents=documents)
             poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=self.causal,
-                                           window=self.window_size)
+                                           window=self.window_size,
+                                           document=None if documents is None else documents[0])
         else:
             if attn_mask is not None:
                 raise ValueError(f"{owner}: with a cache, mask must be a [B, T] key-padding mask (full masks "

@@ -176,6 +176,10 @@ class SparseGQA(GQA):
             ratio or window; ``causal=False``; ``attention_type="linear"``.
     """
 
+    # Packed documents (cu_seqlens) run as a padded batch (run_mixer's fallback): the top-k selection
+    # then never picks a key of another document.
+    inputs = frozenset({"mask", "position_ids", "lengths"})
+
     def __init__(self, embed_dim: int, num_heads: int | None = None, *args: Any, sparse_select_k: int | None = None,
                  indexer_heads: int = 4, indexer_dim: int | None = None,
                  sparse_compress_ratio: int | None = None, window_size: int | None = None,
