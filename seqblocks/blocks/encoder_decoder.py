@@ -142,7 +142,7 @@ class EncoderBlock(_BlockBase):
             Default: "auto".
         attention_block_size (int): key block of "memory_efficient". Default: 128.
         linear_attention_chunk_size (int): chunk of "linear". Default: 64.
-        norm_type (str): norm registry name ("layer_norm", "rms_norm"). Default: "layer_norm".
+        norm_type (str): norm registry name: "layer_norm" (or "layer"), "rms_norm" (or "rms"). Default: "layer_norm".
         ff_activation (str): "relu", "gelu", "gelu_tanh", "silu", "tanh", "relu2", or the gated
             "swiglu" / "geglu". Default: "gelu".
         num_kv_heads (int | None): key/value heads (GQA / MQA). Default: None (= num_heads).

@@ -75,6 +75,11 @@ class RMSNorm(NormBase):
         super().__init__(dim, eps, bias=False, device=device, dtype=dtype)
 
 
+# The short spellings of the same two norms (``norm_type="layer"`` / ``"rms"`` in encoder / decoder code).
+NORMS.register("layer", LayerNorm, description="LayerNorm (short name of 'layer_norm').")
+NORMS.register("rms", RMSNorm, description="RMSNorm (short name of 'rms_norm').")
+
+
 def is_fusable_norm(norm: nn.Module) -> bool:
     """Whether ``ops.add_norm`` can stand in for ``norm`` (ours, or torch's LayerNorm / RMSNorm)."""
     if isinstance(norm, NormBase):

@@ -100,7 +100,8 @@ class MHA(AttentionCore):
         window_size (int | None): causal sliding window: a query sees itself and window_size - 1
             earlier tokens; decoding then uses a rolling window-sized cache. Default: None.
         attention_type (str): "auto", "standard", "memory_efficient", "flash", "flex", or "linear" (an
-            alias: the call returns a ``LinearAttention``, see below). Default: "auto".
+            alias: the call returns a ``LinearAttention``, see below); "pallas_flash" is read as "auto",
+            the fastest fused path (SDPA flash on CUDA, FlexAttention with a mod or window). Default: "auto".
         attention_block_size (int): key block of "memory_efficient". Default: 128.
         linear_attention_chunk_size (int): ``LinearAttention``'s chunk_size under "linear". Default: 64.
         linear_feature_map (str): ``LinearAttention``'s feature_map under "linear": "elu", "relu",
