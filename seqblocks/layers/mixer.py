@@ -39,8 +39,10 @@ Shapes: B batch, T time, D width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -49,6 +51,7 @@ from torch import nn
 from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.checks import check_allocation, check_cache, check_input, check_lengths, check_positive
+from seqblocks.ops._backend import prefer_backend
 from seqblocks.registry import MIXERS
 
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
@@ -57,7 +60,8 @@ MIXER_INPUTS = frozenset({"lengths", "integration_timesteps", "position_ids", "m
 #: Constructor arguments that place a module rather than configure it; never config fields.
 PLACEMENT_ARGS = ("device", "dtype", "layer_idx")
 
-__all__ = ["MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
+__all__ = ["honours_fast_path",
+           "MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
            "run_mixer", "build_component", "mixer_config_class"]
 
 
@@ -132,6 +136,21 @@ def mixer_config_class(cls: type) -> type[MixerConfig]:
     config_cls.__module__ = cls.__module__
     _CONFIG_CLASSES[cls] = config_cls
     return config_cls
+
+
+def honours_fast_path(forward: Callable) -> Callable:
+    """Decorate a mixer's ``forward`` so that ``use_fast_path=False`` runs every op of the call on its
+    PyTorch path (``ops._backend.prefer_backend("torch")``); with True the ops pick their kernels as
+    usual (Triton on CUDA). Both paths compute the same function (tested per op)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args: Any, **kwargs: Any):
+        if getattr(self, "use_fast_path", True):
+            return forward(self, *args, **kwargs)
+        with prefer_backend("torch"):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _narrow(dtype: torch.dtype) -> bool:

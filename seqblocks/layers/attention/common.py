@@ -39,7 +39,8 @@ from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
 #: score_mod / mask_mod / window is given.
 ATTENTION_TYPE_ALIASES = {"pallas_flash": "auto"}
 
-__all__ = ["AttentionCore", "ATTENTION_TYPE_ALIASES", "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
+__all__ = ["AttentionCore", "ATTENTION_TYPE_ALIASES",
+           "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
            "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "make_qk_norm",
            "with_softcap"]
 
