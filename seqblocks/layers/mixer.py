@@ -176,6 +176,9 @@ class Mixer(nn.Module):
     inputs: ClassVar[frozenset[str]] = frozenset()
     is_identity: ClassVar[bool] = False
     causal: bool = True
+    # None: the contract call. A bool (S4 built with ``transposed=``): the seed convention, where forward
+    # takes [B, D, T] when True ([B, T, D] when False) and returns ``(y, state)``; ``run_mixer`` adapts.
+    transposed: bool | None = None
     keep_in_fp32: ClassVar[tuple[str, ...]] = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -353,9 +356,12 @@ def run_mixer(mixer: Mixer, x: torch.Tensor, cache: Any = None, inputs: dict[str
     if rejected:
         raise TypeError(f"{type(mixer).__name__} does not take the inputs {rejected}; it takes "
                         f"{sorted(mixer.inputs)}")
-    if cache is None:
-        return mixer(x, **given)
-    return mixer(x, cache, **given)
+    if mixer.transposed is None:
+        return mixer(x, **given) if cache is None else mixer(x, cache, **given)
+    # A mixer built in the seed convention: feed its layout and keep y of its (y, state).
+    u = x.transpose(1, 2) if mixer.transposed else x
+    y, _ = mixer(u, **given) if cache is None else mixer(u, cache, **given)
+    return y.transpose(1, 2) if mixer.transposed else y
 
 
 def build_component(cls: Any, config: BlockConfig, **kwargs: Any) -> nn.Module:
