@@ -60,6 +60,7 @@ from seqblocks.models import (
     LanguageModelConfig,
     LayerConfig,
     LRNNLMHeadModel,
+    LRNNModel,
     ModelConfig,
 )
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
@@ -115,6 +116,7 @@ __all__ = [
     "GenerationOutput",
     "IdentityMixer",
     "LRNNLMHeadModel",
+    "LRNNModel",
     "LanguageModel",
     "LanguageModelConfig",
     "LayerNorm",
