@@ -112,7 +112,9 @@ class _BlockBase(nn.Module):
             causal=causal or attention_window is not None, layer_idx=layer_idx,
             rotary_emb_dim=head_dim if use_rope else 0, rotary_emb_base=rope_base, window_size=attention_window,
             attention_type=attention_type, attention_block_size=attention_block_size,
-            linear_attention_chunk_size=linear_attention_chunk_size, dropout=dropout_rate, score_mod=score_mod,
+            linear_attention_chunk_size=linear_attention_chunk_size,
+            # Kernelized attention has no probabilities to drop; dropout_rate still acts on the sublayer outputs.
+            dropout=0.0 if attention_type == "linear" else dropout_rate, score_mod=score_mod,
             mask_mod=mask_mod, position=ALiBi(num_heads, device=device) if alibi else None, device=device,
             dtype=dtype,
         )
@@ -135,7 +137,8 @@ class EncoderBlock(_BlockBase):
         d_model (int): model width.
         num_heads (int): query heads.
         d_ff (int): FFN hidden width.
-        dropout_rate (float): dropout on attention probabilities and sublayer outputs (training only).
+        dropout_rate (float): dropout on attention probabilities (none under ``attention_type="linear"``,
+            which has none) and sublayer outputs (training only).
             Default: 0.0.
         pre_norm (bool): pre-norm layout when True, post-norm otherwise. Default: True.
         attention_type (str): "auto", "standard", "memory_efficient", "flash", "flex" or "linear".

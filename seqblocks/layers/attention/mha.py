@@ -390,7 +390,8 @@ class SlidingWindowAttention(MHA):
     """Causal sliding-window attention with a rolling, window-sized KV cache.
 
     A query at token index p attends to tokens p - window_size + 1 .. p. Same arguments as ``MHA``;
-    ``window_size`` is required (``BlockConfig.window_size``).
+    ``window_size`` is required, except from a ``BlockConfig``, where it defaults to ``max_seq_len``
+    when ``window_size`` is None (a window as long as the context).
     """
 
     def __init__(self, embed_dim: int, num_heads: int | None = None, *args: Any,
@@ -401,6 +402,14 @@ class SlidingWindowAttention(MHA):
         if kwargs.get("causal", True) is False:
             raise ValueError("SlidingWindowAttention is causal; causal=False is not supported")
         super().__init__(embed_dim, num_heads, *args, window_size=window_size, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> SlidingWindowAttention:
+        """As ``MHA.from_config``; without a window in the config (``window_size``, ``mixer_kwargs``) or
+        ``kwargs``, the window is ``config.max_seq_len``."""
+        if config.window_size is None and "window_size" not in config.mixer_kwargs and "window_size" not in kwargs:
+            kwargs = {**kwargs, "window_size": config.max_seq_len}
+        return super().from_config(config, position=position, **kwargs)
 
     @classmethod
     def _alias_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
