@@ -35,9 +35,9 @@ from seqblocks.models.lrnn_lm import LRNNLMHeadModel
 __all__ = ["load_backbone_checkpoint", "load_mlx_checkpoint", "BACKBONE_MIXERS"]
 
 #: Mixer types whose parameters ``load_backbone_checkpoint`` can place: attention (fused ``in_proj``,
-#: ``out_proj``) and Mamba (``conv1d`` as ``conv_weight`` / ``conv_bias``). The other linear RNNs of such
-#: a folder store their systems in another parameterisation (e.g. a full D matrix for S5) that has no
-#: exact counterpart here.
+#: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too) and Mamba (``conv1d`` as ``conv_weight`` /
+#: ``conv_bias``). The other linear RNNs of such a folder store their systems in another
+#: parameterisation (e.g. a full D matrix for S5) that has no exact counterpart here.
 BACKBONE_MIXERS = ("attn", "Mamba")
 
 _CONFIG_KEYS = ("d_intermediate", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32",
@@ -87,11 +87,11 @@ def _backbone_key(key: str, mixer_types: list[str], dropped: list[str]) -> str |
         return f"layers.{i}.{rest}"  # norm, norm2, mlp.fc1, mlp.fc2
     name = rest[len("mixer."):]
     kind = mixer_types[i]
-    if kind == "Mamba":
-        if name.startswith("dtA_proj."):
-            dropped.append(key)
-            return None
-        name = {"conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias"}.get(name, name)
+    if kind == "Mamba" and name.startswith("dtA_proj."):
+        dropped.append(key)
+        return None
+    # Mamba's conv, and attention's q / k / v conv (MHA's d_conv), are nn.Conv1d modules there.
+    name = {"conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias"}.get(name, name)
     return f"layers.{i}.mixer.{name}"
 
 

@@ -325,3 +325,41 @@ def test_cache_none_in_training_allocates_nothing():
     assert bidir(x)[1] is None  # a non-causal mixer keeps no cache
     with pytest.raises(ValueError, match="fresh_cache"):
         bidir(x, fresh_cache=True)
+
+
+# ---------------------------------------------------------------- MHA mlp_dim / d_conv
+
+
+def test_mha_fused_mlp():
+    torch.manual_seed(0)
+    m = MHA(16, num_heads=4, mlp_dim=100).double()
+    assert m.mlp_dim == 256  # rounded up to a multiple of 256
+    assert m.in_proj.out_features == 48 + 256 and m.out_proj.in_features == 16 + 128
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    plain = MHA(16, num_heads=4).double()
+    with torch.no_grad():
+        plain.in_proj.weight.copy_(m.in_proj.weight[:48])
+        plain.in_proj.bias.copy_(m.in_proj.bias[:48])
+        plain.out_proj.weight.copy_(m.out_proj.weight[:, :16])
+        plain.out_proj.bias.zero_()
+    up, gate = (x @ m.in_proj.weight[48:].T + m.in_proj.bias[48:]).chunk(2, -1)
+    mlp = (up * torch.nn.functional.silu(gate)) @ m.out_proj.weight[:, 16:].T + m.out_proj.bias
+    assert_close(m(x), plain(x) + mlp)
+
+
+@pytest.mark.parametrize("kw", [dict(d_conv=4), dict(d_conv=3, mlp_dim=256, num_heads_kv=2),
+                                dict(d_conv=4, window_size=3)])
+def test_mha_conv_decodes_and_is_causal(kw):
+    torch.manual_seed(0)
+    m = MHA(16, num_heads=4, **kw).double().eval()
+    assert m.conv_weight.shape == (16 * (4 + 2 * m.num_heads_kv) // 4, kw["d_conv"])
+    x = torch.randn(2, T, 16, dtype=torch.float64)
+    y = m(x)
+    with torch.no_grad():
+        assert_close(_decode(m, x), y)
+    x2 = x.clone()
+    x2[:, 6] += 1.0
+    assert_close(m(x2)[:, :6], y[:, :6])
+    assert not torch.allclose(m(x2)[:, 6:], y[:, 6:])
+    with pytest.raises(ValueError, match="d_conv"):
+        MHA(16, num_heads=4, d_conv=-1)

@@ -34,10 +34,12 @@ M memory length, S cache slots.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import host_sync_unsafe
@@ -69,6 +71,7 @@ from seqblocks.layers.checks import (
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops.attention import ATTENTION_BACKENDS
+from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.registry import MIXERS
 
 # CrossAttention is re-exported here, where it lived before cross_attention.py.
@@ -117,6 +120,12 @@ class MHA(AttentionCore):
         qk_norm_eps (float): epsilon of the QK-norm. Default: 1e-5.
         softcap (float | None): attention-logit soft-capping, ``softcap * tanh(score / softcap)`` on the
             scaled scores, before any ``score_mod`` (Gemma 2). Default: None.
+        mlp_dim (int): width of a gated MLP fused into the projections (rounded up to a multiple of
+            256): ``in_proj`` also gives ``[up, gate]``, and ``out_proj`` reads the attention output
+            concatenated with ``up * silu(gate)`` (mlp_dim / 2 features). 0 disables. Default: 0.
+        d_conv (int): width of a causal depthwise convolution over the q / k / v projections before
+            attention (``conv_weight`` [q+k+v width, d_conv], ``conv_bias``); decoding keeps its last
+            d_conv - 1 inputs in the cache. 0 disables. Default: 0.
         device, dtype: parameter placement. Default: None.
 
     ``MHA(..., attention_type="linear")`` (also ``GQA`` / ``MQA``) returns a ``LinearAttention`` with
@@ -164,12 +173,17 @@ class MHA(AttentionCore):
         qk_norm: bool = False,
         qk_norm_eps: float = 1e-5,
         softcap: float | None = None,
+        mlp_dim: int = 0,
+        d_conv: int = 0,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
         num_heads, num_heads_kv, head_dim = resolve_heads(owner, embed_dim, num_heads, num_heads_kv, head_dim)
+        for name, value in (("mlp_dim", mlp_dim), ("d_conv", d_conv)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{owner}: {name}={value!r} must be a non-negative int")
         if window_size is not None and not causal:
             raise ValueError(f"{owner}: window_size={window_size} is a causal sliding window; it needs causal=True")
         if not isinstance(qk_norm, bool):
@@ -182,9 +196,14 @@ class MHA(AttentionCore):
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
         self.causal, self.layer_idx = causal, layer_idx
         factory = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(embed_dim, (num_heads + 2 * num_heads_kv) * head_dim, bias=qkv_proj_bias,
-                                 **factory)
-        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=out_proj_bias, **factory)
+        self.mlp_dim = -(-mlp_dim // 256) * 256
+        self.d_conv = d_conv
+        qkv_dim = (num_heads + 2 * num_heads_kv) * head_dim
+        self.in_proj = nn.Linear(embed_dim, qkv_dim + self.mlp_dim, bias=qkv_proj_bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim + self.mlp_dim // 2, embed_dim, bias=out_proj_bias, **factory)
+        if d_conv > 0:
+            self.conv_weight = nn.Parameter(torch.empty(qkv_dim, d_conv, **factory))
+            self.conv_bias = nn.Parameter(torch.empty(qkv_dim, **factory))
         self.rotary_emb_dim = rotary_emb_dim
         self.rotary_emb = make_rotary(owner, head_dim, rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved,
                                       position, device)
@@ -208,6 +227,11 @@ class MHA(AttentionCore):
     def reset_parameters(self) -> None:
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
+        if self.d_conv > 0:  # as a depthwise nn.Conv1d: uniform in +-1/sqrt(fan_in), fan_in = d_conv
+            bound = 1 / math.sqrt(self.d_conv)
+            with torch.no_grad():
+                self.conv_weight.uniform_(-bound, bound)
+                self.conv_bias.uniform_(-bound, bound)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
@@ -260,9 +284,14 @@ class MHA(AttentionCore):
         dtype = dtype or self.in_proj.weight.dtype
         Hkv, K = self.num_heads_kv, self.head_dim
         if self.window_size is not None:
-            return RollingKVCache.allocate(batch_size, max_seqlen, min(self.window_size, max_seqlen), Hkv, K, K,
-                                           device=device, dtype=dtype)
-        return KVCache.allocate(batch_size, max_seqlen, Hkv, K, K, device=device, dtype=dtype)
+            cache = RollingKVCache.allocate(batch_size, max_seqlen, min(self.window_size, max_seqlen), Hkv, K, K,
+                                            device=device, dtype=dtype)
+        else:
+            cache = KVCache.allocate(batch_size, max_seqlen, Hkv, K, K, device=device, dtype=dtype)
+        if self.d_conv > 0:  # the conv's last d_conv - 1 inputs, as an extra cache entry
+            cache.conv_state = torch.zeros(batch_size, self.d_conv - 1, self.conv_weight.shape[0], device=device,
+                                           dtype=torch.promote_types(dtype, torch.float32))
+        return cache
 
     # Forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: KVCache | RollingKVCache | None = None, *,
@@ -282,7 +311,15 @@ class MHA(AttentionCore):
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         H, Hkv, K = self.num_heads, self.num_heads_kv, self.head_dim
-        q, k, v = self.in_proj(x).split((H * K, Hkv * K, Hkv * K), dim=-1)
+        qkv = self.in_proj(x)
+        x_mlp = None
+        if self.mlp_dim > 0:
+            qkv, x_mlp = qkv.split((qkv.shape[-1] - self.mlp_dim, self.mlp_dim), dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        if self.d_conv > 0:
+            qkv = self._conv(qkv, cache, lengths)
+        q, k, v = qkv.split((H * K, Hkv * K, Hkv * K), dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
         if self.q_norm is not None:  # QK-norm comes before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
@@ -315,11 +352,26 @@ class MHA(AttentionCore):
                                               prior=cache.nonfinite_last)
             out = self._cached(q, k, v, key_valid, index, cache, lengths)
             cache.nonfinite_last.copy_(last[:, -1])
-        y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * out.shape[-1]))
+        context = out.transpose(1, 2).reshape(B, T, H * out.shape[-1])
+        if x_mlp is not None:
+            context = torch.cat((context, x_mlp.to(context.dtype)), dim=-1)
+        y = self.out_proj(context)
         y = poison(y, poisoned | bad_q)
         if length_valid is not None:
             y = y.masked_fill(~length_valid[..., None], 0.0)
         return y.to(in_dtype)
+
+    def _conv(self, qkv: torch.Tensor, cache: KVCache | RollingKVCache | None,
+              lengths: torch.Tensor | None) -> torch.Tensor:
+        """The causal depthwise conv over [B, T, q+k+v] (continuing and updating the cache's conv state)."""
+        state = None if cache is None else getattr(cache, "conv_state", None)
+        if cache is not None and state is None:
+            raise ValueError(f"{type(self).__name__}(d_conv={self.d_conv}): the cache has no conv_state; allocate "
+                             f"it with this layer's allocate_inference_cache")
+        y, final = causal_conv1d(qkv, self.conv_weight, self.conv_bias, initial_state=state, lengths=lengths)
+        if state is not None:
+            state.copy_(final)
+        return y.to(qkv.dtype)
 
     def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths) -> torch.Tensor:
         B, T = q.shape[0], q.shape[2]
