@@ -363,3 +363,20 @@ def test_mha_conv_decodes_and_is_causal(kw):
     assert not torch.allclose(m(x2)[:, 6:], y[:, 6:])
     with pytest.raises(ValueError, match="d_conv"):
         MHA(16, num_heads=4, d_conv=-1)
+
+
+def test_lite_attention():
+    torch.manual_seed(0)
+    m = MHA(16, num_heads=4, num_heads_kv=2, attention_type="lite", causal=False).double()
+    assert m.attention_type == "lite" and m.lite_gate.in_features == 4
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    q, k, v = m.in_proj(x).split((16, 8, 8), -1)
+    q, k, v = q.view(2, 7, 4, 4), k.view(2, 7, 2, 4).repeat_interleave(2, 2), v.view(2, 7, 2, 4).repeat_interleave(2, 2)
+    w = torch.softmax(m.lite_gate(q * k), dim=1)  # over the sequence, per head
+    assert_close(m(x), m.out_proj((w * v).reshape(2, 7, 16)))
+    lengths = torch.tensor([7, 4])
+    y = m(x, lengths=lengths)
+    assert y[1, 4:].abs().max() == 0
+    assert_close(y[1, :4], m(x[1:, :4])[0])  # padding takes no weight
+    with pytest.raises(ValueError, match="causal=False"):
+        MHA(16, num_heads=4, attention_type="lite")

@@ -246,7 +246,7 @@ def test_001_mixer_names(name):
 
 
 @pytest.mark.parametrize("norm_type", ["layer", "rms"])
-@pytest.mark.parametrize("attention_type", ["standard", "memory_efficient", "flash", "pallas_flash", "linear"])
+@pytest.mark.parametrize("attention_type", ["standard", "memory_efficient", "flash", "pallas_flash", "linear", "lite"])
 def test_003_encoder_block(norm_type, attention_type):
     block = EncoderBlock(d_model=32, num_heads=4, d_ff=64, dropout_rate=0.1, pre_norm=True,
                          attention_type=attention_type, attention_block_size=512, linear_attention_chunk_size=64,

@@ -262,7 +262,7 @@ class DecoderBlock(_BlockBase):
         self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.self_attn = MHA(d_model, **attn_kwargs)
         self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
-        cross_type = "auto" if attention_type == "linear" else attention_type
+        cross_type = "auto" if attention_type in ("linear", "lite") else attention_type
         self.cross_attn = CrossAttention(d_model, num_heads, num_kv_heads, kdim=memory_dim, qkv_proj_bias=bias,
                                          out_proj_bias=bias, layer_idx=layer_idx, attention_type=cross_type,
                                          attention_block_size=attention_block_size, dropout=dropout_rate,

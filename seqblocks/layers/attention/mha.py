@@ -75,10 +75,10 @@ from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.registry import MIXERS
 
 # CrossAttention is re-exported here, where it lived before cross_attention.py.
-__all__ = ["MHA", "GQA", "MQA", "SlidingWindowAttention", "CrossAttention", "ATTENTION_TYPES"]
+__all__ = ["lite_attention", "MHA", "GQA", "MQA", "SlidingWindowAttention", "CrossAttention", "ATTENTION_TYPES"]
 
-#: Every ``attention_type`` MHA accepts: the softmax backends, and "linear" (builds a LinearAttention).
-ATTENTION_TYPES = ATTENTION_BACKENDS + ("linear",)
+#: Every ``attention_type`` MHA accepts: the softmax backends, "linear" (builds a LinearAttention) and "lite".
+ATTENTION_TYPES = ATTENTION_BACKENDS + ("linear", "lite")
 
 
 class MHA(AttentionCore):
@@ -104,7 +104,9 @@ class MHA(AttentionCore):
             earlier tokens; decoding then uses a rolling window-sized cache. Default: None.
         attention_type (str): "auto", "standard", "memory_efficient", "flash", "flex", or "linear" (an
             alias: the call returns a ``LinearAttention``, see below); "pallas_flash" is read as "auto",
-            the fastest fused path (SDPA flash on CUDA, FlexAttention with a mod or window). Default: "auto".
+            the fastest fused path (SDPA flash on CUDA, FlexAttention with a mod or window); "lite" is
+            element-wise gated attention (see ``lite_attention``; non-causal, one extra [head_dim -> 1]
+            gate ``lite_gate``). Default: "auto".
         attention_block_size (int): key block of "memory_efficient". Default: 128.
         linear_attention_chunk_size (int): ``LinearAttention``'s chunk_size under "linear". Default: 64.
         linear_feature_map (str): ``LinearAttention``'s feature_map under "linear": "elu", "relu",
@@ -188,11 +190,23 @@ class MHA(AttentionCore):
             raise ValueError(f"{owner}: window_size={window_size} is a causal sliding window; it needs causal=True")
         if not isinstance(qk_norm, bool):
             raise TypeError(f"{owner}: qk_norm must be a bool, got {qk_norm!r}")
+        lite = attention_type == "lite"
+        if lite:
+            if causal:
+                raise ValueError(f"{owner}: attention_type='lite' normalises its weights over the whole sequence, "
+                                 f"so it is not causal; it needs causal=False")
+            bad = [name for name, value in (("window_size", window_size), ("score_mod", score_mod),
+                                            ("mask_mod", mask_mod), ("softcap", softcap), ("position", position))
+                   if value is not None]
+            if bad or rotary_emb_dim:
+                raise ValueError(f"{owner}: attention_type='lite' has no scores for {bad or ['rotary_emb_dim']}")
         score_mod = with_softcap(owner, softcap, score_mod)
         # linear_attention_chunk_size / linear_feature_map serve only the "linear" alias (see __new__).
-        self.init_core(num_heads=num_heads, attention_type=attention_type, attention_block_size=attention_block_size,
-                       dropout=dropout, score_mod=score_mod, mask_mod=mask_mod, softmax_scale=softmax_scale,
-                       window_size=window_size, position=position)
+        self.init_core(num_heads=num_heads, attention_type="standard" if lite else attention_type,
+                       attention_block_size=attention_block_size, dropout=dropout, score_mod=score_mod,
+                       mask_mod=mask_mod, softmax_scale=softmax_scale, window_size=window_size, position=position)
+        if lite:
+            self.attention_type = "lite"
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
         self.causal, self.layer_idx = causal, layer_idx
         factory = {"device": device, "dtype": dtype}
@@ -204,6 +218,7 @@ class MHA(AttentionCore):
         if d_conv > 0:
             self.conv_weight = nn.Parameter(torch.empty(qkv_dim, d_conv, **factory))
             self.conv_bias = nn.Parameter(torch.empty(qkv_dim, **factory))
+        self.lite_gate = nn.Linear(head_dim, 1, **factory) if lite else None
         self.rotary_emb_dim = rotary_emb_dim
         self.rotary_emb = make_rotary(owner, head_dim, rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved,
                                       position, device)
@@ -227,6 +242,8 @@ class MHA(AttentionCore):
     def reset_parameters(self) -> None:
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
+        if self.lite_gate is not None:
+            self.lite_gate.reset_parameters()
         if self.d_conv > 0:  # as a depthwise nn.Conv1d: uniform in +-1/sqrt(fan_in), fan_in = d_conv
             bound = 1 / math.sqrt(self.d_conv)
             with torch.no_grad():
@@ -339,7 +356,13 @@ class MHA(AttentionCore):
         length_valid = lengths_mask(lengths, T, x.device)
         key_valid = intersect_valid(key_valid, length_valid)
         bad_key = bad_kv if key_valid is None else bad_kv & key_valid
-        if cache is None:
+        if cache is None and self.lite_gate is not None:
+            if attn_mask is not None:
+                raise ValueError(f"{owner}: attention_type='lite' takes a [B, T] key-padding mask only")
+            out = lite_attention(q, k, v, self.lite_gate, key_valid)
+            out = F.dropout(out, self.dropout, self.training)
+            poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=False, window=None)
+        elif cache is None:
             out = self.attend(q, k, v, causal=self.causal, window=self.window_size, q_pos=None, kv_pos=None,
                               key_valid=key_valid, attn_mask=attn_mask)
             poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=self.causal,
@@ -408,6 +431,32 @@ class MHA(AttentionCore):
                                   key_valid=cache.key_valid[:, :S], attn_mask=None)
         cache.advance(consumed)
         return out
+
+
+def lite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: nn.Linear,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-wise gated attention: a Hadamard product in place of the q.k scores.
+
+    ``g_t = gate(q_t ⊙ k_t)`` (one scalar per head and position), ``w = softmax_t(g)`` over the
+    sequence, ``out_t = w_t v_t``: each position keeps its own value, weighted by how its query and key
+    agree relative to the other positions. Padded positions (``key_valid`` False) get weight 0 and the
+    rest renormalise.
+
+    Args:
+        q (Tensor): [B, H, T, K]; k, v (Tensor): [B, Hkv, T, K] (Hkv divides H).
+        gate (nn.Linear): K -> 1.
+        key_valid (Tensor | None): [B, T] bool. Default: None (all valid).
+
+    Returns:
+        Tensor: [B, H, T, K] in q's dtype (fp32 softmax).
+    """
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    g = gate((q * k).to(gate.weight.dtype)).float()  # [B, H, T, 1]
+    if key_valid is not None:
+        g = g.masked_fill(~key_valid[:, None, :, None], float("-inf"))
+    w = torch.softmax(g, dim=2).nan_to_num(0.0)  # a row with no valid position: all 0
+    return (w * v.float()).to(q.dtype)
 
 
 @MIXERS.register("gqa")
