@@ -62,6 +62,7 @@ from seqblocks.models import (
     LanguageModelConfig,
     LayerConfig,
     LRNNLMHeadModel,
+    LRNNModel,
     ModelConfig,
 )
 from seqblocks.models.forecaster import Forecaster, generate_continuous
@@ -119,6 +120,7 @@ __all__ = [
     "GenerationOutput",
     "IdentityMixer",
     "LRNNLMHeadModel",
+    "LRNNModel",
     "LanguageModel",
     "LanguageModelConfig",
     "LayerNorm",

@@ -239,7 +239,7 @@ def test_errors():
     with pytest.raises(ValueError, match="divisor"):
         MHA(D, H, 3)
     with pytest.raises(ValueError, match="attention_type"):
-        MHA(D, H, attention_type="pallas_flash")
+        MHA(D, H, attention_type="ring")
     with pytest.raises(ValueError, match="linear"):
         MHA(D, H, attention_type="linear", score_mod=soft_cap(1.0))
     with pytest.raises(ValueError, match="window_size"):

@@ -113,7 +113,9 @@ class _BlockBase(nn.Module):
             causal=causal or attention_window is not None, layer_idx=layer_idx,
             rotary_emb_dim=head_dim if use_rope else 0, rotary_emb_base=rope_base, window_size=attention_window,
             attention_type=attention_type, attention_block_size=attention_block_size,
-            linear_attention_chunk_size=linear_attention_chunk_size, dropout=dropout_rate, score_mod=score_mod,
+            linear_attention_chunk_size=linear_attention_chunk_size,
+            # Kernelized attention has no probabilities to drop; dropout_rate still acts on the sublayer outputs.
+            dropout=0.0 if attention_type == "linear" else dropout_rate, score_mod=score_mod,
             mask_mod=mask_mod, position=ALiBi(num_heads, device=device) if alibi else None, device=device,
             dtype=dtype,
         )
@@ -136,14 +138,15 @@ class EncoderBlock(_BlockBase):
         d_model (int): model width.
         num_heads (int): query heads.
         d_ff (int): FFN hidden width.
-        dropout_rate (float): dropout on attention probabilities and sublayer outputs (training only).
+        dropout_rate (float): dropout on attention probabilities (none under ``attention_type="linear"``,
+            which has none) and sublayer outputs (training only).
             Default: 0.0.
         pre_norm (bool): pre-norm layout when True, post-norm otherwise. Default: True.
         attention_type (str): "auto", "standard", "memory_efficient", "flash", "flex" or "linear".
             Default: "auto".
         attention_block_size (int): key block of "memory_efficient". Default: 128.
         linear_attention_chunk_size (int): chunk of "linear". Default: 64.
-        norm_type (str): norm registry name ("layer_norm", "rms_norm"). Default: "layer_norm".
+        norm_type (str): norm registry name: "layer_norm" (or "layer"), "rms_norm" (or "rms"). Default: "layer_norm".
         ff_activation (str): "relu", "gelu", "gelu_tanh", "silu", "tanh", "relu2", or the gated
             "swiglu" / "geglu". Default: "gelu".
         num_kv_heads (int | None): key/value heads (GQA / MQA). Default: None (= num_heads).
@@ -272,7 +275,7 @@ class DecoderBlock(_BlockBase):
         self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.self_attn = MHA(d_model, **attn_kwargs)
         self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
-        cross_type = "auto" if attention_type == "linear" else attention_type
+        cross_type = "auto" if attention_type in ("linear", "lite") else attention_type
         self.cross_attn = CrossAttention(d_model, num_heads, num_kv_heads, kdim=memory_dim, qkv_proj_bias=bias,
                                          out_proj_bias=bias, layer_idx=layer_idx, attention_type=cross_type,
                                          attention_block_size=attention_block_size, dropout=dropout_rate,

@@ -42,8 +42,10 @@ Shapes: B batch, T time, D width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +55,7 @@ from seqblocks.cache import Cache
 from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.checks import check_allocation, check_cache, check_input, check_lengths, check_positive
 from seqblocks.layers.packing import run_unpacked
+from seqblocks.ops._backend import prefer_backend
 from seqblocks.registry import MIXERS
 
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
@@ -61,7 +64,8 @@ MIXER_INPUTS = frozenset({"lengths", "integration_timesteps", "position_ids", "m
 #: Constructor arguments that place a module rather than configure it; never config fields.
 PLACEMENT_ARGS = ("device", "dtype", "layer_idx")
 
-__all__ = ["MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
+__all__ = ["honours_fast_path",
+           "MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
            "run_mixer", "accepted_inputs", "build_component", "mixer_config_class"]
 
 
@@ -138,6 +142,21 @@ def mixer_config_class(cls: type) -> type[MixerConfig]:
     return config_cls
 
 
+def honours_fast_path(forward: Callable) -> Callable:
+    """Decorate a mixer's ``forward`` so that ``use_fast_path=False`` runs every op of the call on its
+    PyTorch path (``ops._backend.prefer_backend("torch")``); with True the ops pick their kernels as
+    usual (Triton on CUDA). Both paths compute the same function (tested per op)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args: Any, **kwargs: Any):
+        if getattr(self, "use_fast_path", True):
+            return forward(self, *args, **kwargs)
+        with prefer_backend("torch"):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _narrow(dtype: torch.dtype) -> bool:
     """A real floating-point dtype narrower than fp32 (bf16, fp16, fp8)."""
     return dtype.is_floating_point and dtype.itemsize < 4
@@ -161,6 +180,9 @@ class Mixer(nn.Module):
     inputs: ClassVar[frozenset[str]] = frozenset()
     is_identity: ClassVar[bool] = False
     causal: bool = True
+    # None: the contract call. A bool (S4 built with ``transposed=``): the seed convention, where forward
+    # takes [B, D, T] when True ([B, T, D] when False) and returns ``(y, state)``; ``run_mixer`` adapts.
+    transposed: bool | None = None
     keep_in_fp32: ClassVar[tuple[str, ...]] = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -350,9 +372,12 @@ def run_mixer(mixer: Mixer, x: torch.Tensor, cache: Any = None, inputs: dict[str
     if rejected:
         raise TypeError(f"{type(mixer).__name__} does not take the inputs {rejected}; it takes "
                         f"{sorted(mixer.inputs)}")
-    if cache is None:
-        return mixer(x, **given)
-    return mixer(x, cache, **given)
+    if mixer.transposed is None:
+        return mixer(x, **given) if cache is None else mixer(x, cache, **given)
+    # A mixer built in the seed convention: feed its layout and keep y of its (y, state).
+    u = x.transpose(1, 2) if mixer.transposed else x
+    y, _ = mixer(u, **given) if cache is None else mixer(u, cache, **given)
+    return y.transpose(1, 2) if mixer.transposed else y
 
 
 def build_component(cls: Any, config: BlockConfig, **kwargs: Any) -> nn.Module:

@@ -95,6 +95,9 @@ class OffsetRMSNorm(RMSNorm):
     """
 
     weight_offset = 1.0
+# The short spellings of the same two norms (``norm_type="layer"`` / ``"rms"`` in encoder / decoder code).
+NORMS.register("layer", LayerNorm, description="LayerNorm (short name of 'layer_norm').")
+NORMS.register("rms", RMSNorm, description="RMSNorm (short name of 'rms_norm').")
 
 
 def is_fusable_norm(norm: nn.Module) -> bool:

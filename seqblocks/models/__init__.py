@@ -5,10 +5,10 @@ from seqblocks.models.classifier import Classifier
 from seqblocks.models.config_lm import LanguageModel, LanguageModelConfig
 from seqblocks.models.engine import CausalLM, CausalLMOutput
 from seqblocks.models.init import InitConfig
-from seqblocks.models.lrnn_lm import LRNNLMHeadModel
+from seqblocks.models.lrnn_lm import LRNNLMHeadModel, LRNNModel
 from seqblocks.models.model_config import LayerConfig, ModelConfig
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
 
-__all__ = ["CausalLM", "CausalLMOutput", "Classifier", "InferenceCaches", "InitConfig", "LRNNLMHeadModel",
+__all__ = ["CausalLM", "CausalLMOutput", "Classifier", "InferenceCaches", "InitConfig", "LRNNLMHeadModel", "LRNNModel",
            "LanguageModel", "LanguageModelConfig", "LayerConfig", "ModelConfig",
            "TransformerDecoder", "TransformerEncoder", "TransformerEncoderDecoder"]

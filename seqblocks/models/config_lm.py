@@ -268,7 +268,7 @@ class LanguageModel(CausalLM):
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(hidden)
-            hidden, _ = layer(hidden, cache=None if caches is None else caches[i], **inputs[i])
+            hidden, _ = layer(hidden, cache=None if caches is None else caches[i], fresh_cache=False, **inputs[i])
         hidden = hidden if self.norm_f is None else self.norm_f(hidden)
         if hidden_states is not None:
             hidden_states.append(hidden)

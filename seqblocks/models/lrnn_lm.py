@@ -18,13 +18,14 @@ from torch import nn
 
 from seqblocks.blocks import Block
 from seqblocks.layers.build import build_mixer
+from seqblocks.layers.checks import check_lengths, check_timesteps
 from seqblocks.layers.norm import LayerNorm, RMSNorm, norm_params
 from seqblocks.models.engine import CausalLM
 from seqblocks.models.model_config import ModelConfig
 from seqblocks.ops.add_norm import add_norm
 from seqblocks.registry import MLPS, MODELS
 
-__all__ = ["LRNNLMHeadModel"]
+__all__ = ["LRNNLMHeadModel", "LRNNModel"]
 
 
 @MODELS.register("LRNNLMHeadModel")
@@ -181,3 +182,91 @@ class LRNNLMHeadModel(CausalLM):
     def from_checkpoint_config(cls, config: dict[str, Any], device=None, dtype=None) -> LRNNLMHeadModel:
         return cls.from_config(ModelConfig.from_data(config), device=device, dtype=dtype)
 
+
+    @property
+    def backbone(self) -> LRNNModel:
+        """This model without its head, as an ``LRNNModel`` over the same modules (no copy): its
+        ``embedding``, ``layers`` and ``norm_f`` are this model's, and calling it gives the final
+        hidden states [B, T, D]."""
+        return LRNNModel._over(self)
+
+
+class LRNNModel(nn.Module):
+    """The backbone of ``LRNNLMHeadModel``: embedding, blocks and final norm, giving hidden states.
+
+    Built standalone with the hybrid-LM arguments (its state dict then holds ``embedding``,
+    ``layers`` and ``norm_f``), or read off a language model as ``lm.backbone``, which shares that
+    model's modules.
+
+    Args:
+        d_model, d_state, n_layer, vocab_size, mixer_types, d_intermediate, mixer_kwargs, mlp_cls,
+        norm_epsilon, rms_norm, initializer_cfg, fused_add_norm, residual_in_fp32, device, dtype: as
+            ``LRNNLMHeadModel`` (the embedding has exactly ``vocab_size`` rows).
+
+    Raises:
+        ValueError: as ``LRNNLMHeadModel``.
+    """
+
+    def __init__(self, d_model: int, d_state: int, n_layer: int, vocab_size: int, mixer_types: list,
+                 d_intermediate: int = 0, mixer_kwargs: dict | None = None, mlp_cls=None, norm_epsilon: float = 1e-5,
+                 rms_norm: bool = True, initializer_cfg: dict | None = None, fused_add_norm: bool = True,
+                 residual_in_fp32: bool = False, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        # A tied head adds no parameter: the model is the engine that runs the backbone.
+        lm = LRNNLMHeadModel(d_model, d_state, n_layer, vocab_size, mixer_types, d_intermediate=d_intermediate,
+                             mixer_kwargs=mixer_kwargs, mlp_cls=mlp_cls, norm_epsilon=norm_epsilon, rms_norm=rms_norm,
+                             fused_add_norm=fused_add_norm, residual_in_fp32=residual_in_fp32, tie_embeddings=True,
+                             pad_vocab_size_multiple=1, initializer_cfg=initializer_cfg, device=device, dtype=dtype)
+        self._attach(lm)
+
+    @classmethod
+    def _over(cls, lm: LRNNLMHeadModel) -> LRNNModel:
+        view = cls.__new__(cls)
+        nn.Module.__init__(view)
+        view._attach(lm)
+        return view
+
+    def _attach(self, lm: LRNNLMHeadModel) -> None:
+        self.__dict__["_lm"] = lm  # not a submodule: the head is not part of the backbone
+        self.embedding = lm.embedding
+        self.layers = lm.layers
+        self.norm_f = lm.norm_f
+        self.config = lm.config
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 **kwargs: Any) -> Any:
+        """Caches of every layer, as ``LRNNLMHeadModel.allocate_inference_cache``."""
+        return self._lm.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor, inference_params: Any = None,
+                integration_timesteps: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **mixer_kwargs: Any) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after the final norm) of input_ids [B, T]; the arguments are
+        those of ``LRNNLMHeadModel.forward``, and caches given as ``inference_params`` advance."""
+        lm = self._lm
+        B, T = lm._check_ids(input_ids)
+        owner = type(self).__name__
+        check_lengths(owner, lengths, B, T)
+        check_timesteps(owner, integration_timesteps, B, T)
+        if inference_params is not None:
+            lm._check_caches(inference_params, B, T)
+        extra = {k: v for k, v in mixer_kwargs.items() if v is not None}
+        unused = sorted(set(extra) - set().union(*lm._route(extra))) if extra else []
+        if unused:
+            raise TypeError(f"{owner}.forward: the inputs {unused} are declared by no mixer of this model")
+        if lengths is not None:
+            lengths = lengths.to(device=input_ids.device, dtype=torch.long)
+        return lm._final_hidden(input_ids, inference_params, position_ids, integration_timesteps, lengths, extra)
+
+    def step(self, input_ids: torch.Tensor, caches: Any, integration_timesteps: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Hidden states [B, 1, D] of one token per row; ``caches`` advance in place."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+            input_ids = input_ids[:, None]
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"LRNNModel.step expects input_ids of shape [B, 1], got {shape}")
+        if isinstance(integration_timesteps, torch.Tensor) and integration_timesteps.dim() == 1:
+            integration_timesteps = integration_timesteps[:, None]
+        return self.forward(input_ids, caches, integration_timesteps=integration_timesteps)

@@ -71,7 +71,7 @@ class MTPModule(nn.Module):
         if isinstance(self.block, Block):
             out, residual = self.block(x, None)
             return out if residual is None else (residual + out).to(x.dtype)
-        return self.block(x)[0]
+        return self.block(x, fresh_cache=False)[0]
 
 
 def mtp_loss(mtp_logits: Sequence[torch.Tensor], targets: torch.Tensor, weight: float = 1.0,

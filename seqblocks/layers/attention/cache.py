@@ -40,12 +40,15 @@ class KVCache(Cache):
         k (Tensor): [B, Hkv, S, K]. v (Tensor): [B, Hkv, S, V].
         key_valid (Tensor): [B, S] bool, True where a real (unpadded) token was written.
         nonfinite_last (Tensor): [B] int64, 1 + the position of the latest non-finite valid token (0: none).
+        conv_state (Tensor | None): [B, W - 1, C] the last inputs of an attention's q / k / v conv
+            (``MHA(d_conv=W)``); None without one.
     """
 
     k: torch.Tensor = None
     v: torch.Tensor = None
     key_valid: torch.Tensor = None
     nonfinite_last: torch.Tensor = None
+    conv_state: torch.Tensor = None
 
     @classmethod
     def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, v_dim: int,
@@ -84,6 +87,7 @@ class RollingKVCache(Cache):
         slot_positions (Tensor): [B, W] int64 absolute position held by each slot, -1 when empty.
         key_valid (Tensor): [B, W] bool, True where the slot holds a real (unpadded) token.
         nonfinite_last (Tensor): [B] int64, 1 + the position of the latest non-finite valid token (0: none).
+        conv_state (Tensor | None): as ``KVCache.conv_state``.
     """
 
     k: torch.Tensor = None
@@ -91,6 +95,7 @@ class RollingKVCache(Cache):
     slot_positions: torch.Tensor = None
     key_valid: torch.Tensor = None
     nonfinite_last: torch.Tensor = None
+    conv_state: torch.Tensor = None
 
     @property
     def window(self) -> int:

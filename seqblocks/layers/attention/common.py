@@ -34,7 +34,13 @@ from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
 from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
 
-__all__ = ["AttentionCore", "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
+#: Other spellings of the softmax backends. "pallas_flash" (a fused flash kernel with the score mod in its
+#: inner loop) maps to "auto", our fastest fused path: SDPA's flash kernel on CUDA, FlexAttention there when a
+#: score_mod / mask_mod / window is given.
+ATTENTION_TYPE_ALIASES = {"pallas_flash": "auto"}
+
+__all__ = ["AttentionCore", "ATTENTION_TYPE_ALIASES",
+           "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
            "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "document_mods",
            "make_qk_norm",
            "with_softcap"]
@@ -265,9 +271,10 @@ class AttentionCore(Mixer):
             TypeError: mods of the wrong kind, a position that is not a ``PositionBase``.
         """
         owner = type(self).__name__
+        attention_type = ATTENTION_TYPE_ALIASES.get(attention_type, attention_type)
         if attention_type not in ATTENTION_BACKENDS:
             raise ValueError(f"{owner}: unknown attention_type {attention_type!r}; expected one of "
-                             f"{ATTENTION_BACKENDS}")
+                             f"{ATTENTION_BACKENDS + tuple(ATTENTION_TYPE_ALIASES)}")
         if not isinstance(attention_block_size, int) or attention_block_size <= 0:
             raise ValueError(f"{owner}: attention_block_size={attention_block_size!r} must be a positive int")
         check_range(owner, "dropout", dropout, 0.0, 1.0, hi_open=True)

@@ -38,10 +38,12 @@ M memory length, S cache slots.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.cache import host_sync_unsafe
@@ -76,13 +78,14 @@ from seqblocks.layers.packing import document_index, packed_positions, run_unpac
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops._packing import check_cu_seqlens
 from seqblocks.ops.attention import ATTENTION_BACKENDS
+from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.registry import MIXERS
 
 # CrossAttention is re-exported here, where it lived before cross_attention.py.
-__all__ = ["MHA", "GQA", "MQA", "SlidingWindowAttention", "CrossAttention", "ATTENTION_TYPES"]
+__all__ = ["lite_attention", "MHA", "GQA", "MQA", "SlidingWindowAttention", "CrossAttention", "ATTENTION_TYPES"]
 
-#: Every ``attention_type`` MHA accepts: the softmax backends, and "linear" (builds a LinearAttention).
-ATTENTION_TYPES = ATTENTION_BACKENDS + ("linear",)
+#: Every ``attention_type`` MHA accepts: the softmax backends, "linear" (builds a LinearAttention) and "lite".
+ATTENTION_TYPES = ATTENTION_BACKENDS + ("linear", "lite")
 
 
 class MHA(AttentionCore):
@@ -107,7 +110,10 @@ class MHA(AttentionCore):
         window_size (int | None): causal sliding window: a query sees itself and window_size - 1
             earlier tokens; decoding then uses a rolling window-sized cache. Default: None.
         attention_type (str): "auto", "standard", "memory_efficient", "flash", "flex", or "linear" (an
-            alias: the call returns a ``LinearAttention``, see below). Default: "auto".
+            alias: the call returns a ``LinearAttention``, see below); "pallas_flash" is read as "auto",
+            the fastest fused path (SDPA flash on CUDA, FlexAttention with a mod or window); "lite" is
+            element-wise gated attention (see ``lite_attention``; non-causal, one extra [head_dim -> 1]
+            gate ``lite_gate``). Default: "auto".
         attention_block_size (int): key block of "memory_efficient". Default: 128.
         linear_attention_chunk_size (int): ``LinearAttention``'s chunk_size under "linear". Default: 64.
         linear_feature_map (str): ``LinearAttention``'s feature_map under "linear": "elu", "relu",
@@ -123,6 +129,12 @@ class MHA(AttentionCore):
         qk_norm_eps (float): epsilon of the QK-norm. Default: 1e-5.
         softcap (float | None): attention-logit soft-capping, ``softcap * tanh(score / softcap)`` on the
             scaled scores, before any ``score_mod`` (Gemma 2). Default: None.
+        mlp_dim (int): width of a gated MLP fused into the projections (rounded up to a multiple of
+            256): ``in_proj`` also gives ``[up, gate]``, and ``out_proj`` reads the attention output
+            concatenated with ``up * silu(gate)`` (mlp_dim / 2 features). 0 disables. Default: 0.
+        d_conv (int): width of a causal depthwise convolution over the q / k / v projections before
+            attention (``conv_weight`` [q+k+v width, d_conv], ``conv_bias``); decoding keeps its last
+            d_conv - 1 inputs in the cache. 0 disables. Default: 0.
         device, dtype: parameter placement. Default: None.
 
     ``MHA(..., attention_type="linear")`` (also ``GQA`` / ``MQA``) returns a ``LinearAttention`` with
@@ -170,27 +182,50 @@ class MHA(AttentionCore):
         qk_norm: bool = False,
         qk_norm_eps: float = 1e-5,
         softcap: float | None = None,
+        mlp_dim: int = 0,
+        d_conv: int = 0,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
         num_heads, num_heads_kv, head_dim = resolve_heads(owner, embed_dim, num_heads, num_heads_kv, head_dim)
+        for name, value in (("mlp_dim", mlp_dim), ("d_conv", d_conv)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{owner}: {name}={value!r} must be a non-negative int")
         if window_size is not None and not causal:
             raise ValueError(f"{owner}: window_size={window_size} is a causal sliding window; it needs causal=True")
         if not isinstance(qk_norm, bool):
             raise TypeError(f"{owner}: qk_norm must be a bool, got {qk_norm!r}")
+        lite = attention_type == "lite"
+        if lite:
+            if causal:
+                raise ValueError(f"{owner}: attention_type='lite' normalises its weights over the whole sequence, "
+                                 f"so it is not causal; it needs causal=False")
+            bad = [name for name, value in (("window_size", window_size), ("score_mod", score_mod),
+                                            ("mask_mod", mask_mod), ("softcap", softcap), ("position", position))
+                   if value is not None]
+            if bad or rotary_emb_dim:
+                raise ValueError(f"{owner}: attention_type='lite' has no scores for {bad or ['rotary_emb_dim']}")
         score_mod = with_softcap(owner, softcap, score_mod)
         # linear_attention_chunk_size / linear_feature_map serve only the "linear" alias (see __new__).
-        self.init_core(num_heads=num_heads, attention_type=attention_type, attention_block_size=attention_block_size,
-                       dropout=dropout, score_mod=score_mod, mask_mod=mask_mod, softmax_scale=softmax_scale,
-                       window_size=window_size, position=position)
+        self.init_core(num_heads=num_heads, attention_type="standard" if lite else attention_type,
+                       attention_block_size=attention_block_size, dropout=dropout, score_mod=score_mod,
+                       mask_mod=mask_mod, softmax_scale=softmax_scale, window_size=window_size, position=position)
+        if lite:
+            self.attention_type = "lite"
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
         self.causal, self.layer_idx = causal, layer_idx
         factory = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(embed_dim, (num_heads + 2 * num_heads_kv) * head_dim, bias=qkv_proj_bias,
-                                 **factory)
-        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=out_proj_bias, **factory)
+        self.mlp_dim = -(-mlp_dim // 256) * 256
+        self.d_conv = d_conv
+        qkv_dim = (num_heads + 2 * num_heads_kv) * head_dim
+        self.in_proj = nn.Linear(embed_dim, qkv_dim + self.mlp_dim, bias=qkv_proj_bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim + self.mlp_dim // 2, embed_dim, bias=out_proj_bias, **factory)
+        if d_conv > 0:
+            self.conv_weight = nn.Parameter(torch.empty(qkv_dim, d_conv, **factory))
+            self.conv_bias = nn.Parameter(torch.empty(qkv_dim, **factory))
+        self.lite_gate = nn.Linear(head_dim, 1, **factory) if lite else None
         self.rotary_emb_dim = rotary_emb_dim
         self.rotary_emb = make_rotary(owner, head_dim, rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved,
                                       position, device)
@@ -214,6 +249,13 @@ class MHA(AttentionCore):
     def reset_parameters(self) -> None:
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
+        if self.lite_gate is not None:
+            self.lite_gate.reset_parameters()
+        if self.d_conv > 0:  # as a depthwise nn.Conv1d: uniform in +-1/sqrt(fan_in), fan_in = d_conv
+            bound = 1 / math.sqrt(self.d_conv)
+            with torch.no_grad():
+                self.conv_weight.uniform_(-bound, bound)
+                self.conv_bias.uniform_(-bound, bound)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
@@ -266,9 +308,14 @@ class MHA(AttentionCore):
         dtype = dtype or self.in_proj.weight.dtype
         Hkv, K = self.num_heads_kv, self.head_dim
         if self.window_size is not None:
-            return RollingKVCache.allocate(batch_size, max_seqlen, min(self.window_size, max_seqlen), Hkv, K, K,
-                                           device=device, dtype=dtype)
-        return KVCache.allocate(batch_size, max_seqlen, Hkv, K, K, device=device, dtype=dtype)
+            cache = RollingKVCache.allocate(batch_size, max_seqlen, min(self.window_size, max_seqlen), Hkv, K, K,
+                                            device=device, dtype=dtype)
+        else:
+            cache = KVCache.allocate(batch_size, max_seqlen, Hkv, K, K, device=device, dtype=dtype)
+        if self.d_conv > 0:  # the conv's last d_conv - 1 inputs, as an extra cache entry
+            cache.conv_state = torch.zeros(batch_size, self.d_conv - 1, self.conv_weight.shape[0], device=device,
+                                           dtype=torch.promote_types(dtype, torch.float32))
+        return cache
 
     def allocate_paged_cache(self, block_table: torch.Tensor, num_pages: int, page_size: int, max_seqlen: int,
                              dtype: torch.dtype | None = None) -> PagedKVCache:
@@ -309,7 +356,15 @@ class MHA(AttentionCore):
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         H, Hkv, K = self.num_heads, self.num_heads_kv, self.head_dim
-        q, k, v = self.in_proj(x).split((H * K, Hkv * K, Hkv * K), dim=-1)
+        qkv = self.in_proj(x)
+        x_mlp = None
+        if self.mlp_dim > 0:
+            qkv, x_mlp = qkv.split((qkv.shape[-1] - self.mlp_dim, self.mlp_dim), dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        if self.d_conv > 0:
+            qkv = self._conv(qkv, cache, lengths)
+        q, k, v = qkv.split((H * K, Hkv * K, Hkv * K), dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
         if self.q_norm is not None:  # QK-norm comes before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
@@ -329,7 +384,13 @@ class MHA(AttentionCore):
         length_valid = lengths_mask(lengths, T, x.device)
         key_valid = intersect_valid(key_valid, length_valid)
         bad_key = bad_kv if key_valid is None else bad_kv & key_valid
-        if cache is None:
+        if cache is None and self.lite_gate is not None:
+            if attn_mask is not None:
+                raise ValueError(f"{owner}: attention_type='lite' takes a [B, T] key-padding mask only")
+            out = lite_attention(q, k, v, self.lite_gate, key_valid)
+            out = F.dropout(out, self.dropout, self.training)
+            poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=False, window=None)
+        elif cache is None:
             out = self.attend(q, k, v, causal=self.causal, window=self.window_size, q_pos=None, kv_pos=None,
                               key_valid=key_valid, attn_mask=attn_mask, documents=documents)
             poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=self.causal,
@@ -343,11 +404,26 @@ class MHA(AttentionCore):
                                               prior=cache.nonfinite_last)
             out = self._cached(q, k, v, key_valid, index, cache, lengths)
             cache.nonfinite_last.copy_(last[:, -1])
-        y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * out.shape[-1]))
+        context = out.transpose(1, 2).reshape(B, T, H * out.shape[-1])
+        if x_mlp is not None:
+            context = torch.cat((context, x_mlp.to(context.dtype)), dim=-1)
+        y = self.out_proj(context)
         y = poison(y, poisoned | bad_q)
         if length_valid is not None:
             y = y.masked_fill(~length_valid[..., None], 0.0)
         return y.to(in_dtype)
+
+    def _conv(self, qkv: torch.Tensor, cache: KVCache | RollingKVCache | None,
+              lengths: torch.Tensor | None) -> torch.Tensor:
+        """The causal depthwise conv over [B, T, q+k+v] (continuing and updating the cache's conv state)."""
+        state = None if cache is None else getattr(cache, "conv_state", None)
+        if cache is not None and state is None:
+            raise ValueError(f"{type(self).__name__}(d_conv={self.d_conv}): the cache has no conv_state; allocate "
+                             f"it with this layer's allocate_inference_cache")
+        y, final = causal_conv1d(qkv, self.conv_weight, self.conv_bias, initial_state=state, lengths=lengths)
+        if state is not None:
+            state.copy_(final)
+        return y.to(qkv.dtype)
 
     def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths) -> torch.Tensor:
         B, T = q.shape[0], q.shape[2]
@@ -386,6 +462,32 @@ class MHA(AttentionCore):
         return out
 
 
+def lite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: nn.Linear,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-wise gated attention: a Hadamard product in place of the q.k scores.
+
+    ``g_t = gate(q_t ⊙ k_t)`` (one scalar per head and position), ``w = softmax_t(g)`` over the
+    sequence, ``out_t = w_t v_t``: each position keeps its own value, weighted by how its query and key
+    agree relative to the other positions. Padded positions (``key_valid`` False) get weight 0 and the
+    rest renormalise.
+
+    Args:
+        q (Tensor): [B, H, T, K]; k, v (Tensor): [B, Hkv, T, K] (Hkv divides H).
+        gate (nn.Linear): K -> 1.
+        key_valid (Tensor | None): [B, T] bool. Default: None (all valid).
+
+    Returns:
+        Tensor: [B, H, T, K] in q's dtype (fp32 softmax).
+    """
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    g = gate((q * k).to(gate.weight.dtype)).float()  # [B, H, T, 1]
+    if key_valid is not None:
+        g = g.masked_fill(~key_valid[:, None, :, None], float("-inf"))
+    w = torch.softmax(g, dim=2).nan_to_num(0.0)  # a row with no valid position: all 0
+    return (w * v.float()).to(q.dtype)
+
+
 @MIXERS.register("gqa")
 class GQA(MHA):
     """Grouped-query attention: ``MHA`` with ``num_heads_kv`` key/value heads shared by groups of query
@@ -418,7 +520,8 @@ class SlidingWindowAttention(MHA):
     """Causal sliding-window attention with a rolling, window-sized KV cache.
 
     A query at token index p attends to tokens p - window_size + 1 .. p. Same arguments as ``MHA``;
-    ``window_size`` is required (``BlockConfig.window_size``).
+    ``window_size`` is required, except from a ``BlockConfig``, where it defaults to ``max_seq_len``
+    when ``window_size`` is None (a window as long as the context).
     """
 
     def __init__(self, embed_dim: int, num_heads: int | None = None, *args: Any,
@@ -429,6 +532,14 @@ class SlidingWindowAttention(MHA):
         if kwargs.get("causal", True) is False:
             raise ValueError("SlidingWindowAttention is causal; causal=False is not supported")
         super().__init__(embed_dim, num_heads, *args, window_size=window_size, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, position: PositionBase | None = None, **kwargs: Any) -> SlidingWindowAttention:
+        """As ``MHA.from_config``; without a window in the config (``window_size``, ``mixer_kwargs``) or
+        ``kwargs``, the window is ``config.max_seq_len``."""
+        if config.window_size is None and "window_size" not in config.mixer_kwargs and "window_size" not in kwargs:
+            kwargs = {**kwargs, "window_size": config.max_seq_len}
+        return super().from_config(config, position=position, **kwargs)
 
     @classmethod
     def _alias_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -139,6 +139,10 @@ class LTIMixer(Mixer):
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
+    def _post_with_input(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The pointwise tail given the layer input x [B, T, D] too (S4's multiplicative gate reads it)."""
+        return self._post(y)
+
     # ---- shared -------------------------------------------------------------------------------
     def _param_dtype(self) -> torch.dtype:
         # The widest parameter dtype: fp32 for a bf16-cast module, whose poles stay fp32 (keep_in_fp32).
@@ -224,26 +228,31 @@ class LTIMixer(Mixer):
             skip = self._skip(u)
             if skip is not None:
                 y = y + skip
-        y = poison(self._post(y), poisoned_from(bad, causal=not self.bidirectional))
+        y = poison(self._post_with_input(y, x), poisoned_from(bad, causal=not self.bidirectional))
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)
         return y.to(x.dtype)
 
 
 def post_layers(d_model: int, activation: str | None, final_act: str | None, dropout: float,
-                device=None, dtype=None) -> tuple[nn.Module, nn.Module, nn.Module]:
+                device=None, dtype=None, *, d_in: int | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
     """S4's pointwise tail: (activation, dropout, output map) as in the S4 repository.
 
-    ``final_act``: "glu" (Linear D -> 2D then GLU), "id" (Linear D -> D), None (nothing).
+    ``final_act``: "glu" (Linear d_in -> 2D then GLU), "id" (Linear d_in -> D), None (nothing, which
+    needs d_in == D). ``d_in``: the width entering the map (S4's channels or gate widen it). Default: D.
     """
+    d_in = d_model if d_in is None else d_in
+    if final_act is None and d_in != d_model:
+        raise ValueError(f"final_act=None leaves the width at {d_in}, not d_model={d_model}; use 'glu' or 'id' "
+                         f"to map it back")
     acts = {None: nn.Identity, "id": nn.Identity, "gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU,
             "tanh": nn.Tanh}
     if activation not in acts:
         raise ValueError(f"unknown activation {activation!r}; expected one of {list(acts)}")
     if final_act == "glu":
-        out = nn.Sequential(nn.Linear(d_model, 2 * d_model, device=device, dtype=dtype), nn.GLU(dim=-1))
+        out = nn.Sequential(nn.Linear(d_in, 2 * d_model, device=device, dtype=dtype), nn.GLU(dim=-1))
     elif final_act == "id":
-        out = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+        out = nn.Linear(d_in, d_model, device=device, dtype=dtype)
     elif final_act is None:
         out = nn.Identity()
     else:

@@ -38,7 +38,7 @@ from seqblocks.layers.checks import (
     is_empty,
     to_module_dtype,
 )
-from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.mixer import Mixer, honours_fast_path
 from seqblocks.ops.causal_conv1d import causal_conv1d, runs_kernel
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
@@ -82,6 +82,8 @@ class Mamba(Mixer):
         discretization (str): "mamba", "zoh", "bilinear" or "dirac". Default: "mamba".
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: parameter placement. Default: None.
+        use_fast_path (bool): keyword only; let the conv, scan and decode step run their Triton kernels
+            on CUDA; False keeps every op on its PyTorch path (same results). Default: True.
 
     Raises:
         ValueError: non-positive sizes, dt_min > dt_max, unknown dt_init or discretization.
@@ -110,8 +112,11 @@ class Mamba(Mixer):
         layer_idx: int | None = None,
         device=None,
         dtype=None,
+        *,
+        use_fast_path: bool = True,
     ) -> None:
         super().__init__()
+        self.use_fast_path = bool(use_fast_path)
         check_positive("Mamba", d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
         if dt_rank != "auto" and (not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank <= 0):
             raise ValueError(f"Mamba: dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
@@ -182,6 +187,7 @@ class Mamba(Mixer):
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
         )
 
+    @honours_fast_path
     def forward(self, x: torch.Tensor, cache: MambaCache | None = None, *, lengths: torch.Tensor | None = None,
                 integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D].

@@ -33,7 +33,7 @@ from seqblocks.layers.checks import (
     is_empty,
     lengths_mask,
 )
-from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.mixer import Mixer, honours_fast_path
 from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.step import rglru_step
@@ -95,6 +95,8 @@ class RGLRU(Mixer):
             h_0 = i_0 * x_0 (with a zero initial state the decay there does not matter). Default: True.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: parameter placement. Default: None.
+        use_fast_path (bool): keyword only; let the conv, scan and decode step run their Triton kernels
+            on CUDA; False keeps every op on its PyTorch path (same results). Default: True.
 
     Raises:
         ValueError: non-positive sizes, a bad ``a_init_range`` or ``c``, num_heads not dividing E.
@@ -119,11 +121,14 @@ class RGLRU(Mixer):
         layer_idx: int | None = None,
         device=None,
         dtype=None,
+        *,
+        use_fast_path: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(scale_first_input, bool):
             raise TypeError(f"RGLRU: scale_first_input must be a bool, got {scale_first_input!r}")
         self.scale_first_input = scale_first_input
+        self.use_fast_path = bool(use_fast_path)
         check_positive("RGLRU", d_model=d_model, d_conv=d_conv, num_heads=num_heads)
         check_range("RGLRU", "expand", expand, 0, lo_open=True)
         if int(expand * d_model) <= 0:
@@ -216,6 +221,7 @@ class RGLRU(Mixer):
             mult = torch.where(first[..., None], torch.ones_like(mult), mult)
         return a, mult * (i * x.to(acc))
 
+    @honours_fast_path
     def forward(self, x: torch.Tensor, cache: RGLRUCache | None = None, *,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D].

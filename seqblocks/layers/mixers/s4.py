@@ -22,16 +22,51 @@ Shapes: B batch, T time, H model width (= D), N state size, n = N / 2, r low ran
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.layers.mixers._lti import LTIMixer, complex_dtype, post_layers, reverse_rows
+from seqblocks.layers.checks import check_positive
+from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, post_layers, reverse_rows
 from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
-from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr, on_cpu
+from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr, on_cpu, s4d_init
+from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.ssm_conv_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
 
-__all__ = ["S4"]
+__all__ = ["S4", "S4_INITS", "s4_init"]
+
+#: S4's initialisations: the HiPPO measures (DPLR form), the diagonal starts, and a random DPLR start.
+S4_INITS = HIPPO_MEASURES + ("diag-lin", "diag-inv", "diag-real", "random")
+
+
+@on_cpu
+def s4_init(init: str, N: int, H: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Λ [n] or [H, n], P [rank, n], B [n])`` complex128 for an S4 ``init`` (see ``S4``), n = N / 2.
+
+    Raises:
+        ValueError: unknown init.
+    """
+    n = N // 2
+    P = torch.zeros(rank, n, dtype=torch.complex128)
+    if init in HIPPO_MEASURES:
+        lam, P0, B, _ = nplr(init, N)
+        P[: P0.shape[0]] = P0
+        return lam, P, B
+    ones = torch.ones(n, dtype=torch.complex128)
+    if init in ("diag-lin", "diag-inv"):
+        lam, _ = s4d_init(init[5:], N)
+        return lam, P, ones
+    if init == "diag-real":
+        return torch.complex(-(torch.arange(n, dtype=torch.float64) + 1), torch.zeros(n, dtype=torch.float64)), P, ones
+    if init == "random":
+        imag = torch.exp(torch.randn(H, n, dtype=torch.float64))
+        lam = torch.complex(torch.full((H, n), -0.5, dtype=torch.float64), imag)
+        P = torch.complex(torch.randn(rank, n, dtype=torch.float64), torch.randn(rank, n, dtype=torch.float64))
+        return lam, P / math.sqrt(2), ones
+    raise ValueError(f"S4: unknown init {init!r}; expected one of {S4_INITS}")
 
 
 def dense_scan(A_bar: torch.Tensor, B_bar: torch.Tensor, u: torch.Tensor, h0: torch.Tensor,
@@ -89,7 +124,10 @@ class S4(DiagonalSSMParams, LTIMixer):
         dt_max (float): largest initial step. Default: 0.1.
         rank (int): rank r of the low-rank term; raised to what the measure needs (legt needs 2).
             Default: 1.
-        init (str): HiPPO measure: "legs", "legt" or "fourier". Default: "legs".
+        init (str): HiPPO measure "legs", "legt" or "fourier" (the DPLR form of its matrix); or a diagonal
+            start with P = 0 and B = 1: "diag-lin" (-1/2 + iπn), "diag-inv" (-1/2 + i (N/π)(N/(2n+1) - 1)),
+            "diag-real" (-(n + 1), no oscillation); or "random" (Λ = -1/2 + i exp(ε), ε standard
+            normal per channel and state, B = 1, a standard complex normal low-rank P). Default: "legs".
         real_transform (str): how Re(Λ) is stored: "exp", "softplus", "relu" or "none". Default: "exp".
         dropout (float): dropout after the activation. Default: 0.0.
         activation (str | None): pointwise activation after the SSM. Default: "gelu".
@@ -98,10 +136,20 @@ class S4(DiagonalSSMParams, LTIMixer):
         wd (float): weight-decay hint on the SSM parameters. Default: 0.0.
         mode (str): "conv" or "scan". Default: "conv".
         bidirectional (bool): add a reversed pass with its own C. Default: False.
+        channels (int): output maps C per channel sharing one state (a multi-output SSM): the system
+            gives [B, T, channels * H], which the output map (``final_act`` "glu" or "id") takes back to
+            H. Default: 1.
+        gate (int | None): a multiplicative gate of width gate * H (as in GSS): ``y = gelu(W_o y ⊙ W_i x)``
+            before the output map, which then reads gate * H features. Default: None (no gate).
+        transposed (bool | None): the seed calling convention when a bool: forward takes and returns
+            [B, H, T] when True ([B, T, H] when False) and returns ``(y, state)``, state being the
+            cache's state [B, H, N] after the call (None without a cache). Blocks and models adapt to it.
+            Default: None (the mixer contract: [B, T, H] in, y out).
         layer_idx, device, dtype: as every mixer.
 
     Raises:
-        ValueError: odd or non-positive d_state, unknown init / transform / mode, rank < 1.
+        ValueError: odd or non-positive d_state, unknown init / transform / mode, rank < 1, channels < 1,
+            gate < 1, channels or gate > 1 with ``final_act=None``.
     """
 
     # Kept fp32 under a bf16 / fp16 cast of the module (the DPLR state matrix and step sizes; Mixer.keep_in_fp32).
@@ -111,15 +159,26 @@ class S4(DiagonalSSMParams, LTIMixer):
                  dt_max: float = 0.1, rank: int = 1, init: str = "legs", real_transform: str = "exp",
                  dropout: float = 0.0, activation: str | None = "gelu", final_act: str | None = "glu",
                  lr: float | None = None, wd: float = 0.0, mode: str = "conv", bidirectional: bool = False,
+                 channels: int = 1, gate: int | None = None, transposed: bool | None = None,
                  layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
-        if init not in HIPPO_MEASURES:
-            raise ValueError(f"S4: unknown init {init!r}; the DPLR form needs one of {HIPPO_MEASURES}")
+        if init not in S4_INITS:
+            raise ValueError(f"S4: unknown init {init!r}; expected one of {S4_INITS}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"S4: rank must be a positive int, got {rank!r}")
+        check_positive("S4", channels=channels)
+        if gate is not None:
+            check_positive("S4", gate=gate)
+        if transposed not in (None, True, False):
+            raise TypeError(f"S4: transposed must be None or a bool, got {transposed!r}")
+        self.channels, self.gate, self.transposed = channels, gate, transposed
         kw = {"device": device, "dtype": dtype}
         self._init_diagonal("S4", d_state, dt_min, dt_max, real_transform, l_max, kw)
+        if channels > 1:  # one output map per channel: C [channels, H, n], D [channels, H]
+            for name in ("C_re", "C_im") + (("C_bwd_re", "C_bwd_im") if self.bidirectional else ()):
+                setattr(self, name, nn.Parameter(torch.empty(channels, d_model, d_state // 2, **kw)))
+            self.D = nn.Parameter(torch.empty(channels, d_model, **kw))
         self.init = init
         self.layer_idx = layer_idx
         self.scan_chunk = 16  # chunk length of the dense recurrence in scan mode (see ``dense_scan``)
@@ -127,19 +186,41 @@ class S4(DiagonalSSMParams, LTIMixer):
         H, n, r = d_model, d_state // 2, self.rank
         self.P_re = nn.Parameter(torch.empty(H, r, n, **kw))
         self.P_im = nn.Parameter(torch.empty(H, r, n, **kw))
-        self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw)
+        width = channels * H
+        if gate is not None:
+            self.input_gate = nn.Linear(H, gate * H, **kw)
+            self.output_gate = nn.Linear(width, gate * H, **kw)
+            width = gate * H
+        self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw,
+                                                                     d_in=width)
         set_optim((self.A_real, self.A_imag, self.P_re, self.P_im, self.B_re, self.B_im, self.log_dt), lr, wd)
         self.reset_parameters()
 
     @on_cpu  # the values are computed on the CPU and copied into the parameters, wherever they live
     def reset_parameters(self) -> None:
-        lam, P, B, _ = nplr(self.init, self.d_state)
-        P_full = torch.zeros(self.rank, self.d_state // 2, dtype=torch.complex128)
-        P_full[: P.shape[0]] = P
+        lam, P, B = s4_init(self.init, self.d_state, self.d_model, self.rank)
         with torch.no_grad():
-            self.P_re.copy_(P_full.real.expand(self.d_model, -1, -1))
-            self.P_im.copy_(P_full.imag.expand(self.d_model, -1, -1))
+            self.P_re.copy_(P.real.expand(self.d_model, -1, -1))
+            self.P_im.copy_(P.imag.expand(self.d_model, -1, -1))
         self._reset_diagonal(lam, B)
+        for m in (getattr(self, "input_gate", None), getattr(self, "output_gate", None)):
+            if m is not None:
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor, cache: SSMCache | None = None, *,
+                lengths: torch.Tensor | None = None):
+        """y = post(SSM(x) + D x); see ``LTIMixer.forward``. With ``transposed`` set (the seed
+        convention), x and y are [B, H, T] when True and the call returns ``(y, state)``, state being
+        ``cache.state`` [B, H, N] after the call, or None without a cache."""
+        if self.transposed is None:
+            return self._forward(x, cache, lengths)
+        if self.transposed:
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ValueError(f"S4(transposed=True): x must be [B, H, T], got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            x = x.transpose(1, 2)
+        y = self._forward(x, cache, lengths)
+        return (y.transpose(1, 2) if self.transposed else y), (None if cache is None else cache.state)
 
     def state_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_state)
@@ -153,9 +234,33 @@ class S4(DiagonalSSMParams, LTIMixer):
         return lam.to(cd), P.to(cd), B.to(cd), torch.exp(self.log_dt.to(dtype))
 
     def kernel(self, L: int, reverse: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The convolution kernel K [H, L] (Cauchy + Woodbury)."""
+        """The convolution kernel K [H, L] (Cauchy + Woodbury); [channels, H, L] with channels > 1."""
         lam, P, B, dt = self.dplr(dtype)
-        return dplr_kernel(lam, P, B, self._C(reverse, dtype), dt, L)
+        C = self._C(reverse, dtype)
+        if self.channels == 1:
+            return dplr_kernel(lam, P, B, C, dt, L)
+        return torch.stack([dplr_kernel(lam, P, B, C[c], dt, L) for c in range(self.channels)])
+
+    def _conv(self, u: torch.Tensor, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
+        if self.channels == 1:
+            return super()._conv(u, reverse, dtype)
+        K = self.kernel(u.shape[1], reverse, dtype)  # [channels, H, L]
+        x = u.flip(1) if reverse else u
+        y = torch.cat([fftconv(x, K[c]) for c in range(self.channels)], -1)  # [B, T, channels * H]
+        return y.flip(1) if reverse else y
+
+    def _skip(self, u):
+        if self.channels == 1:
+            return super()._skip(u)
+        return (u.unsqueeze(-2) * self.D.to(u.dtype)).flatten(-2)  # [B, T, channels * H]
+
+    def _post_with_input(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self._post(y)
+        w = self.output_gate.weight
+        v = self.input_gate(x.to(w.dtype))  # [B, T, gate * H]
+        y = F.gelu(self.output_gate(self.activation(y).to(w.dtype)) * v)
+        return self.output_linear(self.drop(y))
 
     def discrete_system(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear ``(Ā [H, N, N], B̄ [H, N])``, by dense solves.
@@ -187,7 +292,10 @@ class S4(DiagonalSSMParams, LTIMixer):
         if h0 is None:
             h0 = torch.zeros(u.shape[0], *self.state_shape(), dtype=A_bar.dtype, device=u.device)
         states = dense_scan(A_bar, B_bar, x.to(A_bar.dtype), h0.to(A_bar.dtype), self.scan_chunk)
-        y = (C_full * states).sum(-1).real
+        if self.channels == 1:
+            y = (C_full * states).sum(-1).real
+        else:  # [B, T, channels * H]
+            y = torch.einsum("chn,bthn->btch", C_full, states).real.flatten(-2)
         if lengths is None:
             final = states[:, -1] if T > 0 else h0
         else:

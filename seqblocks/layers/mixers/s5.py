@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from seqblocks.layers.checks import check_input, check_range, check_timesteps
+from seqblocks.layers.mixer import honours_fast_path
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, complex_linear, diag_states
 from seqblocks.layers.ssm_init import nplr, on_cpu
 from seqblocks.ops.discretize import discretize
@@ -32,7 +33,10 @@ from seqblocks.registry import MIXERS
 
 __all__ = ["S5"]
 
-S5_DISCRETIZATIONS = ("zoh", "bilinear", "dirac")
+#: "async" is ZOH under its event-stream name (the step of Ā scaled by ``integration_timesteps``, which
+#: every method here supports); "no_discretization" uses the stored eigenvalues as the discrete decays
+#: (Ā = Λ, B̄ = B), for a system whose Λ is already discrete.
+S5_DISCRETIZATIONS = ("zoh", "bilinear", "dirac", "async", "no_discretization")
 
 
 def s5_legs_init(P: int, blocks: int, conj_sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +59,19 @@ class S5(LTIMixer):
     Args:
         d_model (int): model width H.
         d_state (int): state size P (the paper's P); must be divisible by ``2 * blocks``.
-        discretization (str): "zoh", "bilinear" or "dirac". Default: "zoh".
+        discretization (str): "zoh", "bilinear", "dirac", "async" (ZOH by its event-stream name) or
+            "no_discretization" (Ā = Λ, B̄ = B: Λ is used as the discrete decay). Default: "zoh".
         conj_sym (bool): keep one eigenvalue per conjugate pair (P/2 states, output 2 Re). Default: False.
         blocks (int): number of HiPPO-LegS blocks on the diagonal of the initial Λ (the paper's J).
             Default: 1.
         dt_min (float): smallest initial step. Default: 0.001.
         dt_max (float): largest initial step. Default: 0.1.
+        step_rescale (float): positive factor on every step Δ at run time (the paper's rescaling for
+            a sequence sampled at another rate; 2.0 takes steps twice as long). Default: 1.0.
         mode (str): "scan" (the paper's parallel scan) or "conv". Default: "scan".
         bidirectional (bool): add a reversed pass with its own ``C̃``. Default: False.
+        use_fast_path (bool): let the scans run their Triton kernels on CUDA; False keeps every op on
+            its PyTorch path (same results). Default: True.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: of the parameters. Default: None.
 
@@ -76,8 +85,9 @@ class S5(LTIMixer):
     inputs = frozenset({"lengths", "integration_timesteps"})
 
     def __init__(self, d_model: int, d_state: int, discretization: str = "zoh", conj_sym: bool = False, *,
-                 blocks: int = 1, dt_min: float = 0.001, dt_max: float = 0.1, mode: str = "scan",
-                 bidirectional: bool = False, layer_idx: int | None = None, device=None, dtype=None) -> None:
+                 blocks: int = 1, dt_min: float = 0.001, dt_max: float = 0.1, step_rescale: float = 1.0,
+                 mode: str = "scan", bidirectional: bool = False, use_fast_path: bool = True,
+                 layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
         if discretization not in S5_DISCRETIZATIONS:
@@ -88,6 +98,9 @@ class S5(LTIMixer):
             raise ValueError(f"S5: d_state must be a positive multiple of 2 * blocks = {2 * blocks}, got {d_state!r}")
         check_range("S5", "dt_min", dt_min, 0.0, lo_open=True)
         check_range("S5", "dt_max", dt_max, dt_min, lo_name="dt_min")
+        check_range("S5", "step_rescale", step_rescale, 0.0, lo_open=True)
+        self.step_rescale = float(step_rescale)
+        self.use_fast_path = bool(use_fast_path)
         self.d_state = d_state
         self.discretization = discretization
         self.conj_sym = bool(conj_sym)
@@ -142,6 +155,7 @@ class S5(LTIMixer):
         """Λ [P_s] complex (real part < 0 by construction)."""
         return torch.complex(-torch.exp(self.Lambda_re_log.to(dtype)), self.Lambda_im.to(dtype))
 
+    @honours_fast_path
     def forward(self, x: torch.Tensor, cache: SSMCache | None = None, *, lengths: torch.Tensor | None = None,
                 integration_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """y = S5(x). See ``LTIMixer.forward``; in addition:
@@ -162,8 +176,8 @@ class S5(LTIMixer):
              integration_timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         cdt = u.dtype
         A = self.continuous_eigenvalues(cdt)
-        dt = torch.exp(self.log_step.to(cdt))
-        A_bar, gamma = discretize(A, dt, self.discretization)
+        dt = torch.exp(self.log_step.to(cdt)) * self.step_rescale
+        A_bar, gamma = self._discretize(A, dt)
         B_bar = gamma[:, None] * torch.complex(self.B_re.to(cdt), self.B_im.to(cdt))
         v = complex_linear(u, B_bar)  # [B, T, Ps]
         # The scan multiplies by Ā itself, so τ = 1 reproduces the regular model bit for bit.
@@ -173,14 +187,23 @@ class S5(LTIMixer):
             if reverse:
                 # Walking backwards, the step from t + 1 to t spans the interval that ended at t + 1.
                 tau = torch.cat((tau[:, 1:], torch.ones_like(tau[:, :1])), 1)
-            a, _ = discretize(A, dt, self.discretization, dt_A=dt * tau.unsqueeze(-1))
-        log_lam = dt * A if self.discretization != "bilinear" else torch.log(A_bar)
+            a, _ = self._discretize(A, dt, tau.unsqueeze(-1))
+        log_lam = dt * A if self.discretization in ("zoh", "dirac", "async") else torch.log(A_bar)
         h, final = diag_states(log_lam, v, mode=mode, reverse=reverse, h0=h0, lengths=lengths, a=a)
         C = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
         C = torch.complex(C[0].to(cdt), C[1].to(cdt))
         h = h.to(complex_dtype(cdt))
         y = h.real @ C.real.T - h.imag @ C.imag.T
         return (2 * y if self.conj_sym else y), final
+
+    def _discretize(self, A: torch.Tensor, dt: torch.Tensor, tau: torch.Tensor | None = None):
+        """``(Ā, gamma)`` for this layer's method; ``tau`` [B, T, 1] scales the step of Ā only."""
+        if self.discretization == "no_discretization":
+            # Λ is the discrete decay itself; a gap of τ steps applies it τ times.
+            A_bar = A if tau is None else torch.exp(tau * torch.log(A))
+            return A_bar, torch.ones_like(A)
+        method = "zoh" if self.discretization == "async" else self.discretization
+        return discretize(A, dt, method, dt_A=None if tau is None else dt * tau)
 
     def _skip(self, u):
         return u * self.D.to(u.dtype)

@@ -41,7 +41,7 @@ from seqblocks.layers.checks import (
     is_empty,
     lengths_mask,
 )
-from seqblocks.layers.mixer import Mixer
+from seqblocks.layers.mixer import Mixer, honours_fast_path
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.step import s7_step
 from seqblocks.registry import MIXERS
@@ -74,15 +74,20 @@ class S7(Mixer):
     Args:
         d_model (int): model width D.
         d_state (int): state size N. Default: 64.
-        timescale_range (tuple[float, float]): (lo, hi), 1 <= lo < hi: the memory lengths (in steps)
-            of the base decays, spaced geometrically over the N states. Default: (1.0, 1000.0).
-        lambda_input_scale (float): std of the input-dependent part of Lambda at init, relative to
-            LeCun normal. Default: 0.1.
+        J (int): number of blocks of the base initialisation: the N states are J blocks of N / J, each
+            spanning the whole ``timescale_range`` (as S5's block-diagonal HiPPO init). Default: 1.
+        use_fast_path (bool): let the decode step and scan run their Triton kernels on CUDA; False
+            keeps every op on its PyTorch path (same results). Default: True.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: parameter placement. Default: None.
+        timescale_range (tuple[float, float]): keyword only; (lo, hi), 1 <= lo < hi: the memory
+            lengths (in steps) of the base decays, spaced geometrically over each block's states.
+            Default: (1.0, 1000.0).
+        lambda_input_scale (float): keyword only; std of the input-dependent part of Lambda at init,
+            relative to LeCun normal. Default: 0.1.
 
     Raises:
-        ValueError: non-positive sizes or a bad ``timescale_range``.
+        ValueError: non-positive sizes, a ``d_state`` that J does not divide, or a bad ``timescale_range``.
     """
 
     # Kept fp32 under a bf16 / fp16 cast of the module (the base decays and skip; Mixer.keep_in_fp32).
@@ -94,14 +99,21 @@ class S7(Mixer):
         self,
         d_model: int,
         d_state: int = 64,
-        timescale_range: tuple[float, float] = (1.0, 1000.0),
-        lambda_input_scale: float = 0.1,
+        J: int = 1,
+        use_fast_path: bool = True,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
+        *,
+        timescale_range: tuple[float, float] = (1.0, 1000.0),
+        lambda_input_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        check_positive("S7", d_model=d_model, d_state=d_state)
+        check_positive("S7", d_model=d_model, d_state=d_state, J=J)
+        if d_state % J:
+            raise ValueError(f"S7: d_state={d_state} must be a multiple of J={J} (the number of init blocks)")
+        self.J = J
+        self.use_fast_path = bool(use_fast_path)
         if not isinstance(timescale_range, tuple | list) or len(timescale_range) != 2:
             raise TypeError(f"S7: timescale_range must be a pair (lo, hi), got {timescale_range!r}")
         lo, hi = timescale_range
@@ -133,7 +145,7 @@ class S7(Mixer):
             # B_t x_t = sum_d (W x)_d x_d is quadratic in x: a 1/D std keeps it O(1) for unit inputs.
             w[N : N + 2 * N * D].normal_(0, 1 / D)
             w[N + 2 * N * D :].normal_(0, lecun / math.sqrt(D))  # D_t and beta_t: small input-dependent parts
-            self.lambda_base.copy_(s7_base_init(N, self.timescale_range))
+            self.lambda_base.copy_(s7_base_init(N // self.J, self.timescale_range).repeat(self.J))
             self.d_base.fill_(1.0)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
@@ -160,6 +172,7 @@ class S7(Mixer):
         bu = torch.einsum("btnd,btd->btn", Bm.unflatten(-1, (N, D)), xf) + beta
         return a, bu, Cm.unflatten(-1, (D, N)), Dm + self.d_base.to(acc)
 
+    @honours_fast_path
     def forward(self, x: torch.Tensor, cache: S7Cache | None = None, *,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D].

@@ -1,0 +1,252 @@
+"""Loading checkpoint folders written by other training code into seqblocks models.
+
+Two folder layouts are read (``docs/seed_compat.md`` says where each comes from):
+
+- ``load_backbone_checkpoint(path)``: a hybrid LM saved as ``config.json`` (``d_model``, ``d_state``,
+  ``n_layer``, ``vocab_size``, ``mixer_types``, ``d_intermediate``, ``norm_epsilon``, ``rms_norm``,
+  ``fused_add_norm``, ``residual_in_fp32``, ``tie_embeddings``, ``pad_vocab_size_multiple``) and
+  ``pytorch_model.bin``, a state dict whose keys start ``backbone.`` (``backbone.embedding``,
+  ``backbone.layers.{i}.{norm, mixer, norm2, mlp}``, ``backbone.norm_f``) plus ``lm_head.weight``.
+  It becomes an ``LRNNLMHeadModel``.
+- ``load_mlx_checkpoint(path, config)``: ``model.safetensors`` (and ``metadata.json``) written by an MLX
+  trainer from a model of ``ConfigurableBlock`` s, keys ``embed``, ``blocks.{i}.{attention, ffn,
+  attn_norm, ffn_norm}``, ``final_norm``, ``head``, with separate ``q_proj`` / ``k_proj`` / ``v_proj`` /
+  ``o_proj`` and ``gate`` / ``up`` / ``down`` projections. The folder records no architecture, so the
+  caller gives the matching ``LanguageModelConfig``; it becomes a ``LanguageModel``.
+
+Loading never runs anything the folder names: the pickle is read with ``torch.load(weights_only=True)``
+(tensors and plain containers only), safetensors with ``safetensors``. Loading is strict: a key that
+maps nowhere, a missing key or a shape that differs raises ``ValueError`` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqblocks.models.config_lm import LanguageModel, LanguageModelConfig
+from seqblocks.models.lrnn_lm import LRNNLMHeadModel
+
+__all__ = ["load_backbone_checkpoint", "load_mlx_checkpoint", "BACKBONE_MIXERS"]
+
+#: Mixer types whose parameters ``load_backbone_checkpoint`` can place: attention (fused ``in_proj``,
+#: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too) and Mamba (``conv1d`` as ``conv_weight`` /
+#: ``conv_bias``). The other linear RNNs of such a folder store their systems in another
+#: parameterisation (e.g. a full D matrix for S5) that has no exact counterpart here.
+BACKBONE_MIXERS = ("attn", "Mamba")
+
+_CONFIG_KEYS = ("d_intermediate", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32",
+                "tie_embeddings", "pad_vocab_size_multiple")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JSON file: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+                    if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source}: the weights do not fit the model: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, shape mismatches (file vs model) {shapes[:8]}")
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------- config.json + pytorch_model.bin
+
+
+def _backbone_key(key: str, mixer_types: list[str], dropped: list[str]) -> str | None:
+    """The seqblocks name of one checkpoint key (None: dropped, recorded in ``dropped``)."""
+    if key == "lm_head.weight":
+        return key
+    m = re.fullmatch(r"backbone\.(embedding\.weight|norm_f\.(?:weight|bias))", key)
+    if m:
+        return m.group(1)
+    m = re.fullmatch(r"backbone\.layers\.(\d+)\.(.+)", key)
+    if m is None:
+        raise ValueError(f"unexpected key {key!r}: expected lm_head.weight or backbone.<embedding | layers | "
+                         f"norm_f>...")
+    i, rest = int(m.group(1)), m.group(2)
+    if i >= len(mixer_types):
+        raise ValueError(f"key {key!r} names layer {i}, but config.json lists {len(mixer_types)} mixer types")
+    if not rest.startswith("mixer."):
+        return f"layers.{i}.{rest}"  # norm, norm2, mlp.fc1, mlp.fc2
+    name = rest[len("mixer."):]
+    kind = mixer_types[i]
+    if kind == "Mamba" and name.startswith("dtA_proj."):
+        dropped.append(key)
+        return None
+    # Mamba's conv, and attention's q / k / v conv (MHA's d_conv), are nn.Conv1d modules there.
+    name = {"conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias"}.get(name, name)
+    return f"layers.{i}.mixer.{name}"
+
+
+def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = None,
+                             device: torch.device | str | None = None,
+                             dtype: torch.dtype | None = None) -> LRNNLMHeadModel:
+    """Load a ``config.json`` + ``pytorch_model.bin`` hybrid-LM folder (see the module docstring) as an
+    ``LRNNLMHeadModel``.
+
+    Args:
+        path (str | Path): the folder.
+        mixer_kwargs (dict | None): the per-mixer-type arguments the checkpoint was built with, which
+            the folder does not record (attention layers need ``{"attn": {"num_heads": H}}``). Default: None.
+        device, dtype: where and in what dtype to build the model. Default: None.
+
+    Returns:
+        LRNNLMHeadModel: the model with the folder's weights, in eval mode. Its attention layers are
+        causal. A Mamba layer's ``dtA_proj`` (a second step projection used only for
+        ``integration_timesteps``) has no counterpart and is not loaded; a warning lists such keys.
+
+    Raises:
+        ValueError: a missing or unreadable file, a mixer type outside ``BACKBONE_MIXERS``, attention
+            layers without ``num_heads``, keys or shapes that do not fit.
+    """
+    folder = Path(path)
+    config = _read_json(folder / "config.json")
+    for key in ("d_model", "d_state", "n_layer", "vocab_size", "mixer_types"):
+        if key not in config:
+            raise ValueError(f"{folder / 'config.json'}: missing {key!r}")
+    mixer_types = list(config["mixer_types"])
+    unsupported = sorted({t for t in mixer_types if t not in BACKBONE_MIXERS})
+    if unsupported:
+        raise ValueError(f"{folder}: mixer types {unsupported} store their parameters in a form this loader "
+                         f"cannot map; it places {list(BACKBONE_MIXERS)}")
+    mixer_kwargs = dict(mixer_kwargs or {})
+    if "attn" in mixer_types and "num_heads" not in mixer_kwargs.get("attn", {}):
+        raise ValueError(f"{folder}: config.json does not record the attention head count; pass "
+                         f"mixer_kwargs={{'attn': {{'num_heads': H}}}} as the checkpoint was built")
+    weights = folder / "pytorch_model.bin"
+    if not weights.is_file():
+        raise ValueError(f"{folder}: no pytorch_model.bin")
+    try:
+        raw = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{weights}: not a plain state dict of tensors ({type(err).__name__}: {err})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ValueError(f"{weights}: expected a dict of tensors")
+    model = LRNNLMHeadModel(config["d_model"], config["d_state"], config["n_layer"], config["vocab_size"],
+                            mixer_types, mixer_kwargs=mixer_kwargs,
+                            **{k: config[k] for k in _CONFIG_KEYS if k in config}, device=device, dtype=dtype)
+    dropped: list[str] = []
+    state = {}
+    for key, value in raw.items():
+        try:
+            name = _backbone_key(key, mixer_types, dropped)
+        except ValueError as err:
+            raise ValueError(f"{weights}: {err}") from None
+        if name is None:
+            continue
+        if name.endswith("mixer.conv_weight") and value.dim() == 3:
+            value = value.squeeze(1)  # Conv1d's [E, 1, W] -> [E, W]
+        state[name] = value
+    if model.tie_embeddings and "lm_head.weight" not in state and "embedding.weight" in state:
+        state["lm_head.weight"] = state["embedding.weight"]
+    own = model.state_dict()
+    state = {k: v.to(device=own[k].device, dtype=own[k].dtype) if k in own else v for k, v in state.items()}
+    _load_strict(model, state, weights)
+    if dropped:
+        warnings.warn(f"{weights}: not loaded (no counterpart; used only with integration_timesteps): {dropped}",
+                      stacklevel=2)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- model.safetensors from MLX
+
+
+def _mlx_state(raw: dict[str, torch.Tensor], model: LanguageModel) -> dict[str, torch.Tensor]:
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key == "embed.weight":
+            state["embedding.weight"] = value
+            continue
+        if key == "head.weight":
+            state["lm_head.weight"] = value
+            continue
+        m = re.fullmatch(r"final_norm\.(weight|bias)", key)
+        if m:
+            state[f"norm_f.{m.group(1)}"] = value
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if m is None:
+            raise ValueError(f"unexpected key {key!r}: expected embed, blocks.<i>, final_norm or head")
+        i, rest = m.group(1), m.group(2)
+        q = re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest)
+        if q:
+            fused.setdefault(f"layers.{i}.attention.in_proj.{q.group(2)}", {})[q.group(1)] = value
+            continue
+        g = re.fullmatch(r"ffn\.(gate|up)\.(weight|bias)", rest)
+        block = model.layers[int(i)] if int(i) < len(model.layers) else None
+        if g and block is not None and hasattr(block.ffn, "gate_up"):
+            fused.setdefault(f"layers.{i}.ffn.gate_up.{g.group(2)}", {})[g.group(1)] = value
+            continue
+        rest = re.sub(r"^attention\.o_proj\.", "attention.out_proj.", rest)
+        state[f"layers.{i}.{rest}"] = value
+    for name, parts in fused.items():
+        order = ("q", "k", "v") if ".in_proj." in name else ("gate", "up")
+        absent = [p for p in order if p not in parts]
+        if absent:
+            raise ValueError(f"{name}: the file lacks the {absent} part(s) of it")
+        state[name] = torch.cat([parts[p] for p in order], 0)
+    return state
+
+
+def load_mlx_checkpoint(path: str | Path, config: LanguageModelConfig, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> LanguageModel:
+    """Load a ``model.safetensors`` folder written from an MLX model of ``ConfigurableBlock`` s (see the
+    module docstring) as a ``LanguageModel`` of ``config``.
+
+    Args:
+        path (str | Path): the folder (or the ``.safetensors`` file itself).
+        config (LanguageModelConfig): the architecture the weights were trained with (block names,
+            sizes, ``tie_embeddings``), which the folder does not record.
+        device, dtype: where and in what dtype to build the model. Default: None.
+
+    Returns:
+        LanguageModel: the model with the file's weights, in eval mode. ``metadata.json`` (step and
+        training metadata), when present, is in ``model.checkpoint_metadata``.
+
+    Raises:
+        ValueError: a missing or unreadable file, keys or shapes that do not fit ``config``.
+        TypeError: config is not a ``LanguageModelConfig``.
+    """
+    import safetensors.torch
+
+    if not isinstance(config, LanguageModelConfig):
+        raise TypeError(f"load_mlx_checkpoint: config must be a LanguageModelConfig, got {type(config).__name__}")
+    target = Path(path)
+    weights = target if target.suffix == ".safetensors" else target / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{target}: no model.safetensors")
+    try:
+        raw = safetensors.torch.load_file(str(weights))
+    except Exception as err:
+        raise ValueError(f"{weights}: not a readable safetensors file: {err}") from None
+    model = LanguageModel(config, device=device, dtype=dtype)
+    try:
+        state = _mlx_state(raw, model)
+    except ValueError as err:
+        raise ValueError(f"{weights}: {err}") from None
+    if model.tie_embeddings and "lm_head.weight" not in state and "embedding.weight" in state:
+        state["lm_head.weight"] = state["embedding.weight"]
+    own = model.state_dict()
+    state = {k: v.to(device=own[k].device, dtype=own[k].dtype) if k in own else v for k, v in state.items()}
+    _load_strict(model, state, weights)
+    meta = weights.parent / "metadata.json"
+    model.checkpoint_metadata = _read_json(meta) if meta.is_file() else {}
+    return model.eval()
