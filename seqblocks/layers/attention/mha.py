@@ -51,6 +51,7 @@ from seqblocks.layers.attention.common import (
     resolve_heads,
     rope_positions,
     rotary_of,
+    split_call_mod,
     split_mask,
     with_softcap,
 )
@@ -116,6 +117,10 @@ class MHA(AttentionCore):
         qk_norm_eps (float): epsilon of the QK-norm. Default: 1e-5.
         softcap (float | None): attention-logit soft-capping, ``softcap * tanh(score / softcap)`` on the
             scaled scores, before any ``score_mod`` (Gemma 2). Default: None.
+        attention_fn (Callable | None): a kernel of one's own that computes the attention,
+            ``fn(query, key, value, *, mask, score_mod, dropout_rate, deterministic) -> out`` on
+            [B, H, T, K] tensors (``seqblocks.layers.attention.attention_fn`` gives the exact contract);
+            it replaces the ``attention_type`` backend. Default: None.
         device, dtype: parameter placement. Default: None.
 
     ``MHA(..., attention_type="linear")`` (also ``GQA`` / ``MQA``) returns a ``LinearAttention`` with
@@ -163,6 +168,7 @@ class MHA(AttentionCore):
         qk_norm: bool = False,
         qk_norm_eps: float = 1e-5,
         softcap: float | None = None,
+        attention_fn: Callable | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -177,7 +183,7 @@ class MHA(AttentionCore):
         # linear_attention_chunk_size / linear_feature_map serve only the "linear" alias (see __new__).
         self.init_core(num_heads=num_heads, attention_type=attention_type, attention_block_size=attention_block_size,
                        dropout=dropout, score_mod=score_mod, mask_mod=mask_mod, softmax_scale=softmax_scale,
-                       window_size=window_size, position=position)
+                       window_size=window_size, position=position, attention_fn=attention_fn)
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
         self.causal, self.layer_idx = causal, layer_idx
         factory = {"device": device, "dtype": dtype}
@@ -266,9 +272,13 @@ class MHA(AttentionCore):
     # Forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: KVCache | RollingKVCache | None = None, *,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] -> y [B, T, D] (see the module docstring for cache, mask, position_ids, lengths)."""
+                lengths: torch.Tensor | None = None, score_mod: Callable | None = None) -> torch.Tensor:
+        """x [B, T, D] -> y [B, T, D] (see the module docstring for cache, mask, position_ids, lengths).
+
+        ``score_mod``: a per-call score mod (or mask mod), applied after the layer's own ``score_mod``
+        (composed) or intersected with its ``mask_mod``; like them it sees token indices."""
         owner = type(self).__name__
+        call_mods = split_call_mod(owner, score_mod)
         check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
@@ -303,7 +313,8 @@ class MHA(AttentionCore):
         bad_key = bad_kv if key_valid is None else bad_kv & key_valid
         if cache is None:
             out = self.attend(q, k, v, causal=self.causal, window=self.window_size, q_pos=None, kv_pos=None,
-                              key_valid=key_valid, attn_mask=attn_mask)
+                              key_valid=key_valid, attn_mask=attn_mask, call_score_mod=call_mods[0],
+                              call_mask_mod=call_mods[1])
             poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=self.causal,
                                            window=self.window_size)
         else:
@@ -312,7 +323,7 @@ class MHA(AttentionCore):
                                  f"cannot be remembered for later steps)")
             poisoned, last = poisoned_queries(bad_key, index, causal=True, window=self.window_size,
                                               prior=cache.nonfinite_last)
-            out = self._cached(q, k, v, key_valid, index, cache, lengths)
+            out = self._cached(q, k, v, key_valid, index, cache, lengths, call_mods)
             cache.nonfinite_last.copy_(last[:, -1])
         y = self.out_proj(out.transpose(1, 2).reshape(B, T, H * out.shape[-1]))
         y = poison(y, poisoned | bad_q)
@@ -320,8 +331,10 @@ class MHA(AttentionCore):
             y = y.masked_fill(~length_valid[..., None], 0.0)
         return y.to(in_dtype)
 
-    def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths) -> torch.Tensor:
+    def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths,
+                call_mods: tuple[Callable | None, Callable | None] = (None, None)) -> torch.Tensor:
         B, T = q.shape[0], q.shape[2]
+        mods = {"call_score_mod": call_mods[0], "call_mask_mod": call_mods[1]}
         new_valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         used = None
         if not host_sync_unsafe():
@@ -333,7 +346,7 @@ class MHA(AttentionCore):
             # A prefill into an empty cache with no padding is the plain full pass: attend to this call's keys
             # directly (aligned positions, so SDPA's flash kernel / flex's cached block mask serve it).
             out = self.attend(q, k, v, causal=True, window=self.window_size, q_pos=None, kv_pos=None,
-                              key_valid=None, attn_mask=None)
+                              key_valid=None, attn_mask=None, **mods)
         if isinstance(cache, RollingKVCache):
             if out is None:
                 # the window's cached tokens plus this call's
@@ -342,7 +355,7 @@ class MHA(AttentionCore):
                 kv_pos = torch.cat((cache.slot_positions, index), dim=1)  # [B, W + T]
                 kv_valid = torch.cat((cache.key_valid & (cache.slot_positions >= 0), new_valid), dim=1)
                 out = self.attend(q, keys, vals, causal=True, window=self.window_size or cache.window, q_pos=index,
-                                  kv_pos=kv_pos, key_valid=kv_valid, attn_mask=None)
+                                  kv_pos=kv_pos, key_valid=kv_valid, attn_mask=None, **mods)
             cache.write(k, v, new_valid, consumed)
         else:
             cache.write(index, k, v, new_valid)
@@ -352,7 +365,7 @@ class MHA(AttentionCore):
             if out is None:
                 out = self.attend(q, cache.k[:, :, :S].to(q.dtype), cache.v[:, :, :S].to(q.dtype), causal=True,
                                   window=self.window_size, q_pos=index, kv_pos=None,
-                                  key_valid=cache.key_valid[:, :S], attn_mask=None)
+                                  key_valid=cache.key_valid[:, :S], attn_mask=None, **mods)
         cache.advance(consumed)
         return out
 
