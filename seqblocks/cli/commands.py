@@ -57,7 +57,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, description in entries.items():
             line = f"  {name:<{width}}  {description}"
             if title == "presets":
-                missing = [m for m in PRESETS[name]["model"]["mixer_types"] if m not in MIXERS]
+                model = PRESETS[name]["model"]
+                mixers = model.get("mixer_types", [model.get("token_mixer", "attention")])
+                missing = [m for m in mixers if m != "attention" and m not in MIXERS]
                 if missing:
                     line += f"  [unavailable: mixer(s) {sorted(set(missing))} not registered]"
             if title == "tasks":
@@ -207,12 +209,24 @@ def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any
     return TrainConfig.from_dict(values)
 
 
+def _task_preset(task: str | None) -> str | None:
+    """The preset a task trains with when no --config is given (an image task's classifier), else None."""
+    if task is None:
+        return None
+    from seqblocks.tasks import TASKS
+
+    try:
+        return getattr(TASKS.get(task), "default_preset", None)
+    except ValueError:  # an unknown task: the run reports it with the valid names
+        return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import seqblocks  # noqa: F401
     from seqblocks.presets import DEFAULT_PRESET, load_config
     from seqblocks.train import train
 
-    name = args.config or DEFAULT_PRESET
+    name = args.config or _task_preset(args.task) or DEFAULT_PRESET
     out = Path(args.out) if args.out else Path("runs") / Path(name).stem
     if args.resume:
         if args.config is not None or args.task is not None or args.task_opt or any(

@@ -1,4 +1,5 @@
-"""Embedded tasks: synthetic recall / copying probes and character-level LM on the stdlib's source.
+"""Embedded tasks: synthetic recall / copying probes, character-level LM on the stdlib's source, and
+procedurally drawn shapes to classify (``images``).
 
 ``TASKS`` maps task names to task classes; ``get_task(name, **options)`` builds one and raises
 ``ValueError`` listing the valid names (or the task's valid options) on a mistake.
@@ -12,13 +13,14 @@ from typing import Any
 from seqblocks.registry import Registry
 from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task
 from seqblocks.tasks.chars import CharTokenizer, StdlibChars
+from seqblocks.tasks.images import ImageBatch, Shapes
 from seqblocks.tasks.synthetic import MQAR, Copying, InductionHeads, SelectiveCopying
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "Task", "CharTokenizer", "StdlibChars", "MQAR", "Copying",
-           "InductionHeads", "SelectiveCopying", "get_task", "task_options"]
+           "InductionHeads", "SelectiveCopying", "get_task", "task_options", "ImageBatch", "Shapes"]
 
 TASKS: Registry = Registry("task")
-for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying):
+for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying, Shapes):
     TASKS.register(_cls.name, _cls, description=_cls.description)
 TASKS.register("stdlib", StdlibChars, description="alias of 'chars'")
 

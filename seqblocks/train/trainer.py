@@ -95,6 +95,17 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+def model_logits(out: Any) -> torch.Tensor:
+    """[B, T, V] logits of a model's output, the model-kind hook of the loop: a language model's
+    ``.logits`` (or a [B, T, V] tensor), or a classifier's [B, K] logits as one scored position per row
+    (an image task's targets are [B, 1])."""
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model returned {got}; training needs logits [B, T, V] (or a classifier's [B, K])")
+    return logits[:, None] if logits.dim() == 2 else logits
+
+
 def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over scored positions, in fp32 (logits may be bf16 under autocast)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
@@ -118,7 +129,8 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
     """Loss, perplexity and accuracy of ``model`` on ``task``'s held-out split.
 
     Args:
-        model (nn.Module): maps input ids [B, T] to an output with ``.logits`` [B, T, V].
+        model (nn.Module): maps input ids [B, T] to an output with ``.logits`` [B, T, V] (or, for an
+            image task, images to [B, K] logits; see ``model_logits``).
         task (Task): the task; its ``eval_batches`` is the held-out set.
         batch_size (int): rows per forward. Default: 64.
         device (torch.device | str): where to run. Default: "cpu".
@@ -137,7 +149,7 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
         for batch in task.eval_batches(batch_size, seed):
             batch = batch.to(device)
             with autocast_context(device, precision):
-                logits = model(batch.input_ids).logits
+                logits = model_logits(model(batch.input_ids))
             logits = logits[..., : task.vocab_size].float()
             scored = batch.targets != IGNORE_INDEX
             total += float(_loss_sum(logits, batch.targets))
@@ -215,14 +227,17 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
           stop_after: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None,
           step_hook: Callable[[int], None] | None = None) -> TrainResult:
-    """Train an ``LRNNLMHeadModel`` on a task.
+    """Train a model on a task: an ``LRNNLMHeadModel``, or the kind a ``model_type`` in the model
+    config names (``seqblocks.presets.MODEL_KINDS``: a ``VisionTransformer`` for an image task).
 
     The run owns ``out_dir`` while it trains (see ``seqblocks.train.rundir``): rank 0 holds its lock,
     and a directory holding a previous run is refused unless ``resume`` or ``overwrite`` says what to
     do with it.
 
     Args:
-        model_config (dict): ``LRNNLMHeadModel`` keyword arguments (``vocab_size`` is set from the task).
+        model_config (dict): ``LRNNLMHeadModel`` keyword arguments, or another model kind's config with
+            its ``model_type``; what the task fixes is set from it (``Task.model_fields``: the
+            vocabulary, or an image task's classes and image size).
         config (TrainConfig): the run.
         out_dir (str | Path): run directory: ``metrics.jsonl``, ``loss.png``, ``run.json``, ``checkpoints/``.
         resume (bool): continue from the latest checkpoint in ``out_dir``; the model and training
@@ -306,7 +321,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
         say(f"the run in run directory {out_dir} is complete ({state['step']} of {config.steps} steps, {ckpt}); "
             f"nothing to do (--resume --steps N with N > {state['step']} continues it)")
         task = get_task(config.task, **config.task_options)
-        module = build_model({**model_config, "vocab_size": task.vocab_size})
+        module = build_model({**model_config, **task.model_fields()})
         from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
 
         load_weights(module, ckpt / WEIGHTS_NAME)
@@ -318,7 +333,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
         raise ValueError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
                          f"micro-batch do not split over {info.world_size} processes")
     task = get_task(config.task, **config.task_options)
-    model_config = {**model_config, "vocab_size": task.vocab_size}
+    model_config = {**model_config, **task.model_fields()}
 
     torch.manual_seed(config.seed)
     module = build_model(model_config)
@@ -438,7 +453,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 with sync:
                     with autocast_context(info.device, config.precision):
                         out = runner(part.input_ids)
-                    loss = _loss_sum(out.logits, part.targets)
+                    loss = _loss_sum(model_logits(out), part.targets)
                     objective = loss + _mtp_loss_sum(out, part.targets, module)
                     (objective * (info.world_size / max(count, 1))).backward()
                 step_loss += loss.detach()
