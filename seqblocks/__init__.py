@@ -47,11 +47,15 @@ from seqblocks.layers.attention import (
     chunked_causal_mask,
     compose,
     document_mask,
+    mask_mod_to_boolean_mask,
+    mask_mod_to_score_mod,
     or_masks,
     prefix_lm_mask,
     sliding_window_mask,
     soft_cap,
+    standard_attention_fn,
 )
+from seqblocks.layers.bidirectional import Bidirectional
 from seqblocks.layers.mixer import MixerConfig
 from seqblocks.models import (
     Classifier,
@@ -61,6 +65,10 @@ from seqblocks.models import (
     LayerConfig,
     LRNNLMHeadModel,
     ModelConfig,
+    PatchEmbedding,
+    TransformerConfig,
+    VisionTransformer,
+    VisionTransformerConfig,
 )
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
 from seqblocks.registry import (
@@ -142,4 +150,12 @@ __all__ = [
     "InitConfig",
     "MixerConfig",
     "__version__",
+    "Bidirectional",
+    "PatchEmbedding",
+    "TransformerConfig",
+    "VisionTransformer",
+    "VisionTransformerConfig",
+    "mask_mod_to_boolean_mask",
+    "mask_mod_to_score_mod",
+    "standard_attention_fn",
 ]

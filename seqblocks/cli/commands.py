@@ -427,8 +427,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{ckpt} does not say which task it was trained on; give --task")
     task = get_task(name, **options)
-    if task.vocab_size > model.vocab_size:
-        raise ValueError(f"task {name!r} has {task.vocab_size} tokens but the model only {model.vocab_size}")
+    # The width of the model's output: an LM's vocabulary, an image classifier's classes.
+    width = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "num_classes", None)
+    if width is not None and task.vocab_size > width:
+        kind = "tokens" if task.is_language or "vocab_size" in task.model_fields() else "classes"
+        raise ValueError(f"task {name!r} has {task.vocab_size} {kind} but the model only {width}")
     seed = args.seed
     if seed is None:
         try:
