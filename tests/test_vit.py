@@ -173,12 +173,17 @@ def test_a_short_cpu_run_learns_the_shapes():
     task = get_task("shapes")
     model = VisionTransformer(tiny(num_layers=1))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    for step in range(200):
-        batch = task.batch("train", step, 32)
-        loss = F.cross_entropy(model(batch.images), batch.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: one thread is fastest, and spares a busy machine
+    try:
+        for step in range(200):
+            batch = task.batch("train", step, 32)
+            loss = F.cross_entropy(model(batch.images), batch.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         held_out = task.eval_batches(256)[0]

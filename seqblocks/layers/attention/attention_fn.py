@@ -16,8 +16,8 @@ attention itself to ``fn``, called as::
   kv_idx [1, 1, 1, Tk]: the indices into this call's tensors. The layer's score mods see absolute
   token positions (cache offset + index), so this function translates the indices before calling
   them, and adds ALiBi and a float (additive) ``mask``; None when there is nothing to add.
-- ``dropout_rate`` / ``deterministic``: attention-probability dropout, to apply when
-  ``deterministic`` is False (training mode). PyTorch draws from its global generator, so there is no
+- ``dropout_rate`` / ``deterministic``: the layer's attention-probability dropout, to apply when
+  ``deterministic`` is False (training mode; True in eval mode). PyTorch draws from its global generator, so there is no
   ``dropout_rng`` argument.
 - The kernel scales scores by ``K ** -0.5`` (SDPA's and the usual kernels' default). A layer with
   another ``softmax_scale`` rescales the queries by ``softmax_scale * K ** 0.5`` first, which gives
@@ -45,7 +45,8 @@ __all__ = ["standard_attention_fn", "call_attention_fn", "check_attention_fn"]
 def standard_attention_fn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                           mask: torch.Tensor | None = None, score_mod: Callable | None = None,
                           dropout_rate: float = 0.0, deterministic: bool = True) -> torch.Tensor:
-    """Softmax attention under the ``attention_fn`` contract (see the module docstring), in fp32.
+    """Softmax attention under the ``attention_fn`` contract (see the module docstring), in fp32
+    (float64 for float64 inputs).
 
     Args:
         query (Tensor): [B, H, Tq, K].
@@ -61,13 +62,14 @@ def standard_attention_fn(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """
     B, H, Tq, K = query.shape
     Tk = key.shape[2]
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * K**-0.5  # [B, H, Tq, Tk]
+    dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(query.to(dt), key.to(dt).transpose(-1, -2)) * K**-0.5  # [B, H, Tq, Tk]
     if score_mod is not None:
         b_idx = torch.arange(B, device=query.device)[:, None, None, None]
         h_idx = torch.arange(H, device=query.device)[None, :, None, None]
         q_idx = torch.arange(Tq, device=query.device)[None, None, :, None]
         kv_idx = torch.arange(Tk, device=query.device)[None, None, None, :]
-        scores = score_mod(scores, b_idx, h_idx, q_idx, kv_idx).float()
+        scores = score_mod(scores, b_idx, h_idx, q_idx, kv_idx).to(dt)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # A row with no finite score (every key masked) gets zero weights instead of NaN.
@@ -76,7 +78,7 @@ def standard_attention_fn(query: torch.Tensor, key: torch.Tensor, value: torch.T
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
     if dropout_rate > 0 and not deterministic:
         weights = torch.nn.functional.dropout(weights, dropout_rate, training=True)
-    return torch.matmul(weights, value.float()).to(query.dtype)  # [B, H, Tq, V]
+    return torch.matmul(weights, value.to(dt)).to(query.dtype)  # [B, H, Tq, V]
 
 
 def check_attention_fn(owner: str, attention_fn: Callable | None, attention_type: str) -> None:
@@ -105,11 +107,12 @@ def call_attention_fn(attention_fn: Callable, q: torch.Tensor, k: torch.Tensor, 
                       causal: bool, window: int | None, scale: float | None, q_positions: torch.Tensor | None,
                       kv_positions: torch.Tensor | None, key_valid: torch.Tensor | None,
                       attn_mask: torch.Tensor | None, score_mod: Callable | None, mask_mod: Callable | None,
-                      alibi_slopes: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+                      alibi_slopes: torch.Tensor | None, dropout_p: float, deterministic: bool) -> torch.Tensor:
     """What ``ops.attention.attention`` computes, with the attention done by ``attention_fn``.
 
     Takes ``attention``'s arguments (q [B, H, Tq, K], k / v [B, Hkv, Tk, K / V], absolute positions,
-    masks, mods) and returns out [B, H, Tq, V] in q's dtype.
+    masks, mods) and returns out [B, H, Tq, V] in q's dtype. ``dropout_p`` is the layer's rate, passed as
+    ``dropout_rate`` with ``deterministic`` (True outside training).
 
     Raises:
         ValueError: the kernel returned something other than a [B, H, Tq, V] tensor.
@@ -147,7 +150,7 @@ def call_attention_fn(attention_fn: Callable, q: torch.Tensor, k: torch.Tensor, 
     if a.scale != K**-0.5:
         q = q * (a.scale * K**0.5)
     out = attention_fn(q, k, v, mask=mask, score_mod=kernel_mod, dropout_rate=a.dropout_p,
-                       deterministic=a.dropout_p == 0)
+                       deterministic=bool(deterministic))
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, H, Tq, V):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"attention_fn {getattr(attention_fn, '__name__', attention_fn)!r} returned {got}; "

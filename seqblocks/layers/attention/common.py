@@ -314,7 +314,7 @@ class AttentionCore(Mixer):
                 self.attention_fn, q, k, v, causal=causal, window=window, scale=self.softmax_scale,
                 q_positions=q_pos, kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask,
                 score_mod=score_mod, mask_mod=mask_mod, alibi_slopes=kwargs.get("alibi_slopes"),
-                dropout_p=dropout_p)
+                dropout_p=self.dropout, deterministic=not self.training)
         return attention(
             q, k, v, causal=causal, window=window, scale=self.softmax_scale, q_positions=q_pos,
             kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask, score_mod=score_mod,
