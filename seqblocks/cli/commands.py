@@ -156,6 +156,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or train_cfg["task_options"].get("seq_len", 128)
     batch_size = args.batch_size or train_cfg["batch_size"]
     model, where = _build_for_info(model_config)
+    if not hasattr(model, "vocab_size"):  # another model kind (an image classifier): no LM summary
+        return _info_other(model, config, args.json)
     summary = model_summary(model, model_config, seq_len, batch_size)
     summary["source"] = config["source"]
     if args.json:
@@ -178,6 +180,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     _out(f"  activations (rough)  {_human(mem['activations_estimate'])}")
     cache = mem["decode_cache_per_sequence_bf16"]
     _out(f"  decode cache         {_human(cache) + ' per sequence (bf16)' if cache is not None else summary['note']}")
+    return 0
+
+
+def _info_other(model: torch.nn.Module, config: dict[str, Any], as_json: bool) -> int:
+    """``seqblocks info`` of a model that is not a language model: parameters, layers, weights."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    mixers = model.mixers() if hasattr(model, "mixers") else []
+    summary = {"source": config["source"], "model_type": type(model).__name__, "parameters": total,
+               "layers": [{"layer": i, "class": type(m).__name__,
+                           "mixer_params": sum(p.numel() for p in m.parameters())} for i, m in enumerate(mixers)],
+               "memory": {"weights_fp32": 4 * total, "weights_bf16": 2 * total, "train_state_fp32_adamw": 16 * total}}
+    if as_json:
+        _out(json.dumps(summary, indent=2))
+        return 0
+    _out(f"{config['source']}: {config['description']}".rstrip(": "))
+    _out(f"{type(model).__name__}, parameters: {total:,} ({total / 1e6:.2f}M)")
+    _out("layers:")
+    for row in summary["layers"]:
+        _out(f"  {row['layer']:>3}  {row['class']:<24} {row['mixer_params']:>12,}")
+    _out(f"memory: weights {_human(4 * total)} fp32 / {_human(2 * total)} bf16, training state "
+         f"{_human(16 * total)} (fp32 weights + grads + AdamW moments)")
     return 0
 
 
