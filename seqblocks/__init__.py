@@ -49,11 +49,15 @@ from seqblocks.layers.attention import (
     chunked_causal_mask,
     compose,
     document_mask,
+    mask_mod_to_boolean_mask,
+    mask_mod_to_score_mod,
     or_masks,
     prefix_lm_mask,
     sliding_window_mask,
     soft_cap,
+    standard_attention_fn,
 )
+from seqblocks.layers.bidirectional import Bidirectional
 from seqblocks.layers.mixer import MixerConfig
 from seqblocks.models import (
     Classifier,
@@ -64,6 +68,10 @@ from seqblocks.models import (
     LRNNLMHeadModel,
     LRNNModel,
     ModelConfig,
+    PatchEmbedding,
+    TransformerConfig,
+    VisionTransformer,
+    VisionTransformerConfig,
 )
 from seqblocks.models.forecaster import Forecaster, generate_continuous
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
@@ -157,4 +165,12 @@ __all__ = [
     "Forecaster",
     "LRUUnet",
     "generate_continuous",
+    "Bidirectional",
+    "PatchEmbedding",
+    "TransformerConfig",
+    "VisionTransformer",
+    "VisionTransformerConfig",
+    "mask_mod_to_boolean_mask",
+    "mask_mod_to_score_mod",
+    "standard_attention_fn",
 ]

@@ -42,7 +42,8 @@ def _mixer_name(mixer: nn.Module) -> tuple[str, str]:
 
 
 def _layers(model: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
-    mixers = model.mixers() if hasattr(model, "mixers") else []
+    mixers = getattr(model, "mixers", None)  # a method of the LMs; a ModuleList attribute of Classifier
+    mixers = list(mixers) if isinstance(mixers, nn.ModuleList) else (mixers() if callable(mixers) else [])
     # The names the config gives the layers (each LayerConfig's mixer name, or the mixer_types of the
     # constructor-argument form), else the registry's.
     given = config.get("mixer_types")

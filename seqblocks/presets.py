@@ -22,6 +22,11 @@ training replaces it with the task's vocabulary size.
   multi-token prediction), each with a ``tiny-`` CPU twin.
 - ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``mamba3-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized
   models (GPT-NeoX-sized vocabulary).
+- ``vit-tiny`` / ``vim-tiny``: image classifiers for the ``shapes`` task, a Vision Transformer and its
+  Vision-Mamba-style twin (bidirectional Mamba as the token mixer).
+
+A model config that names another ``model_type`` than the language model (``MODEL_KINDS``: a
+``VisionTransformer``) holds that model's config and is built by ``build_model`` as that model.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["PRESETS", "DEFAULT_PRESET", "preset_names", "get_preset", "load_config", "model_kwargs",
-           "build_model"]
+           "build_model", "MODEL_KINDS"]
 
 DEFAULT_PRESET = "tiny"
 _GPU_VOCAB = 50277
@@ -281,8 +286,48 @@ PRESETS.update({
     },
 })
 
+# Image classifiers for the shapes task (16 x 16 grey images, 4 classes): they learn it in a minute on CPU.
+_VIT_TRAIN = {"task": "shapes", "task_options": {}, "steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30,
+              "eval_every": 100, "ckpt_every": 100}
+_VIT_TINY = {"model_type": "VisionTransformer", "image_size": 16, "patch_size": 4, "num_channels": 1,
+             "num_classes": 4, "d_model": 64, "num_heads": 4, "num_layers": 2, "d_ff": 128}
+PRESETS.update({
+    "vit-tiny": {"description": "Vision Transformer, 2 layers, d_model 64, 4 x 4 patches (the shapes task)",
+                 "model": dict(_VIT_TINY), "train": copy.deepcopy(_VIT_TRAIN)},
+    "vim-tiny": {"description": "Vision-Mamba-style classifier: ViT layout with bidirectional Mamba mixing the "
+                                "patches (the shapes task)",
+                 "model": {**_VIT_TINY, "token_mixer": "mamba", "use_cls_token": False, "pool": "mean"},
+                 "train": copy.deepcopy(_VIT_TRAIN)},
+})
+
 _PRESET_KEYS = {"description", "model", "train"}
 _CHECKPOINT_KEYS = {"model_type", "torch_dtype", "seqblocks_version"}
+
+
+def _check_vit(model: dict[str, Any], source: str) -> None:
+    from seqblocks.models.vit import VisionTransformerConfig
+
+    try:
+        VisionTransformerConfig.from_dict({k: v for k, v in model.items() if k not in _CHECKPOINT_KEYS})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _build_vit(model: dict[str, Any], device=None, dtype=None):
+    from seqblocks.models.vit import VisionTransformer, VisionTransformerConfig
+
+    config = VisionTransformerConfig.from_dict({k: v for k, v in model.items() if k not in _CHECKPOINT_KEYS})
+    return VisionTransformer(config, device=device, dtype=dtype)
+
+
+#: Model kinds a model config may name by ``model_type`` besides the language model (the default):
+#: name -> (check(config, source), build(config, device, dtype)). ``seqblocks train`` builds through it.
+MODEL_KINDS: dict[str, tuple[Any, Any]] = {"VisionTransformer": (_check_vit, _build_vit)}
+
+
+def _kind(model: dict[str, Any]) -> str | None:
+    kind = model.get("model_type")
+    return kind if kind in MODEL_KINDS else None
 
 
 def preset_names() -> list[str]:
@@ -311,6 +356,11 @@ def model_kwargs(model: Any, source: str = "config") -> dict[str, Any]:
 
     if not isinstance(model, dict):
         raise ValueError(f"{source}: the model config must be a JSON object, got {type(model).__name__}")
+    kind = _kind(model)
+    if kind is not None:
+        model = {k: v for k, v in model.items() if k not in _CHECKPOINT_KEYS}
+        MODEL_KINDS[kind][0](model, source)
+        return {"model_type": kind, **model}
     model = {k: v for k, v in model.items() if k not in _CHECKPOINT_KEYS}
     if model.get("mlp_cls") is None:
         model.pop("mlp_cls", None)
@@ -360,10 +410,14 @@ def load_config(name_or_path: str) -> dict[str, Any]:
 
 
 def build_model(model: dict[str, Any], vocab_size: int | None = None, device=None, dtype=None):
-    """The ``LRNNLMHeadModel`` a model config describes, with ``vocab_size`` replaced when given."""
+    """The ``LRNNLMHeadModel`` a model config describes, with ``vocab_size`` replaced when given (or
+    the ``MODEL_KINDS`` model its ``model_type`` names)."""
     from seqblocks.models.lrnn_lm import LRNNLMHeadModel
     from seqblocks.models.model_config import ModelConfig
 
+    kind = _kind(model)
+    if kind is not None:
+        return MODEL_KINDS[kind][1](model, device=device, dtype=dtype)
     data = dict(model)
     if vocab_size is not None:
         data["vocab_size"] = vocab_size

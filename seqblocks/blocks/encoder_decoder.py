@@ -90,11 +90,16 @@ def _split_mod(score_mod, mask_mod):
     return score_mod, mask_mod
 
 
+def _call_mod(score_mod) -> dict[str, Any]:
+    """The per-call ``score_mod`` keyword for the attention (none when not given: linear attention takes none)."""
+    return {} if score_mod is None else {"score_mod": score_mod}
+
+
 class _BlockBase(nn.Module):
     def _common(self, *, d_model, num_heads, d_ff, dropout_rate, pre_norm, attention_type, attention_block_size,
                 linear_attention_chunk_size, norm_type, ff_activation, num_kv_heads, attention_window, score_mod,
                 mask_mod, use_rope, rope_base, rope_max_positions, causal, alibi, bias, norm_eps, layer_idx,
-                device, dtype) -> dict[str, Any]:
+                device, dtype, attention_fn=None) -> dict[str, Any]:
         owner = type(self).__name__
         check_positive(owner, d_model=d_model, num_heads=num_heads, d_ff=d_ff, rope_max_positions=rope_max_positions)
         check_range(owner, "norm_eps", norm_eps, 0.0, lo_open=True)
@@ -117,7 +122,7 @@ class _BlockBase(nn.Module):
             # Kernelized attention has no probabilities to drop; dropout_rate still acts on the sublayer outputs.
             dropout=0.0 if attention_type == "linear" else dropout_rate, score_mod=score_mod,
             mask_mod=mask_mod, position=ALiBi(num_heads, device=device) if alibi else None, device=device,
-            dtype=dtype,
+            dtype=dtype, **({} if attention_fn is None else {"attention_fn": attention_fn}),
         )
 
     def _check_length(self, T: int, cache) -> None:
@@ -164,6 +169,9 @@ class EncoderBlock(_BlockBase):
         bias (bool): biases in the linear layers. Default: True.
         norm_eps (float): norm epsilon. Default: 1e-5.
         layer_idx (int | None): Default: None.
+        attention_fn (Callable | None): a kernel of one's own for the attention,
+            ``fn(query, key, value, *, mask, score_mod, dropout_rate, deterministic) -> out``
+            (``seqblocks.layers.attention.attention_fn``). Default: None.
         device, dtype: parameter placement. Default: None.
     """
 
@@ -174,7 +182,7 @@ class EncoderBlock(_BlockBase):
                  score_mod: Callable | None = None, use_rope: bool = False, rope_base: float = 10000.0,
                  rope_max_positions: int = 2048, *, causal: bool = False, mask_mod: Callable | None = None,
                  alibi: bool = False, bias: bool = True, norm_eps: float = 1e-5, layer_idx: int | None = None,
-                 device=None, dtype=None) -> None:
+                 attention_fn: Callable | None = None, device=None, dtype=None) -> None:
         super().__init__()
         attn_kwargs = self._common(
             d_model=d_model, num_heads=num_heads, d_ff=d_ff, dropout_rate=dropout_rate, pre_norm=pre_norm,
@@ -183,7 +191,7 @@ class EncoderBlock(_BlockBase):
             ff_activation=ff_activation, num_kv_heads=num_kv_heads, attention_window=attention_window,
             score_mod=score_mod, mask_mod=mask_mod, use_rope=use_rope, rope_base=rope_base,
             rope_max_positions=rope_max_positions, causal=causal, alibi=alibi, bias=bias, norm_eps=norm_eps,
-            layer_idx=layer_idx, device=device, dtype=dtype)
+            layer_idx=layer_idx, device=device, dtype=dtype, attention_fn=attention_fn)
         self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.attn = MHA(d_model, **attn_kwargs)
         self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
@@ -206,22 +214,26 @@ class EncoderBlock(_BlockBase):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: Cache | None = None,
                 position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, score_mod: Callable | None = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. ``mask``: [B, T] key padding (True = real) or a full mask (see
         ``MHA``); ``cache``: the self-attention cache (causal blocks); ``lengths`` [B] valid prefixes;
-        ``cu_seqlens`` [N + 1]: documents packed in x [1, total, D], each attending only to itself."""
+        ``cu_seqlens`` [N + 1]: documents packed in x [1, total, D], each attending only to itself;
+        ``score_mod``: a per-call score mod (or mask mod) on top of the block's own."""
         if cu_seqlens is None:
             self._check_length(x.shape[1], cache)
-            kw = dict(cache=cache, mask=mask, position_ids=position_ids, lengths=lengths)
+            kw = dict(cache=cache, mask=mask, position_ids=position_ids, lengths=lengths, **_call_mod(score_mod))
 
             def attn(h: torch.Tensor) -> torch.Tensor:
                 return self.attn(h, **kw)
         else:  # positions restart per document: the longest document must fit
             self._check_length(int(cu_seqlens.diff().max()), cache)
             kw = dict(mask=mask, position_ids=position_ids, lengths=lengths, cu_seqlens=cu_seqlens)
-
-            def attn(h: torch.Tensor) -> torch.Tensor:
-                return run_mixer(self.attn, h, cache, kw)
+            if score_mod is None:
+                def attn(h: torch.Tensor) -> torch.Tensor:
+                    return run_mixer(self.attn, h, cache, kw)
+            else:  # a per-call mod: the softmax attention takes it along with cu_seqlens
+                def attn(h: torch.Tensor) -> torch.Tensor:
+                    return self.attn(h, cache, **kw, score_mod=score_mod)
         if self.pre_norm:
             x = x + self.dropout(attn(self.ln1(x)))
             return x + self.dropout(self.ffn(self.ln2(x)))
@@ -249,7 +261,7 @@ class DecoderBlock(_BlockBase):
     encoder output (its K/V computed once per memory), FFN; three norms.
 
     Args: those of ``EncoderBlock`` (``num_kv_heads``, ``attention_window``, ``score_mod``,
-        ``use_rope`` apply to the self-attention), plus
+        ``use_rope`` apply to the self-attention; ``attention_fn`` to both attentions), plus
         memory_dim (int | None): width of the encoder output. Default: None (= d_model).
 
     The self-attention is always causal.
@@ -262,7 +274,8 @@ class DecoderBlock(_BlockBase):
                  score_mod: Callable | None = None, use_rope: bool = False, rope_base: float = 10000.0,
                  rope_max_positions: int = 2048, *, mask_mod: Callable | None = None, alibi: bool = False,
                  memory_dim: int | None = None, bias: bool = True, norm_eps: float = 1e-5,
-                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+                 layer_idx: int | None = None, attention_fn: Callable | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         attn_kwargs = self._common(
             d_model=d_model, num_heads=num_heads, d_ff=d_ff, dropout_rate=dropout_rate, pre_norm=pre_norm,
@@ -271,7 +284,7 @@ class DecoderBlock(_BlockBase):
             ff_activation=ff_activation, num_kv_heads=num_kv_heads, attention_window=attention_window,
             score_mod=score_mod, mask_mod=mask_mod, use_rope=use_rope, rope_base=rope_base,
             rope_max_positions=rope_max_positions, causal=True, alibi=alibi, bias=bias, norm_eps=norm_eps,
-            layer_idx=layer_idx, device=device, dtype=dtype)
+            layer_idx=layer_idx, device=device, dtype=dtype, attention_fn=attention_fn)
         self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.self_attn = MHA(d_model, **attn_kwargs)
         self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
@@ -279,7 +292,7 @@ class DecoderBlock(_BlockBase):
         self.cross_attn = CrossAttention(d_model, num_heads, num_kv_heads, kdim=memory_dim, qkv_proj_bias=bias,
                                          out_proj_bias=bias, layer_idx=layer_idx, attention_type=cross_type,
                                          attention_block_size=attention_block_size, dropout=dropout_rate,
-                                         device=device, dtype=dtype)
+                                         attention_fn=attention_fn, device=device, dtype=dtype)
         self.ln3 = _norm(norm_type, d_model, norm_eps, device, dtype)
         self.ffn = _FeedForward(d_model, d_ff, ff_activation, bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout_rate)
@@ -295,7 +308,8 @@ class DecoderBlock(_BlockBase):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: DecoderCache | None = None,
-                position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                score_mod: Callable | None = None) -> torch.Tensor:
         """Args:
             x (Tensor): [B, T, D] decoder states.
             memory (Tensor | None): [B, M, Dm] encoder output; None only when ``cache`` already holds
@@ -305,11 +319,13 @@ class DecoderBlock(_BlockBase):
             cache (DecoderCache | None): from ``allocate_inference_cache``. Default: None.
             position_ids (Tensor | None): RoPE positions of the decoder tokens. Default: token indices.
             lengths (Tensor | None): [B] valid prefix of each decoder sequence. Default: None.
+            score_mod (Callable | None): a per-call score mod (or mask mod) of the self-attention, on
+                top of the block's own. Default: None.
         """
         self._check_length(x.shape[1], cache)
         sa_cache = None if cache is None else cache.self_attn
         ca_cache = None if cache is None else cache.cross_attn
-        sa = dict(cache=sa_cache, mask=mask, position_ids=position_ids, lengths=lengths)
+        sa = dict(cache=sa_cache, mask=mask, position_ids=position_ids, lengths=lengths, **_call_mod(score_mod))
         ca = dict(memory=memory, cache=ca_cache, mask=memory_mask)
         if self.pre_norm:
             x = x + self.dropout(self.self_attn(self.ln1(x), **sa))

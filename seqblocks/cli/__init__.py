@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer of text given to --data: char (default), gpt2, cl100k_base, ..., "
                    "a .tiktoken file or a tokenizer .json (from `seqblocks tokenizer train`)")
     _add_task_options(p, "task name (default: the preset's, usually chars)")
-    p.add_argument("--model", choices=["causal_lm", "encoder_decoder", "classifier"],
+    p.add_argument("--model", choices=["causal_lm", "encoder_decoder", "classifier", "image_classifier"],
                    help="model kind (default: the one the task trains: an encoder-decoder for seq2seq, a "
-                        "classifier for classification, else the config's causal LM)")
+                        "classifier for classification, a Vision Transformer for shapes, else the config's "
+                        "causal LM)")
     _add_train_options(p)
     _add_threads_option(p)
 

@@ -57,7 +57,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, description in entries.items():
             line = f"  {name:<{width}}  {description}"
             if title == "presets":
-                missing = [m for m in PRESETS[name]["model"]["mixer_types"] if m not in MIXERS]
+                model = PRESETS[name]["model"]
+                mixers = model.get("mixer_types", [model.get("token_mixer", "attention")])
+                missing = [m for m in mixers if m != "attention" and m not in MIXERS]
                 if missing:
                     line += f"  [unavailable: mixer(s) {sorted(set(missing))} not registered]"
             if title == "tasks":
@@ -154,6 +156,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or train_cfg["task_options"].get("seq_len", 128)
     batch_size = args.batch_size or train_cfg["batch_size"]
     model, where = _build_for_info(model_config)
+    if not hasattr(model, "vocab_size"):  # another model kind (an image classifier): no LM summary
+        return _info_other(model, config, args.json)
     summary = model_summary(model, model_config, seq_len, batch_size)
     summary["source"] = config["source"]
     if args.json:
@@ -176,6 +180,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     _out(f"  activations (rough)  {_human(mem['activations_estimate'])}")
     cache = mem["decode_cache_per_sequence_bf16"]
     _out(f"  decode cache         {_human(cache) + ' per sequence (bf16)' if cache is not None else summary['note']}")
+    return 0
+
+
+def _info_other(model: torch.nn.Module, config: dict[str, Any], as_json: bool) -> int:
+    """``seqblocks info`` of a model that is not a language model: parameters, layers, weights."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    mixers = model.mixers() if hasattr(model, "mixers") else []
+    summary = {"source": config["source"], "model_type": type(model).__name__, "parameters": total,
+               "layers": [{"layer": i, "class": type(m).__name__,
+                           "mixer_params": sum(p.numel() for p in m.parameters())} for i, m in enumerate(mixers)],
+               "memory": {"weights_fp32": 4 * total, "weights_bf16": 2 * total, "train_state_fp32_adamw": 16 * total}}
+    if as_json:
+        _out(json.dumps(summary, indent=2))
+        return 0
+    _out(f"{config['source']}: {config['description']}".rstrip(": "))
+    _out(f"{type(model).__name__}, parameters: {total:,} ({total / 1e6:.2f}M)")
+    _out("layers:")
+    for row in summary["layers"]:
+        _out(f"  {row['layer']:>3}  {row['class']:<24} {row['mixer_params']:>12,}")
+    _out(f"memory: weights {_human(4 * total)} fp32 / {_human(2 * total)} bf16, training state "
+         f"{_human(16 * total)} (fp32 weights + grads + AdamW moments)")
     return 0
 
 
@@ -264,13 +289,26 @@ def _prepare_run_data(spec, out: Path, progress: bool) -> None:
     spec.train["task_options"] = {**spec.train.get("task_options", {}), "path": str(data_dir.resolve())}
 
 
+def _task_preset(task: str | None) -> str | None:
+    """The preset a task trains with when no --config is given (an image task's classifier), else None."""
+    if task is None:
+        return None
+    from seqblocks.tasks import TASKS
+
+    try:
+        return getattr(TASKS.get(task), "default_preset", None)
+    except ValueError:  # an unknown task: the run reports it with the valid names
+        return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import seqblocks  # noqa: F401
     from seqblocks.presets import DEFAULT_PRESET, load_config
     from seqblocks.tasks import CharTokenizer
     from seqblocks.train import train
 
-    name = args.config or DEFAULT_PRESET
+    # an image task trains its own preset's classifier (Task.default_preset) when no --config is given
+    name = args.config or _task_preset(args.task) or DEFAULT_PRESET
     stem = Path(args.run_file).stem if args.run_file else Path(name).stem
     out = Path(args.out) if args.out else Path("runs") / stem
     if args.resume:
@@ -522,7 +560,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{ckpt} does not say which task it was trained on; give --task")
     task = get_task(name, **options)
-    if task.vocab_size > getattr(model, "vocab_size", task.vocab_size):
+    from seqblocks.train.models import kind_of_model
+
+    if kind_of_model(model) == "image_classifier":  # the width of its output: the classes
+        if task.vocab_size > model.config.num_classes:
+            raise ValueError(f"task {name!r} has {task.vocab_size} classes but the model only "
+                             f"{model.config.num_classes}")
+    elif task.vocab_size > getattr(model, "vocab_size", task.vocab_size):
         raise ValueError(f"task {name!r} has {task.vocab_size} tokens but the model only {model.vocab_size}")
     seed = args.seed
     if seed is None:

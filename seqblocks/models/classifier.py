@@ -4,7 +4,8 @@ Input features [B, T, input_dim] (or token ids [B, T] with ``vocab_size``) are p
 then each layer computes ``x = norm(x + dropout(mixer(x)))`` and may pool time windows of
 ``pooling_factor`` steps ("stride", "mean", "max"), which shortens the sequence, its ``lengths`` and
 its ``integration_timesteps``. A final pooling ("last", "mean", "max") over each row's valid steps
-feeds a linear head.
+feeds a linear head. ``save_pretrained`` / ``from_pretrained`` save and load it as every seqblocks
+model (``config.json`` with the constructor arguments, ``model.safetensors``).
 
 Event streams: ``integration_timesteps[b, t]`` is the time since the previous event. A pooled window
 stands for its last event, so its time delta is the **sum** of the deltas in the window (the time
@@ -24,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqblocks.checkpoint import CheckpointMixin
 from seqblocks.layers.adapters import call_any_mixer
 from seqblocks.layers.build import build_mixer, mixer_config, resolve_mixer_kwargs
 from seqblocks.layers.checks import check_lengths, check_timesteps
 from seqblocks.layers.norm import LayerNorm
+from seqblocks.registry import MODELS
 
 __all__ = ["Classifier", "pool_windows", "pool_sequence"]
 
@@ -99,7 +102,8 @@ def pool_sequence(x: torch.Tensor, mode: str, lengths: torch.Tensor | None = Non
     return x.masked_fill(~valid, float("-inf")).amax(1)
 
 
-class Classifier(nn.Module):
+@MODELS.register("Classifier")
+class Classifier(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqblocks", "classifier"]):
     """Sequence classifier / regressor over a stack of mixers.
 
     Args:
@@ -147,6 +151,12 @@ class Classifier(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self._init_args = {
+            "input_dim": input_dim, "num_classes": num_classes, "output_dim": output_dim, "d_model": d_model,
+            "d_state": d_state, "n_layers": n_layers, "lrnn_cls": lrnn_cls, "pooling": pooling, "dropout": dropout,
+            "intermediate_pooling": intermediate_pooling, "pooling_factor": pooling_factor, "vocab_size": vocab_size,
+            "embedding_dim": embedding_dim, "max_position_embeddings": max_position_embeddings,
+            "padding_idx": padding_idx, "lrnn_params": lrnn_params}
         if n_layers <= 0 or d_model <= 0:
             raise ValueError(f"Classifier: n_layers={n_layers} and d_model={d_model} must be positive")
         if pooling not in _FINAL:
@@ -246,6 +256,24 @@ class Classifier(nn.Module):
                 h, lengths, integration_timesteps = pool_windows(h, mode, stride, lengths, integration_timesteps)
         logits = self.head(pool_sequence(h, self.pooling, lengths))
         return (logits, (*hidden_states, h)) if return_hidden else logits
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The constructor arguments.
+
+        Raises:
+            ValueError: a mixer given as a class rather than a registered name (a checkpoint names
+                mixers, it never stores or imports code).
+        """
+        classes = self._init_args["lrnn_cls"]
+        for c in classes if isinstance(classes, list | tuple) else [classes]:
+            if not isinstance(c, str):
+                raise ValueError(f"Classifier: lrnn_cls {c!r} is a class; a checkpoint names mixers by their "
+                                 f"registered name (register it with seqblocks.registry.mixer_registry)")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._init_args.items()}
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any], device=None, dtype=None) -> Classifier:
+        return cls(**config, device=device, dtype=dtype)
 
 
 def _is_per_type(params: dict[str, Any]) -> bool:

@@ -1,7 +1,8 @@
 """Embedded tasks: synthetic recall / copying probes, character-level LM on the stdlib's source, a
 text-to-text task for encoder-decoders, text classification from a CSV / JSONL file, ``shards``:
-language modelling on your own text prepared by ``seqblocks prepare``, and the real-valued tasks of
-``seqblocks.tasks.signals`` (waveform denoising, irregular time series; ``SIGNAL_TASKS``).
+language modelling on your own text prepared by ``seqblocks prepare``, procedurally drawn shapes to
+classify (``images``), and the real-valued tasks of ``seqblocks.tasks.signals`` (waveform denoising,
+irregular time series; ``SIGNAL_TASKS``).
 
 ``TASKS`` maps task names to task classes; ``get_task(name, **options)`` builds one and raises
 ``ValueError`` listing the valid names (or the task's valid options) on a mistake.
@@ -16,6 +17,7 @@ from seqblocks.registry import Registry
 from seqblocks.tasks.base import IGNORE_INDEX, Batch, Task
 from seqblocks.tasks.chars import CharTokenizer, StdlibChars
 from seqblocks.tasks.classification import TextClassification
+from seqblocks.tasks.images import ImageBatch, Shapes
 from seqblocks.tasks.seq2seq import StringTransduction
 from seqblocks.tasks.shards import PackedBatch, ShardTask
 from seqblocks.tasks.signals import SIGNAL_TASKS, CoupledOscillators, Denoising, get_signal_task, si_snr
@@ -23,10 +25,12 @@ from seqblocks.tasks.synthetic import MQAR, Copying, InductionHeads, SelectiveCo
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "Task", "CharTokenizer", "StdlibChars", "ShardTask", "PackedBatch",
            "MQAR", "Copying", "InductionHeads", "SelectiveCopying", "StringTransduction", "TextClassification",
-           "get_task", "task_options", "SIGNAL_TASKS", "CoupledOscillators", "Denoising", "get_signal_task", "si_snr"]
+           "get_task", "task_options", "SIGNAL_TASKS", "CoupledOscillators", "Denoising", "get_signal_task", "si_snr",
+           "ImageBatch", "Shapes"]
 
 TASKS: Registry = Registry("task")
-for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying, StringTransduction, TextClassification):
+for _cls in (StdlibChars, MQAR, SelectiveCopying, InductionHeads, Copying, StringTransduction, TextClassification,
+             Shapes):
     TASKS.register(_cls.name, _cls, description=_cls.description)
 TASKS.register("stdlib", StdlibChars, description="alias of 'chars'")
 TASKS.register(ShardTask.name, ShardTask, description=ShardTask.description)

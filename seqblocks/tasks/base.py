@@ -103,6 +103,11 @@ class Task(abc.ABC):
     def seq_len(self) -> int:
         """Length T of every input row."""
 
+    def model_fields(self) -> dict[str, Any]:
+        """The model-config values the task fixes (``seqblocks train`` sets them): the vocabulary of a
+        token task; an image task's classes, image size and channels."""
+        return {"vocab_size": self.vocab_size}
+
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
         """The task's constructor arguments (JSON values): ``get_task(name, **config())`` rebuilds it."""

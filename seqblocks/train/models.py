@@ -1,8 +1,11 @@
-"""What the trainer trains: a causal LM, an encoder-decoder or a classifier, chosen by the model config.
+"""What the trainer trains: a causal LM, an encoder-decoder, a classifier or an image classifier,
+chosen by the model config.
 
 A model config is a dict. Its ``"model"`` key names the kind (``MODEL_KINDS``); without one it is a
-causal LM (``LRNNLMHeadModel`` keyword arguments, as ``seqblocks.presets`` writes them). The other
-keys are the model's constructor arguments; the sizes a task fixes are set from the task:
+causal LM (``LRNNLMHeadModel`` keyword arguments, as ``seqblocks.presets`` writes them), or an image
+classifier when its ``"model_type"`` names one of ``seqblocks.presets.MODEL_KINDS`` (a
+``VisionTransformer``, as the ``vit-tiny`` / ``vim-tiny`` presets write it). The other keys are the
+model's constructor arguments; the sizes a task fixes are set from the task:
 
 - ``"causal_lm"``: ``LRNNLMHeadModel`` (``vocab_size`` from the task); trains on "lm" tasks, packed
   rows (``Batch.document_ids``) included.
@@ -10,13 +13,16 @@ keys are the model's constructor arguments; the sizes a task fixes are set from 
   "seq2seq" tasks, teacher-forced.
 - ``"classifier"``: ``Classifier`` over token ids (``vocab_size`` and ``num_classes`` from the task);
   trains on "classification" tasks.
+- ``"image_classifier"``: the ``seqblocks.presets.MODEL_KINDS`` model its ``model_type`` names
+  (default ``VisionTransformer``; ``num_classes``, ``image_size``, ``num_channels`` from the task,
+  ``Task.model_fields``); trains on "image" tasks (``shapes``), images [B, C, H, W] to [B, C] logits.
 
 ``forward_logits`` runs any of them on a ``Batch`` and returns logits shaped like the batch's
 targets, so the loss, evaluation and accuracy code is one for all kinds. Token id 0 is padding in a
 seq2seq source and a classifier's input (the encoder masks it; the classifier pools the prefix
 before it), as the embedded seq2seq and classification tasks write them.
 
-Shapes: B batch, T time, S source length, V vocabulary, C classes.
+Shapes: B batch, T time, S source length, V vocabulary, C classes (and an image's channels, where said).
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ PAD_ID = 0  # padding of seq2seq sources and classifier inputs
 __all__ = ["MODEL_KINDS", "DEFAULT_MODEL_CONFIGS", "choose_model_config", "model_kind", "kind_of_model",
            "build_train_model", "forward_logits", "save_train_model", "load_train_model", "activation_checkpointing"]
 
-MODEL_KINDS = ("causal_lm", "encoder_decoder", "classifier")
-_TASK_KIND = {"causal_lm": "lm", "encoder_decoder": "seq2seq", "classifier": "classification"}
+MODEL_KINDS = ("causal_lm", "encoder_decoder", "classifier", "image_classifier")
+_TASK_KIND = {"causal_lm": "lm", "encoder_decoder": "seq2seq", "classifier": "classification",
+              "image_classifier": "image"}
+#: the preset whose model an image-classifier config defaults to
+_IMAGE_PRESET = "vit-tiny"
 
 
 #: The model ``seqblocks train`` builds for a kind when the config given is of another kind: small
@@ -75,20 +84,25 @@ def choose_model_config(model_config: dict[str, Any], task_name: str, kind: str 
         raise ValueError(f"--model {kind!r}: expected one of {MODEL_KINDS}")
     if kind == have:
         return model_config
-    if kind == "causal_lm":
+    if kind in ("causal_lm", "image_classifier"):
         from seqblocks.presets import DEFAULT_PRESET, get_preset
 
-        return get_preset(DEFAULT_PRESET)["model"]
+        return get_preset(DEFAULT_PRESET if kind == "causal_lm" else _IMAGE_PRESET)["model"]
     return dict(DEFAULT_MODEL_CONFIGS[kind])
 
 
 def model_kind(model_config: dict[str, Any]) -> str:
-    """The kind a model config names (``"causal_lm"`` without a ``"model"`` key).
+    """The kind a model config names: its ``"model"`` key; without one ``"image_classifier"`` when its
+    ``"model_type"`` is one of ``seqblocks.presets.MODEL_KINDS``, else ``"causal_lm"``.
 
     Raises:
         ValueError: an unknown kind.
     """
-    kind = model_config.get("model", "causal_lm")
+    kind = model_config.get("model")
+    if kind is None:
+        from seqblocks.presets import MODEL_KINDS as IMAGE_MODEL_TYPES
+
+        kind = "image_classifier" if model_config.get("model_type") in IMAGE_MODEL_TYPES else "causal_lm"
     if kind not in MODEL_KINDS:
         raise ValueError(f"model config: model={kind!r} is not a model kind the trainer builds; expected one of "
                          f"{MODEL_KINDS}")
@@ -99,11 +113,14 @@ def kind_of_model(model: nn.Module) -> str:
     """The kind of a built model (a DDP / compile wrapper is looked through)."""
     from seqblocks.models.classifier import Classifier
     from seqblocks.models.transformer import TransformerEncoderDecoder
+    from seqblocks.models.vit import VisionTransformer
 
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner) if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
     if isinstance(inner, TransformerEncoderDecoder):
         return "encoder_decoder"
+    if isinstance(inner, VisionTransformer):
+        return "image_classifier"
     return "classifier" if isinstance(inner, Classifier) else "causal_lm"
 
 
@@ -132,6 +149,14 @@ def build_train_model(model_config: dict[str, Any], task: Task | None = None, de
         from seqblocks.presets import build_model
 
         return build_model(args, vocab_size=None if task is None else task.vocab_size, device=device, dtype=dtype)
+    if kind == "image_classifier":
+        from seqblocks.presets import build_model
+
+        args.setdefault("model_type", "VisionTransformer")
+        args.pop("vocab_size", None)
+        if task is not None:
+            args.update(task.model_fields())
+        return build_model(args, device=device, dtype=dtype)
     if kind == "encoder_decoder":
         from seqblocks.models.transformer import TransformerEncoderDecoder
 
@@ -150,9 +175,9 @@ def build_train_model(model_config: dict[str, Any], task: Task | None = None, de
 
 def forward_logits(runner: nn.Module, batch: Batch, kind: str, boundaries: bool = True) -> tuple[Any, torch.Tensor]:
     """(output, logits) of ``runner`` on ``batch``; logits are [B, T, V] for "lm" / "seq2seq" batches and
-    [B, 1, C] for a classifier (targets [B, 1]); output is the model's own (a ``CausalLMOutput`` for a
-    causal LM, whose MTP logits the trainer reads). A causal LM gets the batch's ``document_ids`` (each
-    packed document then runs alone) unless ``boundaries`` is False."""
+    [B, 1, C] for a classifier or an image classifier (targets [B, 1]); output is the model's own (a
+    ``CausalLMOutput`` for a causal LM, whose MTP logits the trainer reads). A causal LM gets the
+    batch's ``document_ids`` (each packed document then runs alone) unless ``boundaries`` is False."""
     if kind == "causal_lm":
         extra = {} if batch.document_ids is None or not boundaries else {"document_ids": batch.document_ids}
         out = runner(batch.input_ids, **extra)
@@ -161,6 +186,9 @@ def forward_logits(runner: nn.Module, batch: Batch, kind: str, boundaries: bool 
         if batch.src_ids is None:
             raise ValueError("an encoder-decoder needs batches with src_ids (a seq2seq task)")
         logits = runner(batch.src_ids, batch.input_ids, src_mask=batch.src_ids != PAD_ID)
+        return logits, logits
+    if kind == "image_classifier":
+        logits = runner(batch.input_ids)[:, None]  # images [B, C, H, W] -> [B, 1, classes]
         return logits, logits
     lengths = (batch.input_ids != PAD_ID).sum(1).clamp(min=1)  # right padding is id 0
     logits = runner(batch.input_ids, lengths=lengths)[:, None]  # [B, 1, C]

@@ -143,7 +143,8 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
 
     Args:
         model (nn.Module): a causal LM (input ids [B, T] to an output with ``.logits`` [B, T, V]), an
-            encoder-decoder or a classifier (``seqblocks.train.models``).
+            encoder-decoder, a classifier or an image classifier (images to [B, C] logits;
+            ``seqblocks.train.models``).
         task (Task): the task; its ``eval_batches`` is the held-out set.
         batch_size (int): rows per forward. Default: 64.
         device (torch.device | str): where to run. Default: "cpu".
@@ -169,7 +170,8 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
             batch = batch.to(device)
             with autocast_context(device, precision):
                 logits = forward_logits(model, batch, kind, _boundaries(batch, pack_boundaries))[1]
-            width = task.num_classes if kind == "classifier" else getattr(task, "target_vocab_size", task.vocab_size)
+            width = task.num_classes if kind in ("classifier", "image_classifier") else getattr(
+                task, "target_vocab_size", task.vocab_size)
             logits = logits[..., :width].float()
             nbytes += _target_bytes(table, batch.targets)
             scored = batch.targets != IGNORE_INDEX
@@ -278,16 +280,18 @@ def train(model_config: dict[str, Any], config: TrainConfig, out_dir: str | Path
           stop_after: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None,
           step_hook: Callable[[int], None] | None = None) -> TrainResult:
-    """Train a model on a task: a causal LM (``LRNNLMHeadModel``), an encoder-decoder or a classifier,
-    as the model config's ``"model"`` key says (``seqblocks.train.models``).
+    """Train a model on a task: a causal LM (``LRNNLMHeadModel``), an encoder-decoder, a classifier or an
+    image classifier (a ``VisionTransformer``), as the model config's ``"model"`` key (or an image
+    model's ``"model_type"``) says (``seqblocks.train.models``).
 
     The run owns ``out_dir`` while it trains (see ``seqblocks.train.rundir``): rank 0 holds its lock,
     and a directory holding a previous run is refused unless ``resume`` or ``overwrite`` says what to
     do with it.
 
     Args:
-        model_config (dict): the model's keyword arguments (``vocab_size`` and the other sizes a task
-            fixes are set from the task), with ``"model"`` naming its kind (default "causal_lm").
+        model_config (dict): the model's keyword arguments (the sizes a task fixes are set from the
+            task, ``Task.model_fields``: the vocabulary, or an image task's classes and image size), with
+            ``"model"`` naming its kind (default "causal_lm"; an image model's ``"model_type"`` names it).
         config (TrainConfig): the run.
         out_dir (str | Path): run directory: ``metrics.jsonl``, ``loss.png``, ``run.json``, ``checkpoints/``.
         resume (bool): continue from the latest checkpoint in ``out_dir``; the model and training
@@ -381,7 +385,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
         raise ValueError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
                          f"micro-batch do not split over {info.world_size} processes")
     task = get_task(config.task, **config.task_options)
-    model_config = {**model_config, "vocab_size": task.vocab_size}
+    model_config = {**model_config, **task.model_fields()}
 
     torch.manual_seed(config.seed)
     kind = model_kind(model_config)

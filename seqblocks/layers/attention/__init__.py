@@ -2,9 +2,10 @@
 
 Modules: ``mha`` (MHA / GQA / MQA / sliding window), ``chunked`` (Llama-4 chunked local attention),
 ``sparse`` (top-k sparse attention with a lightning indexer), ``mla``, ``cross_attention``, ``linear_attention``,
-``common`` (what they share), ``cache``, ``score_mods``.
+``common`` (what they share), ``cache``, ``score_mods``, ``attention_fn`` (a kernel of one's own).
 """
 
+from seqblocks.layers.attention.attention_fn import standard_attention_fn
 from seqblocks.layers.attention.cache import (
     CrossAttentionCache,
     KVCache,
@@ -25,6 +26,8 @@ from seqblocks.layers.attention.score_mods import (
     chunked_causal_mask,
     compose,
     document_mask,
+    mask_mod_to_boolean_mask,
+    mask_mod_to_score_mod,
     or_masks,
     prefix_lm_mask,
     sliding_window_mask,
@@ -36,4 +39,5 @@ __all__ = ["MHA", "GQA", "MQA", "MLA", "SlidingWindowAttention", "ChunkedGQA", "
            "chunked_causal_mask", "CrossAttention", "LinearAttention", "KVCache",
            "RollingKVCache", "MLACache", "LinearAttentionCache", "CrossAttentionCache", "causal_mask",
            "sliding_window_mask", "prefix_lm_mask", "document_mask", "alibi_score_mod", "soft_cap", "additive_bias",
-           "compose", "and_masks", "or_masks"]
+           "compose", "and_masks", "or_masks", "mask_mod_to_score_mod", "mask_mod_to_boolean_mask",
+           "standard_attention_fn"]

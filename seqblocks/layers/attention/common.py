@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from seqblocks.cache import Cache
-from seqblocks.layers.attention.score_mods import compose, mod_kind, soft_cap
+from seqblocks.layers.attention.attention_fn import call_attention_fn, check_attention_fn
+from seqblocks.layers.attention.score_mods import and_masks, compose, mod_kind, soft_cap
 from seqblocks.layers.checks import check_positive, check_range
 from seqblocks.layers.mixer import Mixer
 from seqblocks.layers.norm import RMSNorm
@@ -43,7 +44,7 @@ __all__ = ["AttentionCore", "ATTENTION_TYPE_ALIASES",
            "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
            "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "document_mods",
            "make_qk_norm",
-           "with_softcap"]
+           "with_softcap", "split_call_mod"]
 
 
 def resolve_heads(owner: str, embed_dim: int, num_heads: int | None, num_heads_kv: int | None,
@@ -136,6 +137,20 @@ def with_softcap(owner: str, softcap: float | None, score_mod: Callable | None) 
         raise ValueError(f"{owner}: softcap={softcap!r} must be a positive number or None")
     cap = soft_cap(float(softcap))
     return cap if score_mod is None else compose(cap, score_mod)
+
+
+def split_call_mod(owner: str, score_mod: Callable | None) -> tuple[Callable | None, Callable | None]:
+    """A per-call ``score_mod`` as (score mod, mask mod): a mask mod given there is routed to the mask.
+
+    Raises:
+        TypeError: neither a score mod nor a mask mod.
+    """
+    if score_mod is None:
+        return None, None
+    if not callable(score_mod):
+        raise TypeError(f"{owner}: score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score, got "
+                        f"{type(score_mod).__name__}")
+    return (score_mod, None) if mod_kind(score_mod) == "score" else (None, score_mod)
 
 
 def rotary_of(rotary_emb: nn.Module | None, position: PositionBase | None) -> nn.Module | None:
@@ -262,7 +277,8 @@ class AttentionCore(Mixer):
 
     def init_core(self, *, num_heads: int, attention_type: str, attention_block_size: int, dropout: float,
                   score_mod: Callable | None, mask_mod: Callable | None, softmax_scale: float | None,
-                  window_size: int | None, position: PositionBase | None) -> None:
+                  window_size: int | None, position: PositionBase | None,
+                  attention_fn: Callable | None = None) -> None:
         """Check and store the softmax-attention options (call from ``__init__``).
 
         Raises:
@@ -284,6 +300,8 @@ class AttentionCore(Mixer):
             raise ValueError(f"{owner}: window_size={window_size!r} must be a positive int or None")
         check_position(owner, position, num_heads)
         check_mods(owner, score_mod, mask_mod)
+        check_attention_fn(owner, attention_fn, attention_type)
+        self.attention_fn = attention_fn
         self.attention_type = attention_type
         self.attention_block_size = attention_block_size
         self.dropout = float(dropout)
@@ -313,23 +331,38 @@ class AttentionCore(Mixer):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
                q_pos: torch.Tensor | None, kv_pos: torch.Tensor | None, key_valid: torch.Tensor | None,
-               attn_mask: torch.Tensor | None,
+               attn_mask: torch.Tensor | None, call_score_mod: Callable | None = None,
+               call_mask_mod: Callable | None = None,
                documents: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Softmax attention of [B, H, Tq, K] queries on [B, Hkv, Tk, K] keys with the layer's options;
-        ``documents`` (document [T], in-document position [T]) makes it block-diagonal over packed
-        documents (``document_mods``)."""
-        score_mod, mask_mod = self.score_mod, self.mask_mod
-        if documents is not None:
-            score_mod, mask_mod = document_mods(*documents, score_mod, mask_mod)
+        """Softmax attention of [B, H, Tq, K] queries on [B, Hkv, Tk, K] keys with the layer's options.
+
+        ``call_score_mod`` / ``call_mask_mod`` (a forward's per-call ``score_mod``) apply after the
+        layer's own: the score mods compose (layer's first), the mask mods intersect. ``documents``
+        (document [T], in-document position [T]) makes it block-diagonal over packed documents
+        (``document_mods``), on top of both: the layer's and the call's mods see in-document positions."""
         kwargs = self.bias_kwargs(q_pos, kv_pos, q.shape[2], k.shape[2], q.device)
         extra = kwargs.pop("extra_bias", None)
         if extra is not None:
             attn_mask = extra if attn_mask is None else (
                 extra + attn_mask if attn_mask.dtype != torch.bool
                 else extra.masked_fill(~attn_mask, float("-inf")))
+        score_mod, mask_mod = self.score_mod, self.mask_mod
+        if call_score_mod is not None:
+            score_mod = call_score_mod if score_mod is None else compose(score_mod, call_score_mod)
+        if call_mask_mod is not None:
+            mask_mod = call_mask_mod if mask_mod is None else and_masks(mask_mod, call_mask_mod)
+        if documents is not None:
+            score_mod, mask_mod = document_mods(*documents, score_mod, mask_mod)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attention_fn is not None:
+            return call_attention_fn(
+                self.attention_fn, q, k, v, causal=causal, window=window, scale=self.softmax_scale,
+                q_positions=q_pos, kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask,
+                score_mod=score_mod, mask_mod=mask_mod, alibi_slopes=kwargs.get("alibi_slopes"),
+                dropout_p=self.dropout, deterministic=not self.training)
         return attention(
             q, k, v, causal=causal, window=window, scale=self.softmax_scale, q_positions=q_pos,
             kv_positions=kv_pos, key_valid=key_valid, attn_mask=attn_mask, score_mod=score_mod,
-            mask_mod=mask_mod, dropout_p=self.dropout if self.training else 0.0,
-            backend=self.attention_type, block_size=self.attention_block_size, **kwargs,
+            mask_mod=mask_mod, dropout_p=dropout_p, backend=self.attention_type,
+            block_size=self.attention_block_size, **kwargs,
         )

@@ -10,6 +10,7 @@ Hkv key/value heads, K head width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ class CrossAttention(AttentionCore):
         attention_type (str): as ``MHA`` (not "linear"). Default: "auto".
         attention_block_size (int): key block of "memory_efficient". Default: 128.
         dropout (float): attention dropout in training. Default: 0.0.
+        attention_fn (Callable | None): a kernel of one's own for the attention (the contract of
+            ``seqblocks.layers.attention.attention_fn``). Default: None.
         device, dtype: parameter placement. Default: None.
     """
 
@@ -65,7 +68,8 @@ class CrossAttention(AttentionCore):
                  head_dim: int | None = None, kdim: int | None = None, qkv_proj_bias: bool = True,
                  out_proj_bias: bool = True, softmax_scale: float | None = None, layer_idx: int | None = None,
                  rotary_emb_dim: int = 0, rotary_emb_base: float = 10000.0, *, attention_type: str = "auto",
-                 attention_block_size: int = 128, dropout: float = 0.0, device=None, dtype=None) -> None:
+                 attention_block_size: int = 128, dropout: float = 0.0, attention_fn: Callable | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         owner = type(self).__name__
         if attention_type == "linear":
@@ -73,7 +77,7 @@ class CrossAttention(AttentionCore):
         num_heads, num_heads_kv, head_dim = resolve_heads(owner, embed_dim, num_heads, num_heads_kv, head_dim)
         self.init_core(num_heads=num_heads, attention_type=attention_type, attention_block_size=attention_block_size,
                        dropout=dropout, score_mod=None, mask_mod=None, softmax_scale=softmax_scale,
-                       window_size=None, position=None)
+                       window_size=None, position=None, attention_fn=attention_fn)
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
         self.kdim = embed_dim if kdim is None else kdim
         check_positive(owner, kdim=self.kdim)

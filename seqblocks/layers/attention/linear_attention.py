@@ -57,7 +57,7 @@ __all__ = ["LinearAttention"]
 
 # MHA options that only softmax attention has, with the value that means "not used".
 _SOFTMAX_ONLY = {"window_size": None, "score_mod": None, "mask_mod": None, "dropout": 0.0, "softmax_scale": None,
-                 "qk_norm": False, "softcap": None, "mlp_dim": 0, "d_conv": 0}
+                 "qk_norm": False, "softcap": None, "mlp_dim": 0, "d_conv": 0, "attention_fn": None}
 
 
 @MIXERS.register("linear_attention")

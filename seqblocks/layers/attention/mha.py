@@ -57,6 +57,7 @@ from seqblocks.layers.attention.common import (
     resolve_heads,
     rope_positions,
     rotary_of,
+    split_call_mod,
     split_mask,
     with_softcap,
 )
@@ -135,6 +136,10 @@ class MHA(AttentionCore):
         d_conv (int): width of a causal depthwise convolution over the q / k / v projections before
             attention (``conv_weight`` [q+k+v width, d_conv], ``conv_bias``); decoding keeps its last
             d_conv - 1 inputs in the cache. 0 disables. Default: 0.
+        attention_fn (Callable | None): a kernel of one's own that computes the attention,
+            ``fn(query, key, value, *, mask, score_mod, dropout_rate, deterministic) -> out`` on
+            [B, H, T, K] tensors (``seqblocks.layers.attention.attention_fn`` gives the exact contract);
+            it replaces the ``attention_type`` backend. Default: None.
         device, dtype: parameter placement. Default: None.
 
     ``MHA(..., attention_type="linear")`` (also ``GQA`` / ``MQA``) returns a ``LinearAttention`` with
@@ -184,6 +189,7 @@ class MHA(AttentionCore):
         softcap: float | None = None,
         mlp_dim: int = 0,
         d_conv: int = 0,
+        attention_fn: Callable | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -203,7 +209,8 @@ class MHA(AttentionCore):
                 raise ValueError(f"{owner}: attention_type='lite' normalises its weights over the whole sequence, "
                                  f"so it is not causal; it needs causal=False")
             bad = [name for name, value in (("window_size", window_size), ("score_mod", score_mod),
-                                            ("mask_mod", mask_mod), ("softcap", softcap), ("position", position))
+                                            ("mask_mod", mask_mod), ("softcap", softcap), ("position", position),
+                                            ("attention_fn", attention_fn))
                    if value is not None]
             if bad or rotary_emb_dim:
                 raise ValueError(f"{owner}: attention_type='lite' has no scores for {bad or ['rotary_emb_dim']}")
@@ -211,7 +218,8 @@ class MHA(AttentionCore):
         # linear_attention_chunk_size / linear_feature_map serve only the "linear" alias (see __new__).
         self.init_core(num_heads=num_heads, attention_type="standard" if lite else attention_type,
                        attention_block_size=attention_block_size, dropout=dropout, score_mod=score_mod,
-                       mask_mod=mask_mod, softmax_scale=softmax_scale, window_size=window_size, position=position)
+                       mask_mod=mask_mod, softmax_scale=softmax_scale, window_size=window_size, position=position,
+                       attention_fn=attention_fn)
         if lite:
             self.attention_type = "lite"
         self.embed_dim, self.num_heads_kv, self.head_dim = embed_dim, num_heads_kv, head_dim
@@ -331,13 +339,22 @@ class MHA(AttentionCore):
     # Forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: KVCache | RollingKVCache | None = None, *,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                score_mod: Callable | None = None) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D] (see the module docstring for cache, mask, position_ids, lengths,
-        cu_seqlens)."""
+        cu_seqlens).
+
+        ``score_mod``: a per-call score mod (or mask mod), applied after the layer's own ``score_mod``
+        (composed) or intersected with its ``mask_mod``; like them it sees token indices (in-document
+        indices with ``cu_seqlens``)."""
         owner = type(self).__name__
+        call_mods = split_call_mod(owner, score_mod)
+        if score_mod is not None and self.lite_gate is not None:
+            raise ValueError(f"{owner}: attention_type='lite' has no scores for a per-call score_mod")
         if cu_seqlens is not None and (cache is not None or mask is not None or lengths is not None):
             return run_unpacked(self, x, cache, {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths,
-                                                 "position_ids": position_ids})
+                                                 "position_ids": position_ids},
+                                extra=None if score_mod is None else {"score_mod": score_mod})
         check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
@@ -392,7 +409,8 @@ class MHA(AttentionCore):
             poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=False, window=None)
         elif cache is None:
             out = self.attend(q, k, v, causal=self.causal, window=self.window_size, q_pos=None, kv_pos=None,
-                              key_valid=key_valid, attn_mask=attn_mask, documents=documents)
+                              key_valid=key_valid, attn_mask=attn_mask, call_score_mod=call_mods[0],
+                              call_mask_mod=call_mods[1], documents=documents)
             poisoned, _ = poisoned_queries(bad_key, torch.arange(T, device=x.device)[None], causal=self.causal,
                                            window=self.window_size,
                                            document=None if documents is None else documents[0])
@@ -402,7 +420,7 @@ class MHA(AttentionCore):
                                  f"cannot be remembered for later steps)")
             poisoned, last = poisoned_queries(bad_key, index, causal=True, window=self.window_size,
                                               prior=cache.nonfinite_last)
-            out = self._cached(q, k, v, key_valid, index, cache, lengths)
+            out = self._cached(q, k, v, key_valid, index, cache, lengths, call_mods)
             cache.nonfinite_last.copy_(last[:, -1])
         context = out.transpose(1, 2).reshape(B, T, H * out.shape[-1])
         if x_mlp is not None:
@@ -425,8 +443,10 @@ class MHA(AttentionCore):
             state.copy_(final)
         return y.to(qkv.dtype)
 
-    def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths) -> torch.Tensor:
+    def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths,
+                call_mods: tuple[Callable | None, Callable | None] = (None, None)) -> torch.Tensor:
         B, T = q.shape[0], q.shape[2]
+        mods = {"call_score_mod": call_mods[0], "call_mask_mod": call_mods[1]}
         new_valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         used = None
         if not host_sync_unsafe():
@@ -438,7 +458,7 @@ class MHA(AttentionCore):
             # A prefill into an empty cache with no padding is the plain full pass: attend to this call's keys
             # directly (aligned positions, so SDPA's flash kernel / flex's cached block mask serve it).
             out = self.attend(q, k, v, causal=True, window=self.window_size, q_pos=None, kv_pos=None,
-                              key_valid=None, attn_mask=None)
+                              key_valid=None, attn_mask=None, **mods)
         if isinstance(cache, RollingKVCache):
             if out is None:
                 # the window's cached tokens plus this call's
@@ -447,7 +467,7 @@ class MHA(AttentionCore):
                 kv_pos = torch.cat((cache.slot_positions, index), dim=1)  # [B, W + T]
                 kv_valid = torch.cat((cache.key_valid & (cache.slot_positions >= 0), new_valid), dim=1)
                 out = self.attend(q, keys, vals, causal=True, window=self.window_size or cache.window, q_pos=index,
-                                  kv_pos=kv_pos, key_valid=kv_valid, attn_mask=None)
+                                  kv_pos=kv_pos, key_valid=kv_valid, attn_mask=None, **mods)
             cache.write(k, v, new_valid, consumed)
         else:
             cache.write(index, k, v, new_valid)
@@ -457,7 +477,7 @@ class MHA(AttentionCore):
             if out is None:
                 keys, vals, valid = cache.read(S, T)  # a paged cache gathers its pages here
                 out = self.attend(q, keys.to(q.dtype), vals.to(q.dtype), causal=True, window=self.window_size,
-                                  q_pos=index, kv_pos=None, key_valid=valid, attn_mask=None)
+                                  q_pos=index, kv_pos=None, key_valid=valid, attn_mask=None, **mods)
         cache.advance(consumed)
         return out
 

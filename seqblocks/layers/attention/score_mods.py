@@ -11,6 +11,11 @@ use only elementwise tensor operations and indexing.
 ``compose(*mods)`` chains score mods left to right (``compose(f, g)(s) == g(f(s))``) or intersects
 mask mods. Each factory returns a plain function carrying a ``kind`` attribute ("score" or "mask").
 
+Converters: ``mask_mod_to_score_mod(mask_mod)`` is the score mod that sets disallowed scores to -inf
+(so a mask can travel where only a score mod is taken, e.g. a kernel given through ``attention_fn=``),
+and ``mask_mod_to_boolean_mask(mask_mod, batch=, num_heads=, seq_q=, seq_kv=)`` materialises a mask
+mod as a bool [B, H, Tq, Tk] tensor at positions ``0 .. seq_q - 1`` / ``0 .. seq_kv - 1``.
+
 Shapes: B batch, H heads, T time.
 """
 
@@ -24,7 +29,8 @@ import torch
 from seqblocks.layers.position import alibi_slopes
 
 __all__ = ["causal_mask", "sliding_window_mask", "chunked_causal_mask", "prefix_lm_mask", "document_mask",
-           "alibi_score_mod", "soft_cap", "additive_bias", "compose", "and_masks", "or_masks", "mod_kind"]
+           "alibi_score_mod", "soft_cap", "additive_bias", "compose", "and_masks", "or_masks", "mod_kind",
+           "mask_mod_to_score_mod", "mask_mod_to_boolean_mask"]
 
 
 def _tag(fn: Callable, kind: str, name: str) -> Callable:
@@ -243,3 +249,54 @@ def compose(*mods: Callable) -> Callable:
         return score
 
     return _tag(mod, "score", "compose")
+
+
+def mask_mod_to_score_mod(mask_mod: Callable) -> Callable:
+    """The score mod equivalent to ``mask_mod``: scores it disallows become -inf, the others are unchanged.
+
+    A query whose every key is disallowed then outputs 0 in seqblocks' backends, as under the mask mod.
+
+    Raises:
+        TypeError: ``mask_mod`` is not a mask mod ``(b, h, q_idx, kv_idx) -> bool``.
+    """
+    if mod_kind(mask_mod) != "mask":
+        raise TypeError(f"mask_mod_to_score_mod: {mask_mod!r} is a score mod; expected a mask mod "
+                        f"(b, h, q_idx, kv_idx) -> bool")
+
+    def mod(score, b, h, q_idx, kv_idx):
+        keep = mask_mod(b, h, q_idx, kv_idx)
+        if not isinstance(keep, torch.Tensor):
+            keep = torch.tensor(bool(keep), device=score.device)
+        return torch.where(keep.to(torch.bool), score, torch.full_like(score, float("-inf")))
+
+    return _tag(mod, "score", f"score_mod_of_{getattr(mask_mod, '__name__', 'mask_mod')}")
+
+
+def mask_mod_to_boolean_mask(mask_mod: Callable, *, batch: int, num_heads: int, seq_q: int, seq_kv: int,
+                             device: torch.device | str | None = None) -> torch.Tensor:
+    """Materialise ``mask_mod`` as a bool [batch, num_heads, seq_q, seq_kv] tensor (True = attend).
+
+    The mod is called once with broadcastable index tensors b [B, 1, 1, 1], h [1, H, 1, 1],
+    q_idx [1, 1, Tq, 1] and kv_idx [1, 1, 1, Tk] (positions 0 .. seq_q - 1 and 0 .. seq_kv - 1).
+
+    Args:
+        mask_mod (Callable): ``(b, h, q_idx, kv_idx) -> bool``.
+        batch, num_heads, seq_q, seq_kv (int): the mask's shape.
+        device (torch.device | str | None): where to build it. Default: None (CPU).
+
+    Raises:
+        TypeError: ``mask_mod`` is a score mod. ValueError: a size that is not a positive int.
+    """
+    if mod_kind(mask_mod) != "mask":
+        raise TypeError(f"mask_mod_to_boolean_mask: {mask_mod!r} is a score mod; expected a mask mod "
+                        f"(b, h, q_idx, kv_idx) -> bool")
+    sizes = {"batch": batch, "num_heads": num_heads, "seq_q": seq_q, "seq_kv": seq_kv}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"mask_mod_to_boolean_mask: {name}={value!r} must be a positive int")
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.arange(num_heads, device=device)[None, :, None, None]
+    q_idx = torch.arange(seq_q, device=device)[None, None, :, None]
+    kv_idx = torch.arange(seq_kv, device=device)[None, None, None, :]
+    out = torch.as_tensor(mask_mod(b, h, q_idx, kv_idx), device=device).to(torch.bool)
+    return out.expand(batch, num_heads, seq_q, seq_kv).contiguous()
