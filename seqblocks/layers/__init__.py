@@ -3,8 +3,8 @@
 from seqblocks.layers.attention import MHA, MLA, CrossAttention, SlidingWindowAttention
 from seqblocks.layers.ffn import FFNBase, GatedMLP
 from seqblocks.layers.mixer import AttentionBase, IdentityMixer, Mixer
-from seqblocks.layers.moe import LatentMoEFeedForward, MoEFeedForward, SharedMoEFeedForward
 from seqblocks.layers.mixers import LRU, RGLRU, S4, S4D, S5, S7, Centaurus, Mamba
+from seqblocks.layers.moe import LatentMoEFeedForward, MoEFeedForward, SharedMoEFeedForward
 from seqblocks.layers.norm import LayerNorm, RMSNorm
 from seqblocks.layers.position import (
     ALiBi,

@@ -263,7 +263,6 @@ class MoEFeedForward(FFNBase):
         where the router chose it. The same function as ``forward`` without capacity drops."""
         self._check(x)
         h = x.reshape(-1, self.d_model)
-        N = h.shape[0]
         index, weights, _, _ = self.route(h)
         dtype = self._compute_dtype(x)
         xin = self._expert_input(h.to(dtype))
