@@ -112,6 +112,15 @@ def _mtp_loss_sum(out: Any, targets: torch.Tensor, module: nn.Module) -> torch.T
     return mtp_loss(mtp_logits, targets, module.config.mtp_lambda, IGNORE_INDEX) * scored
 
 
+def _aux_loss_sum(out: Any, targets: torch.Tensor) -> torch.Tensor | float:
+    """The MoE layers' weighted balance / z-losses (``CausalLMOutput.aux_loss``) scaled by this
+    micro-batch's scored tokens like ``_mtp_loss_sum``; 0 without MoE layers."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        return 0.0
+    return aux * (targets != IGNORE_INDEX).sum()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.device | str = "cpu",
              precision: str = "fp32", seed: int = 0) -> dict[str, float]:
@@ -439,7 +448,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                     with autocast_context(info.device, config.precision):
                         out = runner(part.input_ids)
                     loss = _loss_sum(out.logits, part.targets)
-                    objective = loss + _mtp_loss_sum(out, part.targets, module)
+                    objective = loss + _mtp_loss_sum(out, part.targets, module) + _aux_loss_sum(out, part.targets)
                     (objective * (info.world_size / max(count, 1))).backward()
                 step_loss += loss.detach()
             max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -447,6 +456,9 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
+            update_biases = getattr(module, "update_router_biases", None)
+            if update_biases is not None:  # MoE: auxiliary-loss-free balancing after the step
+                update_biases()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if info.distributed:
