@@ -63,6 +63,7 @@ from seqblocks.models import (
     ModelConfig,
 )
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
+from seqblocks.params import ParameterCount, count_parameters
 from seqblocks.registry import (
     Registry,
     attention_registry,
@@ -141,5 +142,7 @@ __all__ = [
     "LayerConfig",
     "InitConfig",
     "MixerConfig",
+    "ParameterCount",
+    "count_parameters",
     "__version__",
 ]
