@@ -129,7 +129,8 @@ def model_summary(model: torch.nn.Module, model_config: dict[str, Any], seq_len:
     # plus fp32 logits; the mixers' internal expansions (Mamba's 2x width, attention scores) add more.
     activations = batch_size * seq_len * (16 * d * n_layer * 2 + 4 * model.vocab_size * 3)
     return {
-        "parameters": total, "active_parameters": active, "embedding_parameters": embedding, "non_embedding_parameters": total - embedding,
+        "parameters": total, "active_parameters": active, "embedding_parameters": embedding,
+        "non_embedding_parameters": total - embedding,
         "layers": layers,
         "memory": {
             "weights_fp32": 4 * total, "weights_bf16": 2 * total,
