@@ -167,6 +167,17 @@ class MoEFeedForward(FFNBase):
             if self.shared is not None:
                 self.shared.down.weight.div_(factor)
 
+    def _apply(self, fn, recurse=True):
+        # The balancing buffers stay fp32 (or wider) when the module moves to bf16 / fp16: a bias step
+        # of 1e-3 would vanish in bf16 next to a bias of order 1. They follow device moves.
+        kept = {name: self._buffers[name] for name in ("expert_bias", "expert_load")}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype and new.dtype.itemsize < 4:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
     # ---------------------------------------------------------------- routing
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
