@@ -127,7 +127,6 @@ def main() -> int:
             ROWS.append(result)
             print(f"{name:<9} {row:<15} {ms:8.3f} ms  {result['tokens_per_s']:>12,.0f} tok/s  "
                   f"{pct:5.1f}% of {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
-        del layer, dense, x, cot
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
