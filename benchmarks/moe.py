@@ -61,15 +61,15 @@ def loop_forward(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     """The naive baseline: route, then one Python iteration per expert."""
     h = x.reshape(-1, layer.d_model)
     index, weights, _, _ = layer.route(h)
-    y = torch.zeros(h.shape[0], layer.d_model, device=h.device, dtype=torch.float32)
+    y = torch.zeros(h.shape[0], layer.d_model, device=h.device, dtype=weights.dtype)
     for e in range(layer.n_experts):
         token, slot = (index == e).nonzero(as_tuple=True)
         if token.numel() == 0:
             continue
         out = layer._run_expert(e, h[token])
-        y.index_add_(0, token, out.float() * weights[token, slot, None])
+        y.index_add_(0, token, out.to(y.dtype) * weights[token, slot, None])
     if layer.shared is not None:
-        y = y + layer.shared(h).float()
+        y = y + layer.shared(h).to(y.dtype)
     return y.to(x.dtype).view(x.shape)
 
 
