@@ -150,7 +150,8 @@ class BlockConfig(ConfigBase):
         attention (str): mixer registry name ("mha", "gqa", "mla", "sliding_window", "chunked_gqa",
             "sparse_gqa", "mamba", "none", ...).
             Default: "mha".
-        ffn (str): FFN registry name ("standard", "relu", "gated", "geglu", "relu2", "gated_relu2", "none").
+        ffn (str): FFN registry name ("standard", "relu", "gated", "geglu", "relu2", "gated_relu2", "none",
+            and the mixture-of-experts FFNs "moe", "shared_moe", "latent_moe").
             Default: "standard".
         norm (str): norm registry name ("layer_norm", "rms_norm"). Default: "layer_norm".
         position (str): position registry name ("rope", "alibi", "sinusoidal", "learned", "none").
