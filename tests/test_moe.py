@@ -171,6 +171,13 @@ def test_half_precision_inputs(dtype):
     torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=5e-2)
 
 
+def test_block_config_moe_defaults_follow_the_seed_library():
+    c = BlockConfig()
+    assert (c.n_experts, c.top_k_experts, c.n_shared_experts) == (None, 2, None)
+    assert (c.moe_latent_size, c.moe_d_ff, c.shared_expert_d_ff) == (None, None, None)
+    assert (c.moe_routed_scaling_factor, c.moe_n_groups, c.moe_topk_groups) == (1.0, 1, 1)
+
+
 def test_registry_config_errors_and_counts():
     assert {"moe", "shared_moe", "latent_moe"} <= set(FFNS.keys())
     with pytest.raises(ValueError, match="top_k_experts"):
