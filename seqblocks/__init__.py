@@ -68,6 +68,7 @@ from seqblocks.models import (
 from seqblocks.models.forecaster import Forecaster, generate_continuous
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
 from seqblocks.models.unet import LRUUnet
+from seqblocks.params import ParameterCount, count_parameters
 from seqblocks.registry import (
     Registry,
     attention_registry,
@@ -153,6 +154,8 @@ __all__ = [
     "LayerConfig",
     "InitConfig",
     "MixerConfig",
+    "ParameterCount",
+    "count_parameters",
     "__version__",
     "Forecaster",
     "LRUUnet",
