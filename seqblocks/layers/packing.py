@@ -17,6 +17,7 @@ Shapes: B batch, T time, D width, N documents, L longest document.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,14 +118,15 @@ def packed_targets(input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None =
     return targets.view(B, T)
 
 
-def run_unpacked(mixer: Any, x: torch.Tensor, cache: Any, inputs: dict[str, Any]) -> torch.Tensor:
+def run_unpacked(mixer: Any, x: torch.Tensor, cache: Any, inputs: dict[str, Any],
+                 run_mixer: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Run ``mixer`` (which declares ``lengths``) on documents packed in x [1, total, D]: unpack into a
-    right-padded batch [N, L, D] with ``lengths`` [N], call it, pack the valid outputs back.
+    right-padded batch [N, L, D] with ``lengths`` [N], call it through ``run_mixer`` (the contract call,
+    ``seqblocks.layers.mixer.run_mixer``, which calls this), pack the valid outputs back.
 
     Other [1, total]-shaped inputs (``integration_timesteps``, ``position_ids``) are unpacked alongside;
     a cache holds one row per document, each advancing by its document's length.
     """
-    from seqblocks.layers.mixer import run_mixer  # the contract call; imported here (mixer.py imports us)
 
     owner = type(mixer).__name__
     inputs = dict(inputs)

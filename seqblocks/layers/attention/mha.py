@@ -74,6 +74,7 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
+from seqblocks.layers.mixer import run_mixer
 from seqblocks.layers.packing import document_index, packed_positions, run_unpacked
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops._packing import check_cu_seqlens
@@ -336,8 +337,8 @@ class MHA(AttentionCore):
         cu_seqlens)."""
         owner = type(self).__name__
         if cu_seqlens is not None and (cache is not None or mask is not None or lengths is not None):
-            return run_unpacked(self, x, cache, {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths,
-                                                 "position_ids": position_ids})
+            given = {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths, "position_ids": position_ids}
+            return run_unpacked(self, x, cache, {k: v for k, v in given.items() if v is not None}, run_mixer)
         check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
