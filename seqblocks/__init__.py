@@ -76,6 +76,7 @@ from seqblocks.models import (
 from seqblocks.models.forecaster import Forecaster, generate_continuous
 from seqblocks.models.transformer import TransformerDecoder, TransformerEncoder, TransformerEncoderDecoder
 from seqblocks.models.unet import LRUUnet
+from seqblocks.params import ParameterCount, count_parameters
 from seqblocks.registry import (
     Registry,
     attention_registry,
@@ -161,6 +162,8 @@ __all__ = [
     "LayerConfig",
     "InitConfig",
     "MixerConfig",
+    "ParameterCount",
+    "count_parameters",
     "__version__",
     "Forecaster",
     "LRUUnet",

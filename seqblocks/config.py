@@ -150,7 +150,8 @@ class BlockConfig(ConfigBase):
         attention (str): mixer registry name ("mha", "gqa", "mla", "sliding_window", "chunked_gqa",
             "sparse_gqa", "mamba", "none", ...).
             Default: "mha".
-        ffn (str): FFN registry name ("standard", "relu", "gated", "geglu", "relu2", "gated_relu2", "none").
+        ffn (str): FFN registry name ("standard", "relu", "gated", "geglu", "relu2", "gated_relu2", "none",
+            and the mixture-of-experts FFNs "moe", "shared_moe", "latent_moe").
             Default: "standard".
         norm (str): norm registry name ("layer_norm", "rms_norm"). Default: "layer_norm".
         position (str): position registry name ("rope", "alibi", "sinusoidal", "learned", "none").
@@ -205,6 +206,32 @@ class BlockConfig(ConfigBase):
             "sliding_window", "mla"; other mixers keep their own scales). In a ``LanguageModel`` it
             also switches on the model-level rules (init, output multiplier, learning-rate groups)
             against ``LanguageModelConfig.mup_base_width``. Default: False.
+        n_experts (int | None): routed experts of the MoE FFNs ("moe", "shared_moe", "latent_moe";
+            ``docs/moe.md``). Default: None (8).
+        top_k_experts (int): experts each token is routed to. Default: 2.
+        n_shared_experts (int | None): always-active shared experts. Default: None (0 for "moe", 1 for
+            "shared_moe" and "latent_moe").
+        moe_latent_size (int | None): "latent_moe": width of the latent space the experts run in.
+            Default: None (d_model // 4).
+        moe_d_ff (int | None): hidden width of one routed expert. Default: None (= d_ff).
+        shared_expert_d_ff (int | None): hidden width of one shared expert. Default: None (= d_ff).
+        moe_routed_scaling_factor (float): the routed experts' weighted sum is multiplied by this.
+            Default: 1.0.
+        moe_n_groups (int): expert groups of group-limited routing (a token picks its experts from its
+            ``moe_topk_groups`` best groups); must divide n_experts. Default: 1.
+        moe_topk_groups (int): groups each token may pick experts from. Default: 1.
+        moe_router (str | None): router scores, "softmax" or "sigmoid". Default: None ("softmax" for
+            "moe" / "shared_moe", "sigmoid" for "latent_moe").
+        moe_norm_topk (bool): renormalise the top-k weights of a token to sum to 1. Default: True.
+        moe_capacity_factor (float | None): in training, each expert takes at most
+            ceil(factor * tokens * top_k / n_experts) token assignments and drops the rest (counted);
+            None is dropless. Evaluation and decoding are always dropless. Default: None.
+        moe_aux_loss_coef (float): weight of the Switch load-balance loss E * sum_i f_i P_i.
+            Default: 0.01.
+        moe_z_loss_coef (float): weight of the router z-loss mean(logsumexp(logits)^2). Default: 0.001.
+        moe_bias_update_rate (float): auxiliary-loss-free balancing: after each optimizer step every
+            expert's selection bias moves by this rate towards balance (``update_router_biases``);
+            0 leaves the biases at zero. Default: 0.0.
     """
 
     attention: str = "mha"
@@ -243,6 +270,21 @@ class BlockConfig(ConfigBase):
     attn_logit_softcapping: float | None = None
     mixer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     mup: bool = False
+    n_experts: int | None = None
+    top_k_experts: int = 2
+    n_shared_experts: int | None = None
+    moe_latent_size: int | None = None
+    moe_d_ff: int | None = None
+    shared_expert_d_ff: int | None = None
+    moe_routed_scaling_factor: float = 1.0
+    moe_n_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_router: str | None = None
+    moe_norm_topk: bool = True
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -274,6 +316,7 @@ class BlockConfig(ConfigBase):
         if self.attn_logit_softcapping is not None:
             _require(self.attn_logit_softcapping > 0, "attn_logit_softcapping", self.attn_logit_softcapping,
                      "a positive float or None")
+        self._check_moe()
         for name in ("mixer_kwargs", "rope_scaling_kwargs"):
             value = getattr(self, name)
             _require(all(isinstance(k, str) for k in value), name, value, "a dict with string keys")
@@ -281,6 +324,32 @@ class BlockConfig(ConfigBase):
                 json.dumps(value)
             except TypeError as err:
                 raise ValueError(f"BlockConfig.{name} must hold JSON values: {err}") from None
+
+    def _check_moe(self) -> None:
+        for name in ("n_experts", "moe_latent_size", "moe_d_ff", "shared_expert_d_ff"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, value, "a positive integer or None")
+        _require(self.n_shared_experts is None or self.n_shared_experts >= 0, "n_shared_experts",
+                 self.n_shared_experts, "a non-negative integer or None")
+        n_experts = self.n_experts if self.n_experts is not None else 8
+        _require(1 <= self.top_k_experts <= n_experts, "top_k_experts", self.top_k_experts,
+                 f"an integer in [1, n_experts={n_experts}]")
+        _require(self.moe_n_groups >= 1 and n_experts % self.moe_n_groups == 0, "moe_n_groups", self.moe_n_groups,
+                 f"a positive divisor of n_experts={n_experts}")
+        _require(1 <= self.moe_topk_groups <= self.moe_n_groups, "moe_topk_groups", self.moe_topk_groups,
+                 f"an integer in [1, moe_n_groups={self.moe_n_groups}]")
+        per_group = n_experts // self.moe_n_groups
+        _require(self.top_k_experts <= self.moe_topk_groups * per_group, "top_k_experts", self.top_k_experts,
+                 f"at most moe_topk_groups * experts per group = {self.moe_topk_groups * per_group}")
+        _require(self.moe_router in (None, "softmax", "sigmoid"), "moe_router", self.moe_router,
+                 "'softmax', 'sigmoid' or None")
+        _require(self.moe_routed_scaling_factor > 0, "moe_routed_scaling_factor", self.moe_routed_scaling_factor,
+                 "a positive float")
+        if self.moe_capacity_factor is not None:
+            _require(self.moe_capacity_factor > 0, "moe_capacity_factor", self.moe_capacity_factor,
+                     "a positive float or None (dropless)")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "a non-negative float")
 
     @property
     def effective_head_dim(self) -> int:

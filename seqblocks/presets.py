@@ -17,9 +17,12 @@ training replaces it with the task's vocabulary size.
 - ``tiny-gated-deltanet-hybrid``, ``gated-deltanet-hybrid-130m``, ``qwen3.5-like`` (and ``tiny-qwen3.5-like``):
   Gated DeltaNet + attention hybrids, three GDN layers per attention layer.
 - ``gemma3-like`` / ``tiny-gemma3-like``: 5 sliding-window : 1 global attention, QK-norm, soft-capping.
-- ``llama4-like`` / ``tiny-llama4-like``: 3 chunked attention : 1 global NoPE attention (iRoPE), dense MLP.
+- ``llama4-like`` / ``tiny-llama4-like``: 3 chunked attention : 1 global NoPE attention (iRoPE), shared-expert
+  MoE (top-1 of 16).
 - ``nemotron-h-like``, ``falcon-h1-like`` (Mamba-2 + attention hybrids) and ``deepseek-like`` (MLA +
-  multi-token prediction), each with a ``tiny-`` CPU twin.
+  shared-expert MoE + multi-token prediction), each with a ``tiny-`` CPU twin.
+- ``mixtral-like`` (sliding-window GQA + 8x top-2 MoE) and ``jamba-like`` (1 attention : 7 Mamba, MoE on
+  every other layer), each with a ``tiny-`` CPU twin.
 - ``hybrid-130m``, ``mamba-130m``, ``mamba2-130m``, ``mamba3-130m``, ``hybrid-mamba2-130m``, ``llama-125m``: GPU-sized
   models (GPT-NeoX-sized vocabulary).
 - ``vit-tiny`` / ``vim-tiny``: image classifiers for the ``shapes`` task, a Vision Transformer and its
@@ -186,7 +189,13 @@ def _gemma3_kwargs(heads: int, kv_heads: int, head_dim: int, window: int) -> dic
 
 # Llama-4-like: 3 chunked local attention layers (RoPE) : 1 global GQA layer with no positions (NoPE), the
 # iRoPE layout; the global layers simply have no rotary_emb_dim.
-# MoE: ffn="moe" once it lands (issue 17 item 1); until then a dense gated MLP stands in.
+# The FFN is Llama 4's mixture of experts: one shared expert plus top-1 of 16 routed SwiGLU experts
+# with a sigmoid router (``_llama4_moe``), in every layer.
+def _llama4_moe(d_ff: int) -> dict[str, Any]:
+    return {"ffn": "shared_moe", "n_experts": 16, "top_k_experts": 1, "n_shared_experts": 1, "moe_router": "sigmoid",
+            "moe_d_ff": d_ff, "shared_expert_d_ff": d_ff}
+
+
 def _llama4_pattern(n_layer: int) -> list[str]:
     return [("gqa" if i % 4 == 3 else "chunked_gqa") for i in range(n_layer)]
 
@@ -216,18 +225,26 @@ PRESETS.update({
     },
     "tiny-llama4-like": _tiny(
         "llama4-like at CPU size: 4 layers (3 chunked attention (chunk 32, RoPE) : 1 global GQA without positions, "
-        "iRoPE), d_model 128, dense gated MLPs in place of the MoE",
-        _llama4_pattern(4), d_intermediate=256, mixer_kwargs=_llama4_kwargs(4, 2, 32, 32)),
+        "iRoPE), d_model 128, shared-expert MoE (16 experts, top-1, sigmoid router, expert width 128)",
+        _llama4_pattern(4), moe=_llama4_moe(128), mixer_kwargs=_llama4_kwargs(4, 2, 32, 32)),
     "llama4-like": {
-        "description": "Llama-4-shaped at ~1.5B: 16 layers, d_model 2048, 3 chunked attention (chunk 8192, RoPE) : "
-                       "1 global GQA without positions (iRoPE), 16 query / 4 KV heads of width 128, dense gated "
-                       "MLP 8192 in place of the MoE (GPU)",
+        "description": "Llama-4-shaped: 16 layers, d_model 2048, 3 chunked attention (chunk 8192, RoPE) : "
+                       "1 global GQA without positions (iRoPE), 16 query / 4 KV heads of width 128, shared-expert "
+                       "MoE (16 experts of width 2048, top-1, sigmoid router), ~4.0B total, ~1.0B active (GPU)",
         "model": {"d_model": 2048, "d_state": 16, "n_layer": 16, "vocab_size": 202048,
-                  "mixer_types": _llama4_pattern(16), "d_intermediate": 8192, "residual_in_fp32": True,
+                  "mixer_types": _llama4_pattern(16), "d_intermediate": 0, "moe": _llama4_moe(2048),
+                  "residual_in_fp32": True,
                   "mixer_kwargs": _llama4_kwargs(16, 4, 128, 8192)},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
 })
+
+
+def _deepseek_moe(experts: int, top_k: int, groups: int, topk_groups: int, d_ff: int, shared_d_ff: int) -> dict:
+    return {"ffn": "shared_moe", "n_experts": experts, "top_k_experts": top_k, "n_shared_experts": 1,
+            "moe_router": "sigmoid", "moe_n_groups": groups, "moe_topk_groups": topk_groups, "moe_d_ff": d_ff,
+            "shared_expert_d_ff": shared_d_ff, "moe_routed_scaling_factor": 2.5, "moe_bias_update_rate": 0.001,
+            "moe_aux_loss_coef": 0.0001}
 
 
 # Mamba-2 + attention hybrids and DeepSeek-like MLA + MTP (issue 17). Nemotron-H alternates a mixer
@@ -269,19 +286,69 @@ PRESETS.update({
                   "tie_embeddings": False, "mixer_kwargs": {"attn": dict(_GPU_GQA)}},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
-    # The FFN is a dense SwiGLU for now: it becomes ffn="shared_moe" once the MoE FFNs land.
+    # DeepSeek-V3's FFN: a dense SwiGLU in the first layer, then shared-expert MoE (sigmoid router,
+    # group-limited routing, auxiliary-loss-free bias balancing, a small balance loss).
     "tiny-deepseek-like": _tiny(
-        "deepseek-like at CPU size: 4 MLA layers (4 heads, KV rank 32, rope 16), SwiGLU MLP 256, one MTP depth, "
-        "d_model 128", ["mla"] * 4, d_intermediate=256, mtp_n_predict=1, mtp_lambda=0.3,
+        "deepseek-like at CPU size: 4 MLA layers (4 heads, KV rank 32, rope 16), SwiGLU MLP 256 in layer 0 then "
+        "shared-expert MoE (1 shared + top-2 of 8 routed, 4 groups), one MTP depth, d_model 128",
+        ["mla"] * 4, d_intermediate=256, mtp_n_predict=1, mtp_lambda=0.3,
+        moe=_deepseek_moe(8, 2, 4, 2, 64, 128), moe_layers=[1, 2, 3],
         mixer_kwargs={"mla": {"num_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16}}),
     "deepseek-like": {
         "description": "DeepSeek-V3-shaped: 24 MLA layers (12 heads, KV rank 256, Q rank 512, rope 32), d_model 768, "
-                       "dense SwiGLU 2048 in place of the shared-expert MoE, one MTP depth (GPU)",
+                       "SwiGLU 2048 in layer 0 then shared-expert MoE (1 shared + top-6 of 64 routed of width 256, "
+                       "8 groups, 4 per token), one MTP depth (GPU)",
         "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
                   "mixer_types": ["mla"] * 24, "d_intermediate": 2048, "tie_embeddings": False,
+                  "moe": _deepseek_moe(64, 6, 8, 4, 256, 512), "moe_layers": list(range(1, 24)),
                   "mtp_n_predict": 1, "mtp_lambda": 0.3,
                   "mixer_kwargs": {"mla": {"num_heads": 12, "kv_lora_rank": 256, "q_lora_rank": 512,
                                            "qk_rope_head_dim": 32}}},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+})
+
+# Mixtral-like: GQA with a sliding window in every layer and 8 SwiGLU experts, top-2, softmax router.
+# Jamba-like: Mamba with one attention layer in every 8 (at offset 4), the MoE FFN (16 experts, top-2)
+# on every other layer and a dense SwiGLU on the rest.
+def _mixtral_kwargs(heads: int, kv_heads: int, head_dim: int, window: int) -> dict[str, Any]:
+    return {"sliding_window": {"num_heads": heads, "num_heads_kv": kv_heads, "head_dim": head_dim,
+                               "rotary_emb_dim": head_dim, "window_size": window, "rotary_emb_base": 1_000_000.0,
+                               "qkv_proj_bias": False, "out_proj_bias": False}}
+
+
+def _jamba_pattern(n_layer: int) -> list[str]:
+    return [("attn" if i % 8 == 4 else "mamba") for i in range(n_layer)]
+
+
+PRESETS.update({
+    "tiny-mixtral-like": _tiny(
+        "mixtral-like at CPU size: 4 sliding-window GQA layers (window 32, 4 / 2 heads), MoE of 8 SwiGLU experts "
+        "(width 128), top-2, d_model 128", ["sliding_window"] * 4,
+        moe={"ffn": "moe", "n_experts": 8, "top_k_experts": 2, "moe_d_ff": 128},
+        mixer_kwargs=_mixtral_kwargs(4, 2, 32, 32)),
+    "mixtral-like": {
+        "description": "Mixtral-shaped: 16 sliding-window GQA layers (window 4096, 16 / 4 heads of width 64), "
+                       "d_model 1024, MoE of 8 SwiGLU experts of width 3584, top-2 (~1.5B total, ~0.46B active; GPU)",
+        "model": {"d_model": 1024, "d_state": 16, "n_layer": 16, "vocab_size": 32000,
+                  "mixer_types": ["sliding_window"] * 16, "d_intermediate": 0, "residual_in_fp32": True,
+                  "tie_embeddings": False, "mixer_kwargs": _mixtral_kwargs(16, 4, 64, 4096),
+                  "moe": {"ffn": "moe", "n_experts": 8, "top_k_experts": 2, "moe_d_ff": 3584}},
+        "train": copy.deepcopy(_GPU_TRAIN),
+    },
+    "tiny-jamba-like": _tiny(
+        "jamba-like at CPU size: 8 layers, 7 Mamba : 1 attention, MoE (8 experts of width 128, top-2) on every other "
+        "layer and a SwiGLU MLP 256 on the rest, d_model 64", _jamba_pattern(8), d_model=64, d_intermediate=256,
+        moe={"ffn": "moe", "n_experts": 8, "top_k_experts": 2, "moe_d_ff": 128}, moe_layers=[1, 3, 5, 7],
+        mixer_kwargs={"attn": {"num_heads": 4, "rotary_emb_dim": 16}}),
+    "jamba-like": {
+        "description": "Jamba-shaped: 16 layers, d_model 1024, 7 Mamba : 1 attention (16 heads), MoE (16 experts of "
+                       "width 2048, top-2) on every other layer, SwiGLU MLP 2048 on the rest (GPU)",
+        "model": {"d_model": 1024, "d_state": 16, "n_layer": 16, "vocab_size": _GPU_VOCAB,
+                  "mixer_types": _jamba_pattern(16), "d_intermediate": 2048, "residual_in_fp32": True,
+                  "tie_embeddings": False, "mixer_kwargs": {"attn": {"num_heads": 16, "rotary_emb_dim": 64}},
+                  "moe": {"ffn": "moe", "n_experts": 16, "top_k_experts": 2, "moe_d_ff": 2048},
+                  "moe_layers": list(range(1, 16, 2))},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
 })

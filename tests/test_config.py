@@ -14,6 +14,9 @@ NON_DEFAULTS = dict(
     d_state=64, mixer_kwargs={"dt_min": 0.001, "nested": {"a": [1, 2]}},
     qk_norm=True, attention_chunk_size=64, sparse_select_k=32, sparse_compress_ratio=4, attn_logit_softcapping=50.0,
     mup=True,
+    n_experts=12, top_k_experts=3, n_shared_experts=2, moe_latent_size=24, moe_d_ff=64, shared_expert_d_ff=32,
+    moe_routed_scaling_factor=2.5, moe_n_groups=4, moe_topk_groups=2, moe_router="sigmoid", moe_norm_topk=False,
+    moe_capacity_factor=1.25, moe_aux_loss_coef=0.001, moe_z_loss_coef=0.0, moe_bias_update_rate=0.001,
 )
 
 

@@ -40,7 +40,7 @@ from seqblocks.layers.mixer import run_mixer
 from seqblocks.layers.position import ALiBi
 from seqblocks.registry import NORMS
 
-__all__ = ["EncoderBlock", "DecoderBlock", "DecoderCache", "FF_ACTIVATIONS"]
+__all__ = ["EncoderBlock", "DecoderBlock", "DecoderCache", "FF_ACTIVATIONS", "FeedForward", "block_norm"]
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ _GATED = {"swiglu": F.silu, "geglu": F.gelu}
 FF_ACTIVATIONS = tuple(_ACTIVATIONS) + tuple(_GATED)
 
 
-class _FeedForward(nn.Module):
+class FeedForward(nn.Module):
     """ff2(act(ff1(x))), or ff2(act(gate) * up) with [gate, up] = ff1(x) for the gated activations."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool, device=None, dtype=None) -> None:
@@ -77,7 +77,8 @@ class _FeedForward(nn.Module):
         return self.ff2(self.act(h))
 
 
-def _norm(norm_type: str, d_model: int, eps: float, device, dtype) -> nn.Module:
+def block_norm(norm_type: str, d_model: int, eps: float, device, dtype) -> nn.Module:
+    """The norm registry's ``norm_type`` over ``d_model`` features (the blocks' norms)."""
     return NORMS.get(norm_type)(d_model, eps=eps, device=device, dtype=dtype)
 
 
@@ -192,10 +193,10 @@ class EncoderBlock(_BlockBase):
             score_mod=score_mod, mask_mod=mask_mod, use_rope=use_rope, rope_base=rope_base,
             rope_max_positions=rope_max_positions, causal=causal, alibi=alibi, bias=bias, norm_eps=norm_eps,
             layer_idx=layer_idx, device=device, dtype=dtype, attention_fn=attention_fn)
-        self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ln1 = block_norm(norm_type, d_model, norm_eps, device, dtype)
         self.attn = MHA(d_model, **attn_kwargs)
-        self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
-        self.ffn = _FeedForward(d_model, d_ff, ff_activation, bias, device=device, dtype=dtype)
+        self.ln2 = block_norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ffn = FeedForward(d_model, d_ff, ff_activation, bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout_rate)
 
     @property
@@ -285,16 +286,16 @@ class DecoderBlock(_BlockBase):
             score_mod=score_mod, mask_mod=mask_mod, use_rope=use_rope, rope_base=rope_base,
             rope_max_positions=rope_max_positions, causal=True, alibi=alibi, bias=bias, norm_eps=norm_eps,
             layer_idx=layer_idx, device=device, dtype=dtype, attention_fn=attention_fn)
-        self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ln1 = block_norm(norm_type, d_model, norm_eps, device, dtype)
         self.self_attn = MHA(d_model, **attn_kwargs)
-        self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ln2 = block_norm(norm_type, d_model, norm_eps, device, dtype)
         cross_type = "auto" if attention_type in ("linear", "lite") else attention_type
         self.cross_attn = CrossAttention(d_model, num_heads, num_kv_heads, kdim=memory_dim, qkv_proj_bias=bias,
                                          out_proj_bias=bias, layer_idx=layer_idx, attention_type=cross_type,
                                          attention_block_size=attention_block_size, dropout=dropout_rate,
                                          attention_fn=attention_fn, device=device, dtype=dtype)
-        self.ln3 = _norm(norm_type, d_model, norm_eps, device, dtype)
-        self.ffn = _FeedForward(d_model, d_ff, ff_activation, bias, device=device, dtype=dtype)
+        self.ln3 = block_norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ffn = FeedForward(d_model, d_ff, ff_activation, bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout_rate)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, *,

@@ -106,8 +106,9 @@ def _human(n: float) -> str:
 
 def model_summary(model: torch.nn.Module, model_config: dict[str, Any], seq_len: int, batch_size: int) -> dict:
     """Parameter counts, per-layer pattern and memory estimates of a model (any device, meta included)."""
-    unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
+    from seqblocks.params import count_parameters
+
+    total, active = count_parameters(model)
     embedding = model.embedding.weight.numel() if hasattr(model, "embedding") else 0
     layers = []
     for i, layer in enumerate(getattr(model, "layers", [])):
@@ -130,7 +131,8 @@ def model_summary(model: torch.nn.Module, model_config: dict[str, Any], seq_len:
     # plus fp32 logits; the mixers' internal expansions (Mamba's 2x width, attention scores) add more.
     activations = batch_size * seq_len * (16 * d * n_layer * 2 + 4 * model.vocab_size * 3)
     return {
-        "parameters": total, "embedding_parameters": embedding, "non_embedding_parameters": total - embedding,
+        "parameters": total, "active_parameters": active, "embedding_parameters": embedding,
+        "non_embedding_parameters": total - embedding,
         "layers": layers,
         "memory": {
             "weights_fp32": 4 * total, "weights_bf16": 2 * total,
@@ -166,6 +168,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     _out(f"{config['source']}: {config['description']}".rstrip(": "))
     _out(f"parameters: {summary['parameters']:,} ({summary['parameters'] / 1e6:.2f}M; "
          f"{summary['non_embedding_parameters']:,} without the embedding)")
+    _out(f"active parameters per token: {summary['active_parameters']:,} "
+         f"({summary['active_parameters'] / 1e6:.2f}M; fewer than all only with mixture-of-experts layers)")
     _out(f"d_model {model_config['d_model']}, d_state {model_config.get('d_state', 'per mixer')}, "
          f"vocab {model_config['vocab_size']}, "
          f"d_intermediate {model_config.get('d_intermediate', 0)}")

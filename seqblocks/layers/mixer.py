@@ -367,7 +367,7 @@ def run_mixer(mixer: Mixer, x: torch.Tensor, cache: Any = None, inputs: dict[str
     as a right-padded batch (``seqblocks.layers.packing.run_unpacked``)."""
     given = {k: v for k, v in (inputs or {}).items() if v is not None}
     if "cu_seqlens" in given and "cu_seqlens" not in mixer.inputs and "lengths" in mixer.inputs:
-        return run_unpacked(mixer, x, cache, given)
+        return run_unpacked(mixer, x, cache, given, run_mixer)
     rejected = sorted(set(given) - accepted_inputs(mixer))
     if rejected:
         raise TypeError(f"{type(mixer).__name__} does not take the inputs {rejected}; it takes "

@@ -17,6 +17,7 @@ Shapes: B batch, T time, D width, N documents, L longest document.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,15 +119,15 @@ def packed_targets(input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None =
 
 
 def run_unpacked(mixer: Any, x: torch.Tensor, cache: Any, inputs: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> torch.Tensor:
+                 run_mixer: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Run ``mixer`` (which declares ``lengths``) on documents packed in x [1, total, D]: unpack into a
-    right-padded batch [N, L, D] with ``lengths`` [N], call it, pack the valid outputs back.
+    right-padded batch [N, L, D] with ``lengths`` [N], call it through ``run_mixer`` (the contract call,
+    ``seqblocks.layers.mixer.run_mixer``, which calls this), pack the valid outputs back.
 
     Other [1, total]-shaped inputs (``integration_timesteps``, ``position_ids``) are unpacked alongside;
-    a cache holds one row per document, each advancing by its document's length. ``extra`` (a mixer
-    unpacking itself, e.g. MHA's per-call ``score_mod``) goes to the mixer's own call as it is.
+    a cache holds one row per document, each advancing by its document's length. A mixer unpacking
+    itself may pass a ``run_mixer`` of its own (MHA's carries its per-call ``score_mod``).
     """
-    from seqblocks.layers.mixer import run_mixer  # the contract call; imported here (mixer.py imports us)
 
     owner = type(mixer).__name__
     inputs = dict(inputs)
@@ -144,9 +145,5 @@ def run_unpacked(mixer: Any, x: torch.Tensor, cache: Any, inputs: dict[str, Any]
             inputs[name] = unpack(value, cu)[0]
         elif isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == x.shape[1]:
             inputs[name] = unpack(value[None], cu)[0]
-    if extra:
-        given = {k: v for k, v in {**inputs, "lengths": lengths}.items() if v is not None}
-        y = mixer(padded, cache, **given, **extra)
-    else:
-        y = run_mixer(mixer, padded, cache, {**inputs, "lengths": lengths})
+    y = run_mixer(mixer, padded, cache, {**inputs, "lengths": lengths})
     return pack(y, cu)

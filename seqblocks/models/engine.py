@@ -28,6 +28,7 @@ from seqblocks.cache import Cache, InferenceCaches, cache_offset, host_sync_unsa
 from seqblocks.checkpoint import CheckpointMixin
 from seqblocks.layers.checks import check_allocation, check_lengths, check_position_ids, check_timesteps
 from seqblocks.layers.mixer import Mixer, accepted_inputs
+from seqblocks.layers.moe import MoEFeedForward, moe_modules
 from seqblocks.layers.packing import packed_positions, packing_offsets
 from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
@@ -46,6 +47,9 @@ class CausalLMOutput(NamedTuple):
     #: with ``return_hidden=True``: the residual stream entering each layer (the embedding output
     #: first), then the final-norm output the head reads (last); n_layers + 1 tensors [B, T, D].
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    #: in training, the sum of the MoE FFNs' weighted balance / z-losses of this call (``docs/moe.md``);
+    #: the trainer adds it to the objective. None without MoE layers or in eval mode.
+    aux_loss: torch.Tensor | None = None
 
 
 def mixer_inputs(mixer: nn.Module) -> frozenset[str]:
@@ -272,6 +276,9 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
 
     def _run(self, input_ids, caches, position_ids, num_last_tokens, integration_timesteps, lengths, extra,
              return_hidden=False, cu_seqlens=None):
+        moes = self._moe_modules()
+        for moe in moes:
+            moe.aux_loss = None
         hidden_states: list[torch.Tensor] | None = [] if return_hidden else None
         hidden = self._final_hidden(input_ids, caches, position_ids, integration_timesteps, lengths, extra,
                                     hidden_states, cu_seqlens=cu_seqlens)
@@ -282,8 +289,35 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             hidden = hidden[:, -num_last_tokens:]
             if hidden_states is not None:
                 hidden_states = [h[:, -num_last_tokens:] for h in hidden_states]
+        aux = [m.aux_loss for m in moes if m.aux_loss is not None]
         return CausalLMOutput(logits=self.head_logits(hidden), mtp_logits=mtp_logits,
-                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+                              hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+                              aux_loss=torch.stack(aux).sum() if aux else None)
+
+    # ---------------------------------------------------------------- mixture of experts
+
+    def _moe_modules(self) -> tuple[nn.Module, ...]:
+        """The model's MoE FFNs (MTP modules included), found once and remembered."""
+        found = self.__dict__.get("_moe_cache")
+        if found is None:
+            found = tuple(moe_modules(self))
+            self.__dict__["_moe_cache"] = found
+        return found
+
+    def router_stats(self) -> dict[str, dict[str, Any]]:
+        """Per MoE layer (by module name), its last call's ``load`` (assignments per expert, a list)
+        and ``dropped`` (assignments over capacity, an int); empty without MoE layers."""
+        stats = {}
+        for name, module in self.named_modules():
+            if isinstance(module, MoEFeedForward) and module.last_load is not None:
+                stats[name] = {"load": module.last_load.tolist(), "dropped": int(module.last_dropped)}
+        return stats
+
+    def update_router_biases(self) -> None:
+        """The auxiliary-loss-free balancing step of every MoE layer (``MoEFeedForward.update_router_bias``);
+        the trainer calls it after each optimizer step. A no-op without MoE layers."""
+        for moe in self._moe_modules():
+            moe.update_router_bias()
 
     def _final_hidden(self, input_ids, caches, position_ids, integration_timesteps, lengths, extra,
                       hidden_states: list[torch.Tensor] | None = None, cu_seqlens=None) -> torch.Tensor:

@@ -79,6 +79,10 @@ def rescale_residual_projections(residual_modules: list[list[nn.Module | None]],
         for modules in residual_modules:
             n_res = config.n_residuals_per_layer or max(1, sum(m is not None for m in modules))
             for module in modules:
+                rescale = getattr(module, "rescale_output_", None)
+                if callable(rescale):  # e.g. an MoE FFN, whose expert weights are [E, ...] tensors
+                    rescale(math.sqrt(n_res * n_layer))
+                    continue
                 proj = residual_output_projection(module, d_model)
                 if proj is not None:
                     proj.weight.div_(math.sqrt(n_res * n_layer))

@@ -23,7 +23,7 @@ from seqblocks.layers.norm import LayerNorm, RMSNorm, norm_params
 from seqblocks.models.engine import CausalLM
 from seqblocks.models.model_config import ModelConfig
 from seqblocks.ops.add_norm import add_norm
-from seqblocks.registry import MLPS, MODELS
+from seqblocks.registry import FFNS, MLPS, MODELS
 
 __all__ = ["LRNNLMHeadModel", "LRNNModel"]
 
@@ -64,6 +64,11 @@ class LRNNLMHeadModel(CausalLM):
         mtp_n_predict (int): keyword only; multi-token prediction depths (``seqblocks.models.mtp``),
             each a ``Block`` like the last layer's. Default: 0 (off).
         mtp_lambda (float): keyword only; weight of the MTP loss in training. Default: 0.1.
+        moe (dict | BlockConfig | None): keyword only; the mixture-of-experts FFN of the MoE layers
+            (``ModelConfig.moe``; e.g. ``{"ffn": "moe", "n_experts": 8, "top_k_experts": 2}``). Its
+            balance losses reach ``CausalLMOutput.aux_loss``. Default: None.
+        moe_layers (list[int] | None): keyword only; the layers with the MoE FFN (the others keep the
+            dense MLP of d_intermediate, or none). Default: None (every layer).
 
     The arguments are read into a ``ModelConfig`` (``model.config``); ``LRNNLMHeadModel.from_config``
     builds from one directly.
@@ -96,6 +101,8 @@ class LRNNLMHeadModel(CausalLM):
         final_logit_softcapping: float | None = None,
         mtp_n_predict: int = 0,
         mtp_lambda: float = 0.1,
+        moe: dict | Any | None = None,
+        moe_layers: list | None = None,
         config: ModelConfig | None = None,
     ) -> None:
         # ``config`` (keyword only) builds from a ModelConfig and ignores the other arguments; it is
@@ -108,7 +115,9 @@ class LRNNLMHeadModel(CausalLM):
                 norm_epsilon=norm_epsilon, rms_norm=rms_norm, fused_add_norm=fused_add_norm,
                 residual_in_fp32=residual_in_fp32, tie_embeddings=tie_embeddings,
                 pad_vocab_size_multiple=pad_vocab_size_multiple, final_logit_softcapping=final_logit_softcapping,
-                mtp_n_predict=mtp_n_predict, mtp_lambda=mtp_lambda)
+                mtp_n_predict=mtp_n_predict, mtp_lambda=mtp_lambda,
+                **({"moe": moe} if moe is not None else {}),
+                **({"moe_layers": tuple(moe_layers)} if moe_layers is not None else {}))
         elif not isinstance(config, ModelConfig):
             raise TypeError(f"LRNNLMHeadModel: config must be a ModelConfig, got {type(config).__name__}")
         self._build(config, device=device, dtype=dtype)
@@ -137,9 +146,13 @@ class LRNNLMHeadModel(CausalLM):
             mlp_cls = functools.partial(MLPS.get(config.mlp), hidden_features=config.d_intermediate,
                                         out_features=D, **factory)
 
+        def moe_cls(_dim: int) -> nn.Module:
+            return FFNS.get(config.moe.ffn)(config.moe, **factory)
+
         def block(layer_idx: int, layer) -> Block:
             mixer = build_mixer(layer.mixer, layer.mixer_config, layer_idx=layer_idx, **factory)
-            return Block(D, mixer_cls=lambda _dim: mixer, mlp_cls=mlp_cls or nn.Identity, norm_cls=norm_cls,
+            mlp = moe_cls if config.layer_has_moe(layer_idx) else (mlp_cls or nn.Identity)
+            return Block(D, mixer_cls=lambda _dim: mixer, mlp_cls=mlp, norm_cls=norm_cls,
                          fused_add_norm=config.fused_add_norm, residual_in_fp32=config.residual_in_fp32)
 
         self.layers = nn.ModuleList(block(i, layer) for i, layer in enumerate(config.layers))

@@ -22,7 +22,7 @@ from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.build import is_block_config_mixer, mixer_class, mixer_config, resolve_mixer_kwargs
 from seqblocks.models.init import InitConfig
 from seqblocks.models.mtp import check_mtp_fields
-from seqblocks.registry import MIXERS, MLPS
+from seqblocks.registry import FFNS, MIXERS, MLPS
 
 __all__ = ["LayerConfig", "ModelConfig", "ARGUMENT_FIELDS", "SIZE_LIMITS"]
 
@@ -38,7 +38,7 @@ _SIZE_FIELD = re.compile(r"^(d_|n_|num_)|(_dim|_size|_rank|heads)$")
 ARGUMENT_FIELDS = ("d_model", "d_state", "n_layer", "vocab_size", "mixer_types", "d_intermediate", "mixer_kwargs",
                    "mlp_cls", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32", "tie_embeddings",
                    "pad_vocab_size_multiple", "initializer_cfg", "final_logit_softcapping",
-                   "mtp_n_predict", "mtp_lambda")
+                   "mtp_n_predict", "mtp_lambda", "moe", "moe_layers")
 
 
 def _layer_config_class(mixer: str) -> type[ConfigBase]:
@@ -108,6 +108,12 @@ class ModelConfig(ConfigBase):
         mtp_n_predict (int): multi-token prediction depths (``seqblocks.models.mtp``), each a block of
             the last layer's kind; 0 disables MTP. Default: 0.
         mtp_lambda (float): weight of the MTP loss the trainer adds. Default: 0.1.
+        moe (BlockConfig | None): the FFN of the MoE layers, a ``BlockConfig`` whose ``ffn`` is a
+            registry FFN ("moe", "shared_moe", "latent_moe"; ``docs/moe.md``) with its MoE fields; its
+            d_model must be the model's. ``from_args`` also takes a dict of BlockConfig fields (ffn
+            defaults to "moe", d_ff to d_intermediate or 4 * d_model, bias to False). Default: None.
+        moe_layers (tuple[int, ...] | None): the layers whose MLP is ``moe``; the others keep the dense
+            MLP (d_intermediate) or none. Default: None (every layer, when ``moe`` is set).
 
     Derived (properties, never stored): ``n_layer``, ``mixer_types``, ``padded_vocab_size``.
     """
@@ -127,6 +133,8 @@ class ModelConfig(ConfigBase):
     final_logit_softcapping: float | None = None
     mtp_n_predict: int = 0
     mtp_lambda: float = 0.1
+    moe: BlockConfig | None = None
+    moe_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list | tuple):
@@ -158,6 +166,30 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"ModelConfig.final_logit_softcapping={self.final_logit_softcapping!r} must be "
                              f"positive or None")
         check_mtp_fields("ModelConfig", self.mtp_n_predict, self.mtp_lambda)
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe is None:
+            if self.moe_layers is not None:
+                raise ValueError(f"ModelConfig.moe_layers={list(self.moe_layers)} needs ModelConfig.moe (the MoE FFN)")
+            return
+        if self.moe.d_model != self.d_model:
+            raise ValueError(f"ModelConfig.moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+        FFNS.get(self.moe.ffn)
+        limit = SIZE_LIMITS["mixer"]
+        for name in ("d_ff", "n_experts", "moe_d_ff", "shared_expert_d_ff", "moe_latent_size", "n_shared_experts"):
+            value = getattr(self.moe, name)
+            if value is not None and value > limit:
+                raise ValueError(f"ModelConfig.moe.{name}={value} exceeds the size limit {limit}")
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.n_layer]
+            if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(f"ModelConfig.moe_layers={list(self.moe_layers)} must be distinct layer indices in "
+                                 f"[0, n_layer={self.n_layer})")
+
+    def layer_has_moe(self, i: int) -> bool:
+        """Whether layer ``i``'s MLP is the ``moe`` FFN."""
+        return self.moe is not None and (self.moe_layers is None or i in self.moe_layers)
 
     @property
     def n_layer(self) -> int:
@@ -240,4 +272,9 @@ class ModelConfig(ConfigBase):
             if not isinstance(initializer_cfg, dict):
                 raise TypeError(f"initializer_cfg must be a dict, got {type(initializer_cfg).__name__}")
             fields["initializer"] = InitConfig.from_dict(initializer_cfg)
+        moe = fields.get("moe")
+        if isinstance(moe, dict) and "d_model" not in moe:
+            defaults = {"ffn": "moe", "d_model": d_model, "bias": False,
+                        "d_ff": d_intermediate if d_intermediate > 0 else 4 * d_model}
+            fields["moe"] = BlockConfig.from_dict({**defaults, **moe})
         return cls(d_model=d_model, vocab_size=vocab_size, layers=layers, d_intermediate=d_intermediate, **fields)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.blocks.encoder_decoder import FF_ACTIVATIONS, EncoderBlock, _FeedForward, _norm
+from seqblocks.blocks.encoder_decoder import FF_ACTIVATIONS, EncoderBlock, FeedForward, block_norm
 from seqblocks.checkpoint import CheckpointMixin
 from seqblocks.layers.adapters import call_any_mixer
 from seqblocks.layers.bidirectional import Bidirectional
@@ -278,10 +278,10 @@ class MixerEncoderBlock(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         self.pre_norm = pre_norm
-        self.ln1 = _norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ln1 = block_norm(norm_type, d_model, norm_eps, device, dtype)
         self.mixer = mixer
-        self.ln2 = _norm(norm_type, d_model, norm_eps, device, dtype)
-        self.ffn = _FeedForward(d_model, d_ff, ff_activation, True, device=device, dtype=dtype)
+        self.ln2 = block_norm(norm_type, d_model, norm_eps, device, dtype)
+        self.ffn = FeedForward(d_model, d_ff, ff_activation, True, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout_rate)
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +356,7 @@ class VisionTransformer(nn.Module, CheckpointMixin, library_name="seqblocks", ta
                 MixerEncoderBlock(_token_mixer(config, i, device, dtype), D, config.d_ff, config.dropout_rate,
                                   config.use_pre_norm, norm_type, config.ff_activation, **factory)
                 for i in range(config.num_layers))
-        self.final_norm = _norm(norm_type, D, 1e-5, device, dtype)
+        self.final_norm = block_norm(norm_type, D, 1e-5, device, dtype)
         self.head = nn.Linear(D, config.num_classes, **factory) if config.num_classes is not None else None
         self.reset_parameters()
 

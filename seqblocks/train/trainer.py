@@ -133,6 +133,13 @@ def bits_per_byte(nats: float, nbytes: int) -> float:
     """Bits per UTF-8 byte of text scored with ``nats`` summed cross-entropy over ``nbytes`` bytes:
     nats per token * tokens / bytes / ln 2 (a tokenizer-independent measure)."""
     return nats / max(nbytes, 1) / math.log(2)
+def _aux_loss_sum(out: Any, targets: torch.Tensor) -> torch.Tensor | float:
+    """The MoE layers' weighted balance / z-losses (``CausalLMOutput.aux_loss``) scaled by this
+    micro-batch's scored tokens like ``_mtp_loss_sum``; 0 without MoE layers."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        return 0.0
+    return aux * (targets != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()
@@ -518,7 +525,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                     with autocast_context(info.device, config.precision):
                         out, logits = forward_logits(runner, part, kind, _boundaries(part, config.pack_boundaries))
                     loss = _loss_sum(logits, part.targets)
-                    objective = loss + _mtp_loss_sum(out, part.targets, module)
+                    objective = loss + _mtp_loss_sum(out, part.targets, module) + _aux_loss_sum(out, part.targets)
                     (objective * (info.world_size / max(count, 1))).backward()
                 step_loss += loss.detach()
             max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -526,6 +533,9 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
+            update_biases = getattr(module, "update_router_biases", None)
+            if update_biases is not None:  # MoE: auxiliary-loss-free balancing after the step
+                update_biases()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if info.distributed:

@@ -75,6 +75,7 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
+from seqblocks.layers.mixer import run_mixer
 from seqblocks.layers.packing import document_index, packed_positions, run_unpacked
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops._packing import check_cu_seqlens
@@ -352,9 +353,15 @@ class MHA(AttentionCore):
         if score_mod is not None and self.lite_gate is not None:
             raise ValueError(f"{owner}: attention_type='lite' has no scores for a per-call score_mod")
         if cu_seqlens is not None and (cache is not None or mask is not None or lengths is not None):
-            return run_unpacked(self, x, cache, {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths,
-                                                 "position_ids": position_ids},
-                                extra=None if score_mod is None else {"score_mod": score_mod})
+            given = {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths, "position_ids": position_ids}
+            given = {k: v for k, v in given.items() if v is not None}
+            if score_mod is None:
+                return run_unpacked(self, x, cache, given, run_mixer)
+
+            def run_with_mod(mixer, padded, cache, inputs):  # the contract call, the per-call score_mod along
+                return mixer(padded, cache, **{k: v for k, v in inputs.items() if v is not None}, score_mod=score_mod)
+
+            return run_unpacked(self, x, cache, given, run_with_mod)
         check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
