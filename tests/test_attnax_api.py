@@ -243,3 +243,25 @@ def test_mask_mod_to_score_mod_and_boolean_mask():
         mask_mod_to_boolean_mask(alibi_score_mod(2), batch=1, num_heads=1, seq_q=1, seq_kv=1)
     with pytest.raises(ValueError, match="seq_q"):
         mask_mod_to_boolean_mask(causal_mask, batch=1, num_heads=1, seq_q=0, seq_kv=1)
+
+
+def test_per_call_score_mod_with_packed_documents():
+    """A per-call score_mod composes with packing's document mods: each document runs as if alone, the
+    mod seeing in-document positions (the fused path, the unpacking fallback and attention_fn alike)."""
+    from seqblocks.layers.attention import MHA
+    from seqblocks.layers.attention.attention_fn import standard_attention_fn
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * (q_idx - kv_idx).abs()
+
+    torch.manual_seed(0)
+    cu, x = torch.tensor([0, 5, 12, 16]), torch.randn(1, 16, 32)
+    for causal in (True, False):
+        mha = MHA(32, num_heads=4, causal=causal, rotary_emb_dim=8).eval()
+        alone = torch.cat([mha(x[:, a:b], score_mod=bias) for a, b in zip(cu[:-1], cu[1:])], 1)
+        torch.testing.assert_close(mha(x, cu_seqlens=cu, score_mod=bias), alone)
+        torch.testing.assert_close(mha(x, cu_seqlens=cu, mask=torch.ones(1, 16, dtype=torch.bool), score_mod=bias),
+                                   alone)
+        own = MHA(32, num_heads=4, causal=causal, rotary_emb_dim=8, attention_fn=standard_attention_fn).eval()
+        own.load_state_dict(mha.state_dict())
+        torch.testing.assert_close(own(x, cu_seqlens=cu, score_mod=bias), alone)

@@ -203,3 +203,19 @@ def test_seqblocks_train_task_shapes(tmp_path):
     model = load_pretrained(ckpt)
     assert isinstance(model, VisionTransformer)
     assert main(["eval", str(ckpt), "--json"]) == 0
+
+
+def test_the_image_classifier_is_a_trainer_model_kind():
+    from seqblocks.train.models import build_train_model, choose_model_config, forward_logits, kind_of_model, model_kind
+
+    task = get_task("shapes")
+    config = choose_model_config({"d_model": 16}, "shapes")  # the kind the task needs: vit-tiny's model
+    assert model_kind(config) == "image_classifier" and config["model_type"] == "VisionTransformer"
+    assert choose_model_config({"d_model": 16}, "chars", "image_classifier") == config
+    model = build_train_model(config, task)
+    assert isinstance(model, VisionTransformer) and kind_of_model(model) == "image_classifier"
+    batch = task.batch("train", 0, 4)
+    _, logits = forward_logits(model, batch, "image_classifier")
+    assert logits.shape == (4, 1, 4)
+    with pytest.raises(ValueError, match="image_classifier"):
+        build_train_model({"d_model": 16, "d_state": 4, "n_layer": 1, "mixer_types": ["lru"]}, task)
