@@ -35,10 +35,18 @@ from seqblocks.models.lrnn_lm import LRNNLMHeadModel
 __all__ = ["load_backbone_checkpoint", "load_mlx_checkpoint", "BACKBONE_MIXERS"]
 
 #: Mixer types whose parameters ``load_backbone_checkpoint`` can place: attention (fused ``in_proj``,
-#: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too) and Mamba (``conv1d`` as ``conv_weight`` /
-#: ``conv_bias``). The other linear RNNs of such a folder store their systems in another
-#: parameterisation (e.g. a full D matrix for S5) that has no exact counterpart here.
-BACKBONE_MIXERS = ("attn", "Mamba")
+#: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too), Mamba (``conv1d`` as ``conv_weight`` / ``conv_bias``),
+#: and the linear RNNs LRU, S5, Centaurus, RG-LRU and S7, whose parameters are converted exactly
+#: (``_MIXER_CONVERTERS``). S4 and S4D are not placed (see ``_UNPLACED``).
+BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S5", "Centaurus", "RGLRU", "S7")
+
+#: Why the mixer types outside ``BACKBONE_MIXERS`` are refused.
+_UNPLACED = {
+    "S4": "its kernel parameters are stored under the convolution-kernel module with their own transforms, and "
+          "its ungated output path applies GELU twice; this loader does not convert them",
+    "S4D": "its kernel parameters are stored under the convolution-kernel module with their own transforms, and "
+           "its ungated output path applies GELU twice; this loader does not convert them",
+}
 
 _CONFIG_KEYS = ("d_intermediate", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32",
                 "tie_embeddings", "pad_vocab_size_multiple")
@@ -69,6 +77,98 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 # ---------------------------------------------------------------- config.json + pytorch_model.bin
 
 
+# ---------------------------------------------------------------- per-mixer parameter conversion
+#
+# Each converter takes one layer's mixer tensors under the file's names (``name -> tensor``, the
+# ``backbone.layers.{i}.mixer.`` prefix removed) and the seqblocks mixer built for it, and returns that
+# mixer's state dict. The arithmetic runs in float64 and is exact up to the rounding of the last cast.
+
+
+def _take(params: dict[str, torch.Tensor], *names: str) -> list[torch.Tensor]:
+    absent = [n for n in names if n not in params]
+    if absent:
+        raise ValueError(f"missing mixer tensors {absent}")
+    return [params.pop(n) for n in names]
+
+
+def _rest(params: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors kept under their own names (checked against the mixer by the strict load)."""
+    out.update(params)
+    return out
+
+
+def _convert_lru(params, mixer):
+    return dict(params)  # same names and the same function: x_t = λ x_{t-1} + γ B u_t, y = Re(C x) + D u
+
+
+def _convert_s5(params, mixer):
+    # File: A [P, 2] = (inverse-softplus of -Re Λ, Im Λ), real B [P, H], log_dt [P], C [H, P, 2], D [H, H].
+    A, B, log_dt, C, D = (t.double() for t in _take(params, "A", "B", "log_dt", "C", "D"))
+    if A.dim() != 2 or A.shape[-1] != 2 or C.dim() != 3 or C.shape[-1] != 2:
+        raise ValueError(f"S5: expected A [P, 2] and C [H, P, 2], got A {tuple(A.shape)}, C {tuple(C.shape)}")
+    out = {"Lambda_re_log": torch.log(torch.nn.functional.softplus(A[:, 0])), "Lambda_im": A[:, 1],
+           "B_re": B, "B_im": torch.zeros_like(B), "C_re": C[..., 0], "C_im": C[..., 1], "D": D, "log_step": log_dt}
+    return _rest(params, out)
+
+
+def _convert_centaurus(params, mixer):
+    # File: a complex A [N, M] (Re A < 0 for a stable system); E, log_delta, B, C as here.
+    (A,) = _take(params, "A")
+    if not A.is_complex():
+        raise ValueError(f"Centaurus: expected a complex A, got dtype {A.dtype}")
+    A = A.to(torch.complex128)
+    if not bool((A.real < 0).all()):
+        raise ValueError(f"Centaurus: A has {int((A.real >= 0).sum())} entries with real part >= 0, which "
+                         f"this Centaurus (Re A = -exp(A_real)) cannot represent")
+    return _rest(params, {"A_real": torch.log(-A.real), "A_imag": A.imag})
+
+
+def _convert_rglru(params, mixer):
+    # File: dense recurrence / input gates (nn.Linear [E, E] with bias), a_log [E, 1] with a = sigmoid(a_log),
+    # the conv as nn.Conv1d [E, 1, W]. Here: gate_weight [2, 1, E, E] applied as x @ W, a_param [E].
+    if mixer.num_heads != 1:
+        raise ValueError(f"RGLRU: the file's gates are dense; build with num_heads=1, got {mixer.num_heads}")
+    rw, rb, iw, ib, a_log, cw = _take(params, "recurrent_gate_proj.weight", "recurrent_gate_proj.bias",
+                                      "input_gate_proj.weight", "input_gate_proj.bias", "a_log", "conv1d.weight")
+    if a_log.dim() != 2 or a_log.shape[1] != 1:
+        raise ValueError(f"RGLRU: expected a_log [E, 1] (one state per channel), got {tuple(a_log.shape)}")
+    out = {"gate_weight": torch.stack((rw.T, iw.T)).unsqueeze(1), "gate_bias": torch.stack((rb, ib)).unsqueeze(1),
+           "a_param": a_log[:, 0], "conv_weight": cw.squeeze(1)}
+    if "conv1d.bias" in params:
+        out["conv_bias"] = params.pop("conv1d.bias")
+    return _rest(params, out)
+
+
+def _convert_s7(params, mixer):
+    # File: base_params [N] (no per-channel skip base), x_proj rows [Λ (N), B (H*N, h-major), C (H*N), D (H), β (N)].
+    # Here B's rows are n-major ([N, H] flattened), and d_base is added to D: set to 0.
+    base, W = _take(params, "base_params", "x_proj.weight")
+    H, N = mixer.d_model, mixer.d_state
+    if W.shape[0] != N + 2 * H * N + H + N:
+        raise ValueError(f"S7: x_proj.weight has {W.shape[0]} rows, expected {N + 2 * H * N + H + N} "
+                         f"for d_model={H}, d_state={N}")
+    lam, Bw, rest = W.split([N, H * N, W.shape[0] - N - H * N], 0)
+    Bw = Bw.unflatten(0, (H, N)).transpose(0, 1).flatten(0, 1)
+    out = {"lambda_base": base, "d_base": torch.zeros(H, dtype=torch.float64),
+           "x_proj.weight": torch.cat((lam, Bw, rest))}
+    return _rest(params, out)
+
+
+_MIXER_CONVERTERS = {"LRU": _convert_lru, "S5": _convert_s5, "Centaurus": _convert_centaurus,
+                     "RGLRU": _convert_rglru, "S7": _convert_s7}
+
+#: Constructor values these layers need here to compute the file's function (the file's layers have no
+#: choice in them): S5's skip is a full [H, H] matrix, S7 adds its input to its output, Centaurus scales
+#: B by Δ (B̄ = Δ B, Ā = exp(Δ A), which is the "mamba" rule whatever discretization was named), RG-LRU's
+#: gates are dense (one block) and its gate branch takes the exact (erf) GeLU.
+_FORCED_KWARGS = {"S5": {"full_D": True}, "S7": {"input_residual": True}, "Centaurus": {"discretization": "mamba"},
+                  "RGLRU": {"gate_gelu": "exact", "num_heads": 1}}
+
+#: S5 discretizations the file's systems share with seqblocks' S5. Its "bilinear" is (1 - ΔΛ/2) / (1 + ΔΛ/2),
+#: the reciprocal of the usual rule (not representable with Re Λ < 0), and "async" needs timesteps.
+_S5_DISCRETIZATIONS = ("zoh", "dirac", "no_discretization")
+
+
 def _backbone_key(key: str, mixer_types: list[str], dropped: list[str]) -> str | None:
     """The seqblocks name of one checkpoint key (None: dropped, recorded in ``dropped``)."""
     if key == "lm_head.weight":
@@ -90,6 +190,8 @@ def _backbone_key(key: str, mixer_types: list[str], dropped: list[str]) -> str |
     if kind == "Mamba" and name.startswith("dtA_proj."):
         dropped.append(key)
         return None
+    if kind in _MIXER_CONVERTERS:
+        return f"layers.{i}.mixer.{name}"  # converted per layer afterwards
     # Mamba's conv, and attention's q / k / v conv (MHA's d_conv), are nn.Conv1d modules there.
     name = {"conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias"}.get(name, name)
     return f"layers.{i}.mixer.{name}"
@@ -124,9 +226,21 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
     mixer_types = list(config["mixer_types"])
     unsupported = sorted({t for t in mixer_types if t not in BACKBONE_MIXERS})
     if unsupported:
-        raise ValueError(f"{folder}: mixer types {unsupported} store their parameters in a form this loader "
-                         f"cannot map; it places {list(BACKBONE_MIXERS)}")
-    mixer_kwargs = dict(mixer_kwargs or {})
+        why = "; ".join(f"{t}: {_UNPLACED[t]}" for t in unsupported if t in _UNPLACED)
+        raise ValueError(f"{folder}: mixer types {unsupported} cannot be placed ({why or 'unknown mixer type'}); "
+                         f"this loader places {list(BACKBONE_MIXERS)}")
+    mixer_kwargs = {k: dict(v) for k, v in (mixer_kwargs or {}).items()}
+    for kind, forced in _FORCED_KWARGS.items():
+        if kind in mixer_types:
+            mixer_kwargs[kind] = {**mixer_kwargs.get(kind, {}), **forced}
+    if "S5" in mixer_types:
+        if "discretization" not in mixer_kwargs["S5"]:
+            raise ValueError(f"{folder}: config.json does not record the S5 discretization; pass "
+                             f"mixer_kwargs={{'S5': {{'discretization': ...}}}} as the checkpoint was built")
+        disc = mixer_kwargs["S5"]["discretization"]
+        if disc not in _S5_DISCRETIZATIONS:
+            raise ValueError(f"{folder}: S5 layers with discretization={disc!r} cannot be converted exactly; "
+                             f"supported: {list(_S5_DISCRETIZATIONS)}")
     if "attn" in mixer_types and "num_heads" not in mixer_kwargs.get("attn", {}):
         raise ValueError(f"{folder}: config.json does not record the attention head count; pass "
                          f"mixer_kwargs={{'attn': {{'num_heads': H}}}} as the checkpoint was built")
@@ -144,6 +258,7 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
                             **{k: config[k] for k in _CONFIG_KEYS if k in config}, device=device, dtype=dtype)
     dropped: list[str] = []
     state = {}
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
         try:
             name = _backbone_key(key, mixer_types, dropped)
@@ -151,9 +266,20 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
             raise ValueError(f"{weights}: {err}") from None
         if name is None:
             continue
+        m = re.fullmatch(r"layers\.(\d+)\.mixer\.(.+)", name)
+        if m and mixer_types[int(m.group(1))] in _MIXER_CONVERTERS:
+            per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = value
+            continue
         if name.endswith("mixer.conv_weight") and value.dim() == 3:
             value = value.squeeze(1)  # Conv1d's [E, 1, W] -> [E, W]
         state[name] = value
+    for i, params in sorted(per_layer.items()):
+        kind = mixer_types[i]
+        try:
+            converted = _MIXER_CONVERTERS[kind](dict(params), model.layers[i].mixer)
+        except ValueError as err:
+            raise ValueError(f"{weights}: layer {i} ({kind}): {err}") from None
+        state.update({f"layers.{i}.mixer.{k}": v for k, v in converted.items()})
     if model.tie_embeddings and "lm_head.weight" not in state and "embedding.weight" in state:
         state["lm_head.weight"] = state["embedding.weight"]
     own = model.state_dict()

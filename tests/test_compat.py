@@ -119,3 +119,175 @@ def test_mlx_folder_loads_with_the_same_logits(tmp_path, tie):
     wrong = LanguageModelConfig(vocab_size=40, blocks=[block, block], tie_embeddings=tie)
     with pytest.raises(ValueError, match="do not fit|lacks"):
         load_mlx_checkpoint(tmp_path, wrong)
+
+
+# ---------------------------------------------------------------- the linear-RNN mixers of a backbone folder
+#
+# Each mixer's tensors are drawn at random under the folder's names and shapes, and its function is
+# computed by a small sequential re-implementation of that code's math (``_REF``), written from its
+# source: the loaded seqblocks mixer must give the same outputs.
+
+H, N, M, E_CONV = 8, 4, 3, 4
+F = torch.nn.functional
+
+
+def _randn(*shape, scale=1.0):
+    return torch.randn(*shape, dtype=torch.float64) * scale
+
+
+def _file_params(kind: str, mode: str = "neck") -> dict[str, torch.Tensor]:
+    if kind == "LRU":
+        return {"nu_log": _randn(N, scale=0.5) - 1.0, "theta_log": _randn(N, scale=0.5), "B_re": _randn(N, H),
+                "B_im": _randn(N, H), "C_re": _randn(H, N), "C_im": _randn(H, N), "D": _randn(H),
+                "gamma_log": _randn(N, scale=0.1) - 0.5}
+    if kind == "S5":
+        return {"A": torch.stack((_randn(N), _randn(N, scale=3.0)), -1), "B": _randn(N, H),
+                "log_dt": torch.linspace(-5, -1, N, dtype=torch.float64), "C": _randn(H, N, 2), "D": _randn(H, H)}
+    if kind == "Centaurus":
+        n = {"neck": N, "pointwise": N, "dws": H, "full": H * H}[mode]
+        A = torch.complex(-0.1 - torch.rand(n, M, dtype=torch.float64), _randn(n, M))
+        out = {"A": A, "E": _randn(n, M), "log_delta": torch.linspace(-3, -0.5, n, dtype=torch.float64)}
+        out["B"], out["C"] = {"neck": (_randn(N, H), _randn(H, N)), "pointwise": (_randn(N * M, H), _randn(H, N * M)),
+                              "dws": (_randn(H), _randn(H)), "full": (_randn(n), _randn(n))}[mode]
+        if mode == "pointwise":
+            del out["E"]
+        return out
+    if kind == "RGLRU":
+        return {"gate_proj.weight": _randn(H, H, scale=0.3), "in_proj.weight": _randn(H, H, scale=0.3),
+                "conv1d.weight": _randn(H, 1, E_CONV, scale=0.5), "conv1d.bias": _randn(H, scale=0.1),
+                "recurrent_gate_proj.weight": _randn(H, H, scale=0.3), "recurrent_gate_proj.bias": _randn(H),
+                "input_gate_proj.weight": _randn(H, H, scale=0.3), "input_gate_proj.bias": _randn(H),
+                "a_log": _randn(H, 1), "out_proj.weight": _randn(H, H, scale=0.3)}
+    if kind == "S7":
+        return {"in_proj.weight": _randn(H, H, scale=0.3), "base_params": _randn(N) + 1.0,
+                "x_proj.weight": _randn(N + 2 * H * N + H + N, H, scale=0.1), "gate_proj.weight": _randn(H, H, scale=0.3)}
+    raise AssertionError(kind)
+
+
+def _ref_lru(p, u, **_):
+    lam = torch.exp(torch.complex(-torch.exp(p["nu_log"]), torch.exp(p["theta_log"])))
+    B = torch.complex(p["B_re"], p["B_im"]) * torch.exp(p["gamma_log"])[:, None]
+    C = torch.complex(p["C_re"], p["C_im"])
+    h, ys = torch.zeros(u.shape[0], N, dtype=torch.complex128), []
+    for t in range(u.shape[1]):
+        h = lam * h + u[:, t].to(B.dtype) @ B.T
+        ys.append((h @ C.T).real + u[:, t] * p["D"])
+    return torch.stack(ys, 1)
+
+
+def _ref_s5(p, u, discretization="zoh", **_):
+    A = torch.complex(-F.softplus(p["A"][:, 0]), p["A"][:, 1])
+    dt = torch.exp(p["log_dt"])
+    if discretization == "no_discretization":
+        A_bar, gamma = A, torch.ones_like(A)
+    else:
+        A_bar = torch.exp(dt * A)
+        gamma = (A_bar - 1) / A if discretization == "zoh" else torch.ones_like(A)
+    B = gamma[:, None] * p["B"]
+    C = torch.complex(p["C"][..., 0], p["C"][..., 1])
+    h, ys = torch.zeros(u.shape[0], N, dtype=torch.complex128), []
+    for t in range(u.shape[1]):
+        h = A_bar * h + u[:, t].to(B.dtype) @ B.T
+        ys.append((h @ C.T).real + u[:, t] @ p["D"])
+    return torch.stack(ys, 1)
+
+
+def _ref_centaurus(p, u, mode="neck", **_):
+    # B_eff = Δ B (dense, diagonal or one scalar per (out, in) channel), Ā = exp(Δ A); the state is
+    # [N, M] complex (pointwise: N * M lanes without E), read out through E then C.
+    delta = torch.exp(p["log_delta"])
+    A_bar = torch.exp(delta[:, None] * p["A"])
+    n = A_bar.shape[0]
+    if mode == "neck":
+        Bm, Cm = p["B"], p["C"]
+    elif mode == "dws":
+        Bm, Cm = torch.diag(p["B"]), torch.diag(p["C"])
+    elif mode == "full":
+        Bm = torch.zeros(n, H, dtype=torch.float64).scatter_(1, (torch.arange(n) % H)[:, None], p["B"][:, None])
+        Cm = torch.zeros(H, n, dtype=torch.float64).scatter_(0, (torch.arange(n) // H)[None], p["C"][None])
+    else:
+        Bm, Cm = p["B"], p["C"]
+    if mode == "pointwise":
+        A_bar, Bm = A_bar.reshape(-1), delta.repeat_interleave(M)[:, None] * Bm
+    else:
+        Bm = delta[:, None] * Bm
+    h, ys = torch.zeros(u.shape[0], *A_bar.shape, dtype=torch.complex128), []
+    for t in range(u.shape[1]):
+        s = u[:, t] @ Bm.T
+        h = A_bar * h + (s if mode == "pointwise" else s[..., None])
+        w = h.real if mode == "pointwise" else (h.real * p["E"]).sum(-1)
+        ys.append(w @ Cm.T)
+    return torch.stack(ys, 1)
+
+
+def _ref_rglru(p, u, c=8.0, **_):
+    gate = F.gelu(u @ p["gate_proj.weight"].T)
+    x = (u @ p["in_proj.weight"].T).transpose(1, 2)
+    x = F.conv1d(x, p["conv1d.weight"], p["conv1d.bias"], padding=E_CONV - 1, groups=H)[..., :u.shape[1]]
+    x = x.transpose(1, 2)
+    r = torch.sigmoid(x @ p["recurrent_gate_proj.weight"].T + p["recurrent_gate_proj.bias"])
+    i = torch.sigmoid(x @ p["input_gate_proj.weight"].T + p["input_gate_proj.bias"])
+    a_bar = torch.exp(c * r * torch.log(torch.sigmoid(p["a_log"][:, 0])))
+    v = torch.sqrt(1 - a_bar * a_bar) * (i * x)
+    h, hs = torch.zeros(u.shape[0], H, dtype=torch.float64), []
+    for t in range(u.shape[1]):
+        h = a_bar[:, t] * h + v[:, t]
+        hs.append(h)
+    return (gate * torch.stack(hs, 1)) @ p["out_proj.weight"].T
+
+
+def _ref_s7(p, u, **_):
+    x = u @ p["in_proj.weight"].T
+    A, B, C, D, bias = (x @ p["x_proj.weight"].T).split([N, H * N, H * N, H, N], -1)
+    A = A + p["base_params"]
+    B = B.unflatten(-1, (H, N)).transpose(-1, -2)  # "(h n) -> n h"
+    C = C.unflatten(-1, (H, N))
+    A_bar = 1 - 1 / (A * A + 0.5)
+    h, ys = torch.zeros(u.shape[0], N, dtype=torch.float64), []
+    for t in range(u.shape[1]):
+        h = A_bar[:, t] * h + torch.einsum("bnh,bh->bn", B[:, t], x[:, t]) + bias[:, t]
+        ys.append(torch.einsum("bhn,bn->bh", C[:, t], h) + D[:, t] * x[:, t])
+    y = torch.stack(ys, 1)
+    return torch.sigmoid(F.gelu(y) @ p["gate_proj.weight"].T) * y + u
+
+
+_REF = {"LRU": _ref_lru, "S5": _ref_s5, "Centaurus": _ref_centaurus, "RGLRU": _ref_rglru, "S7": _ref_s7}
+
+CASES = [("LRU", {}), ("S5", {"discretization": "zoh"}), ("S5", {"discretization": "dirac"}),
+         ("S5", {"discretization": "no_discretization"}), ("Centaurus", {"sub_state_dim": M, "mode": "neck"}),
+         ("Centaurus", {"sub_state_dim": M, "mode": "pointwise"}), ("Centaurus", {"sub_state_dim": M, "mode": "dws"}),
+         ("Centaurus", {"sub_state_dim": M, "mode": "full"}), ("RGLRU", {"d_conv": E_CONV}), ("S7", {})]
+
+
+def _lrnn_folder(folder, kind, kwargs, d_state=N):
+    """A two-layer folder (``kind`` then attention) in the backbone layout, with random mixer tensors."""
+    torch.manual_seed(0)
+    kw = {**KW, "d_model": H, "d_state": d_state, "mixer_types": [kind, "attn"]}
+    # The embedding, norms, MLPs and attention come from a seqblocks model (their names carry over).
+    mixer_kwargs = {"attn": {"num_heads": 2}, **({"Centaurus": {"sub_state_dim": M, "mode": kwargs.get("mode")}}
+                                                 if kind == "Centaurus" else {})}
+    base = LRNNLMHeadModel(**kw, mixer_kwargs=mixer_kwargs)
+    folder.mkdir()
+    state = {("backbone." + k if k != "lm_head.weight" else k): v.clone() for k, v in base.state_dict().items()
+             if ".mixer." not in k or k.startswith("layers.1.")}
+    params = _file_params(kind, kwargs.get("mode", "neck"))
+    state.update({f"backbone.layers.0.mixer.{k}": v.float() if not v.is_complex() else v.to(torch.complex64)
+                  for k, v in params.items()})
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({**kw, "d_intermediate": 32}))
+    return params, {"attn": {"num_heads": 2}, kind: dict(kwargs)}
+
+
+@pytest.mark.parametrize("kind, kwargs", CASES, ids=[f"{k}-{'-'.join(map(str, v.values()))}" for k, v in CASES])
+def test_lrnn_mixers_load_with_the_same_function(tmp_path, kind, kwargs):
+    d_state = H * H if kwargs.get("mode") == "full" else (H if kwargs.get("mode") == "dws" else N)
+    params, mixer_kwargs = _lrnn_folder(tmp_path / "ckpt", kind, kwargs, d_state)
+    model = load_backbone_checkpoint(tmp_path / "ckpt", mixer_kwargs=mixer_kwargs, dtype=torch.float64)
+    mixer = model.layers[0].mixer
+    u = torch.randn(2, 7, H, dtype=torch.float64)
+    params = {k: (v.float().double() if not v.is_complex() else v.to(torch.complex64).to(torch.complex128))
+              for k, v in params.items()}  # the values as stored
+    with torch.no_grad():
+        assert_close(mixer(u), _REF[kind](params, u, **kwargs), rtol=1e-9, atol=1e-9)
+        ids = torch.randint(0, 40, (2, 6))
+        assert torch.isfinite(model(ids).logits).all()
