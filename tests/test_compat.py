@@ -12,6 +12,10 @@ from torch.testing import assert_close
 
 from seqblocks import BlockConfig, LanguageModel, LanguageModelConfig, LRNNLMHeadModel
 from seqblocks.compat import load_backbone_checkpoint, load_mlx_checkpoint
+from seqblocks.layers.mixers.rglru import RGLRU
+from seqblocks.layers.mixers.s5 import S5
+from seqblocks.layers.mixers.s7 import S7
+from seqblocks.testing import check_causality, check_prefill_then_steps
 
 KW = dict(d_model=16, d_state=4, n_layer=2, vocab_size=40, mixer_types=["attn", "Mamba"], d_intermediate=32)
 HEADS = {"attn": {"num_heads": 4}}
@@ -160,7 +164,8 @@ def _file_params(kind: str, mode: str = "neck") -> dict[str, torch.Tensor]:
                 "a_log": _randn(H, 1), "out_proj.weight": _randn(H, H, scale=0.3)}
     if kind == "S7":
         return {"in_proj.weight": _randn(H, H, scale=0.3), "base_params": _randn(N) + 1.0,
-                "x_proj.weight": _randn(N + 2 * H * N + H + N, H, scale=0.1), "gate_proj.weight": _randn(H, H, scale=0.3)}
+                "x_proj.weight": _randn(N + 2 * H * N + H + N, H, scale=0.1),
+                "gate_proj.weight": _randn(H, H, scale=0.3)}
     raise AssertionError(kind)
 
 
@@ -289,5 +294,69 @@ def test_lrnn_mixers_load_with_the_same_function(tmp_path, kind, kwargs):
               for k, v in params.items()}  # the values as stored
     with torch.no_grad():
         assert_close(mixer(u), _REF[kind](params, u, **kwargs), rtol=1e-9, atol=1e-9)
+        # In the whole model: the same logits as with the reference computing that layer.
         ids = torch.randint(0, 40, (2, 6))
-        assert torch.isfinite(model(ids).logits).all()
+        logits = model(ids).logits
+        calls = []
+
+        def reference_forward(x, *_args, **_kwargs):
+            calls.append(x.shape)
+            return _REF[kind](params, x, **kwargs)
+
+        mixer.forward = reference_forward
+        assert_close(model(ids).logits, logits, rtol=1e-9, atol=1e-9)
+        assert calls, "the reference layer was not used"
+        del mixer.forward
+    # Decoding the loaded layer (prefill, then one token at a time) gives the same outputs.
+    check_prefill_then_steps(mixer, u, prefill=3, atol=1e-9)
+    check_causality(mixer, u, t=3, atol=1e-12)
+
+
+def test_mixer_options_the_loader_uses():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, H, dtype=torch.float64)
+    # S5's full D: a diagonal full D is the per-channel D.
+    full = S5(H, N, full_D=True).double()
+    diag = S5(H, N).double()
+    diag.load_state_dict({**full.state_dict(), "D": torch.arange(H, dtype=torch.float64)})
+    with torch.no_grad():
+        full.D.copy_(torch.diag(torch.arange(H, dtype=torch.float64)))
+        assert_close(full(x), diag(x))
+    assert full.D.shape == (H, H)
+    # S7's input residual adds the input to the output.
+    s7 = S7(H, N, input_residual=True).double()
+    plain = S7(H, N).double()
+    plain.load_state_dict(s7.state_dict())
+    with torch.no_grad():
+        assert_close(s7(x), plain(x) + x)
+    with pytest.raises(TypeError, match="input_residual"):
+        S7(H, N, input_residual=1)
+    # RG-LRU's exact GeLU gate differs from the tanh form, and only those two are accepted.
+    exact, tanh = RGLRU(H, gate_gelu="exact").double(), RGLRU(H).double()
+    tanh.load_state_dict(exact.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(exact(x), tanh(x))
+    check_prefill_then_steps(exact, x, prefill=2, atol=1e-10)
+    with pytest.raises(ValueError, match="gate_gelu"):
+        RGLRU(H, gate_gelu="erf")
+
+
+def test_lrnn_folder_errors(tmp_path):
+    _lrnn_folder(tmp_path / "s5", "S5", {})
+    with pytest.raises(ValueError, match="discretization"):
+        load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2}})
+    with pytest.raises(ValueError, match="'bilinear'"):
+        load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2},
+                                                                "S5": {"discretization": "bilinear"}})
+    folder = tmp_path / "cent"
+    _lrnn_folder(folder, "Centaurus", {"sub_state_dim": M, "mode": "neck"})
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    A = state["backbone.layers.0.mixer.A"]
+    state["backbone.layers.0.mixer.A"] = torch.complex(A.real.abs(), A.imag)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="real part >= 0"):
+        load_backbone_checkpoint(folder, mixer_kwargs={"attn": {"num_heads": 2},
+                                                       "Centaurus": {"sub_state_dim": M, "mode": "neck"}})
+    (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4D", "attn"]}))
+    with pytest.raises(ValueError, match="S4D.*GELU twice"):
+        load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
