@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from seqblocks.layers.moe import LatentMoEFeedForward, MoEFeedForward
 from seqblocks.models.config_lm import LanguageModel, LanguageModelConfig
 from seqblocks.models.lrnn_lm import LRNNLMHeadModel
 
@@ -294,9 +295,79 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
 # ---------------------------------------------------------------- model.safetensors from MLX
 
 
+def _mlx_moe(params: dict[str, torch.Tensor], ffn) -> dict[str, torch.Tensor]:
+    """One block's mixture-of-experts FFN tensors (names after ``ffn.``) as seqblocks' ``MoEFeedForward``.
+
+    The file keeps one module per expert (``experts.{e}.{gate, up, down}`` SwiGLU, or ``experts.{e}.{up,
+    down}`` squared ReLU in the latent variant), a list of shared SwiGLU experts (``shared_experts.{j}``)
+    or one squared-ReLU ``shared_expert``, and the router. Its routing is: top-k by logits with the
+    weights a softmax over the chosen logits (the SwiGLU variants, with ``expert_bias`` added to the
+    logits for the choice only), or sigmoid scores plus ``score_correction_bias`` for both the choice
+    and the normalised weights (latent), times ``moe_routed_scaling_factor`` there; group-limited
+    choice (latent only) scores a group by the sum of its scores.
+    """
+    latent = isinstance(ffn, LatentMoEFeedForward)
+    expected_router = "sigmoid" if latent else "softmax"
+    problems = []
+    if ffn.router_kind != expected_router:
+        problems.append(f"moe_router={ffn.router_kind!r} (the file's router is {expected_router})")
+    if not ffn.norm_topk:
+        problems.append("moe_norm_topk=False (the file renormalises the top-k weights)")
+    if not latent and ffn.scaling != 1.0:
+        problems.append(f"moe_routed_scaling_factor={ffn.scaling} (this file variant applies none)")
+    if not latent and ffn.n_groups != 1:
+        problems.append(f"moe_n_groups={ffn.n_groups} (this file variant routes without groups)")
+    if latent and ffn.n_groups > 1 and ffn.n_experts // ffn.n_groups > 2:
+        problems.append(f"moe_n_groups={ffn.n_groups} with {ffn.n_experts // ffn.n_groups} experts per group (the "
+                        f"file scores a group by the sum of all its scores, seqblocks by its best two)")
+    if problems:
+        raise ValueError(f"the config's MoE FFN routes differently from the file: {', '.join(problems)}")
+    biased = [k for k in params if re.fullmatch(r"(experts|shared_experts?)\.(\d+\.)?\w+\.bias", k)]
+    if biased:
+        raise ValueError(f"expert projections with biases {biased[:4]} (the MoE experts here have none)")
+    bias_key = "score_correction_bias" if latent else "expert_bias"
+    bias = params.pop(bias_key, None)
+    if bias is not None and bool((bias != 0).any()):
+        raise ValueError(f"a nonzero {bias_key} (it shifts the file's {'scores and weights' if latent else 'logits'}"
+                         f", while seqblocks' expert_bias shifts the scores for the choice only); not convertible")
+    out = {"router.weight": params.pop("router.weight", None), "expert_bias": torch.zeros(ffn.n_experts)}
+    E = ffn.n_experts
+    names = ("up", "down") if latent else ("gate", "up", "down")
+    try:
+        experts = {n: [params.pop(f"experts.{e}.{n}.weight") for e in range(E)] for n in names}
+    except KeyError as err:
+        raise ValueError(f"the file lacks expert tensor {err.args[0]!r} ({E} experts expected)") from None
+    if latent:
+        out["w_up"] = torch.stack([w.T for w in experts["up"]])
+        out["w_down"] = torch.stack([w.T for w in experts["down"]])
+        for n in ("up", "down"):
+            if f"shared_expert.{n}.weight" in params:
+                out[f"shared.{n}.weight"] = params.pop(f"shared_expert.{n}.weight")
+        for n in ("down_proj", "up_proj"):
+            if f"{n}.weight" in params:
+                out[f"{n}.weight"] = params.pop(f"{n}.weight")
+    else:
+        out["w_gate_up"] = torch.stack([torch.cat((g.T, u.T), 1) for g, u in zip(experts["gate"], experts["up"],
+                                                                                strict=True)])
+        out["w_down"] = torch.stack([w.T for w in experts["down"]])
+        shared = sorted({int(m.group(1)) for k in params if (m := re.fullmatch(r"shared_experts\.(\d+)\..+", k))})
+        if shared:
+            if shared != list(range(len(shared))):
+                raise ValueError(f"shared experts numbered {shared}, expected 0..{len(shared) - 1}")
+            parts = {n: [params.pop(f"shared_experts.{j}.{n}.weight") for j in shared] for n in names}
+            # The sum of S SwiGLU experts is one SwiGLU whose hidden units are theirs side by side.
+            out["shared.gate_up.weight"] = torch.cat(parts["gate"] + parts["up"], 0)
+            out["shared.down.weight"] = torch.cat(parts["down"], 1)
+    if out["router.weight"] is None:
+        del out["router.weight"]
+    out.update(params)  # anything left is reported by the strict load
+    return out
+
+
 def _mlx_state(raw: dict[str, torch.Tensor], model: LanguageModel) -> dict[str, torch.Tensor]:
     fused: dict[str, dict[str, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
+    moe: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
         if key == "embed.weight":
             state["embedding.weight"] = value
@@ -312,12 +383,15 @@ def _mlx_state(raw: dict[str, torch.Tensor], model: LanguageModel) -> dict[str, 
         if m is None:
             raise ValueError(f"unexpected key {key!r}: expected embed, blocks.<i>, final_norm or head")
         i, rest = m.group(1), m.group(2)
+        block = model.layers[int(i)] if int(i) < len(model.layers) else None
+        if block is not None and isinstance(block.ffn, MoEFeedForward) and rest.startswith("ffn."):
+            moe.setdefault(int(i), {})[rest[len("ffn."):]] = value
+            continue
         q = re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest)
         if q:
             fused.setdefault(f"layers.{i}.attention.in_proj.{q.group(2)}", {})[q.group(1)] = value
             continue
         g = re.fullmatch(r"ffn\.(gate|up)\.(weight|bias)", rest)
-        block = model.layers[int(i)] if int(i) < len(model.layers) else None
         if g and block is not None and hasattr(block.ffn, "gate_up"):
             fused.setdefault(f"layers.{i}.ffn.gate_up.{g.group(2)}", {})[g.group(1)] = value
             continue
@@ -329,6 +403,12 @@ def _mlx_state(raw: dict[str, torch.Tensor], model: LanguageModel) -> dict[str, 
         if absent:
             raise ValueError(f"{name}: the file lacks the {absent} part(s) of it")
         state[name] = torch.cat([parts[p] for p in order], 0)
+    for i, params in sorted(moe.items()):
+        try:
+            converted = _mlx_moe(params, model.layers[i].ffn)
+        except ValueError as err:
+            raise ValueError(f"block {i}: {err}") from None
+        state.update({f"layers.{i}.ffn.{k}": v for k, v in converted.items()})
     return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 
 import pytest
@@ -360,3 +361,117 @@ def test_lrnn_folder_errors(tmp_path):
     (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4D", "attn"]}))
     with pytest.raises(ValueError, match="S4D.*GELU twice"):
         load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
+
+
+# ---------------------------------------------------------------- MoE FFNs of an MLX folder
+
+D_MOE, F_MOE, E_MOE, L_MOE = 16, 12, 4, 6
+
+
+def _mlx_moe_tensors(ffn: str, n_shared: int) -> dict[str, torch.Tensor]:
+    """One block's MoE FFN under the MLX trainer's names: one module per expert, a list of shared experts."""
+    g = torch.Generator().manual_seed(1)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / shape[-1] ** 0.5
+
+    out = {"router.weight": w(E_MOE, D_MOE)}
+    if ffn == "latent_moe":
+        out.update({"down_proj.weight": w(L_MOE, D_MOE), "up_proj.weight": w(D_MOE, L_MOE),
+                    "score_correction_bias": torch.zeros(E_MOE, dtype=torch.float64),
+                    "shared_expert.up.weight": w(F_MOE, D_MOE), "shared_expert.down.weight": w(D_MOE, F_MOE)})
+        for e in range(E_MOE):
+            out.update({f"experts.{e}.up.weight": w(F_MOE, L_MOE), f"experts.{e}.down.weight": w(L_MOE, F_MOE)})
+        return out
+    experts = [f"experts.{e}" for e in range(E_MOE)] + [f"shared_experts.{j}" for j in range(n_shared)]
+    for name in experts:
+        out.update({f"{name}.gate.weight": w(F_MOE, D_MOE), f"{name}.up.weight": w(F_MOE, D_MOE),
+                    f"{name}.down.weight": w(D_MOE, F_MOE)})
+    if ffn == "shared_moe":
+        out["expert_bias"] = torch.zeros(E_MOE, dtype=torch.float64)
+    return out
+
+
+def _ref_mlx_moe(p, x, ffn, top_k, scaling=1.0, n_groups=1, topk_groups=1):
+    """The MLX trainer's MoE forward, rewritten in torch (one token row at a time is not needed: masks)."""
+    logits = x @ p["router.weight"].T
+    if ffn == "latent_moe":
+        scores = torch.sigmoid(logits) + p["score_correction_bias"]
+        select = scores
+        if n_groups > 1:
+            grouped = scores.unflatten(-1, (n_groups, -1)).sum(-1)
+            keep = grouped.topk(topk_groups, -1).indices
+            mask = torch.zeros_like(grouped).scatter_(-1, keep, 1.0).repeat_interleave(E_MOE // n_groups, -1)
+            select = torch.where(mask > 0, scores, torch.full_like(scores, -1e9))
+        idx = select.topk(top_k, -1).indices
+        top = scores.gather(-1, idx)
+        weights = top / (top.sum(-1, keepdim=True) + 1e-20)
+    else:
+        idx = (logits + p.get("expert_bias", 0.0)).topk(top_k, -1).indices
+        weights = logits.gather(-1, idx).softmax(-1)
+
+    def expert(name, h):
+        if ffn == "latent_moe":
+            return F.relu(h @ p[f"{name}.up.weight"].T).square() @ p[f"{name}.down.weight"].T
+        return (F.silu(h @ p[f"{name}.gate.weight"].T) * (h @ p[f"{name}.up.weight"].T)) @ p[f"{name}.down.weight"].T
+
+    h = x @ p["down_proj.weight"].T if ffn == "latent_moe" else x
+    routed = torch.zeros_like(x)
+    for k in range(top_k):
+        for e in range(E_MOE):
+            out = expert(f"experts.{e}", h)
+            out = out @ p["up_proj.weight"].T if ffn == "latent_moe" else out
+            routed = routed + out * weights[..., k:k + 1] * (idx[..., k] == e)[..., None]
+    if ffn == "latent_moe":
+        return routed * scaling + expert("shared_expert", x)
+    shared = [k.split(".")[1] for k in p if k.startswith("shared_experts.") and k.endswith(".gate.weight")]
+    return routed + sum((expert(f"shared_experts.{j}", x) for j in shared), torch.zeros_like(x))
+
+
+MOE_CASES = [("moe", {}), ("shared_moe", {"n_shared_experts": 2}),
+             ("latent_moe", {"moe_routed_scaling_factor": 2.5, "moe_n_groups": 2, "moe_topk_groups": 1})]
+
+
+@pytest.mark.parametrize("ffn, extra", MOE_CASES, ids=[c[0] for c in MOE_CASES])
+def test_mlx_moe_ffns_load_with_the_same_function(tmp_path, ffn, extra):
+    kw = dict(attention="gqa", norm="rms_norm", position="rope", d_model=D_MOE, n_heads=4, n_kv_heads=2,
+              d_ff=F_MOE, bias=False)
+    moe = BlockConfig(**kw, ffn=ffn, n_experts=E_MOE, top_k_experts=2,
+                      **({"moe_latent_size": L_MOE} if ffn == "latent_moe" else {}), **extra)
+    config = LanguageModelConfig(vocab_size=40, blocks=[BlockConfig(**kw, ffn="gated"), moe], tie_embeddings=True)
+    torch.manual_seed(0)
+    model = LanguageModel(config).eval()
+    keys = {k: v for k, v in _mlx_keys(model, config).items() if not k.startswith("blocks.1.ffn.")}
+    params = _mlx_moe_tensors(ffn, extra.get("n_shared_experts", 0))
+    keys.update({f"blocks.1.ffn.{k}": v.float().contiguous() for k, v in params.items()})
+    safetensors.torch.save_file(keys, str(tmp_path / "model.safetensors"))
+    loaded = load_mlx_checkpoint(tmp_path, config, dtype=torch.float64)
+    params = {k: v.float().double() for k, v in params.items()}  # the values as stored
+    x = torch.randn(2, 9, D_MOE, dtype=torch.float64)
+    ref = functools.partial(_ref_mlx_moe, ffn=ffn, top_k=2, scaling=extra.get("moe_routed_scaling_factor", 1.0),
+                            n_groups=extra.get("moe_n_groups", 1), topk_groups=extra.get("moe_topk_groups", 1))
+    with torch.no_grad():
+        assert_close(loaded.layers[1].ffn(x), ref(params, x), rtol=1e-9, atol=1e-9)
+        ids = torch.randint(0, 40, (2, 9))
+        logits = loaded(ids).logits
+        loaded.layers[1].ffn.forward = lambda h, *_a, **_k: ref(params, h)
+        assert_close(loaded(ids).logits, logits, rtol=1e-9, atol=1e-9)
+        del loaded.layers[1].ffn.forward
+
+
+def test_mlx_moe_errors(tmp_path):
+    kw = dict(attention="mha", norm="rms_norm", position="rope", d_model=D_MOE, n_heads=4, d_ff=F_MOE, bias=False)
+    config = LanguageModelConfig(vocab_size=40, blocks=[BlockConfig(**kw, ffn="shared_moe", n_experts=E_MOE,
+                                                                    top_k_experts=2)])
+    model = LanguageModel(config).eval()
+    keys = {k: v for k, v in _mlx_keys(model, config).items() if not k.startswith("blocks.0.ffn.")}
+    params = _mlx_moe_tensors("shared_moe", 1)
+    params["expert_bias"] = torch.arange(E_MOE, dtype=torch.float64)
+    keys.update({f"blocks.0.ffn.{k}": v.float().contiguous() for k, v in params.items()})
+    safetensors.torch.save_file(keys, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="block 0: a nonzero expert_bias"):
+        load_mlx_checkpoint(tmp_path, config)
+    sigmoid = LanguageModelConfig(vocab_size=40, blocks=[BlockConfig(**kw, ffn="shared_moe", n_experts=E_MOE,
+                                                                     top_k_experts=2, moe_router="sigmoid")])
+    with pytest.raises(ValueError, match="moe_router='sigmoid'"):
+        load_mlx_checkpoint(tmp_path, sigmoid)
