@@ -7,12 +7,18 @@ Two folder layouts are read (``docs/seed_compat.md`` says where each comes from)
   ``fused_add_norm``, ``residual_in_fp32``, ``tie_embeddings``, ``pad_vocab_size_multiple``) and
   ``pytorch_model.bin``, a state dict whose keys start ``backbone.`` (``backbone.embedding``,
   ``backbone.layers.{i}.{norm, mixer, norm2, mlp}``, ``backbone.norm_f``) plus ``lm_head.weight``.
-  It becomes an ``LRNNLMHeadModel``.
+  It becomes an ``LRNNLMHeadModel``. Attention, Mamba, LRU, S5, Centaurus, RG-LRU and S7 layers are
+  placed; the linear RNNs' parameters are converted to seqblocks' parameterisation exactly (the same
+  function, up to float rounding), with the constructor values that function needs forced
+  (``_FORCED_KWARGS``). S4 and S4D layers raise.
 - ``load_mlx_checkpoint(path, config)``: ``model.safetensors`` (and ``metadata.json``) written by an MLX
   trainer from a model of ``ConfigurableBlock`` s, keys ``embed``, ``blocks.{i}.{attention, ffn,
   attn_norm, ffn_norm}``, ``final_norm``, ``head``, with separate ``q_proj`` / ``k_proj`` / ``v_proj`` /
   ``o_proj`` and ``gate`` / ``up`` / ``down`` projections. The folder records no architecture, so the
-  caller gives the matching ``LanguageModelConfig``; it becomes a ``LanguageModel``.
+  caller gives the matching ``LanguageModelConfig``; it becomes a ``LanguageModel``. Mixture-of-experts
+  FFNs (``ffn.router``, ``ffn.experts.{e}``, ``ffn.shared_experts.{j}`` / ``ffn.shared_expert``) become
+  the "moe" / "shared_moe" / "latent_moe" FFNs of the config; a routing the config's FFN would compute
+  differently raises.
 
 Loading never runs anything the folder names: the pickle is read with ``torch.load(weights_only=True)``
 (tensors and plain containers only), safetensors with ``safetensors``. Loading is strict: a key that
@@ -207,7 +213,11 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
     Args:
         path (str | Path): the folder.
         mixer_kwargs (dict | None): the per-mixer-type arguments the checkpoint was built with, which
-            the folder does not record (attention layers need ``{"attn": {"num_heads": H}}``). Default: None.
+            the folder does not record (attention layers need ``{"attn": {"num_heads": H}}``, S5 layers
+            ``{"S5": {"discretization": ...}}``, Centaurus layers ``sub_state_dim`` and ``mode``). Values
+            the converted function needs are set here: S5 ``full_D=True``, S7 ``input_residual=True``,
+            Centaurus ``discretization="mamba"`` (B̄ = Δ B), RG-LRU ``gate_gelu="exact"`` and
+            ``num_heads=1``. Default: None.
         device, dtype: where and in what dtype to build the model. Default: None.
 
     Returns:
@@ -216,8 +226,10 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
         ``integration_timesteps``) has no counterpart and is not loaded; a warning lists such keys.
 
     Raises:
-        ValueError: a missing or unreadable file, a mixer type outside ``BACKBONE_MIXERS``, attention
-            layers without ``num_heads``, keys or shapes that do not fit.
+        ValueError: a missing or unreadable file, a mixer type outside ``BACKBONE_MIXERS`` (naming why),
+            attention layers without ``num_heads``, S5 layers without a discretization or with one that
+            has no exact counterpart ("bilinear", "async"), a Centaurus A with a non-negative real part,
+            keys or shapes that do not fit.
     """
     folder = Path(path)
     config = _read_json(folder / "config.json")
@@ -428,7 +440,9 @@ def load_mlx_checkpoint(path: str | Path, config: LanguageModelConfig, *, device
         training metadata), when present, is in ``model.checkpoint_metadata``.
 
     Raises:
-        ValueError: a missing or unreadable file, keys or shapes that do not fit ``config``.
+        ValueError: a missing or unreadable file, keys or shapes that do not fit ``config``; an MoE
+            FFN whose routing the config's FFN computes differently (router kind, top-k
+            renormalisation, scaling, groups), a nonzero selection bias, expert biases.
         TypeError: config is not a ``LanguageModelConfig``.
     """
     import safetensors.torch

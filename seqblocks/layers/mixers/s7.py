@@ -17,7 +17,8 @@ index: a spread of time scales like S4D / HiPPO's, instead of the constant that 
 HiPPO-N's eigenvalues gives (all -0.5, i.e. every Ā = -1/3). The input-dependent part of Lambda starts
 small so that, at initialisation, each state's decay stays near its base.
 
-The residual connection is left to the enclosing block (the mixer contract); the mixer adds none.
+The residual connection is left to the enclosing block (the mixer contract); the mixer adds none
+unless ``input_residual=True`` (``out_t + u_t``, for checkpoints whose S7 layer includes its input).
 
 Shapes: B batch, T time, D model width, N state.
 """
