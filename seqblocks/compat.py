@@ -49,10 +49,12 @@ BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S5", "Centaurus", "RGLRU", "S7")
 
 #: Why the mixer types outside ``BACKBONE_MIXERS`` are refused.
 _UNPLACED = {
-    "S4": "its kernel parameters are stored under the convolution-kernel module with their own transforms, and "
-          "its ungated output path applies GELU twice; this loader does not convert them",
-    "S4D": "its kernel parameters are stored under the convolution-kernel module with their own transforms, and "
-           "its ungated output path applies GELU twice; this loader does not convert them",
+    "S4": "it stores its DPLR system in an S4-kernel form (inv_dt, A_real / A_imag through configurable "
+          "transforms, B, C and P as [..., N, 2] over half the conjugate states, shared over n_ssm copies) and its "
+          "ungated output path applies GELU twice; this loader does not convert that form",
+    "S4D": "it stores its diagonal system in an S4-kernel form (inv_dt, A_real / A_imag through configurable "
+           "transforms, B and C as [..., N, 2] over half the conjugate states, shared over n_ssm copies) and its "
+           "ungated output path applies GELU twice; this loader does not convert that form",
 }
 
 _CONFIG_KEYS = ("d_intermediate", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32",
@@ -242,6 +244,12 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
         why = "; ".join(f"{t}: {_UNPLACED[t]}" for t in unsupported if t in _UNPLACED)
         raise ValueError(f"{folder}: mixer types {unsupported} cannot be placed ({why or 'unknown mixer type'}); "
                          f"this loader places {list(BACKBONE_MIXERS)}")
+    if mixer_kwargs is not None and not isinstance(mixer_kwargs, dict):
+        raise TypeError(f"mixer_kwargs must be a dict of per-mixer-type dicts, got {type(mixer_kwargs).__name__}")
+    bad = {k: v for k, v in (mixer_kwargs or {}).items() if not isinstance(v, dict)}
+    if bad:
+        raise TypeError(f"mixer_kwargs maps mixer types to dicts of their arguments (as the checkpoint was built); "
+                        f"got non-dict values {bad}")
     mixer_kwargs = {k: dict(v) for k, v in (mixer_kwargs or {}).items()}
     for kind, forced in _FORCED_KWARGS.items():
         if kind in mixer_types:

@@ -349,6 +349,8 @@ def test_lrnn_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="'bilinear'"):
         load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2},
                                                                 "S5": {"discretization": "bilinear"}})
+    with pytest.raises(TypeError, match="non-dict values"):
+        load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2}, "discretization": "zoh"})
     folder = tmp_path / "cent"
     _lrnn_folder(folder, "Centaurus", {"sub_state_dim": M, "mode": "neck"})
     state = torch.load(folder / "pytorch_model.bin", weights_only=True)
