@@ -308,6 +308,8 @@ def test_lrnn_mixers_load_with_the_same_function(tmp_path, kind, kwargs):
         assert_close(model(ids).logits, logits, rtol=1e-9, atol=1e-9)
         assert calls, "the reference layer was not used"
         del mixer.forward
+    # The forced options are in the model's config: rebuilding from it takes the same weights.
+    LRNNLMHeadModel.from_config(model.config, dtype=torch.float64).load_state_dict(model.state_dict())
     # Decoding the loaded layer (prefill, then one token at a time) gives the same outputs.
     check_prefill_then_steps(mixer, u, prefill=3, atol=1e-9)
     check_causality(mixer, u, t=3, atol=1e-12)
