@@ -44,17 +44,14 @@ __all__ = ["load_backbone_checkpoint", "load_mlx_checkpoint", "BACKBONE_MIXERS"]
 #: Mixer types whose parameters ``load_backbone_checkpoint`` can place: attention (fused ``in_proj``,
 #: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too), Mamba (``conv1d`` as ``conv_weight`` / ``conv_bias``),
 #: and the linear RNNs LRU, S5, Centaurus, RG-LRU and S7, whose parameters are converted exactly
-#: (``_MIXER_CONVERTERS``). S4 and S4D are not placed (see ``_UNPLACED``).
-BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S5", "Centaurus", "RGLRU", "S7")
+#: (``_MIXER_CONVERTERS``). S4 is not placed (see ``_UNPLACED``).
+BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S4D", "S5", "Centaurus", "RGLRU", "S7")
 
 #: Why the mixer types outside ``BACKBONE_MIXERS`` are refused.
 _UNPLACED = {
     "S4": "it stores its DPLR system in an S4-kernel form (inv_dt, A_real / A_imag through configurable "
           "transforms, B, C and P as [..., N, 2] over half the conjugate states, shared over n_ssm copies) and its "
           "ungated output path applies GELU twice; this loader does not convert that form",
-    "S4D": "it stores its diagonal system in an S4-kernel form (inv_dt, A_real / A_imag through configurable "
-           "transforms, B and C as [..., N, 2] over half the conjugate states, shared over n_ssm copies) and its "
-           "ungated output path applies GELU twice; this loader does not convert that form",
 }
 
 _CONFIG_KEYS = ("d_intermediate", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32",
@@ -106,11 +103,11 @@ def _rest(params: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict
     return out
 
 
-def _convert_lru(params, mixer):
+def _convert_lru(params, mixer, file_kwargs):
     return dict(params)  # same names and the same function: x_t = λ x_{t-1} + γ B u_t, y = Re(C x) + D u
 
 
-def _convert_s5(params, mixer):
+def _convert_s5(params, mixer, file_kwargs):
     # File: A [P, 2] = (inverse-softplus of -Re Λ, Im Λ), real B [P, H], log_dt [P], C [H, P, 2], D [H, H].
     A, B, log_dt, C, D = (t.double() for t in _take(params, "A", "B", "log_dt", "C", "D"))
     if A.dim() != 2 or A.shape[-1] != 2 or C.dim() != 3 or C.shape[-1] != 2:
@@ -120,7 +117,7 @@ def _convert_s5(params, mixer):
     return _rest(params, out)
 
 
-def _convert_centaurus(params, mixer):
+def _convert_centaurus(params, mixer, file_kwargs):
     # File: a complex A [N, M] (Re A < 0 for a stable system); E, log_delta, B, C as here.
     (A,) = _take(params, "A")
     if not A.is_complex():
@@ -132,7 +129,7 @@ def _convert_centaurus(params, mixer):
     return _rest(params, {"A_real": torch.log(-A.real), "A_imag": A.imag})
 
 
-def _convert_rglru(params, mixer):
+def _convert_rglru(params, mixer, file_kwargs):
     # File: dense recurrence / input gates (nn.Linear [E, E] with bias), a_log [E, 1] with a = sigmoid(a_log),
     # the conv as nn.Conv1d [E, 1, W]. Here: gate_weight [2, 1, E, E] applied as x @ W, a_param [E].
     if mixer.num_heads != 1:
@@ -148,7 +145,7 @@ def _convert_rglru(params, mixer):
     return _rest(params, out)
 
 
-def _convert_s7(params, mixer):
+def _convert_s7(params, mixer, file_kwargs):
     # File: base_params [N] (no per-channel skip base), x_proj rows [Λ (N), B (H*N, h-major), C (H*N), D (H), β (N)].
     # Here B's rows are n-major ([N, H] flattened), and d_base is added to D: set to 0.
     base, W = _take(params, "base_params", "x_proj.weight")
@@ -163,8 +160,83 @@ def _convert_s7(params, mixer):
     return _rest(params, out)
 
 
+def _positive(param: torch.Tensor, transform: str, what: str) -> torch.Tensor:
+    """The positive quantity a stored S4-kernel parameter stands for (that code's ``param_transform``)."""
+    fns = {"none": lambda p: p, "exp": torch.exp, "relu": lambda p: torch.relu(p) + 1e-4, "sigmoid": torch.sigmoid,
+           "softplus": torch.nn.functional.softplus}
+    if transform not in fns:
+        raise ValueError(f"S4D: unknown {what} transform {transform!r}; expected one of {sorted(fns)}")
+    return fns[transform](param)
+
+
+#: S4D constructor values of the file's code and what this loader requires of them (the function it
+#: reproduces: channels=1, no gate or bottleneck, the [B, T, H] layout, complex A).
+_S4D_REQUIRED = {"transposed": False, "channels": 1, "gate": None, "bottleneck": None, "postact": None,
+                 "is_real": False}
+#: The file's S4D arguments this model takes under the same name and meaning.
+_S4D_PASSED = ("l_max", "dt_min", "dt_max", "init", "disc", "dropout", "lr", "wd")
+#: The file's S4D arguments that only shape its stored form (read from the tensors or converted).
+_S4D_FORM = ("dt_tie", "dt_transform", "dt_fast", "rank", "n_ssm", "deterministic", "verbose", "real_transform",
+             "imag_transform", "tie_dropout", "final_act", "d_state")
+
+
+def _s4d_kwargs(folder: Path, given: dict) -> dict:
+    """seqblocks S4D arguments for the file's S4D arguments ``given`` (see ``_convert_s4d``)."""
+    given = dict(given)
+    if "transposed" not in given:
+        raise ValueError(f"{folder}: S4D layers default to transposed=True, which inside a block reads a [B, T, H] "
+                         f"input as [B, H, T]; that function is not reproduced. Pass the S4D arguments the "
+                         f"checkpoint was built with (mixer_kwargs={{'S4D': {{'transposed': False, ...}}}})")
+    bad = {k: given[k] for k, v in _S4D_REQUIRED.items() if k in given and given[k] != v}
+    if bad:
+        raise ValueError(f"{folder}: S4D layers with {bad} cannot be converted; supported: {_S4D_REQUIRED}")
+    unknown = sorted(set(given) - set(_S4D_REQUIRED) - set(_S4D_PASSED) - set(_S4D_FORM))
+    if unknown:
+        raise ValueError(f"{folder}: unknown S4D arguments {unknown}")
+    disc = given.get("disc", "zoh")
+    if disc not in ("zoh", "bilinear"):
+        raise ValueError(f"{folder}: S4D disc={disc!r}; the file's S4D computes 'zoh' or 'bilinear'")
+    out = {k: given[k] for k in _S4D_PASSED if k in given}
+    # The ungated path: GELU, GELU, dropout, then Linear followed by GELU whatever final_act names (None: nothing).
+    out.update(real_transform="exp", activation="gelu", double_activation=True,
+               final_act=None if given.get("final_act", "glu") is None else "gelu")
+    return out
+
+
+def _convert_s4d(params, mixer, file_kwargs):
+    # File: A_real / A_imag [n_ssm, n] with A = -t_re(A_real) - i t_im(A_imag), B [1, n_ssm, n, 2], C [1, H, n, 2],
+    # inv_dt [H] or [H, 1] with dt = t_dt(inv_dt) (sinh first under dt_fast), D [1, H]; the rows repeat over H
+    # as h -> h mod n_ssm. The kernel 2 Re sum_n C_n B̄_n λ_n^l is ours with B = B, C = C.
+    A_real, A_imag, B, C, inv_dt, D = _take(params, "A_real", "A_imag", "B", "C", "inv_dt", "D")
+    for k in [k for k in params if k.startswith("layer.kernel.")]:
+        twin = {"A_real": A_real, "A_imag": A_imag, "B": B, "C": C, "inv_dt": inv_dt}.get(k[len("layer.kernel."):])
+        value = params.pop(k)
+        if twin is None or not torch.equal(value, twin):
+            raise ValueError(f"{k} is not a copy of the layer's own {k[len('layer.kernel.'):]}")
+    H, n = mixer.d_model, mixer.d_state // 2
+    if A_real.dim() != 2 or A_real.shape[1] != n or H % A_real.shape[0]:
+        raise ValueError(f"S4D: A_real has shape {tuple(A_real.shape)}, expected [n_ssm, {n}] with n_ssm dividing {H}")
+    if tuple(B.shape) != (1, A_real.shape[0], n, 2) or tuple(C.shape) != (1, H, n, 2):
+        raise ValueError(f"S4D: B {tuple(B.shape)} / C {tuple(C.shape)}, expected [1, n_ssm, {n}, 2] / "
+                         f"[1, {H}, {n}, 2] (channels=1)")
+    if inv_dt.numel() != H:
+        raise ValueError(f"S4D: inv_dt has shape {tuple(inv_dt.shape)}: one step per state (dt_tie=False) has no "
+                         f"counterpart here (one step per channel)")
+    rep = H // A_real.shape[0]
+    f = {k: file_kwargs.get(k, d) for k, d in (("real_transform", "exp"), ("imag_transform", "none"),
+                                                ("dt_transform", "exp"), ("dt_fast", False))}
+    A_real, A_imag, B, C, inv_dt = (t.double() for t in (A_real, A_imag, B, C, inv_dt))
+    re = _positive(A_real, f["real_transform"], "real")
+    im = _positive(A_imag, f["imag_transform"], "imag")
+    dt = _positive(torch.sinh(inv_dt) if f["dt_fast"] else inv_dt, f["dt_transform"], "dt").reshape(H)
+    out = {"A_real": torch.log(re).repeat(rep, 1), "A_imag": (-im).repeat(rep, 1),
+           "B_re": B[0, ..., 0].repeat(rep, 1), "B_im": B[0, ..., 1].repeat(rep, 1),
+           "C_re": C[0, ..., 0], "C_im": C[0, ..., 1], "log_dt": torch.log(dt), "D": D.reshape(-1)}
+    return _rest(params, out)
+
+
 _MIXER_CONVERTERS = {"LRU": _convert_lru, "S5": _convert_s5, "Centaurus": _convert_centaurus,
-                     "RGLRU": _convert_rglru, "S7": _convert_s7}
+                     "RGLRU": _convert_rglru, "S7": _convert_s7, "S4D": _convert_s4d}
 
 #: Constructor values these layers need here to compute the file's function (the file's layers have no
 #: choice in them): S5's skip is a full [H, H] matrix, S7 adds its input to its output, Centaurus scales
@@ -251,6 +323,9 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
         raise TypeError(f"mixer_kwargs maps mixer types to dicts of their arguments (as the checkpoint was built); "
                         f"got non-dict values {bad}")
     mixer_kwargs = {k: dict(v) for k, v in (mixer_kwargs or {}).items()}
+    file_kwargs = {k: dict(v) for k, v in mixer_kwargs.items()}
+    if "S4D" in mixer_types:
+        mixer_kwargs["S4D"] = _s4d_kwargs(folder, mixer_kwargs.get("S4D", {}))
     for kind, forced in _FORCED_KWARGS.items():
         if kind in mixer_types:
             mixer_kwargs[kind] = {**mixer_kwargs.get(kind, {}), **forced}
@@ -297,7 +372,7 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
     for i, params in sorted(per_layer.items()):
         kind = mixer_types[i]
         try:
-            converted = _MIXER_CONVERTERS[kind](dict(params), model.layers[i].mixer)
+            converted = _MIXER_CONVERTERS[kind](dict(params), model.layers[i].mixer, file_kwargs.get(kind, {}))
         except ValueError as err:
             raise ValueError(f"{weights}: layer {i} ({kind}): {err}") from None
         state.update({f"layers.{i}.mixer.{k}": v for k, v in converted.items()})

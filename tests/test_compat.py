@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from seqblocks import BlockConfig, LanguageModel, LanguageModelConfig, LRNNLMHeadModel
 from seqblocks.compat import load_backbone_checkpoint, load_mlx_checkpoint
 from seqblocks.layers.mixers.rglru import RGLRU
+from seqblocks.layers.mixers.s4d import S4D
 from seqblocks.layers.mixers.s5 import S5
 from seqblocks.layers.mixers.s7 import S7
 from seqblocks.testing import check_causality, check_prefill_then_steps
@@ -167,7 +168,34 @@ def _file_params(kind: str, mode: str = "neck") -> dict[str, torch.Tensor]:
         return {"in_proj.weight": _randn(H, H, scale=0.3), "base_params": _randn(N) + 1.0,
                 "x_proj.weight": _randn(N + 2 * H * N + H + N, H, scale=0.1),
                 "gate_proj.weight": _randn(H, H, scale=0.3)}
+    if kind == "S4D":
+        n, n_ssm = N // 2, {"zoh": H, "bilinear": 2}[mode]
+        out = {"A_real": _randn(n_ssm, n, scale=0.5) - 1.0, "A_imag": _randn(n_ssm, n, scale=2.0),
+               "B": _randn(1, n_ssm, n, 2), "C": _randn(1, H, n, 2), "inv_dt": torch.linspace(-4, -1, H).double(),
+               "D": _randn(1, H), "output_linear.0.weight": _randn(H, H, scale=0.3), "output_linear.0.bias": _randn(H)}
+        # The convolution's kernel module holds the same parameters under its own names.
+        out.update({f"layer.kernel.{k}": out[k] for k in ("A_real", "A_imag", "B", "C", "inv_dt")})
+        return out
     raise AssertionError(kind)
+
+
+def _ref_s4d(p, u, disc="zoh", **_):
+    # A = -exp(A_real) - i A_imag repeated over H (h -> h mod n_ssm); kernel 2 Re sum_n (B C γ)_n λ_n^l;
+    # y = K * u + D u, then GELU twice and the output map Linear -> GELU.
+    rep = H // p["A_real"].shape[0]
+    A = torch.complex(-torch.exp(p["A_real"]), -p["A_imag"]).repeat(rep, 1)
+    B = torch.view_as_complex(p["B"].contiguous())[0].repeat(rep, 1)
+    C = torch.view_as_complex(p["C"].contiguous())[0]
+    dtA = torch.exp(p["inv_dt"])[:, None] * A
+    if disc == "zoh":
+        Cp, lam = B * C * (torch.exp(dtA) - 1) / A, torch.exp(dtA)
+    else:
+        Cp, lam = B * C * torch.exp(p["inv_dt"])[:, None] / (1 - dtA / 2), (1 + dtA / 2) / (1 - dtA / 2)
+    T = u.shape[1]
+    K = 2 * (Cp[..., None] * lam[..., None] ** torch.arange(T)).sum(1).real  # [H, T]
+    y = torch.stack([sum(K[:, l] * u[:, t - l] for l in range(t + 1)) for t in range(T)], 1) + u * p["D"][0]
+    y = F.gelu(F.gelu(y))
+    return F.gelu(y @ p["output_linear.0.weight"].T + p["output_linear.0.bias"])
 
 
 def _ref_lru(p, u, **_):
@@ -257,12 +285,14 @@ def _ref_s7(p, u, **_):
     return torch.sigmoid(F.gelu(y) @ p["gate_proj.weight"].T) * y + u
 
 
-_REF = {"LRU": _ref_lru, "S5": _ref_s5, "Centaurus": _ref_centaurus, "RGLRU": _ref_rglru, "S7": _ref_s7}
+_REF = {"S4D": _ref_s4d, "LRU": _ref_lru, "S5": _ref_s5, "Centaurus": _ref_centaurus, "RGLRU": _ref_rglru,
+        "S7": _ref_s7}
 
 CASES = [("LRU", {}), ("S5", {"discretization": "zoh"}), ("S5", {"discretization": "dirac"}),
          ("S5", {"discretization": "no_discretization"}), ("Centaurus", {"sub_state_dim": M, "mode": "neck"}),
          ("Centaurus", {"sub_state_dim": M, "mode": "pointwise"}), ("Centaurus", {"sub_state_dim": M, "mode": "dws"}),
-         ("Centaurus", {"sub_state_dim": M, "mode": "full"}), ("RGLRU", {"d_conv": E_CONV}), ("S7", {})]
+         ("Centaurus", {"sub_state_dim": M, "mode": "full"}), ("RGLRU", {"d_conv": E_CONV}), ("S7", {}),
+         ("S4D", {"transposed": False}), ("S4D", {"transposed": False, "disc": "bilinear", "n_ssm": 2})]
 
 
 def _lrnn_folder(folder, kind, kwargs, d_state=N):
@@ -276,7 +306,7 @@ def _lrnn_folder(folder, kind, kwargs, d_state=N):
     folder.mkdir()
     state = {("backbone." + k if k != "lm_head.weight" else k): v.clone() for k, v in base.state_dict().items()
              if ".mixer." not in k or k.startswith("layers.1.")}
-    params = _file_params(kind, kwargs.get("mode", "neck"))
+    params = _file_params(kind, kwargs.get("mode", kwargs.get("disc", "zoh") if kind == "S4D" else "neck"))
     state.update({f"backbone.layers.0.mixer.{k}": v.float() if not v.is_complex() else v.to(torch.complex64)
                   for k, v in params.items()})
     torch.save(state, folder / "pytorch_model.bin")
@@ -326,6 +356,17 @@ def test_mixer_options_the_loader_uses():
         full.D.copy_(torch.diag(torch.arange(H, dtype=torch.float64)))
         assert_close(full(x), diag(x))
     assert full.D.shape == (H, H)
+    # S4D's double activation and Linear -> GELU output map.
+    twice = S4D(H, N, activation="gelu", double_activation=True, final_act="gelu").double()
+    once = S4D(H, N, activation="gelu", final_act="gelu").double()
+    once.load_state_dict(twice.state_dict())
+    with torch.no_grad():
+        lin = twice.output_linear[0]
+        assert lin.weight.shape == (H, H)
+        once.output_linear, once.activation = torch.nn.Identity(), torch.nn.Identity()  # the bare SSM output
+        assert_close(twice(x), F.gelu(lin(F.gelu(F.gelu(once(x))))))
+    with pytest.raises(TypeError, match="double_activation"):
+        S4D(H, N, double_activation="yes")
     # S7's input residual adds the input to the output.
     s7 = S7(H, N, input_residual=True).double()
     plain = S7(H, N).double()
@@ -362,9 +403,16 @@ def test_lrnn_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="real part >= 0"):
         load_backbone_checkpoint(folder, mixer_kwargs={"attn": {"num_heads": 2},
                                                        "Centaurus": {"sub_state_dim": M, "mode": "neck"}})
-    (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4D", "attn"]}))
-    with pytest.raises(ValueError, match="S4D.*GELU twice"):
+    (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4", "attn"]}))
+    with pytest.raises(ValueError, match="S4.*GELU twice"):
         load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
+    (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4D", "attn"]}))
+    with pytest.raises(ValueError, match="transposed=True"):
+        load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
+    with pytest.raises(ValueError, match="'channels': 2"):
+        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "channels": 2}})
+    with pytest.raises(ValueError, match="unknown S4D arguments \\['colour'\\]"):
+        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "colour": 1}})
 
 
 # ---------------------------------------------------------------- MoE FFNs of an MLX folder
