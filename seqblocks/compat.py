@@ -7,10 +7,10 @@ Two folder layouts are read (``docs/seed_compat.md`` says where each comes from)
   ``fused_add_norm``, ``residual_in_fp32``, ``tie_embeddings``, ``pad_vocab_size_multiple``) and
   ``pytorch_model.bin``, a state dict whose keys start ``backbone.`` (``backbone.embedding``,
   ``backbone.layers.{i}.{norm, mixer, norm2, mlp}``, ``backbone.norm_f``) plus ``lm_head.weight``.
-  It becomes an ``LRNNLMHeadModel``. Attention, Mamba, LRU, S5, Centaurus, RG-LRU and S7 layers are
+  It becomes an ``LRNNLMHeadModel``. Attention, Mamba, LRU, S4D, S5, Centaurus, RG-LRU and S7 layers are
   placed; the linear RNNs' parameters are converted to seqblocks' parameterisation exactly (the same
   function, up to float rounding), with the constructor values that function needs forced
-  (``_FORCED_KWARGS``). S4 and S4D layers raise.
+  (``_FORCED_KWARGS``, ``_s4d_kwargs``). S4 layers raise.
 - ``load_mlx_checkpoint(path, config)``: ``model.safetensors`` (and ``metadata.json``) written by an MLX
   trainer from a model of ``ConfigurableBlock`` s, keys ``embed``, ``blocks.{i}.{attention, ffn,
   attn_norm, ffn_norm}``, ``final_norm``, ``head``, with separate ``q_proj`` / ``k_proj`` / ``v_proj`` /
@@ -43,7 +43,7 @@ __all__ = ["load_backbone_checkpoint", "load_mlx_checkpoint", "BACKBONE_MIXERS"]
 
 #: Mixer types whose parameters ``load_backbone_checkpoint`` can place: attention (fused ``in_proj``,
 #: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too), Mamba (``conv1d`` as ``conv_weight`` / ``conv_bias``),
-#: and the linear RNNs LRU, S5, Centaurus, RG-LRU and S7, whose parameters are converted exactly
+#: and the linear RNNs LRU, S4D, S5, Centaurus, RG-LRU and S7, whose parameters are converted exactly
 #: (``_MIXER_CONVERTERS``). S4 is not placed (see ``_UNPLACED``).
 BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S4D", "S5", "Centaurus", "RGLRU", "S7")
 
@@ -174,10 +174,11 @@ def _positive(param: torch.Tensor, transform: str, what: str) -> torch.Tensor:
 _S4D_REQUIRED = {"transposed": False, "channels": 1, "gate": None, "bottleneck": None, "postact": None,
                  "is_real": False}
 #: The file's S4D arguments this model takes under the same name and meaning.
-_S4D_PASSED = ("l_max", "dt_min", "dt_max", "init", "disc", "dropout", "lr", "wd")
-#: The file's S4D arguments that only shape its stored form (read from the tensors or converted).
+_S4D_PASSED = ("disc", "dropout", "lr", "wd")
+#: The file's S4D arguments that only shape its stored form or its initialisation (read from the tensors,
+#: converted, or overwritten by the loaded values).
 _S4D_FORM = ("dt_tie", "dt_transform", "dt_fast", "rank", "n_ssm", "deterministic", "verbose", "real_transform",
-             "imag_transform", "tie_dropout", "final_act", "d_state")
+             "imag_transform", "tie_dropout", "final_act", "d_state", "init", "dt_min", "dt_max", "l_max")
 
 
 def _s4d_kwargs(folder: Path, given: dict) -> dict:
@@ -193,6 +194,9 @@ def _s4d_kwargs(folder: Path, given: dict) -> dict:
     unknown = sorted(set(given) - set(_S4D_REQUIRED) - set(_S4D_PASSED) - set(_S4D_FORM))
     if unknown:
         raise ValueError(f"{folder}: unknown S4D arguments {unknown}")
+    if given.get("l_max") is not None:
+        raise ValueError(f"{folder}: S4D l_max={given['l_max']}: the file's kernel stops after l_max steps, while "
+                         f"seqblocks' S4D kernel spans the whole input; not reproduced for longer inputs")
     disc = given.get("disc", "zoh")
     if disc not in ("zoh", "bilinear"):
         raise ValueError(f"{folder}: S4D disc={disc!r}; the file's S4D computes 'zoh' or 'bilinear'")
@@ -288,10 +292,11 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
         path (str | Path): the folder.
         mixer_kwargs (dict | None): the per-mixer-type arguments the checkpoint was built with, which
             the folder does not record (attention layers need ``{"attn": {"num_heads": H}}``, S5 layers
-            ``{"S5": {"discretization": ...}}``, Centaurus layers ``sub_state_dim`` and ``mode``). Values
+            ``{"S5": {"discretization": ...}}``, Centaurus layers ``sub_state_dim`` and ``mode``, S4D
+            layers their arguments as built, with ``transposed=False``). Values
             the converted function needs are set here: S5 ``full_D=True``, S7 ``input_residual=True``,
             Centaurus ``discretization="mamba"`` (B̄ = Δ B), RG-LRU ``gate_gelu="exact"`` and
-            ``num_heads=1``. Default: None.
+            ``num_heads=1``, S4D ``double_activation=True`` and ``final_act="gelu"``. Default: None.
         device, dtype: where and in what dtype to build the model. Default: None.
 
     Returns:

@@ -292,7 +292,8 @@ CASES = [("LRU", {}), ("S5", {"discretization": "zoh"}), ("S5", {"discretization
          ("S5", {"discretization": "no_discretization"}), ("Centaurus", {"sub_state_dim": M, "mode": "neck"}),
          ("Centaurus", {"sub_state_dim": M, "mode": "pointwise"}), ("Centaurus", {"sub_state_dim": M, "mode": "dws"}),
          ("Centaurus", {"sub_state_dim": M, "mode": "full"}), ("RGLRU", {"d_conv": E_CONV}), ("S7", {}),
-         ("S4D", {"transposed": False}), ("S4D", {"transposed": False, "disc": "bilinear", "n_ssm": 2})]
+         ("S4D", {"transposed": False}),
+         ("S4D", {"transposed": False, "disc": "bilinear", "n_ssm": 2, "init": "diag-lin", "l_max": None})]
 
 
 def _lrnn_folder(folder, kind, kwargs, d_state=N):
@@ -411,6 +412,8 @@ def test_lrnn_folder_errors(tmp_path):
         load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
     with pytest.raises(ValueError, match="'channels': 2"):
         load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "channels": 2}})
+    with pytest.raises(ValueError, match="l_max=64"):
+        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "l_max": 64}})
     with pytest.raises(ValueError, match="unknown S4D arguments \\['colour'\\]"):
         load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "colour": 1}})
 
