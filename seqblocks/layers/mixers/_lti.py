@@ -238,8 +238,9 @@ def post_layers(d_model: int, activation: str | None, final_act: str | None, dro
                 device=None, dtype=None, *, d_in: int | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
     """S4's pointwise tail: (activation, dropout, output map) as in the S4 repository.
 
-    ``final_act``: "glu" (Linear d_in -> 2D then GLU), "id" (Linear d_in -> D), None (nothing, which
-    needs d_in == D). ``d_in``: the width entering the map (S4's channels or gate widen it). Default: D.
+    ``final_act``: "glu" (Linear d_in -> 2D then GLU), "id" (Linear d_in -> D), "gelu" (Linear d_in -> D
+    then GELU), None (nothing, which needs d_in == D). ``d_in``: the width entering the map (S4's
+    channels or gate widen it). Default: D.
     """
     d_in = d_model if d_in is None else d_in
     if final_act is None and d_in != d_model:
@@ -253,10 +254,12 @@ def post_layers(d_model: int, activation: str | None, final_act: str | None, dro
         out = nn.Sequential(nn.Linear(d_in, 2 * d_model, device=device, dtype=dtype), nn.GLU(dim=-1))
     elif final_act == "id":
         out = nn.Linear(d_in, d_model, device=device, dtype=dtype)
+    elif final_act == "gelu":
+        out = nn.Sequential(nn.Linear(d_in, d_model, device=device, dtype=dtype), nn.GELU())
     elif final_act is None:
         out = nn.Identity()
     else:
-        raise ValueError(f"unknown final_act {final_act!r}; expected 'glu', 'id' or None")
+        raise ValueError(f"unknown final_act {final_act!r}; expected 'glu', 'id', 'gelu' or None")
     check_range("S4", "dropout", dropout, 0.0, 1.0, hi_open=True)
     return acts[activation](), (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), out
 

@@ -97,6 +97,8 @@ class RGLRU(Mixer):
         device, dtype: parameter placement. Default: None.
         use_fast_path (bool): keyword only; let the conv, scan and decode step run their Triton kernels
             on CUDA; False keeps every op on its PyTorch path (same results). Default: True.
+        gate_gelu (str): keyword only; the GeLU of the gate branch: "tanh" (the tanh approximation,
+            Griffin's) or "exact" (the erf form). Default: "tanh".
 
     Raises:
         ValueError: non-positive sizes, a bad ``a_init_range`` or ``c``, num_heads not dividing E.
@@ -123,8 +125,12 @@ class RGLRU(Mixer):
         dtype=None,
         *,
         use_fast_path: bool = True,
+        gate_gelu: str = "tanh",
     ) -> None:
         super().__init__()
+        if gate_gelu not in ("tanh", "exact"):
+            raise ValueError(f"RGLRU: gate_gelu must be 'tanh' or 'exact', got {gate_gelu!r}")
+        self.gate_gelu = gate_gelu
         if not isinstance(scale_first_input, bool):
             raise TypeError(f"RGLRU: scale_first_input must be a bool, got {scale_first_input!r}")
         self.scale_first_input = scale_first_input
@@ -238,7 +244,7 @@ class RGLRU(Mixer):
         Bsz, T, _ = x.shape
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
-        g = F.gelu(self.gate_proj(x), approximate="tanh")
+        g = F.gelu(self.gate_proj(x), approximate="tanh" if self.gate_gelu == "tanh" else "none")
         xs = self.in_proj(x)
         if cache is not None and T == 1 and lengths is None and self.scale_first_input:
             # Two fused ops (one Triton launch each on CUDA): the conv step also advances the cache, the

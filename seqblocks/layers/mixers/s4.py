@@ -131,7 +131,7 @@ class S4(DiagonalSSMParams, LTIMixer):
         real_transform (str): how Re(Λ) is stored: "exp", "softplus", "relu" or "none". Default: "exp".
         dropout (float): dropout after the activation. Default: 0.0.
         activation (str | None): pointwise activation after the SSM. Default: "gelu".
-        final_act (str | None): output map: "glu", "id" or None. Default: "glu".
+        final_act (str | None): output map: "glu", "id", "gelu" (Linear then GELU) or None. Default: "glu".
         lr (float | None): learning-rate hint on the SSM parameters. Default: None.
         wd (float): weight-decay hint on the SSM parameters. Default: 0.0.
         mode (str): "conv" or "scan". Default: "conv".

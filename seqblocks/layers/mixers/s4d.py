@@ -156,7 +156,10 @@ class S4D(DiagonalSSMParams, LTIMixer):
         real_transform (str): how Re(A) is stored: "exp", "softplus", "relu" or "none". Default: "exp".
         dropout (float): dropout after the activation. Default: 0.0.
         activation (str | None): pointwise activation after the SSM ("gelu", "silu", ...). Default: "gelu".
-        final_act (str | None): output map: "glu" (Linear H -> 2H, GLU), "id" (Linear), None. Default: "glu".
+        final_act (str | None): output map: "glu" (Linear H -> 2H, GLU), "id" (Linear), "gelu" (Linear
+            H -> H, then GELU), None. Default: "glu".
+        double_activation (bool): apply ``activation`` twice before the dropout (code
+            whose ungated path runs a conv activation and then a multiplicative one). Default: False.
         lr (float | None): learning-rate hint on the SSM parameters (``param._optim``). Default: None.
         wd (float): weight-decay hint on the SSM parameters. Default: 0.0.
         mode (str): "conv" or "scan". Default: "conv".
@@ -174,9 +177,12 @@ class S4D(DiagonalSSMParams, LTIMixer):
                  dt_max: float = 0.1, init: str = "legs", disc: str = "zoh", real_transform: str = "exp",
                  dropout: float = 0.0, activation: str | None = "gelu", final_act: str | None = "glu",
                  lr: float | None = None, wd: float = 0.0, mode: str = "conv", bidirectional: bool = False,
-                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+                 layer_idx: int | None = None, device=None, dtype=None, double_activation: bool = False) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
+        if not isinstance(double_activation, bool):
+            raise TypeError(f"S4D: double_activation must be a bool, got {double_activation!r}")
+        self.double_activation = double_activation
         if init not in S4D_INITS:
             raise ValueError(f"S4D: unknown init {init!r}; expected one of {S4D_INITS}")
         if disc not in ("zoh", "bilinear"):
@@ -187,6 +193,8 @@ class S4D(DiagonalSSMParams, LTIMixer):
         self.layer_idx = layer_idx
         H = d_model
         self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw)
+        if double_activation:
+            self.activation = nn.Sequential(self.activation, type(self.activation)())
         set_optim((self.A_real, self.A_imag, self.B_re, self.B_im, self.log_dt), lr, wd, "S4D")
         self.reset_parameters()
 

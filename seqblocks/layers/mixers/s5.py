@@ -72,6 +72,8 @@ class S5(LTIMixer):
         bidirectional (bool): add a reversed pass with its own ``C̃``. Default: False.
         use_fast_path (bool): let the scans run their Triton kernels on CUDA; False keeps every op on
             its PyTorch path (same results). Default: True.
+        full_D (bool): a full ``[H, H]`` feedthrough matrix, ``y = ... + u @ D``, instead of the
+            per-channel ``D ⊙ u`` (``D`` then starts at normal(0, sqrt(2 / H))). Default: False.
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: of the parameters. Default: None.
 
@@ -87,7 +89,7 @@ class S5(LTIMixer):
     def __init__(self, d_model: int, d_state: int, discretization: str = "zoh", conj_sym: bool = False, *,
                  blocks: int = 1, dt_min: float = 0.001, dt_max: float = 0.1, step_rescale: float = 1.0,
                  mode: str = "scan", bidirectional: bool = False, use_fast_path: bool = True,
-                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+                 full_D: bool = False, layer_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
         if discretization not in S5_DISCRETIZATIONS:
@@ -101,6 +103,7 @@ class S5(LTIMixer):
         check_range("S5", "step_rescale", step_rescale, 0.0, lo_open=True)
         self.step_rescale = float(step_rescale)
         self.use_fast_path = bool(use_fast_path)
+        self.full_D = bool(full_D)
         self.d_state = d_state
         self.discretization = discretization
         self.conj_sym = bool(conj_sym)
@@ -119,7 +122,7 @@ class S5(LTIMixer):
         if self.bidirectional:
             self.C_bwd_re = nn.Parameter(torch.empty(H, Ps, **kw))
             self.C_bwd_im = nn.Parameter(torch.empty(H, Ps, **kw))
-        self.D = nn.Parameter(torch.empty(H, **kw))
+        self.D = nn.Parameter(torch.empty((H, H) if self.full_D else (H,), **kw))
         self.log_step = nn.Parameter(torch.empty(Ps, **kw))
         self.reset_parameters()
 
@@ -144,7 +147,7 @@ class S5(LTIMixer):
                 C2_t = (C2 / math.sqrt(2 * P)) @ V
                 self.C_bwd_re.copy_(C2_t.real)
                 self.C_bwd_im.copy_(C2_t.imag)
-            self.D.normal_(0.0, 1.0)
+            self.D.normal_(0.0, math.sqrt(2 / H) if self.full_D else 1.0)
             steps = torch.linspace(math.log(self.dt_min), math.log(self.dt_max), lam.shape[0], dtype=torch.float64)
             self.log_step.copy_(steps)
 
@@ -206,4 +209,6 @@ class S5(LTIMixer):
         return discretize(A, dt, method, dt_A=None if tau is None else dt * tau)
 
     def _skip(self, u):
+        if self.full_D:
+            return u @ self.D.to(u.dtype)
         return u * self.D.to(u.dtype)

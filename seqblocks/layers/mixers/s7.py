@@ -17,7 +17,8 @@ index: a spread of time scales like S4D / HiPPO's, instead of the constant that 
 HiPPO-N's eigenvalues gives (all -0.5, i.e. every Ā = -1/3). The input-dependent part of Lambda starts
 small so that, at initialisation, each state's decay stays near its base.
 
-The residual connection is left to the enclosing block (the mixer contract); the mixer adds none.
+The residual connection is left to the enclosing block (the mixer contract); the mixer adds none
+unless ``input_residual=True`` (``out_t + u_t``, for checkpoints whose S7 layer includes its input).
 
 Shapes: B batch, T time, D model width, N state.
 """
@@ -85,6 +86,8 @@ class S7(Mixer):
             Default: (1.0, 1000.0).
         lambda_input_scale (float): keyword only; std of the input-dependent part of Lambda at init,
             relative to LeCun normal. Default: 0.1.
+        input_residual (bool): keyword only; add the layer input to the gated output, ``out_t + u_t``
+            (a residual inside the mixer, on top of the enclosing block's). Default: False.
 
     Raises:
         ValueError: non-positive sizes, a ``d_state`` that J does not divide, or a bad ``timescale_range``.
@@ -107,12 +110,16 @@ class S7(Mixer):
         *,
         timescale_range: tuple[float, float] = (1.0, 1000.0),
         lambda_input_scale: float = 0.1,
+        input_residual: bool = False,
     ) -> None:
         super().__init__()
         check_positive("S7", d_model=d_model, d_state=d_state, J=J)
         if d_state % J:
             raise ValueError(f"S7: d_state={d_state} must be a multiple of J={J} (the number of init blocks)")
         self.J = J
+        if not isinstance(input_residual, bool):
+            raise TypeError(f"S7: input_residual must be a bool, got {input_residual!r}")
+        self.input_residual = input_residual
         self.use_fast_path = bool(use_fast_path)
         if not isinstance(timescale_range, tuple | list) or len(timescale_range) != 2:
             raise TypeError(f"S7: timescale_range must be a pair (lo, hi), got {timescale_range!r}")
@@ -203,6 +210,8 @@ class S7(Mixer):
             y = torch.einsum("btdn,btn->btd", Cm, h) + Dt * xs.to(Dt.dtype)
         y = y.to(x.dtype)
         y = y * torch.sigmoid(self.gate_proj(F.gelu(y)))
+        if self.input_residual:
+            y = y + x
         valid = lengths_mask(lengths, T, x.device)
         y = y if valid is None else y.masked_fill(~valid[..., None], 0.0)  # padded outputs are 0
         return y.to(in_dtype)
