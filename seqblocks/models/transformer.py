@@ -183,6 +183,20 @@ class _Stack(nn.Module):
 
 
 @MODELS.register("TransformerEncoder")
+def _stack_args(owner: str, config: TransformerConfig, d_model: int, num_layers: int, num_heads: int, d_ff: int,
+                position: str, max_seq_len: int, padding_idx: int | None, kv_cache_max_len: int | None,
+                block_kwargs: dict[str, Any]) -> tuple:
+    """The stack's sizes from a ``TransformerConfig`` (an argument also given explicitly raises, in
+    ``_from_config``): (vocab_size, d_model, num_layers, num_heads, d_ff, position, max_seq_len,
+    padding_idx, kv_cache_max_len, block_kwargs)."""
+    args = _from_config(owner, config, {
+        "d_model": (d_model, 512), "num_layers": (num_layers, 6), "num_heads": (num_heads, 8),
+        "d_ff": (d_ff, 2048), "position": (position, "sinusoidal"), "max_seq_len": (max_seq_len, 2048),
+        "padding_idx": (padding_idx, None), "kv_cache_max_len": (kv_cache_max_len, None)}, block_kwargs)
+    return (*(args[k] for k in _SIZES), args["position"], args["max_seq_len"], args["padding_idx"],
+            args["kv_cache_max_len"], args["block_kwargs"])
+
+
 class TransformerEncoder(_Stack, CheckpointMixin, library_name="seqblocks", tags=["seqblocks", "encoder"]):
     """A stack of ``EncoderBlock``: bidirectional by default.
 
@@ -214,13 +228,9 @@ class TransformerEncoder(_Stack, CheckpointMixin, library_name="seqblocks", tags
         self.config = None
         if isinstance(vocab_size, TransformerConfig):
             self.config = vocab_size
-            args = _from_config("TransformerEncoder", vocab_size, {
-                "d_model": (d_model, 512), "num_layers": (num_layers, 6), "num_heads": (num_heads, 8),
-                "d_ff": (d_ff, 2048), "position": (position, "sinusoidal"), "max_seq_len": (max_seq_len, 2048),
-                "padding_idx": (padding_idx, None), "kv_cache_max_len": (kv_cache_max_len, None)}, block_kwargs)
-            vocab_size, d_model, num_layers, num_heads, d_ff = (args[k] for k in _SIZES)
-            position, max_seq_len, padding_idx = args["position"], args["max_seq_len"], args["padding_idx"]
-            kv_cache_max_len, block_kwargs = args["kv_cache_max_len"], args["block_kwargs"]
+            (vocab_size, d_model, num_layers, num_heads, d_ff, position, max_seq_len, padding_idx, kv_cache_max_len,
+             block_kwargs) = _stack_args("TransformerEncoder", vocab_size, d_model, num_layers, num_heads, d_ff,
+                                         position, max_seq_len, padding_idx, kv_cache_max_len, block_kwargs)
         self._init_args = {"vocab_size": vocab_size, "d_model": d_model, "num_layers": num_layers,
                            "num_heads": num_heads, "d_ff": d_ff, "position": position, "max_seq_len": max_seq_len,
                            "causal": causal, "padding_idx": padding_idx, "kv_cache_max_len": kv_cache_max_len,
@@ -314,13 +324,9 @@ class TransformerDecoder(_Stack, CheckpointMixin, library_name="seqblocks", tags
         self.config = None
         if isinstance(vocab_size, TransformerConfig):
             self.config = vocab_size
-            args = _from_config("TransformerDecoder", vocab_size, {
-                "d_model": (d_model, 512), "num_layers": (num_layers, 6), "num_heads": (num_heads, 8),
-                "d_ff": (d_ff, 2048), "position": (position, "sinusoidal"), "max_seq_len": (max_seq_len, 2048),
-                "padding_idx": (padding_idx, None), "kv_cache_max_len": (kv_cache_max_len, None)}, block_kwargs)
-            vocab_size, d_model, num_layers, num_heads, d_ff = (args[k] for k in _SIZES)
-            position, max_seq_len, padding_idx = args["position"], args["max_seq_len"], args["padding_idx"]
-            kv_cache_max_len, block_kwargs = args["kv_cache_max_len"], args["block_kwargs"]
+            (vocab_size, d_model, num_layers, num_heads, d_ff, position, max_seq_len, padding_idx, kv_cache_max_len,
+             block_kwargs) = _stack_args("TransformerDecoder", vocab_size, d_model, num_layers, num_heads, d_ff,
+                                         position, max_seq_len, padding_idx, kv_cache_max_len, block_kwargs)
         self._init_args = {"vocab_size": vocab_size, "d_model": d_model, "num_layers": num_layers,
                            "num_heads": num_heads, "d_ff": d_ff, "position": position, "max_seq_len": max_seq_len,
                            "cross_attention": cross_attention, "memory_dim": memory_dim,

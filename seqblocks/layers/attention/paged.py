@@ -84,6 +84,13 @@ def _scatter(pages: torch.Tensor, table: torch.Tensor, index: torch.Tensor, valu
         pages[page, :, offset] = values.to(pages.dtype)
 
 
+def _own_valid(cache, S: int, T: int) -> torch.Tensor:
+    """[B, S] validity of positions 0..S-1 of a paged cache after a call of T tokens was written: written
+    valid, and before the row's own end (positions past it read the scratch page or stale pages)."""
+    valid = _gather(cache.valid_pages, cache.block_table, S, axis=1)
+    return valid & (torch.arange(S, device=valid.device)[None] < (cache.seqlen_offset + T)[:, None])
+
+
 @dataclasses.dataclass(eq=False)
 class PagedKVCache(KVCache):
     """A ``KVCache`` whose positions live in pages (module docstring). ``k`` / ``v`` / ``key_valid`` of the
@@ -127,10 +134,8 @@ class PagedKVCache(KVCache):
     def read(self, S: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [B, Hkv, S, K], values and validity [B, S] of positions 0..S-1, after a call of T tokens was
         written (positions at or past a row's own length are invalid)."""
-        valid = _gather(self.valid_pages, self.block_table, S, axis=1)
-        own = torch.arange(S, device=valid.device)[None] < (self.seqlen_offset + T)[:, None]
         return (_gather(self.k_pages, self.block_table, S, axis=2), _gather(self.v_pages, self.block_table, S, axis=2),
-                valid & own)
+                _own_valid(self, S, T))
 
 
 @dataclasses.dataclass(eq=False)
@@ -173,7 +178,5 @@ class PagedMLACache(MLACache):
 
     def read(self, S: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents [B, S, R], rotated keys [B, S, Pr] and validity [B, S] of positions 0..S-1."""
-        valid = _gather(self.valid_pages, self.block_table, S, axis=1)
-        own = torch.arange(S, device=valid.device)[None] < (self.seqlen_offset + T)[:, None]
         return (_gather(self.c_kv_pages, self.block_table, S, axis=1),
-                _gather(self.k_pe_pages, self.block_table, S, axis=1), valid & own)
+                _gather(self.k_pe_pages, self.block_table, S, axis=1), _own_valid(self, S, T))
