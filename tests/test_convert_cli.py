@@ -63,7 +63,7 @@ def test_hf_to_seqblocks_and_back(tmp_path, capsys):
         assert _rel(ours(ids).logits, want) <= 1e-5
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "tokenizer_config.json").is_file()
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    back = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "back").eval()  # not Auto: fla re-registers
     assert type(back).__name__ == "Qwen2ForCausalLM"
     with torch.no_grad():
         assert _rel(back(ids, use_cache=False).logits, want) <= 1e-5
