@@ -182,7 +182,6 @@ class _Stack(nn.Module):
         return x if self.final_norm is None else self.final_norm(x)
 
 
-@MODELS.register("TransformerEncoder")
 def _stack_args(owner: str, config: TransformerConfig, d_model: int, num_layers: int, num_heads: int, d_ff: int,
                 position: str, max_seq_len: int, padding_idx: int | None, kv_cache_max_len: int | None,
                 block_kwargs: dict[str, Any]) -> tuple:
@@ -197,6 +196,7 @@ def _stack_args(owner: str, config: TransformerConfig, d_model: int, num_layers:
             args["kv_cache_max_len"], args["block_kwargs"])
 
 
+@MODELS.register("TransformerEncoder")
 class TransformerEncoder(_Stack, CheckpointMixin, library_name="seqblocks", tags=["seqblocks", "encoder"]):
     """A stack of ``EncoderBlock``: bidirectional by default.
 
