@@ -16,25 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from seqblocks.ops._backend import interpreter_enabled
 from seqblocks.ops.grouped_gemm.reference import group_starts
+from seqblocks.ops.triton_dot import dot, dot_mode
 
 __all__ = ["grouped_mm_triton", "grouped_wgrad_triton"]
 
 _BLOCK_M = 32
 _BLOCK_N = 32
 _BLOCK_K = 32
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: 1 for fp32 operands (exact products, no tf32); 2 under the interpreter, whose tl.dot
-    # misreads bf16 / fp16 operands (their rounded values are multiplied in fp32 instead); 0 tensor cores.
-    if IEEE == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    if IEEE == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -58,7 +47,7 @@ def _grouped_mm_kernel(X, W, Y, TILE_GROUP, TILE_START, TILE_END, N, K,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(W + g * stride_we + (k0 + ks)[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _dot(a, b, IEEE)
+        acc += dot(a, b, IEEE)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -85,7 +74,7 @@ def _grouped_wgrad_kernel(X, DY, DW, OFFS, K, N,
                     mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M] = x^T
         b = tl.load(DY + (m0 + ms)[:, None] * stride_dym + cols[None, :] * stride_dyn,
                     mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _dot(a, b, IEEE)
+        acc += dot(a, b, IEEE)
     tl.store(DW + g * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn, acc.to(DW.dtype.element_ty),
              mask=k_ok[:, None] & col_ok[None, :])
 
@@ -108,13 +97,6 @@ def _tile_table(offsets: torch.Tensor, M: int, block_m: int) -> tuple[torch.Tens
     return g, torch.where(valid, start, zero), torch.where(valid, end, zero)
 
 
-def _ieee(t: torch.Tensor) -> int:
-    """``_dot``'s mode (see there)."""
-    if t.dtype == torch.float32:
-        return 1
-    return 2 if interpreter_enabled() else 0
-
-
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[M, N] ``x[rows of g] @ w[g]`` on the Triton kernel (w may be any strided view, e.g. a transpose)."""
     M, K = x.shape
@@ -125,7 +107,7 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -
     group, start, end = _tile_table(offsets, M, _BLOCK_M)
     grid = (group.shape[0], triton.cdiv(N, _BLOCK_N))
     _grouped_mm_kernel[grid](x, w, y, group, start, end, N, K, x.stride(0), x.stride(1), w.stride(0),
-                             w.stride(1), w.stride(2), y.stride(0), y.stride(1), IEEE=_ieee(x),
+                             w.stride(1), w.stride(2), y.stride(0), y.stride(1), IEEE=dot_mode(x),
                              BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
     return y
 
@@ -141,6 +123,6 @@ def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tenso
     offs = offsets.contiguous()
     grid = (E, triton.cdiv(K, _BLOCK_K), triton.cdiv(N, _BLOCK_N))
     _grouped_wgrad_kernel[grid](x, dy, dw, offs, K, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                                dw.stride(0), dw.stride(1), dw.stride(2), IEEE=_ieee(x),
+                                dw.stride(0), dw.stride(1), dw.stride(2), IEEE=dot_mode(x),
                                 BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
     return dw

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from seqblocks.ops._backend import interpreter_enabled
 from seqblocks.ops._packing import pack, unpack
 from seqblocks.ops.ssd._common import process_dt
+from seqblocks.ops.triton_dot import dot, dot_mode
 
 __all__ = ["ssd_triton", "ssd_state_update_triton", "DEFAULT_CHUNK", "TILES"]
 
@@ -56,17 +56,6 @@ TILES = {"half": (64, 64, 32), "fp32": (32, 16, 16)}
 def _block(n: int) -> int:
     """A power-of-two tile width >= 16 (tl.dot needs every dim >= 16)."""
     return max(16, triton.next_power_of_2(n))
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE is 1 for fp32 operands (exact products, no tf32), 2 under the interpreter, whose tl.dot
-    # misreads bf16 / fp16 operands: it then multiplies their (already rounded) values in fp32.
-    if IEEE == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    if IEEE == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -97,7 +86,7 @@ def _chunk_state_fwd(x_ptr, step_ptr, A_ptr, B_ptr, acs_ptr, S_ptr,
         Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
                      mask=tm[:, None] & (n[None, :] < N), other=0.0)
         xw = (x.to(tl.float32) * (tl.exp(end - acs) * step)[:, None]).to(x.dtype)
-        S = tl.exp(end - running) * S + _dot(tl.trans(xw), Bm, IEEE)          # [P, N]
+        S = tl.exp(end - running) * S + dot(tl.trans(xw), Bm, IEEE)          # [P, N]
         running = end
     tl.store(S_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :], S,
              mask=(p[:, None] < P) & (n[None, :] < N))
@@ -147,7 +136,7 @@ def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, y_pt
     Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & nm[None, :], other=0.0)
     hin = tl.load(hin_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :],
                   mask=pm[:, None] & nm[None, :], other=0.0)                  # [P, N] fp32
-    y = _dot(Cm, tl.trans(hin.to(Cm.dtype)), IEEE) * tl.exp(acs)[:, None]    # the incoming state
+    y = dot(Cm, tl.trans(hin.to(Cm.dtype)), IEEE) * tl.exp(acs)[:, None]    # the incoming state
     for i in range(j + 1):                                                    # source blocks s <= l
         s = c * CH + i * BL + tl.arange(0, BL)
         sm = s < T
@@ -161,9 +150,9 @@ def _chunk_scan_fwd(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, hin_ptr, y_pt
         seg = tl.where(causal, acs[:, None] - acs_s[None, :], -float("inf"))
         # Later sources must not reach row l through 0 * NaN: a non-finite B or step is masked out of
         # the scores, and a non-finite x is zeroed and poisons only rows at or after it (same p).
-        scores = tl.where(causal, _dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :], 0.0)  # [l, s]
+        scores = tl.where(causal, dot(Cm, tl.trans(Bm), IEEE) * tl.exp(seg) * step[None, :], 0.0)  # [l, s]
         bad = (xs != xs) | (tl.abs(xs.to(tl.float32)) == float("inf"))
-        y += _dot(scores.to(xs.dtype), tl.where(bad, 0.0, xs).to(xs.dtype), IEEE)
+        y += dot(scores.to(xs.dtype), tl.where(bad, 0.0, xs).to(xs.dtype), IEEE)
         # bad sources at or before row l: all of an earlier tile, a running count on the diagonal
         seen = tl.cumsum(bad.to(tl.int32), 0)
         seen = tl.where(i < j, tl.sum(bad.to(tl.int32), 0)[None, :], seen)
@@ -200,7 +189,7 @@ def _chunk_dstate_bwd(dy_ptr, C_ptr, acs_ptr, dS_ptr,
         Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=tm[:, None] & (n[None, :] < N),
                      other=0.0)
         dye = (dy.to(tl.float32) * tl.exp(acs)[:, None]).to(Cm.dtype)
-        dS += _dot(tl.trans(dye), Cm, IEEE)                                    # [P, N]
+        dS += dot(tl.trans(dye), Cm, IEEE)                                    # [P, N]
     tl.store(dS_ptr + (((b * nc + c) * H + h) * P + p[:, None]) * N + n[None, :], dS,
              mask=(p[:, None] < P) & (n[None, :] < N))
 
@@ -275,8 +264,8 @@ def _chunk_bwd_source(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, gout_ptr, d
     gout = tl.load(gout_ptr + p[:, None] * N + n[None, :],
                    mask=pm[:, None] & nm[None, :], other=0.0).to(x.dtype)     # [P, N]
     e_out = tl.exp(total - acs)
-    du = _dot(Bm, tl.trans(gout), IEEE) * e_out[:, None]                      # [s, P]
-    dB = _dot(u, gout, IEEE) * e_out[:, None]                                 # [s, N]
+    du = dot(Bm, tl.trans(gout), IEEE) * e_out[:, None]                      # [s, P]
+    dB = dot(u, gout, IEEE) * e_out[:, None]                                 # [s, N]
     w = tl.sum(dB * Bm.to(tl.float32), 1)                                     # feeds d acs[CH - 1]
     dacs = -w
     for i in range(j, NB):                                                    # rows l >= s
@@ -288,10 +277,10 @@ def _chunk_bwd_source(x_ptr, step_ptr, B_ptr, C_ptr, D_ptr, acs_ptr, gout_ptr, d
         dyl = tl.load(dy_ptr + lt[:, None] * (H * P) + p[None, :], mask=lm[:, None] & pm[None, :],
                       other=0.0).to(x.dtype)
         dec = tl.exp(tl.where(lt[None, :] >= t[:, None], acs_l[None, :] - acs[:, None], -float("inf")))  # [s, l]
-        CBd = _dot(Bm, tl.trans(Cl), IEEE) * dec
-        DU = _dot(u, tl.trans(dyl), IEEE)                                     # [s, l]: dy[l] . u[s]
-        du += _dot(CBd.to(x.dtype), dyl, IEEE)
-        dB += _dot((DU * dec).to(Cl.dtype), Cl, IEEE)
+        CBd = dot(Bm, tl.trans(Cl), IEEE) * dec
+        DU = dot(u, tl.trans(dyl), IEEE)                                     # [s, l]: dy[l] . u[s]
+        du += dot(CBd.to(x.dtype), dyl, IEEE)
+        dB += dot((DU * dec).to(Cl.dtype), Cl, IEEE)
         dacs -= tl.sum(CBd * DU, 1)
     dx = du * step[:, None]
     dstep = tl.sum(du * x.to(tl.float32), 1)
@@ -344,7 +333,7 @@ def _chunk_bwd_row(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dC_p
                  other=0.0).to(Cm.dtype)
     hin = tl.load(hin_ptr + p[:, None] * N + n[None, :],
                   mask=pm[:, None] & nm[None, :], other=0.0).to(Cm.dtype)     # [P, N]
-    dC = _dot(dy, hin, IEEE) * tl.exp(acs)[:, None]                           # [l, N]
+    dC = dot(dy, hin, IEEE) * tl.exp(acs)[:, None]                           # [l, N]
     dacs = tl.sum(dC * Cm.to(tl.float32), 1)
     for i in range(j + 1):                                                    # sources s <= l
         s = c * CH + i * BL + tl.arange(0, BL)
@@ -357,9 +346,9 @@ def _chunk_bwd_row(x_ptr, step_ptr, B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dC_p
                      other=0.0)
         us = (xs.to(tl.float32) * step_s[:, None]).to(Cm.dtype)
         dec = tl.exp(tl.where(t[:, None] >= s[None, :], acs[:, None] - acs_s[None, :], -float("inf")))  # [l, s]
-        DUd = _dot(dy, tl.trans(us), IEEE) * dec
-        dC += _dot(DUd.to(Bs.dtype), Bs, IEEE)
-        dacs += tl.sum(DUd * _dot(Cm, tl.trans(Bs), IEEE), 1)
+        DUd = dot(dy, tl.trans(us), IEEE) * dec
+        dC += dot(DUd.to(Bs.dtype), Bs, IEEE)
+        dacs += tl.sum(DUd * dot(Cm, tl.trans(Bs), IEEE), 1)
     tl.store(dC_ptr + t[:, None] * (H * N) + n[None, :], dC, mask=bc_m)
     tl.store(dacs_ptr + bh * Tp + t, dacs, mask=t < Tp)
 
@@ -369,13 +358,6 @@ def _launch_shape(x: torch.Tensor, B: torch.Tensor, CH: int):
     G, N = B.shape[2], B.shape[3]
     nc = triton.cdiv(T, CH)
     return Bsz, T, H, P, G, N, nc, nc * CH
-
-
-def _ieee(x: torch.Tensor) -> int:
-    """``_dot``'s mode: 1 exact fp32 products, 2 fp32 products of half operands (interpreter), 0 tensor cores."""
-    if x.dtype == torch.float32:
-        return 1
-    return 2 if interpreter_enabled() else 0
 
 
 def _state_block(PN: int) -> int:
@@ -396,7 +378,7 @@ class _SSDCore(torch.autograd.Function):
         states = torch.empty(Bsz, nc, H, P, N, dtype=torch.float32, device=dev)
         final = torch.empty(Bsz, H, P, N, dtype=torch.float32, device=dev)
         y = torch.empty(Bsz, T, H, P, dtype=out_dtype, device=dev)
-        ieee = _ieee(x)
+        ieee = dot_mode(x)
         meta = dict(CH=CH, BL=BL, BP=BP, BN=BN, IEEE=ieee)
         _chunk_state_fwd[(nc, Bsz * H)](x, step, A, B, acs, states, T, H, G, P, N, Tp, nc, **meta, num_warps=8)
         SB = _state_block(PN)
@@ -421,7 +403,7 @@ class _SSDCore(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=dev)
         dy = torch.zeros(x.shape, **f32) if dy is None else dy.contiguous()
         dfinal = None if dfinal is None else dfinal.contiguous()
-        ieee = _ieee(x)
+        ieee = dot_mode(x)
         meta = dict(CH=CH, BL=BL, BP=BP, BN=BN, IEEE=ieee)
         gout = torch.empty(Bsz, nc, H, P, N, **f32)
         dh0 = torch.empty(Bsz, H, P, N, **f32)
