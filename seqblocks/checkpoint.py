@@ -47,7 +47,7 @@ except ImportError as err:  # a declared dependency; the package still imports w
 
     hf_hub_download = None  # type: ignore[assignment]
 
-__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "load_pretrained"]
+__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "load_pretrained", "atomic_write_text"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -416,3 +416,22 @@ def model_class(config: dict[str, Any], source: str) -> type:
         raise ValueError(f"{source}: config.json names model_type {model_type!r}, which is not a registered "
                          f"seqblocks model; registered: {MODELS.keys()} (checkpoints never import code)")
     return MODELS.get(model_type)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a temporary file, flushed to disk, renamed into place.
+
+    Readers see the old content or the new, never a part. The temporary file is removed when the
+    write fails (a full disk, a read-only directory); the original is then untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

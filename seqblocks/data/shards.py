@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from seqblocks.checkpoint import atomic_write_text
 from seqblocks.tasks.base import stable_hash
 
 __all__ = ["prepare", "Shards", "MANIFEST", "FORMAT", "is_prepared", "document_in_val"]
@@ -252,21 +253,8 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], tokenizer:
                 "splits": {s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards}
                            for s, w in writers.items()},
                 "tokenizer": tok.to_dict()}
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``path`` under a temporary name, flush it to disk, rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fill_empty_split(writers: dict[str, _ShardWriter], held: dict[str, Any], val_fraction: float) -> None:

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from seqblocks.checkpoint import atomic_write_text
+
 __all__ = ["CHECKPOINT_DIR", "TRAIN_STATE", "TASK_FILE", "TOKENIZER_FILE", "save_checkpoint", "resolve_checkpoint",
            "latest_checkpoint", "load_train_state", "rng_state", "set_rng_state", "atomic_write_text", "is_temporary"]
 
@@ -68,25 +70,6 @@ def _fsync_tree(path: Path) -> None:
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is one of the temporary names the atomic writes here use."""
     return name.startswith(".") and ".tmp-" in name
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: a temporary file, flushed to disk, renamed into place.
-
-    Readers see the old content or the new, never a part. The temporary file is removed when the
-    write fails (a full disk, a read-only directory); the original is then untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, write_files: Callable[[Path], None],
