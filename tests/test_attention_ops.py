@@ -231,6 +231,9 @@ def test_auto_rule():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_attention_backend("auto", device=cuda, score_mod=False, dropout=False) == "flash"
     assert resolve_attention_backend("auto", device=cuda, score_mod=False, dropout=False, sparse_mask=True) == "flex"
+    assert resolve_attention_backend("auto", device=cuda, score_mod=False, dropout=False, sparse_mask=True,
+                                     num_queries=1) == "flash"  # a decode step: dense mask, graph-capturable
+    assert resolve_attention_backend("auto", device=cuda, score_mod=True, dropout=False, num_queries=1) == "flex"
     assert resolve_attention_backend("auto", device=cuda, score_mod=True, dropout=False) == "flex"
     assert resolve_attention_backend("auto", device=cuda, score_mod=True, dropout=True) == "memory_efficient"
     assert resolve_attention_backend("auto", device=cuda, score_mod=False, dropout=True, sparse_mask=True) == "flash"

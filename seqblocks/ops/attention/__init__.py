@@ -10,7 +10,9 @@ Backends (``attention_type`` names):
 - ``flex``: ``torch.nn.attention.flex_attention`` (compiled on GPU, eager on CPU).
 - ``auto``: on CUDA, ``flex`` when a ``score_mod``, ``mask_mod`` or window is given (block-sparse, no
   dense mask; with dropout, which flex lacks: ``memory_efficient`` for a score_mod, else ``flash``), and
-  ``flash`` otherwise; on CPU, ``standard`` with a ``score_mod`` and ``flash`` otherwise. Every backend
+  ``flash`` otherwise; a masked call of at most ``SHORT_QUERY`` queries (a decode step, a speculative
+  block) without a score_mod takes ``flash`` with a dense mask too: its mask is one row per query, block
+  sparsity saves nothing, and it stays capturable in a CUDA graph (flex's eager fallback is not); on CPU, ``standard`` with a ``score_mod`` and ``flash`` otherwise. Every backend
   computes the same function (tested), so the rule changes speed, never results.
 
 ``linear_attention`` is a different function (a kernel feature map instead of the softmax); it has its
@@ -44,10 +46,11 @@ __all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention_backend", "line
            "attention_standard", "flex_available", "AttentionArgs"]
 
 ATTENTION_BACKENDS = ("auto", "standard", "memory_efficient", "flash", "flex")
+SHORT_QUERY = 16
 
 
 def resolve_attention_backend(backend: str, *, device: torch.device, score_mod: bool, dropout: bool,
-                              sparse_mask: bool = False) -> str:
+                              sparse_mask: bool = False, num_queries: int | None = None) -> str:
     """The backend ``attention`` runs for ``backend`` (see the module docstring for the ``auto`` rule).
 
     Raises:
@@ -58,7 +61,8 @@ def resolve_attention_backend(backend: str, *, device: torch.device, score_mod: 
                          f"(or 'linear' for kernelized linear attention in the layers)")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and flex_available() and (score_mod or sparse_mask):
+    short = num_queries is not None and num_queries <= SHORT_QUERY
+    if device.type == "cuda" and flex_available() and (score_mod or (sparse_mask and not short)):
         if not dropout:
             return "flex"
         return "memory_efficient" if score_mod else "flash"
@@ -126,7 +130,8 @@ def attention(
                   kv_positions=kv_positions, key_valid=key_valid, attn_mask=attn_mask, score_mod=score_mod,
                   mask_mod=mask_mod, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     name = resolve_attention_backend(backend, device=q.device, score_mod=score_mod is not None,
-                                     dropout=a.dropout_p > 0, sparse_mask=mask_mod is not None or window is not None)
+                                     dropout=a.dropout_p > 0, sparse_mask=mask_mod is not None or window is not None,
+                                     num_queries=q.shape[-2])
     if name == "flash":
         return attention_flash(a)
     if name == "flex":
