@@ -9,8 +9,13 @@ Models (random weights; serving speed does not depend on their values):
 - ``llama-125m``: a Llama-style transformer (12 layers, d_model 768, 12 heads, SwiGLU 2048, RoPE,
   vocabulary 32000) in seqblocks, and transformers' ``LlamaForCausalLM`` of the same shapes for the
   anchor (its own random weights: the work per token is the same).
-- ``hybrid-130m``: the ``hybrid-130m`` preset (Mamba layers with attention); transformers has no model
-  of this layout, so its anchor row is "no equivalent".
+- ``hybrid-130m``: the ``hybrid-130m`` preset (24 Mamba layers, d_state 16, expand 2, with attention at
+  every 6th, no MLP). transformers has no class of exactly this layout; the anchor is its
+  ``JambaForCausalLM`` with the same layer pattern (Mamba-1 mixers of the same widths, attention at
+  layers 5, 11, ... with the same heads, one expert) plus the width-64 MLP Jamba requires after every
+  mixer (about 0.1 M parameters per layer; its cost per token is negligible). Jamba runs mamba_ssm's
+  and causal_conv1d's kernels when they import (the anchors built on the GPU machine) and its
+  PyTorch fallback otherwise; the table header says which.
 - ``tiny``: a 2-layer model for a quick CPU run.
 
 Rows, for each client count C (each client sends requests back to back, ``--requests`` in all,
@@ -50,14 +55,30 @@ def build(name: str, device: str, dtype: torch.dtype):
     elif name == "hybrid-130m":
         from seqblocks.presets import build_model, load_config
 
-        model = build_model(load_config("hybrid-130m"))
+        model = build_model(load_config("hybrid-130m")["model"])
     else:
         raise SystemExit(f"unknown --model {name!r}")
     return model.to(device=device, dtype=dtype).eval()
 
 
 def hf_anchor(name: str, model, device: str, dtype: torch.dtype):
-    """transformers' LlamaForCausalLM with our llama-125m's weights, or None where no family matches."""
+    """A transformers model of the same shapes (its own random weights: speed only), or None."""
+    if name == "hybrid-130m":
+        try:
+            from transformers import JambaConfig, JambaForCausalLM
+        except ImportError:
+            return None
+        from seqblocks.presets import load_config
+
+        m = load_config(name)["model"]
+        kernels = _mamba_kernels_import()
+        cfg = JambaConfig(vocab_size=model.vocab_size, hidden_size=m["d_model"], intermediate_size=64,
+                          num_hidden_layers=m["n_layer"], num_attention_heads=12, num_key_value_heads=12,
+                          num_experts=1, num_experts_per_tok=1, expert_layer_period=1, expert_layer_offset=0,
+                          attn_layer_period=6, attn_layer_offset=5, mamba_d_state=m["d_state"], mamba_d_conv=4,
+                          mamba_expand=2, use_mamba_kernels=kernels, tie_word_embeddings=True)
+        print(f"anchor: transformers JambaForCausalLM, mamba kernels {'on' if kernels else 'off (PyTorch fallback)'}")
+        return JambaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     if name != "llama-125m":
         return None
     try:
@@ -67,6 +88,15 @@ def hf_anchor(name: str, model, device: str, dtype: torch.dtype):
     cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                       num_attention_heads=12, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()  # same shapes; speed only
+
+
+def _mamba_kernels_import() -> bool:
+    try:
+        import causal_conv1d  # noqa: F401
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def bandwidth(device: str) -> float:
@@ -126,6 +156,8 @@ async def serve_and_measure(model, args, prompts, clients):
 
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seqlen=args.prompt_len + args.max_tokens + 1,
                     prefill_chunk_size=max(args.prompt_len, 512), cuda_graph=args.cuda_graph)
+    if args.cuda_graph:
+        engine.capture_graphs()  # as `seqblocks serve --cuda-graph` does: no capture inside the timed run
     runner = web.AppRunner(create_app(engine, None, request_timeout=3600))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -98,5 +98,7 @@ def test_bad_requests_and_options_raise():
         Engine(model, max_batch_size=0)
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True"):
+        engine.capture_graphs()
     with pytest.raises(TypeError, match="language model"):
         Engine(torch.nn.Linear(2, 2))

@@ -68,3 +68,16 @@ def test_bf16_graph_engine_matches_its_eager_engine():
         graphed = Engine(model, max_batch_size=4, max_seqlen=32, page_size=8, num_pages=24,
                          cuda_graph=True).generate(ps, params)
     assert graphed == eager
+
+
+def test_graphs_captured_up_front_serve_the_same_tokens():
+    model = model_for("mamba+gqa")
+    ps = prompts(6, seed=2)
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (5, 9, 2, 7, 4, 6)]
+    with torch.no_grad():
+        engine = Engine(model, max_batch_size=8, max_seqlen=32, cuda_graph=True, page_size=8, num_pages=40)
+        assert engine.capture_graphs() == len(engine.buckets) == 4  # buckets 1, 2, 4, 8
+        graphs = dict(engine.decoders)
+        got = engine.generate(ps, params)
+    assert got == [alone(model, p, s) for p, s in zip(ps, params)]
+    assert engine.decoders == graphs  # nothing captured while serving

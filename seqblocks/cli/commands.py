@@ -539,6 +539,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, _, tokenizer, ckpt = load_checkpoint(args.checkpoint, device=device)
     engine = Engine(model.eval(), max_batch_size=args.max_batch_size, max_seqlen=args.max_seqlen,
                     prefill_chunk_size=args.prefill_chunk_size, cuda_graph=args.cuda_graph)
+    if args.cuda_graph:
+        engine.capture_graphs()  # every bucket's graph before the first request
     name = args.model_name or Path(ckpt).resolve().name
     print(f"[serving {ckpt} as {name!r} on http://{args.host}:{args.port}, {args.max_batch_size} slots]",
           file=sys.stderr, flush=True)

@@ -354,6 +354,22 @@ class Engine:
                 self._emit(request, logits)
         self.stats["steps"] += 1
 
+    def capture_graphs(self) -> int:
+        """Capture every bucket's decode-step CUDA graph now rather than on first use, so no request
+        waits for a capture mid-serving (a server calls this once before taking requests). Safe at any
+        time: capture restores the cache tensors it touched. Returns the number of graphs held.
+
+        Raises:
+            ValueError: the engine was built without ``cuda_graph=True``.
+        """
+        if not self.cuda_graph:
+            raise ValueError("capture_graphs needs an engine built with cuda_graph=True")
+        with torch.no_grad():
+            for bucket in self.buckets:
+                if bucket not in self.decoders:
+                    self.decoders[bucket] = CUDAGraphDecoder(self.model, _rows_view(self.caches, 0, bucket))
+        return len(self.decoders)
+
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Step until there is no work (or ``until()`` is true)."""
         while self.has_work() and not (until is not None and until()):

@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures are timed immediately, inside the loop that binds them)
 """Causal depthwise conv1d + SiLU: ours against the anchors, one run, against the HBM floor.
 
-    python benchmarks/causal_conv1d.py [--json out.json] [--sweep]
+    python benchmarks/causal_conv.py [--json out.json] [--sweep]
 
 Cases: Mamba's (B, T, D, W) = (8, 2048, 1536, 4) and a wider (4, 4096, 5120, 4), bf16 x, fp32
 weight and bias, SiLU, forward and forward + backward (random cotangent on y); and the decode step
@@ -210,7 +210,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also sweep the kernels' launch shapes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/causal_conv1d.py needs a CUDA device")
+        sys.exit("benchmarks/causal_conv.py needs a CUDA device")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     bw = copy_bandwidth()
