@@ -193,7 +193,13 @@ def sweep(bw):
               dict(bwd_block_t=8, bwd_block_d=128, bwd_warps=8, bwd_tiles=32),
               dict(bwd_block_t=16, bwd_block_d=128, bwd_warps=8, bwd_tiles=16),
               dict(bwd_block_t=8, bwd_block_d=256, bwd_warps=8, bwd_tiles=32),
-              dict(bwd_block_t=16, bwd_block_d=64, bwd_warps=4, bwd_tiles=16)]:
+              dict(bwd_block_t=16, bwd_block_d=64, bwd_warps=4, bwd_tiles=16),
+              dict(bwd_kernel="shift", shift_block_t=16, bwd_block_d=128, bwd_warps=4),
+              dict(bwd_kernel="shift", shift_block_t=32, bwd_block_d=128, bwd_warps=4),
+              dict(bwd_kernel="shift", shift_block_t=32, bwd_block_d=128, bwd_warps=8),
+              dict(bwd_kernel="shift", shift_block_t=64, bwd_block_d=128, bwd_warps=8),
+              dict(bwd_kernel="shift", shift_block_t=32, bwd_block_d=256, bwd_warps=8),
+              dict(bwd_kernel="shift", shift_block_t=64, bwd_block_d=64, bwd_warps=4)]:
         tiles = ConvTiles(**f)
 
         def step():

@@ -31,7 +31,7 @@ def _inputs(B, T, D, W, dtype=torch.float32, *, bias=True, state=False, device="
     return x, w, b, h0
 
 
-def _check(x, w, b, h0, *, activation=None, lengths=None, atol=1e-5):
+def _check(x, w, b, h0, *, activation=None, lengths=None, atol=1e-5, tiles=None):
     """y, the final state and every gradient (random cotangents on y and the final state) against the
     float64 reference."""
     ins = [t for t in (x, w, b, h0) if t is not None]
@@ -43,7 +43,12 @@ def _check(x, w, b, h0, *, activation=None, lengths=None, atol=1e-5):
         xx, ww, bb, hh = (next(it) if t is not None else None for t in (x, w, b, h0))
         return fn(xx, ww, bb, activation=activation, initial_state=hh, lengths=lengths, **kw)
 
-    y, final = call(causal_conv1d, leaves, backend="triton")
+    if tiles is None:
+        y, final = call(causal_conv1d, leaves, backend="triton")
+    else:
+        from seqblocks.ops.causal_conv1d.triton import causal_conv1d_triton
+
+        y, final = call(lambda *a, **kw: causal_conv1d_triton(*a, tiles=tiles, **kw), leaves)
     yr, finalr = call(causal_conv1d_ref, wide)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert final.dtype == (x.dtype if h0 is None else h0.dtype) and final.shape == finalr.shape
@@ -180,6 +185,23 @@ def test_tile_shapes_do_not_change_results():
         ConvTiles(fwd_block_d=96)
 
 
+@pytest.mark.parametrize("W", [1, 2, 4, 8])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_shift_backward(W, activation):
+    """The "shift" backward (dz recomputed at each shift, one tile per program) against the reference,
+    with and without state, lengths and bias; tiles that cross the time and channel edges."""
+    from seqblocks.ops.causal_conv1d.triton import ConvTiles
+
+    tiles = ConvTiles(fwd_block_t=8, fwd_block_d=16, fwd_warps=1, bwd_block_d=16, bwd_warps=1, bwd_kernel="shift",
+                      shift_block_t=8)
+    torch.manual_seed(W)
+    _check(*_inputs(2, 21, 20, W, state=W > 1), activation=activation, tiles=tiles,
+           lengths=torch.tensor([21, 2]) if W > 1 else None)
+    _check(*_inputs(1, 3, 20, W, bias=False), activation=activation, tiles=tiles)
+    with pytest.raises(ValueError, match="bwd_kernel"):
+        ConvTiles(bwd_kernel="fast")
+
+
 GPU_SHAPES = [(8, 2048, 1536, 4), (2, 4097, 2560, 4), (3, 129, 1000, 2), (1, 64, 64, 8)]
 
 
@@ -193,6 +215,9 @@ def test_gpu_real_shapes(B, T, D, W, dtype):
     atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     _check(x, w, b, h0, activation="silu", atol=atol)
     _check(x, w, b, None, activation=None, lengths=lengths, atol=atol)
+    from seqblocks.ops.causal_conv1d.triton import ConvTiles
+
+    _check(x, w, b, h0, activation="silu", lengths=lengths, atol=atol, tiles=ConvTiles(bwd_kernel="shift"))
     # "auto" runs the kernel on CUDA: bit-identical to an explicit backend="triton" call
     y = causal_conv1d(x, w, b, activation="silu")[0]
     assert torch.equal(y, causal_conv1d(x, w, b, activation="silu", backend="triton")[0])

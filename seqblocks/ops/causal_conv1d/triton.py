@@ -40,6 +40,7 @@ from seqblocks.ops._backend import interpreter_enabled
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "ConvTiles", "DEFAULT_TILES", "MAX_WIDTH"]
 
 MAX_WIDTH = 8
+BWD_KERNELS = ("scratch", "shift")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvTiles:
@@ -55,6 +56,11 @@ class ConvTiles:
         bwd_block_d (int): backward tile's channels. Default: 128.
         bwd_warps (int): backward warps. Default: 4.
         bwd_tiles (int): time tiles one backward program walks (fewer dweight partials). Default: 32.
+        bwd_kernel (str): "scratch" (dz of a tile staged in scratch rows and read back shifted, one
+            program walking ``bwd_tiles`` tiles) or "shift" (each program one [shift_block_t,
+            bwd_block_d] tile, dz at each of the W shifts recomputed from cached loads: no scratch,
+            no barrier, every tile in parallel). Default: "scratch".
+        shift_block_t (int): time steps of a "shift" backward tile. Default: 32.
     """
 
     fwd_block_t: int = 16
@@ -64,10 +70,16 @@ class ConvTiles:
     bwd_block_d: int = 128
     bwd_warps: int = 4
     bwd_tiles: int = 32
+    bwd_kernel: str = "scratch"
+    shift_block_t: int = 32
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "bwd_kernel":
+                if v not in BWD_KERNELS:
+                    raise ValueError(f"ConvTiles: bwd_kernel must be one of {BWD_KERNELS}, got {v!r}")
+                continue
             if not isinstance(v, int) or v < 1 or (f.name != "bwd_tiles" and v & (v - 1)):
                 raise ValueError(f"ConvTiles: {f.name} must be a power-of-two int >= 1, got {v!r}")
         if self.bwd_block_t < MAX_WIDTH:
@@ -261,6 +273,71 @@ def _conv_bwd_kernel(
 
 
 @triton.jit
+def _conv_bwd_shift_kernel(
+    X, WT, BIAS, INIT, LENS, DY, DFINAL, DX, DINIT, DW_PART, DB_PART,
+    T, D, stride_xb, stride_xt, stride_ib, stride_it,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_LENS: tl.constexpr,
+    SILU: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # One [BLOCK_T, BLOCK_D] tile per program. dx[t] = sum_j w[W-1-j] dz[t + j]: the dz of each shift j
+    # is recomputed from shifted loads of x and dy (cache hits after the first), so no thread needs
+    # another's values and there is no scratch or barrier.
+    b = tl.program_id(0).to(tl.int64)
+    pt = tl.program_id(1)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
+    L = T
+    if HAS_LENS:
+        L = tl.load(LENS + b).to(tl.int32)
+    t0 = pt * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    near = t0 < W - 1
+    de = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dz0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(W):
+        dzj = _dz(X, INIT, WT, BIAS, DY, b, t + j, near, d, dm, T, D, L, stride_xb, stride_xt, stride_ib,
+                  stride_it, W, HAS_INIT, HAS_BIAS, SILU, BLOCK_T, BLOCK_D)
+        wj = tl.load(WT + d * W + (W - 1 - j), mask=dm, other=0.0).to(tl.float32)
+        de += wj[None, :] * dzj
+        if j == 0:
+            dz0 = dzj
+    if HAS_DFINAL:
+        jj = t + (W - 1) - L
+        de += tl.load(DFINAL + b * (W - 1) * D + jj[:, None] * D + d[None, :],
+                      mask=((jj >= 0) & (jj < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    tl.store(DX + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :], de.to(DX.dtype.element_ty),
+             mask=(t < T)[:, None] & dm[None, :])
+    if STORE_DINIT:
+        if pt == 0:
+            # d initial_state[e] = sum_j w[W-1-j] dz[e - (W-1) + j] + dfinal[e - L], e < W - 1
+            rs = tl.arange(0, BLOCK_S)
+            dh = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+            for j in tl.static_range(W):
+                dzj = _dz(X, INIT, WT, BIAS, DY, b, rs - (W - 1) + j, True, d, dm, T, D, L, stride_xb, stride_xt,
+                          stride_ib, stride_it, W, HAS_INIT, HAS_BIAS, SILU, BLOCK_S, BLOCK_D)
+                wj = tl.load(WT + d * W + (W - 1 - j), mask=dm, other=0.0).to(tl.float32)
+                dh += wj[None, :] * dzj
+            if HAS_DFINAL:
+                jf = rs - L
+                dh += tl.load(DFINAL + b * (W - 1) * D + jf[:, None] * D + d[None, :],
+                              mask=((jf >= 0) & (jf < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            tl.store(DINIT + b * (W - 1) * D + rs[:, None] * D + d[None, :], dh.to(DINIT.dtype.element_ty),
+                     mask=(rs < W - 1)[:, None] & dm[None, :])
+    # this tile's share of dweight[k] = sum_t dz[t] x[t - (W-1) + k] and dbias = sum_t dz[t]
+    kk = tl.arange(0, BLOCK_W)
+    dw = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(W):
+        xk = _tap_input(X, INIT, b, t + (k - (W - 1)), near, d, dm, T, stride_xb, stride_xt, stride_ib, stride_it,
+                        W, HAS_INIT)
+        dw = tl.where((kk == k)[:, None], dw + tl.sum(dz0 * xk, axis=0)[None, :], dw)
+    part = b * tl.num_programs(1) + pt
+    tl.store(DW_PART + part * W * D + kk[:, None] * D + d[None, :], dw, mask=(kk < W)[:, None] & dm[None, :])
+    if HAS_BIAS:
+        tl.store(DB_PART + part * D + d, tl.sum(dz0, axis=0), mask=dm)
+
+
+@triton.jit
 def _conv_update_kernel(
     X, STATE, WT, BIAS, Y, D,
     stride_xb, stride_sb, stride_sj, stride_sd,
@@ -339,8 +416,25 @@ class _CausalConv1dFn(torch.autograd.Function):
         tiles = ctx.tiles
         bt, bd = tiles.bwd_block_t, tiles.bwd_block_d
         block_s = triton.next_power_of_2(max(W - 1, 1))
-        n_chunks = triton.cdiv(triton.cdiv(T, bt), tiles.bwd_tiles)
         n_d = triton.cdiv(D, bd)
+        flags = dict(W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_LENS=lens is not None,
+                     SILU=ctx.silu, HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit)
+        strides = (x.stride(0), x.stride(1), 0 if init is None else init.stride(0),
+                   0 if init is None else init.stride(1))
+        if tiles.bwd_kernel == "shift":
+            st = tiles.shift_block_t
+            n_t = triton.cdiv(T, st)
+            dw_part = torch.empty(B * n_t, W, D, dtype=torch.float32, device=x.device)
+            db_part = torch.empty(B * n_t, D, dtype=torch.float32, device=x.device) if bias is not None else None
+            _conv_bwd_shift_kernel[(B, n_t, n_d)](
+                x, weight, bias, init, lens, dy, dfinal, dx, dinit, dw_part, db_part, T, D, *strides, **flags,
+                BLOCK_T=st, BLOCK_D=bd, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(W),
+                num_warps=tiles.bwd_warps,
+            )
+            dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
+            db = None if bias is None else db_part.sum(0).to(bias.dtype)
+            return dx, dw, db, dinit, None, None, None
+        n_chunks = triton.cdiv(triton.cdiv(T, bt), tiles.bwd_tiles)
         dw_part = torch.empty(B * n_chunks, W, D, dtype=torch.float32, device=x.device)
         db_part = torch.empty(B * n_chunks, D, dtype=torch.float32, device=x.device) if bias is not None else None
         scratch = torch.empty(B * n_chunks * n_d, bt + block_s, bd, dtype=torch.float32, device=x.device)
