@@ -12,7 +12,8 @@ Backends (``attention_type`` names):
   dense mask; with dropout, which flex lacks: ``memory_efficient`` for a score_mod, else ``flash``), and
   ``flash`` otherwise; a masked call of at most ``SHORT_QUERY`` queries (a decode step, a speculative
   block) without a score_mod takes ``flash`` with a dense mask too: its mask is one row per query, block
-  sparsity saves nothing, and it stays capturable in a CUDA graph (flex's eager fallback is not); on CPU, ``standard`` with a ``score_mod`` and ``flash`` otherwise. Every backend
+  sparsity saves nothing, and it stays capturable in a CUDA graph (flex's eager fallback is not);
+  on CPU, ``standard`` with a ``score_mod`` and ``flash`` otherwise. Every backend
   computes the same function (tested), so the rule changes speed, never results.
 
 ``linear_attention`` is a different function (a kernel feature map instead of the softmax); it has its
