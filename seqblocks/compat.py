@@ -1,24 +1,25 @@
 """Loading checkpoint folders written by other training code into seqblocks models.
 
-Two folder layouts are read (``docs/seed_compat.md`` says where each comes from):
+Two folder layouts are read (docs/interop.md, "Checkpoint folders of the seed systems", has the details):
 
 - ``load_backbone_checkpoint(path)``: a hybrid LM saved as ``config.json`` (``d_model``, ``d_state``,
   ``n_layer``, ``vocab_size``, ``mixer_types``, ``d_intermediate``, ``norm_epsilon``, ``rms_norm``,
   ``fused_add_norm``, ``residual_in_fp32``, ``tie_embeddings``, ``pad_vocab_size_multiple``) and
   ``pytorch_model.bin``, a state dict whose keys start ``backbone.`` (``backbone.embedding``,
   ``backbone.layers.{i}.{norm, mixer, norm2, mlp}``, ``backbone.norm_f``) plus ``lm_head.weight``.
-  It becomes an ``LRNNLMHeadModel``. Attention, Mamba, LRU, S4D, S5, Centaurus, RG-LRU and S7 layers are
-  placed; the linear RNNs' parameters are converted to seqblocks' parameterisation exactly (the same
+  It becomes an ``LRNNLMHeadModel``. Attention, Mamba, LRU, S4, S4D, S5, Centaurus, RG-LRU and S7 layers
+  are placed; the linear RNNs' parameters are converted to seqblocks' parameterisation exactly (the same
   function, up to float rounding), with the constructor values that function needs forced
-  (``_FORCED_KWARGS``, ``_s4d_kwargs``). S4 layers raise.
+  (``_FORCED_KWARGS``, ``_s4_kwargs``, the S5 ``real_transform``). The few argument values whose layer
+  cannot be reproduced (or whose layer fails in its own code) raise, naming why.
 - ``load_mlx_checkpoint(path, config)``: ``model.safetensors`` (and ``metadata.json``) written by an MLX
   trainer from a model of ``ConfigurableBlock`` s, keys ``embed``, ``blocks.{i}.{attention, ffn,
   attn_norm, ffn_norm}``, ``final_norm``, ``head``, with separate ``q_proj`` / ``k_proj`` / ``v_proj`` /
   ``o_proj`` and ``gate`` / ``up`` / ``down`` projections. The folder records no architecture, so the
   caller gives the matching ``LanguageModelConfig``; it becomes a ``LanguageModel``. Mixture-of-experts
   FFNs (``ffn.router``, ``ffn.experts.{e}``, ``ffn.shared_experts.{j}`` / ``ffn.shared_expert``) become
-  the "moe" / "shared_moe" / "latent_moe" FFNs of the config; a routing the config's FFN would compute
-  differently raises.
+  the "moe" / "shared_moe" / "latent_moe" FFNs of the config, their selection biases included
+  (``moe_bias_mode``); a routing the config's FFN would compute differently raises.
 
 Loading never runs anything the folder names: the pickle is read with ``torch.load(weights_only=True)``
 (tensors and plain containers only), safetensors with ``safetensors``. Loading is strict: a key that
@@ -38,21 +39,15 @@ import torch
 from seqblocks.layers.moe import LatentMoEFeedForward, MoEFeedForward
 from seqblocks.models.config_lm import LanguageModel, LanguageModelConfig
 from seqblocks.models.lrnn_lm import LRNNLMHeadModel
+from seqblocks.ops.ssm_conv_kernels import dplr_bilinear
 
 __all__ = ["load_backbone_checkpoint", "load_mlx_checkpoint", "BACKBONE_MIXERS"]
 
 #: Mixer types whose parameters ``load_backbone_checkpoint`` can place: attention (fused ``in_proj``,
 #: ``out_proj``, with ``mlp_dim`` / ``d_conv`` too), Mamba (``conv1d`` as ``conv_weight`` / ``conv_bias``),
-#: and the linear RNNs LRU, S4D, S5, Centaurus, RG-LRU and S7, whose parameters are converted exactly
-#: (``_MIXER_CONVERTERS``). S4 is not placed (see ``_UNPLACED``).
-BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S4D", "S5", "Centaurus", "RGLRU", "S7")
-
-#: Why the mixer types outside ``BACKBONE_MIXERS`` are refused.
-_UNPLACED = {
-    "S4": "it stores its DPLR system in an S4-kernel form (inv_dt, A_real / A_imag through configurable "
-          "transforms, B, C and P as [..., N, 2] over half the conjugate states, shared over n_ssm copies) and its "
-          "ungated output path applies GELU twice; this loader does not convert that form",
-}
+#: and the linear RNNs LRU, S4, S4D, S5, Centaurus, RG-LRU and S7, whose parameters are converted exactly
+#: (``_MIXER_CONVERTERS``).
+BACKBONE_MIXERS = ("attn", "Mamba", "LRU", "S4", "S4D", "S5", "Centaurus", "RGLRU", "S7")
 
 _CONFIG_KEYS = ("d_intermediate", "norm_epsilon", "rms_norm", "fused_add_norm", "residual_in_fp32",
                 "tie_embeddings", "pad_vocab_size_multiple")
@@ -108,12 +103,22 @@ def _convert_lru(params, mixer, file_kwargs):
 
 
 def _convert_s5(params, mixer, file_kwargs):
-    # File: A [P, 2] = (inverse-softplus of -Re Λ, Im Λ), real B [P, H], log_dt [P], C [H, P, 2], D [H, H].
+    # File (lrnnx's LTI S5): A [P, 2] = (p, Im Λ) with Re Λ = -softplus(p), real B [P, H], log_dt [P],
+    # C [H, P, 2], D [H, H]. Its "bilinear" is Ā = (1 - ΔΛ/2) / (1 + ΔΛ/2), B̄ = Δ / (1 + ΔΛ/2) B: the usual
+    # bilinear rule of -Λ, so that case stores Λ' = -Λ (Re Λ' > 0, real_transform="none").
     A, B, log_dt, C, D = (t.double() for t in _take(params, "A", "B", "log_dt", "C", "D"))
+    if B.dim() == 3 or D.dim() == 1:
+        raise ValueError(f"S5: B {tuple(B.shape)} and D {tuple(D.shape)} are the layout of the file code's "
+                         f"time-varying S5 (complex B [P, H, 2], diagonal D [H]), which its language model does not "
+                         f"build; expected the LTI S5's real B [P, H] and full D [H, H]")
     if A.dim() != 2 or A.shape[-1] != 2 or C.dim() != 3 or C.shape[-1] != 2:
         raise ValueError(f"S5: expected A [P, 2] and C [H, P, 2], got A {tuple(A.shape)}, C {tuple(C.shape)}")
-    out = {"Lambda_re_log": torch.log(torch.nn.functional.softplus(A[:, 0])), "Lambda_im": A[:, 1],
-           "B_re": B, "B_im": torch.zeros_like(B), "C_re": C[..., 0], "C_im": C[..., 1], "D": D, "log_step": log_dt}
+    if mixer.discretization == "bilinear":
+        re, im = torch.nn.functional.softplus(A[:, 0]), -A[:, 1]  # Λ' = -Λ under real_transform="none"
+    else:
+        re, im = A[:, 0], A[:, 1]  # the same parameter under real_transform="softplus"
+    out = {"Lambda_re_log": re, "Lambda_im": im, "B_re": B, "B_im": torch.zeros_like(B), "C_re": C[..., 0],
+           "C_im": C[..., 1], "D": D, "log_step": log_dt}
     return _rest(params, out)
 
 
@@ -160,87 +165,251 @@ def _convert_s7(params, mixer, file_kwargs):
     return _rest(params, out)
 
 
+#: The S4-kernel code's ``param_transform``: the positive quantity a stored parameter stands for.
+_TRANSFORMS = {"none": lambda p: p, "exp": torch.exp, "relu": lambda p: torch.relu(p) + 1e-4,
+               "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus}
+
+
 def _positive(param: torch.Tensor, transform: str, what: str) -> torch.Tensor:
-    """The positive quantity a stored S4-kernel parameter stands for (that code's ``param_transform``)."""
-    fns = {"none": lambda p: p, "exp": torch.exp, "relu": lambda p: torch.relu(p) + 1e-4, "sigmoid": torch.sigmoid,
-           "softplus": torch.nn.functional.softplus}
-    if transform not in fns:
-        raise ValueError(f"S4D: unknown {what} transform {transform!r}; expected one of {sorted(fns)}")
-    return fns[transform](param)
+    """The positive quantity a stored S4-kernel parameter stands for under ``transform``."""
+    if transform not in _TRANSFORMS:
+        raise ValueError(f"unknown {what} transform {transform!r}; expected one of {sorted(_TRANSFORMS)}")
+    return _TRANSFORMS[transform](param)
 
 
-#: S4D constructor values of the file's code and what this loader requires of them (the function it
-#: reproduces: channels=1, no gate or bottleneck, the [B, T, H] layout, complex A).
-_S4D_REQUIRED = {"transposed": False, "channels": 1, "gate": None, "bottleneck": None, "postact": None,
-                 "is_real": False}
-#: The file's S4D arguments this model takes under the same name and meaning.
-_S4D_PASSED = ("disc", "dropout", "lr", "wd")
-#: The file's S4D arguments that only shape its stored form or its initialisation (read from the tensors,
+#: The S4 / S4D arguments of the file's code that this model takes under the same name and meaning.
+_S4_PASSED = ("dropout", "lr", "wd")
+#: Arguments that only shape the file's stored form or its initialisation (read from the tensors,
 #: converted, or overwritten by the loaded values).
-_S4D_FORM = ("dt_tie", "dt_transform", "dt_fast", "rank", "n_ssm", "deterministic", "verbose", "real_transform",
-             "imag_transform", "tie_dropout", "final_act", "d_state", "init", "dt_min", "dt_max", "l_max")
+_S4_FORM = ("dt_tie", "dt_transform", "dt_fast", "n_ssm", "deterministic", "verbose", "real_transform",
+            "imag_transform", "tie_dropout", "d_state", "init", "dt_min", "dt_max")
+#: Arguments that change the function, each converted or refused in ``_s4_kwargs``.
+_S4_FUNCTION = ("transposed", "channels", "gate", "final_act", "postact", "l_max", "bottleneck", "is_real", "rank")
+#: The file's real_transform values this model stores the same parameter under.
+_SAME_REAL_TRANSFORM = ("exp", "softplus", "relu", "none")
 
 
-def _s4d_kwargs(folder: Path, given: dict) -> dict:
-    """seqblocks S4D arguments for the file's S4D arguments ``given`` (see ``_convert_s4d``)."""
+def _s4_kwargs(kind: str, folder: Path, given: dict) -> dict:
+    """seqblocks S4 / S4D arguments for the file's S4 / S4D arguments ``given`` (see ``_convert_s4_family``).
+
+    The file's layer: [B, T, H] input (``transposed=False``), the SSM with ``channels`` output maps, D,
+    then GELU; ungated a second GELU, gated ``gelu(W_o y * gelu(W_i x))`` (``gate``); dropout; and an
+    output map that is Linear then GELU whatever ``final_act`` names (None: no map). With ``l_max`` its
+    kernel stops after l_max steps.
+    """
     given = dict(given)
+    where = f"{folder}: {kind}"
     if "transposed" not in given:
-        raise ValueError(f"{folder}: S4D layers default to transposed=True, which inside a block reads a [B, T, H] "
-                         f"input as [B, H, T]; that function is not reproduced. Pass the S4D arguments the "
-                         f"checkpoint was built with (mixer_kwargs={{'S4D': {{'transposed': False, ...}}}})")
-    bad = {k: given[k] for k, v in _S4D_REQUIRED.items() if k in given and given[k] != v}
-    if bad:
-        raise ValueError(f"{folder}: S4D layers with {bad} cannot be converted; supported: {_S4D_REQUIRED}")
-    unknown = sorted(set(given) - set(_S4D_REQUIRED) - set(_S4D_PASSED) - set(_S4D_FORM))
+        raise ValueError(f"{where} layers default to transposed=True, which inside a block reads a [B, T, H] input "
+                         f"as [B, H, T]; that function is not reproduced. Pass the {kind} arguments the checkpoint "
+                         f"was built with (mixer_kwargs={{'{kind}': {{'transposed': False, ...}}}})")
+    known = set(_S4_PASSED) | set(_S4_FORM) | set(_S4_FUNCTION) | ({"disc"} if kind == "S4D" else set())
+    unknown = sorted(set(given) - known)
     if unknown:
-        raise ValueError(f"{folder}: unknown S4D arguments {unknown}")
+        raise ValueError(f"{where}: unknown {kind} arguments {unknown}")
+    if given["transposed"] is not False:
+        raise ValueError(f"{where} transposed={given['transposed']!r}: only transposed=False reads the block's "
+                         f"[B, T, H] input as the sequence it is")
+    if given.get("bottleneck") is not None:
+        raise ValueError(f"{where} bottleneck={given['bottleneck']!r} cannot be converted: the file's layer then "
+                         f"reads its input through a dense input_linear (which fails on a d_model-wide input unless "
+                         f"bottleneck=1); this {kind} has no input map")
+    if given.get("is_real") and kind == "S4":
+        raise ValueError(f"{where} is_real=True cannot be converted: the file's S4 kernel reads its real C as complex "
+                         f"pairs in its first forward, which fails; there is no function to reproduce")
+    channels, gate = given.get("channels", 1), given.get("gate")
+    final_act, postact = given.get("final_act", "glu"), given.get("postact")
+    if postact is not None:
+        if final_act is not None:
+            raise ValueError(f"{where} postact={postact!r} with final_act={final_act!r}: the file's code requires "
+                             f"final_act=None when postact is given (it then uses postact as final_act)")
+        final_act = postact
+    if gate is not None and kind == "S4" and channels > 1 and channels != gate:
+        raise ValueError(f"{where} gate={gate} with channels={channels}: the file's S4 builds its output gate for "
+                         f"d_model inputs, so its forward fails on the channels * d_model features")
+    if gate is not None and kind == "S4D" and channels == gate:
+        raise ValueError(f"{where} gate={gate} with channels={channels}: the file's S4D then has no output_gate "
+                         f"and its forward fails")
+    if final_act is None and (channels > 1 or gate is not None):
+        raise ValueError(f"{where} final_act=None with channels={channels}, gate={gate}: the layer's output is then "
+                         f"wider than d_model and the block's residual cannot take it")
+    for arg, default in (("real_transform", "exp"), ("imag_transform", "none"), ("dt_transform", "exp")):
+        if given.get(arg, default) not in _TRANSFORMS:
+            raise ValueError(f"{where}: unknown {arg} {given[arg]!r}; the file's code knows {list(_TRANSFORMS)}")
+    transform = given.get("real_transform", "exp")
+    per_state = given.get("dt_tie", True) is False
+    out = {k: given[k] for k in _S4_PASSED if k in given}
+    if out.get("lr") == 0.0:  # the file keeps its SSM tensors as frozen buffers: no learning-rate hint here
+        del out["lr"]
+    out.update(real_transform="exp" if per_state or transform not in _SAME_REAL_TRANSFORM else transform,
+               activation="gelu", double_activation=gate is None, final_act=None if final_act is None else "gelu",
+               channels=channels)
+    if gate is not None:
+        out.update(gate=gate, gate_act="gelu")
     if given.get("l_max") is not None:
-        raise ValueError(f"{folder}: S4D l_max={given['l_max']}: the file's kernel stops after l_max steps, while "
-                         f"seqblocks' S4D kernel spans the whole input; not reproduced for longer inputs")
-    disc = given.get("disc", "zoh")
-    if disc not in ("zoh", "bilinear"):
-        raise ValueError(f"{folder}: S4D disc={disc!r}; the file's S4D computes 'zoh' or 'bilinear'")
-    out = {k: given[k] for k in _S4D_PASSED if k in given}
-    # The ungated path: GELU, GELU, dropout, then Linear followed by GELU whatever final_act names (None: nothing).
-    out.update(real_transform="exp", activation="gelu", double_activation=True,
-               final_act=None if given.get("final_act", "glu") is None else "gelu")
+        out.update(l_max=given["l_max"], truncate_kernel=True)
+    if kind == "S4":
+        out["rank"] = given.get("rank", 1)
+    else:
+        disc = given.get("disc", "zoh")
+        if disc not in ("zoh", "bilinear"):
+            raise ValueError(f"{where} disc={disc!r}; the file's S4D computes 'zoh' or 'bilinear'")
+        out["disc"] = disc
     return out
 
 
-def _convert_s4d(params, mixer, file_kwargs):
-    # File: A_real / A_imag [n_ssm, n] with A = -t_re(A_real) - i t_im(A_imag), B [1, n_ssm, n, 2], C [1, H, n, 2],
-    # inv_dt [H] or [H, 1] with dt = t_dt(inv_dt) (sinh first under dt_fast), D [1, H]; the rows repeat over H
-    # as h -> h mod n_ssm. The kernel 2 Re sum_n C_n B̄_n λ_n^l is ours with B = B, C = C.
-    A_real, A_imag, B, C, inv_dt, D = _take(params, "A_real", "A_imag", "B", "C", "inv_dt", "D")
+def _convert_s4_family(params, mixer, file_kwargs, kind: str):
+    """One S4 / S4D layer of the file as this S4 / S4D mixer (``_s4_kwargs`` built it).
+
+    File: A_real / A_imag [n_ssm, n] with Λ = -t_re(A_real) - i t_im(A_imag) (A_imag absent and Λ real
+    under is_real), B [1, n_ssm, n, 2], C [channels, H, n, 2], S4's low-rank P [rank, n_ssm, n, 2]
+    (A = Λ - P P^*), inv_dt [H, 1] with dt = t_dt(inv_dt) (sinh first under dt_fast) or [H, n], one step
+    per state (dt_tie=False), D [channels, H]; the rows repeat over H as h -> h mod n_ssm. The same
+    tensors again under ``layer.kernel.``, S4's ``layer.kernel.l_kernel``, ``input_gate.0`` /
+    ``output_gate`` / ``output_linear.0`` Linear layers.
+
+    Per-state steps: the file's system is x' = Δ A x + Δ B u (Δ diagonal, bilinear or ZOH with a unit
+    step), which here is the same system with dt = 1: S4D takes Λ' = Δ Λ, B' = Δ B; for S4 the change of
+    basis x = Δ^{1/2} x' makes it DPLR again, Λ' = Δ Λ, P' = Δ^{1/2} P, B' = Δ^{1/2} B, C' = C Δ^{1/2}.
+
+    S4's stored C is S4's C̃ = C (I - Ā^M) for the kernel length M = l_kernel it last computed (the raw C
+    while l_kernel = 0); the true C, which this S4 stores, is C̃ (I - Ā^M)^{-1}, solved in float64.
+    """
+    is_real = bool(file_kwargs.get("is_real", False))
+    names = ("A_real",) + (() if is_real else ("A_imag",)) + ("B", "C", "inv_dt", "D")
+    names += ("P",) if kind == "S4" else ()
+    taken = dict(zip(names, _take(params, *names), strict=True))
+    if kind == "S4" and "layer.kernel.l_kernel" not in params:  # it says whether C is S4's C̃, and for what length
+        raise ValueError("missing mixer tensors ['layer.kernel.l_kernel'] (S4's kernel length, a buffer of its kernel)")
+    l_kernel = 0
     for k in [k for k in params if k.startswith("layer.kernel.")]:
-        twin = {"A_real": A_real, "A_imag": A_imag, "B": B, "C": C, "inv_dt": inv_dt}.get(k[len("layer.kernel."):])
-        value = params.pop(k)
+        name, value = k[len("layer.kernel."):], params.pop(k)
+        if kind == "S4" and name == "l_kernel":
+            if value.numel() != 1:
+                raise ValueError(f"{k} must be a scalar, got shape {tuple(value.shape)}")
+            l_kernel = int(value)
+            continue
+        twin = taken.get(name) if name != "D" else None
         if twin is None or not torch.equal(value, twin):
-            raise ValueError(f"{k} is not a copy of the layer's own {k[len('layer.kernel.'):]}")
-    H, n = mixer.d_model, mixer.d_state // 2
+            raise ValueError(f"{k} is not a copy of the layer's own {name}")
+    if kind == "S4" and l_kernel < 0:
+        raise ValueError(f"layer.kernel.l_kernel={l_kernel} must be >= 0")
+    H, n, c = mixer.d_model, mixer.d_state // 2, mixer.channels
+    A_real, B, C, inv_dt, D = (taken[k].double() for k in ("A_real", "B", "C", "inv_dt", "D"))
     if A_real.dim() != 2 or A_real.shape[1] != n or H % A_real.shape[0]:
-        raise ValueError(f"S4D: A_real has shape {tuple(A_real.shape)}, expected [n_ssm, {n}] with n_ssm dividing {H}")
-    if tuple(B.shape) != (1, A_real.shape[0], n, 2) or tuple(C.shape) != (1, H, n, 2):
-        raise ValueError(f"S4D: B {tuple(B.shape)} / C {tuple(C.shape)}, expected [1, n_ssm, {n}, 2] / "
-                         f"[1, {H}, {n}, 2] (channels=1)")
-    if inv_dt.numel() != H:
-        raise ValueError(f"S4D: inv_dt has shape {tuple(inv_dt.shape)}: one step per state (dt_tie=False) has no "
-                         f"counterpart here (one step per channel)")
-    rep = H // A_real.shape[0]
+        raise ValueError(f"{kind}: A_real has shape {tuple(A_real.shape)}, expected [n_ssm, {n}] with n_ssm dividing "
+                         f"{H}")
+    n_ssm, pair = A_real.shape[0], () if is_real else (2,)
+    if tuple(B.shape) != (1, n_ssm, n, *pair) or tuple(C.shape) != (c, H, n, *pair):
+        raise ValueError(f"{kind}: B {tuple(B.shape)} / C {tuple(C.shape)}, expected {(1, n_ssm, n, *pair)} / "
+                         f"{(c, H, n, *pair)} (channels={c}{', is_real' if is_real else ''})")
+    if tuple(D.shape) != (c, H):
+        raise ValueError(f"{kind}: D has shape {tuple(D.shape)}, expected {(c, H)} (channels={c})")
+    per_state = inv_dt.dim() == 2 and inv_dt.shape[1] == n and n != 1
+    if inv_dt.numel() != H and not per_state:
+        raise ValueError(f"{kind}: inv_dt has shape {tuple(inv_dt.shape)}, expected [{H}, 1] or [{H}, {n}]")
+    declared = file_kwargs.get("dt_tie", True) is False
+    if per_state != declared and not (n == 1 and declared):
+        raise ValueError(f"{kind}: inv_dt has shape {tuple(inv_dt.shape)} but the arguments say dt_tie="
+                         f"{file_kwargs.get('dt_tie', True)}; pass the arguments the checkpoint was built with")
+    rep = H // n_ssm
     f = {k: file_kwargs.get(k, d) for k, d in (("real_transform", "exp"), ("imag_transform", "none"),
                                                 ("dt_transform", "exp"), ("dt_fast", False))}
-    A_real, A_imag, B, C, inv_dt = (t.double() for t in (A_real, A_imag, B, C, inv_dt))
-    re = _positive(A_real, f["real_transform"], "real")
-    im = _positive(A_imag, f["imag_transform"], "imag")
-    dt = _positive(torch.sinh(inv_dt) if f["dt_fast"] else inv_dt, f["dt_transform"], "dt").reshape(H)
-    out = {"A_real": torch.log(re).repeat(rep, 1), "A_imag": (-im).repeat(rep, 1),
-           "B_re": B[0, ..., 0].repeat(rep, 1), "B_im": B[0, ..., 1].repeat(rep, 1),
-           "C_re": C[0, ..., 0], "C_im": C[0, ..., 1], "log_dt": torch.log(dt), "D": D.reshape(-1)}
+
+    def cplx(t):
+        return torch.complex(t, torch.zeros_like(t)) if is_real else torch.complex(t[..., 0], t[..., 1])
+
+    pos = _positive(A_real, f["real_transform"], "real").repeat(rep, 1)  # -Re Λ [H, n]
+    im = (torch.zeros_like(A_real) if is_real else
+          -_positive(taken["A_imag"].double(), f["imag_transform"], "imag")).repeat(rep, 1)  # Im Λ
+    Bc = cplx(B[0]).repeat(rep, 1)  # [H, n]
+    Cc = cplx(C)  # [c, H, n]
+    dt = _positive(torch.sinh(inv_dt) if f["dt_fast"] else inv_dt, f["dt_transform"], "dt")
+    if not bool((dt > 0).all()):
+        raise ValueError(f"{kind}: the steps dt = {f['dt_transform']}(inv_dt) include {int((dt <= 0).sum())} values "
+                         f"<= 0, which have no log step here")
+    out = {}
+    if kind == "S4":
+        P = cplx(taken["P"].double())
+        if P.dim() != 3 or tuple(P.shape[1:]) != (n_ssm, n):
+            raise ValueError(f"S4: P has shape {tuple(taken['P'].shape)}, expected [rank, {n_ssm}, {n}, 2]")
+        P = P.permute(1, 0, 2).repeat(rep, 1, 1)  # [H, rank, n]
+    if per_state:
+        dt = dt.reshape(H, n)
+        pos, im = pos * dt, im * dt
+        if kind == "S4":
+            root = dt.sqrt()
+            P, Bc, Cc = P * root[:, None], Bc * root, Cc * root
+        else:
+            Bc = Bc * dt
+        dt = torch.ones(H, dtype=torch.float64)
+    dt = dt.reshape(H)
+    lam = torch.complex(-pos, im)
+    if kind == "S4" and l_kernel > 0:
+        Cc = _s4_true_C(lam, P, Bc, Cc, dt, l_kernel)
+    transform = mixer.real_transform
+    if not per_state and transform == f["real_transform"] and transform in ("exp", "softplus", "relu"):
+        out["A_real"] = A_real.repeat(rep, 1)  # the same stored parameter
+    elif transform == "none":
+        out["A_real"] = -pos
+    else:
+        out["A_real"] = torch.log(pos)
+    out.update(A_imag=im, B_re=Bc.real, B_im=Bc.imag, log_dt=torch.log(dt))
+    Cc = Cc[0] if c == 1 else Cc
+    out.update(C_re=Cc.real, C_im=Cc.imag, D=D[0] if c == 1 else D)
+    if kind == "S4":
+        out.update(P_re=P.real, P_im=P.imag)
+    if mixer.gate is not None:
+        for part in ("weight", "bias"):
+            if f"input_gate.0.{part}" in params:
+                out[f"input_gate.{part}"] = params.pop(f"input_gate.0.{part}")
+        if not any(k.startswith("output_gate.") for k in params):  # the file's S4 with channels == gate: identity
+            width = mixer.gate * H
+            out["output_gate.weight"] = torch.eye(width, dtype=torch.float64)
+            out["output_gate.bias"] = torch.zeros(width, dtype=torch.float64)
     return _rest(params, out)
 
 
+#: The largest error amplification ``||(I - Ā^M)^{-1}|| * max(1, ||Ā^M||)`` (spectral norms) for which
+#: recovering S4's C from C̃ in float64 (I - Ā^M is formed to 1.1e-16 * ||Ā^M||) stays below fp32 rounding
+#: (6e-8): 1.1e-16 * 1e8 ~ 1e-8.
+_S4_MAX_AMPLIFICATION = 1e8
+
+
+def _s4_true_C(lam, P, B, C_tilde, dt, M: int) -> torch.Tensor:
+    """S4's C from its stored C̃ = C (I - Ā^M): ``C̃ (I - Ā^M)^{-1}`` per channel, in float64 (``C_tilde``
+    [c, H, n] halves of conjugate pairs; the result likewise).
+
+    Raises:
+        ValueError: I - Ā^M so close to singular (steps so small that Ā^M ~ I, or a pole at ~0) that the
+            recovered C would not be exact to fp32 rounding.
+    """
+    A_bar, _ = dplr_bilinear(lam, P, B, dt)  # [H, N, N]
+    N = A_bar.shape[-1]
+    power = torch.linalg.matrix_power(A_bar, M)
+    Mat = torch.eye(N, dtype=A_bar.dtype) - power
+    amp = torch.linalg.matrix_norm(torch.linalg.pinv(Mat), ord=2) * torch.linalg.matrix_norm(power, ord=2).clamp(min=1)
+    if not bool((amp <= _S4_MAX_AMPLIFICATION).all()):
+        h = int(torch.nan_to_num(amp, nan=float("inf")).argmax())
+        raise ValueError(f"S4: the stored C is S4's C̃ = C (I - Ā^L) for L = layer.kernel.l_kernel = {M}; recovering C "
+                         f"solves with I - Ā^L, which amplifies rounding by {float(amp[h]):.3g} at channel {h} "
+                         f"(above {_S4_MAX_AMPLIFICATION:.0e}: Ā^L is nearly I there, so C̃ nearly vanishes), so C "
+                         f"would not be exact to fp32 rounding")
+    full = torch.cat((C_tilde, C_tilde.conj()), -1)  # [c, H, N]
+    C = torch.linalg.solve(Mat.transpose(-1, -2), full.unsqueeze(-1)).squeeze(-1)
+    return C[..., : N // 2]
+
+
+def _convert_s4(params, mixer, file_kwargs):
+    return _convert_s4_family(params, mixer, file_kwargs, "S4")
+
+
+def _convert_s4d(params, mixer, file_kwargs):
+    return _convert_s4_family(params, mixer, file_kwargs, "S4D")
+
+
 _MIXER_CONVERTERS = {"LRU": _convert_lru, "S5": _convert_s5, "Centaurus": _convert_centaurus,
-                     "RGLRU": _convert_rglru, "S7": _convert_s7, "S4D": _convert_s4d}
+                     "RGLRU": _convert_rglru, "S7": _convert_s7, "S4D": _convert_s4d, "S4": _convert_s4}
 
 #: Constructor values these layers need here to compute the file's function (the file's layers have no
 #: choice in them): S5's skip is a full [H, H] matrix, S7 adds its input to its output, Centaurus scales
@@ -249,9 +418,11 @@ _MIXER_CONVERTERS = {"LRU": _convert_lru, "S5": _convert_s5, "Centaurus": _conve
 _FORCED_KWARGS = {"S5": {"full_D": True}, "S7": {"input_residual": True}, "Centaurus": {"discretization": "mamba"},
                   "RGLRU": {"gate_gelu": "exact", "num_heads": 1}}
 
-#: S5 discretizations the file's systems share with seqblocks' S5. Its "bilinear" is (1 - ΔΛ/2) / (1 + ΔΛ/2),
-#: the reciprocal of the usual rule (not representable with Re Λ < 0), and "async" needs timesteps.
-_S5_DISCRETIZATIONS = ("zoh", "dirac", "no_discretization")
+#: S5 discretizations of the file's code, all converted. Its "bilinear" is Ā = (1 - ΔΛ/2) / (1 + ΔΛ/2), the
+#: usual rule of -Λ (so |Ā| > 1: it grows), placed as our "bilinear" with Λ' = -Λ (``real_transform="none"``);
+#: "async" (Ā = exp(Δ τ Λ) with ``integration_timesteps`` τ, B̄ by ZOH) is our "async". The file's LTI S5
+#: never passes timesteps to its async rule, which then fails; ours computes that rule (ZOH without τ).
+_S5_DISCRETIZATIONS = ("zoh", "bilinear", "dirac", "async", "no_discretization")
 
 
 def _backbone_key(key: str, mixer_types: list[str], dropped: list[str]) -> str | None:
@@ -292,11 +463,13 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
         path (str | Path): the folder.
         mixer_kwargs (dict | None): the per-mixer-type arguments the checkpoint was built with, which
             the folder does not record (attention layers need ``{"attn": {"num_heads": H}}``, S5 layers
-            ``{"S5": {"discretization": ...}}``, Centaurus layers ``sub_state_dim`` and ``mode``, S4D
-            layers their arguments as built, with ``transposed=False``). Values
-            the converted function needs are set here: S5 ``full_D=True``, S7 ``input_residual=True``,
-            Centaurus ``discretization="mamba"`` (B̄ = Δ B), RG-LRU ``gate_gelu="exact"`` and
-            ``num_heads=1``, S4D ``double_activation=True`` and ``final_act="gelu"``. Default: None.
+            ``{"S5": {"discretization": ...}}``, Centaurus layers ``sub_state_dim`` and ``mode``, S4 and
+            S4D layers their arguments as built, with ``transposed=False``). Values the converted
+            function needs are set here: S5 ``full_D=True`` and ``real_transform`` ("softplus", "none"
+            for its bilinear rule), S7 ``input_residual=True``, Centaurus ``discretization="mamba"``
+            (B̄ = Δ B), RG-LRU ``gate_gelu="exact"`` and ``num_heads=1``, S4 / S4D ``activation="gelu"``,
+            ``final_act="gelu"``, ``double_activation`` (ungated), ``gate_act="gelu"`` (gated) and
+            ``truncate_kernel=True`` with ``l_max``. Default: None.
         device, dtype: where and in what dtype to build the model. Default: None.
 
     Returns:
@@ -305,10 +478,12 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
         ``integration_timesteps``) has no counterpart and is not loaded; a warning lists such keys.
 
     Raises:
-        ValueError: a missing or unreadable file, a mixer type outside ``BACKBONE_MIXERS`` (naming why),
-            attention layers without ``num_heads``, S5 layers without a discretization or with one that
-            has no exact counterpart ("bilinear", "async"), a Centaurus A with a non-negative real part,
-            keys or shapes that do not fit.
+        ValueError: a missing or unreadable file, a mixer type outside ``BACKBONE_MIXERS``, attention
+            layers without ``num_heads``, S5 layers without a discretization or with ``conj_sym``, S4 /
+            S4D arguments whose layer is not reproduced (``transposed=True``, ``bottleneck``, S4
+            ``is_real``, the gate / channels combinations the file's own forward fails on), an S4 C̃
+            whose recovery is ill-conditioned, a Centaurus A with a non-negative real part, keys or
+            shapes that do not fit.
     """
     folder = Path(path)
     config = _read_json(folder / "config.json")
@@ -318,9 +493,8 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
     mixer_types = list(config["mixer_types"])
     unsupported = sorted({t for t in mixer_types if t not in BACKBONE_MIXERS})
     if unsupported:
-        why = "; ".join(f"{t}: {_UNPLACED[t]}" for t in unsupported if t in _UNPLACED)
-        raise ValueError(f"{folder}: mixer types {unsupported} cannot be placed ({why or 'unknown mixer type'}); "
-                         f"this loader places {list(BACKBONE_MIXERS)}")
+        raise ValueError(f"{folder}: mixer types {unsupported} cannot be placed (unknown mixer types); this loader "
+                         f"places {list(BACKBONE_MIXERS)}")
     if mixer_kwargs is not None and not isinstance(mixer_kwargs, dict):
         raise TypeError(f"mixer_kwargs must be a dict of per-mixer-type dicts, got {type(mixer_kwargs).__name__}")
     bad = {k: v for k, v in (mixer_kwargs or {}).items() if not isinstance(v, dict)}
@@ -329,19 +503,26 @@ def load_backbone_checkpoint(path: str | Path, *, mixer_kwargs: dict | None = No
                         f"got non-dict values {bad}")
     mixer_kwargs = {k: dict(v) for k, v in (mixer_kwargs or {}).items()}
     file_kwargs = {k: dict(v) for k, v in mixer_kwargs.items()}
-    if "S4D" in mixer_types:
-        mixer_kwargs["S4D"] = _s4d_kwargs(folder, mixer_kwargs.get("S4D", {}))
+    for kind in ("S4", "S4D"):
+        if kind in mixer_types:
+            mixer_kwargs[kind] = _s4_kwargs(kind, folder, mixer_kwargs.get(kind, {}))
     for kind, forced in _FORCED_KWARGS.items():
         if kind in mixer_types:
             mixer_kwargs[kind] = {**mixer_kwargs.get(kind, {}), **forced}
     if "S5" in mixer_types:
-        if "discretization" not in mixer_kwargs["S5"]:
+        s5 = mixer_kwargs["S5"]
+        if "discretization" not in s5:
             raise ValueError(f"{folder}: config.json does not record the S5 discretization; pass "
                              f"mixer_kwargs={{'S5': {{'discretization': ...}}}} as the checkpoint was built")
-        disc = mixer_kwargs["S5"]["discretization"]
+        disc = s5["discretization"]
         if disc not in _S5_DISCRETIZATIONS:
-            raise ValueError(f"{folder}: S5 layers with discretization={disc!r} cannot be converted exactly; "
-                             f"supported: {list(_S5_DISCRETIZATIONS)}")
+            raise ValueError(f"{folder}: S5 discretization={disc!r} is not one of the file's code's "
+                             f"{list(_S5_DISCRETIZATIONS)}")
+        if s5.get("conj_sym"):
+            raise ValueError(f"{folder}: S5 conj_sym=True: the file's (LTI) S5 refuses it, so no such checkpoint "
+                             f"computes anything")
+        # The file's Re Λ = -softplus(A[:, 0]); its bilinear rule is ours on -Λ (Re -Λ > 0).
+        s5["real_transform"] = "none" if disc == "bilinear" else "softplus"
     if "attn" in mixer_types and "num_heads" not in mixer_kwargs.get("attn", {}):
         raise ValueError(f"{folder}: config.json does not record the attention head count; pass "
                          f"mixer_kwargs={{'attn': {{'num_heads': H}}}} as the checkpoint was built")
@@ -402,9 +583,12 @@ def _mlx_moe(params: dict[str, torch.Tensor], ffn) -> dict[str, torch.Tensor]:
     down}`` squared ReLU in the latent variant), a list of shared SwiGLU experts (``shared_experts.{j}``)
     or one squared-ReLU ``shared_expert``, and the router. Its routing is: top-k by logits with the
     weights a softmax over the chosen logits (the SwiGLU variants, with ``expert_bias`` added to the
-    logits for the choice only), or sigmoid scores plus ``score_correction_bias`` for both the choice
-    and the normalised weights (latent), times ``moe_routed_scaling_factor`` there; group-limited
-    choice (latent only) scores a group by the sum of its scores.
+    logits for the choice only: ``moe_bias_mode="logits"``), or sigmoid scores plus
+    ``score_correction_bias`` for both the choice and the normalised weights (latent:
+    ``moe_bias_mode="corrected"``), times ``moe_routed_scaling_factor`` there; group-limited choice
+    (latent only) scores a group by the sum of its scores. The bias is loaded into ``expert_bias``; a
+    nonzero one needs the config's block to have the matching ``moe_bias_mode`` (a zero one routes alike
+    in every mode).
     """
     latent = isinstance(ffn, LatentMoEFeedForward)
     expected_router = "sigmoid" if latent else "softmax"
@@ -427,10 +611,13 @@ def _mlx_moe(params: dict[str, torch.Tensor], ffn) -> dict[str, torch.Tensor]:
         raise ValueError(f"expert projections with biases {biased[:4]} (the MoE experts here have none)")
     bias_key = "score_correction_bias" if latent else "expert_bias"
     bias = params.pop(bias_key, None)
-    if bias is not None and bool((bias != 0).any()):
-        raise ValueError(f"a nonzero {bias_key} (it shifts the file's {'scores and weights' if latent else 'logits'}"
-                         f", while seqblocks' expert_bias shifts the scores for the choice only); not convertible")
-    out = {"router.weight": params.pop("router.weight", None), "expert_bias": torch.zeros(ffn.n_experts)}
+    mode = "corrected" if latent else "logits"
+    if bias is not None and bool((bias != 0).any()) and ffn.bias_mode != mode:
+        where = "the sigmoid scores, for the choice and the weights" if latent else "the logits, for the choice only"
+        raise ValueError(f"a nonzero {bias_key}: the file adds it to {where}, which is moe_bias_mode={mode!r}; the "
+                         f"config's block has moe_bias_mode={ffn.bias_mode!r}")
+    out = {"router.weight": params.pop("router.weight", None),
+           "expert_bias": torch.zeros(ffn.n_experts) if bias is None else bias}
     E = ffn.n_experts
     names = ("up", "down") if latent else ("gate", "up", "down")
     try:
@@ -530,7 +717,8 @@ def load_mlx_checkpoint(path: str | Path, config: LanguageModelConfig, *, device
     Raises:
         ValueError: a missing or unreadable file, keys or shapes that do not fit ``config``; an MoE
             FFN whose routing the config's FFN computes differently (router kind, top-k
-            renormalisation, scaling, groups), a nonzero selection bias, expert biases.
+            renormalisation, scaling, groups, a nonzero selection bias with another ``moe_bias_mode``),
+            expert biases.
         TypeError: config is not a ``LanguageModelConfig``.
     """
     import safetensors.torch

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["ConfigBase", "BlockConfig"]
+__all__ = ["ConfigBase", "BlockConfig", "MOE_BIAS_MODES"]
 
 C = TypeVar("C", bound="ConfigBase")
 
@@ -137,6 +137,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: Where a mixture-of-experts FFN's expert bias acts (``BlockConfig.moe_bias_mode``).
+MOE_BIAS_MODES = ("scores", "logits", "corrected")
+
+
 def _require(condition: bool, field: str, value: Any, expected: str) -> None:
     if not condition:
         raise ValueError(f"BlockConfig.{field}={value!r} is invalid: expected {expected}")
@@ -232,6 +236,11 @@ class BlockConfig(ConfigBase):
         moe_bias_update_rate (float): auxiliary-loss-free balancing: after each optimizer step every
             expert's selection bias moves by this rate towards balance (``update_router_biases``);
             0 leaves the biases at zero. Default: 0.0.
+        moe_bias_mode (str): where the expert bias ``b`` (the ``expert_bias`` buffer) acts: "scores"
+            (the experts are chosen by scores + b, the weights read the scores: DeepSeek-V3), "logits"
+            (chosen by logits + b, weights from the scores) or "corrected" (the scores become scores + b
+            for both the choice and the weights, a score correction). All three route alike while b = 0.
+            Default: "scores".
     """
 
     attention: str = "mha"
@@ -285,6 +294,7 @@ class BlockConfig(ConfigBase):
     moe_aux_loss_coef: float = 0.01
     moe_z_loss_coef: float = 0.001
     moe_bias_update_rate: float = 0.0
+    moe_bias_mode: str = "scores"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -343,6 +353,8 @@ class BlockConfig(ConfigBase):
                  f"at most moe_topk_groups * experts per group = {self.moe_topk_groups * per_group}")
         _require(self.moe_router in (None, "softmax", "sigmoid"), "moe_router", self.moe_router,
                  "'softmax', 'sigmoid' or None")
+        _require(self.moe_bias_mode in MOE_BIAS_MODES, "moe_bias_mode", self.moe_bias_mode,
+                 f"one of {MOE_BIAS_MODES}")
         _require(self.moe_routed_scaling_factor > 0, "moe_routed_scaling_factor", self.moe_routed_scaling_factor,
                  "a positive float")
         if self.moe_capacity_factor is not None:

@@ -390,9 +390,9 @@ def test_lrnn_folder_errors(tmp_path):
     _lrnn_folder(tmp_path / "s5", "S5", {})
     with pytest.raises(ValueError, match="discretization"):
         load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2}})
-    with pytest.raises(ValueError, match="'bilinear'"):
+    with pytest.raises(ValueError, match="'euler'"):
         load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2},
-                                                                "S5": {"discretization": "bilinear"}})
+                                                                "S5": {"discretization": "euler"}})
     with pytest.raises(TypeError, match="non-dict values"):
         load_backbone_checkpoint(tmp_path / "s5", mixer_kwargs={"attn": {"num_heads": 2}, "discretization": "zoh"})
     folder = tmp_path / "cent"
@@ -405,15 +405,16 @@ def test_lrnn_folder_errors(tmp_path):
         load_backbone_checkpoint(folder, mixer_kwargs={"attn": {"num_heads": 2},
                                                        "Centaurus": {"sub_state_dim": M, "mode": "neck"}})
     (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4", "attn"]}))
-    with pytest.raises(ValueError, match="S4.*GELU twice"):
+    with pytest.raises(ValueError, match="S4 layers default to transposed=True"):
         load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
     (folder / "config.json").write_text(json.dumps({**KW, "mixer_types": ["S4D", "attn"]}))
     with pytest.raises(ValueError, match="transposed=True"):
         load_backbone_checkpoint(folder, mixer_kwargs=HEADS)
-    with pytest.raises(ValueError, match="'channels': 2"):
-        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "channels": 2}})
-    with pytest.raises(ValueError, match="l_max=64"):
-        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "l_max": 64}})
+    with pytest.raises(ValueError, match="gate=2 with channels=2"):
+        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "channels": 2,
+                                                                        "gate": 2}})
+    with pytest.raises(ValueError, match="bottleneck=2"):
+        load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "bottleneck": 2}})
     with pytest.raises(ValueError, match="unknown S4D arguments \\['colour'\\]"):
         load_backbone_checkpoint(folder, mixer_kwargs={**HEADS, "S4D": {"transposed": False, "colour": 1}})
 
@@ -484,10 +485,18 @@ def _ref_mlx_moe(p, x, ffn, top_k, scaling=1.0, n_groups=1, topk_groups=1):
 
 
 MOE_CASES = [("moe", {}), ("shared_moe", {"n_shared_experts": 2}),
-             ("latent_moe", {"moe_routed_scaling_factor": 2.5, "moe_n_groups": 2, "moe_topk_groups": 1})]
+             ("latent_moe", {"moe_routed_scaling_factor": 2.5, "moe_n_groups": 2, "moe_topk_groups": 1}),
+             # Nonzero selection biases: lmxlab adds expert_bias to the logits (choice only) and
+             # score_correction_bias to the sigmoid scores (choice and weights).
+             ("shared_moe", {"n_shared_experts": 1, "moe_bias_mode": "logits"}),
+             ("latent_moe", {"moe_routed_scaling_factor": 2.5, "moe_n_groups": 2, "moe_topk_groups": 1,
+                             "moe_bias_mode": "corrected"})]
+MOE_BIASES = {"shared_moe": ("expert_bias", [1.5, -1.0, 0.5, -0.25]),
+              "latent_moe": ("score_correction_bias", [0.3, -0.2, 0.1, 0.25])}
 
 
-@pytest.mark.parametrize("ffn, extra", MOE_CASES, ids=[c[0] for c in MOE_CASES])
+@pytest.mark.parametrize("ffn, extra", MOE_CASES, ids=[f"{c[0]}-{c[1].get('moe_bias_mode', 'no_bias')}"
+                                                       for c in MOE_CASES])
 def test_mlx_moe_ffns_load_with_the_same_function(tmp_path, ffn, extra):
     kw = dict(attention="gqa", norm="rms_norm", position="rope", d_model=D_MOE, n_heads=4, n_kv_heads=2,
               d_ff=F_MOE, bias=False)
@@ -498,6 +507,10 @@ def test_mlx_moe_ffns_load_with_the_same_function(tmp_path, ffn, extra):
     model = LanguageModel(config).eval()
     keys = {k: v for k, v in _mlx_keys(model, config).items() if not k.startswith("blocks.1.ffn.")}
     params = _mlx_moe_tensors(ffn, extra.get("n_shared_experts", 0))
+    biased = "moe_bias_mode" in extra
+    if biased:
+        name, values = MOE_BIASES[ffn]
+        params[name] = torch.tensor(values, dtype=torch.float64)
     keys.update({f"blocks.1.ffn.{k}": v.float().contiguous() for k, v in params.items()})
     safetensors.torch.save_file(keys, str(tmp_path / "model.safetensors"))
     loaded = load_mlx_checkpoint(tmp_path, config, dtype=torch.float64)
@@ -512,6 +525,10 @@ def test_mlx_moe_ffns_load_with_the_same_function(tmp_path, ffn, extra):
         loaded.layers[1].ffn.forward = lambda h, *_a, **_k: ref(params, h)
         assert_close(loaded(ids).logits, logits, rtol=1e-9, atol=1e-9)
         del loaded.layers[1].ffn.forward
+        if biased:  # the bias matters: without it the same weights route otherwise
+            assert_close(loaded.layers[1].ffn.forward_dense(x), ref(params, x), rtol=1e-9, atol=1e-9)
+            loaded.layers[1].ffn.expert_bias.zero_()
+            assert not torch.allclose(loaded.layers[1].ffn(x), ref(params, x), rtol=1e-6, atol=1e-6)
 
 
 def test_mlx_moe_errors(tmp_path):
@@ -524,8 +541,12 @@ def test_mlx_moe_errors(tmp_path):
     params["expert_bias"] = torch.arange(E_MOE, dtype=torch.float64)
     keys.update({f"blocks.0.ffn.{k}": v.float().contiguous() for k, v in params.items()})
     safetensors.torch.save_file(keys, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="block 0: a nonzero expert_bias"):
+    with pytest.raises(ValueError, match="block 0: a nonzero expert_bias.*moe_bias_mode='logits'.*'scores'"):
         load_mlx_checkpoint(tmp_path, config)
+    corrected = LanguageModelConfig(vocab_size=40, blocks=[BlockConfig(**kw, ffn="shared_moe", n_experts=E_MOE,
+                                                                       top_k_experts=2, moe_bias_mode="corrected")])
+    with pytest.raises(ValueError, match="moe_bias_mode='corrected'"):
+        load_mlx_checkpoint(tmp_path, corrected)
     sigmoid = LanguageModelConfig(vocab_size=40, blocks=[BlockConfig(**kw, ffn="shared_moe", n_experts=E_MOE,
                                                                      top_k_experts=2, moe_router="sigmoid")])
     with pytest.raises(ValueError, match="moe_router='sigmoid'"):

@@ -17,6 +17,7 @@ NON_DEFAULTS = dict(
     n_experts=12, top_k_experts=3, n_shared_experts=2, moe_latent_size=24, moe_d_ff=64, shared_expert_d_ff=32,
     moe_routed_scaling_factor=2.5, moe_n_groups=4, moe_topk_groups=2, moe_router="sigmoid", moe_norm_topk=False,
     moe_capacity_factor=1.25, moe_aux_loss_coef=0.001, moe_z_loss_coef=0.0, moe_bias_update_rate=0.001,
+    moe_bias_mode="corrected",
 )
 
 
@@ -75,6 +76,7 @@ def test_head_dim_is_its_own_field():
         ("attention_chunk_size", 0, "attention_chunk_size=0"),
         ("sparse_select_k", -2, "sparse_select_k=-2"),
         ("attn_logit_softcapping", 0.0, "attn_logit_softcapping=0.0"),
+        ("moe_bias_mode", "weights", "moe_bias_mode='weights'.*'corrected'"),
     ],
 )
 def test_validation_names_the_field(field, value, match):

@@ -30,9 +30,17 @@ CONFIGS = {
     "s4d-legs": (S4D, {"d_state": 6}),
     "s4d-lin-bilinear": (S4D, {"d_state": 4, "init": "lin", "disc": "bilinear"}),
     "s4d-inv": (S4D, {"d_state": 4, "init": "inv", "final_act": "id", "activation": "silu"}),
+    # A kernel cut after l_max = 5 steps (shorter than the test inputs), 2 channels, a gate.
+    "s4d-trunc-channels-gate": (S4D, {"d_state": 4, "l_max": 5, "truncate_kernel": True, "channels": 2, "gate": 2,
+                                      "gate_act": "gelu", "final_act": "gelu"}),
+    "s4d-channels-double": (S4D, {"d_state": 4, "channels": 3, "final_act": "id", "double_activation": True}),
+    "s4-trunc-gate": (S4, {"d_state": 4, "l_max": 4, "truncate_kernel": True, "gate": 2, "gate_act": "gelu"}),
+    "s4-trunc-one": (S4, {"d_state": 4, "l_max": 1, "truncate_kernel": True, "double_activation": True}),
     "s5-zoh": (S5, {"d_state": 4}),
     "s5-bilinear-conj": (S5, {"d_state": 4, "discretization": "bilinear", "conj_sym": True}),
     "s5-dirac-blocks": (S5, {"d_state": 8, "discretization": "dirac", "blocks": 2}),
+    "s5-softplus": (S5, {"d_state": 4, "real_transform": "softplus"}),
+    "s5-bilinear-none": (S5, {"d_state": 4, "discretization": "bilinear", "real_transform": "none"}),
     "centaurus-neck": (Centaurus, {"d_state": 4, "sub_state_dim": 2}),
     "centaurus-pointwise": (Centaurus, {"d_state": 2, "sub_state_dim": 2, "mode": "pointwise",
                                         "discretization": "bilinear"}),
@@ -70,7 +78,8 @@ def test_lti_contract_prefill_steps_chunks_causality(name):
     check_prefill_then_steps(m, x, prefill=4, atol=1e-10)
     check_prefill_then_steps(m, x, prefill=0, atol=1e-10)
     check_chunked_prefill(m, x, split=5, atol=1e-10)
-    check_causality(_with_mode(m, "scan"), x, t=5)
+    # A truncated kernel is a convolution in both modes (no recurrence reaches it exactly).
+    check_causality(_with_mode(m, "scan"), x, t=5, atol=1e-12 if getattr(m, "truncate_kernel", False) else 0.0)
     # The FFT mixes rounding from every position into every output (1e-16 relative).
     check_causality(_with_mode(m, "conv"), x, t=5, atol=1e-12)
 
@@ -119,9 +128,10 @@ def test_lti_prefill_leaves_exact_final_state():
     assert cache.seqlen_offset.tolist() == [9, 9]
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", [n for n in IDS if "channels" not in CONFIGS[n][1] and "gate" not in CONFIGS[n][1]])
 def test_lti_bidirectional_is_forward_plus_hand_written_reverse(name):
-    extra = {"final_act": None, "activation": None} if CONFIGS[name][0] in (S4, S4D) else {}
+    extra = {"final_act": None, "activation": None, "double_activation": False} if CONFIGS[name][0] in (S4, S4D) \
+        else {}
     bi = build(name, bidirectional=True, **extra)
     fwd = build(name, **extra)
     bwd = build(name, **extra)
@@ -356,3 +366,55 @@ def test_s4_inference_memo_follows_parameter_updates():
     exact = s4.discrete_system(torch.float64)  # with autograd: recomputed, differentiable
     assert exact[0].requires_grad
     torch.testing.assert_close(exact[0].detach(), second[0])
+
+
+@pytest.mark.parametrize("cls", [S4, S4D])
+def test_lti_truncated_kernel_stops_after_l_max_steps(cls):
+    kw = dict(d_state=4, final_act=None, activation=None)
+    cut = cls(D, l_max=4, truncate_kernel=True, **kw).double().eval()
+    full = cls(D, **kw).double().eval()
+    full.load_state_dict(cut.state_dict())
+    x = _x(T=10)
+    K = full.kernel(4, dtype=torch.float64)  # the first 4 lags of the whole kernel
+    ref = torch.stack([sum(K[:, l] * x[:, t - l] for l in range(min(t + 1, 4))) for t in range(10)], 1)
+    ref = ref + x * cut.D.detach()
+    for mode in ("conv", "scan"):
+        torch.testing.assert_close(_with_mode(cut, mode)(x), ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(full(x)[:, :4], ref[:, :4], atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(full(x)[:, 4:], ref[:, 4:])
+    # The cache is the window of the last l_max - 1 inputs (real), not the SSM state.
+    cache = cut.allocate_inference_cache(2, 10)
+    assert cache.state.shape == (2, 3, D) and cache.state.dtype == torch.float64
+    cut(x[:, :6], cache=cache, lengths=torch.tensor([6, 2]))
+    assert torch.equal(cache.state[0], x[0, 3:6]) and torch.equal(cache.state[1, 1:], x[1, :2])
+    assert torch.all(cache.state[1, 0] == 0)
+
+
+def test_lti_new_option_errors():
+    with pytest.raises(ValueError, match="truncate_kernel=True needs l_max"):
+        S4D(D, 4, truncate_kernel=True)
+    with pytest.raises(TypeError, match="truncate_kernel must be a bool"):
+        S4(D, 4, l_max=3, truncate_kernel=1)
+    with pytest.raises(ValueError, match="gate_act='gelu' needs a gate"):
+        S4D(D, 4, gate_act="gelu")
+    with pytest.raises(ValueError, match="unknown gate_act 'swish'"):
+        S4(D, 4, gate=2, gate_act="swish")
+    with pytest.raises(ValueError, match="double_activation applies to the ungated path"):
+        S4(D, 4, gate=2, double_activation=True)
+    with pytest.raises(ValueError, match="final_act=None leaves the width at 6"):
+        S4D(D, 4, channels=2, final_act=None)
+    with pytest.raises(ValueError, match="real_transform 'cube'"):
+        S5(D, 4, real_transform="cube")
+
+
+def test_lti_s5_real_transforms_store_re_lambda():
+    for transform in ("exp", "softplus", "relu", "none"):
+        m = S5(D, 4, real_transform=transform).double()
+        torch.testing.assert_close(m.continuous_eigenvalues(torch.float64).real.detach(),
+                                   torch.full((4,), -0.5, dtype=torch.float64))  # the LegS start
+    m = S5(D, 4, discretization="bilinear", real_transform="none").double().eval()
+    with torch.no_grad():
+        m.Lambda_re_log.fill_(0.5)  # Re Λ > 0: |Ā| > 1, which only "none" can hold
+    assert (_s5_A_bar(m).abs() > 1).all()
+    x = _x(T=8)
+    torch.testing.assert_close(_with_mode(m, "conv")(x), _with_mode(m, "scan")(x), atol=1e-10, rtol=1e-10)

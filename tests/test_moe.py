@@ -82,6 +82,45 @@ def test_routing_picks_top_k_of_biased_scores_and_weights_from_unbiased():
     torch.testing.assert_close(weights, 2.5 * chosen / chosen.sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_bias_modes_route_by_logits_or_corrected_scores(router):
+    h = torch.randn(40, 16, dtype=torch.float64)
+    bias = torch.tensor([0.4, -0.3, 0.2, 0.0, -0.1, 0.3], dtype=torch.float64)
+    routes = {}
+    for mode in ("scores", "logits", "corrected"):
+        layer = _layer("moe", moe_router=router, moe_bias_mode=mode, top_k_experts=2)
+        with torch.no_grad():
+            layer.expert_bias.copy_(bias)
+        index, weights, logits, probs = layer.route(h)
+        scores = logits.softmax(-1) if router == "softmax" else logits.sigmoid()
+        select = {"scores": scores + bias, "logits": logits + bias, "corrected": scores + bias}[mode]
+        assert torch.equal(index, select.topk(2, dim=-1).indices)
+        chosen = (scores + bias if mode == "corrected" else scores).gather(1, index)
+        torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True), rtol=1e-12, atol=0)
+        torch.testing.assert_close(probs, scores / scores.sum(-1, keepdim=True), rtol=1e-12, atol=0)
+        x = h.view(4, 10, 16)
+        assert torch.equal(layer(x), layer.forward_dense(x))
+        routes[mode] = (index, weights)
+        with torch.no_grad():  # with b = 0 every mode routes as the default
+            layer.expert_bias.zero_()
+        routes[mode, 0] = layer.route(h)[:2]
+    assert not torch.equal(routes["logits"][0], routes["scores"][0])
+    assert not torch.allclose(routes["corrected"][1], routes["scores"][1])
+    for mode in ("logits", "corrected"):
+        assert torch.equal(routes[mode, 0][0], routes["scores", 0][0])
+        torch.testing.assert_close(routes[mode, 0][1], routes["scores", 0][1], rtol=1e-12, atol=0)
+
+
+def test_corrected_weights_keep_the_sign_of_their_sum():
+    layer = _layer("moe", moe_router="sigmoid", moe_bias_mode="corrected", top_k_experts=2)
+    with torch.no_grad():
+        layer.expert_bias.fill_(-2.0)  # every corrected score is negative
+    index, weights, logits, _ = layer.route(torch.randn(5, 16, dtype=torch.float64))
+    chosen = logits.sigmoid().gather(1, index) - 2.0
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
+    assert (weights > 0).all()
+
+
 def test_group_limited_routing_stays_in_the_best_groups():
     layer = _layer("moe_sigmoid_groups")  # 6 experts in 3 groups of 2, 2 groups per token
     h = torch.randn(50, 16, dtype=torch.float64)

@@ -5,7 +5,8 @@ router-weighted sum of their outputs (plus, with shared experts, an always-activ
 
     logits = x W_r                              (fp32 or wider)
     scores = softmax(logits) | sigmoid(logits)  (``moe_router``)
-    chosen = top-k of (scores + expert_bias)    (the bias steers selection only; optional group limit)
+    chosen = top-k of (scores + expert_bias)    (the bias steers selection only; optional group limit;
+                                                 ``moe_bias_mode`` moves it to the logits or the weights)
     w      = scores[chosen], renormalised to sum 1 (``moe_norm_topk``), times moe_routed_scaling_factor
     y      = sum_j w_j * expert_{chosen_j}(x) + shared(x)
 
@@ -89,7 +90,7 @@ class MoEFeedForward(FFNBase):
             ``top_k_experts``, ``n_shared_experts``, ``moe_d_ff``, ``shared_expert_d_ff``,
             ``moe_routed_scaling_factor``, ``moe_n_groups``, ``moe_topk_groups``, ``moe_router``,
             ``moe_norm_topk``, ``moe_capacity_factor``, ``moe_aux_loss_coef``, ``moe_z_loss_coef``,
-            ``moe_bias_update_rate``).
+            ``moe_bias_update_rate``, ``moe_bias_mode``).
         device, dtype: parameter placement. Default: None.
 
     Parameters: ``router`` (Linear D -> E, no bias), ``w_gate_up`` [E, D, 2F] (gate then up),
@@ -116,6 +117,7 @@ class MoEFeedForward(FFNBase):
         self.capacity_factor = config.moe_capacity_factor
         self.aux_loss_coef, self.z_loss_coef = config.moe_aux_loss_coef, config.moe_z_loss_coef
         self.bias_update_rate = config.moe_bias_update_rate
+        self.bias_mode = config.moe_bias_mode
         self.router = nn.Linear(self.d_model, self.n_experts, bias=False, **factory)
         self._build_experts(factory)
         self.shared = self._build_shared(factory) if self.n_shared > 0 else None
@@ -190,7 +192,11 @@ class MoEFeedForward(FFNBase):
         wide = torch.promote_types(h.dtype, torch.float32)
         logits = F.linear(h.to(wide), self.router.weight.to(wide))
         scores = logits.softmax(-1) if self.router_kind == "softmax" else logits.sigmoid()
-        select = scores + self.expert_bias.to(wide)
+        bias = self.expert_bias.to(wide)
+        # moe_bias_mode: the bias shifts the scores for the choice only, the logits for the choice only,
+        # or the scores themselves (choice and weights).
+        weighed = scores + bias if self.bias_mode == "corrected" else scores
+        select = logits + bias if self.bias_mode == "logits" else scores + bias
         if self.n_groups > 1:
             N, G = select.shape[0], self.n_groups
             per = self.n_experts // G
@@ -200,9 +206,14 @@ class MoEFeedForward(FFNBase):
             allowed = torch.zeros(N, G, dtype=torch.bool, device=h.device).scatter_(1, keep, True)
             select = select.masked_fill(~allowed.repeat_interleave(per, dim=1), float("-inf"))
         index = select.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, index)
+        weights = weighed.gather(1, index)
         if self.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+            total = weights.sum(-1, keepdim=True)
+            if self.bias_mode == "corrected":  # corrected scores can be negative: keep the sum's sign
+                total = torch.where(total.abs() < 1e-20, torch.full_like(total, 1e-20), total)
+            else:
+                total = total.clamp_min(1e-20)
+            weights = weights / total
         if self.scaling != 1.0:
             weights = weights * self.scaling
         probs = scores if self.router_kind == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)

@@ -51,7 +51,7 @@ from seqblocks.ops.scan.step import linear_scan_step
 from seqblocks.ops.ssm_conv_kernels import ssm_powers
 
 __all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "reverse_sequences", "complex_dtype",
-           "post_layers", "diag_states", "complex_linear", "real_readout"]
+           "post_layers", "diag_states", "complex_linear", "real_readout", "ACTIVATIONS", "make_activation"]
 
 MODES = ("conv", "scan")
 
@@ -155,7 +155,8 @@ class LTIMixer(Mixer):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                                  **kwargs: Any) -> SSMCache:
-        """A zero state ``[batch_size, *S]`` (complex64, or complex128 for a float64 module).
+        """A zero state ``[batch_size, *S]`` of ``cache_state_dtype`` (complex64, or complex128 for a
+        float64 module).
 
         Raises:
             ValueError: a bidirectional mixer (it is not causal, so it cannot decode).
@@ -164,9 +165,12 @@ class LTIMixer(Mixer):
             raise ValueError(f"{type(self).__name__}(bidirectional=True) is not causal and keeps no cache")
         check_allocation(type(self).__name__, batch_size, max_seqlen, dtype)
         p = next(self.parameters())
-        cdt = complex_dtype(p.dtype)
-        state = torch.zeros(batch_size, *self.state_shape(), dtype=cdt, device=p.device)
+        state = torch.zeros(batch_size, *self.state_shape(), dtype=self.cache_state_dtype(p.dtype), device=p.device)
         return SSMCache.empty(batch_size, max_seqlen, device=p.device, state=state)
+
+    def cache_state_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """The cache state's dtype for parameters of ``param_dtype``: complex64 (complex128 for float64)."""
+        return complex_dtype(param_dtype)
 
     def _check_call(self, x: torch.Tensor, cache: SSMCache | None, lengths: torch.Tensor | None) -> None:
         name = type(self).__name__
@@ -243,13 +247,10 @@ def post_layers(d_model: int, activation: str | None, final_act: str | None, dro
     channels or gate widen it). Default: D.
     """
     d_in = d_model if d_in is None else d_in
+    act = make_activation(activation)
     if final_act is None and d_in != d_model:
         raise ValueError(f"final_act=None leaves the width at {d_in}, not d_model={d_model}; use 'glu' or 'id' "
                          f"to map it back")
-    acts = {None: nn.Identity, "id": nn.Identity, "gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU,
-            "tanh": nn.Tanh}
-    if activation not in acts:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {list(acts)}")
     if final_act == "glu":
         out = nn.Sequential(nn.Linear(d_in, 2 * d_model, device=device, dtype=dtype), nn.GLU(dim=-1))
     elif final_act == "id":
@@ -261,7 +262,23 @@ def post_layers(d_model: int, activation: str | None, final_act: str | None, dro
     else:
         raise ValueError(f"unknown final_act {final_act!r}; expected 'glu', 'id', 'gelu' or None")
     check_range("S4", "dropout", dropout, 0.0, 1.0, hi_open=True)
-    return acts[activation](), (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), out
+    return act, (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), out
+
+
+#: The pointwise activations the LTI mixers' tails take by name (None and "id": none).
+ACTIVATIONS = {None: nn.Identity, "id": nn.Identity, "gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU,
+               "tanh": nn.Tanh}
+
+
+def make_activation(name: str | None, what: str = "activation") -> nn.Module:
+    """The activation module named ``name`` (``ACTIVATIONS``).
+
+    Raises:
+        ValueError: an unknown name (``what`` says which argument it came from).
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {list(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 def diag_states(log_lam: torch.Tensor, v: torch.Tensor, *, mode: str, reverse: bool, h0: torch.Tensor | None,

@@ -15,7 +15,9 @@ kernel generator applies the truncation correction for the length at hand, so th
 the recurrence agree at every length. Ā is not diagonal (and diagonalising HiPPO matrices is
 ill-conditioned), so the recurrence cannot use ``linear_scan``: scan mode runs the dense recurrence
 chunk by chunk (``dense_scan``: batched contractions inside chunks, a Python loop over T / 16 chunk
-ends). It is the prefill and decoding form; train in conv mode.
+ends). It is the prefill and decoding form; train in conv mode. With ``truncate_kernel`` (a kernel
+cut after ``l_max`` steps, as S4 code built with ``l_max`` computes) both modes convolve and a cache
+holds the last ``l_max - 1`` inputs instead (``DiagonalSSMParams``).
 
 Shapes: B batch, T time, H model width (= D), N state size, n = N / 2, r low rank.
 """
@@ -25,14 +27,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from seqblocks.layers.checks import check_positive
-from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, post_layers, reverse_rows
+from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, reverse_rows
 from seqblocks.layers.mixers.s4d import DiagonalSSMParams, real_part, set_optim
 from seqblocks.layers.ssm_init import HIPPO_MEASURES, nplr, on_cpu, s4d_init
-from seqblocks.ops.fftconv import fftconv
 from seqblocks.ops.ssm_conv_kernels import dplr_bilinear, dplr_kernel
 from seqblocks.registry import MIXERS
 
@@ -117,8 +116,8 @@ class S4(DiagonalSSMParams, LTIMixer):
     Args:
         d_model (int): model width H.
         d_state (int): state size N of each channel (even). Default: 64.
-        l_max (int | None): accepted for S4-style callers that size kernels in advance; kernels are
-            computed for the input length.
+        l_max (int | None): the kernel length of S4-style callers. Alone it is accepted and unused (the
+            kernel spans the input); with ``truncate_kernel=True`` the kernel stops after l_max steps.
             Default: None.
         dt_min (float): smallest initial step (log-uniform per channel). Default: 0.001.
         dt_max (float): largest initial step. Default: 0.1.
@@ -137,19 +136,29 @@ class S4(DiagonalSSMParams, LTIMixer):
         mode (str): "conv" or "scan". Default: "conv".
         bidirectional (bool): add a reversed pass with its own C. Default: False.
         channels (int): output maps C per channel sharing one state (a multi-output SSM): the system
-            gives [B, T, channels * H], which the output map (``final_act`` "glu" or "id") takes back to
+            gives [B, T, channels * H], which the output map (``final_act`` "glu", "id" or "gelu") takes back to
             H. Default: 1.
-        gate (int | None): a multiplicative gate of width gate * H (as in GSS): ``y = gelu(W_o y ⊙ W_i x)``
-            before the output map, which then reads gate * H features. Default: None (no gate).
+        gate (int | None): a multiplicative gate of width gate * H (as in GSS):
+            ``y = gelu(W_o act(y) ⊙ gate_act(W_i x))`` before the output map, which then reads gate * H
+            features. Default: None (no gate).
+        gate_act (str | None): activation on the gate branch ``W_i x`` ("gelu", ...; needs ``gate``).
+            Default: None (none).
+        double_activation (bool): apply ``activation`` twice before the dropout on the ungated path (code
+            whose ungated path runs a conv activation and then a multiplicative one). Default: False.
+        truncate_kernel (bool): with ``l_max``, the kernel stops after l_max steps (``K_l = 0`` for
+            l >= l_max, the convolution of S4 code built with ``l_max``); decoding then keeps the last
+            l_max - 1 inputs [B, l_max - 1, H] instead of the state. Default: False.
         transposed (bool | None): the seed calling convention when a bool: forward takes and returns
             [B, H, T] when True ([B, T, H] when False) and returns ``(y, state)``, state being the
-            cache's state [B, H, N] after the call (None without a cache). Blocks and models adapt to it.
+            cache's state after the call (None without a cache). Blocks and models adapt to it.
             Default: None (the mixer contract: [B, T, H] in, y out).
         layer_idx, device, dtype: as every mixer.
 
     Raises:
-        ValueError: odd or non-positive d_state, unknown init / transform / mode, rank < 1, channels < 1,
-            gate < 1, channels or gate > 1 with ``final_act=None``.
+        ValueError: odd or non-positive d_state, unknown init / transform / mode / activation, rank < 1,
+            channels < 1, gate < 1, channels or gate > 1 with ``final_act=None``, gate_act without a gate,
+            double_activation with a gate, truncate_kernel without l_max.
+        TypeError: a non-bool transposed, double_activation or truncate_kernel.
     """
 
     # Kept fp32 under a bf16 / fp16 cast of the module (the DPLR state matrix and step sizes; Mixer.keep_in_fp32).
@@ -160,25 +169,20 @@ class S4(DiagonalSSMParams, LTIMixer):
                  dropout: float = 0.0, activation: str | None = "gelu", final_act: str | None = "glu",
                  lr: float | None = None, wd: float = 0.0, mode: str = "conv", bidirectional: bool = False,
                  channels: int = 1, gate: int | None = None, transposed: bool | None = None,
-                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+                 layer_idx: int | None = None, device=None, dtype=None, gate_act: str | None = None,
+                 double_activation: bool = False, truncate_kernel: bool = False) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
         if init not in S4_INITS:
             raise ValueError(f"S4: unknown init {init!r}; expected one of {S4_INITS}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"S4: rank must be a positive int, got {rank!r}")
-        check_positive("S4", channels=channels)
-        if gate is not None:
-            check_positive("S4", gate=gate)
         if transposed not in (None, True, False):
             raise TypeError(f"S4: transposed must be None or a bool, got {transposed!r}")
-        self.channels, self.gate, self.transposed = channels, gate, transposed
+        self.transposed = transposed
         kw = {"device": device, "dtype": dtype}
-        self._init_diagonal("S4", d_state, dt_min, dt_max, real_transform, l_max, kw)
-        if channels > 1:  # one output map per channel: C [channels, H, n], D [channels, H]
-            for name in ("C_re", "C_im") + (("C_bwd_re", "C_bwd_im") if self.bidirectional else ()):
-                setattr(self, name, nn.Parameter(torch.empty(channels, d_model, d_state // 2, **kw)))
-            self.D = nn.Parameter(torch.empty(channels, d_model, **kw))
+        self._init_diagonal("S4", d_state, dt_min, dt_max, real_transform, l_max, kw, channels=channels,
+                            truncate_kernel=truncate_kernel)
         self.init = init
         self.layer_idx = layer_idx
         self.scan_chunk = 16  # chunk length of the dense recurrence in scan mode (see ``dense_scan``)
@@ -186,13 +190,7 @@ class S4(DiagonalSSMParams, LTIMixer):
         H, n, r = d_model, d_state // 2, self.rank
         self.P_re = nn.Parameter(torch.empty(H, r, n, **kw))
         self.P_im = nn.Parameter(torch.empty(H, r, n, **kw))
-        width = channels * H
-        if gate is not None:
-            self.input_gate = nn.Linear(H, gate * H, **kw)
-            self.output_gate = nn.Linear(width, gate * H, **kw)
-            width = gate * H
-        self.activation, self.drop, self.output_linear = post_layers(H, activation, final_act, dropout, **kw,
-                                                                     d_in=width)
+        self._init_tail("S4", activation, final_act, dropout, gate, gate_act, double_activation, kw)
         set_optim((self.A_real, self.A_imag, self.P_re, self.P_im, self.B_re, self.B_im, self.log_dt), lr, wd)
         self.reset_parameters()
 
@@ -203,9 +201,6 @@ class S4(DiagonalSSMParams, LTIMixer):
             self.P_re.copy_(P.real.expand(self.d_model, -1, -1))
             self.P_im.copy_(P.imag.expand(self.d_model, -1, -1))
         self._reset_diagonal(lam, B)
-        for m in (getattr(self, "input_gate", None), getattr(self, "output_gate", None)):
-            if m is not None:
-                m.reset_parameters()
 
     def forward(self, x: torch.Tensor, cache: SSMCache | None = None, *,
                 lengths: torch.Tensor | None = None):
@@ -223,7 +218,7 @@ class S4(DiagonalSSMParams, LTIMixer):
         return (y.transpose(1, 2) if self.transposed else y), (None if cache is None else cache.state)
 
     def state_shape(self) -> tuple[int, ...]:
-        return (self.d_model, self.d_state)
+        return self._window_shape() if self.truncate_kernel else (self.d_model, self.d_state)
 
     def dplr(self, dtype: torch.dtype = torch.float32):
         """``(Λ [H, n], P [H, r, n], B [H, n], dt [H])`` in complex / real ``dtype``."""
@@ -241,27 +236,6 @@ class S4(DiagonalSSMParams, LTIMixer):
             return dplr_kernel(lam, P, B, C, dt, L)
         return torch.stack([dplr_kernel(lam, P, B, C[c], dt, L) for c in range(self.channels)])
 
-    def _conv(self, u: torch.Tensor, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
-        if self.channels == 1:
-            return super()._conv(u, reverse, dtype)
-        K = self.kernel(u.shape[1], reverse, dtype)  # [channels, H, L]
-        x = u.flip(1) if reverse else u
-        y = torch.cat([fftconv(x, K[c]) for c in range(self.channels)], -1)  # [B, T, channels * H]
-        return y.flip(1) if reverse else y
-
-    def _skip(self, u):
-        if self.channels == 1:
-            return super()._skip(u)
-        return (u.unsqueeze(-2) * self.D.to(u.dtype)).flatten(-2)  # [B, T, channels * H]
-
-    def _post_with_input(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is None:
-            return self._post(y)
-        w = self.output_gate.weight
-        v = self.input_gate(x.to(w.dtype))  # [B, T, gate * H]
-        y = F.gelu(self.output_gate(self.activation(y).to(w.dtype)) * v)
-        return self.output_linear(self.drop(y))
-
     def discrete_system(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear ``(Ā [H, N, N], B̄ [H, N])``, by dense solves.
 
@@ -270,20 +244,14 @@ class S4(DiagonalSSMParams, LTIMixer):
         solves, and it stays capturable in a CUDA graph (``linalg.solve`` synchronises with the host).
         Any update of the parameters (an optimizer step, ``load_state_dict``, ``.to``) changes the key.
         """
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return dplr_bilinear(*self.dplr(dtype))
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in self.parameters()))
-        memo = self.__dict__.get("_discrete_memo")
-        if memo is None or memo[0] != key:
-            with torch.no_grad():
-                memo = (key, *dplr_bilinear(*self.dplr(dtype)))
-            self.__dict__["_discrete_memo"] = memo
-        return memo[1], memo[2]
+        return self._memoised("_discrete_memo", dtype, lambda: dplr_bilinear(*self.dplr(dtype)))
 
     def _ssm(self, u, *, mode, reverse, h0, lengths):
         cdt = u.dtype
         T = u.shape[1]
-        if mode == "conv":
+        if self.truncate_kernel and h0 is not None:
+            return self._windowed(u, h0, lengths)
+        if mode == "conv" or self.truncate_kernel:
             return self._conv(u, reverse, cdt), None
         A_bar, B_bar = self.discrete_system(cdt)  # [H, N, N], [H, N]
         C = self._C(reverse, cdt)

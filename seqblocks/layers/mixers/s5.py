@@ -27,6 +27,7 @@ from torch import nn
 from seqblocks.layers.checks import check_input, check_range, check_timesteps
 from seqblocks.layers.mixer import honours_fast_path
 from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, complex_linear, diag_states
+from seqblocks.layers.mixers.s4d import REAL_TRANSFORMS, inverse_real_part, real_part
 from seqblocks.layers.ssm_init import nplr, on_cpu
 from seqblocks.ops.discretize import discretize
 from seqblocks.registry import MIXERS
@@ -74,11 +75,15 @@ class S5(LTIMixer):
             its PyTorch path (same results). Default: True.
         full_D (bool): a full ``[H, H]`` feedthrough matrix, ``y = ... + u @ D``, instead of the
             per-channel ``D ⊙ u`` (``D`` then starts at normal(0, sqrt(2 / H))). Default: False.
+        real_transform (str): how ``Lambda_re_log`` holds Re Λ, as in S4 / S4D: "exp" (Re Λ =
+            -exp(p)), "softplus" (-softplus(p)), "relu" (-relu(p) - 1e-4), all stable (Re Λ < 0), or
+            "none" (Re Λ = p, any sign: a system with Re Λ > 0 grows, and is what a file written with
+            the opposite sign convention needs). Default: "exp".
         layer_idx (int | None): position in the stack. Default: None.
         device, dtype: of the parameters. Default: None.
 
     Raises:
-        ValueError: bad sizes, unknown discretization or mode.
+        ValueError: bad sizes, unknown discretization, mode or real_transform.
     """
 
     # Kept fp32 under a bf16 / fp16 cast of the module (the poles and step sizes; Mixer.keep_in_fp32).
@@ -89,7 +94,8 @@ class S5(LTIMixer):
     def __init__(self, d_model: int, d_state: int, discretization: str = "zoh", conj_sym: bool = False, *,
                  blocks: int = 1, dt_min: float = 0.001, dt_max: float = 0.1, step_rescale: float = 1.0,
                  mode: str = "scan", bidirectional: bool = False, use_fast_path: bool = True,
-                 full_D: bool = False, layer_idx: int | None = None, device=None, dtype=None) -> None:
+                 full_D: bool = False, real_transform: str = "exp", layer_idx: int | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self._init_common(d_model, mode, bidirectional)
         if discretization not in S5_DISCRETIZATIONS:
@@ -101,6 +107,9 @@ class S5(LTIMixer):
         check_range("S5", "dt_min", dt_min, 0.0, lo_open=True)
         check_range("S5", "dt_max", dt_max, dt_min, lo_name="dt_min")
         check_range("S5", "step_rescale", step_rescale, 0.0, lo_open=True)
+        if real_transform not in REAL_TRANSFORMS:
+            raise ValueError(f"S5: unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
+        self.real_transform = real_transform
         self.step_rescale = float(step_rescale)
         self.use_fast_path = bool(use_fast_path)
         self.full_D = bool(full_D)
@@ -136,7 +145,7 @@ class S5(LTIMixer):
         C = torch.complex(torch.randn(H, P, dtype=torch.float64), torch.randn(H, P, dtype=torch.float64))
         C_t = (C / math.sqrt(2 * P)) @ V
         with torch.no_grad():
-            self.Lambda_re_log.copy_(torch.log(-lam.real))
+            self.Lambda_re_log.copy_(inverse_real_part(lam.real, self.real_transform))
             self.Lambda_im.copy_(lam.imag)
             self.B_re.copy_(B_t.real)
             self.B_im.copy_(B_t.imag)
@@ -155,8 +164,8 @@ class S5(LTIMixer):
         return (self.Lambda_im.shape[0],)
 
     def continuous_eigenvalues(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Λ [P_s] complex (real part < 0 by construction)."""
-        return torch.complex(-torch.exp(self.Lambda_re_log.to(dtype)), self.Lambda_im.to(dtype))
+        """Λ [P_s] complex (real part < 0 by construction, except with ``real_transform="none"``)."""
+        return torch.complex(real_part(self.Lambda_re_log.to(dtype), self.real_transform), self.Lambda_im.to(dtype))
 
     @honours_fast_path
     def forward(self, x: torch.Tensor, cache: SSMCache | None = None, *, lengths: torch.Tensor | None = None,
