@@ -8,6 +8,9 @@ Rows (bf16 inputs, fp32 state, L2-normalised q / k, initial state and final stat
   (B, T, H, K, V) = (8, 4096, 16, 128, 128) (a Qwen3-Next-like GDN head) and (4, 4096, 6, 256, 512)
   (fla's GatedDeltaNet defaults), ours (Triton) against fla's ``chunk_gated_delta_rule`` /
   ``chunk_delta_rule`` (the anchor) and our PyTorch path;
+- our forward's three stages timed alone (gated, same inputs): the chunk-parallel UT transform
+  (W, U'), the sequential state pass (h_c, v_new, final state) and the chunk-parallel outputs, each
+  with its own floor (bytes it reads and writes / copy bandwidth), to show which stage to work on;
 - one decode step at B = 64 (state in place) against fla's ``fused_recurrent_gated_delta_rule``.
 
 Each row gives the median time (``triton.testing.do_bench``), the best anchor's time from the same
@@ -28,6 +31,7 @@ import argparse
 import json
 
 import torch
+import triton
 from triton.testing import do_bench
 
 from seqblocks.ops.delta_rule import delta_rule, gated_delta_rule, gated_delta_rule_step
@@ -127,6 +131,47 @@ def section_chunk(bw, rate, fla, shapes):
                     row("chunk", f"torch {label}", timed(lambda t: ours(t, "torch"), t, backward), anchor, floor)
 
 
+def section_stages(bw, shapes):
+    """Our forward's stages alone, gated, bf16, L2 norm and initial state (``ops/delta_rule/triton.py``)."""
+    from seqblocks.ops.delta_rule import triton as dr
+
+    print("\n== our forward by stage (gated, bf16, l2norm, h0) ==", flush=True)
+    for B, T, H, K, V in shapes:
+        t = inputs(B, T, H, K, V, False)
+        q, k, v, g, beta = (t[n].contiguous() for n in ("q", "k", "v", "g", "beta"))
+        o = dr._forward_options(q, C, K, V, B, H)
+        offsets, table = dr._chunk_offsets(B, T, o["C"], None, q.device)
+        odt = dr._operand_dtype(q)
+
+        def wy():
+            return dr._wy_stage(k, v, g, beta, None, table, True, o["C"], o["BK"], o["BV"], o["MODE"], odt, False)
+
+        G, rk, _, W, U = wy()
+
+        def state():
+            return dr._state_stage(k, W, U, G, rk, t["h0"], None, offsets, table.shape[0], B, o["C"], o["BKS"],
+                                   o["NK"], o["BVS"], o["STAGES"], o["MODE"], odt, True, True)
+
+        h, vnew, _ = state()
+
+        def out():
+            return dr._out_stage(q, k, G, rk, h, vnew, None, table, K ** -0.5, True, o["C"], o["BK"], o["BV"],
+                                 o["MODE"])
+
+        tokens, chunks = B * T * H, table.shape[0] * H
+        half, nv = odt.itemsize, triton.cdiv(V, o["BV"])
+        moved = {  # bytes each stage reads and writes at the least (q / k once per V block in stage 3)
+            "stage 1 (UT transform, W, U')": tokens * (K * 2 + V * 2 + 2 * 2 + 2 * 4 + (K + V) * half),
+            "stage 2 (state pass)": tokens * ((K + 2 * V) * half + K * 2 + 2 * 4) + chunks * K * V * half
+            + 2 * B * H * K * V * 4,
+            "stage 3 (outputs)": tokens * (nv * (2 * K * 2 + 2 * 4) + V * half + V * 2) + chunks * K * V * half,
+        }
+        label = f"{(B, T, H, K, V)}"
+        for (name, nbytes), fn in zip(moved.items(), (wy, state, out)):
+            row("stages", f"ours {name} {label}", timed(lambda _, fn=fn: (fn(), None), None, False), None,
+                nbytes / bw * 1e3)
+
+
 def section_decode(bw, fla):
     print("\n== decode step (B=64, bf16 inputs, fp32 state in place) ==", flush=True)
     for H, K, V in ((16, 128, 128), (6, 256, 512)):
@@ -165,6 +210,7 @@ def main() -> int:
     fla = fla_ops()
     shapes = [(8, 4096, 16, 128, 128), (4, 4096, 6, 256, 512)]
     section_chunk(bw, rate, fla, shapes[:1] if args.quick else shapes)
+    section_stages(bw, shapes[:1] if args.quick else shapes)
     section_decode(bw, fla)
     if args.json:
         with open(args.json, "w") as f:

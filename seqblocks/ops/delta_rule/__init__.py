@@ -61,8 +61,8 @@ def gated_delta_rule(
         cu_seqlens (Tensor | None): [N + 1] integer offsets of N sequences packed in a [1, total, ...]
             batch; the state restarts at each (from ``initial_state[i]`` when given). Default: None.
         use_qk_l2norm (bool): L2-normalise q and k over K first (``x / sqrt(sum(x^2) + 1e-6)``). Default: False.
-        chunk_size (int): chunk length of the PyTorch path; results do not depend on it beyond rounding.
-            Default: 64.
+        chunk_size (int): chunk length (the Triton forward rounds it to a power of two in [16, 64]);
+            results do not depend on it beyond rounding. Default: 64.
         backend (str): "auto", "torch" or "triton" (fp16 / bf16 / fp32 inputs). Default: "auto".
 
     Returns:

@@ -1,28 +1,37 @@
 """Triton kernels of the (gated) delta rule: the chunked forward and backward, and the fused decode step.
 
-Forward, two kernels (the chunked form of ``torch.py``):
+Forward, three stages at chunk C = 64 (``chunk_size`` rounded to 16, 32 or 64), the shape of
+fla's ``chunk_gated_delta_rule``:
 
-- ``chunk_ut_kernel``, one program per (chunk, head), every chunk in parallel: the chunk-local UT
-  transform ``T = (I + A)^-1`` with ``A = diag(b) (K K^T o D)`` strictly lower and the decay matrix
-  ``D_ij = exp(G_i - G_j)`` (forward substitution, one row at a time), then ``W = T diag(b e^G) K`` and
-  ``U' = T diag(b) V``, all written to fp32 buffers ([B, T, H, C | K | V]).
-- ``chunk_fwd_kernel``, one program per (sequence, head, block of V columns), holds the state tile
-  ``S`` [K, BV] in fp32 registers and walks its chunks in order: ``U = U' - W S``, the outputs
-  ``o = scale (diag(e^G) Q S + (Q K^T o D) U)`` and the state passing
-  ``S <- e^{G_C} S + (diag(e^{G_C - G}) K)^T U``; it saves each chunk's starting state when a
-  gradient is needed.
+1. ``chunk_wy_kernel``, per (chunk, head), every chunk in parallel: the chunk-local cumulative gate
+   ``G`` and the keys' reciprocal norms (written for stages 2-3), ``A = diag(b) (K K^T o D)`` strictly
+   lower with ``D_ij = exp(G_i - G_j)``, ``T = (I + A)^-1`` by blocked inversion (``_block_inverse``:
+   the 16 x 16 diagonal blocks by forward substitution, all blocks at once, then a few [C, C]
+   products), ``W = T diag(b e^G) K`` and ``U' = T diag(b) V``.
+2. ``chunk_state_kernel``, per (sequence, head, V block), chunks in order: the state [K, BV] as up to
+   four fp32 register tiles of key rows; it stores each chunk's starting state ``h_c`` and
+   ``v_new = U' - W h_c``, then ``h <- e^{G_C} h + (diag(e^{G_C - G}) K)^T v_new``. Only this stage is
+   sequential, and its per-chunk work is three matrix products per tile.
+3. ``chunk_out_kernel``, per (chunk, head, V block), every chunk in parallel:
+   ``o = scale (diag(e^G) Q h_c + ((Q K^T) o D) v_new)``.
+
+For bf16 inputs W, U', h_c and v_new are bf16 and the products take bf16 operands (fp32 accumulate;
+the state itself is carried in fp32); other dtypes keep them fp32 (fp32 inputs with IEEE products).
 
 Packed sequences (``cu_seqlens``) need no host sync: the sequential kernels read their sequence's
 bounds, and the chunk-parallel ones a (sequence, first token) table per chunk slot built on the
 device for the shape-only upper bound ``cdiv(T, C) + N`` slots (spare slots do nothing). Grids come
 from shapes only.
 
-Backward, two kernels:
+Backward: the forward saves only its inputs; the backward recomputes stages 1-2 at its own chunk
+(``_backward_options``: 64, 32 from K > 64, 16 from K > 128, so the two kernels below fit in shared
+memory) with fp32 T, W, U' and states, then runs two kernels:
 
 - ``chunk_bwd_dv_kernel``, per (sequence, head, V block), walks the chunks in reverse carrying ``dS``
-  [K, BV], reading the saved state, ``T``, ``W`` and ``U'``: it writes ``dv`` and finally ``dh0``, and
-  its V block's share of every sum over V that the key side needs (``d(Q e^G)``, ``d(K e^{G_C-G})``,
-  ``dW`` [C, K]; ``dP``, ``dT`` from ``U'`` [C, C]; the ``beta`` term of ``U'`` and ``d(e^{G_C})``).
+  [K, BV], reading the recomputed state, ``T``, ``W`` and ``U'``: it writes ``dv`` and finally
+  ``dh0``, and its V block's share of every sum over V that the key side needs (``d(Q e^G)``,
+  ``d(K e^{G_C-G})``, ``dW`` [C, K]; ``dP``, ``dT`` from ``U'`` [C, C]; the ``beta`` term of ``U'``
+  and ``d(e^{G_C})``).
 - The shares are summed over V blocks (one ``sum`` over a leading axis of a few blocks), then
   ``chunk_bwd_dqk_kernel``, per (chunk, head) in parallel, goes back through ``T``
   (``dA = -T^T dT T^T``), the decay matrix, the gates and the L2 norm to ``dq``, ``dk``, ``dbeta`` and
@@ -42,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from seqblocks.ops.delta_rule._checks import L2NORM_EPS, poison, zero_nonfinite
+from seqblocks.ops.triton_dot import dot, dot_mode
 
 __all__ = ["gated_delta_rule_triton", "delta_rule_step_triton"]
 
@@ -94,20 +104,6 @@ def _decays(G, rows_c, C: tl.constexpr):
 
 
 @triton.jit
-def _ut_transform(b_k, b_b, D, rows_c, C: tl.constexpr, PRECISION: tl.constexpr):
-    # T = (I + A)^-1 with A = diag(b) (K K^T o D) strictly lower, by forward substitution on -A:
-    # row i of the inverse's strict part is -A_i - sum_{j<i} A_ij T_j (rows j < i already final).
-    kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)  # [C, C]
-    strict = rows_c[:, None] > rows_c[None, :]
-    Tm = -tl.where(strict, b_b[:, None] * kk * D, 0.0)
-    for i in range(1, C):
-        row_i = tl.sum(tl.where(rows_c[:, None] == i, Tm, 0.0), 0)  # [C]
-        new = tl.where(rows_c < i, row_i + tl.sum(row_i[:, None] * Tm, 0), 0.0)
-        Tm = tl.where(rows_c[:, None] == i, new[None, :], Tm)
-    return Tm + (rows_c[:, None] == rows_c[None, :]).to(tl.float32), kk
-
-
-@triton.jit
 def _slot(chunk_table, cu_seqlens, i_s, T, VARLEN: tl.constexpr):
     # chunk slot -> (valid, first token t0, eos, base) of its sequence; slots past the last chunk are invalid
     seq = tl.load(chunk_table + 2 * i_s).to(tl.int64)
@@ -118,73 +114,261 @@ def _slot(chunk_table, cu_seqlens, i_s, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def chunk_ut_kernel(k, v, g, beta, chunk_table, cu_seqlens, Tbuf, Wbuf, Ubuf, T, H: tl.constexpr,
-                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """Per (chunk, head), all chunks in parallel: the UT transform T = (I + A)^-1 ([C, C] rows per token),
-    W = T diag(b e^G) K ([C, K]) and U' = T diag(b) V ([C, V]), written for the sequential kernels."""
-    i_s, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
-    rows_c = tl.arange(0, C)
-    cols_k = tl.arange(0, BK)
-    mask_k = cols_k < K
-    t = t0 + rows_c
-    mask_t = t < eos
-    tok = ((base + t) * H + i_h).to(tl.int64)
-    b_q, b_k, rq, rk, b_b, G = _load_qkbg(k, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
-    D, eG, to_end, gamma = _decays(G, rows_c, C)
-    Tmat, kk = _ut_transform(b_k, b_b, D, rows_c, C, PRECISION)
-    tl.store(Tbuf + tok[:, None] * C + rows_c[None, :], Tmat, mask=mask_t[:, None] & (rows_c[None, :] < C))
-    W = tl.dot(Tmat, (b_b * eG)[:, None] * b_k, input_precision=PRECISION)
-    tl.store(Wbuf + tok[:, None] * K + cols_k[None, :], W, mask=mask_t[:, None] & mask_k[None, :])
-    for v0 in range(0, V, BV):
-        cols_v = v0 + tl.arange(0, BV)
-        m_tv = mask_t[:, None] & (cols_v < V)[None, :]
-        b_v = tl.load(v + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        U0 = tl.dot(Tmat, b_b[:, None] * b_v, input_precision=PRECISION)
-        tl.store(Ubuf + tok[:, None] * V + cols_v[None, :], U0, mask=m_tv)
+def _block_inverse(A, C: tl.constexpr, MODE: tl.constexpr):
+    # (I + A)^-1 for A [C, C] strictly lower, C a multiple of 16. The 16 x 16 diagonal blocks are
+    # inverted together by forward substitution on a [C / 16, 16, 16] tile (14 steps, each one row of
+    # every block; row 1 is -A_1 already); with Ad their part of A, Dinv = (I + Ad)^-1 and L = Dinv (A - Ad) strictly block
+    # lower (L^{C/16} = 0), I + A = (I + Ad)(I + L), so (I + A)^-1 = (I - L + L^2 - ...) Dinv: a few
+    # [C, C] products in place of a C-step loop.
+    NB: tl.constexpr = C // 16
+    rows = tl.arange(0, C)
+    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
+    blk = tl.arange(0, NB)
+    same = blk[:, None, None, None] == blk[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block
+    Nd = -tl.sum(tl.where(same, tl.reshape(A, (NB, 16, NB, 16)), 0.0), 2)  # [NB, 16, 16] of -A
+    r16 = tl.arange(0, 16)[None, :, None]
+    for i in range(2, 16):  # row i of every block: -A_i - sum_{j<i} A_ij N_j, rows j < i final
+        row = tl.sum(tl.where(r16 == i, Nd, 0.0), 1)  # [NB, 16]
+        row = row + tl.sum(row[:, :, None] * Nd, 1)
+        Nd = tl.where(r16 == i, row[:, None, :], Nd)
+    wide = tl.broadcast_to(Nd[:, :, None, :], (NB, 16, NB, 16))
+    Dinv = tl.reshape(tl.where(same, wide, 0.0), (C, C)) + eye
+    if NB == 1:
+        Tm = Dinv
+    else:
+        off = (rows[:, None] // 16) > (rows[None, :] // 16)
+        L = dot(Dinv, tl.where(off, A, 0.0), MODE)
+        X = eye - L
+        for _ in tl.static_range(NB - 2):
+            X = eye - dot(L, X, MODE)
+        Tm = dot(X, Dinv, MODE)
+    return Tm
 
 
 @triton.jit
-def chunk_fwd_kernel(q, k, v, g, beta, Wbuf, Ubuf, o, h0, ht, h, chunk_offsets, cu_seqlens, T, H: tl.constexpr,
-                     K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-                     VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf, Ubuf, T, H: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, STORE_T: tl.constexpr,
+                    EPS: tl.constexpr, MODE: tl.constexpr):
+    """Stage 1, per (chunk, head), every chunk in parallel: G = cumsum(g) in the chunk (to Gbuf), the
+    keys' reciprocal norms (to Rk, with L2NORM), A = diag(b) (K K^T o D) strictly lower, T = (I + A)^-1
+    blocked (to Tbuf with STORE_T), W = T diag(b e^G) K and U' = T diag(b) V in Wbuf's dtype."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
+    rows_c = tl.arange(0, C)
+    t = t0 + rows_c
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
+    if GATED:
+        G = tl.cumsum(tl.load(g + tok, mask=mask_t, other=0.0).to(tl.float32), 0)
+        tl.store(Gbuf + tok, G, mask=mask_t)
+    else:
+        G = tl.zeros([C], dtype=tl.float32)
+    kk = tl.zeros([C, C], dtype=tl.float32)
+    ssq = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):  # K K^T over key tiles
+        cols = k0 + tl.arange(0, BK)
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=mask_t[:, None] & (cols < K)[None, :], other=0.0)
+        kk += dot(b_k, tl.trans(b_k), MODE)
+        if L2NORM:
+            ssq += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1)
+    if L2NORM:
+        rk = 1.0 / tl.sqrt(ssq + EPS)
+        tl.store(Rk + tok, rk, mask=mask_t)
+    else:
+        rk = tl.full([C], 1.0, tl.float32)
+    strict = rows_c[:, None] > rows_c[None, :]
+    decay = tl.exp(tl.where(strict, G[:, None] - G[None, :], 0.0))
+    A = tl.where(strict, (b_b * rk)[:, None] * kk * rk[None, :] * decay, 0.0)
+    Tm = _block_inverse(A, C, MODE)
+    if STORE_T:
+        tl.store(Tbuf + tok[:, None] * C + rows_c[None, :], Tm, mask=mask_t[:, None] & (rows_c[None, :] < C))
+    wdt = Wbuf.dtype.element_ty
+    Tw = Tm.to(wdt)
+    kscale = b_b * tl.exp(G) * rk
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        m = mask_t[:, None] & (cols < K)[None, :]
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        W = dot(Tw, (b_k * kscale[:, None]).to(wdt), MODE)
+        tl.store(Wbuf + tok[:, None] * K + cols[None, :], W.to(wdt), mask=m)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        m = mask_t[:, None] & (cols < V)[None, :]
+        b_v = tl.load(v + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        U = dot(Tw, (b_v * b_b[:, None]).to(wdt), MODE)
+        tl.store(Ubuf + tok[:, None] * V + cols[None, :], U.to(Ubuf.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _state_tile(ptr, r0, rows, cols_v, mask_v, K: tl.constexpr, V: tl.constexpr):
+    # one [BKS, BV] tile (key rows r0 + rows) of a [K, V] state, as fp32
+    kr = r0 + rows
+    m = (kr < K)[:, None] & mask_v[None, :]
+    return tl.load(ptr + kr[:, None].to(tl.int64) * V + cols_v[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _put_state_tile(ptr, S, r0, rows, cols_v, mask_v, K: tl.constexpr, V: tl.constexpr):
+    kr = r0 + rows
+    m = (kr < K)[:, None] & mask_v[None, :]
+    tl.store(ptr + kr[:, None].to(tl.int64) * V + cols_v[None, :], S.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _w_state(Wbuf, tok, mask_t, r0, rows, S, K: tl.constexpr, MODE: tl.constexpr):
+    # W[:, r0 + rows] @ S for one state tile S [BKS, BV] (already in the operand dtype): [C, BV]
+    kc = r0 + rows
+    W = tl.load(Wbuf + tok[:, None] * K + kc[None, :], mask=mask_t[:, None] & (kc < K)[None, :], other=0.0)
+    return dot(W.to(S.dtype), S, MODE)
+
+
+@triton.jit
+def _state_step(S, k, tok, mask_t, r0, rows, vs, gamma, K: tl.constexpr, MODE: tl.constexpr):
+    # S <- gamma S + K[:, r0 + rows]^T vs: the keys read transposed, [BKS, C]
+    kc = r0 + rows
+    kT = tl.load(k + tok[None, :] * K + kc[:, None], mask=(kc < K)[:, None] & mask_t[None, :], other=0.0)
+    return gamma * S + dot(kT.to(vs.dtype), vs, MODE)
+
+
+@triton.jit
+def chunk_state_kernel(k, Wbuf, Ubuf, Gbuf, Rk, h0, ht, h, vnew, chunk_offsets, cu_seqlens, T, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr,
+                       BV: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                       STORE_V: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, MODE: tl.constexpr):
+    """Stage 2, per (sequence, head, V block), chunks in order: the state [K, BV] as NK <= 4 fp32 register
+    tiles of BKS key rows. Each chunk stores its starting state h_c (in h's dtype, which is also the
+    operand dtype of the products), v_new = U' - W h_c (to vnew with STORE_V), then
+    h <- e^{G_C} h + (diag(r e^{G_C - G}) K)^T v_new (r the keys' reciprocal norms, 1 without L2NORM)."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, base = _seq_bounds(cu_seqlens, i_n, T, VARLEN)
     rows_c = tl.arange(0, C)
-    cols_k = tl.arange(0, BK)
+    rows = tl.arange(0, BKS)
     cols_v = i_v * BV + tl.arange(0, BV)
-    mask_k, mask_v = cols_k < K, cols_v < V
-    m_kv = mask_k[:, None] & mask_v[None, :]
-    tile = cols_k[:, None].to(tl.int64) * V + cols_v[None, :]  # offsets of an [BK, BV] state tile
-
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    mask_v = cols_v < V
+    sdt = h.dtype.element_ty
+    head = (i_n * H + i_h).to(tl.int64) * K * V
+    h1 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NK > 1:
+        h2 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NK > 2:
+        h3 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if NK > 3:
+        h4 = tl.zeros([BKS, BV], dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + tile, mask=m_kv, other=0.0).to(tl.float32)
-    if STORE_H:
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+        h1 = _state_tile(h0 + head, 0, rows, cols_v, mask_v, K, V)
+        if NK > 1:
+            h2 = _state_tile(h0 + head, BKS, rows, cols_v, mask_v, K, V)
+        if NK > 2:
+            h3 = _state_tile(h0 + head, 2 * BKS, rows, cols_v, mask_v, K, V)
+        if NK > 3:
+            h4 = _state_tile(h0 + head, 3 * BKS, rows, cols_v, mask_v, K, V)
+    first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
 
     for c0 in range(bos, eos, C):
         t = c0 + rows_c
         mask_t = t < eos
-        tok = ((base + t) * H + i_h).to(tl.int64)  # [C]
+        tok = ((base + t) * H + i_h).to(tl.int64)
         m_tv = mask_t[:, None] & mask_v[None, :]
-        if STORE_H:  # the chunk's starting state, for the backward
-            i_c = first_chunk + (c0 - bos) // C
-            tl.store(h + (i_c * H + i_h) * K * V + tile, S, mask=m_kv)
-        b_q, b_k, rq, rk, b_b, G = _load_qkbg(q, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
-        D, eG, to_end, gamma = _decays(G, rows_c, C)
-        W = tl.load(Wbuf + tok[:, None] * K + cols_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        U = tl.load(Ubuf + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0)  # U'
-        U = U - tl.dot(W, S, input_precision=PRECISION)
-        QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * D
-        b_o = tl.dot(b_q * eG[:, None], S, input_precision=PRECISION) + tl.dot(QK, U, input_precision=PRECISION)
-        tl.store(o + tok[:, None] * V + cols_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        S = gamma * S + tl.dot(tl.trans(b_k * to_end[:, None]), U, input_precision=PRECISION)
+        hc = h + ((first_chunk + (c0 - bos) // C) * H + i_h) * K * V
+        # the chunk's starting state, stored and used in the operand dtype
+        s1 = h1.to(sdt)
+        _put_state_tile(hc, s1, 0, rows, cols_v, mask_v, K, V)
+        acc = _w_state(Wbuf, tok, mask_t, 0, rows, s1, K, MODE)
+        if NK > 1:
+            s2 = h2.to(sdt)
+            _put_state_tile(hc, s2, BKS, rows, cols_v, mask_v, K, V)
+            acc += _w_state(Wbuf, tok, mask_t, BKS, rows, s2, K, MODE)
+        if NK > 2:
+            s3 = h3.to(sdt)
+            _put_state_tile(hc, s3, 2 * BKS, rows, cols_v, mask_v, K, V)
+            acc += _w_state(Wbuf, tok, mask_t, 2 * BKS, rows, s3, K, MODE)
+        if NK > 3:
+            s4 = h4.to(sdt)
+            _put_state_tile(hc, s4, 3 * BKS, rows, cols_v, mask_v, K, V)
+            acc += _w_state(Wbuf, tok, mask_t, 3 * BKS, rows, s4, K, MODE)
+        v_new = tl.load(Ubuf + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32) - acc
+        if STORE_V:
+            tl.store(vnew + tok[:, None] * V + cols_v[None, :], v_new.to(vnew.dtype.element_ty), mask=m_tv)
+        # padded rows have v_new = 0 (W, U' masked) and zero weight here
+        if GATED:
+            last = ((base + tl.minimum(c0 + C, eos) - 1) * H + i_h).to(tl.int64)
+            G_end = tl.load(Gbuf + last)
+            G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+            w = tl.where(mask_t, tl.exp(G_end - G), 0.0)
+            gamma = tl.exp(G_end)
+        else:
+            w = tl.where(mask_t, 1.0, 0.0)
+            gamma = 1.0
+        if L2NORM:
+            w = w * tl.load(Rk + tok, mask=mask_t, other=0.0)
+        vs = (v_new * w[:, None]).to(sdt)
+        h1 = _state_step(h1, k, tok, mask_t, 0, rows, vs, gamma, K, MODE)
+        if NK > 1:
+            h2 = _state_step(h2, k, tok, mask_t, BKS, rows, vs, gamma, K, MODE)
+        if NK > 2:
+            h3 = _state_step(h3, k, tok, mask_t, 2 * BKS, rows, vs, gamma, K, MODE)
+        if NK > 3:
+            h4 = _state_step(h4, k, tok, mask_t, 3 * BKS, rows, vs, gamma, K, MODE)
 
-    tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + tile, S, mask=m_kv)
+    if STORE_HT:
+        _put_state_tile(ht + head, h1, 0, rows, cols_v, mask_v, K, V)
+        if NK > 1:
+            _put_state_tile(ht + head, h2, BKS, rows, cols_v, mask_v, K, V)
+        if NK > 2:
+            _put_state_tile(ht + head, h3, 2 * BKS, rows, cols_v, mask_v, K, V)
+        if NK > 3:
+            _put_state_tile(ht + head, h4, 3 * BKS, rows, cols_v, mask_v, K, V)
+
+
+@triton.jit
+def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, chunk_table, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, scale, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr,
+                     MODE: tl.constexpr):
+    """Stage 3, per (chunk, head, V block), every chunk in parallel: with h_c the chunk's starting state,
+    o = scale diag(rq) (diag(e^G) Q h_c + ((Q K^T) o D diag(rk)) v_new), D_ij = exp(G_i - G_j) for
+    j <= i (rq, rk the reciprocal norms, 1 without L2NORM; q's computed here over the key tiles)."""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
+    rows_c = tl.arange(0, C)
+    t = t0 + rows_c
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    mask_v = cols_v < V
+    m_tv = mask_t[:, None] & mask_v[None, :]
+    hc = h + (i_s * H + i_h).to(tl.int64) * K * V
+    k_end = tl.where(valid, K, 0)  # a spare slot has no state to read
+    sdt = h.dtype.element_ty
+    acc_o = tl.zeros([C, BV], dtype=tl.float32)
+    acc_s = tl.zeros([C, C], dtype=tl.float32)
+    ssq = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        mask_k = cols < K
+        b_q = tl.load(q + tok[:, None] * K + cols[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        b_kT = tl.load(k + tok[None, :] * K + cols[:, None], mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+        m_h = (cols < k_end)[:, None] & mask_v[None, :]
+        b_h = tl.load(hc + cols[:, None].to(tl.int64) * V + cols_v[None, :], mask=m_h, other=0.0)
+        acc_o += dot(b_q.to(sdt), b_h, MODE)
+        acc_s += dot(b_q, b_kT, MODE)
+        if L2NORM:
+            ssq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
+    causal = rows_c[:, None] >= rows_c[None, :]
+    if GATED:
+        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        acc_o = acc_o * tl.exp(G)[:, None]
+        acc_s = acc_s * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    if L2NORM:
+        acc_s = acc_s * tl.load(Rk + tok, mask=mask_t, other=0.0)[None, :]
+    P = tl.where(causal, acc_s, 0.0)
+    b_vn = tl.load(vnew + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0)
+    out = acc_o + dot(P.to(b_vn.dtype), b_vn, MODE)
+    if L2NORM:
+        out = out * (1.0 / tl.sqrt(ssq + EPS))[:, None]
+    tl.store(o + tok[:, None] * V + cols_v[None, :], (scale * out).to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -353,13 +537,42 @@ def step_kernel(state, q, k, v, g, beta, o, H: tl.constexpr, K: tl.constexpr, V:
     tl.store(o + bh * V + cols_v, b_o.to(o.dtype.element_ty), mask=mask_v)
 
 
-def _launch_options(q: Tensor, chunk_size: int, K: int, V: int) -> dict:
-    """Tiles: all of K in one power-of-two tile (>= 16, tl.dot's minimum), V in blocks of BV, chunks of C.
-    Wide keys take smaller chunks and V blocks so the fp32 [C, K] and [K, BV] dot operands fit in
-    shared memory (first settings, not tuned)."""
+def _forward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: int) -> dict:
+    """Tiles of the three forward stages (first settings from sm_90 compiles, not timed on a GPU).
+
+    Chunks of C = 64 (``chunk_size`` rounded to a power of two in [16, 64]); key tiles ``BK`` of 64
+    columns and V blocks ``BV`` of 64 in the chunk-parallel stages. Stage 2 holds the state in at most
+    four register tiles of ``BKS`` key rows (64 up to K = 256, wider beyond) and V blocks ``BVS``: 64 for
+    K <= 128 when that still gives four programs per SM, else 32 (16 for the wider tiles), so the state
+    takes at most 64 registers a thread at 4 warps. Stage 2 is a chain of short dependent steps: it
+    pipelines its loads (``STAGES``, 2) only when every program fits on the GPU at once (one per SM);
+    otherwise several resident programs per SM hide each other's latency better than the extra shared
+    memory would. At K = V = 128 in bf16 (B 8, H 16) the three kernels take 154 / 118 / 147 registers and
+    32 / 12 / 41 KB of shared memory (sm_90, Triton 3.9; no spills), far under the H200's 227 KB."""
+    C = max(16, min(64, triton.next_power_of_2(chunk_size)))
+    BK = max(16, min(64, triton.next_power_of_2(K)))  # >= 16: tl.dot's minimum
+    BKS = BK if K <= 4 * BK else triton.next_power_of_2(triton.cdiv(K, 4))
+    NK = triton.cdiv(K, BKS)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    if BKS > 64:
+        BVS = 16
+    elif K <= 128 and rows * H * triton.cdiv(V, 64) >= 4 * sms:
+        BVS = 64
+    else:
+        BVS = 32
+    BVS = max(16, min(BVS, triton.next_power_of_2(V)))
+    stages = 2 if rows * H * triton.cdiv(V, BVS) <= sms else 1
+    BV = max(16, min(64, triton.next_power_of_2(V)))
+    return {"C": C, "BK": BK, "BKS": BKS, "NK": NK, "BVS": BVS, "STAGES": stages, "BV": BV, "MODE": dot_mode(q)}
+
+
+def _backward_options(q: Tensor, chunk_size: int, K: int, V: int) -> dict:
+    """Tiles of the backward kernels: all of K in one power-of-two tile (>= 16, tl.dot's minimum), V in
+    blocks of BV, chunks of C. Wide keys take smaller chunks and V blocks so the fp32 [C, K] and [K, BV]
+    dot operands fit in shared memory (first settings, not tuned)."""
     BK = max(16, triton.next_power_of_2(K))
     # Shared memory per program grows with C * BK and BK * BV, and software pipelining multiplies it:
-    # at K = V = 128 the chunk-64 kernels asked an H200 for 245-303 KB (its limit is 227 KB). Chunks
+    # at K = V = 128 chunk-64 kernels asked an H200 for 245-303 KB (its limit is 227 KB). Chunks
     # of 32 (16 from K = 256) without pipelining stay under ~105 KB (compiled for sm_90 offline).
     cap = 64 if BK <= 64 else 32 if BK <= 128 else 16
     C = max(16, min(triton.next_power_of_2(chunk_size), cap))
@@ -390,38 +603,92 @@ def _chunk_offsets(Bsz: int, T: int, C: int, cu_seqlens: Tensor | None, device) 
     return offsets, torch.stack([torch.where(valid, seq_c, -1), torch.where(valid, t0, 0)], dim=1)
 
 
-def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size, save_states):
-    Bsz, T, H, K = q.shape
+def _operand_dtype(q: Tensor) -> torch.dtype:
+    """The dtype of W, U', the chunk states and v_new: bf16 for bf16 inputs (fp32's exponent range, so
+    the states fit), else fp32 (fp16 keeps fp32 buffers: a state may outgrow fp16's range)."""
+    return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+
+
+def _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, out_dtype, store_t):
+    """Stage 1: (G, rk, T or None, W, U'); G and rk are None when ungated / without the L2 norm."""
+    Bsz, T, H, K = k.shape
     V = v.shape[-1]
-    N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
-    opts = _launch_options(q, chunk_size, K, V)
-    C = opts["C"]
-    offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
-    cu = offsets if cu_seqlens is None else cu_seqlens
-    flags = {"GATED": g is not None, "VARLEN": cu_seqlens is not None, "L2NORM": use_qk_l2norm, "EPS": L2NORM_EPS}
-    f32 = {"device": q.device, "dtype": torch.float32}
-    # the chunk-local work, every chunk in parallel
-    Tbuf, Wbuf, Ubuf = (torch.empty(Bsz, T, H, n, **f32) for n in (C, K, V))
-    chunk_ut_kernel[(table.shape[0], H)](k, v, beta if g is None else g, beta, table, cu, Tbuf, Wbuf, Ubuf, T, H,
-                                         K, V, **flags, **opts)
-    # the sequential pass over chunks
-    o = torch.empty(Bsz, T, H, V, device=q.device, dtype=q.dtype)
-    final = torch.empty(N, H, K, V, **f32)
-    h = torch.empty(table.shape[0], H, K, V, **f32) if save_states else final
+    f32 = {"device": k.device, "dtype": torch.float32}
+    G = torch.empty(Bsz, T, H, **f32) if g is not None else None
+    rk = torch.empty(Bsz, T, H, **f32) if use_qk_l2norm else None
+    Tbuf = torch.empty(Bsz, T, H, C, **f32) if store_t else None
+    W = torch.empty(Bsz, T, H, K, device=k.device, dtype=out_dtype)
+    U = torch.empty(Bsz, T, H, V, device=k.device, dtype=out_dtype)
+    cu = table if cu_seqlens is None else cu_seqlens  # an unused pointer when dense
+    chunk_wy_kernel[(table.shape[0], H)](
+        k, v, beta if g is None else g, beta, table, cu, W if G is None else G, W if rk is None else rk,
+        W if Tbuf is None else Tbuf, W, U, T, H, K, V, C=C, BK=BK, BV=BV, GATED=g is not None,
+        VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, STORE_T=store_t, EPS=L2NORM_EPS, MODE=MODE,
+        num_warps=4, num_stages=2)
+    return G, rk, Tbuf, W, U
+
+
+def _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, slots, N, C, BKS, NK, BV, STAGES, MODE,
+                 state_dtype, store_final, store_v):
+    """Stage 2: (h [slots, H, K, V] in ``state_dtype``, v_new or None, final state fp32 or None)."""
+    Bsz, T, H, K = k.shape
+    V = U.shape[-1]
+    h = torch.empty(slots, H, K, V, device=k.device, dtype=state_dtype)
+    vnew = torch.empty(Bsz, T, H, V, device=k.device, dtype=state_dtype) if store_v else None
+    final = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if store_final else None
     h0 = None if initial_state is None else initial_state.contiguous().float()
-    chunk_fwd_kernel[(N, H, triton.cdiv(V, opts["BV"]))](
-        q, k, v, beta if g is None else g, beta, Wbuf, Ubuf, o, final if h0 is None else h0, final, h, offsets, cu,
-        T, H, K, V, scale, HAS_H0=h0 is not None, STORE_H=save_states, **flags, **opts)
-    return o, final, (h, offsets, table, Tbuf, Wbuf, Ubuf)
+    chunk_state_kernel[(N, H, triton.cdiv(V, BV))](
+        k, W, U, W if G is None else G, W if rk is None else rk, h if h0 is None else h0, h if final is None else final,
+        h, h if vnew is None else vnew, offsets, offsets if cu_seqlens is None else cu_seqlens, T, H, K, V, C=C,
+        BKS=BKS, NK=NK, BV=BV, GATED=G is not None, HAS_H0=h0 is not None, STORE_HT=store_final, STORE_V=store_v,
+        VARLEN=cu_seqlens is not None, L2NORM=rk is not None, MODE=MODE, num_warps=4, num_stages=STAGES)
+    return h, vnew, final
 
 
-def _chunk_backward(q, k, v, g, beta, saved, cu_seqlens, do, dht, scale, use_qk_l2norm, chunk_size):
-    h, offsets, table, Tbuf, Wbuf, Ubuf = saved
+def _out_stage(q, k, G, rk, h, vnew, cu_seqlens, table, scale, use_qk_l2norm, C, BK, BV, MODE):
+    """Stage 3: o [B, T, H, V] in q's dtype."""
+    Bsz, T, H, K = q.shape
+    V = vnew.shape[-1]
+    o = torch.empty(Bsz, T, H, V, device=q.device, dtype=q.dtype)
+    chunk_out_kernel[(table.shape[0], H, triton.cdiv(V, BV))](
+        q, k, h if G is None else G, h if rk is None else rk, h, vnew, o, table,
+        table if cu_seqlens is None else cu_seqlens, T, H, K, V, scale, C=C, BK=BK, BV=BV, GATED=G is not None,
+        VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, MODE=MODE, num_warps=4, num_stages=2)
+    return o
+
+
+def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
+    """The three forward stages: (o, final state fp32)."""
     Bsz, T, H, K = q.shape
     V = v.shape[-1]
     N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
-    opts = _launch_options(q, chunk_size, K, V)
+    opts = _forward_options(q, chunk_size, K, V, N, H)
+    C, MODE = opts["C"], opts["MODE"]
+    offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
+    odt = _operand_dtype(q)
+    G, rk, _, W, U = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, opts["BK"], opts["BV"], MODE,
+                               odt, False)
+    h, vnew, final = _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, table.shape[0], N, C,
+                                  opts["BKS"], opts["NK"], opts["BVS"], opts["STAGES"], MODE, odt, True, True)
+    del W, U
+    o = _out_stage(q, k, G, rk, h, vnew, cu_seqlens, table, scale, use_qk_l2norm, C, opts["BK"], opts["BV"], MODE)
+    return o, final
+
+
+def _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, chunk_size):
+    Bsz, T, H, K = q.shape
+    V = v.shape[-1]
+    N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
+    opts = _backward_options(q, chunk_size, K, V)
     C, NV = opts["C"], triton.cdiv(V, opts["BV"])
+    # stages 1-2 again at the backward's chunk, in fp32: T, W, U' and every chunk's starting state
+    fwd = _forward_options(q, C, K, V, N, H)
+    offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
+    G, rk, Tbuf, Wbuf, Ubuf = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, fwd["BK"], fwd["BV"],
+                                        fwd["MODE"], torch.float32, True)
+    h, _, _ = _state_stage(k, Wbuf, Ubuf, G, rk, initial_state, cu_seqlens, offsets, table.shape[0], N, C,
+                           fwd["BKS"], fwd["NK"], fwd["BVS"], fwd["STAGES"], fwd["MODE"], torch.float32, False, False)
+    del G, rk
     rows = Bsz * T * H
     dv = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32)
@@ -433,6 +700,7 @@ def _chunk_backward(q, k, v, g, beta, saved, cu_seqlens, do, dht, scale, use_qk_
     chunk_bwd_dv_kernel[(N, H, NV)](
         q, k, v, beta if g is None else g, beta, Tbuf, Wbuf, Ubuf, do, dht, h, offsets, cu, dv, dh0, p_qk, p_c, p_t,
         T, Bsz * T, H, K, V, scale, HAS_DHT=True, **flags, **opts)
+    del h, Wbuf, Ubuf
     s_qk, s_c, s_t = p_qk.sum(0), p_c.sum(0), p_t.sum(0)  # the sums over V blocks
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dbeta = torch.empty_like(beta)
@@ -445,25 +713,23 @@ def _chunk_backward(q, k, v, g, beta, saved, cu_seqlens, do, dht, scale, use_qk_
 
 
 class DeltaRuleTriton(torch.autograd.Function):
-    """The chunked kernels: forward (saving each chunk's starting state when a gradient is needed) and
-    the two backward passes."""
+    """The chunked kernels: the three-stage forward (saving only the inputs) and the backward, which
+    recomputes the chunk states at its own chunk size."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
         q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
         g = None if g is None else g.contiguous()
-        save = any(ctx.needs_input_grad[:6])
-        o, final, saved = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
-                                         chunk_size, save)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(saved if save else ()))
+        o, final = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
         ctx.options = (scale, use_qk_l2norm, chunk_size)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial_state, cu_seqlens, *saved = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
         scale, use_qk_l2norm, chunk_size = ctx.options
-        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, saved, cu_seqlens, do.contiguous(),
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do.contiguous(),
                                                      dfinal.contiguous().float(), scale, use_qk_l2norm, chunk_size)
         dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
