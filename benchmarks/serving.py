@@ -4,6 +4,7 @@ against HF transformers' ``generate`` on the same weights, one run, one table.
     python benchmarks/serving.py [--model llama-125m|hybrid-130m|tiny] [--clients 1,8,32] [--requests 64]
                                  [--prompt-len 128] [--max-tokens 128] [--max-batch-size 32]
                                  [--device cuda|cpu] [--dtype bf16|fp32] [--cuda-graph] [--json out.json]
+                                 [--anchors /tmp/anchors]
 
 Models (random weights; serving speed does not depend on their values):
 - ``llama-125m``: a Llama-style transformer (12 layers, d_model 768, 12 heads, SwiGLU 2048, RoPE,
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -200,7 +202,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
     parser.add_argument("--cuda-graph", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--anchors", default=None,
+                        help="build folder of .anchors/build_anchors.py (Jamba then runs mamba_ssm's kernels)")
     args = parser.parse_args()
+    if args.anchors:
+        sys.path[:0] = [".anchors"]
+        import build_anchors
+
+        build_anchors.activate(args.anchors)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     model = build(args.model, args.device, dtype)
     hf = hf_anchor(args.model, model, args.device, dtype)
