@@ -1,15 +1,19 @@
 """Focused timing of the Triton selective scan at the benchmark shape, with kernel variants.
 
-    PYTHONPATH=. python benchmarks/selective_scan_focus.py [--d 4096] [--fwd-variants] [--bwd-variants]
-        [--ckpt-variants] [--json out.json]
+    PYTHONPATH=. python benchmarks/selective_scan_focus.py [--d 4096] [--t 2048] [--batch 8]
+        [--kernels ring,chunked] [--fwd-variants] [--bwd-variants] [--ckpt-variants] [--chunked-variants]
+        [--json out.json]
 
 Shape: (B, T, D, N) = (8, 2048, D, 16) with D = 4096 (default) or 1536 (mamba-130m's inner width), bf16,
 ``mamba`` discretisation, D skip, z gate, softplus + bias (the ``selective`` section of
 ``benchmarks/scans.py``). Prints median times of ``triton.testing.do_bench`` and the percentage of the
-floor (see benchmarks/scans.py for the floors; scaled by D / 4096 for other widths), and checks each
-variant's output against the default kernel's. ``--bwd-variants`` includes smaller backward blocks
-(more programs: the backward is latency-bound at about one warp per scheduler, docs/kernels.md);
-``--ckpt-variants`` the forward's checkpoint interval (saved state against the backward's extra pass).
+floor (see benchmarks/scans.py for the floors; scaled by B T D / (8 * 2048 * 4096) for other shapes),
+and checks each variant's output against the default (ring) kernel's. ``--kernels`` times each kernel design
+(``SelectiveScanTuning(kernel=...)``: "ring", the default, and "chunked") at its default tuning, forward
+and forward + backward, in one run. ``--bwd-variants`` includes smaller backward blocks (more programs:
+the ring backward is latency-bound at about one warp per scheduler, docs/kernels.md); ``--ckpt-variants``
+the forward's checkpoint interval (saved state against the backward's extra pass); ``--chunked-variants``
+the chunked kernels' chunk lengths, block widths, warps, register caps and checkpoint intervals.
 """
 
 from __future__ import annotations
@@ -29,15 +33,25 @@ def main(argv=None):
     p.add_argument("--fwd-variants", action="store_true")
     p.add_argument("--bwd-variants", action="store_true")
     p.add_argument("--ckpt-variants", action="store_true")
+    p.add_argument("--chunked-variants", action="store_true")
+    p.add_argument("--kernels", default="ring", help="comma-separated kernel designs to time: ring, chunked")
     p.add_argument("--d", type=int, default=4096, help="channels D")
+    p.add_argument("--t", type=int, default=2048, help="time steps T")
+    p.add_argument("--batch", type=int, default=8, help="batch rows B")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from seqblocks.ops.selective_scan import SelectiveScanTuning
+    from seqblocks.ops.selective_scan.tuning import KERNELS
+
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    if not kernels or any(k not in KERNELS for k in kernels):
+        p.error(f"--kernels: expected a comma-separated subset of {KERNELS}, got {args.kernels!r}")
     from seqblocks.ops.selective_scan import triton as sst
 
     torch.manual_seed(0)
-    Bsz, T, D, N = 8, 2048, args.d, 16
-    floor_fwd, floor_fb = FLOOR_FWD_MS * D / 4096, FLOOR_FB_MS * D / 4096
+    Bsz, T, D, N = args.batch, args.t, args.d, 16
+    scale = Bsz * T * D / (8 * 2048 * 4096)
+    floor_fwd, floor_fb = FLOOR_FWD_MS * scale, FLOOR_FB_MS * scale
     dev, dtype = "cuda", torch.bfloat16
     u = torch.randn(Bsz, T, D, device=dev, dtype=dtype).requires_grad_()
     delta = (torch.randn(Bsz, T, D, device=dev) * 0.5 - 1).to(dtype).requires_grad_()
@@ -106,14 +120,41 @@ def main(argv=None):
             ms = do_bench(lambda t=tuning: fb(t), warmup=10, rep=50, return_mode="median")
             saved_mb = Bsz * -(-T // ckpt) * D * N * 4 / 1e6
             rec(f"fwd+bwd ckpt_t={ckpt} (saved state {saved_mb:.0f} MB, max grad err {err:.1e})", ms, floor_fb)
+    if args.chunked_variants:
+        # (chunk_t, fwd_chunk_t, bwd_block_d, fwd_block_d, bwd_num_warps, bwd_maxnreg, ckpt_t); None = default
+        for cfg in [(None, None, None, None, None, 255, None), (8, 16, None, None, None, None, None),
+                    (2, 4, 16, 16, None, None, None), (4, 8, 16, 16, 2, None, None), (4, 8, 4, 4, None, None, None),
+                    (2, 8, None, None, None, 128, None), (8, 8, None, None, None, 168, None),
+                    (8, None, None, None, None, 168, 8), (None, None, None, None, None, None, 512)]:
+            ct, fct, bbd, fbd, bw, breg, ck = cfg
+            tuning = SelectiveScanTuning(kernel="chunked", chunk_t=ct, fwd_chunk_t=fct, bwd_block_d=bbd,
+                                         fwd_block_d=fbd, bwd_num_warps=bw, bwd_maxnreg=breg, ckpt_t=ck)
+            with torch.no_grad():
+                y, h = call(tuning)
+                ms = do_bench(lambda t=tuning: call(t), warmup=10, rep=50, return_mode="median")
+            rec(f"chunked fwd cfg={cfg} (err y {rel(y, y_ref):.1e} h {rel(h, h_ref):.1e})", ms, floor_fwd)
+            g = grads(tuning)
+            err = max(rel(a, b) for a, b in zip(g, g_ref))
+            ms = do_bench(lambda t=tuning: fb(t), warmup=10, rep=50, return_mode="median")
+            rec(f"chunked fwd+bwd cfg={cfg} (max grad err {err:.1e})", ms, floor_fb)
+    # Each kernel design at its default tuning, checked against the ring kernels' output.
+    for kernel in kernels:
+        tuning = SelectiveScanTuning(kernel=kernel)
+        with torch.no_grad():
+            y, h = call(tuning)
+        g = grads(tuning)
+        err = max([rel(y, y_ref), rel(h, h_ref)] + [rel(a, b) for a, b in zip(g, g_ref)])
+        with torch.no_grad():
+            rec(f"fwd {kernel} default", do_bench(lambda t=tuning: call(t), warmup=25, rep=100, return_mode="median"),
+                floor_fwd)
+        rec(f"fwd+bwd {kernel} default (max err vs ring {err:.1e})",
+            do_bench(lambda t=tuning: fb(t), warmup=25, rep=100, return_mode="median"), floor_fb)
     with torch.no_grad():
-        rec("fwd default", do_bench(call, warmup=25, rep=100, return_mode="median"), floor_fwd)
-    rec("fwd+bwd default", do_bench(fb, warmup=25, rep=100, return_mode="median"), floor_fb)
-    with torch.no_grad():
-        rec("fwd default (again)", do_bench(call, warmup=25, rep=100, return_mode="median"), floor_fwd)
+        rec("fwd ring default (again)", do_bench(call, warmup=25, rep=100, return_mode="median"), floor_fwd)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), shape=[Bsz, T, D, N], kernels=kernels, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -230,22 +230,9 @@ def test_gpu_real_shapes(B, T, D, W, dtype):
 
 
 def _compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> None:
-    """Compile a kernel for sm_90 ahead of time (no GPU needed): catches what the interpreter lets
-    through (types changing under runtime branches, layouts). Absent pointers are constexpr None, as
-    at a real launch; pointers get the 16-byte alignment a launch specialises them with."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from sm90 import compile_for_sm90  # imports Triton
 
-    consts = dict(constexprs)
-    full = {}
-    for name, ty in signature.items():
-        full[name] = "constexpr" if ty is None else ty
-        if ty is None:
-            consts[name] = None
-    full.update({k: "constexpr" for k in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
-    triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compile_for_sm90(fn, signature, constexprs, num_warps)
 
 
 @pytest.mark.slow

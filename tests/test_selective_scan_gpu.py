@@ -2,7 +2,9 @@
 
 Checked against the float64 reference (moderate shapes, every option) and the PyTorch path in fp32
 (mamba-130m's scan shape), forward and backward with random cotangents on y and the final state, for
-the default tuning and other checkpoint intervals; and what the forward saves for the backward.
+the default tuning and other checkpoint intervals, with both kernel designs ("ring" and "chunked");
+the chunked kernels against the ring kernels at mamba-130m's shape; and what the forward saves for
+the backward.
 
 Shapes: B batch, T time, D channels, N state, G groups.
 """
@@ -41,13 +43,14 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
+@pytest.mark.parametrize("kernel", ["ring", "chunked"])
 @pytest.mark.parametrize("ckpt_t", [None, 16, 2048])
-def test_mamba_130m_shape_against_the_torch_path(ckpt_t):
+def test_mamba_130m_shape_against_the_torch_path(ckpt_t, kernel):
     Bsz, T, D, N = 8, 2048, 1536, 16
     ins = _inputs(Bsz, T, D, N, torch.bfloat16)
     gy = torch.randn(Bsz, T, D, device="cuda")
     gh = torch.randn(Bsz, D, N, device="cuda")
-    tuning = SelectiveScanTuning(ckpt_t=ckpt_t)
+    tuning = SelectiveScanTuning(kernel=kernel, ckpt_t=ckpt_t)
 
     def run(backend, upcast):
         def fn(t):
@@ -64,8 +67,9 @@ def test_mamba_130m_shape_against_the_torch_path(ckpt_t):
         assert _rel(g[k], gr[k]) < 2e-2, (k, _rel(g[k], gr[k]))
 
 
+@pytest.mark.parametrize("kernel", ["ring", "chunked"])
 @pytest.mark.parametrize(("G", "dtype"), [(None, torch.float32), (4, torch.float32), (None, torch.bfloat16)])
-def test_every_option_against_the_reference(G, dtype):
+def test_every_option_against_the_reference(G, dtype, kernel):
     Bsz, T, D, N = 3, 1000, 256, 16
     ins = _inputs(Bsz, T, D, N, dtype, G=G, seed=1)
     lengths = torch.tensor([1000, 517, 3], device="cuda")
@@ -80,7 +84,9 @@ def test_every_option_against_the_reference(G, dtype):
                       delta_softplus=True, initial_state=h0.double() if upcast else h0, lengths=lengths)
         return fn
 
-    y, hT, g = _grads(run(lambda *a, **k: selective_scan(*a, backend="triton", **k), False), ins, gy, gh)
+    tuning = SelectiveScanTuning(kernel=kernel)
+    y, hT, g = _grads(run(lambda *a, **k: selective_scan(*a, backend="triton", tuning=tuning, **k), False), ins, gy,
+                      gh)
     yr, hTr, gr = _grads(run(selective_scan_ref, True), ins, gy, gh.double())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert _rel(y, yr) < tol and _rel(hT, hTr) < tol
@@ -88,7 +94,31 @@ def test_every_option_against_the_reference(G, dtype):
         assert _rel(g[k], gr[k]) < 3 * tol, (k, _rel(g[k], gr[k]))
 
 
-def test_forward_saves_one_state_per_checkpoint_interval():
+@pytest.mark.parametrize("tuning", [dict(), dict(chunk_t=8, fwd_chunk_t=16, bwd_maxnreg=255),
+                                    dict(chunk_t=2, bwd_block_d=16, ckpt_t=8), dict(fwd_block_d=4, bwd_num_warps=2)])
+def test_chunked_kernels_against_the_ring_kernels(tuning):
+    """mamba-130m's scan (B8, T2048, D1536, N16, bf16, D skip, z gate, softplus + bias): the chunked
+    kernels, at their defaults and other tunings, against the ring kernels, forward and backward."""
+    Bsz, T, D, N = 8, 2048, 1536, 16
+    ins = _inputs(Bsz, T, D, N, torch.bfloat16, seed=2)
+    gy = torch.randn(Bsz, T, D, device="cuda")
+    gh = torch.randn(Bsz, D, N, device="cuda")
+
+    def run(t):
+        def fn(x):
+            return selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                  delta_bias=x["delta_bias"], delta_softplus=True, backend="triton", tuning=t)
+        return fn
+
+    y, hT, g = _grads(run(SelectiveScanTuning(kernel="chunked", **tuning)), ins, gy, gh)
+    yr, hTr, gr = _grads(run(SelectiveScanTuning()), ins, gy, gh)
+    assert _rel(y, yr) < 1e-2 and _rel(hT, hTr) < 1e-3
+    for k in g:
+        assert _rel(g[k], gr[k]) < 2e-2, (k, _rel(g[k], gr[k]))
+
+
+@pytest.mark.parametrize("kernel", ["ring", "chunked"])
+def test_forward_saves_one_state_per_checkpoint_interval(kernel):
     """At mamba-130m's scan shape the saved state is [B, T / 128, D, N] fp32 (12.6 MB), not one per
     16 steps (101 MB): counted over every tensor the op saves that is not an input."""
     Bsz, T, D, N = 8, 2048, 1536, 16
@@ -104,5 +134,6 @@ def test_forward_saves_one_state_per_checkpoint_interval():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"], ins["D"], ins["z"],
-                       delta_bias=ins["delta_bias"], delta_softplus=True, backend="triton")
+                       delta_bias=ins["delta_bias"], delta_softplus=True, backend="triton",
+                       tuning=SelectiveScanTuning(kernel=kernel))
     assert sum(extra.values()) < 16e6, sorted(extra.values())

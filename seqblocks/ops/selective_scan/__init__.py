@@ -2,9 +2,9 @@
 
 ``selective_scan`` validates its inputs and dispatches: ``reference.py`` is the sequential spec,
 ``torch.py`` the chunked fast path (state memory bounded by one chunk) with a recomputing backward,
-``triton.py`` the GPU kernels (their launch options: an explicit ``SelectiveScanTuning``,
-``tuning.py``). ``selective_state_update`` is the one-token decode step, updating a cache's state in
-place.
+``triton.py`` the GPU kernels, ``triton_chunked.py`` their chunked alternative (the design and launch
+options: an explicit ``SelectiveScanTuning``, ``tuning.py``). ``selective_state_update`` is the
+one-token decode step, updating a cache's state in place.
 
 Layout is time before channels ([B, T, D]), unlike mamba's [B, D, T].
 
@@ -79,9 +79,9 @@ def selective_scan(
         cu_seqlens (Tensor | None): [num_seqs + 1] integer offsets of sequences packed in a
             [1, total, ...] batch; the state restarts at every boundary. Default: None.
         backend (str): "auto", "torch" or "triton". Default: "auto".
-        tuning (SelectiveScanTuning | None): block shapes, warps and ring options of the Triton
-            kernels, for this call only (the PyTorch path ignores it; results do not depend on it).
-            Default: None (the defaults).
+        tuning (SelectiveScanTuning | None): kernel design ("ring" or "chunked"), block shapes,
+            warps and ring options of the Triton kernels, for this call only (the PyTorch path
+            ignores it; results do not depend on it). Default: None (the defaults).
 
     Returns:
         (y, final_state): y [B, T, D] in u's dtype; final_state [B, D, N] ([num_seqs, D, N]) in fp32

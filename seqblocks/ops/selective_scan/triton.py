@@ -25,6 +25,8 @@ Design (see docs/kernels.md). The kernels are time loops (``_ss_fwd_ring_kernel`
 
 Block shapes, warps and the ring options come from the call's ``SelectiveScanTuning`` (``tuning.py``;
 None fields: the defaults in ``_blocks`` / ``_fwd_blocks``); no module-level setting changes them.
+``SelectiveScanTuning(kernel="chunked")`` runs the chunked kernels of ``triton_chunked.py`` instead
+(associative scans over chunk tiles; same contract, checkpoints and gradient buffers).
 
 Real A, B, C (complex systems run on the PyTorch path). Shapes: B batch, T time, D channels,
 N state (padded to a power of two on chip), G groups of B / C.
@@ -806,26 +808,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dev = u.device
         dummy = p.lens
         f32 = dict(dtype=torch.float32, device=dev)
-        alloc = torch.zeros if p.seq_mode == 1 else torch.empty
         gy = gy.contiguous() if gy is not None else torch.zeros_like(u)
-        du = alloc(u.shape, dtype=u.dtype, device=dev)
-        ddelta = alloc(delta.shape, dtype=delta.dtype, device=dev)
-        dz = alloc(z.shape, dtype=z.dtype, device=dev) if z is not None else dummy
-        dA = torch.zeros(A.shape, **f32)
-        n_db = p.grid[1]
-        dB = alloc((n_db, p.Bsz, p.T, p.N), **f32)
-        dC = alloc((n_db, p.Bsz, p.T, p.N), **f32)
-        dD = torch.zeros(p.D, **f32) if D is not None else dummy
-        dbias = torch.zeros(p.D, **f32) if delta_bias is not None else dummy
-        if delta_A is None:
-            ddA, ddA_strides = dummy, (0, 0, 0)
-        elif p.da_shared:
-            ddA = torch.zeros(delta_A.shape, **f32)
-            ddA_strides = (ddA.stride(0), ddA.stride(1), 0)
-        else:
-            ddA = alloc(delta_A.shape, dtype=delta_A.dtype, device=dev)
-            ddA_strides = ddA.stride()
-        dh0 = torch.empty((p.n_seq, p.D, p.N), **f32)
+        bufs = _grad_buffers(p, u, delta, A, D, z, delta_bias, delta_A, p.grid[1])
+        du, ddelta, dA, dB, dC, dD, dz, dbias, ddA, ddA_strides, dh0 = bufs
         ghT_ = ghT.to(torch.float32).contiguous() if ghT is not None else dh0
         hist = torch.empty((p.grid[0] * p.grid[1], p.bt, p.bd, p.bn), **f32)
         sub_n = p.ck_t // p.bt
@@ -844,15 +829,48 @@ class _SelectiveScanTriton(torch.autograd.Function):
             DA_SHARED=p.da_shared, HAS_D=D is not None, HAS_Z=z is not None, SEQ_MODE=p.seq_mode,
             HAS_GT=ghT is not None, num_warps=p.warps, **kw,
         )
-        # [G * blocks per group, B, T, N] -> [B, T, G, N]: the blocks of a group are consecutive.
-        dB = dB.view(p.G, -1, p.Bsz, p.T, p.N).sum(1).permute(1, 2, 0, 3)
-        dC = dC.view(p.G, -1, p.Bsz, p.T, p.N).sum(1).permute(1, 2, 0, 3)
-        grads = [du, ddelta, dA.to(A.dtype), dB.reshape(Bshape).to(Bdt), dC.reshape(Cshape).to(Cdt),
-                 dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
-                 dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-                 ddA.to(delta_A.dtype) if delta_A is not None else None,
-                 dh0.to(h0.dtype) if h0 is not None else None, None]
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad + (False,)))
+        return _grads(ctx, p, bufs, A, D, z, delta_bias, delta_A, h0, Bshape, Cshape, Bdt, Cdt)
+
+
+def _grad_buffers(p, u, delta, A, D, z, delta_bias, delta_A, n_db):
+    """The backward kernels' outputs: (du, ddelta, dA, dB, dC, dD, dz, dbias, d delta_A, its strides,
+    dh0); dB, dC are per-channel-block partial sums [n_db, B, T, N] fp32; absent ones are a dummy."""
+    dev = u.device
+    dummy = p.lens
+    f32 = dict(dtype=torch.float32, device=dev)
+    alloc = torch.zeros if p.seq_mode == 1 else torch.empty
+    du = alloc(u.shape, dtype=u.dtype, device=dev)
+    ddelta = alloc(delta.shape, dtype=delta.dtype, device=dev)
+    dz = alloc(z.shape, dtype=z.dtype, device=dev) if z is not None else dummy
+    dA = torch.zeros(A.shape, **f32)
+    dB = alloc((n_db, p.Bsz, p.T, p.N), **f32)
+    dC = alloc((n_db, p.Bsz, p.T, p.N), **f32)
+    dD = torch.zeros(p.D, **f32) if D is not None else dummy
+    dbias = torch.zeros(p.D, **f32) if delta_bias is not None else dummy
+    if delta_A is None:
+        ddA, ddA_strides = dummy, (0, 0, 0)
+    elif p.da_shared:
+        ddA = torch.zeros(delta_A.shape, **f32)
+        ddA_strides = (ddA.stride(0), ddA.stride(1), 0)
+    else:
+        ddA = alloc(delta_A.shape, dtype=delta_A.dtype, device=dev)
+        ddA_strides = ddA.stride()
+    dh0 = torch.empty((p.n_seq, p.D, p.N), **f32)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, ddA, ddA_strides, dh0
+
+
+def _grads(ctx, p, bufs, A, D, z, delta_bias, delta_A, h0, Bshape, Cshape, Bdt, Cdt):
+    """The gradients ``backward`` returns, from the kernel's buffers (``_grad_buffers``)."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias, ddA, _strides, dh0 = bufs
+    # [G * blocks per group, B, T, N] -> [B, T, G, N]: the blocks of a group are consecutive.
+    dB = dB.view(p.G, -1, p.Bsz, p.T, p.N).sum(1).permute(1, 2, 0, 3)
+    dC = dC.view(p.G, -1, p.Bsz, p.T, p.N).sum(1).permute(1, 2, 0, 3)
+    grads = [du, ddelta, dA.to(A.dtype), dB.reshape(Bshape).to(Bdt), dC.reshape(Cshape).to(Cdt),
+             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+             dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+             ddA.to(delta_A.dtype) if delta_A is not None else None,
+             dh0.to(h0.dtype) if h0 is not None else None, None]
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad + (False,)))
 
 
 def selective_scan_triton(
@@ -875,7 +893,7 @@ def selective_scan_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of ``seqblocks.ops.selective_scan.selective_scan`` (see there); inputs are
     assumed valid and served (real fp16 / bf16 / fp32, d_state <= MAX_D_STATE; the dispatcher checks).
-    ``tuning``: the kernels' block shapes, warps and ring options (None: the defaults)."""
+    ``tuning``: the kernel design and its block shapes, warps and ring options (None: the defaults)."""
     if tuning is None:
         tuning = _DEFAULT_TUNING
     elif not isinstance(tuning, SelectiveScanTuning):
@@ -889,4 +907,8 @@ def selective_scan_triton(
             return y, initial_state.to(torch.float32)
         return y, torch.zeros(n_seq, u.shape[2], A.shape[-1], dtype=torch.float32, device=u.device)
     opts = (bool(delta_softplus), discretization, lengths, cu_seqlens, tuning)
+    if tuning.kernel == "chunked":
+        from seqblocks.ops.selective_scan.triton_chunked import selective_scan_chunked
+
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_A, initial_state, opts)
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_A, initial_state, opts)
