@@ -128,3 +128,61 @@ def test_prefix_caching_needs_every_layer_paged():
         Engine(model, page_size=4, prefix_caching=True)
     with pytest.raises(ValueError, match="page_size"):
         Engine(model, prefix_caching=True)
+
+
+def test_all_windowed_model_serves_requests_longer_than_its_pool():
+    """Sliding-window and chunked attention only: each request holds a ring of window + chunk positions,
+    so requests whose prompt + max_tokens would need 11-12 pages run from a pool of 8, two at a time."""
+    kwargs = {"sliding_window": {"window_size": 3, "num_heads": 2}, "chunked_gqa": {"attention_chunk_size": 4}}
+    model = tiny_lm(["sliding_window", "chunked_gqa"], mixer_kwargs=kwargs)
+    engine = Engine(model, max_batch_size=3, max_seqlen=32, prefill_chunk_size=3, page_size=2, num_window_pages=9)
+    ring = 3  # ring_pages(window=4 (the larger), page_size=2, max_write=3)
+    assert engine.allocator is None and engine._pools[0].ring == ring
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 37, (n,), generator=g).tolist() for n in (9, 6, 8, 7)]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (14, 16, 13, 15)]
+    assert all(-(-(len(p) + s.max_tokens) // 2) > 8 for p, s in zip(prompts, params))  # none fits unreleased
+    got = engine.generate(prompts, params)
+    for p, s, tokens in zip(prompts, params, got):
+        assert tokens == generate(model, torch.tensor([p]), s.max_tokens, temperature=0).tokens[0].tolist()
+    assert engine.window_allocator.num_free == 8 and (engine.window_table == 0).all()
+    # a request no longer than a ring holds only its own pages
+    short = engine.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0))
+    engine.step()
+    assert len(engine._pools[0].pages[short.slot]) == 2
+    engine.run()
+
+
+def test_hybrid_of_global_and_window_layers_stays_exact():
+    """Global GQA keeps every page (its own pool), the window layer a ring (its pool), Mamba its slot rows."""
+    kwargs = {"gqa": {"num_heads": 2}, "sliding_window": {"window_size": 3, "num_heads": 2}}
+    model = tiny_lm(["gqa", "sliding_window", "mamba"], mixer_kwargs=kwargs)
+    engine = Engine(model, max_batch_size=3, max_seqlen=24, prefill_chunk_size=4, page_size=2, num_pages=25,
+                    num_window_pages=10)
+    window = engine.caches[1]
+    assert window.block_table is engine.window_table and engine.caches[0].block_table is engine.block_table
+    assert window.k_pages.shape[0] == 10 and window.max_write == 4
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 37, (n,), generator=g).tolist() for n in (5, 3, 7, 2, 6)]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (9, 12, 7, 14, 10)]
+    got = engine.generate(prompts, params)
+    for p, s, tokens in zip(prompts, params, got):
+        assert tokens == generate(model, torch.tensor([p]), s.max_tokens, temperature=0).tokens[0].tolist()
+    assert engine.allocator.num_free == 24 and engine.window_allocator.num_free == 9
+    # prefix caching pages the window layer with the global ones (a ring cannot be shared)
+    cached = Engine(tiny_lm(["gqa", "sliding_window"], mixer_kwargs=kwargs), page_size=2, prefix_caching=True)
+    assert cached.window_table is None and cached.caches[1].block_table is cached.block_table
+
+
+def test_window_pool_options_are_checked():
+    windowed = tiny_lm(["sliding_window"], mixer_kwargs={"sliding_window": {"window_size": 3}})
+    with pytest.raises(ValueError, match="num_pages=9 sizes the pool of the layers that keep every position"):
+        Engine(windowed, page_size=2, num_pages=9)
+    with pytest.raises(ValueError, match="no paged sliding-window layer"):
+        Engine(tiny_lm(["gqa"], mixer_kwargs={"gqa": {"num_heads": 2}}), page_size=2, num_window_pages=9)
+    with pytest.raises(ValueError, match="need page_size"):
+        Engine(windowed, num_window_pages=9)
+    small = Engine(windowed, max_seqlen=32, prefill_chunk_size=4, page_size=2, num_window_pages=3)
+    with pytest.raises(ValueError, match=r"needs 3 pages of 2 positions, the sliding-window pool \(num_window_pages\) "
+                                         r"has 2"):
+        small.add_request(list(range(10)), SamplingParams(max_tokens=5))

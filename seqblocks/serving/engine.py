@@ -27,7 +27,11 @@ captured on first use; capture restores every cache tensor it ran on). With ``pa
 attention layers keep their keys and values in a shared pool of pages
 (``seqblocks.layers.attention.paged``) addressed by one block table, so a request holds pages for its
 own prompt and ``max_tokens`` only; recurrent layers keep their per-slot state rows ("recurrent-state
-slots"), and a hybrid model mixes both in one batch.
+slots"), and a hybrid model mixes both in one batch. Sliding-window layers (and chunked attention) get
+a pool and block table of their own in which each request holds a ring of pages sized for its window
+plus one prefill chunk (``ring_pages``), so positions that left the window are overwritten instead of
+held until the request ends; a model whose attention is all windowed serves requests of any length
+from a pool sized by its windows.
 
 Shapes: S slots, T prompt length, V vocabulary.
 """
@@ -46,6 +50,7 @@ import torch
 
 from seqblocks.cache import InferenceCaches
 from seqblocks.generation import CUDAGraphDecoder, check_sampling_options, process_logits, sample
+from seqblocks.layers.attention.paged import ring_row
 
 __all__ = ["Engine", "Request", "SamplingParams"]
 
@@ -110,6 +115,19 @@ class Request:
         return self.finish_reason is not None
 
 
+@dataclasses.dataclass(eq=False)
+class _PagePool:
+    """One pool of pages: its allocator, the block table of the layers it serves, each slot's pages.
+
+    ``ring`` (sliding-window pools): a request holds at most this many pages, reused in a ring
+    (``seqblocks.layers.attention.paged.ring_row``); None: a request holds a page for every position."""
+
+    allocator: Any
+    table: torch.Tensor
+    ring: int | None = None
+    pages: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+
+
 def _per_row(cache) -> list[tuple[str, torch.Tensor]]:
     """A cache's batch-first tensors (a paged cache's page pools are shared by the rows, not per row)."""
     pooled = getattr(cache, "pooled", ())
@@ -145,15 +163,21 @@ class Engine:
         page_size (int | None): page the attention layers' caches (``PagedKVCache`` / ``PagedMLACache``)
             in pages of this many positions; recurrent layers (and attention without a paged cache)
             keep one state row per slot. A request is admitted once pages for its prompt plus
-            ``max_tokens`` are free, and gives them back when it finishes. Default: None (contiguous
-            caches of ``max_seqlen`` per slot).
-        num_pages (int | None): the page pool (page 0 is scratch). Default: enough for every slot at
-            ``max_seqlen``.
+            ``max_tokens`` are free, and gives them back when it finishes. Sliding-window layers page
+            into a pool of their own, where a request holds a ring of at most
+            ``ring_pages(window, page_size, prefill_chunk_size)`` pages (the largest window of the
+            model's windowed layers). Default: None (contiguous caches of ``max_seqlen`` per slot).
+        num_pages (int | None): the page pool of the layers that keep every position (global
+            attention, MLA; page 0 is scratch). Default: enough for every slot at ``max_seqlen``.
+        num_window_pages (int | None): the page pool of the sliding-window layers' rings. Default:
+            enough for a full ring in every slot.
         prefix_caching (bool): with ``page_size``, keep the full pages of finished prompts and map them
             into later requests whose prompts start with the same tokens, which then prefill only the
             rest. Exact only when every layer's cache is paged (a recurrent state at a page boundary is
             not kept), so a model with other layers raises. Unused cached pages are evicted, least
-            recently used first, when the pool runs short. Default: False.
+            recently used first, when the pool runs short. Sliding-window layers then page into the
+            shared pool like global ones (a ring's pages are overwritten, so they cannot be shared).
+            Default: False.
 
     Thread safety: ``add_request`` and ``cancel`` may be called from other threads while one thread
     runs ``step``.
@@ -161,7 +185,7 @@ class Engine:
 
     def __init__(self, model: Any, *, max_batch_size: int = 8, max_seqlen: int = 2048, prefill_chunk_size: int = 512,
                  cuda_graph: bool = False, page_size: int | None = None, num_pages: int | None = None,
-                 prefix_caching: bool = False) -> None:
+                 num_window_pages: int | None = None, prefix_caching: bool = False) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_seqlen", max_seqlen),
                             ("prefill_chunk_size", prefill_chunk_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -178,7 +202,9 @@ class Engine:
         # decode batch sizes: a step runs the smallest bucket that covers every decoding slot
         self.buckets = sorted({min(2 ** i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.page_size, self.allocator, self.block_table = page_size, None, None
-        self._pages: dict[int, list[int]] = {}
+        self.window_allocator, self.window_table = None, None
+        self._pools: list[_PagePool] = []
+        self._pages: dict[int, list[int]] = {}  # the global pool's pages of each slot
         self.prefix_caching = bool(prefix_caching)
         self._prefix: dict[tuple[int, ...], int] = {}  # the tokens up to a page's end -> that page
         self._page_key: dict[int, tuple[int, ...]] = {}
@@ -187,8 +213,10 @@ class Engine:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("Engine: cuda_graph=True needs a model on a CUDA device")
         if page_size is not None:
-            self.caches = self._paged_caches(page_size, num_pages)
+            self.caches = self._paged_caches(page_size, num_pages, num_window_pages)
         else:
+            if num_pages is not None or num_window_pages is not None:
+                raise ValueError("Engine: num_pages / num_window_pages size page pools; they need page_size")
             self.caches = model.allocate_inference_cache(max_batch_size, max_seqlen)
         per_row = {id(self.caches.seqlen_offset): self.caches.seqlen_offset}
         for cache in self.caches.values():
@@ -211,22 +239,52 @@ class Engine:
         for t in self._tensors:
             t.zero_()
 
-    def _paged_caches(self, page_size: int, num_pages: int | None) -> InferenceCaches:
-        from seqblocks.layers.attention.paged import PageAllocator, new_block_table
+    def _paged_caches(self, page_size: int, num_pages: int | None, num_window_pages: int | None) -> InferenceCaches:
+        """The model's caches with paged attention layers: global layers on one pool and block table,
+        sliding-window layers (unless prefix caching) on rings in a second pool."""
+        from seqblocks.layers.attention.paged import PageAllocator, new_block_table, ring_pages
 
         S, L, model = self.max_batch_size, self.max_seqlen, self.model
-        self.block_table = new_block_table(S, L, page_size, device=self.device)
-        if num_pages is None:
-            num_pages = S * self.block_table.shape[1] + 1
-        self.allocator = PageAllocator(num_pages)
+        mixers = list(model.mixers())
+        paged = [callable(getattr(m, "allocate_paged_cache", None)) for m in mixers]
+        windows = [getattr(m, "window_size", None) if p and not self.prefix_caching else None
+                   for m, p in zip(mixers, paged)]
+        max_pages = new_block_table(1, L, page_size).shape[1]
+        if any(p and w is None for p, w in zip(paged, windows)):
+            self.block_table = new_block_table(S, L, page_size, device=self.device)
+            if num_pages is None:
+                num_pages = S * max_pages + 1
+            self.allocator = PageAllocator(num_pages)
+            self._pages = {}
+            self._pools.append(_PagePool(self.allocator, self.block_table, pages=self._pages))
+        elif num_pages is not None:
+            raise ValueError(f"Engine: num_pages={num_pages} sizes the pool of the layers that keep every position; "
+                             f"this model has none (its paged attention is all sliding-window): size the rings' "
+                             f"pool with num_window_pages")
+        ring = None
+        if any(w is not None for w in windows):
+            ring = min(ring_pages(max(w for w in windows if w is not None), page_size, self.prefill_chunk_size),
+                       max_pages)
+            self.window_table = new_block_table(S, L, page_size, device=self.device)
+            if num_window_pages is None:
+                num_window_pages = S * ring + 1
+            self.window_allocator = PageAllocator(num_window_pages)
+            self._pools.append(_PagePool(self.window_allocator, self.window_table, ring=ring))
+        elif num_window_pages is not None:
+            raise ValueError(f"Engine: num_window_pages={num_window_pages} sizes the sliding-window layers' pool; "
+                             f"this model has no paged sliding-window layer"
+                             + (" (prefix caching pages them with the others)" if self.prefix_caching else ""))
         dtype = next(model.parameters()).dtype
         caches = {}
-        for i, mixer in enumerate(model.mixers()):
-            paged = getattr(mixer, "allocate_paged_cache", None)
-            if callable(paged):
-                caches[i] = paged(self.block_table, num_pages, page_size, L, dtype=dtype)
-            else:
+        for i, (mixer, is_paged, window) in enumerate(zip(mixers, paged, windows)):
+            if not is_paged:
                 caches[i] = mixer.allocate_inference_cache(S, L, dtype=dtype)
+            elif window is None:
+                caches[i] = mixer.allocate_paged_cache(self.block_table, num_pages, page_size, L, dtype=dtype)
+            else:
+                caches[i] = mixer.allocate_paged_cache(self.window_table, num_window_pages, page_size, L, dtype=dtype)
+                if ring < max_pages:  # a real ring: no call may write more than one prefill chunk
+                    caches[i].max_write = self.prefill_chunk_size
         return InferenceCaches(caches, torch.zeros(S, dtype=torch.long, device=self.device), L)
 
     def _cached_prefix(self, request: Request) -> list[int]:
@@ -253,9 +311,12 @@ class Engine:
                 break  # another request cached this prefix first; keep this page private
             self._prefix[key], self._page_key[page], self._refs[page] = page, key, 1
 
-    def _pages_needed(self, request: Request) -> int:
+    def _pages_needed(self, request: Request, pool: _PagePool | None = None) -> int:
+        """Pages ``request`` holds in ``pool`` (default: the global pool): one per position of its prompt
+        plus ``max_tokens``, at most a ring's in a sliding-window pool."""
         tokens = min(len(request.prompt) + request.params.max_tokens, self.max_seqlen)
-        return -(-tokens // self.page_size)
+        n = -(-tokens // self.page_size)
+        return n if pool is None or pool.ring is None else min(n, pool.ring)
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -285,9 +346,12 @@ class Engine:
             raise ValueError(f"Engine.add_request: stop_tokens {bad} lie outside [0, {V})")
         request = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params,
                           on_token=on_token)
-        if self.allocator is not None and self._pages_needed(request) > self.allocator.num_pages - 1:
-            raise ValueError(f"Engine.add_request: the request needs {self._pages_needed(request)} pages of "
-                             f"{self.page_size} positions, the pool has {self.allocator.num_pages - 1}")
+        for pool in self._pools:
+            need, have = self._pages_needed(request, pool), pool.allocator.num_pages - 1
+            if need > have:
+                kind = "sliding-window pool (num_window_pages)" if pool.ring is not None else "pool"
+                raise ValueError(f"Engine.add_request: the request needs {need} pages of {self.page_size} positions, "
+                                 f"the {kind} has {have}")
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.repetition_penalty != 1.0:
@@ -399,6 +463,9 @@ class Engine:
                 if self.allocator is not None and self.allocator.num_free + len(self._idle) - sum(
                         p in self._idle for p in shared) < fresh:
                     return  # first come, first served: wait until enough pages are back
+                rings = [p for p in self._pools if p.ring is not None]
+                if any(p.allocator.num_free < self._pages_needed(request, p) for p in rings):
+                    return
                 self.waiting.popleft()
                 request.slot = slot
                 self.slots[slot] = request
@@ -415,6 +482,9 @@ class Engine:
                     pages = shared + self.allocator.allocate(fresh)
                     self._pages[slot] = pages
                     self.block_table[slot, : len(pages)] = torch.tensor(pages, device=self.device)
+                for pool in rings:
+                    pages = pool.pages[slot] = pool.allocator.allocate(self._pages_needed(request, pool))
+                    pool.table[slot] = ring_row(pages, pool.table.shape[1], device=self.device)
                 if shared:
                     start = len(shared) * self.page_size
                     request.fed = start
@@ -429,8 +499,9 @@ class Engine:
         prefilling = [r for r in prefilling if r.slot < bucket]
         keep = torch.tensor([r.slot for r in prefilling], dtype=torch.long, device=self.device)
         saved = [t.index_select(0, keep) for t in self._tensors] if prefilling else None
-        if self.block_table is not None and prefilling:
-            self.block_table.index_fill_(0, keep, 0)  # their step writes go to the scratch page
+        if prefilling:
+            for pool in self._pools:
+                pool.table.index_fill_(0, keep, 0)  # their step writes go to the scratch page
         tokens = self._newest[:bucket, None].clone()
         if self.cuda_graph:
             decoder = self.decoders.get(bucket)
@@ -485,16 +556,16 @@ class Engine:
         request.finish_time = time.perf_counter()
         if request.slot is not None and self.slots[request.slot] is request:
             self.slots[request.slot] = None
-            if self.allocator is not None:
+            for pool in self._pools:
                 private = []
-                for page in self._pages.pop(request.slot, []):
-                    if page in self._refs:  # a cached prefix page: kept for later requests
+                for page in pool.pages.pop(request.slot, []):
+                    if pool.ring is None and page in self._refs:  # a cached prefix page: kept for later requests
                         self._refs[page] -= 1
                         if self._refs[page] == 0:
                             self._idle[page] = None
                     else:
                         private.append(page)
-                self.allocator.free(private)
-                self.block_table[request.slot] = 0
+                pool.allocator.free(private)
+                pool.table[request.slot] = 0
         self.stats["finished"] += 1
         return True

@@ -80,6 +80,7 @@ from seqblocks.layers.packing import document_index, packed_positions, run_unpac
 from seqblocks.layers.position import PositionBase
 from seqblocks.ops._packing import check_cu_seqlens
 from seqblocks.ops.attention import ATTENTION_BACKENDS
+from seqblocks.ops.attention.paged import PAGED_MAX_QUERIES, paged_attention, paged_kernel_runs
 from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.registry import MIXERS
 
@@ -215,6 +216,7 @@ class MHA(AttentionCore):
                    if value is not None]
             if bad or rotary_emb_dim:
                 raise ValueError(f"{owner}: attention_type='lite' has no scores for {bad or ['rotary_emb_dim']}")
+        own_score_mod = score_mod is not None
         score_mod = with_softcap(owner, softcap, score_mod)
         # linear_attention_chunk_size / linear_feature_map serve only the "linear" alias (see __new__).
         self.init_core(num_heads=num_heads, attention_type="standard" if lite else attention_type,
@@ -239,6 +241,7 @@ class MHA(AttentionCore):
         self.rotary_emb = make_rotary(owner, head_dim, rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved,
                                       position, device)
         self.softcap = softcap
+        self._own_score_mod = own_score_mod  # a score_mod beyond the softcap (the paged kernel has none)
         self.q_norm, self.k_norm = make_qk_norm(owner, qk_norm, head_dim, qk_norm_eps, **factory)
         self.reset_parameters()
 
@@ -450,6 +453,19 @@ class MHA(AttentionCore):
             state.copy_(final)
         return y.to(qkv.dtype)
 
+    def _reads_pages_in_place(self, q: torch.Tensor, cache: KVCache, T: int,
+                              call_mods: tuple[Callable | None, Callable | None]) -> bool:
+        """Whether a cached call attends through ``paged_attention`` (the pages read in place) rather than
+        gathering them: a paged cache, at most ``PAGED_MAX_QUERIES`` queries, the "auto" backend, no
+        option the op lacks (score / mask mods beyond softcap and window, a bias position, dropout, a
+        kernel of one's own), and the op's Triton kernel runs here (``paged_kernel_runs``: CUDA; on the
+        CPU the gather and SDPA's fused kernel are faster than the op's reference). It computes the same
+        function as the gather path (tested)."""
+        return (isinstance(cache, PagedKVCache) and T <= PAGED_MAX_QUERIES and self.attention_type == "auto"
+                and self.attention_fn is None and not self._own_score_mod and self.mask_mod is None
+                and call_mods == (None, None) and (self.position is None or self.position.kind != "bias")
+                and not (self.training and self.dropout > 0) and paged_kernel_runs(q, cache.k_pages, cache.v_pages))
+
     def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths,
                 call_mods: tuple[Callable | None, Callable | None] = (None, None)) -> torch.Tensor:
         B, T = q.shape[0], q.shape[2]
@@ -481,6 +497,11 @@ class MHA(AttentionCore):
             # Outside capture, attend only to the slots in use; under capture (and for flex, whose compiled
             # kernel is specialised to shapes), to all slots: the same result, the unused slots are invalid.
             S = cache.capacity if used is None or self.static_kv(q) else used
+            if out is None and self._reads_pages_in_place(q, cache, T, call_mods):
+                # decode-shaped calls on a paged cache: attention reads the pages through the block table
+                out = paged_attention(q, cache.k_pages, cache.v_pages, cache.block_table, cache.seqlen_offset + T,
+                                      valid_pages=cache.valid_pages, scale=self.softmax_scale,
+                                      window=self.window_size, softcap=self.softcap, max_seqlen=S)
             if out is None:
                 keys, vals, valid = cache.read(S, T)  # a paged cache gathers its pages here
                 out = self.attend(q, keys.to(q.dtype), vals.to(q.dtype), causal=True, window=self.window_size,

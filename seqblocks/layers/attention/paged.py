@@ -12,6 +12,20 @@ length, so nothing read from it is ever attended to.
   [P, Hkv, page, K], ``v_pages`` [P, Hkv, page, V], ``valid_pages`` [P, page].
 - ``PagedMLACache``: an ``MLACache`` for MLA; ``c_kv_pages`` [P, page, R], ``k_pe_pages`` [P, page, Pr].
 - ``PageAllocator``: hands out and takes back page ids (host-side bookkeeping of a serving engine).
+- ``ring_pages`` / ``ring_row``: a sliding-window layer's ring (below).
+
+**Rings (sliding-window release).** A sliding-window layer never reads a position again once it is
+``window`` or more behind the newest query, so its cache can reuse pages: a row owns R pages and
+logical page j lives in ``pages[j % R]`` (``ring_row`` fills a block-table row that way, over the
+row's whole span). Position p then lands in slot ``p % (R * N)`` of the row's R * N positions (a
+rolling buffer), overwriting p - R * N, and that is exact as long as no call still reads a position
+it overwrites: a call of T tokens at positions o .. o + T - 1 reads o - window + 1 .. o + T - 1,
+window + T - 1 consecutive positions, all intact when R * N >= window + T - 1
+(``ring_pages``: R = ``ceil((window + T - 1) / N)``; a decode step needs ``ceil(window / N)``). Older
+positions read through the table then hold newer tokens, but the window mask never lets a query see
+them, and positions past a row's length are masked as before, so attention (gather path and paged
+kernel alike) computes exactly what it computes with every page kept. ``PagedKVCache.max_write``
+records T, and a longer write raises.
 
 Both caches keep the per-row fields of their parent (``seqlen_offset``, ``nonfinite_last``) and answer
 the same ``write`` / ``read``: a read gathers the row's pages into the contiguous [B, ..., S, ...] view
@@ -29,7 +43,7 @@ import torch
 
 from seqblocks.layers.attention.cache import KVCache, MLACache
 
-__all__ = ["PageAllocator", "PagedKVCache", "PagedMLACache", "new_block_table"]
+__all__ = ["PageAllocator", "PagedKVCache", "PagedMLACache", "new_block_table", "ring_pages", "ring_row"]
 
 
 def new_block_table(batch_size: int, max_seqlen: int, page_size: int, device=None) -> torch.Tensor:
@@ -37,6 +51,28 @@ def new_block_table(batch_size: int, max_seqlen: int, page_size: int, device=Non
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size={page_size!r} must be a positive int")
     return torch.zeros(batch_size, -(-max_seqlen // page_size), dtype=torch.long, device=device)
+
+
+def ring_pages(window: int, page_size: int, max_write: int) -> int:
+    """Pages of a sliding-window ring (module docstring) for calls of at most ``max_write`` tokens:
+    ``ceil((window + max_write - 1) / page_size)``, the fewest whose positions hold the window + max_write
+    - 1 consecutive positions such a call reads.
+
+    Raises:
+        ValueError: an argument that is not a positive int.
+    """
+    for name, value in (("window", window), ("page_size", page_size), ("max_write", max_write)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"ring_pages: {name}={value!r} must be a positive int")
+    return -(-(window + max_write - 1) // page_size)
+
+
+def ring_row(pages: list[int], max_pages: int, device=None) -> torch.Tensor:
+    """A block-table row [max_pages] that maps logical page j to ``pages[j % len(pages)]`` (a ring)."""
+    if not pages:
+        raise ValueError("ring_row: a ring needs at least one page")
+    ids = torch.tensor(pages, dtype=torch.long, device=device)
+    return ids[torch.arange(max_pages, device=device) % len(pages)]
 
 
 class PageAllocator:
@@ -99,6 +135,9 @@ class PagedKVCache(KVCache):
     Attributes:
         k_pages (Tensor): [P, Hkv, N, K]. v_pages (Tensor): [P, Hkv, N, V]. valid_pages (Tensor): [P, N] bool.
         block_table (Tensor): [B, max_pages] int64 page ids (shared by the model's attention layers).
+        max_write (int | None): the most tokens one call may write; set for a sliding-window layer on a
+            ring (module docstring), whose longer writes would overwrite positions the call reads.
+            None: no limit.
     """
 
     pooled = ("k_pages", "v_pages", "valid_pages")
@@ -107,6 +146,7 @@ class PagedKVCache(KVCache):
     v_pages: torch.Tensor = None
     valid_pages: torch.Tensor = None
     block_table: torch.Tensor = None
+    max_write: int | None = None
 
     @classmethod
     def allocate_paged(cls, block_table: torch.Tensor, num_pages: int, page_size: int, max_seqlen: int,
@@ -125,7 +165,14 @@ class PagedKVCache(KVCache):
         return min(self.max_seqlen, self.block_table.shape[1] * self.k_pages.shape[2])
 
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store keys [B, Hkv, T, K], values [B, Hkv, T, V] and validity [B, T] at positions ``index``."""
+        """Store keys [B, Hkv, T, K], values [B, Hkv, T, V] and validity [B, T] at positions ``index``.
+
+        Raises:
+            ValueError: more than ``max_write`` tokens on a ring.
+        """
+        if self.max_write is not None and k.shape[2] > self.max_write:
+            raise ValueError(f"PagedKVCache: a call of {k.shape[2]} tokens on a sliding-window ring sized for "
+                             f"calls of at most {self.max_write} (it would overwrite keys the call reads)")
         index = index.expand(k.shape[0], -1)
         _scatter(self.k_pages, self.block_table, index, k.transpose(1, 2), axis=2)
         _scatter(self.v_pages, self.block_table, index, v.transpose(1, 2), axis=2)

@@ -12,9 +12,14 @@ Backends (``attention_type`` names):
   dense mask; with dropout, which flex lacks: ``memory_efficient`` for a score_mod, else ``flash``), and
   ``flash`` otherwise; a masked call of at most ``SHORT_QUERY`` queries (a decode step, a speculative
   block) without a score_mod takes ``flash`` with a dense mask too: its mask is one row per query, block
-  sparsity saves nothing, and it stays capturable in a CUDA graph (flex's eager fallback is not);
-  on CPU, ``standard`` with a ``score_mod`` and ``flash`` otherwise. Every backend
-  computes the same function (tested), so the rule changes speed, never results.
+  sparsity saves nothing, and it stays capturable in a CUDA graph (flex's eager fallback is not); on
+  CPU, ``standard`` with a ``score_mod`` and ``flash`` otherwise. Every backend computes the same
+  function (tested), so the rule changes speed, never results.
+
+``paged_attention`` (``paged.py``) is decode attention over a paged KV cache, reading keys and values
+through the block table where they lie (a split-K Triton kernel on CUDA, ``paged_triton.py``; the
+gather-and-softmax reference elsewhere); the attention layers take it for decode-shaped calls on paged
+caches.
 
 ``linear_attention`` is a different function (a kernel feature map instead of the softmax); it has its
 own backends, ``torch`` (chunked) and ``reference`` (the token loop).
@@ -39,12 +44,13 @@ from seqblocks.ops.attention.linear import (
     linear_attention_recurrent,
 )
 from seqblocks.ops.attention.memory_efficient import attention_memory_efficient
+from seqblocks.ops.attention.paged import paged_attention, paged_attention_reference
 from seqblocks.ops.attention.reference import attention_standard
 from seqblocks.ops.attention.sdpa import attention_flash
 
 __all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention_backend", "linear_attention",
            "linear_attention_recurrent", "linear_attention_chunked", "feature_map", "FEATURE_MAPS",
-           "attention_standard", "flex_available", "AttentionArgs"]
+           "attention_standard", "flex_available", "AttentionArgs", "paged_attention", "paged_attention_reference"]
 
 ATTENTION_BACKENDS = ("auto", "standard", "memory_efficient", "flash", "flex")
 SHORT_QUERY = 16
