@@ -358,7 +358,14 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         """The LM head: [B, T, D] final hidden -> [B, T, vocab_size] logits (padded rows dropped), times
         muP's ``output_multiplier``, then the final-logit soft-cap ``c * tanh(logits / c)`` (Gemma 2, in
         fp32) when the config sets one. Every path (forward, step, generate, MTP) reads logits here."""
-        logits = F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.vocab_size])
+        w = self.lm_head.weight
+        hidden = hidden.to(w.dtype)
+        if w.shape[0] == self.vocab_size:
+            logits = F.linear(hidden, w)
+        elif type(w) in (torch.Tensor, torch.nn.Parameter):
+            logits = F.linear(hidden, w[: self.vocab_size])
+        else:  # a quantised weight (a torchao tensor subclass) is not sliced: its packed layout may not allow it
+            logits = F.linear(hidden, w)[..., : self.vocab_size]
         if self.output_multiplier != 1.0:
             logits = logits * self.output_multiplier
         cap = getattr(self.config, "final_logit_softcapping", None)

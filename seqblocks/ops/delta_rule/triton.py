@@ -117,7 +117,8 @@ def _slot(chunk_table, cu_seqlens, i_s, T, VARLEN: tl.constexpr):
 def _block_inverse(A, C: tl.constexpr, MODE: tl.constexpr):
     # (I + A)^-1 for A [C, C] strictly lower, C a multiple of 16. The 16 x 16 diagonal blocks are
     # inverted together by forward substitution on a [C / 16, 16, 16] tile (14 steps, each one row of
-    # every block; row 1 is -A_1 already); with Ad their part of A, Dinv = (I + Ad)^-1 and L = Dinv (A - Ad) strictly block
+    # every block; row 1 is -A_1 already); with Ad their part of A, Dinv = (I + Ad)^-1 and
+    # L = Dinv (A - Ad) strictly block
     # lower (L^{C/16} = 0), I + A = (I + Ad)(I + L), so (I + A)^-1 = (I - L + L^2 - ...) Dinv: a few
     # [C, C] products in place of a C-step loop.
     NB: tl.constexpr = C // 16

@@ -27,7 +27,8 @@ class SelectiveScanTuning:
     Attributes:
         kernel (str): "ring" (time loops) or "chunked" (associative scans over chunk tiles). The
             fields below apply to both unless marked ring / chunked; their None defaults differ per
-            design. Default: "ring".
+            design. Default: "ring" (a call with no tuning at all runs "chunked" on the GPU, the
+            faster design there, and "ring" under the interpreter).
         fwd_block_d (int | None): channels per program of the forward. Power of two. Default: None
             (ring: 512 // d_state for d_state <= 64, else 2048 // d_state; chunked: 8).
         fwd_num_warps (int | None): warps per program of the forward. Default: None (ring: 1, 4 for
