@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from seqblocks.ops.scan.triton import seq_bounds
-from seqblocks.ops.selective_scan.triton import (
+from seqblocks.ops.selective_scan._triton_common import (
     _METHODS,
     INTERPRETED,
     _discretize_row,
