@@ -192,6 +192,13 @@ def _dz(X, INIT, WT, BIAS, DY, b, t, near_start, d, dm, T, D, L, stride_xb, stri
 
 
 @triton.jit
+def _dfinal_rows(DFINAL, b, j, d, dm, D, W: tl.constexpr):
+    # [R, BD] fp32 cotangent of the final state's columns j; 0 outside [0, W - 1).
+    return tl.load(DFINAL + b * (W - 1) * D + j[:, None] * D + d[None, :],
+                   mask=((j >= 0) & (j < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _conv_bwd_kernel(
     X, WT, BIAS, INIT, LENS, DY, DFINAL, DX, DINIT, DW_PART, DB_PART, SCRATCH,
     T, D, stride_xb, stride_xt, stride_ib, stride_it,
@@ -240,8 +247,7 @@ def _conv_bwd_kernel(
                                             other=0.0)
             if HAS_DFINAL:
                 jj = t + (W - 1) - L
-                de += tl.load(DFINAL + b * (W - 1) * D + jj[:, None] * D + d[None, :],
-                              mask=((jj >= 0) & (jj < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                de += _dfinal_rows(DFINAL, b, jj, d, dm, D, W)
             tl.store(DX + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :], de.to(DX.dtype.element_ty),
                      mask=(t < T)[:, None] & dm[None, :])
             if STORE_DINIT:
@@ -255,9 +261,7 @@ def _conv_bwd_kernel(
                                                     mask=(te + j >= 0)[:, None] & dm[None, :], other=0.0)
                     if HAS_DFINAL:
                         jf = rs - L
-                        dh += tl.load(DFINAL + b * (W - 1) * D + jf[:, None] * D + d[None, :],
-                                      mask=((jf >= 0) & (jf < W - 1))[:, None] & dm[None, :],
-                                      other=0.0).to(tl.float32)
+                        dh += _dfinal_rows(DFINAL, b, jf, d, dm, D, W)
                     tl.store(DINIT + b * (W - 1) * D + rs[:, None] * D + d[None, :], dh.to(DINIT.dtype.element_ty),
                              mask=(rs < W - 1)[:, None] & dm[None, :])
             # dweight[k] = sum_t dz[t] x[t - (W-1) + k]; dbias = sum_t dz[t]
@@ -304,8 +308,7 @@ def _conv_bwd_shift_kernel(
             dz0 = dzj
     if HAS_DFINAL:
         jj = t + (W - 1) - L
-        de += tl.load(DFINAL + b * (W - 1) * D + jj[:, None] * D + d[None, :],
-                      mask=((jj >= 0) & (jj < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        de += _dfinal_rows(DFINAL, b, jj, d, dm, D, W)
     tl.store(DX + b * T * D + t.to(tl.int64)[:, None] * D + d[None, :], de.to(DX.dtype.element_ty),
              mask=(t < T)[:, None] & dm[None, :])
     if STORE_DINIT:
@@ -320,8 +323,7 @@ def _conv_bwd_shift_kernel(
                 dh += wj[None, :] * dzj
             if HAS_DFINAL:
                 jf = rs - L
-                dh += tl.load(DFINAL + b * (W - 1) * D + jf[:, None] * D + d[None, :],
-                              mask=((jf >= 0) & (jf < W - 1))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                dh += _dfinal_rows(DFINAL, b, jf, d, dm, D, W)
             tl.store(DINIT + b * (W - 1) * D + rs[:, None] * D + d[None, :], dh.to(DINIT.dtype.element_ty),
                      mask=(rs < W - 1)[:, None] & dm[None, :])
     # this tile's share of dweight[k] = sum_t dz[t] x[t - (W-1) + k] and dbias = sum_t dz[t]
@@ -421,31 +423,20 @@ class _CausalConv1dFn(torch.autograd.Function):
                      SILU=ctx.silu, HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit)
         strides = (x.stride(0), x.stride(1), 0 if init is None else init.stride(0),
                    0 if init is None else init.stride(1))
-        if tiles.bwd_kernel == "shift":
-            st = tiles.shift_block_t
-            n_t = triton.cdiv(T, st)
-            dw_part = torch.empty(B * n_t, W, D, dtype=torch.float32, device=x.device)
-            db_part = torch.empty(B * n_t, D, dtype=torch.float32, device=x.device) if bias is not None else None
-            _conv_bwd_shift_kernel[(B, n_t, n_d)](
-                x, weight, bias, init, lens, dy, dfinal, dx, dinit, dw_part, db_part, T, D, *strides, **flags,
-                BLOCK_T=st, BLOCK_D=bd, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(W),
-                num_warps=tiles.bwd_warps,
-            )
-            dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
-            db = None if bias is None else db_part.sum(0).to(bias.dtype)
-            return dx, dw, db, dinit, None, None, None
-        n_chunks = triton.cdiv(triton.cdiv(T, bt), tiles.bwd_tiles)
-        dw_part = torch.empty(B * n_chunks, W, D, dtype=torch.float32, device=x.device)
-        db_part = torch.empty(B * n_chunks, D, dtype=torch.float32, device=x.device) if bias is not None else None
-        scratch = torch.empty(B * n_chunks * n_d, bt + block_s, bd, dtype=torch.float32, device=x.device)
-        _conv_bwd_kernel[(B, n_chunks, n_d)](
-            x, weight, bias, init, lens, dy, dfinal, dx, dinit, dw_part, db_part, scratch, T, D,
-            x.stride(0), x.stride(1), 0 if init is None else init.stride(0), 0 if init is None else init.stride(1),
-            W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_LENS=lens is not None,
-            SILU=ctx.silu, HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
-            BLOCK_T=bt, BLOCK_D=bd, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(W),
-            TILES=tiles.bwd_tiles, num_warps=tiles.bwd_warps,
-        )
+        # one dweight / dbias partial per program along time: a tile ("shift") or a run of tiles ("scratch")
+        shift = tiles.bwd_kernel == "shift"
+        n_t = triton.cdiv(T, tiles.shift_block_t) if shift else triton.cdiv(triton.cdiv(T, bt), tiles.bwd_tiles)
+        dw_part = torch.empty(B * n_t, W, D, dtype=torch.float32, device=x.device)
+        db_part = torch.empty(B * n_t, D, dtype=torch.float32, device=x.device) if bias is not None else None
+        args = (x, weight, bias, init, lens, dy, dfinal, dx, dinit, dw_part, db_part)
+        blocks = dict(BLOCK_D=bd, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(W), num_warps=tiles.bwd_warps)
+        if shift:
+            _conv_bwd_shift_kernel[(B, n_t, n_d)](*args, T, D, *strides, **flags, BLOCK_T=tiles.shift_block_t,
+                                                   **blocks)
+        else:
+            scratch = torch.empty(B * n_t * n_d, bt + block_s, bd, dtype=torch.float32, device=x.device)
+            _conv_bwd_kernel[(B, n_t, n_d)](*args, scratch, T, D, *strides, **flags, BLOCK_T=bt, TILES=tiles.bwd_tiles,
+                                             **blocks)
         dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
         db = None if bias is None else db_part.sum(0).to(bias.dtype)
         return dx, dw, db, dinit, None, None, None
