@@ -73,9 +73,10 @@ def hf_anchor(name: str, model, device: str, dtype: torch.dtype):
         from seqblocks.presets import load_config
 
         m = load_config(name)["model"]
+        heads = m["mixer_kwargs"]["attn"]["num_heads"]
         kernels = _mamba_kernels_import()
         cfg = JambaConfig(vocab_size=model.vocab_size, hidden_size=m["d_model"], intermediate_size=64,
-                          num_hidden_layers=m["n_layer"], num_attention_heads=12, num_key_value_heads=12,
+                          num_hidden_layers=m["n_layer"], num_attention_heads=heads, num_key_value_heads=heads,
                           num_experts=1, num_experts_per_tok=1, expert_layer_period=1, expert_layer_offset=0,
                           attn_layer_period=6, attn_layer_offset=5, mamba_d_state=m["d_state"], mamba_d_conv=4,
                           mamba_expand=2, use_mamba_kernels=kernels, tie_word_embeddings=True)

@@ -430,9 +430,16 @@ class Engine:
             raise ValueError("capture_graphs needs an engine built with cuda_graph=True")
         with torch.no_grad():
             for bucket in self.buckets:
-                if bucket not in self.decoders:
-                    self.decoders[bucket] = CUDAGraphDecoder(self.model, _rows_view(self.caches, 0, bucket))
+                self._decoder(bucket)
         return len(self.decoders)
+
+    def _decoder(self, bucket: int):
+        """The bucket's CUDA-graph decoder, captured on first use over the view of its rows (capture
+        restores every cache tensor it touched)."""
+        decoder = self.decoders.get(bucket)
+        if decoder is None:
+            decoder = self.decoders[bucket] = CUDAGraphDecoder(self.model, _rows_view(self.caches, 0, bucket))
+        return decoder
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Step until there is no work (or ``until()`` is true)."""
@@ -504,10 +511,7 @@ class Engine:
                 pool.table.index_fill_(0, keep, 0)  # their step writes go to the scratch page
         tokens = self._newest[:bucket, None].clone()
         if self.cuda_graph:
-            decoder = self.decoders.get(bucket)
-            if decoder is None:  # captured on first use; capture restores every cache tensor it touched
-                decoder = self.decoders[bucket] = CUDAGraphDecoder(self.model, _rows_view(self.caches, 0, bucket))
-            logits = decoder(tokens)
+            logits = self._decoder(bucket)(tokens)
         else:
             logits = self.model.step(tokens, _rows_view(self.caches, 0, bucket)).logits[:, -1]
         busy = set(rows) | {r.slot for r in prefilling}
