@@ -1,6 +1,7 @@
 """The check the Triton selective-scan kernel tests share: a launch against the float64 reference,
 forward and backward with random cotangents on y and the final state (``tests/test_selective_scan_triton.py``,
-``tests/test_selective_scan_chunked.py``; run under Triton's interpreter on the CPU).
+``tests/test_selective_scan_chunked.py``; run under Triton's interpreter on the CPU), and the strided-gate
+check they both run.
 
 Shapes: B batch, T time, D channels, N state, G groups.
 """
@@ -11,7 +12,7 @@ import torch
 
 from seqblocks.ops.selective_scan.reference import selective_scan_ref
 
-__all__ = ["check", "NAMES"]
+__all__ = ["check", "check_strided_gate", "NAMES"]
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_A", "initial_state")
 
@@ -58,3 +59,23 @@ def check(*, Bsz=2, T=11, D=8, N=4, G=None, method="mamba", skip=True, gate=True
         assert g.dtype == ins[i].dtype, NAMES[i]
         assert rel(g, gr) < (tol if dtype == torch.float32 else 3 * tol), (NAMES[i], rel(g, gr))
     return y, hT, {NAMES[i]: g for i, g in zip(live, grads)}
+
+
+def check_strided_gate(scan) -> None:
+    """``scan(u, delta, A, B, C, D, z, delta_softplus=True)`` with z a strided view (the second half of
+    an in_proj output, as in Mamba): y and dz equal the float64 reference's, and nothing flows into
+    the other half."""
+    u, delta = torch.randn(2, 9, 4), torch.randn(2, 9, 4) * 0.5
+    xz = torch.randn(2, 9, 8, requires_grad=True)
+    z = xz[..., 4:]
+    A, Bm, Cm, D = -torch.rand(4, 3) - 0.1, torch.randn(2, 9, 3), torch.randn(2, 9, 3), torch.randn(4)
+    gy = torch.randn(2, 9, 4)
+    y, _ = scan(u, delta, A, Bm, Cm, D, z, delta_softplus=True)
+    (g,) = torch.autograd.grad(y, xz, gy)
+    zr = z.detach().double().requires_grad_()
+    yr, _ = selective_scan_ref(u.double(), delta.double(), A.double(), Bm.double(), Cm.double(), D.double(), zr,
+                               delta_softplus=True)
+    (gr,) = torch.autograd.grad(yr, zr, gy.double())
+    torch.testing.assert_close(y, yr.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g[..., 4:], gr.float(), atol=1e-5, rtol=1e-5)
+    assert g[..., :4].abs().sum() == 0

@@ -15,6 +15,7 @@ from interpreter import INTERPRETER, run_file_under_interpreter
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
 from selective_scan_cases import check as _check  # noqa: E402
+from selective_scan_cases import check_strided_gate  # noqa: E402
 
 from seqblocks.ops.selective_scan.reference import selective_scan_ref  # noqa: E402
 
@@ -72,20 +73,7 @@ def test_gate_as_a_strided_view():
     result and gradients as a contiguous z."""
     from seqblocks.ops.selective_scan.triton import selective_scan_triton
 
-    u, delta = torch.randn(2, 9, 4), torch.randn(2, 9, 4) * 0.5
-    xz = torch.randn(2, 9, 8, requires_grad=True)
-    z = xz[..., 4:]
-    A, Bm, Cm, D = -torch.rand(4, 3) - 0.1, torch.randn(2, 9, 3), torch.randn(2, 9, 3), torch.randn(4)
-    gy = torch.randn(2, 9, 4)
-    y, _ = selective_scan_triton(u, delta, A, Bm, Cm, D, z, delta_softplus=True)
-    (g,) = torch.autograd.grad(y, xz, gy)
-    zr = z.detach().double().requires_grad_()
-    yr, _ = selective_scan_ref(u.double(), delta.double(), A.double(), Bm.double(), Cm.double(), D.double(), zr,
-                               delta_softplus=True)
-    (gr,) = torch.autograd.grad(yr, zr, gy.double())
-    torch.testing.assert_close(y, yr.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g[..., 4:], gr.float(), atol=1e-5, rtol=1e-5)
-    assert g[..., :4].abs().sum() == 0
+    check_strided_gate(selective_scan_triton)
 
 
 def test_dispatch_through_op():
