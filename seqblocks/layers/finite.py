@@ -35,7 +35,7 @@ def nonfinite_tokens(*xs: torch.Tensor) -> torch.Tensor:
 
 def zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     """``x`` with every NaN / ±Inf replaced by 0."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(torch.isfinite(x), x, 0.0)
 
 
 def poisoned_from(bad: torch.Tensor, *, causal: bool = True) -> torch.Tensor:

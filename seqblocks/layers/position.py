@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from seqblocks.ops.attention.prologue import apply_rotary
 from seqblocks.registry import POSITIONS
 
 __all__ = ["PositionBase", "RotaryEmbedding", "ALiBi", "SinusoidalPosition", "LearnedPosition",
@@ -60,6 +61,11 @@ class PositionBase(nn.Module):
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, K] rotated by ``positions`` ([T] or [B, T])."""
         return x
+
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rotate(q, positions), rotate(k, positions))``; encodings that rotate may share work."""
+        return self.rotate(q, positions), self.rotate(k, positions)
 
     def score_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
         """Additive score bias [B or 1, H, Tq, Tk] in fp32, or None."""
@@ -169,21 +175,36 @@ class RotaryEmbedding(PositionBase):
         return (pos[..., None] * self.inv_freq.to(pos.device, torch.float64)).to(dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._check_rotated(x)
+        cos, sin = self.cos_sin(x, positions)
+        return self._rotate(x, cos, sin)
+
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rotate(q, positions), rotate(k, positions))`` with the angles formed once (q and k may have
+        different head counts)."""
+        self._check_rotated(q)
+        self._check_rotated(k)
+        if k.dtype != q.dtype:
+            return self.rotate(q, positions), self.rotate(k, positions)
+        cos, sin = self.cos_sin(q, positions)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _check_rotated(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(f"RotaryEmbedding.rotate expects [B, T, H, {self.head_dim}], got {tuple(x.shape)}")
+
+    def cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines [B or 1, T, 1, rotary_dim / 2] of the angles of ``positions`` for rotating
+        ``x`` [B, T, H, head_dim] (fp32 for fp16 / bf16 / fp32, float64 for float64)."""
         acc = torch.promote_types(torch.float32, x.dtype)  # fp32 for bf16 / fp16 / fp32, float64 for float64
         theta = self.angles(positions, acc)
         if theta.shape[1] != x.shape[1]:
             raise ValueError(f"RotaryEmbedding: {theta.shape[1]} positions for {x.shape[1]} tokens")
-        cos, sin = theta.cos()[:, :, None], theta.sin()[:, :, None]  # [B, T, 1, R/2]
-        rot, rest = x[..., : self.rotary_dim].to(acc), x[..., self.rotary_dim :]
-        if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = rot.chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+        return theta.cos()[:, :, None], theta.sin()[:, :, None]  # [B, T, 1, R/2]
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, cos, sin, self.rotary_dim, self.interleaved)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "

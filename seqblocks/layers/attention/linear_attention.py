@@ -249,7 +249,7 @@ class LinearAttention(Mixer):
         rotary = self.rotary
         if rotary is not None:
             pos = rope_positions(position_ids, token_index(cache, T, x.device))
-            q, k = rotary.rotate(q, pos), rotary.rotate(k, pos)
+            q, k = rotary.rotate_qk(q, k, pos)
         # The chunked form multiplies masked (future, padded) keys by 0, and 0 * NaN = NaN: zero non-finite
         # values first, then poison the outputs from them on and the state (seqblocks.layers.finite).
         bad_q, bad_kv = nonfinite_tokens(q), nonfinite_tokens(k, v)

@@ -74,13 +74,14 @@ from seqblocks.layers.checks import (
     lengths_mask,
     to_module_dtype,
 )
-from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
+from seqblocks.layers.finite import poison
 from seqblocks.layers.mixer import run_mixer
 from seqblocks.layers.packing import document_index, packed_positions, run_unpacked
-from seqblocks.layers.position import PositionBase
+from seqblocks.layers.position import PositionBase, RotaryEmbedding
 from seqblocks.ops._packing import check_cu_seqlens
 from seqblocks.ops.attention import ATTENTION_BACKENDS
 from seqblocks.ops.attention.paged import PAGED_MAX_QUERIES, paged_attention, paged_kernel_runs
+from seqblocks.ops.attention.prologue import rope_nonfinite_qkv
 from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.registry import MIXERS
 
@@ -401,11 +402,17 @@ class MHA(AttentionCore):
             index = cache.seqlen_offset[:, None] + torch.arange(T, device=x.device)
         elif rotary is not None:
             index = torch.arange(T, device=x.device)[None] if documents is None else documents[1][None]
+        cos = sin = None
         if rotary is not None:
             rope_pos = rope_positions(position_ids, index)
-            q, k = rotary.rotate(q, rope_pos), rotary.rotate(k, rope_pos)
-        bad_q, bad_kv = nonfinite_tokens(q), nonfinite_tokens(k, v)  # [B, T]
-        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
+            if isinstance(rotary, RotaryEmbedding):
+                cos, sin = rotary.cos_sin(q, rope_pos)
+            else:
+                q, k = rotary.rotate_qk(q, k, rope_pos)
+        # RoPE and the non-finite rule in one pass (one Triton launch when decoding on the GPU)
+        q, k, v, bad_q, bad_kv = rope_nonfinite_qkv(  # bad_q, bad_kv: [B, T]
+            q, k, v, cos, sin, rotary_dim=None if cos is None else rotary.rotary_dim,
+            interleaved=cos is not None and rotary.interleaved)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, K]
         key_valid, attn_mask = split_mask(owner, mask, B, T, T)
         length_valid = lengths_mask(lengths, T, x.device)

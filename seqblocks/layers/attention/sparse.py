@@ -283,7 +283,7 @@ class SparseGQA(GQA):
         rotary = self.rotary
         if rotary is not None:
             rope_pos = rope_positions(position_ids, index)
-            q, k = rotary.rotate(q, rope_pos), rotary.rotate(k, rope_pos)
+            q, k = rotary.rotate_qk(q, k, rope_pos)
         iq, iw, ik = self.indexer(x)
         bad_q, bad_kv = nonfinite_tokens(q, iq, iw), nonfinite_tokens(k, v, ik)  # [B, T]
         q, k, v, raw_k = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), zero_nonfinite(raw_k)

@@ -89,5 +89,5 @@ class MultiScaleRetention(GLAFamilyBase):
     def _positions(self, q, k, cache, cu_seqlens):
         T = q.shape[1]
         pos = document_positions(cu_seqlens, T) if cu_seqlens is not None else token_index(cache, T, q.device)
-        return self.rotary.rotate(q, pos), self.rotary.rotate(k, pos)
+        return self.rotary.rotate_qk(q, k, pos)
 
