@@ -144,8 +144,8 @@ def shuffled_table(B, T, N, num_pages, seed=0):
 
 @pytest.fixture
 def paged_calls(monkeypatch):
-    """The layers take ``paged_attention`` as where its kernel runs (on the CPU: its reference); counts
-    their calls by their number of queries."""
+    """The layers take ``paged_attention`` for paged caches as where its kernel runs (on the CPU: its
+    reference); counts their calls by their number of queries."""
     calls = []
 
     def spy(q, *args, **kwargs):
@@ -153,7 +153,9 @@ def paged_calls(monkeypatch):
         return paged_attention(q, *args, **kwargs)
 
     monkeypatch.setattr(mha_module, "paged_attention", spy)
-    monkeypatch.setattr(mha_module, "paged_kernel_runs", lambda q, k_pages, v_pages: True)
+    # page pools only: a contiguous cache (rows of S >= 8 slots here; pages hold 3 or 4) keeps SDPA, so the
+    # tests compare the two designs (its in-place reading is tested on the kernel, test_paged_attention_triton)
+    monkeypatch.setattr(mha_module, "paged_kernel_runs", lambda q, k_pages, v_pages: k_pages.shape[2] <= 4)
     return calls
 
 

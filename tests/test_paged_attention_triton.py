@@ -118,6 +118,33 @@ def test_layer_decodes_on_the_kernel(variant, monkeypatch):
     assert calls == [1, 1, 1, 1, 3]  # the first prefill attends to its own keys; every later call on the kernel
 
 
+@pytest.mark.parametrize("variant", [dict(num_heads=4, num_heads_kv=1), dict(num_heads=4, num_heads_kv=2, softcap=2.0)])
+def test_contiguous_cache_decodes_on_the_kernel(variant, monkeypatch):
+    """A contiguous KVCache is read in place too (one page of S positions a row), with padded keys."""
+    from seqblocks.ops.attention import paged_triton
+
+    calls = []
+    kernel = paged_triton.paged_attention_triton
+    monkeypatch.setattr(paged_triton, "paged_attention_triton", lambda q, *a, **k: calls.append(q.shape[2]) or
+                        kernel(q, *a, **k))
+    torch.manual_seed(0)
+    mixer = MHA(32, rotary_emb_dim=8, **variant).eval()
+    B, T = 2, 11
+    x = torch.randn(B, T, 32)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    mask[1, :2] = False  # left padding in the prompt of row 1
+    with torch.no_grad():
+        full = mixer(x, mask=torch.cat((mask, torch.ones(B, T - 5, dtype=torch.bool)), 1))
+        cache = mixer.allocate_inference_cache(B, 16)
+        with prefer_backend("triton"):
+            ys = [mixer(x[:, :5], cache, mask=mask)] + [mixer(x[:, t:t + 1], cache) for t in range(5, 8)]
+            ys.append(mixer(x[:, 8:], cache))
+    got, want = torch.cat(ys, 1), full
+    assert_close(got[1, 2:], want[1, 2:], atol=2e-5)
+    assert_close(got[0], want[0], atol=2e-5)
+    assert calls == [5, 1, 1, 1, 3]
+
+
 def test_engine_serves_on_the_kernel():
     """Global and sliding-window (ring) layers decoding on the kernel: each request's tokens as alone."""
     from seqblocks import LRNNLMHeadModel, generate

@@ -460,18 +460,22 @@ class MHA(AttentionCore):
             state.copy_(final)
         return y.to(qkv.dtype)
 
-    def _reads_pages_in_place(self, q: torch.Tensor, cache: KVCache, T: int,
+    def _reads_cache_in_place(self, q: torch.Tensor, cache: KVCache, T: int,
                               call_mods: tuple[Callable | None, Callable | None]) -> bool:
-        """Whether a cached call attends through ``paged_attention`` (the pages read in place) rather than
-        gathering them: a paged cache, at most ``PAGED_MAX_QUERIES`` queries, the "auto" backend, no
-        option the op lacks (score / mask mods beyond softcap and window, a bias position, dropout, a
+        """Whether a cached call attends through ``paged_attention`` (the cache read where it lies) rather
+        than slicing or gathering it for SDPA: at most ``PAGED_MAX_QUERIES`` queries, the "auto" backend,
+        no option the op lacks (score / mask mods beyond softcap and window, a bias position, dropout, a
         kernel of one's own), and the op's Triton kernel runs here (``paged_kernel_runs``: CUDA; on the
-        CPU the gather and SDPA's fused kernel are faster than the op's reference). It computes the same
-        function as the gather path (tested)."""
-        return (isinstance(cache, PagedKVCache) and T <= PAGED_MAX_QUERIES and self.attention_type == "auto"
+        CPU slicing plus SDPA's fused kernel is faster than the op's reference). A paged cache is read
+        through its block table; a contiguous ``KVCache`` [B, Hkv, S, K] is the same layout with one
+        page of S positions per row. Either way the kernel stops at each row's length on the device,
+        where SDPA under a CUDA graph reads every slot. It computes the same function as the
+        slicing / gathering path (tested)."""
+        pools = (cache.k_pages, cache.v_pages) if isinstance(cache, PagedKVCache) else (cache.k, cache.v)
+        return (T <= PAGED_MAX_QUERIES and self.attention_type == "auto"
                 and self.attention_fn is None and not self._own_score_mod and self.mask_mod is None
                 and call_mods == (None, None) and (self.position is None or self.position.kind != "bias")
-                and not (self.training and self.dropout > 0) and paged_kernel_runs(q, cache.k_pages, cache.v_pages))
+                and not (self.training and self.dropout > 0) and paged_kernel_runs(q, *pools))
 
     def _cached(self, q, k, v, key_valid, index, cache: KVCache | RollingKVCache, lengths,
                 call_mods: tuple[Callable | None, Callable | None] = (None, None)) -> torch.Tensor:
@@ -504,11 +508,17 @@ class MHA(AttentionCore):
             # Outside capture, attend only to the slots in use; under capture (and for flex, whose compiled
             # kernel is specialised to shapes), to all slots: the same result, the unused slots are invalid.
             S = cache.capacity if used is None or self.static_kv(q) else used
-            if out is None and self._reads_pages_in_place(q, cache, T, call_mods):
-                # decode-shaped calls on a paged cache: attention reads the pages through the block table
-                out = paged_attention(q, cache.k_pages, cache.v_pages, cache.block_table, cache.seqlen_offset + T,
-                                      valid_pages=cache.valid_pages, scale=self.softmax_scale,
-                                      window=self.window_size, softcap=self.softcap, max_seqlen=S)
+            if out is None and self._reads_cache_in_place(q, cache, T, call_mods):
+                # decode-shaped calls: attention reads the cache where it lies (a paged cache through its
+                # block table, a contiguous one as one page of S positions a row)
+                if isinstance(cache, PagedKVCache):
+                    pages, table, valid = (cache.k_pages, cache.v_pages), cache.block_table, cache.valid_pages
+                else:
+                    pages, valid = (cache.k, cache.v), cache.key_valid
+                    table = torch.arange(B, device=q.device)[:, None]
+                out = paged_attention(q, *pages, table, cache.seqlen_offset + T, valid_pages=valid,
+                                      scale=self.softmax_scale, window=self.window_size, softcap=self.softcap,
+                                      max_seqlen=S)
             if out is None:
                 keys, vals, valid = cache.read(S, T)  # a paged cache gathers its pages here
                 out = self.attend(q, keys.to(q.dtype), vals.to(q.dtype), causal=True, window=self.window_size,
