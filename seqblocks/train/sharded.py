@@ -100,8 +100,11 @@ def _read_metadata(path: Path):
             metadata = _MetadataUnpickler(handle, str(path)).load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: {path.parent} is not a complete sharded checkpoint") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint index (corrupted or truncated?): {err}") from None
+    except ValueError:  # a name refused above
+        raise
+    except Exception as err:  # UnpicklingError, EOFError, ... from a corrupted or truncated file
+        raise ValueError(f"{path} is not a readable checkpoint index (corrupted or truncated?): "
+                         f"{type(err).__name__}: {err}") from None
     if not isinstance(metadata, Metadata):
         raise ValueError(f"{path} holds a {type(metadata).__name__}, not a checkpoint index")
     for info in (metadata.storage_data or {}).values():
