@@ -6,6 +6,10 @@ A checkpoint is a directory (or a Hugging Face Hub repository) holding
   ``mixer_kwargs`` included), a ``model_type`` naming the class and a ``torch_dtype``;
 - ``model.safetensors``: the weights. Tied weights are stored once.
 
+A sharded training checkpoint (``seqblocks.train.sharded``) holds ``dcp/`` (the shards every rank
+wrote with ``torch.distributed.checkpoint``) instead of ``model.safetensors``; it loads the same way,
+the shards read back into full tensors by a reader that unpickles nothing but DCP's own index records.
+
 The directory / Hub plumbing is ``huggingface_hub.ModelHubMixin``'s (so ``push_to_hub`` and Hub ids
 work); this module only supplies what the mixin leaves to frameworks: how a model turns into files and
 back. Loading never unpickles: weights are read with ``safetensors`` only, and a directory that holds
@@ -47,10 +51,12 @@ except ImportError as err:  # a declared dependency; the package still imports w
 
     hf_hub_download = None  # type: ignore[assignment]
 
-__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "load_pretrained", "atomic_write_text"]
+__all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "SHARDED_DIR", "load_pretrained",
+           "load_checkpoint_weights", "atomic_write_text"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+SHARDED_DIR = "dcp"  # a sharded training checkpoint's model and optimizer (seqblocks.train.sharded)
 _PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
 
 
@@ -173,6 +179,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device
             metadata = handle.metadata() or {}
     except Exception as err:  # SafetensorError, OSError on truncated headers, ...
         raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from None
+    _load_state(model, state, path, metadata, config, allow_non_finite)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, metadata: dict[str, str],
+                config: dict[str, Any] | None, allow_non_finite: bool) -> None:
+    """Load ``state`` (read from ``path``) into ``model`` strictly: every key, shape and kind of dtype."""
     shared = _shared_keys(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in shared}
     missing = sorted(set(expected) - set(state))
@@ -196,6 +208,35 @@ def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device
                 raise ValueError(f"checkpoint {path}: {key} has dtype {state[key].dtype}, model {param.dtype}")
     _verify(path, state, metadata, config, allow_non_finite)
     model.load_state_dict(state, strict=False)
+
+
+def _is_sharded(directory: Path) -> bool:
+    return not (directory / WEIGHTS_NAME).is_file() and (directory / SHARDED_DIR / ".metadata").is_file()
+
+
+def load_checkpoint_weights(model: nn.Module, directory: str | os.PathLike, device: torch.device | str | None = None,
+                            *, config: dict[str, Any] | None = None, allow_non_finite: bool = False) -> None:
+    """Load the weights of a checkpoint directory into ``model``: its ``model.safetensors``
+    (``load_weights``), or, in a sharded training checkpoint, the model shards of ``dcp/`` put back
+    together (``seqblocks.train.sharded.read_model_state``; never unpickling anything but DCP's index
+    records). Strict in both cases: every key, every shape.
+
+    Raises:
+        FileNotFoundError: neither is there.
+        ValueError: ``load_weights``' errors, or an unreadable sharded checkpoint.
+    """
+    directory = Path(directory)
+    if not _is_sharded(directory):
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory} holds neither {WEIGHTS_NAME} nor a sharded checkpoint "
+                                    f"({SHARDED_DIR}/)")
+        load_weights(model, directory / WEIGHTS_NAME, device, config=config, allow_non_finite=allow_non_finite)
+        return
+    from seqblocks.train.sharded import read_model_state
+
+    shared = _shared_keys(model)  # a tied tensor is in the shards under each of its names; keep one
+    state = {k: v for k, v in read_model_state(directory).items() if k not in shared}
+    _load_state(model, state, str(directory / SHARDED_DIR), {}, None, allow_non_finite)
 
 
 class CheckpointMixin(ModelHubMixin):
@@ -320,6 +361,11 @@ class CheckpointMixin(ModelHubMixin):
         # range checks on the meta device, which allocates nothing, before weights are fetched or read.
         with torch.device("meta"):
             cls.from_checkpoint_config(params, dtype=dtype)
+        if os.path.isdir(model_id) and _is_sharded(Path(model_id)):  # a sharded training checkpoint
+            model = cls.from_checkpoint_config(params, device=device, dtype=dtype)
+            load_checkpoint_weights(model, model_id, device=device, allow_non_finite=allow_non_finite)
+            model.eval()
+            return model
         if os.path.isdir(model_id):
             weights = os.path.join(model_id, WEIGHTS_NAME)
         else:
@@ -377,7 +423,7 @@ def _check_local_dir(path: Path) -> None:
         raise ValueError(f"{config} is not valid JSON (corrupted?): {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{config} must hold a JSON object, got {type(data).__name__}")
-    if not (path / WEIGHTS_NAME).is_file():
+    if not (path / WEIGHTS_NAME).is_file() and not _is_sharded(path):
         pickles = [n for n in _PICKLE_NAMES if (path / n).is_file()]
         extra = f" (found {pickles}: seqblocks never unpickles weights)" if pickles else ""
         raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}{extra}")

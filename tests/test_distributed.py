@@ -1,5 +1,6 @@
 """Data parallelism on CPU with gloo: two processes train exactly what one process trains on the same
-global batch (DDP, and FSDP2 ``fully_shard``), and rank 0 alone writes the checkpoint."""
+global batch (DDP, and FSDP2 ``fully_shard``), and rank 0 alone writes the checkpoint (DDP's full one;
+FSDP2's is sharded, every rank writing its shards: tests/test_distributed_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,17 @@ def _train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
+def _start(worker, args: tuple) -> None:
+    # Forked, not spawned: the children inherit the imported torch and seqblocks (seconds each on 2 cores).
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="fork")
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(tmp_path, parallel):
     single = tmp_path / "single"
     train(TINY, _config(parallel), single, progress=False, log=lambda m: None)
     multi = tmp_path / "multi"
-    mp.spawn(_worker, args=(2, _free_port(), str(multi), parallel), nprocs=2, join=True)
+    _start(_worker, (2, _free_port(), str(multi), parallel))
 
     assert _train_losses(multi) == pytest.approx(_train_losses(single), rel=1e-5)
     a = load_pretrained(latest_checkpoint(single))
@@ -65,9 +71,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, parallel):
         torch.testing.assert_close(p, q, rtol=0, atol=2e-3, msg=name)
     close = sum(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
     assert close >= 0.8 * len(list(a.parameters()))
-    # Resuming the two-process run's checkpoint in one process continues from the same state.
     state = torch.load(latest_checkpoint(multi) / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3
+    assert state["checkpoint_format"] == ("sharded" if parallel == "fsdp" else "full")
 
 
 @pytest.mark.slow
@@ -75,8 +81,8 @@ def test_fsdp_run_resumes_exactly(tmp_path):
     single = tmp_path / "single"
     train(TINY, _config("fsdp"), single, progress=False, log=lambda m: None)
     split = tmp_path / "split"
-    mp.spawn(_worker, args=(2, _free_port(), str(split), "fsdp", 2), nprocs=2, join=True)
+    _start(_worker, (2, _free_port(), str(split), "fsdp", 2))
     assert latest_checkpoint(split).name == "step_0000002"
-    mp.spawn(_worker, args=(2, _free_port(), str(split), "fsdp", None, True), nprocs=2, join=True)
+    _start(_worker, (2, _free_port(), str(split), "fsdp", None, True))
     assert _train_losses(split) == pytest.approx(_train_losses(single), rel=1e-5)
     assert latest_checkpoint(split).name == "step_0000003"

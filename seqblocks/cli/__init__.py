@@ -33,6 +33,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--compile-backend", help="torch.compile backend (default inductor)")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
+    g.add_argument("--fsdp-param-dtype", choices=["fp32", "bf16", "fp16"],
+                   help="FSDP2 mixed precision: dtype of the gathered parameters and the compute (default fp32)")
+    g.add_argument("--fsdp-reduce-dtype", choices=["fp32", "bf16", "fp16"],
+                   help="FSDP2 mixed precision: dtype of the gradient reduce-scatter (default fp32)")
+    g.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="FSDP2: free each block's gathered parameters after its forward (default: yes)")
+    g.add_argument("--checkpoint-format", choices=["auto", "full", "sharded"],
+                   help="full: rank 0 writes model.safetensors; sharded: every rank writes its shards "
+                        "(torch.distributed.checkpoint); auto (default): sharded under FSDP2 with several processes")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
     g.add_argument("--eval-batch-size", type=int)

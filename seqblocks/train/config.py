@@ -11,6 +11,8 @@ __all__ = ["TrainConfig"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
+FSDP_DTYPES = ("fp32", "bf16", "fp16")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +42,20 @@ class TrainConfig(ConfigBase):
         compile_backend (str): the ``torch.compile`` backend. Default: "inductor".
         parallel (str): data parallelism under torchrun: "ddp" or "fsdp" (FSDP2 ``fully_shard``).
             Default: "ddp".
+        fsdp_param_dtype (str): FSDP2 mixed precision (``MixedPrecisionPolicy.param_dtype``): the dtype the
+            parameters are all-gathered in and the forward and backward compute in, "fp32", "bf16" or
+            "fp16"; the sharded master parameters and the optimizer stay fp32. "fp32": no cast.
+            Only with ``parallel="fsdp"``. Default: "fp32".
+        fsdp_reduce_dtype (str): the dtype FSDP2 reduce-scatters gradients in
+            (``MixedPrecisionPolicy.reduce_dtype``), "fp32", "bf16" or "fp16". Default: "fp32".
+        fsdp_reshard_after_forward (bool): FSDP2 frees each block's gathered parameters after its forward
+            and gathers them again for the backward (less memory, one more all-gather per block); False
+            keeps them until the backward. Default: True.
+        checkpoint_format (str): "full" (rank 0 gathers the whole state and writes ``model.safetensors``
+            and ``train_state.pt``), "sharded" (every rank writes its own shards of the model and
+            optimizer with ``torch.distributed.checkpoint`` into ``dcp/``; ``seqblocks.train.sharded``), or
+            "auto": sharded for FSDP2 with several processes, else full. Either resumes on any number of
+            processes. Default: "auto".
         device (str): "auto", "cpu", "cuda", "cuda:N". Default: "auto".
         eval_every (int): evaluate on the held-out split every N steps (and at the end); 0: only at the
             end. Default: 100.
@@ -87,6 +103,10 @@ class TrainConfig(ConfigBase):
     compile: bool = False
     compile_backend: str = "inductor"
     parallel: str = "ddp"
+    fsdp_param_dtype: str = "fp32"
+    fsdp_reduce_dtype: str = "fp32"
+    fsdp_reshard_after_forward: bool = True
+    checkpoint_format: str = "auto"
     device: str = "auto"
     eval_every: int = 100
     eval_batch_size: int = 64
@@ -128,8 +148,27 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"TrainConfig.precision={self.precision!r} must be one of {PRECISIONS}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"TrainConfig.parallel={self.parallel!r} must be one of {PARALLEL}")
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            value = getattr(self, name)
+            if value not in FSDP_DTYPES:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be one of {FSDP_DTYPES}")
+            if value != "fp32" and self.parallel != "fsdp":
+                raise ValueError(f"TrainConfig.{name}={value!r} is FSDP2's mixed precision and needs "
+                                 f"parallel='fsdp' (got parallel={self.parallel!r}); DDP runs use precision=")
+        if not self.fsdp_reshard_after_forward and self.parallel != "fsdp":
+            raise ValueError(f"TrainConfig.fsdp_reshard_after_forward=False needs parallel='fsdp' "
+                             f"(got parallel={self.parallel!r})")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"TrainConfig.checkpoint_format={self.checkpoint_format!r} must be one of "
+                             f"{CHECKPOINT_FORMATS}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be a multiple of "
                              f"grad_accum={self.grad_accum}")
         if self.sample_temperature < 0:
             raise ValueError(f"TrainConfig.sample_temperature={self.sample_temperature!r} must be >= 0")
+
+    def sharded_checkpoints(self, world_size: int) -> bool:
+        """Whether a run of ``world_size`` processes writes sharded checkpoints (``checkpoint_format``)."""
+        if self.checkpoint_format == "auto":
+            return self.parallel == "fsdp" and world_size > 1
+        return self.checkpoint_format == "sharded"

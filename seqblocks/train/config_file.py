@@ -18,9 +18,9 @@
     [optim]                 # lr, weight_decay, beta1, beta2, grad_clip
     [schedule]              # steps, warmup_steps, min_lr_ratio
     [train]                 # batch_size, grad_accum, seed, precision, compile, compile_backend, device
-    [parallel]              # strategy ("ddp" / "fsdp")
+    [parallel]              # strategy ("ddp" / "fsdp"); FSDP2: param_dtype, reduce_dtype, reshard_after_forward
     [eval]                  # every, batch_size
-    [checkpoint]            # every, keep
+    [checkpoint]            # every, keep, format ("auto" / "full" / "sharded")
     [log]                   # every, tensorboard, wandb, peak_flops
     [sample]                # tokens, prompt, temperature
 
@@ -52,9 +52,10 @@ TRAIN_FIELDS = {
     "train.batch_size": "batch_size", "train.grad_accum": "grad_accum", "train.seed": "seed",
     "train.precision": "precision", "train.compile": "compile", "train.compile_backend": "compile_backend",
     "train.device": "device",
-    "parallel.strategy": "parallel",
+    "parallel.strategy": "parallel", "parallel.param_dtype": "fsdp_param_dtype",
+    "parallel.reduce_dtype": "fsdp_reduce_dtype", "parallel.reshard_after_forward": "fsdp_reshard_after_forward",
     "eval.every": "eval_every", "eval.batch_size": "eval_batch_size",
-    "checkpoint.every": "ckpt_every", "checkpoint.keep": "keep_checkpoints",
+    "checkpoint.every": "ckpt_every", "checkpoint.keep": "keep_checkpoints", "checkpoint.format": "checkpoint_format",
     "log.every": "log_every", "log.tensorboard": "tensorboard", "log.wandb": "wandb", "log.peak_flops": "peak_flops",
     "sample.tokens": "sample_tokens", "sample.prompt": "sample_prompt", "sample.temperature": "sample_temperature",
     "data.pack_boundaries": "pack_boundaries",

@@ -1,8 +1,13 @@
 """Process-group setup and model wrapping for data-parallel training (DDP or FSDP2 ``fully_shard``).
 
 ``torchrun --nproc_per_node N -m seqblocks train ...`` sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``;
-``init_distributed`` reads them, picks NCCL on CUDA and gloo on CPU, and returns a ``DistInfo``.
-Without those variables training runs in one process and nothing here touches torch.distributed.
+``init_distributed`` reads them, puts each process on ``cuda:LOCAL_RANK`` (or the CPU), picks NCCL on
+CUDA and gloo on CPU, and returns a ``DistInfo``. Without those variables training runs in one process
+and nothing here touches torch.distributed.
+
+``wrap_model`` applies DDP, or FSDP2: ``fully_shard`` on every block, then on the root, with an optional
+mixed-precision policy (parameters gathered and computed in bf16 / fp16, gradients reduced in fp32) and
+the choice of freeing the gathered parameters after each block's forward.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "resolve_device", "init_distributed", "wrap_model", "unwrap_model", "reshard", "barrier"]
+__all__ = ["DistInfo", "resolve_device", "init_distributed", "wrap_model", "unwrap_model", "reshard", "barrier",
+           "mixed_precision_policy", "broadcast_object"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +66,11 @@ def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) 
             raise ValueError(f"device {str(device)!r} requested but torch.cuda.is_available() is False "
                              f"(no GPU, or a CPU-only torch build); use --device cpu or auto")
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            # One GPU visible to this process (CUDA_VISIBLE_DEVICES set per rank): that one.
+            device = torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
+            if device.index >= torch.cuda.device_count():
+                raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                                 f"visible: start at most {torch.cuda.device_count()} processes per node")
         if device.index >= torch.cuda.device_count():
             raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
                              f"device(s) are visible")
@@ -74,6 +85,11 @@ def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     device = resolve_device(requested, local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if (device.type == "cuda" and local_world > 1 and isinstance(requested, str) and ":" in requested
+            and torch.cuda.device_count() > 1):
+        raise ValueError(f"device {requested!r} names one GPU for each of the {local_world} processes of this "
+                         f"node; give --device cuda (or auto): each process then takes cuda:LOCAL_RANK")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
@@ -82,27 +98,76 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment, or run alone.
 
+    Each process computes on ``cuda:LOCAL_RANK`` (``cuda:0`` when it sees a single GPU) or the CPU;
+    the group uses NCCL on CUDA and gloo on the CPU.
+
     Args:
         device (str): "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Default: "auto".
+
+    Raises:
+        ValueError: a device this machine cannot use, more processes per node than GPUs, or one
+            ``cuda:N`` named for several processes of a node.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            # Binding the group to this rank's GPU lets NCCL set up at once, on the right device.
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module:
+def mixed_precision_policy(param_dtype: str = "fp32", reduce_dtype: str = "fp32"):
+    """FSDP2's ``MixedPrecisionPolicy`` for dtype names: ``param_dtype`` is the dtype parameters are
+    all-gathered and computed in, ``reduce_dtype`` the one gradients are reduce-scattered in ("fp32",
+    "bf16", "fp16"; "fp32" on fp32 parameters means no cast). The sharded parameters the optimizer
+    steps stay in their own dtype.
+
+    Raises:
+        ValueError: a dtype name that is not one of "fp32", "bf16", "fp16".
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"FSDP {name}={value!r} must be one of {tuple(DTYPES)}")
+    return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+
+
+def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", *, param_dtype: str = "fp32",
+               reduce_dtype: str = "fp32", reshard_after_forward: bool = True) -> nn.Module:
     """Wrap ``model`` for data parallelism: DDP, or FSDP2 (``fully_shard`` each block, then the root).
 
-    A single process gets ``model`` back unchanged.
+    A single process gets ``model`` back unchanged (the FSDP options then do nothing).
+
+    Args:
+        model (nn.Module): the model, on ``info.device``.
+        info (DistInfo): this process's place.
+        mode (str): "ddp" or "fsdp". Default: "ddp".
+        param_dtype (str): FSDP2 only: the dtype of the gathered parameters and of the compute ("fp32",
+            "bf16", "fp16"; ``mixed_precision_policy``). Default: "fp32".
+        reduce_dtype (str): FSDP2 only: the dtype of the gradient reduce-scatter. Default: "fp32".
+        reshard_after_forward (bool): FSDP2 only: free each block's gathered parameters after its
+            forward (gathered again in the backward). Default: True.
+
+    Returns:
+        nn.Module: the DDP wrapper, or ``model`` itself (sharded in place by FSDP2, or unchanged).
+
+    Raises:
+        ValueError: an unknown ``mode`` or dtype name; FSDP options given with ``mode="ddp"``.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode {mode!r} is not one of {PARALLEL_MODES}")
+    policy = mixed_precision_policy(param_dtype, reduce_dtype)
+    if mode == "ddp" and (param_dtype != "fp32" or reduce_dtype != "fp32" or not reshard_after_forward):
+        raise ValueError(f"param_dtype={param_dtype!r}, reduce_dtype={reduce_dtype!r} and reshard_after_forward="
+                         f"{reshard_after_forward!r} are FSDP2 options; mode 'ddp' takes none of them")
     if not info.distributed:
         return model
     if mode == "ddp":
@@ -112,10 +177,29 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
+    if policy.param_dtype in (torch.bfloat16, torch.float16):
+        _install_params_directly(model)
+    # Passed explicitly: the default of reshard_after_forward differs between torch releases.
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def _install_params_directly(model: nn.Module) -> None:
+    """Let FSDP2 put its gathered parameters into the mixers as they are.
+
+    FSDP2 installs each gathered (unsharded) parameter with ``setattr`` on a module whose class
+    overrides ``__setattr__``. ``Mixer.__setattr__`` turns a bf16 / fp16 parameter named in
+    ``keep_in_fp32`` into a new fp32 one, so under a bf16 policy those parameters (Mamba's A_log and D,
+    ...) would be cut off from FSDP's gradient reduction and never train. FSDP writes straight into
+    ``_parameters`` instead when a module's ``__setattr__`` is ``nn.Module``'s; an instance attribute
+    gives it that for these modules, while ordinary assignments still go through the class's own."""
+    import types
+
+    for module in model.modules():
+        if getattr(type(module), "keep_in_fp32", ()) and type(module).__setattr__ is not nn.Module.__setattr__:
+            module.__dict__["__setattr__"] = types.MethodType(nn.Module.__setattr__, module)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -147,3 +231,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def broadcast_object(value, info: DistInfo, src: int = 0):
+    """``value`` of rank ``src`` on every rank (a picklable object; the others pass anything)."""
+    if not info.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=info.device if info.device.type == "cuda" else None)
+    return box[0]

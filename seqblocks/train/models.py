@@ -215,7 +215,7 @@ def load_train_model(directory: Path, task_info: dict[str, Any] | None, device=N
     Raises:
         ValueError: such a checkpoint without its task.
     """
-    from seqblocks.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights
+    from seqblocks.checkpoint import CONFIG_NAME, load_checkpoint_weights
     from seqblocks.tasks import get_task
 
     path = Path(directory) / CONFIG_NAME
@@ -225,7 +225,7 @@ def load_train_model(directory: Path, task_info: dict[str, Any] | None, device=N
     if task_info is None:
         raise ValueError(f"{directory}: a {config['model']} checkpoint is rebuilt for its task, and it names none")
     model = build_train_model(config, get_task(task_info["name"], **task_info["options"]))
-    load_weights(model, Path(directory) / WEIGHTS_NAME)
+    load_checkpoint_weights(model, directory)  # model.safetensors, or a sharded checkpoint's dcp/
     return model.to(device)
 
 

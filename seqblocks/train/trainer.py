@@ -47,7 +47,7 @@ from seqblocks.train.checkpointing import (
     set_rng_state,
 )
 from seqblocks.train.config import TrainConfig
-from seqblocks.train.distributed import DistInfo, barrier, init_distributed, reshard, wrap_model
+from seqblocks.train.distributed import DistInfo, barrier, broadcast_object, init_distributed, reshard, wrap_model
 from seqblocks.train.logging import RunLogger, active_params, memory_gib, mfu, peak_flops
 from seqblocks.train.metrics import read_metrics, rewrite_metrics
 from seqblocks.train.models import (
@@ -238,11 +238,15 @@ def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -
 def _write_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, module: nn.Module,
                       saver: nn.Module | None, optimizer, scheduler, config: TrainConfig, model_config: dict,
                       task: Task, extra: dict[str, Any], card: dict[str, Any]) -> Path | None:
-    """Collect the full state on every rank (collective under FSDP) and write it from the owner (rank 0).
+    """Collect the full state on every rank (collective under FSDP) and write it from the owner (rank 0);
+    or, for sharded checkpoints, let every rank write its shards (``_write_sharded_checkpoint``).
 
     ``card`` describes the training run for the checkpoint's model card (``README.md``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+    if config.sharded_checkpoints(info.world_size):
+        return _write_sharded_checkpoint(run, step, info, module, saver, optimizer, scheduler, config, model_config,
+                                         task, extra, card)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optim_state = get_optimizer_state_dict(module, optimizer, options=options)
     model_state = get_model_state_dict(module, options=options) if config.parallel == "fsdp" and \
@@ -256,21 +260,69 @@ def _write_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, modul
 
         def write(tmp: Path) -> None:
             save_train_model(target, tmp, model_config, card)
-            state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                     "rng": rng_state(), "data": {"next_step": step, "seed": config.seed},
-                     "train_config": config.to_dict(), "model_config": model_config,
-                     "world_size": info.world_size, **extra}
-            # Through a Python file, so that a full disk surfaces as the OSError it is (torch's own
-            # file writer reports it only as "unexpected pos").
-            with open(tmp / TRAIN_STATE, "wb") as handle:
-                torch.save(state, handle)
-            (tmp / TASK_FILE).write_text(json.dumps({"name": config.task, "options": task.config()}, indent=2))
-            tokenizer = getattr(task, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save(tmp / TOKENIZER_FILE)
+            _write_train_files(tmp, {"optimizer": optim_state, "checkpoint_format": "full"}, step, info,
+                               scheduler, config, model_config, task, extra)
 
         with run.writing(run.path / CHECKPOINT_DIR / f"step_{step:07d}"):
             path = save_checkpoint(run.path, step, write, keep=config.keep_checkpoints)
+    barrier(info)
+    return path
+
+
+def _write_train_files(tmp: Path, state: dict[str, Any], step: int, info: DistInfo, scheduler, config: TrainConfig,
+                       model_config: dict, task: Task, extra: dict[str, Any]) -> None:
+    """``train_state.pt`` (``state`` plus the scheduler, RNG, data position and configurations),
+    ``task.json`` and the tokenizer, into the checkpoint being written (rank 0)."""
+    state = {**state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             "data": {"next_step": step, "seed": config.seed}, "train_config": config.to_dict(),
+             "model_config": model_config, "world_size": info.world_size, **extra}
+    # Through a Python file, so that a full disk surfaces as the OSError it is (torch's own
+    # file writer reports it only as "unexpected pos").
+    with open(tmp / TRAIN_STATE, "wb") as handle:
+        torch.save(state, handle)
+    (tmp / TASK_FILE).write_text(json.dumps({"name": config.task, "options": task.config()}, indent=2))
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save(tmp / TOKENIZER_FILE)
+
+
+def _write_sharded_checkpoint(run: RunDirectory | None, step: int, info: DistInfo, module: nn.Module,
+                              describer: nn.Module | None, optimizer, scheduler, config: TrainConfig,
+                              model_config: dict, task: Task, extra: dict[str, Any],
+                              card: dict[str, Any]) -> Path | None:
+    """A sharded checkpoint (``seqblocks.train.sharded``): rank 0 opens the temporary checkpoint directory
+    and sends its name to every rank, every rank writes its shards of the model and optimizer into
+    ``dcp/`` there, then rank 0 adds the other files and renames the directory into place (the same
+    atomic ``save_checkpoint`` as a full checkpoint). ``describer``: an unsharded (meta-device) copy
+    of the model on rank 0, for ``config.json`` and the model card."""
+    from seqblocks.checkpoint import SHARDED_DIR
+    from seqblocks.train.sharded import save_sharded, write_model_files
+
+    path = None
+    if run is None:
+        tmp = broadcast_object(None, info)
+        if tmp is None:
+            raise RuntimeError(f"rank 0 could not open checkpoint step_{step:07d}; see its error")
+        save_sharded(Path(tmp) / SHARDED_DIR, module, optimizer, info)
+    else:
+        sent = False
+
+        def write(tmp: Path) -> None:
+            nonlocal sent
+            broadcast_object(str(tmp), info)
+            sent = True
+            save_sharded(tmp / SHARDED_DIR, module, optimizer, info)
+            write_model_files(describer if describer is not None else module, tmp, model_config, card)
+            _write_train_files(tmp, {"checkpoint_format": "sharded"}, step, info, scheduler, config, model_config,
+                               task, extra)
+
+        try:
+            with run.writing(run.path / CHECKPOINT_DIR / f"step_{step:07d}"):
+                path = save_checkpoint(run.path, step, write, keep=config.keep_checkpoints)
+        except BaseException:
+            if not sent:  # the other ranks wait for a directory to write into: let them stop too
+                broadcast_object(None, info)
+            raise
     barrier(info)
     return path
 
@@ -381,9 +433,9 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
             f"nothing to do (--resume --steps N with N > {state['step']} continues it)")
         task = get_task(config.task, **config.task_options)
         module = build_train_model(model_config, task)
-        from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
+        from seqblocks.checkpoint import load_checkpoint_weights
 
-        load_weights(module, ckpt / WEIGHTS_NAME)
+        load_checkpoint_weights(module, ckpt)
         return TrainResult(model=module, task=task, metrics=_last_metrics(out_dir / METRICS_FILE, state["step"]),
                            checkpoint=ckpt, step=state["step"], config=config, already_complete=True)
     info = init_distributed(config.device)
@@ -397,7 +449,8 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     torch.manual_seed(config.seed)
     kind = model_kind(model_config)
     module = build_train_model(model_config, task)
-    if state is not None:
+    sharded_resume = state is not None and state.get("checkpoint_format") == "sharded"
+    if state is not None and not sharded_resume:  # a sharded one is read after wrapping, into the shards
         from seqblocks.checkpoint import WEIGHTS_NAME, load_weights
 
         load_weights(module, ckpt / WEIGHTS_NAME)
@@ -407,17 +460,32 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
     if config.activation_checkpointing:
         activation_checkpointing(module, config.activation_checkpointing)
     fsdp = config.parallel == "fsdp" and info.distributed
-    saver = build_train_model(model_config, task) if fsdp and info.is_main else None
-    wrapped = wrap_model(module, info, config.parallel)
+    sharded = config.sharded_checkpoints(info.world_size)
+    saver = None  # rank 0's unsharded copy of an FSDP model: the full checkpoints' weights, the result
+    if fsdp and info.is_main:
+        with torch.random.fork_rng(devices=[]), torch.device("meta" if sharded else "cpu"):
+            saver = build_train_model(model_config, task)  # sharded: only described (config, card)
+    if config.parallel == "fsdp" and not info.distributed and config.fsdp_param_dtype != "fp32":
+        say(f"one process: FSDP2 and fsdp_param_dtype={config.fsdp_param_dtype!r} do not apply (the model trains "
+            f"unwrapped; --precision bf16 is autocast)")
+    wrapped = wrap_model(module, info, config.parallel,
+                         **({"param_dtype": config.fsdp_param_dtype, "reduce_dtype": config.fsdp_reduce_dtype,
+                             "reshard_after_forward": config.fsdp_reshard_after_forward} if fsdp else {}))
     runner = torch.compile(wrapped, backend=config.compile_backend) if config.compile else wrapped
     optimizer = make_optimizer(module, config.lr, config.weight_decay, (config.beta1, config.beta2))
     scheduler = make_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
     start, tokens_seen, elapsed = 0, 0, 0.0
     if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        if sharded_resume:  # every rank reads what its shards cover, whatever the world size that wrote them
+            from seqblocks.checkpoint import SHARDED_DIR
+            from seqblocks.train.sharded import load_sharded
 
-        set_optimizer_state_dict(module, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+            load_sharded(ckpt / SHARDED_DIR, module, optimizer, info)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(module, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed_s"]
@@ -603,6 +671,14 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 say(f"loss curve{'' if completed else ' so far'}: {out_dir / LOSS_PLOT}")
             elif completed:
                 say(plotted)
+    if fsdp and sharded:  # the result on rank 0 is the whole model, gathered once here
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            with torch.random.fork_rng(devices=[]):
+                saver = build_train_model(model_config, task)
+            saver.load_state_dict(full)
     result_model = saver if saver is not None else module
     metrics = {"train_loss": loss_value, **{f"val_{k}": v for k, v in final_eval.items()}}
     return TrainResult(model=result_model, task=task, metrics=metrics, checkpoint=last_ckpt, step=end, config=config)
