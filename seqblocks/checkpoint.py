@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from seqblocks._version import __version__
+from seqblocks.checkpoint_dcp import METADATA, SHARDED_DIR
 from seqblocks.registry import MODELS
 
 try:
@@ -56,7 +57,6 @@ __all__ = ["CheckpointMixin", "WEIGHTS_NAME", "CONFIG_NAME", "SHARDED_DIR", "loa
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-SHARDED_DIR = "dcp"  # a sharded training checkpoint's model and optimizer (seqblocks.train.sharded)
 _PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
 
 
@@ -211,7 +211,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, met
 
 
 def _is_sharded(directory: Path) -> bool:
-    return not (directory / WEIGHTS_NAME).is_file() and (directory / SHARDED_DIR / ".metadata").is_file()
+    return not (directory / WEIGHTS_NAME).is_file() and (directory / SHARDED_DIR / METADATA).is_file()
 
 
 def load_checkpoint_weights(model: nn.Module, directory: str | os.PathLike, device: torch.device | str | None = None,
@@ -232,7 +232,7 @@ def load_checkpoint_weights(model: nn.Module, directory: str | os.PathLike, devi
                                     f"({SHARDED_DIR}/)")
         load_weights(model, directory / WEIGHTS_NAME, device, config=config, allow_non_finite=allow_non_finite)
         return
-    from seqblocks.train.sharded import read_model_state
+    from seqblocks.checkpoint_dcp import read_model_state
 
     shared = _shared_keys(model)  # a tied tensor is in the shards under each of its names; keep one
     state = {k: v for k, v in read_model_state(directory).items() if k not in shared}

@@ -255,9 +255,9 @@ def test_sharded_entries_load_as_plain_values_only():
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-    from seqblocks.train.sharded import SafeLoadPlanner
+    from seqblocks.checkpoint_dcp import safe_planner
 
-    planner = SafeLoadPlanner()
+    planner = safe_planner()
     item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("optimizer.param_groups"), dest_offsets=(),
                     storage_index=MetadataIndex("optimizer.param_groups"), storage_offsets=(), lengths=())
     buffer = io.BytesIO()

@@ -189,7 +189,10 @@ class Mixer(nn.Module):
         # Construction with a narrow dtype (dtype=torch.bfloat16, or a checkpoint loaded as bf16) gives
         # the declared parameters fp32 storage from the start, so their init and loaded values are exact.
         if self.keep_in_fp32 and isinstance(value, nn.Module | nn.Parameter):
-            if isinstance(value, nn.Parameter) and name in self.keep_in_fp32 and _narrow(value.dtype):
+            # a name already registered is being replaced (FSDP2 installs its gathered parameters so, at the
+            # dtype of its mixed-precision policy): kept as given, or the replacement would leave FSDP's graph
+            if (isinstance(value, nn.Parameter) and name in self.keep_in_fp32 and _narrow(value.dtype)
+                    and name not in self._parameters):
                 value = nn.Parameter(value.data.float(), requires_grad=value.requires_grad)
             elif not isinstance(value, nn.Parameter):
                 for path in self.keep_in_fp32:

@@ -177,29 +177,11 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", *, param_dty
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    if policy.param_dtype in (torch.bfloat16, torch.float16):
-        _install_params_directly(model)
     # Passed explicitly: the default of reshard_after_forward differs between torch releases.
     for block in _blocks(model):
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
-
-
-def _install_params_directly(model: nn.Module) -> None:
-    """Let FSDP2 put its gathered parameters into the mixers as they are.
-
-    FSDP2 installs each gathered (unsharded) parameter with ``setattr`` on a module whose class
-    overrides ``__setattr__``. ``Mixer.__setattr__`` turns a bf16 / fp16 parameter named in
-    ``keep_in_fp32`` into a new fp32 one, so under a bf16 policy those parameters (Mamba's A_log and D,
-    ...) would be cut off from FSDP's gradient reduction and never train. FSDP writes straight into
-    ``_parameters`` instead when a module's ``__setattr__`` is ``nn.Module``'s; an instance attribute
-    gives it that for these modules, while ordinary assignments still go through the class's own."""
-    import types
-
-    for module in model.modules():
-        if getattr(type(module), "keep_in_fp32", ()) and type(module).__setattr__ is not nn.Module.__setattr__:
-            module.__dict__["__setattr__"] = types.MethodType(nn.Module.__setattr__, module)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

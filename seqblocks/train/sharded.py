@@ -32,134 +32,31 @@ values only), and tensors are, in DCP itself.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import pathlib
-import pickle
 import shutil
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint import FileSystemWriter
 
-from seqblocks.checkpoint import CONFIG_NAME, SHARDED_DIR
+from seqblocks.checkpoint import CONFIG_NAME
+from seqblocks.checkpoint_dcp import (
+    METADATA,
+    SHARDED_DIR,
+    is_sharded,
+    read_metadata,
+    read_model_state,
+    safe_planner,
+    safe_reader,
+    single_process,
+)
 from seqblocks.train.distributed import DistInfo
 
 __all__ = ["SHARDED_DIR", "is_sharded", "save_sharded", "load_sharded", "read_model_state", "write_model_files",
-           "consolidate_checkpoint", "SafeFileSystemReader", "SafeLoadPlanner"]
-
-METADATA = ".metadata"
-# The globals a DCP .metadata pickle may name: DCP's records, and the torch / pathlib values inside them.
-_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {
-    (_METADATA_MODULE, name) for name in ("Metadata", "MetadataIndex", "TensorStorageMetadata",
-                                          "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-                                          "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"), ("builtins", "frozenset"),
-}
-# Paths (StorageMeta.checkpoint_id) are kept as pure paths: nothing touches the file system.
-_PATHS = {"PosixPath": pathlib.PurePosixPath, "PurePosixPath": pathlib.PurePosixPath,
-          "WindowsPath": pathlib.PureWindowsPath, "PureWindowsPath": pathlib.PureWindowsPath}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file, building DCP's metadata records and nothing else."""
-
-    def __init__(self, file, source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "pathlib" and name in _PATHS:
-            return _PATHS[name]
-        raise ValueError(f"{self.source} names {module}.{name}, which is not part of a checkpoint's metadata; "
-                         f"refusing to load it (a sharded checkpoint's index may only hold DCP's own records)")
-
-
-def _read_metadata(path: Path):
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    try:
-        with open(path, "rb") as handle:
-            metadata = _MetadataUnpickler(handle, str(path)).load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: {path.parent} is not a complete sharded checkpoint") from None
-    except ValueError:  # a name refused above
-        raise
-    except Exception as err:  # UnpicklingError, EOFError, ... from a corrupted or truncated file
-        raise ValueError(f"{path} is not a readable checkpoint index (corrupted or truncated?): "
-                         f"{type(err).__name__}: {err}") from None
-    if not isinstance(metadata, Metadata):
-        raise ValueError(f"{path} holds a {type(metadata).__name__}, not a checkpoint index")
-    for info in (metadata.storage_data or {}).values():
-        name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-            raise ValueError(f"{path} points at {name!r}; every file of a sharded checkpoint must be a plain file "
-                             f"name inside {path.parent}")
-    return metadata
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's ``FileSystemReader`` with a restricted ``.metadata`` unpickler (see the module docstring)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        name = METADATA if rank is None else f"__{rank}{METADATA}"
-        metadata = _read_metadata(Path(self.path) / name)
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata.storage_meta = StorageMeta()
-        if hasattr(self, "load_id"):
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, with non-tensor entries read as plain values only."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            plain = torch.load(value, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn!r} is not a plain value (numbers, "
-                             f"strings, lists, dicts, tensors); refusing to load it: {err}") from None
-        # Re-serialised from the plain value just read, so the parent's unrestricted load sees only it.
-        buffer = io.BytesIO()
-        torch.save(plain, buffer)
-        buffer.seek(0)
-        super().load_bytes(read_item, buffer)
-
-
-@contextlib.contextmanager
-def _alone(distributed: bool) -> Iterator[None]:
-    """Silences DCP's warning that it runs in one process: here that is asked for, not assumed."""
-    with warnings.catch_warnings():
-        if not distributed:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
-def is_sharded(checkpoint: str | os.PathLike) -> bool:
-    """Whether ``checkpoint`` is a directory holding a sharded (DCP) model and optimizer."""
-    return (Path(checkpoint) / SHARDED_DIR / METADATA).is_file()
-
+           "consolidate_checkpoint"]
 
 def _state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -183,7 +80,7 @@ def save_sharded(directory: str | os.PathLike, module: nn.Module, optimizer: tor
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     writer = FileSystemWriter(str(directory), single_file_per_rank=True, sync_files=True)
-    with _alone(info.distributed):
+    with single_process(info.distributed):
         dcp.save(_state(module, optimizer), storage_writer=writer, no_dist=not info.distributed)
 
 
@@ -200,42 +97,12 @@ def load_sharded(directory: str | os.PathLike, module: nn.Module, optimizer: tor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    _read_metadata(Path(directory) / METADATA)  # checked here: DCP would wrap the error in its own exception
+    read_metadata(Path(directory) / METADATA)  # checked here: DCP would wrap the error in its own exception
     state = _state(module, optimizer)
-    with _alone(info.distributed):
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner(),
+    with single_process(info.distributed):
+        dcp.load(state, storage_reader=safe_reader(directory), planner=safe_planner(),
                  no_dist=not info.distributed)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def read_model_state(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full model tensors of a sharded checkpoint, on the CPU, in this process alone (no process
-    group): the shards of every rank put together.
-
-    Args:
-        checkpoint (str | PathLike): a checkpoint directory holding ``dcp/``.
-
-    Returns:
-        dict: the model's state dict (names as ``model.state_dict()`` has them).
-
-    Raises:
-        FileNotFoundError: no sharded checkpoint there.
-        ValueError: an index that is not DCP's plain data, or one holding no model.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    directory = Path(checkpoint) / SHARDED_DIR
-    metadata = _read_metadata(directory / METADATA)
-    state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-             for key, meta in metadata.state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    if not state:
-        raise ValueError(f"{directory} holds no model tensors (keys 'model.*'); it is not a seqblocks training "
-                         f"checkpoint")
-    with _alone(False):
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner(), no_dist=True)
-    return {key[len("model."):]: value for key, value in state.items()}
 
 
 def write_model_files(model: nn.Module, directory: Path, model_config: dict[str, Any], card: dict[str, Any]) -> None:
