@@ -216,6 +216,7 @@ _TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warm
                 "eval_batch_size", "ckpt_every", "keep_checkpoints", "log_every", "sample_tokens", "sample_prompt",
                 "sample_temperature", "activation_checkpointing", "eval_steps")
 _TRAIN_FLAGS += ("seq_len_warmup", "seq_len_start")  # the curriculum (seqblocks.train.curriculum)
+_TRAIN_FLAGS += ("context_parallel", "context_parallel_attention")  # seqblocks.parallel
 
 
 def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any]):
