@@ -56,6 +56,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len-start", type=int, help="first length of the sequence-length warmup (default 16)")
     g.add_argument("--activation-checkpointing", type=int, metavar="N",
                    help="recompute every N-th block's activations in the backward pass (1: every block; 0: off)")
+    g.add_argument("--context-parallel", type=int, metavar="N",
+                   help="split each sequence along time over N processes (context parallelism; default 1: off)")
+    g.add_argument("--context-parallel-attention", choices=["ring", "allgather"],
+                   help="how attention exchanges keys and values under --context-parallel (default ring)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:

@@ -217,6 +217,7 @@ _TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warm
                 "sample_temperature", "activation_checkpointing", "eval_steps")
 _TRAIN_FLAGS += ("seq_len_warmup", "seq_len_start")  # the curriculum (seqblocks.train.curriculum)
 _TRAIN_FLAGS += ("fsdp_param_dtype", "fsdp_reduce_dtype", "fsdp_reshard_after_forward", "checkpoint_format")
+_TRAIN_FLAGS += ("context_parallel", "context_parallel_attention")  # seqblocks.parallel
 
 
 def train_config_from_args(args: argparse.Namespace, preset_train: dict[str, Any]):

@@ -11,6 +11,9 @@ the only place that knows them:
   e.g. a mamba-style mixer) is called ``forward(x)`` without a cache and
   ``forward(x, inference_params=cache)`` with one; a tuple result contributes its first element.
 
+Under context parallelism (``seqblocks.parallel``) both conventions run through the full-sequence
+fallback (``layers.mixer.run_gathered``): such a module knows nothing of time chunks.
+
 Shapes: B batch, T time, D width.
 """
 
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqblocks.layers.mixer import AttentionBase, Mixer, run_mixer
+from seqblocks.layers.mixer import AttentionBase, Mixer, active_context_parallel, run_gathered, run_mixer
 
 __all__ = ["follows_contract", "call_block_attention", "call_foreign_mixer", "call_any_mixer"]
 
@@ -39,11 +42,24 @@ def call_block_attention(module: nn.Module, x: torch.Tensor, cache: Any, mask: t
     extra = sorted(k for k, v in inputs.items() if v is not None)
     if extra:
         raise TypeError(f"{type(module).__name__} is called as forward(x, mask, cache) and takes no {extra}")
+    cp = active_context_parallel(type(module).__name__, cache)
+    if cp is not None:
+        def full_call(x_full: torch.Tensor, given: dict[str, Any]) -> torch.Tensor:
+            return _block_attention_output(module, module(x_full, mask=given.get("mask"), cache=None))
+
+        given = {} if mask is None else {"mask": mask}
+        return run_gathered(type(module).__name__, x, given, full_call, cp), None
     out = module(x, mask=mask, cache=cache)
+    y = _block_attention_output(module, out)
+    new_cache = out[1]
+    return y, (cache if new_cache is None else new_cache)
+
+
+def _block_attention_output(module: nn.Module, out: Any) -> torch.Tensor:
+    """y of a ``BlockConfig`` attention's ``(y, cache)``."""
     if not isinstance(out, tuple) or len(out) != 2:
         raise TypeError(f"{type(module).__name__}.forward must return (y, cache), got {type(out).__name__}")
-    y, new_cache = out
-    return y, (cache if new_cache is None else new_cache)
+    return out[0]
 
 
 def call_foreign_mixer(module: nn.Module, x: torch.Tensor, cache: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -55,6 +71,10 @@ def call_foreign_mixer(module: nn.Module, x: torch.Tensor, cache: Any, inputs: d
     if extra:
         raise TypeError(f"{type(module).__name__} is not a seqblocks Mixer and takes no {extra}; declare them "
                         f"by subclassing seqblocks.Mixer with inputs = frozenset({extra})")
+    cp = active_context_parallel(type(module).__name__, cache)
+    if cp is not None:
+        return run_gathered(type(module).__name__, x, {},
+                            lambda x_full, _: call_foreign_mixer(module, x_full, None, {}), cp)
     out = module(x) if cache is None else module(x, inference_params=cache)
     return out[0] if isinstance(out, tuple) else out
 

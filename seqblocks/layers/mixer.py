@@ -36,6 +36,19 @@ A user's own mixer plugs in with one registration and no change to library code:
 
 Adapters for other calling conventions live in one place, ``seqblocks.layers.adapters``.
 
+Context parallelism (``seqblocks.parallel``). Under ``with context_parallel(group):`` each rank holds
+one time chunk ``x`` [B, T_local, D] of every row and a mixer returns the local chunk of the
+full-sequence outputs. A mixer whose class sets ``context_parallel = "native"`` does that itself
+(exchanging what crosses chunk boundaries: attention's keys and values, a scan's states). Every other
+mixer is served by ``run_mixer``'s fallback, ``run_gathered``: the chunks are gathered into the whole
+sequence (``gather_time``), the mixer runs on it as one process would (``using_context_parallel(None)``
+inside), and the rank keeps its own chunk of the outputs. Exact for every mixer, differentiable (the
+gather's backward returns each rank its chunk's cotangent), but memory and compute O(T) per rank.
+Per-token inputs (``integration_timesteps``, ``position_ids``, a [B, T_local] bool key-padding
+``mask``) are gathered with ``x``; ``lengths`` [B] and ``cu_seqlens`` describe the whole sequence and
+are the same on every rank. A cache under context parallelism raises ``ValueError``: decoding runs
+outside it.
+
 Shapes: B batch, T time, D width.
 """
 
@@ -56,6 +69,14 @@ from seqblocks.config import BlockConfig, ConfigBase
 from seqblocks.layers.checks import check_allocation, check_cache, check_input, check_lengths, check_positive
 from seqblocks.layers.packing import run_unpacked
 from seqblocks.ops._backend import prefer_backend
+from seqblocks.parallel.attention import gather_token_masks
+from seqblocks.parallel.context import (
+    ContextParallel,
+    current_context_parallel,
+    gather_time,
+    local_chunk,
+    using_context_parallel,
+)
 from seqblocks.registry import MIXERS
 
 #: Every optional keyword input a mixer may declare in ``Mixer.inputs``.
@@ -66,7 +87,8 @@ PLACEMENT_ARGS = ("device", "dtype", "layer_idx")
 
 __all__ = ["honours_fast_path",
            "MIXER_INPUTS", "PLACEMENT_ARGS", "MixerConfig", "Mixer", "AttentionBase", "IdentityMixer",
-           "run_mixer", "accepted_inputs", "build_component", "mixer_config_class"]
+           "run_mixer", "run_gathered", "active_context_parallel", "accepted_inputs", "build_component",
+           "mixer_config_class"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,6 +197,9 @@ class Mixer(nn.Module):
             ``.bfloat16()``) leaves them fp32, as ``_keep_in_fp32_modules`` does in transformers; a
             cast to float64 still reaches them; built with such a dtype (``dtype=torch.bfloat16``, a
             bf16 checkpoint) they are created fp32. Names the instance does not have are skipped.
+        context_parallel (str | None): "native" when ``forward`` runs under ``context_parallel`` on
+            this rank's time chunk itself (see the module docstring); None: ``run_mixer`` serves the
+            mixer with the full-sequence fallback. A subclass that changes ``forward`` sets its own.
     """
 
     inputs: ClassVar[frozenset[str]] = frozenset()
@@ -184,6 +209,7 @@ class Mixer(nn.Module):
     # takes [B, D, T] when True ([B, T, D] when False) and returns ``(y, state)``; ``run_mixer`` adapts.
     transposed: bool | None = None
     keep_in_fp32: ClassVar[tuple[str, ...]] = ()
+    context_parallel: ClassVar[str | None] = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Construction with a narrow dtype (dtype=torch.bfloat16, or a checkpoint loaded as bf16) gives
@@ -363,12 +389,78 @@ def accepted_inputs(mixer: Any) -> frozenset[str]:
     return declared | {"cu_seqlens"} if "lengths" in declared else declared
 
 
+def active_context_parallel(owner: str, cache: Any = None) -> ContextParallel | None:
+    """The context-parallel group of more than one rank this call runs under, or None.
+
+    Raises:
+        ValueError: a cache given under context parallelism (no decoding across ranks).
+    """
+    cp = current_context_parallel()
+    if cp is None or cp.world_size == 1:
+        return None
+    if cache is not None:
+        raise ValueError(f"{owner}: a cache under context parallelism (context_parallel over {cp.world_size} "
+                         f"ranks): decoding does not split a sequence across ranks; run cached calls outside "
+                         f"the context_parallel block")
+    return cp
+
+
+def _gather_input(owner: str, name: str, value: Any, cp: ContextParallel) -> Any:
+    """One mixer input of this rank's chunk as the whole sequence's (``run_gathered``)."""
+    if name in ("lengths", "cu_seqlens"):
+        return value  # they describe the whole sequence, the same on every rank
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a tensor, got {type(value).__name__}")
+    if name == "mask":
+        if value.dim() != 2 or value.dtype != torch.bool:
+            raise ValueError(f"{owner}: under context parallelism a mask must be this rank's [B, T_local] bool "
+                             f"key-padding chunk; got {value.dtype} {tuple(value.shape)} (a full [Tq, Tk] mask "
+                             f"does not split along time)")
+        return gather_token_masks(value, cp=cp)[0]
+    return gather_time(value, dim=value.dim() - 1, cp=cp)  # integration_timesteps [B, T], position_ids [(B,) T]
+
+
+def run_gathered(owner: str, x: torch.Tensor, inputs: dict[str, Any],
+                 call: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor],
+                 cp: ContextParallel) -> torch.Tensor:
+    """The context-parallel fallback: ``call(x_full, inputs_full)`` on the whole sequence, gathered from
+    every rank's chunk ``x`` [B, T_local, D], run as one process would (no group active inside), and
+    this rank's chunk of its result [B, T_local, D].
+
+    Exact and differentiable for any ``call`` (the gather's backward sums each chunk's cotangent over
+    the ranks; every rank holds the same parameters); memory and compute O(T) per rank. Per-token
+    inputs are gathered with ``x`` (see the module docstring); ``lengths`` and ``cu_seqlens`` pass as
+    they are.
+
+    Raises:
+        ValueError: a mask other than a [B, T_local] bool key-padding chunk.
+    """
+    full = {k: _gather_input(owner, k, v, cp) for k, v in inputs.items()}
+    x_full = gather_time(x, dim=1, cp=cp)
+    with using_context_parallel(None):
+        y = call(x_full, full)
+    return local_chunk(y, dim=1, cp=cp)
+
+
 def run_mixer(mixer: Mixer, x: torch.Tensor, cache: Any = None, inputs: dict[str, Any] | None = None) -> torch.Tensor:
     """``mixer(x, cache, **inputs)`` under the contract: inputs that are None are dropped, and one the
     mixer does not declare in ``inputs`` raises ``TypeError`` naming the mixer and what it declares.
     ``cu_seqlens`` given to a mixer that declares ``lengths`` but not ``cu_seqlens`` runs the documents
-    as a right-padded batch (``seqblocks.layers.packing.run_unpacked``)."""
+    as a right-padded batch (``seqblocks.layers.packing.run_unpacked``).
+
+    Under context parallelism (``seqblocks.parallel.context_parallel``) a mixer whose class sets
+    ``context_parallel = "native"`` is called on this rank's chunk; any other runs through
+    ``run_gathered`` (the whole sequence on every rank, this rank's chunk kept). A cache there raises
+    ``ValueError``."""
     given = {k: v for k, v in (inputs or {}).items() if v is not None}
+    cp = active_context_parallel(type(mixer).__name__, cache)
+    if cp is not None and getattr(mixer, "context_parallel", None) != "native":
+        rejected = sorted(set(given) - accepted_inputs(mixer))
+        if rejected:
+            raise TypeError(f"{type(mixer).__name__} does not take the inputs {rejected}; it takes "
+                            f"{sorted(mixer.inputs)}")
+        return run_gathered(type(mixer).__name__, x, given, lambda full, inputs: run_mixer(mixer, full, None, inputs),
+                            cp)
     if "cu_seqlens" in given and "cu_seqlens" not in mixer.inputs and "lengths" in mixer.inputs:
         return run_unpacked(mixer, x, cache, given, run_mixer)
     rejected = sorted(set(given) - accepted_inputs(mixer))

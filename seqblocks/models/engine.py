@@ -12,6 +12,14 @@ Caches: ``allocate_inference_cache`` returns an ``InferenceCaches`` (``seqblocks
 ``forward(..., inference_params=caches)`` is a prefill (or a chunk of one); ``step`` feeds one token.
 Both update the caches in place, so a decode step can be captured in a CUDA graph.
 
+Context parallelism (``seqblocks.parallel.context_parallel``): ``forward`` takes this rank's time chunk
+``input_ids`` [B, T_local] (tokens ``[r * T_local, (r + 1) * T_local)`` of every row) and returns the
+logits of those tokens: the additive position encoding and every mixer use global positions
+(``offset + arange(T_local)``), each layer exchanges what crosses the chunks (native mixers) or runs
+the whole sequence (``run_mixer``'s fallback). ``lengths`` [B] then counts the whole sequence's
+tokens; ``position_ids`` and other per-token inputs are this rank's chunks. Not with caches,
+``num_last_tokens``, packed documents or MTP modules (``ValueError``).
+
 Shapes: B batch, T time, D width, V vocabulary.
 """
 
@@ -34,6 +42,7 @@ from seqblocks.layers.position import LearnedPosition, PositionBase
 from seqblocks.models.init import InitConfig, init_embeddings, rescale_residual_projections
 from seqblocks.models.mtp import MTPModule
 from seqblocks.models.mup import MupSpec, apply_mup
+from seqblocks.parallel.context import ContextParallel, current_context_parallel
 from seqblocks.registry import CONVERTERS
 
 __all__ = ["CausalLMOutput", "CausalLM", "mixer_inputs"]
@@ -194,7 +203,9 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
         if not isinstance(num_last_tokens, int) or num_last_tokens < 0:
             raise ValueError(f"num_last_tokens={num_last_tokens!r} must be a non-negative int")
         owner = type(self).__name__
-        check_lengths(owner, lengths, B, T)
+        cp = self._context_parallel(T, inference_params, num_last_tokens=num_last_tokens,
+                                    packed=cu_seqlens is not None or document_ids is not None)
+        check_lengths(owner, lengths, B, T if cp is None else T * cp.world_size)
         check_timesteps(owner, integration_timesteps, B, T)
         check_position_ids(owner, position_ids, B, T)
         if lengths is not None:
@@ -331,7 +342,10 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             if cu_seqlens is not None:
                 positions = packed_positions(cu_seqlens, B * T).view(B, T)
             elif position_ids is None:
+                cp = current_context_parallel()
                 start = cache_offset(caches)[:, None] if caches is not None else 0
+                if caches is None and cp is not None:
+                    start = cp.offset(T)  # this rank's chunk of the sequence (context parallelism)
                 positions = start + torch.arange(T, device=input_ids.device)
                 positions = positions if caches is not None else positions[None]
             else:
@@ -394,6 +408,31 @@ class CausalLM(nn.Module, CheckpointMixin, library_name="seqblocks", tags=["seqb
             hidden = module(hidden[:, :-1], self.embedding(input_ids[:, k:]))  # [B, T - k, D]
             out.append(self.head_logits(module.out_norm(hidden)))
         return tuple(out)
+
+    def _context_parallel(self, T: int, caches: Any, *, num_last_tokens: int = 0,
+                          packed: bool = False) -> ContextParallel | None:
+        """The context-parallel group (more than one rank) this forward runs under, or None.
+
+        Raises:
+            ValueError: under context parallelism, caches, ``num_last_tokens``, packed documents, MTP
+                modules, or a learned position table shorter than the whole sequence.
+        """
+        cp = current_context_parallel()
+        if cp is None or cp.world_size == 1:
+            return None
+        owner = type(self).__name__
+        mtp = getattr(self, "mtp", None) or ()
+        given = {"caches (inference_params)": caches is not None, "num_last_tokens": num_last_tokens > 0,
+                 "packed documents (cu_seqlens / document_ids)": packed,
+                 f"MTP modules (mtp_n_predict={len(mtp)})": len(mtp) > 0}
+        bad = [name for name, on in given.items() if on]
+        if bad:
+            raise ValueError(f"{owner}.forward under context parallelism ({cp.world_size} ranks, each with a "
+                             f"time chunk) takes no {bad}; decode and sample outside context_parallel")
+        if isinstance(self.position, LearnedPosition) and T * cp.world_size > self.position.max_seq_len:
+            raise ValueError(f"{owner}: the whole sequence of {cp.world_size} x {T} tokens exceeds the learned "
+                             f"position table (max_seq_len={self.position.max_seq_len})")
+        return cp
 
     def _add_position(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if isinstance(self.position, LearnedPosition):

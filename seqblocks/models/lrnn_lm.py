@@ -260,7 +260,8 @@ class LRNNModel(nn.Module):
         lm = self._lm
         B, T = lm._check_ids(input_ids)
         owner = type(self).__name__
-        check_lengths(owner, lengths, B, T)
+        cp = lm._context_parallel(T, inference_params)  # input_ids: this rank's chunk (see LRNNLMHeadModel)
+        check_lengths(owner, lengths, B, T if cp is None else T * cp.world_size)
         check_timesteps(owner, integration_timesteps, B, T)
         if inference_params is not None:
             lm._check_caches(inference_params, B, T)

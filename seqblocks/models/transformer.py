@@ -15,6 +15,11 @@ absolute positions (cache offset + index); "rope" and "alibi" act inside self-at
 While decoding, each layer caches its self-attention K/V, and its cross-attention K/V are computed
 once, on the first decode call after ``allocate_inference_cache`` (or ``cache.reset()``).
 
+Context parallelism (``seqblocks.parallel.context_parallel``): ``TransformerEncoder`` and the
+decoder-only ``TransformerDecoder`` (``cross_attention=False``) take this rank's time chunk [B, T_local]
+and return its outputs; additive positions start at the chunk's offset and the self-attention is
+``MHA``'s (global positions, ring or all-gather). A decoder with cross-attention refuses it.
+
 Shapes: B batch, T time, S source length, D width, V vocabulary.
 """
 
@@ -33,6 +38,7 @@ from seqblocks.checkpoint import CheckpointMixin
 from seqblocks.layers.packing import packed_positions, packing_offsets
 from seqblocks.layers.position import LearnedPosition, SinusoidalPosition, positions_from_offset
 from seqblocks.models.transformer_config import TransformerConfig
+from seqblocks.parallel.context import current_context_parallel
 from seqblocks.registry import MODELS, NORMS
 
 __all__ = ["TransformerEncoder", "TransformerDecoder", "TransformerEncoderDecoder", "TransformerCache",
@@ -150,8 +156,10 @@ class _Stack(nn.Module):
             x = inputs
         if self.pos_embedding is not None:
             T = x.shape[1]
-            pos = positions if positions is not None else positions_from_offset(0 if offset is None else offset, T,
-                                                                                 device=x.device)
+            if offset is None:  # no cache: position 0, or this rank's chunk under context parallelism
+                cp = current_context_parallel()
+                offset = 0 if cp is None else cp.offset(T)
+            pos = positions if positions is not None else positions_from_offset(offset, T, device=x.device)
             x = self.pos_embedding.embed(x, pos)
         return self.embed_dropout(x)
 
@@ -395,6 +403,10 @@ class TransformerDecoder(_Stack, CheckpointMixin, library_name="seqblocks", tags
             cu_seqlens, document_ids (Tensor | None): packed documents, as ``TransformerEncoder``
                 (a decoder-only stack, ``cross_attention=False``, only). Default: None.
         """
+        cp = current_context_parallel()
+        if self.cross_attention and cp is not None and cp.world_size > 1:
+            raise ValueError("TransformerDecoder: context parallelism needs a decoder-only stack "
+                             "(cross_attention=False); the memory of cross-attention does not split with the targets")
         if self.cross_attention and (cu_seqlens is not None or document_ids is not None):
             raise ValueError("TransformerDecoder: packed documents (cu_seqlens / document_ids) need a decoder-only "
                              "stack (cross_attention=False); with cross-attention each target row has one source")

@@ -1,12 +1,18 @@
 """Parallelism along the time axis (context parallelism): each rank of a process group holds one
-contiguous chunk of every sequence, and the mixers exchange what crosses chunk boundaries."""
+contiguous chunk of every sequence, and the mixers exchange what crosses chunk boundaries
+(docs/context_parallel.md)."""
 
+from seqblocks.parallel.attention import allgather_attention, context_parallel_attention, ring_attention
 from seqblocks.parallel.context import (
+    ATTENTION_METHODS,
     ContextParallel,
     context_parallel,
     current_context_parallel,
     gather_time,
     local_chunk,
+    using_context_parallel,
 )
 
-__all__ = ["ContextParallel", "context_parallel", "current_context_parallel", "gather_time", "local_chunk"]
+__all__ = ["ATTENTION_METHODS", "ContextParallel", "context_parallel", "current_context_parallel",
+           "using_context_parallel", "gather_time", "local_chunk", "ring_attention", "allgather_attention",
+           "context_parallel_attention"]

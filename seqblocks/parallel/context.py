@@ -9,6 +9,10 @@ are those of the full-sequence computation.
 
 The collectives here are differentiable (their backward sends the cotangents back where the values
 came from), so a path written with them needs no hand-written backward.
+
+``using_context_parallel(cp)`` re-enters a group captured earlier (an activation-checkpointed block
+recomputed in the backward pass runs outside the ``with`` of its forward, possibly on another thread)
+or, with None, runs a block as one process would (``run_mixer``'s full-sequence fallback).
 """
 
 from __future__ import annotations
@@ -21,18 +25,26 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["ContextParallel", "context_parallel", "current_context_parallel", "gather_time", "local_chunk"]
+__all__ = ["ContextParallel", "ATTENTION_METHODS", "context_parallel", "current_context_parallel",
+           "using_context_parallel", "gather_time", "local_chunk"]
+
+#: How attention exchanges keys and values under context parallelism (``seqblocks.parallel.attention``):
+#: "ring" passes one rank's block at a time (memory O(T_local)), "allgather" gathers the whole sequence's
+#: keys and values on every rank (O(T); the short-context path, served by the fused attention backends).
+ATTENTION_METHODS = ("ring", "allgather")
 
 _STATE = threading.local()
 
 
 @dataclasses.dataclass(frozen=True)
 class ContextParallel:
-    """One context-parallel group: ``rank`` holds the ``rank``-th of ``world_size`` time chunks."""
+    """One context-parallel group: ``rank`` holds the ``rank``-th of ``world_size`` time chunks;
+    ``attention`` is how attention layers exchange keys and values (``ATTENTION_METHODS``)."""
 
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
+    attention: str = "ring"
 
     def offset(self, local_len: int) -> int:
         """Position of this rank's first token in the full sequence."""
@@ -45,18 +57,39 @@ def current_context_parallel() -> ContextParallel | None:
 
 
 @contextlib.contextmanager
-def context_parallel(group: dist.ProcessGroup | None = None) -> Iterator[ContextParallel]:
+def context_parallel(group: dist.ProcessGroup | None = None, *, attention: str = "ring") -> Iterator[ContextParallel]:
     """Run the forward passes inside the block split along time over ``group`` (default: the world).
 
     A group of one process is allowed and changes nothing (every path reduces to the plain one).
+
+    Args:
+        group (ProcessGroup | None): the processes that share each sequence. Default: None (the world).
+        attention (str): "ring" or "allgather" (``ATTENTION_METHODS``). Default: "ring".
+
+    Raises:
+        ValueError: no process group is initialised; an unknown ``attention``.
+        TypeError: ``group`` is not a ProcessGroup.
     """
+    if attention not in ATTENTION_METHODS:
+        raise ValueError(f"context_parallel: attention={attention!r} must be one of {ATTENTION_METHODS}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("context_parallel needs an initialised torch.distributed process group "
                          "(torch.distributed.init_process_group); none is initialised")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"context_parallel: group must be a torch.distributed.ProcessGroup or None, "
                         f"got {type(group).__name__}")
-    cp = ContextParallel(group=group, rank=dist.get_rank(group), world_size=dist.get_world_size(group))
+    cp = ContextParallel(group=group, rank=dist.get_rank(group), world_size=dist.get_world_size(group),
+                         attention=attention)
+    with using_context_parallel(cp):
+        yield cp
+
+
+@contextlib.contextmanager
+def using_context_parallel(cp: ContextParallel | None) -> Iterator[ContextParallel | None]:
+    """Run the block under ``cp`` exactly (a group captured with ``current_context_parallel()``), or, with
+    None, as a single process would: ``current_context_parallel()`` is None inside."""
+    if cp is not None and not isinstance(cp, ContextParallel):
+        raise TypeError(f"using_context_parallel: cp must be a ContextParallel or None, got {type(cp).__name__}")
     previous = current_context_parallel()
     _STATE.cp = cp
     try:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from seqblocks.config import ConfigBase
+from seqblocks.parallel.context import ATTENTION_METHODS
 
 __all__ = ["TrainConfig"]
 
@@ -84,6 +85,12 @@ class TrainConfig(ConfigBase):
         activation_checkpointing (int): recompute the activations of every N-th block in the backward
             pass instead of storing them (``torch.utils.checkpoint``; 1: every block); the gradients are
             the same. 0: off. Default: 0.
+        context_parallel (int): processes that share each sequence along time (context parallelism,
+            ``seqblocks.parallel``; a causal LM only): ranks ``[i * N, (i + 1) * N)`` form one group,
+            each holding one time chunk of the same rows; the world size must be a multiple of N and the
+            rows are split over the ``world_size / N`` groups. 1: off. Default: 1.
+        context_parallel_attention (str): how attention exchanges keys and values under context
+            parallelism: "ring" (memory O(T / N)) or "allgather". Default: "ring".
     """
 
     task: str = "chars"
@@ -124,6 +131,8 @@ class TrainConfig(ConfigBase):
     wandb: bool = False
     peak_flops: float = 0.0
     activation_checkpointing: int = 0
+    context_parallel: int = 1
+    context_parallel_attention: str = "ring"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,6 +140,12 @@ class TrainConfig(ConfigBase):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
+        if self.context_parallel <= 0:
+            raise ValueError(f"TrainConfig.context_parallel={self.context_parallel!r} must be a positive integer "
+                             f"(1: no context parallelism)")
+        if self.context_parallel_attention not in ATTENTION_METHODS:
+            raise ValueError(f"TrainConfig.context_parallel_attention={self.context_parallel_attention!r} must be "
+                             f"one of {ATTENTION_METHODS}")
         if self.seq_len_start <= 0:
             raise ValueError(f"TrainConfig.seq_len_start={self.seq_len_start!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens", "grad_clip",

@@ -231,13 +231,25 @@ def load_train_model(directory: Path, task_info: dict[str, Any] | None, device=N
 
 def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``block``'s own forward, its activations recomputed in the backward pass (a module-level function
-    bound with ``functools.partial``, so a deep copy or pickle of the model rebinds it to the copy)."""
+    bound with ``functools.partial``, so a deep copy or pickle of the model rebinds it to the copy).
+
+    The recomputation runs under the context-parallel group of the forward (``seqblocks.parallel``):
+    the backward pass runs outside the forward's ``with context_parallel(...)`` (on CUDA, on another
+    thread), so the group is captured here and re-entered."""
+    import contextlib
+
     from torch.utils.checkpoint import checkpoint
+
+    from seqblocks.parallel.context import current_context_parallel, using_context_parallel
 
     forward = type(block).forward.__get__(block)
     if not torch.is_grad_enabled():  # evaluation: nothing to save
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    cp = current_context_parallel()
+    if cp is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), using_context_parallel(cp)), **kwargs)
 
 
 def activation_checkpointing(model: nn.Module, every: int) -> int:

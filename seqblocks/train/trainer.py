@@ -8,6 +8,17 @@ cross-entropies of the global batch divided by its number of scored tokens; each
 its share scaled by ``world_size`` (DDP and FSDP average gradients over ranks), so the gradient is the
 same whatever the world size and accumulation.
 
+Context parallelism (``context_parallel = N``, a causal LM): ranks ``[i * N, (i + 1) * N)`` form group i
+(``torch.distributed.new_group``; the world itself when N is the world size). The rows of a micro-batch
+are split over the ``world_size / N`` groups, and each rank of a group takes its time chunk of the same
+rows, inputs and their (already shifted) targets alike: rank ``i * N + c`` holds tokens
+``[c * T / N, (c + 1) * T / N)`` (T must be divisible by N, else ``ValueError``). The forward runs under
+``seqblocks.parallel.context_parallel(group)``. The loss needs nothing new: each rank's summed token
+loss over its chunk, scaled by ``world_size`` / the global batch's scored tokens, and averaged over all
+ranks by DDP / FSDP (parameters are replicated over the group too), is the global mean over every
+rank's tokens; the logged loss is the all-reduced sum of the ranks' summed losses over that count.
+Evaluation runs under the group as well (``evaluate`` splits each held-out batch along time).
+
 The run directory has one owner for the whole run (``seqblocks.train.rundir``): rank 0 locks it,
 refuses to start over a previous run unless told to resume or overwrite, and turns a full disk or a
 read-only directory into one clear error that leaves the last complete checkpoint intact.
@@ -33,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqblocks.models.mtp import mtp_loss
+from seqblocks.parallel.context import context_parallel, current_context_parallel
 from seqblocks.tasks import IGNORE_INDEX, Batch, Task, get_task
 from seqblocks.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -61,7 +73,8 @@ from seqblocks.train.models import (
 from seqblocks.train.optim import make_optimizer, make_scheduler
 from seqblocks.train.rundir import LOSS_PLOT, METRICS_FILE, RUN_CONFIG, RunDirectory
 
-__all__ = ["TrainResult", "train", "evaluate", "autocast_context", "METRICS_FILE", "LOSS_PLOT"]
+__all__ = ["TrainResult", "train", "evaluate", "autocast_context", "context_parallel_chunk", "METRICS_FILE",
+           "LOSS_PLOT"]
 
 
 @dataclasses.dataclass
@@ -165,8 +178,14 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
         dict: ``loss`` (mean cross-entropy per scored token), ``ppl`` (exp(loss)), ``acc`` (argmax
         accuracy per scored token), ``seq_acc`` (rows with every scored token right), ``tokens``; and
         ``bpb`` (bits per UTF-8 byte) for a text task (``Task.token_bytes``).
+
+    Under ``seqblocks.parallel.context_parallel`` (a causal LM) every rank of the group scores its time
+    chunk of each batch (``context_parallel_chunk``) and the sums are all-reduced over the group, so each
+    rank returns the whole batch's metrics.
     """
     device = torch.device(device)
+    cp = current_context_parallel()
+    cp = cp if cp is not None and cp.world_size > 1 else None
     was_training = model.training
     model.eval()
     kind, table = kind_of_model(model), task.token_bytes()
@@ -175,6 +194,8 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
         batches = task.eval_batches(batch_size, seed)
         for batch in batches[:max_batches] if max_batches > 0 else batches:
             batch = batch.to(device)
+            if cp is not None:
+                batch = context_parallel_chunk(batch, cp.rank, cp.world_size)
             with autocast_context(device, precision):
                 logits = forward_logits(model, batch, kind, _boundaries(batch, pack_boundaries))[1]
             width = task.num_classes if kind in ("classifier", "image_classifier") else getattr(
@@ -186,10 +207,19 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 64, device: torch.d
             right = (logits.argmax(-1) == batch.targets) & scored
             correct += int(right.sum())
             count += int(scored.sum())
-            rows_right += int(((right | ~scored).all(dim=1)).sum())
+            if cp is None:
+                rows_right += int(((right | ~scored).all(dim=1)).sum())
+            else:  # a row is right when every chunk of it is: count the wrong tokens per row over the group
+                wrong = (~(right | ~scored)).sum(dim=1)
+                torch.distributed.all_reduce(wrong, group=cp.group)
+                rows_right += int((wrong == 0).sum())
             rows += batch.input_ids.shape[0]
     finally:
         model.train(was_training)
+    if cp is not None:
+        sums = torch.tensor([total, correct, count, nbytes], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums, group=cp.group)
+        total, correct, count, nbytes = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
     loss = total / max(count, 1)
     result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / max(count, 1),
               "seq_acc": rows_right / max(rows, 1), "tokens": count}
@@ -221,17 +251,66 @@ def _check_pack_boundaries(module: nn.Module, task: Task, config: TrainConfig) -
                          f"leave pack_boundaries off (the loss is still masked across documents)")
 
 
+def context_parallel_chunk(batch: Batch, rank: int, size: int) -> Batch:
+    """Time chunk ``rank`` of ``size`` of a batch's rows: tokens ``[rank * T / size, (rank + 1) * T / size)``
+    of the inputs, their targets (already the next tokens) and document ids.
+
+    Raises:
+        ValueError: T not divisible by ``size``.
+    """
+    T = batch.input_ids.shape[1]
+    if T % size:
+        raise ValueError(f"context_parallel={size}: rows of {T} tokens do not split into {size} equal time chunks; "
+                         f"use a sequence length divisible by {size}")
+    n = T // size
+    here = slice(rank * n, (rank + 1) * n)
+    return dataclasses.replace(batch, input_ids=batch.input_ids[:, here], targets=batch.targets[:, here],
+                               document_ids=None if batch.document_ids is None else batch.document_ids[:, here])
+
+
+def _context_parallel_group(config: TrainConfig, info: DistInfo, kind: str):
+    """A context manager that runs a forward under this rank's context-parallel group (nothing when
+    ``config.context_parallel`` is 1). Every rank creates every group, in the same order.
+
+    Raises:
+        ValueError: a world size that is not a multiple of the group size, a model other than a causal LM.
+    """
+    size = config.context_parallel
+    if size == 1:
+        return contextlib.nullcontext
+    if info.world_size % size:
+        raise ValueError(f"TrainConfig.context_parallel={size} needs a world size that is a multiple of it (torchrun "
+                         f"--nproc_per_node); this run has {info.world_size} process(es)")
+    if kind != "causal_lm":
+        raise ValueError(f"TrainConfig.context_parallel={size}: context parallelism trains a causal LM; this run's "
+                         f"model is a {kind!r}")
+    if config.pack_boundaries:
+        raise ValueError("TrainConfig.context_parallel: packed document boundaries (pack_boundaries) do not split "
+                         "along time; leave pack_boundaries off (the loss is still masked across documents)")
+    group = None  # the whole world
+    if size < info.world_size:
+        groups = [torch.distributed.new_group(list(range(i * size, (i + 1) * size)))
+                  for i in range(info.world_size // size)]
+        group = groups[info.rank // size]
+    return lambda: context_parallel(group, attention=config.context_parallel_attention)
+
+
 def _micro_batches(task: Task, step: int, config: TrainConfig, info: DistInfo) -> tuple[list[Batch], int]:
-    """This rank's micro-batches of optimizer step ``step`` and the global batch's scored-token count."""
+    """This rank's micro-batches of optimizer step ``step`` and the global batch's scored-token count
+    (with context parallelism, this rank's time chunk of its group's rows)."""
     full = task.batch("train", step, config.batch_size, config.seed)
     if config.seq_len_warmup:
         from seqblocks.train.curriculum import curriculum_batch
 
         full = curriculum_batch(full, step, config.seq_len_warmup, config.seq_len_start)
     micro = config.batch_size // config.grad_accum
-    per_rank = micro // info.world_size
-    parts = [full[m * micro + info.rank * per_rank: m * micro + (info.rank + 1) * per_rank]
+    cp = config.context_parallel
+    per_rank = micro // (info.world_size // cp)
+    row = info.rank // cp  # the data-parallel replica (context-parallel group) this rank belongs to
+    parts = [full[m * micro + row * per_rank: m * micro + (row + 1) * per_rank]
              for m in range(config.grad_accum)]
+    if cp > 1:
+        parts = [context_parallel_chunk(part, info.rank % cp, cp) for part in parts]
     return parts, full.num_targets
 
 
@@ -440,14 +519,17 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                            checkpoint=ckpt, step=state["step"], config=config, already_complete=True)
     info = init_distributed(config.device)
     micro = config.batch_size // config.grad_accum
-    if micro % info.world_size:
+    replicas = info.world_size // config.context_parallel if info.world_size % config.context_parallel == 0 else 0
+    if replicas and micro % replicas:
+        groups = f" ({replicas} context-parallel groups)" if config.context_parallel > 1 else ""
         raise ValueError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
-                         f"micro-batch do not split over {info.world_size} processes")
+                         f"micro-batch do not split over {replicas} processes{groups}")
     task = get_task(config.task, **config.task_options)
     model_config = {**model_config, **task.model_fields()}
 
     torch.manual_seed(config.seed)
     kind = model_kind(model_config)
+    in_group = _context_parallel_group(config, info, kind)
     module = build_train_model(model_config, task)
     sharded_resume = state is not None and state.get("checkpoint_format") == "sharded"
     if state is not None and not sharded_resume:  # a sharded one is read after wrapping, into the shards
@@ -547,8 +629,9 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                                  task, extra, card)
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed,
-                          config.pack_boundaries, max_batches=config.eval_steps)
+        with in_group():
+            result = evaluate(module, task, config.eval_batch_size, info.device, config.precision, config.seed,
+                              config.pack_boundaries, max_batches=config.eval_steps)
         if fsdp:
             reshard(module)
         log_row({"type": "eval", "step": step, **result})
@@ -589,7 +672,7 @@ def _train(model_config: dict[str, Any], config: TrainConfig, out_dir: Path, run
                 part = part.to(info.device)
                 step_bytes += _target_bytes(table, part.targets)
                 sync = contextlib.nullcontext() if not ddp or m == len(parts) - 1 else wrapped.no_sync()
-                with sync:
+                with sync, in_group():
                     with autocast_context(info.device, config.precision):
                         out, logits = forward_logits(runner, part, kind, _boundaries(part, config.pack_boundaries))
                     loss = _loss_sum(logits, part.targets)

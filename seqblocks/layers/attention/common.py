@@ -14,6 +14,8 @@
 - ``AttentionCore``: the base of the softmax-attention mixers: backend options and ``attend``.
 - ``poisoned_queries``: which queries a non-finite key poisons (``seqblocks.layers.finite``'s rule:
   zero it before the softmax, poison the queries that may see it, never an earlier one).
+- ``AttentionCore.attend_context_parallel`` and ``context_parallel_poisoned``: the same attention and
+  rule when the sequence is split along time over a context-parallel group (``seqblocks.parallel``).
 
 Shapes: B batch, T time, H query heads, Hkv key/value heads, K head width, Tq queries, Tk keys.
 """
@@ -34,6 +36,8 @@ from seqblocks.layers.mixer import Mixer
 from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import ALiBi, PositionBase, RotaryEmbedding
 from seqblocks.ops.attention import ATTENTION_BACKENDS, attention
+from seqblocks.parallel.attention import gather_token_masks, global_positions, ring_attention
+from seqblocks.parallel.context import ContextParallel, gather_time
 
 #: Other spellings of the softmax backends. "pallas_flash" (a fused flash kernel with the score mod in its
 #: inner loop) maps to "auto", our fastest fused path: SDPA's flash kernel on CUDA, FlexAttention there when a
@@ -43,6 +47,7 @@ ATTENTION_TYPE_ALIASES = {"pallas_flash": "auto"}
 __all__ = ["AttentionCore", "ATTENTION_TYPE_ALIASES",
            "resolve_heads", "check_mods", "check_position", "make_rotary", "rotary_of",
            "token_index", "rope_positions", "split_mask", "intersect_valid", "poisoned_queries", "document_mods",
+           "context_parallel_poisoned",
            "make_qk_norm",
            "with_softcap", "split_call_mod"]
 
@@ -268,6 +273,21 @@ def poisoned_queries(bad_key: torch.Tensor, index: torch.Tensor, *, causal: bool
     return poisoned, last
 
 
+def context_parallel_poisoned(cp: ContextParallel, bad_key: torch.Tensor, key_valid: torch.Tensor | None, *,
+                              causal: bool, window: int | None,
+                              document: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(poisoned [B, T_local], key_valid [B, T] or None) under context parallelism: ``poisoned_queries``'s
+    rule over the whole sequence, so a non-finite key on one rank poisons the queries of later ranks that
+    may see it. ``bad_key`` and ``key_valid`` [B, T_local] are this rank's; both are gathered in one
+    all-gather, and the whole sequence's ``key_valid`` comes back for the attention. ``document`` [T]:
+    the whole sequence's document of each token (packed documents)."""
+    bad_all, valid_all = gather_token_masks(bad_key, key_valid, cp=cp)
+    T_local = bad_key.shape[1]
+    index = torch.arange(bad_all.shape[1], device=bad_all.device)[None]
+    poisoned, _ = poisoned_queries(bad_all, index, causal=causal, window=window, document=document)
+    return poisoned[:, global_positions(T_local, bad_all.device, cp)], valid_all
+
+
 class AttentionCore(Mixer):
     """Base of the softmax-attention mixers (MHA and its variants, MLA, cross-attention).
 
@@ -346,13 +366,7 @@ class AttentionCore(Mixer):
             attn_mask = extra if attn_mask is None else (
                 extra + attn_mask if attn_mask.dtype != torch.bool
                 else extra.masked_fill(~attn_mask, float("-inf")))
-        score_mod, mask_mod = self.score_mod, self.mask_mod
-        if call_score_mod is not None:
-            score_mod = call_score_mod if score_mod is None else compose(score_mod, call_score_mod)
-        if call_mask_mod is not None:
-            mask_mod = call_mask_mod if mask_mod is None else and_masks(mask_mod, call_mask_mod)
-        if documents is not None:
-            score_mod, mask_mod = document_mods(*documents, score_mod, mask_mod)
+        score_mod, mask_mod = self._mods(call_score_mod, call_mask_mod, documents)
         dropout_p = self.dropout if self.training else 0.0
         if self.attention_fn is not None:
             return call_attention_fn(
@@ -366,3 +380,54 @@ class AttentionCore(Mixer):
             mask_mod=mask_mod, dropout_p=dropout_p, backend=self.attention_type,
             block_size=self.attention_block_size, **kwargs,
         )
+
+    def _mods(self, call_score_mod: Callable | None, call_mask_mod: Callable | None,
+              documents: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Callable | None, Callable | None]:
+        """(score_mod, mask_mod) of a call: the layer's, then the call's (composed / intersected), then
+        packed documents' block-diagonal mask around both (``attend``)."""
+        score_mod, mask_mod = self.score_mod, self.mask_mod
+        if call_score_mod is not None:
+            score_mod = call_score_mod if score_mod is None else compose(score_mod, call_score_mod)
+        if call_mask_mod is not None:
+            mask_mod = call_mask_mod if mask_mod is None else and_masks(mask_mod, call_mask_mod)
+        if documents is not None:
+            score_mod, mask_mod = document_mods(*documents, score_mod, mask_mod)
+        return score_mod, mask_mod
+
+    def attend_context_parallel(self, cp: ContextParallel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                causal: bool, window: int | None, key_valid: torch.Tensor | None,
+                                call_score_mod: Callable | None = None, call_mask_mod: Callable | None = None,
+                                documents: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``attend`` of this rank's queries [B, H, T_local, K] over the whole sequence, the keys and
+        values [B, Hkv, T_local, K] split over ``cp`` like the queries; ``key_valid`` [B, T] is the whole
+        sequence's, ``documents`` (document [T], in-document position [T]) too. Masks, ALiBi and mods
+        see global positions.
+
+        ``cp.attention`` "allgather" gathers the keys and values and runs ``attend`` (any backend, a
+        kernel of one's own, any bias position); "ring" runs ``seqblocks.parallel.ring_attention``
+        (O(T_local) memory), which takes ALiBi as its bias position and no ``attention_fn``.
+
+        Raises:
+            ValueError: "ring" with an ``attention_fn`` or a bias position other than ALiBi.
+        """
+        owner = type(self).__name__
+        q_pos = global_positions(q.shape[2], q.device, cp)[None]
+        if cp.attention == "allgather":
+            keys, values = gather_time(k, dim=2, cp=cp), gather_time(v, dim=2, cp=cp)
+            return self.attend(q, keys, values, causal=causal, window=window, q_pos=q_pos, kv_pos=None,
+                               key_valid=key_valid, attn_mask=None, call_score_mod=call_score_mod,
+                               call_mask_mod=call_mask_mod, documents=documents)
+        if self.attention_fn is not None:
+            raise ValueError(f"{owner}: ring attention (context_parallel(..., attention='ring')) computes the "
+                             f"attention itself and cannot call attention_fn; use attention='allgather'")
+        alibi = None
+        if self.position is not None and self.position.kind == "bias":
+            if not isinstance(self.position, ALiBi):
+                raise ValueError(f"{owner}: ring attention takes ALiBi as its bias position, not "
+                                 f"{type(self.position).__name__}; use context_parallel(..., attention='allgather')")
+            alibi = self.position.slopes
+        score_mod, mask_mod = self._mods(call_score_mod, call_mask_mod, documents)
+        return ring_attention(q, k, v, causal=causal, window=window, scale=self.softmax_scale, key_valid=key_valid,
+                              score_mod=score_mod, mask_mod=mask_mod, alibi_slopes=alibi,
+                              dropout_p=self.dropout if self.training else 0.0,
+                              block_size=self.attention_block_size, cp=cp)

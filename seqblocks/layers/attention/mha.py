@@ -30,6 +30,14 @@ Inputs and conventions (shared by every attention mixer):
   zeroed before the softmax (a masked key's ``0 * NaN`` would reach every query) and the outputs of
   the queries that may see that key (causal: t and later, within the window) are set to NaN; padded
   or masked-out keys never poison anything, and outputs at padding are 0.
+- Context parallelism (``context_parallel = "native"``): under ``seqblocks.parallel.context_parallel``
+  x is this rank's time chunk [B, T_local, D] and the layer attends over the whole sequence through
+  ``AttentionCore.attend_context_parallel`` (ring or all-gather): token indices, RoPE angles (default
+  ``position_ids``), windows, ALiBi and mods are global; ``position_ids`` and a [B, T_local] key-padding
+  ``mask`` are this rank's chunks, ``lengths`` [B] and ``cu_seqlens`` (over the whole sequence, B = 1)
+  the whole sequence's; ``d_conv`` takes its left context from the previous ranks. Not with a cache,
+  a full mask or ``attention_type="lite"`` (``ValueError``). Subclasses with their own forward
+  (``SparseGQA``) set their own.
 
 Shapes: B batch, T time, D model width, H query heads, Hkv key/value heads, K head width, V value width,
 M memory length, S cache slots.
@@ -50,6 +58,7 @@ from seqblocks.cache import host_sync_unsafe
 from seqblocks.layers.attention.cache import KVCache, RollingKVCache
 from seqblocks.layers.attention.common import (
     AttentionCore,
+    context_parallel_poisoned,
     intersect_valid,
     make_qk_norm,
     make_rotary,
@@ -75,7 +84,7 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.finite import poison
-from seqblocks.layers.mixer import run_mixer
+from seqblocks.layers.mixer import active_context_parallel, run_mixer
 from seqblocks.layers.packing import document_index, packed_positions, run_unpacked
 from seqblocks.layers.position import PositionBase, RotaryEmbedding
 from seqblocks.ops._packing import check_cu_seqlens
@@ -83,6 +92,8 @@ from seqblocks.ops.attention import ATTENTION_BACKENDS
 from seqblocks.ops.attention.paged import PAGED_MAX_QUERIES, paged_attention, paged_kernel_runs
 from seqblocks.ops.attention.prologue import rope_nonfinite_qkv
 from seqblocks.ops.causal_conv1d import causal_conv1d
+from seqblocks.parallel.attention import global_positions, previous_tokens
+from seqblocks.parallel.context import ContextParallel
 from seqblocks.registry import MIXERS
 
 # CrossAttention is re-exported here, where it lived before cross_attention.py.
@@ -157,6 +168,7 @@ class MHA(AttentionCore):
     """
 
     inputs = frozenset({"mask", "position_ids", "lengths", "cu_seqlens"})
+    context_parallel = "native"
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if kwargs.get("attention_type") == "linear":
@@ -356,6 +368,13 @@ class MHA(AttentionCore):
         call_mods = split_call_mod(owner, score_mod)
         if score_mod is not None and self.lite_gate is not None:
             raise ValueError(f"{owner}: attention_type='lite' has no scores for a per-call score_mod")
+        cp = active_context_parallel(owner, cache)
+        if cp is not None and self.lite_gate is not None:
+            raise ValueError(f"{owner}: attention_type='lite' normalises over the whole sequence; it does not run "
+                             f"under context parallelism")
+        if cp is not None and cu_seqlens is not None and (mask is not None or lengths is not None):
+            raise ValueError(f"{owner}: under context parallelism packed documents (cu_seqlens) take no mask or "
+                             f"lengths")
         if cu_seqlens is not None and (cache is not None or mask is not None or lengths is not None):
             given = {"cu_seqlens": cu_seqlens, "mask": mask, "lengths": lengths, "position_ids": position_ids}
             given = {k: v for k, v in given.items() if v is not None}
@@ -369,13 +388,14 @@ class MHA(AttentionCore):
         check_input(owner, x, self.embed_dim, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         B, T, _ = x.shape
-        check_lengths(owner, lengths, B, T)
+        T_all = T if cp is None else T * cp.world_size  # the whole sequence's length
+        check_lengths(owner, lengths, B, T_all)
         check_position_ids(owner, position_ids, B, T)
         documents = None
         if cu_seqlens is not None:
-            check_cu_seqlens(owner, cu_seqlens, B, T)
+            check_cu_seqlens(owner, cu_seqlens, B, T_all)
             cu = cu_seqlens.to(x.device)
-            documents = (document_index(cu, T), packed_positions(cu, T))
+            documents = (document_index(cu, T_all), packed_positions(cu, T_all))
         if cache is not None:
             kind = RollingKVCache if self.window_size is not None and not isinstance(cache, KVCache) else KVCache
             check_cache(owner, cache, kind, B, x.device)
@@ -391,7 +411,7 @@ class MHA(AttentionCore):
             up, gate = x_mlp.chunk(2, dim=-1)
             x_mlp = up * F.silu(gate)
         if self.d_conv > 0:
-            qkv = self._conv(qkv, cache, lengths)
+            qkv = self._conv(qkv, cache, lengths, cp)
         q, k, v = qkv.split((H * K, Hkv * K, Hkv * K), dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, Hkv, K), v.view(B, T, Hkv, K)
         if self.q_norm is not None:  # QK-norm comes before RoPE
@@ -400,6 +420,9 @@ class MHA(AttentionCore):
         index = None  # token indices; only rotary and cached calls need them (no extra launch otherwise)
         if cache is not None:
             index = cache.seqlen_offset[:, None] + torch.arange(T, device=x.device)
+        elif rotary is not None and cp is not None:
+            here = global_positions(T, x.device, cp)
+            index = (here if documents is None else documents[1][here])[None]
         elif rotary is not None:
             index = torch.arange(T, device=x.device)[None] if documents is None else documents[1][None]
         cos = sin = None
@@ -415,10 +438,24 @@ class MHA(AttentionCore):
             interleaved=cos is not None and rotary.interleaved)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, K]
         key_valid, attn_mask = split_mask(owner, mask, B, T, T)
-        length_valid = lengths_mask(lengths, T, x.device)
+        if cp is None:
+            length_valid = lengths_mask(lengths, T, x.device)
+        else:
+            if attn_mask is not None:
+                raise ValueError(f"{owner}: under context parallelism mask must be this rank's [B, T_local] bool "
+                                 f"key-padding chunk; a full mask does not split along time")
+            length_valid = None if lengths is None else (
+                global_positions(T, x.device, cp)[None] < lengths.to(x.device)[:, None])
         key_valid = intersect_valid(key_valid, length_valid)
         bad_key = bad_kv if key_valid is None else bad_kv & key_valid
-        if cache is None and self.lite_gate is not None:
+        if cp is not None:
+            poisoned, key_valid = context_parallel_poisoned(
+                cp, bad_key, key_valid, causal=self.causal, window=self.window_size,
+                document=None if documents is None else documents[0])
+            out = self.attend_context_parallel(cp, q, k, v, causal=self.causal, window=self.window_size,
+                                               key_valid=key_valid, call_score_mod=call_mods[0],
+                                               call_mask_mod=call_mods[1], documents=documents)
+        elif cache is None and self.lite_gate is not None:
             if attn_mask is not None:
                 raise ValueError(f"{owner}: attention_type='lite' takes a [B, T] key-padding mask only")
             out = lite_attention(q, k, v, self.lite_gate, key_valid)
@@ -449,8 +486,15 @@ class MHA(AttentionCore):
         return y.to(in_dtype)
 
     def _conv(self, qkv: torch.Tensor, cache: KVCache | RollingKVCache | None,
-              lengths: torch.Tensor | None) -> torch.Tensor:
-        """The causal depthwise conv over [B, T, q+k+v] (continuing and updating the cache's conv state)."""
+              lengths: torch.Tensor | None, cp: ContextParallel | None = None) -> torch.Tensor:
+        """The causal depthwise conv over [B, T, q+k+v] (continuing and updating the cache's conv state).
+        Under context parallelism the d_conv - 1 tokens before this rank's chunk come first and their
+        outputs are dropped (a valid output never reads past its own token, so ``lengths`` is not needed)."""
+        if cp is not None:
+            n = self.d_conv - 1
+            y, _ = causal_conv1d(torch.cat((previous_tokens(qkv, n, cp), qkv), dim=1), self.conv_weight,
+                                 self.conv_bias)
+            return y[:, n:].to(qkv.dtype)
         state = None if cache is None else getattr(cache, "conv_state", None)
         if cache is not None and state is None:
             raise ValueError(f"{type(self).__name__}(d_conv={self.d_conv}): the cache has no conv_state; allocate "

@@ -26,6 +26,7 @@ from seqblocks.cache import host_sync_unsafe
 from seqblocks.layers.attention.cache import MLACache
 from seqblocks.layers.attention.common import (
     AttentionCore,
+    context_parallel_poisoned,
     intersect_valid,
     poisoned_queries,
     rope_positions,
@@ -46,8 +47,10 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
+from seqblocks.layers.mixer import active_context_parallel
 from seqblocks.layers.norm import RMSNorm
 from seqblocks.layers.position import PositionBase, RotaryEmbedding
+from seqblocks.parallel.attention import global_positions
 from seqblocks.registry import MIXERS
 
 __all__ = ["MLA"]
@@ -83,6 +86,9 @@ class MLA(AttentionCore):
     """
 
     inputs = frozenset({"mask", "position_ids", "lengths"})
+    # Under context parallelism each rank projects its own tokens and attends over the whole sequence
+    # (AttentionCore.attend_context_parallel, global positions); the per-head keys and values travel.
+    context_parallel = "native"
 
     def __init__(
         self,
@@ -219,11 +225,13 @@ class MLA(AttentionCore):
 
     def forward(self, x: torch.Tensor, cache: MLACache | None = None, *, mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] -> y [B, T, D]; cache, mask, position_ids, lengths as ``MHA``."""
+        """x [B, T, D] -> y [B, T, D]; cache, mask, position_ids, lengths as ``MHA`` (context
+        parallelism too: x is this rank's chunk, positions are global, ``lengths`` the whole sequence's)."""
+        cp = active_context_parallel("MLA", cache)
         check_input("MLA", x, self.d_model, device=self.kv_a_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.kv_a_proj.weight.dtype)
         B, T, _ = x.shape
-        check_lengths("MLA", lengths, B, T)
+        check_lengths("MLA", lengths, B, T if cp is None else T * cp.world_size)
         check_position_ids("MLA", position_ids, B, T)
         if cache is not None:
             check_cache("MLA", cache, MLACache, B, x.device)
@@ -233,7 +241,7 @@ class MLA(AttentionCore):
             return x.new_zeros(x.shape, dtype=in_dtype)
         H, Kn, P, V = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         R = self.kv_lora_rank
-        index = token_index(cache, T, x.device)
+        index = token_index(cache, T, x.device) if cp is None else global_positions(T, x.device, cp)[None]
         rope_pos = rope_positions(position_ids, index)
         q = self._queries(x).view(B, T, H, Kn + P)
         q_nope, q_pe = q.split((Kn, P), dim=-1)
@@ -245,9 +253,23 @@ class MLA(AttentionCore):
         bad_q, bad_kv = nonfinite_tokens(q), nonfinite_tokens(c_kv, k_pe)
         q, c_kv, k_pe = zero_nonfinite(q), zero_nonfinite(c_kv), zero_nonfinite(k_pe)
         key_valid, attn_mask = split_mask("MLA", mask, B, T, T)
-        length_valid = lengths_mask(lengths, T, x.device)
+        length_valid = lengths_mask(lengths, T, x.device) if cp is None or lengths is None else (
+            index < lengths.to(x.device)[:, None])
         key_valid = intersect_valid(key_valid, length_valid)
         bad_key = bad_kv if key_valid is None else bad_kv & key_valid
+        if cp is not None:
+            if attn_mask is not None:
+                raise ValueError("MLA: under context parallelism mask must be this rank's [B, T_local] bool "
+                                 "key-padding chunk; a full mask does not split along time")
+            poisoned, key_valid = context_parallel_poisoned(cp, bad_key, key_valid, causal=self.causal, window=None)
+            k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, Kn + V).split((Kn, V), dim=-1)
+            k = torch.cat((k_nope, k_pe[:, :, None].expand(B, T, H, P)), dim=-1)
+            out = self.attend_context_parallel(cp, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               causal=self.causal, window=None, key_valid=key_valid)
+            y = poison(self.out_proj(out.transpose(1, 2).reshape(B, T, H * V)), poisoned | bad_q)
+            if length_valid is not None:
+                y = y.masked_fill(~length_valid[..., None], 0.0)
+            return y.to(in_dtype)
         poisoned, last = poisoned_queries(bad_key, index, causal=self.causal, window=None,
                                           prior=None if cache is None else cache.nonfinite_last)
         q_pos = None

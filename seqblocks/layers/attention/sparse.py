@@ -179,6 +179,9 @@ class SparseGQA(GQA):
     # Packed documents (cu_seqlens) run as a padded batch (run_mixer's fallback): the top-k selection
     # then never picks a key of another document.
     inputs = frozenset({"mask", "position_ids", "lengths"})
+    # Under context parallelism run_mixer's full-sequence fallback serves it (the forward below is its own,
+    # not MHA's): its reference form scores every (query, key) pair anyway, O(T^2) memory.
+    context_parallel = None
 
     def __init__(self, embed_dim: int, num_heads: int | None = None, *args: Any, sparse_select_k: int | None = None,
                  indexer_heads: int = 4, indexer_dim: int | None = None,
