@@ -30,6 +30,7 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 __all__ = ["BACKENDS", "triton_available", "interpreter_enabled", "resolve_backend", "prefer_backend",
+           "preferred_backend",
            "outside_autocast", "autocast_off", "probe_once"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -131,6 +132,13 @@ def prefer_backend(backend: str):
         yield
     finally:
         _PREFERRED.pop()
+
+
+def preferred_backend() -> str:
+    """What "auto" means here and now: "auto" (the device decides), "torch" or "triton" (the innermost
+    ``prefer_backend`` region), so that work deferred to later (a recomputation in the backward) can
+    re-enter the same choice."""
+    return _PREFERRED[-1] or "auto"
 
 
 def outside_autocast(fn: F) -> F:

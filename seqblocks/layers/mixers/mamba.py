@@ -39,6 +39,7 @@ from seqblocks.layers.checks import (
     to_module_dtype,
 )
 from seqblocks.layers.mixer import Mixer, honours_fast_path
+from seqblocks.layers.recompute import RecomputedSaves
 from seqblocks.ops.causal_conv1d import causal_conv1d, runs_kernel
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
@@ -217,15 +218,21 @@ class Mamba(Mixer):
             return x.new_zeros(x.shape, dtype=in_dtype)
         if cache is not None and T == 1 and lengths is None:
             return self._step(x, cache, integration_timesteps).to(in_dtype)
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
-
-        xs, conv_final = self._conv(xs, None if cache is None else cache.conv_state, lengths)
-        dt, Bm, Cm = self._dt_B_C(xs)
-        A = -torch.exp(self.A_log.to(self._acc(x)))
-        kw = self._step_kwargs(dt, integration_timesteps)
-        y, final = selective_scan(xs, A=A, B=Bm, C=Cm, D=self.D.to(self._acc(x)), z=z,
-                                  discretization=self.discretization, lengths=lengths,
-                                  initial_state=None if cache is None else cache.ssm_state, **kw)
+        x_in, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
+        conv_state = None if cache is None else cache.conv_state
+        # Training keeps the conv output and the step sizes as recipes, not tensors (as mamba_ssm's
+        # mamba_inner_fn does): both are recomputed in the backward from what stays saved anyway (x_in,
+        # a view of in_proj's output; x_dbl's dt columns), 4 E bytes a token and layer less. Not with a
+        # cache, whose conv state the call updates in place.
+        with RecomputedSaves(enabled=cache is None) as saves:
+            xs, conv_final = self._conv(x_in, conv_state, lengths)
+            saves.recompute(xs, lambda: self._conv(x_in, conv_state, lengths)[0])
+            dt, Bm, Cm = self._dt_B_C(xs, saves)
+            A = -torch.exp(self.A_log.to(self._acc(x)))
+            kw = self._step_kwargs(dt, integration_timesteps)
+            y, final = selective_scan(xs, A=A, B=Bm, C=Cm, D=self.D.to(self._acc(x)), z=z,
+                                      discretization=self.discretization, lengths=lengths,
+                                      initial_state=None if cache is None else cache.ssm_state, **kw)
         if cache is not None:
             cache.conv_state.copy_(conv_final)
             cache.ssm_state.copy_(final)
@@ -245,9 +252,13 @@ class Mamba(Mixer):
                               use_reentrant=False, preserve_rng_state=False)
         return conv(xs, self.conv_weight, self.conv_bias, initial_state=conv_state)
 
-    def _dt_B_C(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _dt_B_C(self, xs: torch.Tensor,
+                saves: RecomputedSaves | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), Bm, Cm  # the bias enters as delta_bias
+        delta = F.linear(dt, self.dt_proj.weight)  # the bias enters as delta_bias
+        if saves is not None:
+            saves.recompute(delta, lambda: F.linear(dt, self.dt_proj.weight))
+        return delta, Bm, Cm
 
     @staticmethod
     def _acc(t: torch.Tensor) -> torch.dtype:
