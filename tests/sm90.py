@@ -15,10 +15,11 @@ import triton
 __all__ = ["compile_for_sm90", "resource_usage"]
 
 
-def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int, maxnreg: int | None = None):
+def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int, maxnreg: int | None = None,
+                     num_stages: int | None = None):
     """Compile ``fn`` for sm_90 and return Triton's compiled kernel. Absent pointers (signature value
     None) are constexpr None, as at a real launch; pointers get the 16-byte alignment a launch
-    specialises them with."""
+    specialises them with. ``num_stages`` None: Triton's default software pipelining."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -30,7 +31,8 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int, maxn
             consts[name] = None
     full.update({k: "constexpr" for k in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
-    options = {"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})}
+    options = {"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+               **({} if num_stages is None else {"num_stages": num_stages})}
     return triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 

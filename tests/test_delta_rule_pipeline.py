@@ -1,11 +1,13 @@
-"""The three-stage chunk-64 forward of the Triton delta-rule kernels (``ops/delta_rule/triton.py``).
+"""The chunk-64 pipeline of the Triton delta-rule kernels (``ops/delta_rule/triton.py``): the three-stage
+forward and the backward (more backward paths: ``tests/test_delta_rule_bwd.py``).
 
 Under Triton's interpreter (``tests/interpreter.py`` says why the cases run in a child process): the
 blocked inversion ``_block_inverse`` against ``torch.linalg.inv``, stage 1's T, W and U' against the
 chunked PyTorch form, and the whole op at chunk 64 (forward and every gradient, random cotangents)
 against the sequential reference over lengths around the chunk (1, 63, 65, 130), packed sequences,
 initial states, gated and ungated, the L2 norm, bf16 and a K = 128 head. Without the interpreter: the
-kernels compiled for sm_90 on the host (no GPU) fit the H200's shared memory and registers.
+forward's and the backward's kernels compiled for sm_90 on the host (no GPU, ``tests/sm90.py``) fit the
+H200's shared memory and registers with no spills.
 
 Shapes: B batch, T time, H heads, K key width, V value width, C chunk.
 """
@@ -39,86 +41,53 @@ if not INTERPRETER:
         """Run this file's cases in a child process under TRITON_INTERPRET=1 (see tests/interpreter.py)."""
         run_file_under_interpreter(__file__)
 
-    def _compile_sm90(fn, pointers, constexprs, num_warps, num_stages):
-        """``fn`` compiled for sm_90 down to a cubin, with the 16-byte pointer alignment that Triton's
-        launcher specialises on (without it the loads do not vectorise and the register counts mislead)."""
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+    def _fit(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, tmp_path) -> tuple[int, dict]:
+        """(shared memory bytes, cuobjdump's REG / STACK / ...) of ``fn`` compiled for sm_90 (tests/sm90.py);
+        ``types`` names the pointer and float arguments (others are i32), ``constexprs`` may hold other
+        kernels' flags too."""
+        from sm90 import compile_for_sm90, resource_usage
 
-        constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}  # shared flags: this kernel's
-        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
-        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                         "num_stages": num_stages})
-
-    def _resources(cubin: bytes, tmp_path) -> dict[str, int]:
-        """REG / STACK of a cubin from Triton's bundled cuobjdump (STACK > 0: spilled registers)."""
-        import os
-        import re
-        import subprocess
-
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if not os.path.exists(tool):
+        constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
+        sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+        kernel = compile_for_sm90(fn, sig, constexprs, num_warps, num_stages=num_stages)
+        res = resource_usage(kernel, str(tmp_path))
+        if res is None:
             pytest.skip("Triton's cuobjdump is not bundled: cannot read register use")
-        path = tmp_path / "k.cubin"
-        path.write_bytes(cubin)
-        out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-        return {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", out)}
+        return kernel.metadata.shared, res
 
-    @pytest.mark.parametrize(("K", "V"), [(128, 128), (256, 512)])
+    @pytest.mark.parametrize(("K", "V"), [(64, 64), (128, 128), (256, 512)])
     def test_kernels_fit_sm90(K, V, tmp_path):
         """bf16 inputs, every feature on (gated, packed, L2 norm, initial / final state), the tiles the
-        host picks for B 8 x H 16: the forward stages within the H200's shared memory with no register
-        spills; at K = V = 128 also the backward's recomputation and its two kernels within shared memory
-        (those two spill: they keep all of K in one tile, see docs/kernels.md)."""
+        host picks for B 8 x H 16: the forward's three stages, the backward's recomputed stages 1-2 and its
+        four kernels all within the H200's shared memory and 255 registers with no register spills."""
         pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
         q = torch.empty(1, dtype=torch.bfloat16)
         N, H = 8, 16
-        fo = dr._forward_options(q, 64, K, V, N, H)
-        bf, f32, i64 = "*bf16", "*fp32", "*i64"
-        flags = {"GATED": True, "VARLEN": True, "L2NORM": True, "EPS": 1e-6, "MODE": 0}
-
-        def wy(buf, C, o):
-            ptrs = {"k": bf, "v": bf, "g": bf, "beta": bf, "chunk_table": i64, "cu_seqlens": i64, "Gbuf": f32,
-                    "Rk": f32, "Tbuf": f32, "Wbuf": buf, "Ubuf": buf}
-            return (dr.chunk_wy_kernel, ptrs, {"H": H, "K": K, "V": V, "C": C, "BK": o["BK"], "BV": o["BV"],
-                                               "STORE_T": buf == f32, **flags}, 4, 2)
-
-        def state(buf, C, o, final):
-            ptrs = {"k": bf, "Wbuf": buf, "Ubuf": buf, "Gbuf": f32, "Rk": f32, "h0": f32, "ht": f32, "h": buf,
-                    "vnew": buf, "chunk_offsets": i64, "cu_seqlens": i64}
-            return (dr.chunk_state_kernel, ptrs, {"H": H, "K": K, "V": V, "C": C, "BKS": o["BKS"], "NK": o["NK"],
-                                                  "BV": o["BVS"], "HAS_H0": True, "STORE_HT": final,
-                                                  "STORE_V": final, **flags}, 4, o["STAGES"])
-
-        out_ptrs = {"q": bf, "k": bf, "Gbuf": f32, "Rk": f32, "h": bf, "vnew": bf, "o": bf, "chunk_table": i64,
-                    "cu_seqlens": i64, "scale": "fp32"}
-        forward = [wy(bf, fo["C"], fo), state(bf, fo["C"], fo, True),
-                   (dr.chunk_out_kernel, out_ptrs, {"H": H, "K": K, "V": V, "C": fo["C"], "BK": fo["BK"],
-                                                    "BV": fo["BV"], **flags}, 4, 2)]
-        backward = []
-        if K == 128:
-            bo = dr._backward_options(q, 64, K, V)
-            ro = dr._forward_options(q, bo["C"], K, V, N, H)
-            bflags = {n: v for n, v in flags.items() if n != "MODE"} | {"PRECISION": bo["PRECISION"]}
-            ptrs = {n: f32 for n in ("Tbuf", "Wbuf", "Ubuf", "dht", "h", "dh0", "p_qk", "p_c", "p_t", "s_qk", "s_c",
-                                     "s_t", "dg", "dbeta")}
-            ptrs |= {n: bf for n in ("q", "k", "v", "g", "beta", "do", "dv", "dq", "dk")}
-            ptrs |= {"chunk_offsets": i64, "cu_seqlens": i64, "chunk_table": i64, "scale": "fp32"}
-            warps, stages = bo["num_warps"], bo["num_stages"]
-            backward = [wy(f32, bo["C"], ro), state(f32, bo["C"], ro, False),
-                        (dr.chunk_bwd_dv_kernel, ptrs, {"H": H, "K": K, "V": V, "C": bo["C"], "BK": bo["BK"],
-                                                        "BV": bo["BV"], "HAS_DHT": True, **bflags}, warps, stages),
-                        (dr.chunk_bwd_dqk_kernel, ptrs, {"H": H, "K": K, "C": bo["C"], "BK": bo["BK"], **bflags},
-                         warps, stages)]
-        for spills_allowed, kernels in ((False, forward), (True, backward)):
-            for fn, ptrs, constexprs, warps, stages in kernels:
-                compiled = _compile_sm90(fn, ptrs, constexprs, warps, stages)
-                assert compiled.metadata.shared <= SM90_SHARED, (fn.__name__, compiled.metadata.shared)
-                res = _resources(compiled.asm["cubin"], tmp_path)
-                assert res["REG"] <= 255, (fn.__name__, res)
-                assert spills_allowed or res["STACK"] == 0, (fn.__name__, constexprs.get("C"), res)
+        o = dr._backward_options(q, 64, K, V, N, H)  # the forward's options and the backward's own
+        types = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "do", "o", "dq", "dk", "dvo", "dbeta", "dg",
+                                      "Wbuf", "Ubuf", "Tbuf", "h", "vnew", "dvl", "dh", "dv", "dw", "dk3")}
+        types |= {n: "*fp32" for n in ("Gbuf", "Rk", "Rq", "h0", "ht", "dht", "dh0", "rs", "dqs")}
+        types |= {"chunk_table": "*i64", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
+        flags = {"H": H, "K": K, "V": V, "C": o["C"], "GATED": True, "VARLEN": True, "L2NORM": True, "EPS": 1e-6,
+                 "MODE": 0, "HAS_H0": True, "STORE_DH0": True}
+        nkb = triton.cdiv(K, o["BKQ"])
+        state = {"BKS": o["BKS"], "NK": o["NK"], "BV": o["BVS"]}
+        kernels = [  # (kernel, its tiles and flags, warps, stages), as _chunk_forward / _chunk_backward launch them
+            (dr.chunk_wy_kernel, {"BK": o["BK"], "BV": o["BV"], "STORE_T": False}, 4, 2),
+            (dr.chunk_state_kernel, state | {"STORE_HT": True, "STORE_V": True}, 4, o["STAGES"]),
+            (dr.chunk_out_kernel, {"BK": o["BK"], "BV": o["BV"]}, 4, 2),
+            (dr.chunk_wy_kernel, {"BK": o["BK"], "BV": o["BV"], "STORE_T": True}, 4, 2),
+            (dr.chunk_state_kernel, state | {"STORE_HT": False, "STORE_V": True}, 4, o["STAGES"]),
+            (dr.chunk_bwd_dv_local_kernel, {"BK": o["BK"], "BV": o["BV"]}, 4, 2),
+            (dr.chunk_bwd_dh_kernel, state, o["WARPS_DH"], o["STAGES"]),
+            (dr.chunk_bwd_dqk_kernel, {"BK": o["BKQ"], "BV": o["BVQ"], "FINISH_DQ": nkb == 1}, o["WARPS_Q"], 2),
+            (dr.chunk_bwd_wy_kernel, {"BK": o["BKW"], "BV": o["BVW"], "NKB": nkb, "DQ_LEFT": nkb > 1},
+             o["WARPS_WY"], 2),
+        ]
+        for fn, tiles, warps, stages in kernels:
+            shared, res = _fit(fn, types, flags | tiles, warps, stages, tmp_path)
+            assert shared <= SM90_SHARED, (fn.__name__, shared)
+            assert res["REG"] <= 255 and res["STACK"] == 0, (fn.__name__, tiles, res)
 
 else:
     from test_delta_rule_triton import _check

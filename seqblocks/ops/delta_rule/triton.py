@@ -23,19 +23,22 @@ bounds, and the chunk-parallel ones a (sequence, first token) table per chunk sl
 device for the shape-only upper bound ``cdiv(T, C) + N`` slots (spare slots do nothing). Grids come
 from shapes only.
 
-Backward: the forward saves only its inputs; the backward recomputes stages 1-2 at its own chunk
-(``_backward_options``: 64, 32 from K > 64, 16 from K > 128, so the two kernels below fit in shared
-memory) with fp32 T, W, U' and states, then runs two kernels:
+Backward: the forward saves only its inputs. The backward recomputes stages 1-2 at the forward's chunk
+and precision (T, W, U', every chunk's starting state h_c and v_new; T kept this time), then four
+kernels, with dS the cotangent of the state a chunk ends in (a chunk's ``dh``):
 
-- ``chunk_bwd_dv_kernel``, per (sequence, head, V block), walks the chunks in reverse carrying ``dS``
-  [K, BV], reading the recomputed state, ``T``, ``W`` and ``U'``: it writes ``dv`` and finally
-  ``dh0``, and its V block's share of every sum over V that the key side needs (``d(Q e^G)``,
-  ``d(K e^{G_C-G})``, ``dW`` [C, K]; ``dP``, ``dT`` from ``U'`` [C, C]; the ``beta`` term of ``U'``
-  and ``d(e^{G_C})``).
-- The shares are summed over V blocks (one ``sum`` over a leading axis of a few blocks), then
-  ``chunk_bwd_dqk_kernel``, per (chunk, head) in parallel, goes back through ``T``
-  (``dA = -T^T dT T^T``), the decay matrix, the gates and the L2 norm to ``dq``, ``dk``, ``dbeta`` and
-  ``dg`` (a reverse cumulative sum inside the chunk).
+1. ``chunk_bwd_dv_local_kernel``, per (chunk, head), every chunk in parallel: the output stage's part of
+   dv_new, ``P^T do`` with ``P = scale ((Q K^T) o D)`` causal, and the queries' reciprocal norms.
+2. ``chunk_bwd_dh_kernel``, per (sequence, head, V block), chunks in reverse, stage 2's layout (dS as up to
+   four fp32 register tiles): stores dS per chunk, completes ``dv_new += diag(e^{G_C - G}) K dS`` in
+   place, ``dS <- e^{G_C} dS + Q^T diag(scale e^G) do - W^T dv_new``; dS ends as the initial state's
+   cotangent. The only sequential kernel, two dependent products per chunk as in stage 2.
+3. ``chunk_bwd_dqk_kernel``, per (chunk, head, key block), in parallel: over V tiles ``do v_new^T``,
+   ``do h_c^T``, ``v_new dS^T``, ``dv_new h_c^T``; then dq (finished, but for the L2 norm over several key
+   blocks: backward 4), dk outside the UT transform, dW and the row sums the gate and the L2 norm need.
+4. ``chunk_bwd_wy_kernel``, per (chunk, head), in parallel: the UT transform's backward (``dT`` from dW
+   and dU' = dv_new, ``dA = -T^T dT T^T``, through ``A`` and W's factor), dv, dk through the L2 norm,
+   dbeta and dg (a reverse cumulative sum inside the chunk).
 
 ``step_kernel`` is one decode token: per (row, head, V block), ``S <- e^g S``, ``u = b (v - S^T k)``,
 ``S += k u^T``, ``o = scale S^T q``, with the state updated in place.
@@ -68,39 +71,6 @@ def _seq_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
         eos = bos + T
         base = i_n.to(tl.int64) * T
     return bos, eos, base
-
-
-@triton.jit
-def _load_qkbg(q, k, g, beta, tok, mask_t, cols_k, mask_k, K: tl.constexpr, GATED: tl.constexpr,
-               L2NORM: tl.constexpr, EPS: tl.constexpr):
-    # one chunk's q, k (L2-normalised when asked; rq, rk the reciprocal norms), beta and G = cumsum(g)
-    m_tk = mask_t[:, None] & mask_k[None, :]
-    b_q = tl.load(q + tok[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + tok[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
-    if L2NORM:
-        rq = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 1) + EPS)
-        rk = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 1) + EPS)
-    else:
-        rq = tl.full([tok.shape[0]], 1.0, tl.float32)
-        rk = rq
-    b_q = b_q * rq[:, None]
-    b_k = b_k * rk[:, None]
-    if GATED:
-        G = tl.cumsum(tl.load(g + tok, mask=mask_t, other=0.0).to(tl.float32), 0)
-    else:
-        G = tl.zeros([tok.shape[0]], dtype=tl.float32)
-    return b_q, b_k, rq, rk, b_b, G
-
-
-@triton.jit
-def _decays(G, rows_c, C: tl.constexpr):
-    # D_ij = exp(G_i - G_j) for j <= i (0 above); e^G; exp(G_C - G); e^{G_C}. Padded steps add g = 0,
-    # so G[C - 1] is the chunk's total log decay.
-    causal = rows_c[:, None] >= rows_c[None, :]
-    G_end = tl.sum(tl.where(rows_c == C - 1, G, 0.0), 0)
-    D = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
-    return D, tl.exp(G), tl.exp(G_end - G), tl.exp(G_end)
 
 
 @triton.jit
@@ -184,7 +154,8 @@ def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf
     A = tl.where(strict, (b_b * rk)[:, None] * kk * rk[None, :] * decay, 0.0)
     Tm = _block_inverse(A, C, MODE)
     if STORE_T:
-        tl.store(Tbuf + tok[:, None] * C + rows_c[None, :], Tm, mask=mask_t[:, None] & (rows_c[None, :] < C))
+        tl.store(Tbuf + tok[:, None] * C + rows_c[None, :], Tm.to(Tbuf.dtype.element_ty),
+                 mask=mask_t[:, None] & (rows_c[None, :] < C))
     wdt = Wbuf.dtype.element_ty
     Tw = Tm.to(wdt)
     kscale = b_b * tl.exp(G) * rk
@@ -373,28 +344,77 @@ def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, chunk_table, cu_seqlens, T, H: 
 
 
 @triton.jit
-def chunk_bwd_dv_kernel(q, k, v, g, beta, Tbuf, Wbuf, Ubuf, do, dht, h, chunk_offsets, cu_seqlens, dv, dh0, p_qk,
-                        p_c, p_t, T, BT,
+def chunk_bwd_dv_local_kernel(q, k, Gbuf, Rk, do, dvl, Rq, chunk_table, cu_seqlens, T, H: tl.constexpr,
+                              K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr,
+                              EPS: tl.constexpr, MODE: tl.constexpr):
+    """Backward 1, per (chunk, head), every chunk in parallel: the output stage's part of dv_new,
+    ``P^T do`` with ``P = scale diag(rq) ((Q K^T) o D) diag(rk)`` causal (to dvl in its dtype), and the
+    queries' reciprocal norms (to Rq, with L2NORM) for the later kernels."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
+    rows_c = tl.arange(0, C)
+    t = t0 + rows_c
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    pt = tl.zeros([C, C], dtype=tl.float32)  # K Q^T: row j key, column i query
+    ssq = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        m = mask_t[:, None] & (cols < K)[None, :]
+        b_q = tl.load(q + tok[:, None] * K + cols[None, :], mask=m, other=0.0)
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0)
+        pt += dot(b_k, tl.trans(b_q), MODE)
+        if L2NORM:
+            ssq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
+    later = rows_c[None, :] >= rows_c[:, None]  # query i at or after key j
+    w_q = tl.full([C], 1.0, tl.float32) * scale
+    if L2NORM:
+        rq = 1.0 / tl.sqrt(ssq + EPS)
+        tl.store(Rq + tok, rq, mask=mask_t)
+        w_q = w_q * rq
+        pt = pt * tl.load(Rk + tok, mask=mask_t, other=0.0)[:, None]
+    pt = pt * w_q[None, :]
+    if GATED:
+        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        pt = pt * tl.exp(tl.where(later, G[None, :] - G[:, None], 0.0))
+    odt = dvl.dtype.element_ty
+    Pt = tl.where(later, pt, 0.0).to(odt)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        m = mask_t[:, None] & (cols < V)[None, :]
+        b_do = tl.load(do + tok[:, None] * V + cols[None, :], mask=m, other=0.0)
+        tl.store(dvl + tok[:, None] * V + cols[None, :], dot(Pt, b_do.to(odt), MODE).to(odt), mask=m)
+
+
+@triton.jit
+def chunk_bwd_dh_kernel(q, k, Wbuf, Gbuf, Rq, Rk, do, dht, dh0, dh, dv, chunk_offsets, cu_seqlens, T,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, HAS_DHT: tl.constexpr,
-                        VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward pass 1, per (sequence, head, V block), chunks in reverse: carries dS, writes dv and dh0,
-    and this V block's share of the sums over V that pass 2 needs (p_qk: d(Q e^G), d(K e^{G_C - G}) and
-    dW, each [C, K] per chunk; p_c: dP and dT' rows, [C, C]; p_t: d(beta) from U' and d(gamma))."""
+                        BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                        STORE_DH0: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, MODE: tl.constexpr):
+    """Backward 2, per (sequence, head, V block), chunks in reverse: the state cotangent dS [K, BV] as
+    NK <= 4 fp32 register tiles (stage 2's layout), starting from the final state's cotangent. Each
+    chunk stores dS (the cotangent of the state the chunk ends in, in dh's dtype, also the products'
+    operand dtype), completes dv_new = dvl + diag(r e^{G_C - G}) K dS in place in dv, then
+    dS <- e^{G_C} dS + Q^T diag(scale rq e^G) do - W^T dv_new. Finally dS is the initial state's
+    cotangent (to dh0 with STORE_DH0)."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, base = _seq_bounds(cu_seqlens, i_n, T, VARLEN)
     rows_c = tl.arange(0, C)
-    cols_k = tl.arange(0, BK)
+    rows = tl.arange(0, BKS)
     cols_v = i_v * BV + tl.arange(0, BV)
-    mask_k, mask_v = cols_k < K, cols_v < V
-    m_kv = mask_k[:, None] & mask_v[None, :]
-    tile = cols_k[:, None].to(tl.int64) * V + cols_v[None, :]
+    mask_v = cols_v < V
+    sdt = dh.dtype.element_ty
+    head = (i_n * H + i_h).to(tl.int64) * K * V
+    d1 = _state_tile(dht + head, 0, rows, cols_v, mask_v, K, V)
+    if NK > 1:
+        d2 = _state_tile(dht + head, BKS, rows, cols_v, mask_v, K, V)
+    if NK > 2:
+        d3 = _state_tile(dht + head, 2 * BKS, rows, cols_v, mask_v, K, V)
+    if NK > 3:
+        d4 = _state_tile(dht + head, 3 * BKS, rows, cols_v, mask_v, K, V)
     first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
     n_chunks = (eos - bos + C - 1) // C
-
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS = tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + tile, mask=m_kv, other=0.0).to(tl.float32)
     for j in range(0, n_chunks):
         i_c = n_chunks - 1 - j
         c0 = bos + i_c * C
@@ -402,112 +422,257 @@ def chunk_bwd_dv_kernel(q, k, v, g, beta, Tbuf, Wbuf, Ubuf, do, dht, h, chunk_of
         mask_t = t < eos
         tok = ((base + t) * H + i_h).to(tl.int64)
         m_tv = mask_t[:, None] & mask_v[None, :]
-        m_tk = mask_t[:, None] & mask_k[None, :]
-        b_q, b_k, rq, rk, b_b, G = _load_qkbg(q, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
-        b_v = tl.load(v + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_do = scale * tl.load(do + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        S = tl.load(h + ((first_chunk + i_c) * H + i_h) * K * V + tile, mask=m_kv, other=0.0)
-        D, eG, to_end, gamma = _decays(G, rows_c, C)
-        m_tc = mask_t[:, None] & (rows_c[None, :] < C)
-        Tmat = tl.load(Tbuf + tok[:, None] * C + rows_c[None, :], mask=m_tc, other=0.0)
-        W = tl.load(Wbuf + tok[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
-        vb = b_b[:, None] * b_v
-        U = tl.load(Ubuf + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0) \
-            - tl.dot(W, S, input_precision=PRECISION)
-        P = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * D
-        kd = b_k * to_end[:, None]
-        dU = tl.dot(tl.trans(P), b_do, input_precision=PRECISION) + tl.dot(kd, dS, input_precision=PRECISION)
-        dvb = tl.dot(tl.trans(Tmat), dU, input_precision=PRECISION)  # [C, BV]
-        tl.store(dv + tok[:, None] * V + cols_v[None, :], (b_b[:, None] * dvb).to(dv.dtype.element_ty), mask=m_tv)
-        # this V block's shares of the sums over V
-        d_qe = tl.dot(b_do, tl.trans(S), input_precision=PRECISION)  # [C, BK]
-        d_kd = tl.dot(U, tl.trans(dS), input_precision=PRECISION)
-        d_w = -tl.dot(dU, tl.trans(S), input_precision=PRECISION)
-        d_p = tl.dot(b_do, tl.trans(U), input_precision=PRECISION)  # [C, C]
-        d_tu = tl.dot(dU, tl.trans(vb), input_precision=PRECISION)
-        d_bv = tl.sum(dvb * b_v, 1)  # [C]
-        last = tl.minimum(eos - c0, C) - 1
-        d_gam = tl.where(rows_c == last, tl.sum(tl.sum(S * dS, 1), 0), 0.0)
-        slot = (i_v * BT * H + tok).to(tl.int64)  # [C] rows of this V block's share (BT = B * T tokens)
-        tl.store(p_qk + (slot * 3)[:, None] * K + cols_k[None, :], d_qe, mask=m_tk)
-        tl.store(p_qk + (slot * 3 + 1)[:, None] * K + cols_k[None, :], d_kd, mask=m_tk)
-        tl.store(p_qk + (slot * 3 + 2)[:, None] * K + cols_k[None, :], d_w, mask=m_tk)
-        tl.store(p_c + (slot * 2)[:, None] * C + rows_c[None, :], d_p, mask=m_tc)
-        tl.store(p_c + (slot * 2 + 1)[:, None] * C + rows_c[None, :], d_tu, mask=m_tc)
-        tl.store(p_t + slot * 2, d_bv, mask=mask_t)
-        tl.store(p_t + slot * 2 + 1, d_gam, mask=mask_t)
-        dS = tl.dot(tl.trans(b_q * eG[:, None]), b_do, input_precision=PRECISION) + gamma * dS \
-            - tl.dot(tl.trans(W), dU, input_precision=PRECISION)
-    tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + tile, dS, mask=m_kv)
+        dhc = dh + ((first_chunk + i_c) * H + i_h) * K * V
+        s1 = d1.to(sdt)
+        _put_state_tile(dhc, s1, 0, rows, cols_v, mask_v, K, V)
+        acc = _w_state(k, tok, mask_t, 0, rows, s1, K, MODE)
+        if NK > 1:
+            s2 = d2.to(sdt)
+            _put_state_tile(dhc, s2, BKS, rows, cols_v, mask_v, K, V)
+            acc += _w_state(k, tok, mask_t, BKS, rows, s2, K, MODE)
+        if NK > 2:
+            s3 = d3.to(sdt)
+            _put_state_tile(dhc, s3, 2 * BKS, rows, cols_v, mask_v, K, V)
+            acc += _w_state(k, tok, mask_t, 2 * BKS, rows, s3, K, MODE)
+        if NK > 3:
+            s4 = d4.to(sdt)
+            _put_state_tile(dhc, s4, 3 * BKS, rows, cols_v, mask_v, K, V)
+            acc += _w_state(k, tok, mask_t, 3 * BKS, rows, s4, K, MODE)
+        if GATED:
+            last = ((base + tl.minimum(c0 + C, eos) - 1) * H + i_h).to(tl.int64)
+            G_end = tl.load(Gbuf + last)
+            G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+            w_k = tl.where(mask_t, tl.exp(G_end - G), 0.0)
+            w_q = tl.where(mask_t, tl.exp(G), 0.0) * scale
+            gamma = tl.exp(G_end)
+        else:
+            w_k = tl.where(mask_t, 1.0, 0.0)
+            w_q = w_k * scale
+            gamma = 1.0
+        if L2NORM:
+            w_k = w_k * tl.load(Rk + tok, mask=mask_t, other=0.0)
+            w_q = w_q * tl.load(Rq + tok, mask=mask_t, other=0.0)
+        p_dv = dv + tok[:, None] * V + cols_v[None, :]
+        b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32) + acc * w_k[:, None]
+        tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        dvs = (-b_dv).to(sdt)
+        dos = (tl.load(do + tok[:, None] * V + cols_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+               * w_q[:, None]).to(sdt)
+        # dS <- gamma dS + Q^T dos, then + W^T (-dv_new): stage 2's update twice
+        d1 = _state_step(_state_step(d1, q, tok, mask_t, 0, rows, dos, gamma, K, MODE), Wbuf, tok, mask_t, 0, rows,
+                         dvs, 1.0, K, MODE)
+        if NK > 1:
+            d2 = _state_step(_state_step(d2, q, tok, mask_t, BKS, rows, dos, gamma, K, MODE), Wbuf, tok, mask_t,
+                             BKS, rows, dvs, 1.0, K, MODE)
+        if NK > 2:
+            d3 = _state_step(_state_step(d3, q, tok, mask_t, 2 * BKS, rows, dos, gamma, K, MODE), Wbuf, tok,
+                             mask_t, 2 * BKS, rows, dvs, 1.0, K, MODE)
+        if NK > 3:
+            d4 = _state_step(_state_step(d4, q, tok, mask_t, 3 * BKS, rows, dos, gamma, K, MODE), Wbuf, tok,
+                             mask_t, 3 * BKS, rows, dvs, 1.0, K, MODE)
+    if STORE_DH0:
+        _put_state_tile(dh0 + head, d1, 0, rows, cols_v, mask_v, K, V)
+        if NK > 1:
+            _put_state_tile(dh0 + head, d2, BKS, rows, cols_v, mask_v, K, V)
+        if NK > 2:
+            _put_state_tile(dh0 + head, d3, 2 * BKS, rows, cols_v, mask_v, K, V)
+        if NK > 3:
+            _put_state_tile(dh0 + head, d4, 3 * BKS, rows, cols_v, mask_v, K, V)
 
 
 @triton.jit
-def chunk_bwd_dqk_kernel(q, k, g, beta, Tbuf, s_qk, s_c, s_t, chunk_table, cu_seqlens, dq, dk, dg, dbeta, T,
-                         H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
-                         VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward pass 2, per (chunk, head), all chunks in parallel: from the V sums of pass 1, back through
-    the UT transform, the decays and the L2 norm to dq, dk, dbeta and dg."""
+def chunk_bwd_dqk_kernel(q, k, vnew, h, dh, dv, do, Gbuf, Rq, Rk, dq, dk, dw, rs, chunk_table, cu_seqlens, T, BTH,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
+                         L2NORM: tl.constexpr, FINISH_DQ: tl.constexpr, MODE: tl.constexpr):
+    """Backward 3, per (chunk, head, key block of BK columns), every chunk in parallel. Over V tiles:
+    dP = do v_new^T, do h_c^T, v_new dS^T and dv_new h_c^T, with dS the cotangent of the state the
+    chunk ends in. Then the cotangents of the normalised q and k outside the UT transform:
+    dq^ = diag(scale e^G) do h_c^T + (scale dP o D) K^, dk^ = diag(e^{G_C - G}) v_new dS^T + (scale dP o D)^T Q^
+    (dk^ to dk, the UT transform's part comes in backward 4), dW = -dv_new h_c^T (to dw). dq goes to dq
+    finished (through the L2 norm when FINISH_DQ, or without L2NORM), else dq^ to dq (fp32 scratch).
+    Per row into rs[key block]: (q^ . dq^, k^ . dk^, the terms of dG_C), the gate's and the L2 norm's
+    row sums, summed over key blocks in backward 4."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
+    rows_c = tl.arange(0, C)
+    t = t0 + rows_c
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    cols_k = i_k * BK + tl.arange(0, BK)
+    mask_k = cols_k < K
+    m_tk = mask_t[:, None] & mask_k[None, :]
+    m_hk = cols_k < tl.where(valid, K, 0)  # a spare slot has no states to read
+    off = (i_s * H + i_h).to(tl.int64) * K * V
+    sdt = h.dtype.element_ty
+    dP = tl.zeros([C, C], dtype=tl.float32)
+    b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    b_dw = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        mask_v = cols_v < V
+        m_tv = mask_t[:, None] & mask_v[None, :]
+        p_tv = tok[:, None] * V + cols_v[None, :]
+        b_vn = tl.load(vnew + p_tv, mask=m_tv, other=0.0)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(sdt)
+        b_dv = tl.load(dv + p_tv, mask=m_tv, other=0.0)
+        p_kv = off + cols_k[:, None].to(tl.int64) * V + cols_v[None, :]
+        m_kv = m_hk[:, None] & mask_v[None, :]
+        b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)
+        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)
+        dP += dot(b_do, tl.trans(b_vn), MODE)
+        b_dq += dot(b_do, tl.trans(b_h), MODE)
+        b_dk += dot(b_vn, tl.trans(b_dh), MODE)
+        b_dw += dot(b_dv, tl.trans(b_h), MODE)
+        if GATED:
+            hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+    p_tk = tok[:, None] * K + cols_k[None, :]
+    tl.store(dw + p_tk, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
+    # the epilogue keeps few [C, BK] tiles live: k^ (operand dtype), then q^
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    if L2NORM:
+        b_k = b_k * tl.load(Rk + tok, mask=mask_t, other=0.0)[:, None]
+    b_k = b_k.to(sdt)
+    causal = rows_c[:, None] >= rows_c[None, :]
+    if GATED:
+        last = tl.minimum(eos - t0, C) - 1
+        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        G_end = tl.sum(tl.where(rows_c == last, G, 0.0), 0)
+        b_dq = b_dq * (scale * tl.exp(G))[:, None]
+        b_dk = b_dk * tl.where(mask_t, tl.exp(G_end - G), 0.0)[:, None]
+        dP = dP * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    else:
+        b_dq = b_dq * scale
+    dPs = tl.where(causal, dP * scale, 0.0).to(sdt)
+    b_dq += dot(dPs, b_k, MODE)
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    if L2NORM:
+        rq = tl.load(Rq + tok, mask=mask_t, other=0.0)
+        b_q = b_q * rq[:, None]
+    sq = tl.sum(b_dq * b_q, 1)
+    if L2NORM and FINISH_DQ:
+        b_dq = rq[:, None] * (b_dq - b_q * sq[:, None])
+    tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    if GATED:  # dG_C gets e^{G_C} (h_c . dS) and the state write's k^ . dk^ (each row's -dG of it)
+        r = tl.sum(b_dk * b_k.to(tl.float32), 1) + tl.where(rows_c == last, tl.exp(G_end) * tl.sum(hdh, 0), 0.0)
+    else:
+        r = tl.zeros([C], dtype=tl.float32)
+    b_dk += dot(tl.trans(dPs), b_q.to(sdt), MODE)
+    tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    p_r = rs + ((i_k * BTH + tok) * 3).to(tl.int64)
+    tl.store(p_r, sq, mask=mask_t)
+    tl.store(p_r + 1, tl.sum(b_dk * b_k.to(tl.float32), 1), mask=mask_t)
+    tl.store(p_r + 2, r, mask=mask_t)
+
+
+@triton.jit
+def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs, dq, dk, dvo, dbeta, dg, chunk_table,
+                        cu_seqlens, T, BTH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr, GATED: tl.constexpr,
+                        VARLEN: tl.constexpr, L2NORM: tl.constexpr, DQ_LEFT: tl.constexpr, MODE: tl.constexpr):
+    """Backward 4, per (chunk, head), every chunk in parallel: the UT transform's backward and the ends.
+    From dU' = dv_new and dW: dT = dU' (diag(b) V)^T + dW (diag(b e^G) K^)^T, dv = diag(b) T^T dU' (to dvo),
+    dA = -T^T dT T^T (strictly lower), then through A = diag(b) (K^ K^T o D) and W's factor to
+    dk = dk^ (backward 3's) + diag(b e^G) T^T dW + (M + M^T) K^ with M = diag(b) dA o D, through the L2
+    norm (to dk); dbeta; dG from every part (backward 3's row sums included) and dg its reverse
+    cumulative sum in the chunk. With DQ_LEFT, dq^ (dqs) through the L2 norm to dq."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
     rows_c = tl.arange(0, C)
-    cols_k = tl.arange(0, BK)
-    mask_k = cols_k < K
-    causal = rows_c[:, None] >= rows_c[None, :]
+    t = t0 + rows_c
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    odt = Tbuf.dtype.element_ty
+    b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
     strict = rows_c[:, None] > rows_c[None, :]
-    if valid:
-        t = t0 + rows_c
-        mask_t = t < eos
-        tok = ((base + t) * H + i_h).to(tl.int64)
-        m_tk = mask_t[:, None] & mask_k[None, :]
-        m_tc = mask_t[:, None] & (rows_c[None, :] < C)
-        b_q, b_k, rq, rk, b_b, G = _load_qkbg(q, k, g, beta, tok, mask_t, cols_k, mask_k, K, GATED, L2NORM, EPS)
-        D, eG, to_end, gamma = _decays(G, rows_c, C)
-        Tmat = tl.load(Tbuf + tok[:, None] * C + rows_c[None, :], mask=m_tc, other=0.0)
-        kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
-        d_qe = tl.load(s_qk + (tok * 3)[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
-        d_kd = tl.load(s_qk + (tok * 3 + 1)[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
-        d_w = tl.load(s_qk + (tok * 3 + 2)[:, None] * K + cols_k[None, :], mask=m_tk, other=0.0)
-        d_p = tl.load(s_c + (tok * 2)[:, None] * C + rows_c[None, :], mask=m_tc, other=0.0)
-        d_tu = tl.load(s_c + (tok * 2 + 1)[:, None] * C + rows_c[None, :], mask=m_tc, other=0.0)
-        d_bv = tl.load(s_t + tok * 2, mask=mask_t, other=0.0)
-        d_gam = tl.sum(tl.load(s_t + tok * 2 + 1, mask=mask_t, other=0.0), 0)
-        kbg = (b_b * eG)[:, None] * b_k
-        # through W = T kbg and U' = T diag(b) V: dT, d(kbg); then dA = -T^T dT T^T (strictly lower)
-        d_t = d_tu + tl.dot(d_w, tl.trans(kbg), input_precision=PRECISION)
-        d_kbg = tl.dot(tl.trans(Tmat), d_w, input_precision=PRECISION)
-        d_a = -tl.dot(tl.dot(tl.trans(Tmat), d_t, input_precision=PRECISION), tl.trans(Tmat),
-                      input_precision=PRECISION)
-        d_a = tl.where(strict, d_a, 0.0)
-        # A = diag(b) (kk o D) strictly lower
-        M = tl.where(strict, kk * D, 0.0)
-        d_b = d_bv + tl.sum(d_a * M, 1) + eG * tl.sum(d_kbg * b_k, 1)
-        d_m = b_b[:, None] * d_a
-        d_kk = d_m * D
-        d_k = tl.dot(d_kk + tl.trans(d_kk), b_k, input_precision=PRECISION) + (b_b * eG)[:, None] * d_kbg
-        d_dec = d_m * kk  # dD (strict part, through A)
-        # P = (Q K^T) o D
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-        d_pd = tl.where(causal, d_p * D, 0.0)
-        d_q = tl.dot(d_pd, b_k, input_precision=PRECISION) + d_qe * eG[:, None]
-        d_k += tl.dot(tl.trans(d_pd), b_q, input_precision=PRECISION) + d_kd * to_end[:, None]
-        d_dec += tl.where(causal, d_p * qk, 0.0)
-        # the decays: D_ij = exp(G_i - G_j), e^G, exp(G_C - G), e^{G_C}
-        E = tl.where(causal, d_dec * D, 0.0)
-        d_G = tl.sum(E, 1) - tl.sum(E, 0) + eG * tl.sum(d_qe * b_q, 1) + b_b * eG * tl.sum(d_kbg * b_k, 1)
-        e_kd = to_end * tl.sum(d_kd * b_k, 1)
-        d_G = d_G - e_kd
-        d_end = tl.sum(e_kd, 0) + gamma * d_gam
-        d_G = d_G + tl.where(rows_c == C - 1, d_end, 0.0)
-        # the L2 norm: x_hat = x r, dx = r (dx_hat - x_hat (x_hat . dx_hat))
+    if GATED:
+        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        eG = tl.exp(G)
+    else:
+        G = tl.zeros([C], dtype=tl.float32)
+        eG = tl.full([C], 1.0, tl.float32)
+    if L2NORM:
+        rk = tl.load(Rk + tok, mask=mask_t, other=0.0)
+    else:
+        rk = tl.full([C], 1.0, tl.float32)
+    Tt = tl.load(Tbuf + tok[None, :] * C + rows_c[:, None], mask=mask_t[None, :], other=0.0)  # T^T
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    d_b = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):  # U' = T diag(b) V
+        cols = v0 + tl.arange(0, BV)
+        m = mask_t[:, None] & (cols < V)[None, :]
+        b_du = tl.load(dv + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(odt)
+        b_v = tl.load(v + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dT += dot(b_du, tl.trans((b_v * b_b[:, None]).to(odt)), MODE)
+        dvb = dot(Tt, b_du, MODE)
+        tl.store(dvo + tok[:, None] * V + cols[None, :], (dvb * b_b[:, None]).to(dvo.dtype.element_ty), mask=m)
+        d_b += tl.sum(dvb * b_v, 1)
+    kk = tl.zeros([C, C], dtype=tl.float32)
+    wb = b_b * eG * rk  # W = T diag(wb) K (raw keys)
+    t_w = tl.zeros([C], dtype=tl.float32)  # rows of (T^T dW) . K (raw keys)
+    for k0 in range(0, K, BK):  # W = T diag(b e^G) K^
+        cols = k0 + tl.arange(0, BK)
+        m = mask_t[:, None] & (cols < K)[None, :]
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0)
+        b_dw = tl.load(dw + tok[:, None] * K + cols[None, :], mask=m, other=0.0).to(odt)
+        kk += dot(b_k, tl.trans(b_k), MODE)
+        dT += dot(b_dw, tl.trans((b_k.to(tl.float32) * wb[:, None]).to(odt)), MODE)
+        d_kw = dot(Tt, b_dw, MODE)  # d(diag(b e^G) K^) = T^T dW
+        t_w += tl.sum(d_kw * b_k.to(tl.float32), 1)
+        # dk^ += diag(b e^G) T^T dW, in place (the second key pass adds the rest)
+        p = tok[:, None] * K + cols[None, :]
+        d_k = tl.load(dk3 + p, mask=m, other=0.0).to(tl.float32) + d_kw * (b_b * eG)[:, None]
+        tl.store(dk3 + p, d_k.to(dk3.dtype.element_ty), mask=m)
+    t_w = t_w * rk * eG  # e^G (T^T dW) . k^
+    d_b += t_w
+    d_kw = b_b * t_w  # (diag(b e^G) T^T dW) . k^: W's part of dG and of k^ . dk^
+    dT = tl.where(strict, dT, 0.0).to(odt)
+    dA = -dot(dot(Tt, dT, MODE).to(odt), Tt, MODE)
+    kk = kk * rk[:, None] * rk[None, :]
+    dAD = tl.where(strict, dA * tl.exp(tl.where(strict, G[:, None] - G[None, :], 0.0)), 0.0)
+    d_b += tl.sum(dAD * kk, 1)
+    M = dAD * b_b[:, None]  # the cotangent of K^ K^T
+    AdA = M * kk  # dA o A
+    s_a = tl.sum(AdA, 1)
+    s_at = tl.sum(AdA, 0)
+    # backward 3's row sums, over its key blocks
+    sq = tl.zeros([C], dtype=tl.float32)
+    sk = tl.zeros([C], dtype=tl.float32)
+    r = tl.zeros([C], dtype=tl.float32)
+    for i_k in tl.static_range(NKB):
+        p_r = rs + ((i_k * BTH + tok) * 3).to(tl.int64)
+        sq += tl.load(p_r, mask=mask_t, other=0.0)
+        sk += tl.load(p_r + 1, mask=mask_t, other=0.0)
+        r += tl.load(p_r + 2, mask=mask_t, other=0.0)
+    s_k = sk + d_kw + s_a + s_at  # k^ . dk^ for the L2 norm
+    Mo = M.to(odt)
+    tl.debug_barrier()  # the first key pass's dk stores before the second pass reads them
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        m = mask_t[:, None] & (cols < K)[None, :]
+        p = tok[:, None] * K + cols[None, :]
+        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
+        kn = b_k.to(odt)
+        d_k = tl.load(dk3 + p, mask=m, other=0.0).to(tl.float32) + dot(Mo, kn, MODE) + dot(tl.trans(Mo), kn, MODE)
         if L2NORM:
-            d_q = rq[:, None] * (d_q - b_q * tl.sum(b_q * d_q, 1)[:, None])
-            d_k = rk[:, None] * (d_k - b_k * tl.sum(b_k * d_k, 1)[:, None])
-        tl.store(dq + tok[:, None] * K + cols_k[None, :], d_q.to(dq.dtype.element_ty), mask=m_tk)
-        tl.store(dk + tok[:, None] * K + cols_k[None, :], d_k.to(dk.dtype.element_ty), mask=m_tk)
-        tl.store(dbeta + tok, d_b.to(dbeta.dtype.element_ty), mask=mask_t)
-        if GATED:  # g -> G is a cumulative sum inside the chunk: dg_t = sum_{s >= t} dG_s
-            d_g = tl.sum(d_G, 0) - tl.cumsum(d_G, 0) + d_G
-            tl.store(dg + tok, d_g.to(dg.dtype.element_ty), mask=mask_t)
+            d_k = rk[:, None] * (d_k - b_k * s_k[:, None])
+        tl.store(dk + p, d_k.to(dk.dtype.element_ty), mask=m)
+    if DQ_LEFT:
+        rq = tl.load(Rq + tok, mask=mask_t, other=0.0)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            m = mask_t[:, None] & (cols < K)[None, :]
+            p = tok[:, None] * K + cols[None, :]
+            b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
+            d_q = tl.load(dqs + p, mask=m, other=0.0)
+            tl.store(dq + p, (rq[:, None] * (d_q - b_q * sq[:, None])).to(dq.dtype.element_ty), mask=m)
+    tl.store(dbeta + tok, d_b.to(dbeta.dtype.element_ty), mask=mask_t)
+    if GATED:  # g -> G is a cumulative sum inside the chunk: dg_t = sum_{s >= t} dG_s
+        d_G = sq - sk + d_kw + s_a - s_at + tl.where(rows_c == C - 1, tl.sum(r, 0), 0.0)
+        d_g = tl.sum(d_G, 0) - tl.cumsum(d_G, 0) + d_G
+        tl.store(dg + tok, d_g.to(dg.dtype.element_ty), mask=mask_t)
 
 
 @triton.jit
@@ -567,19 +732,27 @@ def _forward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: i
     return {"C": C, "BK": BK, "BKS": BKS, "NK": NK, "BVS": BVS, "STAGES": stages, "BV": BV, "MODE": dot_mode(q)}
 
 
-def _backward_options(q: Tensor, chunk_size: int, K: int, V: int) -> dict:
-    """Tiles of the backward kernels: all of K in one power-of-two tile (>= 16, tl.dot's minimum), V in
-    blocks of BV, chunks of C. Wide keys take smaller chunks and V blocks so the fp32 [C, K] and [K, BV]
-    dot operands fit in shared memory (first settings, not tuned)."""
-    BK = max(16, triton.next_power_of_2(K))
-    # Shared memory per program grows with C * BK and BK * BV, and software pipelining multiplies it:
-    # at K = V = 128 chunk-64 kernels asked an H200 for 245-303 KB (its limit is 227 KB). Chunks
-    # of 32 (16 from K = 256) without pipelining stay under ~105 KB (compiled for sm_90 offline).
-    cap = 64 if BK <= 64 else 32 if BK <= 128 else 16
-    C = max(16, min(triton.next_power_of_2(chunk_size), cap))
-    BV = max(16, min(16 if BK >= 512 else 32 if BK >= 128 else 64, triton.next_power_of_2(V)))
-    return {"C": C, "BK": BK, "BV": BV, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-            "num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 128 else 2}
+def _backward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: int) -> dict:
+    """Tiles of the backward (first settings from sm_90 compiles, not timed on a GPU).
+
+    The forward's (``_forward_options``): its chunk; the recomputed stages 1-2; backward 1 at its
+    ``BK`` / ``BV``; backward 2 at stage 2's ``BKS`` / ``NK`` / ``BVS`` / ``STAGES`` (8 warps for its wider
+    state tiles past K = 256). Backward 3 takes key blocks ``BKQ`` of all of K up to 64 and at K = 128
+    (so its dq leaves finished, through the L2 norm too), else 128 for multiples of 128 and 64 for the
+    rest (a masked 128-wide block spills), and V tiles ``BVQ`` of 64 but at least two of them (a
+    one-tile loop is unrolled and its loads kept live: 255 registers at K = V = 64), at 8 warps;
+    backward 4 (``BKW`` / ``BVW``) at 8 warps too (at 4 its [C, C] tiles spill at K = 64). fp32 buffers
+    (fp16 / fp32 inputs) halve backward 3's V tile and backward 4's tiles. At K = V = 128 in bf16 the
+    four kernels take 109 / 130 / 240 / 212 registers and 24 / 16 / 80 / 40 KB of shared memory (sm_90,
+    Triton 3.9; no spills)."""
+    opts = _forward_options(q, chunk_size, K, V, rows, H)
+    wide = _operand_dtype(q) == torch.float32  # 4-byte buffers and operands: half the tiles
+    BKQ = max(16, triton.next_power_of_2(K)) if K <= 64 else 128 if K % 128 == 0 else 64
+    BVQ = max(16, min(32 if wide else 64, triton.next_power_of_2(V) // 2))  # >= 2 V tiles: see the docstring
+    BKW = max(16, min(32, triton.next_power_of_2(K))) if wide else opts["BK"]
+    BVW = max(16, min(32, triton.next_power_of_2(V))) if wide else opts["BV"]
+    return opts | {"BKQ": BKQ, "BVQ": BVQ, "WARPS_Q": 8, "BKW": BKW, "BVW": BVW, "WARPS_WY": 8,
+                   "WARPS_DH": 8 if opts["BKS"] > 64 else 4}
 
 
 def _chunk_offsets(Bsz: int, T: int, C: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, Tensor]:
@@ -611,13 +784,14 @@ def _operand_dtype(q: Tensor) -> torch.dtype:
 
 
 def _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, out_dtype, store_t):
-    """Stage 1: (G, rk, T or None, W, U'); G and rk are None when ungated / without the L2 norm."""
+    """Stage 1: (G, rk, T or None, W, U'), T, W and U' in ``out_dtype``; G and rk are None when ungated /
+    without the L2 norm."""
     Bsz, T, H, K = k.shape
     V = v.shape[-1]
     f32 = {"device": k.device, "dtype": torch.float32}
     G = torch.empty(Bsz, T, H, **f32) if g is not None else None
     rk = torch.empty(Bsz, T, H, **f32) if use_qk_l2norm else None
-    Tbuf = torch.empty(Bsz, T, H, C, **f32) if store_t else None
+    Tbuf = torch.empty(Bsz, T, H, C, device=k.device, dtype=out_dtype) if store_t else None
     W = torch.empty(Bsz, T, H, K, device=k.device, dtype=out_dtype)
     U = torch.empty(Bsz, T, H, V, device=k.device, dtype=out_dtype)
     cu = table if cu_seqlens is None else cu_seqlens  # an unused pointer when dense
@@ -677,45 +851,63 @@ def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2
 
 
 def _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, chunk_size):
+    """The backward pipeline: stages 1-2 again (T, W, U', h_c, v_new), then backward 1-4:
+    (dq, dk, dv, dg or None, dbeta, dh0 fp32 or None)."""
     Bsz, T, H, K = q.shape
     V = v.shape[-1]
     N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
-    opts = _backward_options(q, chunk_size, K, V)
-    C, NV = opts["C"], triton.cdiv(V, opts["BV"])
-    # stages 1-2 again at the backward's chunk, in fp32: T, W, U' and every chunk's starting state
-    fwd = _forward_options(q, C, K, V, N, H)
+    opts = _backward_options(q, chunk_size, K, V, N, H)
+    C, BK, BV, MODE = opts["C"], opts["BK"], opts["BV"], opts["MODE"]
     offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
-    G, rk, Tbuf, Wbuf, Ubuf = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, fwd["BK"], fwd["BV"],
-                                        fwd["MODE"], torch.float32, True)
-    h, _, _ = _state_stage(k, Wbuf, Ubuf, G, rk, initial_state, cu_seqlens, offsets, table.shape[0], N, C,
-                           fwd["BKS"], fwd["NK"], fwd["BVS"], fwd["STAGES"], fwd["MODE"], torch.float32, False, False)
-    del G, rk
-    rows = Bsz * T * H
-    dv = torch.empty_like(v)
-    dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32)
-    p_qk = torch.empty(NV, rows, 3, K, device=q.device, dtype=torch.float32)
-    p_c = torch.empty(NV, rows, 2, C, device=q.device, dtype=torch.float32)
-    p_t = torch.empty(NV, rows, 2, device=q.device, dtype=torch.float32)
-    cu = offsets if cu_seqlens is None else cu_seqlens
-    flags = {"GATED": g is not None, "VARLEN": cu_seqlens is not None, "L2NORM": use_qk_l2norm, "EPS": L2NORM_EPS}
-    chunk_bwd_dv_kernel[(N, H, NV)](
-        q, k, v, beta if g is None else g, beta, Tbuf, Wbuf, Ubuf, do, dht, h, offsets, cu, dv, dh0, p_qk, p_c, p_t,
-        T, Bsz * T, H, K, V, scale, HAS_DHT=True, **flags, **opts)
-    del h, Wbuf, Ubuf
-    s_qk, s_c, s_t = p_qk.sum(0), p_c.sum(0), p_t.sum(0)  # the sums over V blocks
+    slots = table.shape[0]
+    odt = _operand_dtype(q)
+    G, rk, Tbuf, W, U = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, odt, True)
+    h, vnew, _ = _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, slots, N, C, opts["BKS"],
+                              opts["NK"], opts["BVS"], opts["STAGES"], MODE, odt, False, True)
+    del U
+    f32 = {"device": q.device, "dtype": torch.float32}
+    rq = torch.empty(Bsz, T, H, **f32) if use_qk_l2norm else None
+    G_, rq_, rk_ = (W if t is None else t for t in (G, rq, rk))  # unused pointers stand in for absent ones
+    cu = table if cu_seqlens is None else cu_seqlens
+    flags = {"GATED": g is not None, "VARLEN": cu_seqlens is not None, "L2NORM": use_qk_l2norm, "MODE": MODE}
+    # backward 1: the output stage's part of dv_new
+    dvn = torch.empty(Bsz, T, H, V, device=q.device, dtype=odt)
+    chunk_bwd_dv_local_kernel[(slots, H)](q, k, G_, rk_, do, dvn, rq_, table, cu, T, H, K, V, scale, C=C, BK=BK,
+                                          BV=BV, EPS=L2NORM_EPS, **flags, num_warps=4, num_stages=2)
+    # backward 2: the state cotangents in reverse, dv_new completed in place
+    dh = torch.empty(slots, H, K, V, device=q.device, dtype=odt)
+    dh0 = None if initial_state is None else torch.empty(N, H, K, V, **f32)
+    chunk_bwd_dh_kernel[(N, H, triton.cdiv(V, opts["BVS"]))](
+        q, k, W, G_, rq_, rk_, do, dht, dh if dh0 is None else dh0, dh, dvn, offsets,
+        offsets if cu_seqlens is None else cu_seqlens, T, H, K, V, scale, C=C, BKS=opts["BKS"], NK=opts["NK"],
+        BV=opts["BVS"], STORE_DH0=dh0 is not None, **flags, num_warps=opts["WARPS_DH"], num_stages=opts["STAGES"])
+    del W
+    # backward 3: dq, dk and dW outside the UT transform, per key block
+    BKQ = opts["BKQ"]
+    NKB = triton.cdiv(K, BKQ)
+    dq_left = use_qk_l2norm and NKB > 1  # dq's L2 norm needs whole rows: backward 4 finishes it
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    dbeta = torch.empty_like(beta)
-    dg = torch.empty_like(g) if g is not None else dbeta
-    opts.pop("BV")
-    chunk_bwd_dqk_kernel[(table.shape[0], H)](
-        q, k, beta if g is None else g, beta, Tbuf, s_qk, s_c, s_t, table, cu, dq, dk, dg, dbeta, T, H, K,
-        **flags, **opts)
-    return dq, dk, dv, (dg if g is not None else None), dbeta, dh0
+    dqs = torch.empty(Bsz, T, H, K, **f32) if dq_left else dq
+    dk3 = torch.empty(Bsz, T, H, K, device=q.device, dtype=odt)
+    dw = torch.empty(Bsz, T, H, K, device=q.device, dtype=odt)
+    rs = torch.empty(NKB, Bsz * T * H, 3, **f32)
+    chunk_bwd_dqk_kernel[(slots, H, NKB)](
+        q, k, vnew, h, dh, dvn, do, G_, rq_, rk_, dqs, dk3, dw, rs, table, cu, T, Bsz * T * H, H, K, V, scale, C=C,
+        BK=BKQ, BV=opts["BVQ"], FINISH_DQ=not dq_left, **flags, num_warps=opts["WARPS_Q"], num_stages=2)
+    del h, dh, vnew
+    # backward 4: the UT transform, dv, dbeta, dg and the L2 norm of dk (and of dq when left)
+    dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
+    dg = None if g is None else torch.empty_like(g)
+    chunk_bwd_wy_kernel[(slots, H)](
+        q, k, v, beta, G_, rq_, rk_, Tbuf, dvn, dw, dk3, rs, dqs, dq, dk, dv, dbeta, dbeta if dg is None else dg,
+        table, cu, T, Bsz * T * H, H, K, V, C=C, BK=opts["BKW"], BV=opts["BVW"], NKB=NKB, DQ_LEFT=dq_left, **flags,
+        num_warps=opts["WARPS_WY"], num_stages=2)
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 class DeltaRuleTriton(torch.autograd.Function):
-    """The chunked kernels: the three-stage forward (saving only the inputs) and the backward, which
-    recomputes the chunk states at its own chunk size."""
+    """The chunked kernels: the three-stage forward (saving only the inputs) and the backward pipeline,
+    which recomputes stages 1-2 first."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
