@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "seqblocks"
 
 # Lower numbers sit lower; a module may import its own layer or any lower one.
-LAYERS = {"_version": 0, "registry": 0, "config": 0, "cache": 0, "ops": 1, "layers": 2, "blocks": 3,
+LAYERS = {"_version": 0, "registry": 0, "config": 0, "cache": 0, "ops": 1, "parallel": 1, "layers": 2, "blocks": 3,
           "checkpoint": 3, "model_card": 3, "params": 3, "models": 4, "tasks": 4, "tokenizers": 4, "data": 4,
           "generation": 5, "beam_search": 5, "presets": 5, "interop": 5, "compat": 5, "train": 6, "serving": 6,
           "post": 6, "testing": 6, "cli": 7, "__main__": 8, "__init__": 8}
