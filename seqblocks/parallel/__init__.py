@@ -16,3 +16,18 @@ from seqblocks.parallel.context import (
 __all__ = ["ATTENTION_METHODS", "ContextParallel", "context_parallel", "current_context_parallel",
            "using_context_parallel", "gather_time", "local_chunk", "ring_attention", "allgather_attention",
            "context_parallel_attention"]
+
+# Context-parallel scans and the short conv's halo (seqblocks.parallel.scan / conv; docs/context_parallel.md).
+from seqblocks.parallel.conv import causal_conv1d_cp, conv_halo  # noqa: E402
+from seqblocks.parallel.scan import (  # noqa: E402
+    delta_rule_cp,
+    gated_delta_rule_cp,
+    gla_cp,
+    linear_scan_cp,
+    selective_scan_cp,
+    simple_gla_cp,
+    ssd_cp,
+)
+
+__all__ += ["causal_conv1d_cp", "conv_halo", "delta_rule_cp", "gated_delta_rule_cp", "gla_cp", "linear_scan_cp",
+            "selective_scan_cp", "simple_gla_cp", "ssd_cp"]

@@ -49,6 +49,7 @@ from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.reference import state_dtype
 from seqblocks.ops.scan.step import linear_scan_step
 from seqblocks.ops.ssm_conv_kernels import ssm_powers
+from seqblocks.parallel.scan import carried_poison, chunk_lengths, linear_scan_cp, mixer_context
 
 __all__ = ["SSMCache", "LTIMixer", "MODES", "pad_mask", "reverse_rows", "reverse_sequences", "complex_dtype",
            "post_layers", "diag_states", "complex_linear", "real_readout", "ACTIVATIONS", "make_activation"]
@@ -148,6 +149,10 @@ class LTIMixer(Mixer):
         # The widest parameter dtype: fp32 for a bf16-cast module, whose poles stay fp32 (keep_in_fp32).
         return state_dtype(*(p.dtype for p in self.parameters()))
 
+    def _native_cp(self) -> bool:
+        """This mixer runs natively under context parallelism (its class says so: LRU, S5)."""
+        return getattr(type(self), "context_parallel", None) == "native"
+
     def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
         """Real dtype the system runs in: fp32, or float64 when the input or the module is."""
         d = state_dtype(x_dtype, self._param_dtype())
@@ -176,7 +181,7 @@ class LTIMixer(Mixer):
         name = type(self).__name__
         check_input(name, x, self.d_model, device=next(self.parameters()).device)
         B, T = x.shape[:2]
-        check_lengths(name, lengths, B, T)
+        check_lengths(name, lengths, B, T)  # the chunk's own lengths under context parallelism
         if cache is not None:
             if self.bidirectional:
                 raise ValueError(f"{name}(bidirectional=True) is not causal and cannot run with a cache")
@@ -203,13 +208,21 @@ class LTIMixer(Mixer):
     def _forward(self, x: torch.Tensor, cache: SSMCache | None, lengths: torch.Tensor | None,
                  **kwargs: Any) -> torch.Tensor:
         # ``kwargs`` go to ``_ssm`` (S5's integration_timesteps).
-        self._check_call(x, cache, lengths)
+        # A subclass marked ``context_parallel = "native"`` runs on its time chunk under
+        # ``seqblocks.parallel.context_parallel``: the recurrence (scan mode, whatever ``mode``) passes its
+        # state across ranks, and ``lengths`` are the full sequence's.
+        cp = mixer_context(type(self).__name__, cache) if self._native_cp() else None
+        B, T = x.shape[:2] if isinstance(x, torch.Tensor) and x.dim() == 3 else (0, 0)
+        local = chunk_lengths(type(self).__name__, lengths, B, T, cp)
+        self._check_call(x, cache, local)
         B, T, _ = x.shape
         if is_empty(x):  # the empty rule (layers/checks.py): the state stays as it is
             return x.new_zeros(x.shape)
         cdt = self.compute_dtype(x.dtype)
         u = x.to(cdt)
-        valid = pad_mask(lengths, T, x.device)
+        if cp is not None:
+            kwargs["cp"] = cp
+        valid = pad_mask(local, T, x.device)
         if valid is not None:
             u = u.masked_fill(~valid, 0.0)
         # A non-finite input would reach earlier outputs through the FFT (and S4's chunked recurrence):
@@ -225,14 +238,18 @@ class LTIMixer(Mixer):
                 cache.state.copy_(final.masked_fill(row_bad, float("nan")))
                 cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset.dtype))
             else:
-                y, _ = self._ssm(u, mode=self.mode, reverse=False, h0=None, lengths=lengths, **kwargs)
+                mode = self.mode if cp is None else "scan"
+                y, _ = self._ssm(u, mode=mode, reverse=False, h0=None, lengths=lengths, **kwargs)
                 if self.bidirectional:
-                    y_rev, _ = self._ssm(u, mode=self.mode, reverse=True, h0=None, lengths=lengths, **kwargs)
+                    y_rev, _ = self._ssm(u, mode=mode, reverse=True, h0=None, lengths=lengths, **kwargs)
                     y = y + y_rev
             skip = self._skip(u)
             if skip is not None:
                 y = y + skip
-        y = poison(self._post_with_input(y, x), poisoned_from(bad, causal=not self.bidirectional))
+        poisoned = poisoned_from(bad, causal=not self.bidirectional)
+        if cp is not None:  # a bad token on another rank of the row
+            poisoned = poisoned | carried_poison(bad, causal=not self.bidirectional, cp=cp)
+        y = poison(self._post_with_input(y, x), poisoned)
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)
         return y.to(x.dtype)
@@ -282,7 +299,7 @@ def make_activation(name: str | None, what: str = "activation") -> nn.Module:
 
 
 def diag_states(log_lam: torch.Tensor, v: torch.Tensor, *, mode: str, reverse: bool, h0: torch.Tensor | None,
-                lengths: torch.Tensor | None, a: torch.Tensor | None = None
+                lengths: torch.Tensor | None, a: torch.Tensor | None = None, cp=None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """States of the diagonal system ``h_t = λ h_{t-1} + v_t`` (``h_{t+1}`` when ``reverse``).
 
@@ -291,10 +308,15 @@ def diag_states(log_lam: torch.Tensor, v: torch.Tensor, *, mode: str, reverse: b
         v (Tensor): [B, T, *S] complex inputs ``B̄ u``, zero at padding.
         mode (str): "scan" (``linear_scan``) or "conv" (FFT convolution with ``λ^l``; no state).
         a (Tensor | None): [B, T, *S] time-varying decay overriding ``exp(log_lam)`` (scan only).
+        cp (ContextParallel | None): v is this rank's time chunk of a sequence split over ``cp``
+            (scan mode; ``lengths`` the full sequence's): ``seqblocks.parallel.scan.linear_scan_cp``.
+            Default: None.
 
     Returns:
         (h [B, T, *S], final state [B, *S] or None in conv mode).
     """
+    if cp is not None:
+        return linear_scan_cp(torch.exp(log_lam) if a is None else a, v, h0, reverse=reverse, lengths=lengths, cp=cp)
     if mode == "scan" or a is not None:
         decay = torch.exp(log_lam) if a is None else a
         step = v.shape[1] == 1 and not reverse and h0 is not None and lengths is None

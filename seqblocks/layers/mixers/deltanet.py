@@ -30,6 +30,8 @@ from seqblocks.layers.checks import check_allocation, check_call, check_positive
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.delta_rule import delta_rule, gated_delta_rule, gated_delta_rule_step
+from seqblocks.parallel.conv import conv_halo
+from seqblocks.parallel.scan import chunk_lengths, delta_rule_cp, gated_delta_rule_cp, local_cu_seqlens, mixer_context
 from seqblocks.registry import MIXERS
 
 __all__ = ["DeltaNet", "DeltaNetCache", "DeltaRuleMixer", "HeadRMSNorm", "GATE_ACTIVATIONS"]
@@ -95,6 +97,9 @@ class DeltaRuleMixer(Mixer):
     """
 
     inputs = frozenset({"lengths", "cu_seqlens"})
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk: one all-gather
+    # serves the three short convs' halos, the delta rule passes its state across ranks (parallel/scan.py).
+    context_parallel = "native"
     qk_activation = "silu"
     qk_norm = "l2"
 
@@ -122,11 +127,15 @@ class DeltaRuleMixer(Mixer):
                               dtype=torch.promote_types(torch.float32, weight.dtype)))
 
     def _conv(self, conv: nn.Conv1d, x: torch.Tensor, conv_state: torch.Tensor | None, lengths, cu_seqlens,
-              activation: str | None, decode: bool) -> torch.Tensor:
-        # [B, T, C] -> [B, T, C]; updates conv_state (the cache's) in place.
+              activation: str | None, decode: bool, halo: torch.Tensor | None = None) -> torch.Tensor:
+        # [B, T, C] -> [B, T, C]; updates conv_state (the cache's) in place. ``halo``: under context
+        # parallelism, the initial states of this chunk's rows / pieces (cu_seqlens then the local pieces').
         if not self.use_short_conv:
             return F.silu(x) if activation is not None else x
         weight = conv.weight[:, 0]
+        if halo is not None:
+            return causal_conv1d(x, weight, conv.bias, activation=activation, initial_state=halo, lengths=lengths,
+                                 cu_seqlens=cu_seqlens)[0]
         if cu_seqlens is not None:
             return causal_conv1d(x, weight, conv.bias, activation=activation, cu_seqlens=cu_seqlens)[0]
         if decode:
@@ -146,31 +155,39 @@ class DeltaRuleMixer(Mixer):
             t = t / t.abs().sum(-1, keepdim=True).clamp(min=1e-6)  # fla's sum_norm (an L1 normalisation)
         return t
 
-    def _qkv(self, x, cache, lengths, cu_seqlens, decode):
+    def _qkv(self, x, cache, lengths, cu_seqlens, decode, cp=None):
         # x [B, T, D] -> q, k [B, T, HV, K], v [B, T, HV, V]: projections, short convs, feature maps
         qk_act = "silu" if self.qk_activation == "silu" else None
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else (None,) * 3
         states = (None,) * 3 if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
-        q, k, v = (self._conv(conv, proj(x), state, lengths, cu_seqlens, act, decode) for conv, proj, state, act in
-                   zip(convs, (self.q_proj, self.k_proj, self.v_proj), states, (qk_act, qk_act, "silu")))
+        inputs = [proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        halos = (None,) * 3
+        if cp is not None and self.use_short_conv:  # one gather for the three convs' halos
+            halos = conv_halo(tuple(inputs), self.conv_size, cu_seqlens=cu_seqlens, cp=cp)
+            cu_seqlens = local_cu_seqlens(cu_seqlens, x.shape[1], cp)
+        q, k, v = (self._conv(conv, inp, state, lengths, cu_seqlens, act, decode, halo)
+                   for conv, inp, state, act, halo in zip(convs, inputs, states, (qk_act, qk_act, "silu"), halos))
         q = self._qk_features(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
         k = self._qk_features(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
         if self.num_v_heads != self.num_heads:  # grouped value heads: value head i reads key head i // (HV / H)
             q, k = (t.repeat_interleave(self.num_v_heads // self.num_heads, dim=2) for t in (q, k))
         return q, k, v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
 
-    def _recurrence(self, q, k, v, g, beta, cache, cu_seqlens, decode):
-        # the op: one decode step on the cache's state, or a (chunked) pass from and into it
+    def _recurrence(self, q, k, v, g, beta, cache, cu_seqlens, decode, cp=None):
+        # the op: one decode step on the cache's state, or a (chunked) pass from and into it; under
+        # context parallelism its state-passing form (cu_seqlens the full sequence's)
         l2 = self.qk_norm == "l2"
         if decode:
             return gated_delta_rule_step(cache.state, q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
                                          beta[:, 0], use_qk_l2norm=l2).unsqueeze(1)
         common = {"initial_state": None if cache is None else cache.state, "output_final_state": cache is not None,
                   "cu_seqlens": cu_seqlens, "use_qk_l2norm": l2, "chunk_size": self.chunk_size}
+        if cp is not None:
+            common["cp"] = cp
         if g is None:
-            o, final = delta_rule(q, k, v, beta, **common)
+            o, final = (delta_rule if cp is None else delta_rule_cp)(q, k, v, beta, **common)
         else:
-            o, final = gated_delta_rule(q, k, v, g, beta, **common)
+            o, final = (gated_delta_rule if cp is None else gated_delta_rule_cp)(q, k, v, g, beta, **common)
         if cache is not None:
             cache.state.copy_(final)
         return o
@@ -193,7 +210,9 @@ class DeltaRuleMixer(Mixer):
                 cu_seqlens with a cache, lengths or a batch above 1.
         """
         owner = type(self).__name__
-        x, in_dtype = check_call(owner, x, self.d_model, self.q_proj.weight, lengths, cache, DeltaNetCache)
+        cp = mixer_context(owner, cache)  # None: the whole sequence is here
+        x, in_dtype = check_call(owner, x, self.d_model, self.q_proj.weight, lengths if cp is None else None, cache,
+                                 DeltaNetCache)
         if cu_seqlens is not None and (cache is not None or lengths is not None or x.shape[0] != 1):
             raise ValueError(f"{owner}: cu_seqlens takes a packed batch [1, total, D] without a cache or lengths; "
                              f"got x {tuple(x.shape)}, cache={'given' if cache is not None else None}, "
@@ -202,13 +221,14 @@ class DeltaRuleMixer(Mixer):
             return x.new_zeros(x.shape, dtype=in_dtype)
         T = x.shape[1]
         decode = cache is not None and T == 1 and lengths is None
-        q, k, v = self._qkv(x, cache, lengths, cu_seqlens, decode)
+        local = chunk_lengths(owner, lengths, x.shape[0], T, cp)  # lengths of this chunk (all of it without cp)
+        q, k, v = self._qkv(x, cache, local, cu_seqlens, decode, cp)
         g, beta = self._gates(x)
-        valid = lengths_mask(lengths, T, x.device)
+        valid = lengths_mask(local, T, x.device)
         if valid is not None:  # padding leaves the state alone (beta = 0: no write; g = 0: no decay), NaNs too
             q, k, v, beta = (_zero_padding(t, valid) for t in (q, k, v, beta))
             g = None if g is None else _zero_padding(g, valid)
-        o = self._recurrence(q, k, v, g, beta, cache, cu_seqlens, decode)
+        o = self._recurrence(q, k, v, g, beta, cache, cu_seqlens, decode, cp)
         if cache is not None:
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_gate else None

@@ -39,6 +39,14 @@ from seqblocks.layers.checks import (
 from seqblocks.layers.finite import nonfinite_tokens, poison, zero_nonfinite
 from seqblocks.layers.mixer import Mixer
 from seqblocks.ops.gla import gla, gla_step, simple_gla, simple_gla_step
+from seqblocks.parallel.scan import (
+    carried_poison,
+    chunk_lengths,
+    gla_cp,
+    local_cu_seqlens,
+    mixer_context,
+    simple_gla_cp,
+)
 from seqblocks.registry import MIXERS
 
 __all__ = ["GatedLinearAttention", "GLACache", "GLAFamilyBase", "HeadRMSNormGated", "FEATURE_MAPS"]
@@ -115,6 +123,9 @@ class GLAFamilyBase(Mixer):
 
     inputs = frozenset({"lengths", "cu_seqlens"})
     scalar_decay = False
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk (the op passes its
+    # state across ranks: parallel/scan.py; positions and the non-finite rule see the whole sequence).
+    context_parallel = "native"
 
     def _build_common(self, owner, d_model, expand_k, expand_v, num_heads, num_kv_heads, feature_map,
                       use_output_gate, elementwise_affine, norm_eps, chunk_size, fk) -> None:
@@ -165,7 +176,7 @@ class GLAFamilyBase(Mixer):
         t = t.unflatten(-1, (-1, width))
         return t.repeat_interleave(self.num_kv_groups, dim=2) if self.num_kv_groups > 1 else t
 
-    def _positions(self, q, k, cache, cu_seqlens):
+    def _positions(self, q, k, cache, cu_seqlens, cp=None):
         return q, k
 
     def forward(self, x: torch.Tensor, cache: GLACache | None = None, *, lengths: torch.Tensor | None = None,
@@ -186,38 +197,43 @@ class GLAFamilyBase(Mixer):
                 cu_seqlens with a cache or lengths.
         """
         owner = type(self).__name__
-        x, in_dtype = check_call(owner, x, self.d_model, self.q_proj.weight, lengths, cache, GLACache)
+        cp = mixer_context(owner, cache)  # None: the whole sequence is here
+        x, in_dtype = check_call(owner, x, self.d_model, self.q_proj.weight, lengths if cp is None else None, cache,
+                                 GLACache)
         B, T, _ = x.shape
         if cu_seqlens is not None:  # its values are checked by the op
             if cache is not None or lengths is not None:
                 raise ValueError(f"{owner}: cu_seqlens packs whole documents; it takes no cache and no lengths")
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
+        local = chunk_lengths(owner, lengths, B, T, cp)  # lengths of this chunk (all of it without cp)
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_k_dim))
         k, v = self._heads(self.k_proj(x), self.head_k_dim), self._heads(self.v_proj(x), self.head_v_dim)
         g = self._decay(x)  # [B, T, H, K] or [B, T, H]
         if self.feature_map is not None:
             q, k = FEATURE_MAPS[self.feature_map](q), FEATURE_MAPS[self.feature_map](k)
-        q, k = self._positions(q, k, cache, cu_seqlens)
+        q, k = self._positions(q, k, cache, cu_seqlens, cp)
         if cache is not None and T == 1 and lengths is None:
             step = simple_gla_step if self.scalar_decay else gla_step
             o = step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0]).unsqueeze(1)
             cache.advance(1)
         else:
-            o = self._sequence(q, k, v, g, cache, lengths, cu_seqlens)
+            o = self._sequence(q, k, v, g, cache, local, cu_seqlens, cp)
         o = o.to(x.dtype)
         if self.use_output_gate:
             o = self.g_norm_swish_gate(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
         else:
             o = self.g_norm(o)
         y = self.o_proj(o.flatten(-2))
-        valid = lengths_mask(lengths, T, x.device)
+        valid = lengths_mask(local, T, x.device)
         if valid is not None:
             y = y.masked_fill(~valid[..., None], 0.0)
         return y.to(in_dtype)
 
-    def _sequence(self, q, k, v, g, cache, lengths, cu_seqlens):
-        """The full / prefill pass: padding kept out of the state, non-finite tokens poisoning from themselves."""
+    def _sequence(self, q, k, v, g, cache, lengths, cu_seqlens, cp=None):
+        """The full / prefill pass: padding kept out of the state, non-finite tokens poisoning from themselves.
+        Under a context-parallel group ``cp``: this rank's chunk, ``lengths`` its own, ``cu_seqlens`` the
+        full sequence's."""
         B, T = q.shape[:2]
         valid = lengths_mask(lengths, T, q.device)
         if valid is not None:  # padding: no write (k = 0, v = 0) and no decay (g = 0); NaN there is dropped
@@ -230,10 +246,16 @@ class GLAFamilyBase(Mixer):
         # poison the outputs from them on and the state (seqblocks.layers.finite).
         bad = nonfinite_tokens(q, k, v, g)
         q, k, v, g = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), zero_nonfinite(g)
-        op = simple_gla if self.scalar_decay else gla
-        o, final = op(q, k, v, g, initial_state=None if cache is None else cache.state,
-                      output_final_state=cache is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
-        o = poison(o, _document_poison(bad, cu_seqlens))
+        if cp is None:
+            op = simple_gla if self.scalar_decay else gla
+            o, final = op(q, k, v, g, initial_state=None if cache is None else cache.state,
+                          output_final_state=cache is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+            o = poison(o, _document_poison(bad, cu_seqlens))
+        else:  # no cache here (mixer_context): the chunk's outputs, poisoned by bad tokens here or before
+            op = simple_gla_cp if self.scalar_decay else gla_cp
+            o, final = op(q, k, v, g, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, cp=cp)
+            poisoned = _document_poison(bad, local_cu_seqlens(cu_seqlens, T, cp))
+            o = poison(o, poisoned | carried_poison(bad, cu_seqlens=cu_seqlens, cp=cp))
         if cache is not None:
             cache.state.copy_(final.masked_fill(bad.any(1).view(B, 1, 1, 1), float("nan")))
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))

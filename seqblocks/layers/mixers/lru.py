@@ -47,6 +47,9 @@ class LRU(LTIMixer):
 
     # Kept fp32 under a bf16 / fp16 cast of the module (the poles and their normalisation; Mixer.keep_in_fp32).
     keep_in_fp32 = ("nu_log", "theta_log", "gamma_log")
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk (the scan passes its
+    # state across ranks; both directions when bidirectional): LTIMixer._forward.
+    context_parallel = "native"
 
     def __init__(self, d_model: int, d_state: int, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * math.pi, *, mode: str = "scan", bidirectional: bool = False,
@@ -102,12 +105,12 @@ class LRU(LTIMixer):
     def _log_lam(self, cdt: torch.dtype) -> torch.Tensor:
         return torch.complex(-torch.exp(self.nu_log.to(cdt)), torch.exp(self.theta_log.to(cdt)))
 
-    def _ssm(self, u, *, mode, reverse, h0, lengths):
+    def _ssm(self, u, *, mode, reverse, h0, lengths, cp=None):
         cdt = u.dtype
         log_lam = self._log_lam(cdt)
         B_bar = torch.complex(self.B_re.to(cdt), self.B_im.to(cdt)) * torch.exp(self.gamma_log.to(cdt))[:, None]
         v = complex_linear(u, B_bar)  # [B, T, P]
-        h, final = diag_states(log_lam, v, mode=mode, reverse=reverse, h0=h0, lengths=lengths)
+        h, final = diag_states(log_lam, v, mode=mode, reverse=reverse, h0=h0, lengths=lengths, cp=cp)
         C = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
         y = real_readout(h.to(complex_dtype(cdt)), torch.complex(C[0].to(cdt), C[1].to(cdt)))
         return y, final

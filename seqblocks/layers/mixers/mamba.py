@@ -44,6 +44,8 @@ from seqblocks.ops.causal_conv1d import causal_conv1d, runs_kernel
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
 from seqblocks.ops.selective_scan.step import conv_step
+from seqblocks.parallel.conv import conv_halo
+from seqblocks.parallel.scan import chunk_lengths, mixer_context, selective_scan_cp
 from seqblocks.registry import MIXERS
 
 __all__ = ["Mamba", "MambaCache"]
@@ -94,6 +96,9 @@ class Mamba(Mixer):
     keep_in_fp32 = ("A_log", "D", "dt_proj.bias")
 
     inputs = frozenset({"lengths", "integration_timesteps"})
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk: the conv takes
+    # the previous rank's last W - 1 inputs, the scan passes its state across ranks (parallel/scan.py).
+    context_parallel = "native"
 
     def __init__(
         self,
@@ -208,7 +213,10 @@ class Mamba(Mixer):
         check_input("Mamba", x, self.d_model, device=self.in_proj.weight.device)
         in_dtype, x = x.dtype, to_module_dtype(x, self.in_proj.weight.dtype)
         Bsz, T, _ = x.shape
-        check_lengths("Mamba", lengths, Bsz, T)
+        cp = mixer_context("Mamba", cache)  # None: the whole sequence is here
+        if cp is None:
+            check_lengths("Mamba", lengths, Bsz, T)
+        local = chunk_lengths("Mamba", lengths, Bsz, T, cp)  # lengths of this chunk (all of it without cp)
         if isinstance(integration_timesteps, torch.Tensor) and integration_timesteps.dim() == 1 and T == 1:
             integration_timesteps = integration_timesteps.unsqueeze(1)  # a decode step's [B] intervals
         check_timesteps("Mamba", integration_timesteps, Bsz, T)
@@ -219,20 +227,27 @@ class Mamba(Mixer):
         if cache is not None and T == 1 and lengths is None:
             return self._step(x, cache, integration_timesteps).to(in_dtype)
         x_in, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
-        conv_state = None if cache is None else cache.conv_state
+        if cp is None:
+            conv_state, conv_lengths = (None if cache is None else cache.conv_state), lengths
+        else:  # this rank's chunk: the conv continues from the previous rank's inputs
+            conv_state, conv_lengths = conv_halo(x_in, self.d_conv, cp=cp), local
         # Training keeps the conv output and the step sizes as recipes, not tensors (as mamba_ssm's
         # mamba_inner_fn does): both are recomputed in the backward from what stays saved anyway (x_in,
         # a view of in_proj's output; x_dbl's dt columns), 4 E bytes a token and layer less. Not with a
         # cache, whose conv state the call updates in place.
         with RecomputedSaves(enabled=cache is None) as saves:
-            xs, conv_final = self._conv(x_in, conv_state, lengths)
-            saves.recompute(xs, lambda: self._conv(x_in, conv_state, lengths)[0])
+            xs, conv_final = self._conv(x_in, conv_state, conv_lengths)
+            saves.recompute(xs, lambda: self._conv(x_in, conv_state, conv_lengths)[0])
             dt, Bm, Cm = self._dt_B_C(xs, saves)
             A = -torch.exp(self.A_log.to(self._acc(x)))
             kw = self._step_kwargs(dt, integration_timesteps)
-            y, final = selective_scan(xs, A=A, B=Bm, C=Cm, D=self.D.to(self._acc(x)), z=z,
-                                      discretization=self.discretization, lengths=lengths,
-                                      initial_state=None if cache is None else cache.ssm_state, **kw)
+            if cp is None:
+                y, final = selective_scan(xs, A=A, B=Bm, C=Cm, D=self.D.to(self._acc(x)), z=z,
+                                          discretization=self.discretization, lengths=lengths,
+                                          initial_state=None if cache is None else cache.ssm_state, **kw)
+            else:
+                y, final = selective_scan_cp(xs, A=A, B=Bm, C=Cm, D=self.D.to(self._acc(x)), z=z,
+                                             discretization=self.discretization, lengths=lengths, cp=cp, **kw)
         if cache is not None:
             cache.conv_state.copy_(conv_final)
             cache.ssm_state.copy_(final)

@@ -18,6 +18,7 @@ Shapes: B batch, T time, D model width, H heads, P head width, N state, G groups
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -39,6 +40,8 @@ from seqblocks.layers.mixer import Mixer
 from seqblocks.layers.mixers._lti import reverse_sequences
 from seqblocks.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqblocks.ops.ssd import ssd, ssd_state_update
+from seqblocks.parallel.conv import conv_halo
+from seqblocks.parallel.scan import chunk_lengths, local_cu_seqlens, mixer_context, ssd_cp
 from seqblocks.registry import MIXERS
 
 __all__ = ["Mamba2", "Mamba2Cache", "RMSNormGated"]
@@ -126,6 +129,9 @@ class Mamba2(Mixer):
     keep_in_fp32 = ("A_log", "D", "dt_bias")
 
     inputs = frozenset({"lengths", "cu_seqlens"})
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk (conv halo, SSD
+    # state passing: parallel/scan.py); a bidirectional instance is not causal and opts out (below).
+    context_parallel = "native"
 
     def __init__(
         self,
@@ -157,6 +163,8 @@ class Mamba2(Mixer):
         super().__init__()
         self.bidirectional = bool(bidirectional)
         self.causal = not self.bidirectional
+        if self.bidirectional:  # its reversed pass reads the whole row: gathered, not split (run_mixer)
+            self.context_parallel = None
         check_positive("Mamba2", d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
                        ngroups=ngroups, chunk_size=chunk_size)
         d_inner = expand * d_model
@@ -263,10 +271,16 @@ class Mamba2(Mixer):
         """
         if cache is not None and self.bidirectional:
             raise ValueError("Mamba2(bidirectional=True) is not causal and cannot run with a cache")
+        cp = mixer_context("Mamba2", cache)  # None: the whole sequence is here
+        if cp is not None and self.bidirectional:
+            raise ValueError("Mamba2(bidirectional=True) does not run on a time chunk: its reversed pass reads the "
+                             "whole row; call it outside context_parallel (run_mixer gathers the sequence for it)")
         if cu_seqlens is not None:
-            return self._forward_packed(x, cache, cu_seqlens, lengths)
-        x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, lengths, cache, Mamba2Cache)
+            return self._forward_packed(x, cache, cu_seqlens, lengths, cp)
+        x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, lengths if cp is None else None,
+                                 cache, Mamba2Cache)
         Bsz, T, _ = x.shape
+        local = chunk_lengths("Mamba2", lengths, Bsz, T, cp)  # lengths of this chunk (all of it without cp)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         z0, x0, z, xBC, dt = self.in_proj(x).split(
@@ -282,14 +296,18 @@ class Mamba2(Mixer):
             cache.advance(1)
             return self._out(y.flatten(-2).unsqueeze(1), z, z0, x0).to(in_dtype)
 
-        xBC, conv_final = causal_conv1d(xBC, weight, self.conv1d.bias, activation="silu",
-                                        initial_state=None if cache is None else cache.conv_state, lengths=lengths)
+        conv_init = None if cache is None else cache.conv_state
+        if cp is not None:  # this rank's chunk continues from the previous rank's conv inputs
+            conv_init = conv_halo(xBC, self.d_conv, cp=cp)
+        xBC, conv_final = causal_conv1d(xBC, weight, self.conv1d.bias, activation="silu", initial_state=conv_init,
+                                        lengths=local)
         xs, Bm, Cm = self._split(xBC)
         gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
-        y, final = ssd(xs, dt, A, Bm, Cm, self._D(acc), gate,
-                       dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
-                       initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
-                       lengths=lengths, chunk_size=self.chunk_size)
+        scan = ssd if cp is None else functools.partial(ssd_cp, cp=cp)
+        y, final = scan(xs, dt, A, Bm, Cm, self._D(acc), gate,
+                        dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
+                        initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
+                        lengths=lengths, chunk_size=self.chunk_size)
         if self.bidirectional:
             y = y + self._reversed_pass(xs, dt, A, Bm, Cm, gate, lengths=lengths, cu_seqlens=None)
         if cache is not None:
@@ -297,14 +315,15 @@ class Mamba2(Mixer):
             cache.ssm_state.copy_(final)
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         out = self._out(y.flatten(-2), z, z0, x0)
-        valid = lengths_mask(lengths, T, x.device)
+        valid = lengths_mask(local, T, x.device)
         if valid is not None:  # padded outputs are 0 (the gate and out_proj's bias would move them)
             out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out.to(in_dtype)
 
     def _forward_packed(self, x: torch.Tensor, cache: Mamba2Cache | None, cu_seqlens: torch.Tensor,
-                        lengths: torch.Tensor | None) -> torch.Tensor:
-        """``forward`` on sequences packed in x [1, total, D] (``cu_seqlens``): no unpacking anywhere."""
+                        lengths: torch.Tensor | None, cp=None) -> torch.Tensor:
+        """``forward`` on sequences packed in x [1, total, D] (``cu_seqlens``): no unpacking anywhere. Under
+        a context-parallel group ``cp``, x is this rank's chunk and ``cu_seqlens`` the full sequence's."""
         if lengths is not None:
             raise ValueError("Mamba2: pass either lengths or cu_seqlens, not both")
         x, in_dtype = check_call("Mamba2", x, self.d_model, self.in_proj.weight, None, None, Mamba2Cache)
@@ -317,16 +336,20 @@ class Mamba2(Mixer):
         z0, x0, z, xBC, dt = self.in_proj(x).split(
             [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         acc = self._acc(x)
+        conv_init, conv_cu = None if cache is None else cache.conv_state, cu_seqlens
+        if cp is not None:  # the documents' pieces in this chunk; the continuing one takes the halo
+            conv_init = conv_halo(xBC, self.d_conv, cu_seqlens=cu_seqlens, cp=cp)
+            conv_cu = local_cu_seqlens(cu_seqlens, x.shape[1], cp)
         xBC, conv_final = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
-                                        initial_state=None if cache is None else cache.conv_state,
-                                        cu_seqlens=cu_seqlens)
+                                        initial_state=conv_init, cu_seqlens=conv_cu)
         xs, Bm, Cm = self._split(xBC)
         A = -torch.exp(self.A_log.to(acc))
         gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
-        y, final = ssd(xs, dt, A, Bm, Cm, self._D(acc), gate,
-                       dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
-                       initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
-                       cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        scan = ssd if cp is None else functools.partial(ssd_cp, cp=cp)
+        y, final = scan(xs, dt, A, Bm, Cm, self._D(acc), gate,
+                        dt_bias=self.dt_bias.to(acc), dt_softplus=True, dt_limit=self.dt_limit,
+                        initial_state=None if cache is None else cache.ssm_state, return_final_state=True,
+                        cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
         if self.bidirectional:
             y = y + self._reversed_pass(xs, dt, A, Bm, Cm, gate, lengths=None, cu_seqlens=cu_seqlens)
         if cache is not None:

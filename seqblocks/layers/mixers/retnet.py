@@ -21,6 +21,7 @@ import torch
 from seqblocks.layers.attention.common import token_index
 from seqblocks.layers.mixers.gla import GLAFamilyBase, HeadRMSNormGated, document_positions
 from seqblocks.layers.position import RotaryEmbedding
+from seqblocks.parallel.scan import document_positions_cp
 from seqblocks.registry import MIXERS
 
 __all__ = ["MultiScaleRetention", "retention_decays"]
@@ -86,8 +87,13 @@ class MultiScaleRetention(GLAFamilyBase):
         acc = torch.promote_types(torch.float32, x.dtype)
         return self.log_decay.to(acc).expand(*x.shape[:2], self.num_heads)
 
-    def _positions(self, q, k, cache, cu_seqlens):
+    def _positions(self, q, k, cache, cu_seqlens, cp=None):
         T = q.shape[1]
-        pos = document_positions(cu_seqlens, T) if cu_seqlens is not None else token_index(cache, T, q.device)
+        if cp is not None:  # this chunk's positions in the full sequence (or in its documents)
+            pos = document_positions_cp(T, cu_seqlens, cp, device=q.device)
+        elif cu_seqlens is not None:
+            pos = document_positions(cu_seqlens, T)
+        else:
+            pos = token_index(cache, T, q.device)
         return self.rotary.rotate_qk(q, k, pos)
 

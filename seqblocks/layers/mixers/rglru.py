@@ -38,6 +38,8 @@ from seqblocks.ops.causal_conv1d import causal_conv1d
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.step import rglru_step
 from seqblocks.ops.selective_scan.step import conv_step
+from seqblocks.parallel.conv import conv_halo
+from seqblocks.parallel.scan import chunk_lengths, linear_scan_cp, mixer_context
 from seqblocks.registry import MIXERS
 
 __all__ = ["RGLRU", "RGLRUCache"]
@@ -108,6 +110,9 @@ class RGLRU(Mixer):
     keep_in_fp32 = ("a_param",)
 
     inputs = frozenset({"lengths"})
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk (conv halo, scan
+    # state passing: parallel/scan.py).
+    context_parallel = "native"
 
     def __init__(
         self,
@@ -240,8 +245,11 @@ class RGLRU(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        x, in_dtype = check_call("RGLRU", x, self.d_model, self.in_proj.weight, lengths, cache, RGLRUCache)
+        cp = mixer_context("RGLRU", cache)  # None: the whole sequence is here
+        x, in_dtype = check_call("RGLRU", x, self.d_model, self.in_proj.weight, lengths if cp is None else None,
+                                 cache, RGLRUCache)
         Bsz, T, _ = x.shape
+        local = chunk_lengths("RGLRU", lengths, Bsz, T, cp)  # lengths of this chunk (all of it without cp)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         g = F.gelu(self.gate_proj(x), approximate="tanh" if self.gate_gelu == "tanh" else "none")
@@ -254,20 +262,27 @@ class RGLRU(Mixer):
             ra, ri = self._gates(xc)
             h = rglru_step(cache.rnn_state, xc, ra, ri, self.a_param, self.c)
             return self.out_proj(h.to(x.dtype).unsqueeze(1) * g).to(in_dtype)
-        xc, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias,
-                                       initial_state=None if cache is None else cache.conv_state, lengths=lengths)
+        conv_init = None if cache is None else cache.conv_state
+        if cp is not None:  # this rank's chunk continues from the previous rank's conv inputs
+            conv_init = conv_halo(xs, self.d_conv, cp=cp)
+        xc, conv_final = causal_conv1d(xs, self.conv_weight, self.conv_bias, initial_state=conv_init, lengths=local)
         first = None
         if not self.scale_first_input:
             start = torch.zeros(Bsz, dtype=torch.long, device=x.device) if cache is None else cache.seqlen_offset
+            if cp is not None:
+                start = start + cp.offset(T)
             first = (start[:, None] + torch.arange(T, device=x.device)) == 0  # [B, T]
         a, b = self._recurrence_inputs(xc, first)
-        h, final = linear_scan(a, b, None if cache is None else cache.rnn_state, lengths=lengths)
+        if cp is None:
+            h, final = linear_scan(a, b, None if cache is None else cache.rnn_state, lengths=lengths)
+        else:
+            h, final = linear_scan_cp(a, b, lengths=lengths, cp=cp)
         if cache is not None:
             cache.conv_state.copy_(conv_final)
             cache.rnn_state.copy_(final)
             cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
         y = self.out_proj(h.to(x.dtype) * g)
-        valid = lengths_mask(lengths, T, x.device)
+        valid = lengths_mask(local, T, x.device)
         # Padded outputs are 0, also when the padding holds NaN (the gate branch reads it).
         y = y if valid is None else y.masked_fill(~valid[..., None], 0.0)
         return y.to(in_dtype)

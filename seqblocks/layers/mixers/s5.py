@@ -30,6 +30,7 @@ from seqblocks.layers.mixers._lti import LTIMixer, SSMCache, complex_dtype, comp
 from seqblocks.layers.mixers.s4d import REAL_TRANSFORMS, inverse_real_part, real_part
 from seqblocks.layers.ssm_init import nplr, on_cpu
 from seqblocks.ops.discretize import discretize
+from seqblocks.parallel.scan import gather_stack, tie
 from seqblocks.registry import MIXERS
 
 __all__ = ["S5"]
@@ -90,6 +91,9 @@ class S5(LTIMixer):
     keep_in_fp32 = ("Lambda_re_log", "Lambda_im", "log_step")
 
     inputs = frozenset({"lengths", "integration_timesteps"})
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk (the scan passes its
+    # state across ranks; both directions when bidirectional): LTIMixer._forward.
+    context_parallel = "native"
 
     def __init__(self, d_model: int, d_state: int, discretization: str = "zoh", conj_sym: bool = False, *,
                  blocks: int = 1, dt_min: float = 0.001, dt_max: float = 0.1, step_rescale: float = 1.0,
@@ -185,7 +189,7 @@ class S5(LTIMixer):
         return self._forward(x, cache, lengths, integration_timesteps=integration_timesteps)
 
     def _ssm(self, u: torch.Tensor, *, mode: str, reverse: bool, h0, lengths,
-             integration_timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+             integration_timesteps: torch.Tensor | None = None, cp=None) -> tuple[torch.Tensor, Any]:
         cdt = u.dtype
         A = self.continuous_eigenvalues(cdt)
         dt = torch.exp(self.log_step.to(cdt)) * self.step_rescale
@@ -197,16 +201,26 @@ class S5(LTIMixer):
         if integration_timesteps is not None:
             tau = integration_timesteps.to(cdt)
             if reverse:
-                # Walking backwards, the step from t + 1 to t spans the interval that ended at t + 1.
-                tau = torch.cat((tau[:, 1:], torch.ones_like(tau[:, :1])), 1)
+                # Walking backwards, the step from t + 1 to t spans the interval that ended at t + 1
+                # (on the next rank for a chunk's last step under context parallelism).
+                tau = torch.cat((tau[:, 1:], self._next_interval(tau, cp)), 1)
             a, _ = self._discretize(A, dt, tau.unsqueeze(-1))
         log_lam = dt * A if self.discretization in ("zoh", "dirac", "async") else torch.log(A_bar)
-        h, final = diag_states(log_lam, v, mode=mode, reverse=reverse, h0=h0, lengths=lengths, a=a)
+        h, final = diag_states(log_lam, v, mode=mode, reverse=reverse, h0=h0, lengths=lengths, a=a, cp=cp)
         C = (self.C_bwd_re, self.C_bwd_im) if reverse else (self.C_re, self.C_im)
         C = torch.complex(C[0].to(cdt), C[1].to(cdt))
         h = h.to(complex_dtype(cdt))
         y = h.real @ C.real.T - h.imag @ C.imag.T
         return (2 * y if self.conj_sym else y), final
+
+    @staticmethod
+    def _next_interval(tau: torch.Tensor, cp) -> torch.Tensor:
+        """[B, 1]: the interval after this chunk's last step (the next rank's first; 1 past the end)."""
+        ones = torch.ones_like(tau[:, :1])
+        if cp is None:
+            return ones
+        firsts = gather_stack(tau[:, :1], cp)  # [W, B, 1]
+        return firsts[cp.rank + 1] if cp.rank + 1 < cp.world_size else tie(ones, firsts)
 
     def _discretize(self, A: torch.Tensor, dt: torch.Tensor, tau: torch.Tensor | None = None):
         """``(Ā, gamma)`` for this layer's method; ``tau`` [B, T, 1] scales the step of Ā only."""

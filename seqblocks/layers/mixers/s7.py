@@ -45,6 +45,7 @@ from seqblocks.layers.checks import (
 from seqblocks.layers.mixer import Mixer, honours_fast_path
 from seqblocks.ops.scan import linear_scan
 from seqblocks.ops.scan.step import s7_step
+from seqblocks.parallel.scan import chunk_lengths, linear_scan_cp, mixer_context
 from seqblocks.registry import MIXERS
 
 __all__ = ["S7", "S7Cache", "s7_base_init"]
@@ -97,6 +98,9 @@ class S7(Mixer):
     keep_in_fp32 = ("lambda_base", "d_base")
 
     inputs = frozenset({"lengths"})
+    # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk (scan state
+    # passing: parallel/scan.py).
+    context_parallel = "native"
 
     def __init__(
         self,
@@ -192,8 +196,11 @@ class S7(Mixer):
         Raises:
             TypeError / ValueError: bad shapes or dtypes, a cache of the wrong type or batch size.
         """
-        x, in_dtype = check_call("S7", x, self.d_model, self.in_proj.weight, lengths, cache, S7Cache)
+        cp = mixer_context("S7", cache)  # None: the whole sequence is here
+        x, in_dtype = check_call("S7", x, self.d_model, self.in_proj.weight, lengths if cp is None else None,
+                                 cache, S7Cache)
         Bsz, T, _ = x.shape
+        local = chunk_lengths("S7", lengths, Bsz, T, cp)  # lengths of this chunk (all of it without cp)
         if is_empty(x):  # the empty rule (layers/checks.py)
             return x.new_zeros(x.shape, dtype=in_dtype)
         xs = self.in_proj(x)
@@ -203,7 +210,10 @@ class S7(Mixer):
                         seqlen_offset=cache.seqlen_offset).unsqueeze(1)
         else:
             a, bu, Cm, Dt = self._system(xs)
-            h, final = linear_scan(a, bu, None if cache is None else cache.state, lengths=lengths)
+            if cp is None:
+                h, final = linear_scan(a, bu, None if cache is None else cache.state, lengths=lengths)
+            else:
+                h, final = linear_scan_cp(a, bu, lengths=lengths, cp=cp)
             if cache is not None:
                 cache.state.copy_(final)
                 cache.advance(T if lengths is None else lengths.to(cache.seqlen_offset))
@@ -212,6 +222,6 @@ class S7(Mixer):
         y = y * torch.sigmoid(self.gate_proj(F.gelu(y)))
         if self.input_residual:
             y = y + x
-        valid = lengths_mask(lengths, T, x.device)
+        valid = lengths_mask(local, T, x.device)
         y = y if valid is None else y.masked_fill(~valid[..., None], 0.0)  # padded outputs are 0
         return y.to(in_dtype)
