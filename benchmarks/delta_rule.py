@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures are timed immediately, inside the loop that binds them)
 """Delta-rule benchmarks: ours against fla's kernels, with a roofline measured in the same run.
 
-    python benchmarks/delta_rule.py [--quick] [--json out.json]
+    python benchmarks/delta_rule.py [--quick] [--sections chunk,stages,decode] [--no-anchor] [--json out.json]
 
 Rows (bf16 inputs, fp32 state, L2-normalised q / k, initial state and final state on):
 - chunked forward and forward + backward of ``gated_delta_rule`` and ``delta_rule`` at
@@ -201,17 +201,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the first shape")
     p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument("--sections", default="chunk,stages,decode",
+                   help="comma-separated, run in this order: chunk, stages, decode")
+    p.add_argument("--no-anchor", action="store_true", help="skip fla (its autotuning takes minutes)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 2
     bw, rate = copy_bandwidth(), matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    fla = fla_ops()
+    fla = {} if args.no_anchor else fla_ops()
     shapes = [(8, 4096, 16, 128, 128), (4, 4096, 6, 256, 512)]
-    section_chunk(bw, rate, fla, shapes[:1] if args.quick else shapes)
-    section_stages(bw, shapes[:1] if args.quick else shapes)
-    section_decode(bw, fla)
+    shapes = shapes[:1] if args.quick else shapes
+    sections = {"chunk": lambda: section_chunk(bw, rate, fla, shapes), "stages": lambda: section_stages(bw, shapes),
+                "decode": lambda: section_decode(bw, fla)}
+    for name in args.sections.split(","):
+        if name not in sections:
+            p.error(f"unknown section {name!r}; expected one of {sorted(sections)}")
+        sections[name]()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
