@@ -12,7 +12,8 @@ A sequential recurrence has this property by itself. A parallel form does not: a
 spreads one NaN over the whole row, and a softmax-weighted sum computes ``0 * NaN = NaN`` for every
 masked (future or padded) key. Those mixers replace non-finite values by 0 before the parallel op
 (``zero_nonfinite``) and then set the poisoned outputs to NaN (``poison``), with no host sync, so
-capture and compile keep working. The cost is one elementwise pass over the op's inputs.
+capture and compile keep working. The cost is one reduction and one elementwise pass over the op's
+inputs.
 
 Shapes: B batch, T time.
 """
@@ -28,14 +29,18 @@ def nonfinite_tokens(*xs: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: True where token t of row b holds a NaN / ±Inf in any of ``xs`` (each [B, T, ...])."""
     flag = None
     for x in xs:
-        bad = ~torch.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(-1)
+        if x.dim() == 2 or x.is_complex():
+            bad = ~torch.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(-1)
+        else:  # one reduction over the features: min and max propagate NaN, and an infinity is one of them
+            lo, hi = torch.aminmax(x if x.dim() == 3 else x.flatten(2), dim=-1)
+            bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
         flag = bad if flag is None else flag | bad
     return flag
 
 
 def zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with every NaN / ±Inf replaced by 0."""
-    return torch.where(torch.isfinite(x), x, 0.0)
+    """``x`` with every NaN / ±Inf replaced by 0 (one elementwise pass; zero gradient there)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def poisoned_from(bad: torch.Tensor, *, causal: bool = True) -> torch.Tensor:

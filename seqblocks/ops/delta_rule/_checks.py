@@ -14,7 +14,7 @@ from seqblocks.ops._packing import check_cu_seqlens
 
 __all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
            "kernel_serves",
-           "zero_nonfinite", "poison"]
+           "nonfinite_flags", "nan_to_zero", "zero_nonfinite", "poison"]
 
 #: Input dtypes the Triton kernels serve (float64 runs the PyTorch path).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -113,36 +113,71 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _rows_finite(x: torch.Tensor) -> torch.Tensor:
+    """``isfinite(x).all(-1)`` in one read of x: min and max over the last dim propagate NaN, and an
+    infinity is one of them."""
+    lo, hi = torch.aminmax(x, dim=-1)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def nonfinite_flags(q, k, v, g, beta):
+    """The non-finite rule's flags, without autograd: ``bad_q`` [B, T, H] (a non-finite q: only that
+    output is NaN) and ``bad = (bad_row [B, T, H], bad_v [B, T, H, V])``: a non-finite k, g or beta
+    makes the head NaN from there on, a non-finite v only its own columns."""
+    with torch.no_grad():
+        bad_q = ~_rows_finite(q)
+        row = _rows_finite(k) & torch.isfinite(beta)
+        if g is not None:
+            row = row & torch.isfinite(g)
+        bad_v = (v * 0) != 0  # NaN for NaN and +-inf, 0 (or -0) for every finite value
+    return bad_q, (~row, bad_v)
+
+
+def nan_to_zero(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor with NaN / +-inf replaced by 0 (one pass; no autograd: for kernels whose gradients
+    at those entries vanish anyway, since the outputs they reach are poisoned)."""
+    return tuple(None if t is None else torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                 for t in tensors)
+
+
 def zero_nonfinite(q, k, v, g, beta):
-    """The non-finite rule's first half: ``(q, k, v, g, beta)`` with NaN / inf replaced by 0, and the
-    flags ``bad_q`` [B, T, H] (a non-finite q: only that output is NaN) and ``bad`` [B, T, H, V] (a
-    non-finite k, g or beta makes the head NaN from there on; a non-finite v only its own columns)."""
-    bad_q = ~torch.isfinite(q).all(-1)
-    row = torch.isfinite(k).all(-1) & torch.isfinite(beta)
-    if g is not None:
-        row = row & torch.isfinite(g)
-        g = _finite_or_zero(g)
-    bad = ~(row[..., None] & torch.isfinite(v))
+    """The non-finite rule's first half with autograd (the PyTorch path): ``(q, k, v, g, beta)`` with
+    NaN / inf replaced by 0 (zero gradient there), and the flags of ``nonfinite_flags``."""
+    bad_q, bad = nonfinite_flags(q, k, v, g, beta)
     q, k, v, beta = (_finite_or_zero(t) for t in (q, k, v, beta))
-    return q, k, v, g, beta, bad_q, bad
+    return q, k, v, None if g is None else _finite_or_zero(g), beta, bad_q, bad
+
+
+def _first_bad(bad_row: torch.Tensor, bad_v: torch.Tensor) -> torch.Tensor:
+    """[B, H, V]: the first time index whose row or column entry is bad, T where none is."""
+    T = bad_v.shape[1]
+    first_v = torch.where(bad_v.any(1), bad_v.view(torch.uint8).argmax(1), T)  # argmax: the first maximum
+    first_r = torch.where(bad_row.any(1), bad_row.view(torch.uint8).argmax(1), T)
+    return torch.minimum(first_v, first_r[..., None])
 
 
 def poison(o, final, bad_q, bad, cu_seqlens=None):
     """The second half: NaN where the sequential recurrence gives NaN, per head and value column and
-    (with ``cu_seqlens``) per packed sequence, without a host sync. o [B, T, H, V]; final [N, H, K, V]
-    or None."""
-    count = bad.to(torch.int32).cumsum(1)  # [B, T, H, V]
+    (with ``cu_seqlens``) per packed sequence, without a host sync and without a scan over time: the
+    first bad index of each (sequence, head, column) is a reduction. o [B, T, H, V]; final
+    [N, H, K, V] or None."""
+    bad_row, bad_v = bad
+    T = bad_v.shape[1]
+    if T == 0:
+        return o, final
+    t = torch.arange(T, device=bad_v.device)
     if cu_seqlens is None:
-        poisoned = count > 0
-        final_bad = poisoned[:, -1] if bad.shape[1] else None  # [B, H, V]
+        first = _first_bad(bad_row, bad_v)  # [B, H, V]
+        poisoned = t[None, :, None, None] >= first[:, None]
     else:
-        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-        padded = torch.cat([count.new_zeros(1, 1, *count.shape[2:]), count], dim=1)[0]  # [T + 1, H, V]
-        t = torch.arange(bad.shape[1], device=bad.device)
-        doc = torch.searchsorted(ends, t, right=True).clamp(max=starts.numel() - 1)
-        poisoned = (count[0] - padded[starts[doc]] > 0).unsqueeze(0)
-        final_bad = padded[ends] - padded[starts] > 0  # [N, H, V]
+        ends = cu_seqlens[1:].long()
+        doc = torch.searchsorted(ends, t, right=True).clamp(max=ends.numel() - 1)  # [T]
+        H, V = bad_v.shape[2:]
+        stamp = torch.where(bad_v[0] | bad_row[0, :, :, None], t[:, None, None], T)  # [T, H, V]
+        first = torch.full((ends.numel(), H, V), T, device=t.device, dtype=t.dtype)
+        first = first.scatter_reduce(0, doc[:, None, None].expand(T, H, V), stamp, "amin")  # [N, H, V]
+        poisoned = (t[:, None, None] >= first[doc]).unsqueeze(0)
     o = o.masked_fill(poisoned | bad_q[..., None], math.nan)
-    if final is not None and final_bad is not None:
-        final = final.masked_fill(final_bad[:, :, None, :], math.nan)
+    if final is not None:
+        final = final.masked_fill((first < T)[:, :, None, :], math.nan)
     return o, final

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from seqblocks.ops.delta_rule._checks import L2NORM_EPS, poison, zero_nonfinite
+from seqblocks.ops.delta_rule._checks import L2NORM_EPS, nan_to_zero, nonfinite_flags, poison
 from seqblocks.ops.triton_dot import dot, dot_mode
 
 __all__ = ["gated_delta_rule_triton", "delta_rule_step_triton"]
@@ -911,8 +911,9 @@ class DeltaRuleTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
-        q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
-        g = None if g is None else g.contiguous()
+        # Non-finite entries become 0 here (their gradients vanish: every output they reach is poisoned
+        # by the caller); the copies are contiguous.
+        q, k, v, g, beta = nan_to_zero(q, k, v, g, beta)
         o, final = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
         ctx.options = (scale, use_qk_l2norm, chunk_size)
@@ -934,10 +935,11 @@ def gated_delta_rule_triton(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, b
                             ) -> tuple[Tensor, Tensor | None]:
     """The chunked gated delta rule (``g`` None: ungated) on the Triton kernels; contract of ``gated_delta_rule``.
 
-    Non-finite inputs follow the PyTorch path's rule (zeroed before the kernels, their outputs NaN after).
+    Non-finite inputs follow the PyTorch path's rule (zeroed inside the autograd function, their outputs
+    NaN after).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v, g, beta, bad_q, bad = zero_nonfinite(q, k, v, g, beta)
+    bad_q, bad = nonfinite_flags(q, k, v, g, beta)
     o, final = DeltaRuleTriton.apply(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
                                      chunk_size)
     o, final = poison(o, final, bad_q, bad, cu_seqlens)
