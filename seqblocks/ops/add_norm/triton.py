@@ -12,7 +12,7 @@ Design (see docs/kernels.md, "Fused residual add + norm"):
 - Forward: one read of x (and the residual), one write of ``r`` (skipped when ``r`` would be an
   exact copy of x and is not returned), one write of ``y``, and per row the fp32 ``rstd`` (and
   ``mean`` for LayerNorm), which is all the backward needs besides ``r``, weight and bias.
-- Backward: a fixed grid of programs (two per SM) each walks a contiguous run of row tiles, reads
+- Backward: a fixed grid of programs (four per SM) each walks a contiguous run of row tiles, reads
   ``r``, ``dy`` (and the cotangent of the returned ``r``), writes ``dx`` (and ``dresidual``), and
   keeps its share of ``dweight`` / ``dbias`` in fp32 registers; each program stores one partial row
   and the partials are summed in a fixed order afterwards, so the result is deterministic (no atomics).
@@ -21,6 +21,8 @@ Shapes: M rows, D features, P backward programs.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -135,10 +137,17 @@ def launch_config(dim: int, backward: bool = False) -> tuple[int, int, int]:
     return block_d, rows, num_warps
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_programs(device: torch.device, tiles: int) -> int:
     if device.type == "cuda":
-        # About the number of backward programs resident at once (two per SM at <= 128 registers).
-        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        # Four per SM: each walks its rows with the next tile's loads in flight, and at two per SM the
+        # loads in flight do not cover HBM latency (H200, (32768, 2048): 0.225 ms at 2 per SM, 0.176 ms
+        # at 4, 0.174 ms at 8; docs/benchmarks.md).
+        cap = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:  # the interpreter: a few programs, so the partial reduction is exercised
         cap = 3
     return max(1, min(tiles, cap))
