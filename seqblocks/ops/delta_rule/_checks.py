@@ -14,7 +14,7 @@ from seqblocks.ops._packing import check_cu_seqlens
 
 __all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
            "kernel_serves",
-           "nonfinite_flags", "nan_to_zero", "zero_nonfinite", "poison"]
+           "nonfinite_flags", "zero_nonfinite", "first_bad", "poison"]
 
 #: Input dtypes the Triton kernels serve (float64 runs the PyTorch path).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -133,13 +133,6 @@ def nonfinite_flags(q, k, v, g, beta):
     return bad_q, (~row, bad_v)
 
 
-def nan_to_zero(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Each tensor with NaN / +-inf replaced by 0 (one pass; no autograd: for kernels whose gradients
-    at those entries vanish anyway, since the outputs they reach are poisoned)."""
-    return tuple(None if t is None else torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-                 for t in tensors)
-
-
 def zero_nonfinite(q, k, v, g, beta):
     """The non-finite rule's first half with autograd (the PyTorch path): ``(q, k, v, g, beta)`` with
     NaN / inf replaced by 0 (zero gradient there), and the flags of ``nonfinite_flags``."""
@@ -148,34 +141,38 @@ def zero_nonfinite(q, k, v, g, beta):
     return q, k, v, None if g is None else _finite_or_zero(g), beta, bad_q, bad
 
 
-def _first_bad(bad_row: torch.Tensor, bad_v: torch.Tensor) -> torch.Tensor:
-    """[B, H, V]: the first time index whose row or column entry is bad, T where none is."""
-    T = bad_v.shape[1]
-    first_v = torch.where(bad_v.any(1), bad_v.view(torch.uint8).argmax(1), T)  # argmax: the first maximum
-    first_r = torch.where(bad_row.any(1), bad_row.view(torch.uint8).argmax(1), T)
-    return torch.minimum(first_v, first_r[..., None])
-
-
-def poison(o, final, bad_q, bad, cu_seqlens=None):
-    """The second half: NaN where the sequential recurrence gives NaN, per head and value column and
-    (with ``cu_seqlens``) per packed sequence, without a host sync and without a scan over time: the
-    first bad index of each (sequence, head, column) is a reduction. o [B, T, H, V]; final
-    [N, H, K, V] or None."""
+def first_bad(bad, cu_seqlens=None) -> torch.Tensor:
+    """[N, H, V]: each (sequence, head, value column)'s first time index (in the row's time axis) whose
+    row flag or column entry is bad, from ``bad = (bad_row [B, T, H], bad_v [B, T, H, V])``; any value
+    >= T where none is. A reduction over time, not a scan."""
     bad_row, bad_v = bad
     T = bad_v.shape[1]
+    if cu_seqlens is None:
+        first_v = torch.where(bad_v.any(1), bad_v.view(torch.uint8).argmax(1), T)  # argmax: the first maximum
+        first_r = torch.where(bad_row.any(1), bad_row.view(torch.uint8).argmax(1), T)
+        return torch.minimum(first_v, first_r[..., None])
+    t = torch.arange(T, device=bad_v.device)
+    ends = cu_seqlens[1:].long()
+    doc = torch.searchsorted(ends, t, right=True).clamp(max=ends.numel() - 1)  # [T]
+    H, V = bad_v.shape[2:]
+    stamp = torch.where(bad_v[0] | bad_row[0, :, :, None], t[:, None, None], T)  # [T, H, V]
+    first = torch.full((ends.numel(), H, V), T, device=t.device, dtype=t.dtype)
+    return first.scatter_reduce(0, doc[:, None, None].expand(T, H, V), stamp, "amin")
+
+
+def poison(o, final, bad_q, first, cu_seqlens=None):
+    """The second half: NaN where the sequential recurrence gives NaN: o [B, T, H, V] from each (sequence,
+    head, column)'s ``first`` bad index on ([N, H, V], ``first_bad``), and at the tokens ``bad_q``
+    [B, T, H] marks; final [N, H, K, V] (or None) in every column with a bad index. No host sync."""
+    T = o.shape[1]
     if T == 0:
         return o, final
-    t = torch.arange(T, device=bad_v.device)
+    t = torch.arange(T, device=o.device)
     if cu_seqlens is None:
-        first = _first_bad(bad_row, bad_v)  # [B, H, V]
         poisoned = t[None, :, None, None] >= first[:, None]
     else:
         ends = cu_seqlens[1:].long()
         doc = torch.searchsorted(ends, t, right=True).clamp(max=ends.numel() - 1)  # [T]
-        H, V = bad_v.shape[2:]
-        stamp = torch.where(bad_v[0] | bad_row[0, :, :, None], t[:, None, None], T)  # [T, H, V]
-        first = torch.full((ends.numel(), H, V), T, device=t.device, dtype=t.dtype)
-        first = first.scatter_reduce(0, doc[:, None, None].expand(T, H, V), stamp, "amin")  # [N, H, V]
         poisoned = (t[:, None, None] >= first[doc]).unsqueeze(0)
     o = o.masked_fill(poisoned | bad_q[..., None], math.nan)
     if final is not None:

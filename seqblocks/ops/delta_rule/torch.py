@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqblocks.ops._packing import pack, unpack
-from seqblocks.ops.delta_rule._checks import compute_dtype, l2norm, poison, zero_nonfinite
+from seqblocks.ops.delta_rule._checks import compute_dtype, first_bad, l2norm, poison, zero_nonfinite
 
 __all__ = ["gated_delta_rule_torch", "delta_rule_step_torch"]
 
@@ -69,14 +69,15 @@ def gated_delta_rule_torch(
     scale = K ** -0.5 if scale is None else scale
     out_dtype = q.dtype
     q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
     if T == 0:
         S = q.new_zeros(Bsz, H, K, V) if initial_state is None else initial_state.to(acc)
         return v.new_zeros(Bsz, 0, H, V, dtype=out_dtype), (S if output_final_state else None)
     C = min(C, T)  # a chunk longer than the sequence only adds padding
-    # Non-finite inputs: zeroed here, their outputs poisoned below (module docstring).
+    # Non-finite inputs: zeroed here (before the L2 norm, so a bad row's gradient is 0, not NaN), their
+    # outputs poisoned below (module docstring).
     q, k, v, g, beta, bad_q, bad = zero_nonfinite(q, k, v, None if g is None else g.to(acc), beta)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
     pad = (-T) % C
     n = (T + pad) // C
 
@@ -109,7 +110,7 @@ def gated_delta_rule_torch(
         S = chunk_decay[:, :, c, None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(Bsz, H, 0, C, V)  # [B, H, n, C, V]
     o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
-    o, S = poison(o, S, bad_q, bad)
+    o, S = poison(o, S, bad_q, first_bad(bad))
     return o.to(out_dtype), (S if output_final_state else None)
 
 
