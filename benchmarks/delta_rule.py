@@ -106,13 +106,13 @@ def timed(fn, t, backward):
         return None
 
 
-def section_chunk(bw, rate, fla, shapes):
+def section_chunk(bw, rate, fla, shapes, variants=(True, False)):
     print("\n== chunked delta rule (bf16, l2norm, h0) ==", flush=True)
     for B, T, H, K, V in shapes:
         tokens = B * T * H
         bytes_ = tokens * (2 * K + 2 * V + 4) * 2 + 2 * B * H * K * V * 4
         flops = tokens * (6 * C * K + 4 * C * V + 6 * K * V)  # the chunked form's products, 2 FLOPs per multiply-add
-        for gated in (True, False):
+        for gated in variants:
             for backward in (False, True):
                 t = inputs(B, T, H, K, V, backward)
                 floor = max(bytes_ * (3 if backward else 1) / bw, flops * (3 if backward else 1) / rate) * 1e3
@@ -214,6 +214,7 @@ def main() -> int:
     p.add_argument("--sections", default="chunk,stages,decode",
                    help="comma-separated, run in this order: chunk, stages, decode")
     p.add_argument("--no-anchor", action="store_true", help="skip fla (its autotuning takes minutes)")
+    p.add_argument("--gated-only", action="store_true", help="chunk section: the gated rule only")
     p.add_argument("--fla-unguarded", action="store_true",
                    help="time fla's gated backward on Hopper + Triton < 3.7.1, which fla refuses (timing only)")
     args = p.parse_args()
@@ -225,8 +226,9 @@ def main() -> int:
     fla = {} if args.no_anchor else fla_ops(args.fla_unguarded)
     shapes = [(8, 4096, 16, 128, 128), (4, 4096, 6, 256, 512)]
     shapes = shapes[:1] if args.quick else shapes
-    sections = {"chunk": lambda: section_chunk(bw, rate, fla, shapes), "stages": lambda: section_stages(bw, shapes),
-                "decode": lambda: section_decode(bw, fla)}
+    variants = (True,) if args.gated_only else (True, False)
+    sections = {"chunk": lambda: section_chunk(bw, rate, fla, shapes, variants),
+                "stages": lambda: section_stages(bw, shapes), "decode": lambda: section_decode(bw, fla)}
     for name in args.sections.split(","):
         if name not in sections:
             p.error(f"unknown section {name!r}; expected one of {sorted(sections)}")

@@ -11,7 +11,9 @@ divided by the call count. Shapes are the issues' benchmark shapes, bf16:
 - ``ssd``: ``ssd`` (B 8, T 2048, H 24, P 64, N 128), one group, D skip, dt bias + softplus;
 - ``gla`` / ``simple_gla``: (8, 4096, 16, 128, 128), per-key / scalar decay;
 - ``scan``: ``selective_scan`` (8, 2048, 1536, 16), Mamba's configuration (z, D, delta bias + softplus);
-- ``add_norm``: fused add + RMSNorm (32768, 2048), fp32 residual, prenorm.
+- ``add_norm``: fused add + RMSNorm (32768, 2048), fp32 residual, prenorm;
+- ``train`` / ``train_hybrid``: a mamba-130m / hybrid-130m LM train step, B8 T2048, bf16 autocast, fused
+  AdamW (the rows of ``vs_mamba_ssm.py --rows train``), every kernel of the step.
 
 Needs a CUDA device.
 """
@@ -91,8 +93,29 @@ def make_add_norm():
     return [x, res, w], lambda: add_norm(x, res, w, None, 1e-5, True, True, True, backend="triton")
 
 
+def make_train(preset: str = "mamba-130m"):
+    """A whole LM train step (forward, cross entropy, backward, fused AdamW) under bf16 autocast: ins is
+    empty and fn returns nothing, so ``profile`` runs it as it is in both modes."""
+    import torch.nn.functional as F
+
+    from seqblocks.presets import build_model, get_preset
+
+    model = build_model(get_preset(preset)["model"], device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, 50000, (8, 2049), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1]).logits
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+    return [], step
+
+
 OPS = {"delta": make_delta, "ssd": make_ssd, "gla": lambda: _make_gla(False),
-       "simple_gla": lambda: _make_gla(True), "scan": make_scan, "add_norm": make_add_norm}
+       "simple_gla": lambda: _make_gla(True), "scan": make_scan, "add_norm": make_add_norm,
+       "train": make_train, "train_hybrid": lambda: make_train("hybrid-130m")}
 
 
 def _outputs(out):
@@ -108,6 +131,8 @@ def profile(fn, ins, backward: bool, iters: int) -> dict[str, float]:
         nonlocal cot
         for t in ins:
             t.grad = None
+        if not ins:  # a whole step: as it is
+            return fn()
         if not backward:
             with torch.no_grad():
                 return fn()
@@ -138,6 +163,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--top", type=int, default=14, help="kernels printed per op")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -146,7 +172,7 @@ def main(argv=None) -> int:
     result = {}
     for name in args.ops.split(","):
         ins, fn = OPS[name]()
-        for backward in (False, True):
+        for backward in ((True,) if not ins else (False, True)):
             label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
             try:
                 per = profile(fn, ins, backward, args.iters)
@@ -155,7 +181,7 @@ def main(argv=None) -> int:
                 continue
             total = sum(per.values())
             print(f"\n== {label}: {total:.3f} ms of kernels per call ==", flush=True)
-            for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
+            for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f} %  {k[:110]}")
             result[label] = per
         del ins, fn
