@@ -43,7 +43,10 @@ __all__ = ["PRESETS", "DEFAULT_PRESET", "preset_names", "get_preset", "load_conf
            "build_model", "MODEL_KINDS"]
 
 DEFAULT_PRESET = "tiny"
-_GPU_VOCAB = 50277
+# GPT-NeoX's 50,277 tokens (the mamba / pythia tokenizer), embedding and head rows padded to a multiple of
+# 8 as mamba_ssm's MambaConfig does (50,280 rows): an odd row count leaves the head's GEMMs on cuBLAS's
+# unaligned (align1) kernels, 30 of a mamba-130m train step's 145 ms of kernels on the H200.
+_GPU_VOCAB = {"vocab_size": 50277, "pad_vocab_size_multiple": 8}
 
 # Shared by the tiny presets: a character model that trains in under a minute on two quiet CPU cores.
 _TINY_TRAIN = {"task": "chars", "task_options": {"seq_len": 128}, "steps": 300, "batch_size": 16,
@@ -91,41 +94,41 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-centaurus": _tiny("4 Centaurus layers (LTI) with gated MLPs", ["centaurus"] * 4, d_intermediate=256),
     "hybrid-130m": {
         "description": "~130M hybrid: 24 layers, d_model 768, Mamba with attention at every 6th layer (GPU)",
-        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": [("attn" if i % 6 == 5 else "mamba") for i in range(24)],
                   "d_intermediate": 0, "mixer_kwargs": {"attn": dict(_GPU_ATTN)}},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
     "mamba-130m": {
         "description": "~130M Mamba: 24 layers, d_model 768, no MLP (the mamba-130m shape) (GPU)",
-        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": ["mamba"] * 24, "d_intermediate": 0},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
     "mamba2-130m": {
         "description": "~130M Mamba-2: 24 layers, d_model 768, d_state 128, head width 64, no MLP (the "
                        "mamba2-130m shape) (GPU)",
-        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": ["mamba2"] * 24, "d_intermediate": 0, "residual_in_fp32": True},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
     "mamba3-130m": {
         "description": "~130M Mamba-3: 24 layers, d_model 768, d_state 128, head width 64, SISO, no MLP (the "
                        "mamba2-130m shape with Mamba-3 mixers) (GPU)",
-        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": ["mamba3"] * 24, "d_intermediate": 0, "residual_in_fp32": True},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
     "hybrid-mamba2-130m": {
         "description": "~130M Mamba-2 + attention hybrid: 24 layers, d_model 768, attention at every 6th layer (GPU)",
-        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": [("attn" if i % 6 == 5 else "mamba2") for i in range(24)],
                   "d_intermediate": 0, "residual_in_fp32": True, "mixer_kwargs": {"attn": dict(_GPU_ATTN)}},
         "train": copy.deepcopy(_GPU_TRAIN),
     },
     "llama-125m": {
         "description": "~125M Llama-style transformer: 12 attention layers, d_model 768, SwiGLU MLP 2048 (GPU)",
-        "model": {"d_model": 768, "d_state": 16, "n_layer": 12, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 12, **_GPU_VOCAB,
                   "mixer_types": ["attn"] * 12, "d_intermediate": 2048,
                   "mixer_kwargs": {"attn": dict(_GPU_ATTN)}},
         "train": {**copy.deepcopy(_GPU_TRAIN), "lr": 3e-4},
@@ -151,7 +154,7 @@ PRESETS.update({
     "gated-deltanet-hybrid-130m": {
         "description": "~130M Gated DeltaNet + attention hybrid: 24 layers, d_model 768, 3 GDN (6 heads of "
                        "width 128, values 256) : 1 attention (GPU)",
-        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": _gdn_pattern(24), "d_intermediate": 0, "residual_in_fp32": True,
                   "mixer_kwargs": {"attn": dict(_GPU_ATTN), "gated_deltanet": {"head_dim": 128, "num_heads": 6}}},
         "train": copy.deepcopy(_GPU_TRAIN),
@@ -268,7 +271,7 @@ PRESETS.update({
     "nemotron-h-like": {
         "description": "Nemotron-H-shaped hybrid: 24 layers, d_model 768, Mamba-2 (state 128) with GQA attention "
                        "(12 / 4 heads) at every 8th layer, squared-ReLU MLP 3072 after each mixer (GPU)",
-        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": _every(24, 8, "mamba2", "attn"), "d_intermediate": 3072, "mlp_cls": "relu2_mlp",
                   "residual_in_fp32": True, "tie_embeddings": False, "mixer_kwargs": {"attn": dict(_GPU_GQA)}},
         "train": copy.deepcopy(_GPU_TRAIN),
@@ -281,7 +284,7 @@ PRESETS.update({
     "falcon-h1-like": {
         "description": "Falcon-H1-shaped hybrid, sequential approximation of its parallel attention + Mamba-2 "
                        "layers: 24 layers, d_model 768, 3 Mamba-2 : 1 GQA attention, SwiGLU MLP 2048 (GPU)",
-        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 128, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": _every(24, 4, "mamba2", "attn"), "d_intermediate": 2048, "residual_in_fp32": True,
                   "tie_embeddings": False, "mixer_kwargs": {"attn": dict(_GPU_GQA)}},
         "train": copy.deepcopy(_GPU_TRAIN),
@@ -298,7 +301,7 @@ PRESETS.update({
         "description": "DeepSeek-V3-shaped: 24 MLA layers (12 heads, KV rank 256, Q rank 512, rope 32), d_model 768, "
                        "SwiGLU 2048 in layer 0 then shared-expert MoE (1 shared + top-6 of 64 routed of width 256, "
                        "8 groups, 4 per token), one MTP depth (GPU)",
-        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 768, "d_state": 16, "n_layer": 24, **_GPU_VOCAB,
                   "mixer_types": ["mla"] * 24, "d_intermediate": 2048, "tie_embeddings": False,
                   "moe": _deepseek_moe(64, 6, 8, 4, 256, 512), "moe_layers": list(range(1, 24)),
                   "mtp_n_predict": 1, "mtp_lambda": 0.3,
@@ -344,7 +347,7 @@ PRESETS.update({
     "jamba-like": {
         "description": "Jamba-shaped: 16 layers, d_model 1024, 7 Mamba : 1 attention (16 heads), MoE (16 experts of "
                        "width 2048, top-2) on every other layer, SwiGLU MLP 2048 on the rest (GPU)",
-        "model": {"d_model": 1024, "d_state": 16, "n_layer": 16, "vocab_size": _GPU_VOCAB,
+        "model": {"d_model": 1024, "d_state": 16, "n_layer": 16, **_GPU_VOCAB,
                   "mixer_types": _jamba_pattern(16), "d_intermediate": 2048, "residual_in_fp32": True,
                   "tie_embeddings": False, "mixer_kwargs": {"attn": {"num_heads": 16, "rotary_emb_dim": 64}},
                   "moe": {"ffn": "moe", "n_experts": 16, "top_k_experts": 2, "moe_d_ff": 2048},
