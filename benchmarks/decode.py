@@ -3,6 +3,7 @@
 
     python benchmarks/decode.py [--presets mamba-130m,hybrid-130m,llama-125m] [--batches 1,8]
                                 [--tokens 256] [--prompt-len 32] [--repeats 3] [--json out.json]
+                                [--fused | --no-fused | --compare-fused]
     python benchmarks/decode.py --aten-counts          # CPU: ATen calls per decode step of each mixer
 
 For each preset (random weights, bf16), batch size and mode (eager, CUDA graph) it prints our
@@ -17,6 +18,11 @@ The anchor is mamba_ssm's ``MambaLMHeadModel.generate(..., cg=True)`` (``cg=Fals
 a randomly initialised model of the same shape (24 layers, d_model 768, attention layers of the
 hybrid at the same positions); it is reported as "not installed" when mamba_ssm does not import and
 "no anchor" for the transformer.
+
+Mamba layers decode through the fused ``mamba_step`` (conv + x_proj + dt_proj + state update in two
+launches, docs/kernels.md "Decode step kernels") by default; ``--no-fused`` times the unfused step
+(x_proj and dt_proj as cuBLAS GEMMs around ``conv_step`` and ``selective_state_update``), and
+``--compare-fused`` times both, one after the other, in the same run (rows carry ``fused``).
 
 ``--aten-counts`` runs on the CPU: per mixer family (d_model 768, the 130m shapes), the top-level
 ATen calls of one decode step on the PyTorch path and on the Triton path (each Triton launch is
@@ -40,6 +46,23 @@ from seqblocks.generation import count_aten_calls, count_kernels, decode_one_tok
 from seqblocks.presets import build_model, get_preset
 
 ROWS: list[dict] = []
+
+
+@contextlib.contextmanager
+def mamba_fusion(enabled: bool):
+    """Within the region, Mamba's decode step takes the fused ``mamba_step`` (True, the default) or
+    the unfused one (False: its fusion test answers no)."""
+    from seqblocks.layers.mixers.mamba import Mamba
+
+    if enabled:
+        yield
+        return
+    real = Mamba._fuses_step
+    Mamba._fuses_step = lambda self, xz: False
+    try:
+        yield
+    finally:
+        Mamba._fuses_step = real
 
 
 def copy_bandwidth() -> float:
@@ -99,12 +122,14 @@ def report(row: dict) -> None:
     anchor = row["anchor_tps"]
     anchor_s = f"{anchor:8.0f}" if isinstance(anchor, float) else f"{anchor:>8s}"
     ratio = f"{row['ours_tps'] / anchor:5.2f}x" if isinstance(anchor, float) else "    -"
-    print(f"  {row['preset']:12s} B={row['batch']:<2d} {row['mode']:6s} ours {row['ours_tps']:8.0f} tok/s  "
+    fused = "fused  " if row["fused"] else "unfused"
+    print(f"  {row['preset']:12s} B={row['batch']:<2d} {row['mode']:6s} {fused} ours {row['ours_tps']:8.0f} tok/s  "
           f"anchor {anchor_s}  ratio {ratio}  kernels/step {row['kernels_per_step']:5d} "
           f"({row['kernels_per_layer']:.1f}/layer)  roofline {100 * row['roofline_frac']:5.1f}%", flush=True)
 
 
-def bench_preset(name: str, batches: list[int], tokens: int, prompt_len: int, repeats: int, bw: float) -> None:
+def bench_preset(name: str, batches: list[int], tokens: int, prompt_len: int, repeats: int, bw: float,
+                 fused: bool = True) -> None:
     preset = get_preset(name)
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -144,7 +169,8 @@ def bench_preset(name: str, batches: list[int], tokens: int, prompt_len: int, re
                 except Exception as err:  # the anchor's own failure is reported, not fatal
                     anchor_tps = f"failed: {type(err).__name__}"
             floor_s = step_bytes(model, caches) / bw
-            report({"preset": name, "batch": batch, "mode": mode, "tokens": tokens, "prompt_len": prompt_len,
+            report({"preset": name, "batch": batch, "mode": mode, "fused": fused, "tokens": tokens,
+                    "prompt_len": prompt_len,
                     "ours_tps": ours, "anchor_tps": anchor_tps, "kernels_per_step": kernels,
                     "kernels_per_layer": kernels / n_layer, "step_bytes": step_bytes(model, caches),
                     "roofline_tps": batch / floor_s, "roofline_frac": ours / (batch / floor_s)})
@@ -156,7 +182,8 @@ def triton_launches_stubbed():
     from seqblocks.ops import _backend
 
     real = _backend.resolve_backend
-    ops = {"selective_state_update", "conv_step", "linear_scan_step", "rglru_step", "s7_step", "add_norm"}
+    ops = {"mamba_step", "selective_state_update", "conv_step", "linear_scan_step", "rglru_step", "s7_step",
+           "add_norm"}
 
     def forced(backend, *tensors, op, has_kernel=True):
         return "triton" if (op in ops and has_kernel) else real(backend, *tensors, op=op, has_kernel=has_kernel)
@@ -215,6 +242,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--aten-counts", action="store_true", help="count ATen calls per step on the CPU and exit")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    fusion = p.add_mutually_exclusive_group()
+    fusion.add_argument("--fused", dest="fused", action="store_const", const="fused", default="fused",
+                        help="Mamba steps through the fused mamba_step (default)")
+    fusion.add_argument("--no-fused", dest="fused", action="store_const", const="unfused",
+                        help="Mamba steps through the unfused step (x_proj and dt_proj as GEMMs)")
+    fusion.add_argument("--compare-fused", dest="fused", action="store_const", const="both",
+                        help="time the fused and the unfused step, one after the other")
     args = p.parse_args()
     if args.aten_counts:
         aten_counts()
@@ -223,11 +257,14 @@ def main() -> None:
             raise SystemExit("benchmarks/decode.py needs a CUDA device (or --aten-counts on the CPU)")
         bw = copy_bandwidth()
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        fusions = {"fused": (True,), "unfused": (False,), "both": (True, False)}[args.fused]
         for name in args.presets.split(","):
             print(f"\n== {name}: {args.tokens} greedy tokens after a {args.prompt_len}-token prompt, bf16 ==",
                   flush=True)
-            bench_preset(name, [int(b) for b in args.batches.split(",")], args.tokens, args.prompt_len,
-                         args.repeats, bw)
+            for fused in fusions:
+                with mamba_fusion(fused):
+                    bench_preset(name, [int(b) for b in args.batches.split(",")], args.tokens, args.prompt_len,
+                                 args.repeats, bw, fused)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.utils.checkpoint import checkpoint
 
 from seqblocks.cache import Cache
@@ -43,7 +44,7 @@ from seqblocks.layers.recompute import RecomputedSaves
 from seqblocks.ops.causal_conv1d import causal_conv1d, runs_kernel
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
-from seqblocks.ops.selective_scan.step import conv_step
+from seqblocks.ops.selective_scan.step import conv_step, mamba_step
 from seqblocks.parallel.conv import conv_halo
 from seqblocks.parallel.scan import chunk_lengths, mixer_context, selective_scan_cp
 from seqblocks.registry import MIXERS
@@ -289,14 +290,41 @@ class Mamba(Mixer):
         step = F.softplus(dt.to(acc) + self.dt_proj.bias.to(acc))
         return {"delta": step, "delta_A": step * ts.to(acc).unsqueeze(-1)}
 
+    def _fuses_step(self, xz: torch.Tensor) -> bool:
+        """Whether ``mamba_step`` computes exactly what the module path of ``_step`` would: x_proj and
+        dt_proj plain ``nn.Linear`` (no subclass, wrapper or bias on x_proj), no module or global forward
+        hooks that calling x_proj would run, plain weights (no tensor subclass: quantized, DTensor) in
+        in_proj's output dtype, and no autocast region (which would change the GEMMs' dtype)."""
+        x_proj, dt_proj = self.x_proj, self.dt_proj
+        if type(x_proj) is not nn.Linear or type(dt_proj) is not nn.Linear or x_proj.bias is not None:
+            return False
+        if x_proj._forward_hooks or x_proj._forward_pre_hooks or dt_proj._forward_hooks or dt_proj._forward_pre_hooks:
+            return False
+        if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+            return False
+        plain = (torch.Tensor, nn.Parameter)
+        weights = (x_proj.weight, dt_proj.weight)
+        if any(type(w) not in plain or w.dtype != xz.dtype for w in weights):
+            return False
+        if dt_proj.bias is not None and type(dt_proj.bias) not in plain:
+            return False
+        return not torch.is_autocast_enabled(xz.device.type)
+
     def _step(self, x: torch.Tensor, cache: MambaCache, ts: torch.Tensor | None) -> torch.Tensor:
-        # One token, x [B, 1, D]: four GEMMs on views (no copies) around two fused ops, each one Triton
-        # launch on CUDA (docs/kernels.md, "Decode step kernels"). The conv and SSM states update in
-        # place and the conv op advances the cache's token count. The projections are called as the
-        # modules (as in the prefill, so hooks or a swapped Linear act alike); dt_proj's bias is
-        # left to the fused step.
+        # One token, x [B, 1, D] (docs/kernels.md, "Decode step kernels"). The conv and SSM states
+        # update in place and the conv op advances the cache's token count. With plain projections and
+        # no event intervals, everything between in_proj and out_proj is ``mamba_step``: two Triton
+        # launches on CUDA, x_proj and dt_proj folded in (x_dbl kept in fp32 there). Otherwise four
+        # GEMMs on views (no copies) around two fused ops, the projections called as the modules (as in
+        # the prefill, so hooks or a swapped Linear act alike); dt_proj's bias is left to the fused step.
         E, R, N = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(x[:, 0])  # [B, 2E]
+        if ts is None and self._fuses_step(xz):
+            y = mamba_step(xz[:, :E], cache.conv_state, self.conv_weight, self.x_proj.weight, self.dt_proj.weight,
+                           cache.ssm_state, self.A_log, self.conv_bias, self.D, xz[:, E:],
+                           delta_bias=self.dt_proj.bias, delta_softplus=True, discretization=self.discretization,
+                           a_is_log=True, activation="silu", seqlen_offset=cache.seqlen_offset)
+            return self.out_proj(y).unsqueeze(1)
         xs = conv_step(xz[:, :E], cache.conv_state, self.conv_weight, self.conv_bias, activation="silu",
                        seqlen_offset=cache.seqlen_offset)  # [B, E]
         x_dbl = self.x_proj(xs)  # [B, R + 2N]

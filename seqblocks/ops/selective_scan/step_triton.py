@@ -1,17 +1,24 @@
-"""Triton kernels of Mamba's decode step: the conv update and the fused selective state update.
+"""Triton kernels of Mamba's decode step: the conv update, the fused selective state update, and the
+fused step that folds x_proj and dt_proj into them.
 
-Imported only through the dispatchers (``selective_state_update`` in this package and
-``seqblocks.ops.decode.conv1d_step``) once ``resolve_backend`` has chosen "triton".
+Imported only through the dispatchers (``selective_state_update`` in this package, ``conv_step`` and
+``mamba_step`` in ``step.py``) once ``resolve_backend`` has chosen "triton".
 
-A Mamba layer's step is then six launches: in_proj (cuBLAS), ``conv_step_triton`` (the depthwise conv
+Unfused, a Mamba layer's step is six launches: in_proj (cuBLAS), ``conv_step_triton`` (the depthwise conv
 over the cached window + SiLU, the window shifted in place, the cache's token count advanced), x_proj
 and dt_proj (cuBLAS, on views), ``selective_state_update_triton`` (softplus(dt + bias), ``A = -exp(A_log)``,
 the state update in place in fp32, the C readout, the D skip and the SiLU(z) gate) and out_proj.
+``mamba_step_triton`` makes it four: kernel A (``_mamba_conv_xproj_kernel``) is the conv step plus each
+channel block's share of x_proj, written as fp32 partial sums [B, NBLK, R + 2N] (no atomics); kernel B
+(``_mamba_dt_ssu_kernel``) adds the partials up in a fixed order, forms dt through dt_proj for its
+channels, and runs the state update. The x_proj output stays in fp32 there, where the unfused step
+rounds it to the activation dtype before dt_proj and the update.
 
-Both kernels give one program ``BLOCK_E`` channels of one row; the grid depends on shapes only and
+Every kernel gives one program ``BLOCK_E`` channels of one row; the grids depend on shapes only and
 nothing reads the device from the host, so a step can be captured in a CUDA graph.
 
-Shapes: B batch, E channels, N state (padded to a power of two on chip), G groups of B / C, W conv width.
+Shapes: B batch, E channels, N state (padded to a power of two on chip), G groups of B / C, W conv width,
+R dt rank, NBLK channel blocks of kernel A.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["conv_step_triton", "selective_state_update_triton", "SERVED_DISCRETIZATIONS"]
+__all__ = ["conv_step_triton", "selective_state_update_triton", "mamba_step_triton", "mamba_step_config",
+           "SERVED_DISCRETIZATIONS"]
 
 # "zoh" needs an accurate expm1, which Triton's core language lacks; it stays on the PyTorch path.
 SERVED_DISCRETIZATIONS = {"mamba": 0, "bilinear": 1, "dirac": 2}
@@ -177,5 +185,199 @@ def selective_state_update_triton(
         METHOD=SERVED_DISCRETIZATIONS[discretization], A_IS_LOG=a_is_log, SOFTPLUS=delta_softplus,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DA=delta_A is not None,
         BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, num_warps=4 if BLOCK_E * BLOCK_N >= 1024 else 2,
+    )
+    return y
+
+
+# ---- the fused Mamba step: conv + x_proj partials (kernel A), dt_proj + state update (kernel B) ----------
+
+
+@triton.jit
+def _mamba_conv_xproj_kernel(x_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xs_ptr, part_ptr, off_ptr,
+                             E, J, NBLK,
+                             sxb, sxe, ssb, ssw, sse, swe, sww, swxj, swxe, sxsb,
+                             W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADVANCE: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr):
+    # Kernel A: the conv step of BLOCK_E channels of one row (as _conv_step_kernel), then this block's
+    # share of x_proj, part[b, eb, j] = sum over its channels e of W_x[j, e] * xs[e], in fp32.
+    b = tl.program_id(0)
+    eb = tl.program_id(1)
+    e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    m = e < E
+    x = tl.load(x_ptr + b * sxb + e * sxe, mask=m, other=0.0)
+    acc = tl.load(cw_ptr + e * swe + (W - 1) * sww, mask=m, other=0.0).to(tl.float32) * x.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(cb_ptr + e, mask=m, other=0.0).to(tl.float32)
+    row = cs_ptr + b * ssb + e * sse
+    for k in tl.static_range(W - 1):
+        v = tl.load(row + k * ssw, mask=m, other=0.0)
+        acc += tl.load(cw_ptr + e * swe + k * sww, mask=m, other=0.0).to(tl.float32) * v.to(tl.float32)
+        if k > 0:  # shift the window: slot k - 1 takes slot k's value (read just above)
+            tl.store(row + (k - 1) * ssw, v, mask=m)
+    if W > 1:
+        tl.store(row + (W - 2) * ssw, x.to(cs_ptr.dtype.element_ty), mask=m)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    xs = acc.to(xs_ptr.dtype.element_ty)
+    tl.store(xs_ptr + b * sxsb + e, xs, mask=m)
+    # x_proj reads xs as stored (rounded to its dtype), as the GEMM of the unfused step does.
+    xv = tl.where(m, xs.to(tl.float32), 0.0)
+    part_row = part_ptr + (b * NBLK + eb) * J
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mj = j < J
+        w = tl.load(wx_ptr + j[:, None] * swxj + e[None, :] * swxe, mask=mj[:, None] & m[None, :], other=0.0)
+        tl.store(part_row + j, tl.sum(w.to(tl.float32) * xv[None, :], axis=1), mask=mj)
+    if ADVANCE:
+        if eb == 0:
+            tl.store(off_ptr + b, tl.load(off_ptr + b) + 1)
+
+
+@triton.jit
+def _sum_partials(row_ptr, cols, mask, NBLK, J, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    # x_dbl[cols] of one row: its NBLK partial sums added in a fixed order (chunks of BLOCK_K blocks in
+    # turn), so every program of kernel B gets the same bits.
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for k0 in range(0, NBLK, BLOCK_K):
+        kk = k0 + k
+        p = tl.load(row_ptr + kk[:, None] * J + cols[None, :], mask=(kk < NBLK)[:, None] & mask[None, :], other=0.0)
+        acc += tl.sum(p, axis=0)
+    return acc
+
+
+@triton.jit
+def _mamba_dt_ssu_kernel(part_ptr, wdt_ptr, xs_ptr, z_ptr, state_ptr, a_ptr, d_ptr, bias_ptr, y_ptr,
+                         E, N, R, J, NBLK,
+                         swde, swdr, sxsb, szb, sze, ssb, sse, ssn, sae, san, syb,
+                         METHOD: tl.constexpr, A_IS_LOG: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+                         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    # Kernel B: x_dbl from the partials, dt = W_dt[e, :] @ x_dbl[:R] for BLOCK_E channels, then the
+    # update of _ssu_kernel (one group, no delta_A).
+    b = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    me = e < E
+    part_row = part_ptr + b * NBLK * J
+    dt = tl.zeros([BLOCK_E], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mr = r < R
+        xr = _sum_partials(part_row, r, mr, NBLK, J, BLOCK_K, BLOCK_R)
+        w = tl.load(wdt_ptr + e[:, None] * swde + r[None, :] * swdr, mask=me[:, None] & mr[None, :], other=0.0)
+        dt += tl.sum(w.to(tl.float32) * xr[None, :], axis=1)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + e, mask=me, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    n = tl.arange(0, BLOCK_N)
+    mn = n < N
+    m2 = me[:, None] & mn[None, :]
+    Bm = _sum_partials(part_row, R + n, mn, NBLK, J, BLOCK_K, BLOCK_N)
+    Cm = _sum_partials(part_row, R + N + n, mn, NBLK, J, BLOCK_K, BLOCK_N)
+    u = tl.load(xs_ptr + b * sxsb + e, mask=me, other=0.0).to(tl.float32)
+    A = tl.load(a_ptr + e[:, None] * sae + n[None, :] * san, mask=m2, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    s_ptrs = state_ptr + b * ssb + e[:, None] * sse + n[None, :] * ssn
+    h = tl.load(s_ptrs, mask=m2, other=0.0)
+    if METHOD == 1:  # bilinear
+        sA = dt[:, None] * A * 0.5
+        a_bar = (1.0 + sA) / (1.0 - sA)
+        gamma = dt[:, None] / (1.0 - sA)
+    else:
+        a_bar = tl.exp(dt[:, None] * A)
+        if METHOD == 2:  # dirac
+            gamma = tl.full((BLOCK_E, BLOCK_N), 1.0, tl.float32)
+        else:  # mamba
+            gamma = dt[:, None] + tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    h = a_bar * h + gamma * Bm[None, :] * u[:, None]
+    tl.store(s_ptrs, h, mask=m2)
+    y = tl.sum(Cm[None, :] * h, axis=1)
+    if HAS_D:
+        y += tl.load(d_ptr + e, mask=me, other=0.0).to(tl.float32) * u
+    if HAS_Z:
+        z = tl.load(z_ptr + b * szb + e * sze, mask=me, other=0.0).to(tl.float32)
+        y = y * (z / (1.0 + tl.exp(-z)))
+    tl.store(y_ptr + b * syb + e, y.to(y_ptr.dtype.element_ty), mask=me)
+
+
+def mamba_step_config(batch: int, channels: int, d_state: int, dt_rank: int, *, block_e_conv: int | None = None,
+                      block_k: int | None = None) -> dict[str, int]:
+    """Block sizes and warps of the two fused-step kernels for a [batch, channels] step with state
+    ``d_state`` and dt rank ``dt_rank`` (shapes only, so a captured graph keeps them).
+
+    Kernel A gives a program ``BLOCK_E_A`` channels (64, or 128 above 4096 channels, to keep the partials
+    NBLK x (R + 2N) that every program of kernel B adds up short) and walks x_proj's R + 2N rows in
+    ``BLOCK_J`` chunks; kernel B takes the state update's ``BLOCK_E`` (as ``selective_state_update``),
+    dt_proj's rank in ``BLOCK_R`` chunks and the partials ``BLOCK_K`` blocks at a time, so no tile
+    exceeds 4096 elements. Four warps each (two for kernel B reached 168 registers a thread at E = 5120,
+    batch 8, from the [BLOCK_E, BLOCK_R] and [BLOCK_K, BLOCK_R] tiles). ``block_e_conv`` / ``block_k``
+    override the first and the last (tests use small ones to reach the chunked loops at small sizes)."""
+    J = dt_rank + 2 * d_state
+    block_a = block_e_conv or (64 if channels <= 4096 else 128)
+    nblk = triton.cdiv(channels, block_a)
+    block_n = triton.next_power_of_2(d_state)
+    block_e = max(1, min(_block_e(batch, channels), 4096 // block_n))
+    return {
+        "BLOCK_E_A": block_a, "BLOCK_J": min(triton.next_power_of_2(J), max(1, 4096 // block_a)), "NBLK": nblk,
+        "WARPS_A": 4,
+        "BLOCK_E": block_e, "BLOCK_N": block_n, "BLOCK_R": min(triton.next_power_of_2(max(dt_rank, 1)), 64),
+        "BLOCK_K": block_k or min(triton.next_power_of_2(nblk), 32),
+        "WARPS_B": 4,
+    }
+
+
+def mamba_step_triton(
+    x: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor, ssm_state: torch.Tensor, A: torch.Tensor, conv_bias: torch.Tensor | None = None,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None, *, delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True, discretization: str = "mamba", a_is_log: bool = False,
+    activation: str | None = "silu", seqlen_offset: torch.Tensor | None = None,
+    block_e_conv: int | None = None, block_k: int | None = None,
+) -> torch.Tensor:
+    """The Triton path of ``mamba_step`` (two launches): x [B, E] and z [B, E] (any strides),
+    conv_state [B, W - 1, E] shifted in place, conv_weight [E, W], x_proj_weight [R + 2N, E],
+    dt_proj_weight [E, R], ssm_state [B, E, N] fp32 updated in place, A [E, N] -> y [B, E] in x's dtype.
+    Allocates xs [B, E] and the fp32 partials [B, NBLK, R + 2N] besides y. Inputs are assumed valid (the
+    dispatcher checked them)."""
+    Bsz, E = x.shape
+    W = conv_weight.shape[1]
+    R = dt_proj_weight.shape[1]
+    N = A.shape[1]
+    J = R + 2 * N
+    y = torch.empty(Bsz, E, dtype=x.dtype, device=x.device)
+    if Bsz == 0:
+        return y
+    if E == 0:  # nothing to launch, but the cache still counts the token
+        if seqlen_offset is not None:
+            seqlen_offset.add_(1)
+        return y
+    cfg = mamba_step_config(Bsz, E, N, R, block_e_conv=block_e_conv, block_k=block_k)
+    nblk = cfg["NBLK"]
+    xs = torch.empty(Bsz, E, dtype=x.dtype, device=x.device)
+    partials = torch.empty(Bsz, nblk, J, dtype=torch.float32, device=x.device)
+    _mamba_conv_xproj_kernel[(Bsz, nblk)](
+        x, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xs,
+        partials, seqlen_offset if seqlen_offset is not None else partials, E, J, nblk,
+        x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+        conv_weight.stride(0), conv_weight.stride(1), x_proj_weight.stride(0), x_proj_weight.stride(1),
+        xs.stride(0),
+        W=W, HAS_BIAS=conv_bias is not None, SILU=activation in ("silu", "swish"),
+        ADVANCE=seqlen_offset is not None, BLOCK_E=cfg["BLOCK_E_A"], BLOCK_J=cfg["BLOCK_J"],
+        num_warps=cfg["WARPS_A"],
+    )
+    dummy = xs
+    _mamba_dt_ssu_kernel[(Bsz, triton.cdiv(E, cfg["BLOCK_E"]))](
+        partials, dt_proj_weight, xs, z if z is not None else dummy, ssm_state, A, D if D is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, y, E, N, R, J, nblk,
+        dt_proj_weight.stride(0), dt_proj_weight.stride(1), xs.stride(0),
+        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), A.stride(0), A.stride(1), y.stride(0),
+        METHOD=SERVED_DISCRETIZATIONS[discretization], A_IS_LOG=a_is_log, SOFTPLUS=delta_softplus,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["WARPS_B"],
     )
     return y
