@@ -48,12 +48,14 @@ Shapes: B batch, T time, H heads, K key width, V value width, C chunk, N sequenc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from seqblocks.ops.delta_rule._checks import L2NORM_EPS, poison
+from seqblocks.ops.delta_rule._checks import L2NORM_EPS
 from seqblocks.ops.triton_dot import dot, dot_mode
 
 __all__ = ["gated_delta_rule_triton", "delta_rule_step_triton"]
@@ -707,6 +709,39 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
 
 
 @triton.jit
+def poison_kernel(x, y, first, q_bad, chunk_table, cu_seqlens, T, fill, H: tl.constexpr, V: tl.constexpr,
+                  C: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    """The non-finite rule on a [B, T, H, V] tensor, per (chunk, head, V block): ``y = fill`` where a token
+    is at or after its column's first bad index (``first`` [N, H, V]) or its q is bad (``q_bad`` [B, T, H]),
+    else ``x`` (``y`` may be ``x``). The forward fills the outputs with NaN in place; the backward gives
+    those outputs a zero cotangent."""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
+    seq = tl.maximum(tl.load(chunk_table + 2 * i_s), 0).to(tl.int64)
+    t = t0 + tl.arange(0, C)
+    mask_t = t < eos
+    tok = ((base + t) * H + i_h).to(tl.int64)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    mask_v = cols_v < V
+    m = mask_t[:, None] & mask_v[None, :]
+    f = tl.load(first + (seq * H + i_h) * V + cols_v, mask=mask_v, other=2147483647)
+    qb = tl.load(q_bad + tok, mask=mask_t, other=0)
+    bad = (t[:, None] >= f[None, :]) | (qb[:, None] != 0)
+    p = tok[:, None] * V + cols_v[None, :]
+    val = tl.load(x + p, mask=m, other=0.0)
+    tl.store(y + p, tl.where(bad, fill, val.to(tl.float32)).to(y.dtype.element_ty), mask=m)
+
+
+def _poison(x, y, first, q_bad, cu_seqlens, table, fill, C):
+    Bsz, T, H, V = x.shape
+    BV = max(16, min(64, triton.next_power_of_2(V)))
+    poison_kernel[(table.shape[0], H, triton.cdiv(V, BV))](
+        x, y, first, q_bad, table, table if cu_seqlens is None else cu_seqlens, T, fill, H, V, C=C, BV=BV,
+        VARLEN=cu_seqlens is not None, num_warps=4)
+    return y
+
+
+@triton.jit
 def step_kernel(state, q, k, v, g, beta, o, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, scale,
                 BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, L2NORM: tl.constexpr,
                 EPS: tl.constexpr):
@@ -864,7 +899,7 @@ def _out_stage(q, k, G, rk, h, vnew, cu_seqlens, table, scale, use_qk_l2norm, C,
         q, k, h if G is None else G, h if rk is None else rk, h, vnew, o, q_bad, table,
         table if cu_seqlens is None else cu_seqlens, T, H, K, V, scale, C=C, BK=BK, BV=BV, GATED=G is not None,
         VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, MODE=MODE, num_warps=4, num_stages=2)
-    return o, q_bad.view(torch.bool)
+    return o, q_bad
 
 
 def _sequence_first(first: Tensor, table: Tensor, N: int) -> Tensor:
@@ -877,8 +912,8 @@ def _sequence_first(first: Tensor, table: Tensor, N: int) -> Tensor:
 
 
 def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
-    """The three forward stages: (o, final state fp32, first [N, H, V], q_bad [B, T, H]), the last two the
-    non-finite rule's flags (``_checks.poison``)."""
+    """The three forward stages and the non-finite rule: (o, final state fp32, first [N, H, V] int32, q_bad
+    [B, T, H] int8), the outputs and final-state columns the rule poisons set to NaN (``poison_kernel``)."""
     Bsz, T, H, K = q.shape
     V = v.shape[-1]
     N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -897,6 +932,8 @@ def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2
         first = first.view(Bsz, -1, H, V).amin(1)
     else:
         first = _sequence_first(first, table, N)
+    _poison(o, o, first, q_bad, cu_seqlens, table, math.nan, C)
+    final = final.masked_fill((first < T)[:, :, None, :], math.nan)
     return o, final, first, q_bad
 
 
@@ -966,16 +1003,22 @@ class DeltaRuleTriton(torch.autograd.Function):
         g = None if g is None else g.contiguous()
         o, final, first, q_bad = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
                                                 chunk_size)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, first, q_bad)
         ctx.options = (scale, use_qk_l2norm, chunk_size)
-        ctx.mark_non_differentiable(first, q_bad)
-        return o, final, first, q_bad
+        return o, final
 
     @staticmethod
-    def backward(ctx, do, dfinal, _dfirst=None, _dq_bad=None):
-        q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    def backward(ctx, do, dfinal):
+        q, k, v, g, beta, initial_state, cu_seqlens, first, q_bad = ctx.saved_tensors
         scale, use_qk_l2norm, chunk_size = ctx.options
-        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do.contiguous(),
+        # The poisoned outputs and final-state columns were set, not computed: their cotangents are 0.
+        Bsz, T, H, K = q.shape
+        C = _forward_options(q, chunk_size, K, v.shape[-1], first.shape[0], H)["C"]
+        _, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
+        do = do.contiguous()
+        do = _poison(do, torch.empty_like(do), first, q_bad, cu_seqlens, table, 0.0, C)
+        dfinal = dfinal.masked_fill((first < T)[:, :, None, :], 0.0)
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do,
                                                      dfinal.contiguous().float(), scale, use_qk_l2norm, chunk_size)
         dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
@@ -988,13 +1031,12 @@ def gated_delta_rule_triton(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, b
     """The chunked gated delta rule (``g`` None: ungated) on the Triton kernels; contract of ``gated_delta_rule``.
 
     Non-finite inputs follow the PyTorch path's rule: the kernels read them as 0 and find each column's
-    first bad index; the outputs from there on are set to NaN after (``_checks.poison``), whose masked
-    fill also gives those outputs a zero cotangent, so every gradient matches the PyTorch path's.
+    first bad index; the outputs from there on are set to NaN (``poison_kernel``) and get a zero
+    cotangent in the backward, so every gradient matches the PyTorch path's.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, final, first, q_bad = DeltaRuleTriton.apply(q, k, v, g, beta, initial_state, cu_seqlens, scale,
-                                                   use_qk_l2norm, chunk_size)
-    o, final = poison(o, final, q_bad, first, cu_seqlens)
+    o, final = DeltaRuleTriton.apply(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
+                                     chunk_size)
     return o, (final if output_final_state else None)
 
 
