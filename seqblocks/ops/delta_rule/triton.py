@@ -147,7 +147,7 @@ def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf
     mask_t = t < eos
     tok = ((base + t) * H + i_h).to(tl.int64)
     b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
-    row_bad = _bad(b_b)
+    row_bad = _bad(b_b)  # only read with STORE_FIRST (the compiler drops it otherwise)
     b_b = _fin(b_b)
     if GATED:
         b_g = tl.load(g + tok, mask=mask_t, other=0.0).to(tl.float32)
@@ -161,7 +161,8 @@ def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf
     for k0 in range(0, K, BK):  # K K^T over key tiles
         cols = k0 + tl.arange(0, BK)
         b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=mask_t[:, None] & (cols < K)[None, :], other=0.0)
-        row_bad = row_bad | tl.max(_bad(b_k), 1)
+        if STORE_FIRST:
+            row_bad = row_bad | tl.max(_bad(b_k), 1)
         b_k = _fin(b_k)
         kk += dot(b_k, tl.trans(b_k), MODE)
         if L2NORM:
