@@ -123,8 +123,9 @@ def _outputs(out):
     return [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
 
 
-def profile(fn, ins, backward: bool, iters: int) -> dict[str, float]:
-    """Kernel name -> milliseconds per call."""
+def profile(fn, ins, backward: bool, iters: int, host: bool = False) -> dict[str, float]:
+    """Kernel name -> milliseconds per call; with ``host``, also prints the host ops by self CPU time and
+    the wall time per call (the host's share of a short op)."""
     cot = None
 
     def call():
@@ -144,11 +145,20 @@ def profile(fn, ins, backward: bool, iters: int) -> dict[str, float]:
     for _ in range(3):
         call()
     torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CUDA]
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
+    import time
+
     with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(iters):
             call()
         torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / iters
+    if host:
+        print(f"  host: {wall:.3f} ms wall per call (profiled); top host ops by self CPU time:")
+        cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        for ev in cpu:
+            print(f"    {ev.self_cpu_time_total / 1e3 / iters:8.3f} ms  {ev.count // iters:4d}x  {ev.key[:90]}")
     per = defaultdict(float)
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None)
@@ -164,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=14, help="kernels printed per op")
+    p.add_argument("--host", action="store_true", help="also the host ops by self CPU time, and the wall time")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -175,7 +186,7 @@ def main(argv=None) -> int:
         for backward in ((True,) if not ins else (False, True)):
             label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
             try:
-                per = profile(fn, ins, backward, args.iters)
+                per = profile(fn, ins, backward, args.iters, args.host)
             except Exception as e:  # one op failing does not hide the others
                 print(f"\n== {label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
