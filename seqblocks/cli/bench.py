@@ -125,7 +125,7 @@ def _measure(row: dict[str, Any], name: str, d_model: int, seq_len: int, batch_s
 
 
 def _bench_kwargs(name: str, d_model: int, seq_len: int) -> dict[str, Any]:
-    """Constructor arguments some mixers need that have no default."""
+    """Constructor arguments some mixers need that have no default, and head sizes that fit ``d_model``."""
     from seqblocks.layers.build import accepted_keys, mixer_class
 
     params = accepted_keys(mixer_class(name))
@@ -134,6 +134,8 @@ def _bench_kwargs(name: str, d_model: int, seq_len: int) -> dict[str, Any]:
         kw["num_heads"] = max(1, d_model // 16) if d_model < 256 else d_model // 64
         if "rotary_emb_dim" in params:  # attention needs positions; the recurrent mixers have their own
             kw["rotary_emb_dim"] = d_model // kw["num_heads"]
+        if "head_dim" in params:  # heads that split the width (Gated DeltaNet's default, 256, is for d_model 2048)
+            kw["head_dim"] = max(1, d_model // kw["num_heads"])
     if "window_size" in params and name.lower().startswith("sliding"):
         kw["window_size"] = max(1, seq_len // 4)
     return kw
