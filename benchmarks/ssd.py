@@ -3,7 +3,7 @@
 
     python benchmarks/ssd.py [--sections op,layer,decode] [--anchors /tmp/anchors]
                              [--anchors-src /work/shared/anchors] [--json out.json]
-    python benchmarks/ssd.py --sweep [--sweep-groups states,cb,scan,dstates,dx,dcb,db,dc] [--json out.json]
+    python benchmarks/ssd.py --sweep [--sweep-groups states,cb,scan,dstates,dx,dcb,db,dc,finish] [--json out.json]
 
 Sections (bf16, Mamba-2's defaults: headdim P = 64, d_state N = 128, one group, expand 2), at
 (B, T, d_model) = (8, 2048, 768) and (4, 8192, 2048), i.e. H = 24 and 64 heads:
@@ -240,6 +240,7 @@ SWEEP_KERNELS = {
     "dcb": ("_chunk_bwd_dcb",),
     "db": ("_chunk_bwd_db",),
     "dc": ("_chunk_bwd_dc",),
+    "finish": ("_dacs_finish",),
 }
 
 
@@ -247,7 +248,7 @@ def sweep_variants() -> list[tuple[str, dict]]:
     """(group, launch-option overrides) of every point ``--sweep`` times, bf16 at P 64, N 128, one
     group; ``{}`` is the default. Each compiles for sm_90 without spills (tests/test_ssd_compile.py)."""
     v = {
-        "states": [{}, {"state_bp": 16}, {"state_bp": 16, "state_warps": 4}, {"state_bp": 64},
+        "states": [{}, {"state_bp": 16}, {"state_bp": 16, "state_warps": 4}, {"state_bl": 32},
                    {"state_bl": 128}, {"state_stages": 2}, {"state_fused": False},
                    {"state_fused": False, "pass_block": 256, "pass_warps": 2}],
         "cb": [{}, {"cb_warps": 8}, {"cb_block": 128, "cb_warps": 8}, {"cb_block": 32}],
@@ -259,9 +260,10 @@ def sweep_variants() -> list[tuple[str, dict]]:
         "dx": [{}, {"dx_bl": 128}, {"dx_bs": 32}, {"dx_stages": 3}, {"dx_bl": 32}, {"cb_shared": False}],
         "dcb": [{}, {"dcb_stages": 3}, {"dcb_heads": 8}, {"dcb_heads": 4}, {"dcb_block": 32}],
         "db": [{}, {"dbc_heads": 4}, {"dbc_heads": 16}, {"dbc_heads": 64}, {"db_bl": 128}, {"db_bs": 32},
-               {"db_stages": 3}],
+               {"db_bl": 32}],
         "dc": [{}, {"dbc_heads": 4}, {"dbc_heads": 16}, {"dbc_heads": 64}, {"dc_bs": 128}, {"dc_bl": 32},
-               {"dc_stages": 3}],
+               {"dc_bs": 32}],
+        "finish": [{}, {"finish_warps": 8}],
     }
     return [(group, over) for group, points in v.items() for over in points]
 
@@ -273,8 +275,11 @@ def _sweep_shape(k, Bsz, T, H, dev="cuda"):
     base = k.launch_options(x.dtype, P, N, H, 1, CHUNK)
     acs, hlp, states, _ = k._states_fwd(x, step, A * k.LOG2E, B, None, CHUNK, base)
     dy = torch.randn_like(x)
-    gout, _, _ = k._states_bwd(dy, C, acs, states, None, CHUNK, base)
-    return dict(x=x, step=step, A2=A * k.LOG2E, B=B, C=C, D=D, acs=acs, hlp=hlp, states=states, dy=dy, gout=gout)
+    gout, _, ddecay = k._states_bwd(dy, C, acs, states, None, CHUNK, base)
+    cb = k._cb(B, C, CHUNK, base)
+    _, dstep, w, _ = k._dx_bwd(x, step, B, C, cb, D, acs, gout, dy, k._slots(x, CHUNK, base), CHUNK, base)
+    return dict(x=x, step=step, A=A, A2=A * k.LOG2E, B=B, C=C, D=D, acs=acs, hlp=hlp, states=states, dy=dy,
+                gout=gout, ddecay=ddecay, w=w, dstep=dstep)
 
 
 def _sweep_call(k, group, s, o):
@@ -294,6 +299,9 @@ def _sweep_call(k, group, s, o):
         return lambda: k._dx_bwd(x, step, B, C, cb, D, acs, s["gout"], dy, slots, CHUNK, o)
     if group == "dcb":
         return lambda: k._dcb_bwd(x, step, B, C, cb, acs, dy, slots, CHUNK, o)
+    if group == "finish":
+        slots.zero_()
+        return lambda: k._finish_bwd(slots, s["w"], s["ddecay"], step, s["A"], s["dstep"], CHUNK, o)
     dcb = k._dcb_bwd(x, step, B, C, cb, acs, dy, slots, CHUNK, o)
     if group == "db":
         return lambda: k._db_bwd(x, step, C, acs, s["gout"], dcb, CHUNK, o)

@@ -37,6 +37,8 @@ def kernels():
 
 def jobs(dtype: str, o: dict, *, HAS_D: bool = True) -> list[tuple[str, object, dict, int, int | None]]:
     """(name, kernel, constexprs, num_warps, num_stages) of every kernel a call with options ``o`` launches."""
+    import triton
+
     k = kernels()
     ieee = 1 if dtype == "fp32" else 0
     bn, bp = N, P
@@ -72,7 +74,9 @@ def jobs(dtype: str, o: dict, *, HAS_D: bool = True) -> list[tuple[str, object, 
             ("_chunk_bwd_db", k._chunk_bwd_db, dict(com, BS=o["db_bs"], BL=o["db_bl"], BP=bp), o["db_warps"],
              o["db_stages"]),
             ("_chunk_bwd_dc", k._chunk_bwd_dc, dict(com, BL=o["dc_bl"], BS=o["dc_bs"], BP=bp, SLOT=1), o["dc_warps"],
-             o["dc_stages"])]
+             o["dc_stages"]),
+            ("_dacs_finish", k._dacs_finish, dict(CH=CH, BSLOT=triton.next_power_of_2(3 + CH // o["dcb_block"])),
+             o["finish_warps"], None)]
     return out
 
 
@@ -119,14 +123,18 @@ if not interpreter_enabled():
 
     @pytest.mark.slow
     def test_sweep_variants_compile_for_sm90(tmp_path):
-        """Every variant ``benchmarks/ssd.py --sweep`` times compiles (a bad one would cost the GPU run)."""
+        """Every variant ``benchmarks/ssd.py --sweep`` times compiles without spills (a bad one would cost
+        the GPU run)."""
         import ssd as bench  # benchmarks/ssd.py
+        from sm90 import resource_usage
 
         for kernel, over in bench.sweep_variants():
             for name, fn, consts, warps, stages in jobs("bf16", options("bf16", over)):
                 if name in bench.SWEEP_KERNELS[kernel]:
                     compiled = compile_one(fn, consts, "bf16", warps, stages)
                     assert compiled.metadata.shared <= SHARED_LIMIT, (kernel, over, name, compiled.metadata.shared)
+                    res = resource_usage(compiled, str(tmp_path))
+                    assert res is None or (res["LOCAL"] == 0 and res["STACK"] == 0), (kernel, over, name, res)
 
 
 def main(argv=None) -> None:

@@ -23,7 +23,8 @@ is the score of source s at row l (one matrix per chunk and group, shared by the
                                     group's heads of decay * step_s * dy_l . x_s, and the row share of d acs
               5. _chunk_bwd_db      per (source tile, group, block of heads): dB = dCB^T C + the state part
               6. _chunk_bwd_dc      per (row tile, group, block of heads): dC = dCB B + the state part
-                                    (a reverse cumsum per chunk in PyTorch turns d acs into d step and dA)
+              7. _dacs_finish       per (chunk, row, head): the shares of d acs summed, their reverse
+                                    cumsum inside the chunk -> d a, added to d step (d a * A) and dA
 
 Every launch parameter (tiles, warps, pipeline stages, the variant switches) comes from
 ``launch_options``; ``benchmarks/ssd.py --sweep`` times the variants of each kernel.
@@ -77,7 +78,7 @@ _TIME_TILES = ("state_bl", "cb_block", "scan_bl", "scan_bs", "dstate_bl", "dx_bs
                "db_bs", "db_bl", "dc_bl", "dc_bs")
 _P_TILES = ("state_bp", "scan_bp", "dstate_bp")
 _WARPS = ("state_warps", "pass_warps", "cb_warps", "scan_warps", "dstate_warps", "dx_warps", "dcb_warps",
-          "db_warps", "dc_warps")
+          "db_warps", "dc_warps", "finish_warps")
 _STAGES = ("state_stages", "cb_stages", "scan_stages", "dstate_stages", "dx_stages", "dcb_stages", "db_stages",
            "dc_stages")
 _SWITCHES = ("state_fused", "dstate_fused", "cb_shared")
@@ -126,7 +127,9 @@ def launch_options(dtype: torch.dtype, P: int, N: int, H: int, G: int, chunk: in
         dcb_heads       heads per program of _chunk_bwd_dcb (each block of heads writes its own
                         partial dCB, summed by the dB / dC kernels)     all of a group
         dbc_heads       heads per program of _chunk_bwd_db / _chunk_bwd_dc (partial dB / dC per
-                        block, summed in PyTorch)                       8
+                        block, summed in PyTorch; one block writes dB / dC in B's dtype)
+                                                                        8
+        finish_warps    warps of _dacs_finish (d acs -> d step, dA)     4
 
     Args:
         dtype: the inputs' dtype (fp32 products run on the FMA units: smaller tiles).
@@ -159,7 +162,7 @@ def launch_options(dtype: torch.dtype, P: int, N: int, H: int, G: int, chunk: in
                  dcb_block=32, dcb_warps=8, db_bs=32, db_bl=32, db_warps=8, dc_bl=32, dc_bs=32, dc_warps=8)
     o.update(state_fused=True, state_stages=3, pass_block=1024, pass_warps=4, cb_shared=shared, cb_stages=2,
              scan_stages=2, dstate_fused=True, dstate_stages=3, dx_stages=2, dcb_stages=2, db_stages=2, dc_stages=2,
-             dcb_heads=H // G, dbc_heads=8)
+             dcb_heads=H // G, dbc_heads=8, finish_warps=4)
     for key, value in (overrides or {}).items():
         if key not in o:
             raise ValueError(f"ssd launch options: unknown key {key!r}; expected one of {sorted(o)}")
@@ -751,8 +754,8 @@ def _chunk_bwd_db(x_ptr, step_ptr, C_ptr, acs_ptr, gout_ptr, dcb_ptr, dB_ptr,
                 dT += tl.load(dcb_ptr + kk * CH * CH + l[None, :] * CH + s[:, None])   # [s, l]
             dT = tl.where(l[None, :] >= s[:, None], dT, 0.0)                   # upper tiles: unwritten
             dB += dot(dT.to(Cl.dtype), Cl, IEEE)
-    tl.store(dB_ptr + ((row + s[:, None]) * G + g) * (NSPLIT * N) + k * N + n[None, :], dB,
-             mask=sm[:, None] & nm[None, :])
+    tl.store(dB_ptr + ((row + s[:, None]) * G + g) * (NSPLIT * N) + k * N + n[None, :],
+             dB.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
 
 @triton.jit(do_not_specialize=["T", "H", "nc"])
@@ -806,9 +809,35 @@ def _chunk_bwd_dc(B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dcb_ptr, dC_ptr, dacs_
                 d += tl.load(dcb_ptr + kk * CH * CH + l[:, None] * CH + s[None, :])
             d = tl.where(l[:, None] >= s[None, :], d, 0.0)                     # upper tiles: unwritten
             dC += dot(d.to(Bs.dtype), Bs, IEEE)
-    tl.store(dC_ptr + ((row + l[:, None]) * G + g) * (NSPLIT * N) + k * N + n[None, :], dC,
-             mask=lm[:, None] & nm[None, :])
+    tl.store(dC_ptr + ((row + l[:, None]) * G + g) * (NSPLIT * N) + k * N + n[None, :],
+             dC.to(dC_ptr.dtype.element_ty), mask=lm[:, None] & nm[None, :])
 
+
+
+@triton.jit(do_not_specialize=["T", "H", "nc"])
+def _dacs_finish(slots_ptr, w_ptr, ddecay_ptr, step_ptr, A_ptr, dstep_ptr, dA_ptr, T, H, Tp, nc, NSLOT,
+                 CH: tl.constexpr, BSLOT: tl.constexpr):
+    """Per (chunk, row, head): d acs = the sum of its shares (slots); d a = its reverse cumsum inside the
+    chunk + the gradient of the chunk's end value (sum of w, plus the chunk decay's); d step += d a * A
+    (in place); this chunk's share of dA, sum of d a * step."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    l = tl.arange(0, CH)
+    k = tl.arange(0, BSLOT)
+    base = bh.to(tl.int64) * Tp + c * CH
+    shares = tl.load(slots_ptr + bh.to(tl.int64) * NSLOT * Tp + c * CH + k[:, None] * Tp + l[None, :],
+                     mask=(k < NSLOT)[:, None], other=0.0)
+    dlast = tl.sum(tl.load(w_ptr + base + l), 0) + tl.load(ddecay_ptr + bh.to(tl.int64) * nc + c)
+    da = tl.cumsum(tl.sum(shares, 0), 0, reverse=True) + dlast
+    t = c * CH + l
+    tm = t < T
+    off = (b.to(tl.int64) * T + t) * H + h
+    step = tl.load(step_ptr + off, mask=tm, other=0.0)
+    ds = tl.load(dstep_ptr + off, mask=tm, other=0.0)
+    tl.store(dstep_ptr + off, ds + da * tl.load(A_ptr + h), mask=tm)
+    tl.store(dA_ptr + bh.to(tl.int64) * nc + c, tl.sum(da * step, 0))
 
 # ---------------------------------------------------------------------------------------------------
 # Launchers: one per step of the forward / backward (``benchmarks/ssd.py --sweep`` times them one by one)
@@ -953,33 +982,46 @@ def _dcb_bwd(x, step, B, C, cb, acs, dy, slots, CH, o):
     return dcb
 
 
-def _db_bwd(x, step, C, acs, gout, dcb, CH, o):
-    """dB [B, T, G, N] fp32."""
+def _db_bwd(x, step, C, acs, gout, dcb, CH, o, out_dtype=torch.float32):
+    """dB [B, T, G, N] in ``out_dtype`` (written by the kernel with one block of heads, else the sum
+    of fp32 partials)."""
     Bsz, T, H, P, G, N, nc, Tp = _launch_shape(x, C, CH)
     HPP = o["dbc_heads"]
     nsplit = triton.cdiv(H // G, HPP)
     BS = o["db_bs"]
-    dB = torch.empty(Bsz, T, G, nsplit, N, dtype=torch.float32, device=x.device)
+    dB = torch.empty(Bsz, T, G, nsplit, N, dtype=out_dtype if nsplit == 1 else torch.float32, device=x.device)
     _chunk_bwd_db[(CH // BS, nc, Bsz * G * nsplit)](
         x, step, C, acs, gout, dcb, dB, T, H, G, P, N, Tp, nc, HPP, dcb.shape[3], CH=CH, BS=BS, BL=o["db_bl"],
         BP=_block(P), BN=_block(N), IEEE=dot_mode(x), num_warps=o["db_warps"], num_stages=o["db_stages"])
-    return dB[:, :, :, 0] if nsplit == 1 else dB.sum(3)
+    return dB[:, :, :, 0] if nsplit == 1 else dB.sum(3).to(out_dtype)
 
 
-def _dc_bwd(B, C, acs, states, dy, dcb, slots, CH, o):
-    """dC [B, T, G, N] fp32; writes slot 1 of ``slots``."""
+def _dc_bwd(B, C, acs, states, dy, dcb, slots, CH, o, out_dtype=torch.float32):
+    """dC [B, T, G, N] in ``out_dtype`` (as ``_db_bwd``); writes slot 1 of ``slots``."""
     Bsz, T, H, P = dy.shape
     G, N = C.shape[2], C.shape[3]
     nc, Tp = states.shape[1], acs.shape[-1]
     HPP = o["dbc_heads"]
     nsplit = triton.cdiv(H // G, HPP)
     BL = o["dc_bl"]
-    dC = torch.empty(Bsz, T, G, nsplit, N, dtype=torch.float32, device=C.device)
+    dC = torch.empty(Bsz, T, G, nsplit, N, dtype=out_dtype if nsplit == 1 else torch.float32, device=C.device)
     _chunk_bwd_dc[(CH // BL, nc, Bsz * G * nsplit)](
         B, C, acs, states, dy, dcb, dC, slots, T, H, G, P, N, Tp, nc, slots.shape[2], HPP, dcb.shape[3], CH=CH,
         BL=BL, BS=o["dc_bs"], BP=_block(P), BN=_block(N), IEEE=dot_mode(C), SLOT=1, num_warps=o["dc_warps"],
         num_stages=o["dc_stages"])
-    return dC[:, :, :, 0] if nsplit == 1 else dC.sum(3)
+    return dC[:, :, :, 0] if nsplit == 1 else dC.sum(3).to(out_dtype)
+
+
+def _finish_bwd(slots, w, ddecay, step, A, dstep, CH, o):
+    """d acs -> d a (a reverse cumsum inside each chunk, plus the gradient of the chunk's end value),
+    added to ``dstep`` in place as d a * A; returns dA [H] fp32."""
+    Bsz, H, NSLOT, Tp = slots.shape
+    T = step.shape[1]
+    nc = Tp // CH
+    dA = torch.empty(Bsz, H, nc, dtype=torch.float32, device=step.device)
+    _dacs_finish[(nc, Bsz * H)](slots, w, ddecay, step, A, dstep, dA, T, H, Tp, nc, NSLOT, CH=CH,
+                                BSLOT=triton.next_power_of_2(NSLOT), num_warps=o["finish_warps"])
+    return dA.sum((0, 2))
 
 
 class _SSDCore(torch.autograd.Function):
@@ -1008,15 +1050,9 @@ class _SSDCore(torch.autograd.Function):
         slots = _slots(x, CH, o)
         dx, dstep, w, dD = _dx_bwd(x, step, B, C, cb, D, acs, gout, dy, slots, CH, o)
         dcb = _dcb_bwd(x, step, B, C, cb, acs, dy, slots, CH, o)
-        dB = _db_bwd(x, step, C, acs, gout, dcb, CH, o)
-        dC = _dc_bwd(B, C, acs, states, dy, dcb, slots, CH, o)
-        # d acs -> d a: a reverse cumsum inside each chunk, plus the gradient of the chunk's end value.
-        dacs = slots.sum(2)                                                    # [B, H, Tp]
-        dlast = w.view(Bsz, H, nc, CH).sum(-1) + ddecay                        # [B, H, c]
-        da = dacs.view(Bsz, H, nc, CH).flip(-1).cumsum(-1).flip(-1) + dlast.unsqueeze(-1)
-        da = da.view(Bsz, H, Tp)[..., :T].transpose(1, 2)                      # [B, T, H]
-        dstep = dstep + da * A
-        dA = (da * step).sum((0, 1))
+        dB = _db_bwd(x, step, C, acs, gout, dcb, CH, o, B.dtype)
+        dC = _dc_bwd(B, C, acs, states, dy, dcb, slots, CH, o, C.dtype)
+        dA = _finish_bwd(slots, w, ddecay, step, A, dstep, CH, o)
         dDout = None
         if D is not None:
             dDout = dD.sum((0, 1))
