@@ -87,10 +87,10 @@ def fwd_bwd(fn, inputs):
     return run
 
 
-def timed(fn) -> float | None:
+def timed(fn, warmup=25, rep=100) -> float | None:
     """Median ms of ``fn``, or None (printed) when it raises: an anchor that cannot run this case."""
     try:
-        return bench(fn)
+        return bench(fn, warmup, rep)
     except Exception as e:  # noqa: BLE001 - an anchor's failure is reported, not fatal
         print(f"    ({type(e).__name__}: {str(e)[:200]})", flush=True)
         return None
@@ -325,10 +325,10 @@ def section_sweep(groups):
             if group not in groups:
                 continue
             o = k.launch_options(torch.bfloat16, P, N, H, 1, CHUNK, over)
-            ms = timed(_sweep_call(k, group, s, o))
+            ms = timed(_sweep_call(k, group, s, o), warmup=5, rep=30)
             ROWS.append({"section": "sweep", "group": group, "shape": tag, "overrides": over, "ms": ms})
-            print(f"  sweep {group:8s} {tag:16s} ms {ms if ms is None else round(ms, 4)!s:>8s}  {over}",
-                  flush=True)
+            print(f"  sweep {group:8s} {tag:16s} ms {ms if ms is None else round(ms, 4)!s:>8s}  {over}"
+                  f"  [{time.time() - t0:.0f} s]", flush=True)
             if ms is not None and ((tag, group) not in best or ms < best[(tag, group)][0]):
                 best[(tag, group)] = (ms, over)
         del s

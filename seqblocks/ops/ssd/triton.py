@@ -17,10 +17,11 @@ is the score of source s at row l (one matrix per chunk and group, shared by the
                                     gradient of chunk c's end state, dh0, and the chunk decays' gradient
                  (or _chunk_dstate_bwd + _state_pass_bwd)
               2. _chunk_cb          CB again (not kept from the forward: it would cost activation memory)
-              3. _chunk_bwd_dx      per (source tile, head): du (u = step x) -> dx, d step, dD and the
-                                    source share of d acs
+              3. _chunk_bwd_dx      per (source tile, head): du (u = step x) -> dx, d step, dD, and the
+                                    end-state decay's share of d acs
               4. _chunk_bwd_dcb     per (tile pair, group, block of heads): dCB[l, s] = sum over the
-                                    group's heads of decay * step_s * dy_l . x_s, and the row share of d acs
+                                    group's heads of decay * step_s * dy_l . x_s, and each head's shares
+                                    of d acs through the pair's decays (rows and sources)
               5. _chunk_bwd_db      per (source tile, group, block of heads): dB = dCB^T C + the state part
               6. _chunk_bwd_dc      per (row tile, group, block of heads): dC = dCB B + the state part
               7. _dacs_finish       per (chunk, row, head): the shares of d acs summed, their reverse
@@ -553,7 +554,7 @@ def _state_pass_bwd(dS_ptr, g_ptr, hin_ptr, acs_ptr, dfinal_ptr, dh0_ptr, ddecay
     tl.store(dh0_ptr + bh.to(tl.int64) * PN + i, gstate, mask=m)
 
 
-@triton.jit(do_not_specialize=["T", "H", "nc"])
+@triton.jit(do_not_specialize=["T", "H", "nc", "NSLOT"])
 def _chunk_bwd_dx(x_ptr, step_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, acs_ptr, gout_ptr, dy_ptr,
                   dx_ptr, dstep_ptr, dacs_ptr, w_ptr, dD_ptr,
                   T, H, G, P, N, Tp, nc, NSLOT,
@@ -644,7 +645,7 @@ def _chunk_bwd_dx(x_ptr, step_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, acs_ptr, gout_pt
     tl.store(w_ptr + bh * Tp + c * CH + s, w)
 
 
-@triton.jit(do_not_specialize=["T", "H", "nc"])
+@triton.jit(do_not_specialize=["T", "H", "nc", "NSLOT", "HPP"])
 def _chunk_bwd_dcb(x_ptr, step_ptr, B_ptr, C_ptr, cb_ptr, acs_ptr, dy_ptr, dcb_ptr, dacs_ptr,
                    T, H, G, P, N, Tp, nc, NSLOT, HPP,
                    CH: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
@@ -705,7 +706,7 @@ def _chunk_bwd_dcb(x_ptr, step_ptr, B_ptr, C_ptr, cb_ptr, acs_ptr, dy_ptr, dcb_p
              dcb)
 
 
-@triton.jit(do_not_specialize=["T", "H", "nc"])
+@triton.jit(do_not_specialize=["T", "H", "nc", "HPP", "NSPLIT_CB"])
 def _chunk_bwd_db(x_ptr, step_ptr, C_ptr, acs_ptr, gout_ptr, dcb_ptr, dB_ptr,
                   T, H, G, P, N, Tp, nc, HPP, NSPLIT_CB,
                   CH: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -758,7 +759,7 @@ def _chunk_bwd_db(x_ptr, step_ptr, C_ptr, acs_ptr, gout_ptr, dcb_ptr, dB_ptr,
              dB.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "H", "nc"])
+@triton.jit(do_not_specialize=["T", "H", "nc", "NSLOT", "HPP", "NSPLIT_CB"])
 def _chunk_bwd_dc(B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dcb_ptr, dC_ptr, dacs_ptr,
                   T, H, G, P, N, Tp, nc, NSLOT, HPP, NSPLIT_CB,
                   CH: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -814,7 +815,7 @@ def _chunk_bwd_dc(B_ptr, C_ptr, acs_ptr, hin_ptr, dy_ptr, dcb_ptr, dC_ptr, dacs_
 
 
 
-@triton.jit(do_not_specialize=["T", "H", "nc"])
+@triton.jit(do_not_specialize=["T", "H", "nc", "NSLOT"])
 def _dacs_finish(slots_ptr, w_ptr, ddecay_ptr, step_ptr, A_ptr, dstep_ptr, dA_ptr, T, H, Tp, nc, NSLOT,
                  CH: tl.constexpr, BSLOT: tl.constexpr):
     """Per (chunk, row, head): d acs = the sum of its shares (slots); d a = its reverse cumsum inside the
