@@ -3,6 +3,7 @@
 
     python benchmarks/ssd.py [--sections op,layer,decode] [--anchors /tmp/anchors]
                              [--anchors-src /work/shared/anchors] [--json out.json]
+    python benchmarks/ssd.py --sweep [--sweep-groups states,cb,scan,dstates,dx,dcb,db,dc,finish] [--json out.json]
 
 Sections (bf16, Mamba-2's defaults: headdim P = 64, d_state N = 128, one group, expand 2), at
 (B, T, d_model) = (8, 2048, 768) and (4, 8192, 2048), i.e. H = 24 and 64 heads:
@@ -22,6 +23,13 @@ max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth). FLOPs a
 form with chunk L: per step and head ``2 L (N + P) / 2`` for the causal half of the intra-chunk
 products plus ``4 P N`` for the chunk states and their read-out (fwd+bwd: 3x). Bytes: every input read
 once and every output written once (fwd+bwd adds the cotangents and the input gradients).
+
+``--sweep`` instead times every variant of each kernel of the Triton path (``sweep_variants``: launch
+options of ``seqblocks.ops.ssd.triton.launch_options``) at the two shapes, one launcher call per line
+(``sweep <group> <shape> ms <time> <overrides>``; ``{}`` is the default; the ``states`` / ``dstates``
+groups time a whole pass, fused or split), then the whole op, forward and forward + backward, with the
+defaults and with each group's fastest variant at each shape. About 1.5 minutes on an H200, most of it
+compiling.
 
 Anchors that fail to import are reported as "not installed". Needs a CUDA device.
 
@@ -79,10 +87,10 @@ def fwd_bwd(fn, inputs):
     return run
 
 
-def timed(fn) -> float | None:
+def timed(fn, warmup=25, rep=100) -> float | None:
     """Median ms of ``fn``, or None (printed) when it raises: an anchor that cannot run this case."""
     try:
-        return bench(fn)
+        return bench(fn, warmup, rep)
     except Exception as e:  # noqa: BLE001 - an anchor's failure is reported, not fatal
         print(f"    ({type(e).__name__}: {str(e)[:200]})", flush=True)
         return None
@@ -124,8 +132,7 @@ def load_anchors(build_dir: str, src_dir: str) -> dict:
     return found
 
 
-def op_inputs(Bsz, T, H, dtype=torch.bfloat16):
-    dev = "cuda"
+def op_inputs(Bsz, T, H, dtype=torch.bfloat16, dev="cuda"):
     x = torch.randn(Bsz, T, H, P, device=dev, dtype=dtype)
     dt = (torch.randn(Bsz, T, H, device=dev) * 0.5 - 2).to(dtype)
     A = -torch.empty(H, device=dev).uniform_(1, 16)
@@ -223,20 +230,157 @@ def section_decode(anchors):
             add_row("decode", f"step d_model {d_model} batch {batch}", t_ours, {"mamba_ssm.Mamba2.step": t_theirs})
 
 
+# The sweep: each group is one launcher of seqblocks/ops/ssd/triton.py (the kernels it runs).
+SWEEP_KERNELS = {
+    "states": ("_state_fused_fwd", "_chunk_state_fwd", "_state_pass_fwd"),
+    "cb": ("_chunk_cb",),
+    "scan": ("_chunk_scan_fwd",),
+    "dstates": ("_dstate_fused_bwd", "_chunk_dstate_bwd", "_state_pass_bwd"),
+    "dx": ("_chunk_bwd_dx",),
+    "dcb": ("_chunk_bwd_dcb",),
+    "db": ("_chunk_bwd_db",),
+    "dc": ("_chunk_bwd_dc",),
+    "finish": ("_dacs_finish",),
+}
+
+
+def sweep_variants() -> list[tuple[str, dict]]:
+    """(group, launch-option overrides) of every point ``--sweep`` times, bf16 at P 64, N 128, one
+    group; ``{}`` is the default. Each compiles for sm_90 without spills (tests/test_ssd_compile.py)."""
+    v = {
+        "states": [{}, {"state_bp": 16}, {"state_bp": 16, "state_warps": 4}, {"state_bl": 32},
+                   {"state_bl": 128}, {"state_stages": 2}, {"state_fused": False},
+                   {"state_fused": False, "pass_block": 256, "pass_warps": 2}],
+        "cb": [{}, {"cb_warps": 8}, {"cb_block": 128, "cb_warps": 8}, {"cb_block": 32}],
+        "scan": [{}, {"scan_warps": 8}, {"scan_bl": 128, "scan_warps": 8},
+                 {"scan_bl": 128, "scan_bs": 32, "scan_warps": 8}, {"scan_bp": 32}, {"scan_bs": 32},
+                 {"scan_stages": 3}, {"cb_shared": False}],
+        "dstates": [{}, {"dstate_bp": 16}, {"dstate_bp": 64}, {"dstate_bl": 128}, {"dstate_stages": 2},
+                    {"dstate_fused": False}],
+        "dx": [{}, {"dx_bl": 128}, {"dx_bs": 32}, {"dx_stages": 3}, {"dx_bl": 32}, {"cb_shared": False}],
+        "dcb": [{}, {"dcb_stages": 3}, {"dcb_heads": 8}, {"dcb_heads": 4}, {"dcb_block": 32}],
+        "db": [{}, {"dbc_heads": 4}, {"dbc_heads": 16}, {"dbc_heads": 64}, {"db_bl": 128}, {"db_bs": 32},
+               {"db_bl": 32}],
+        "dc": [{}, {"dbc_heads": 4}, {"dbc_heads": 16}, {"dbc_heads": 64}, {"dc_bs": 128}, {"dc_bl": 32},
+               {"dc_bs": 32}],
+        "finish": [{}, {"finish_warps": 8}],
+    }
+    return [(group, over) for group, points in v.items() for over in points]
+
+
+def _sweep_shape(k, Bsz, T, H, dev="cuda"):
+    """Inputs and the intermediates every launcher reads, made once with the default options."""
+    x, dt, A, B, C, D, dt_bias = (t.detach() for t in op_inputs(Bsz, T, H, dev=dev))
+    step = torch.nn.functional.softplus(dt.float() + dt_bias).contiguous()
+    base = k.launch_options(x.dtype, P, N, H, 1, CHUNK)
+    acs, hlp, states, _ = k._states_fwd(x, step, A * k.LOG2E, B, None, CHUNK, base)
+    dy = torch.randn_like(x)
+    gout, _, ddecay = k._states_bwd(dy, C, acs, states, None, CHUNK, base)
+    cb = k._cb(B, C, CHUNK, base)
+    _, dstep, w, _ = k._dx_bwd(x, step, B, C, cb, D, acs, gout, dy, k._slots(x, CHUNK, base), CHUNK, base)
+    return dict(x=x, step=step, A=A, A2=A * k.LOG2E, B=B, C=C, D=D, acs=acs, hlp=hlp, states=states, dy=dy,
+                gout=gout, ddecay=ddecay, w=w, dstep=dstep)
+
+
+def _sweep_call(k, group, s, o):
+    """A closure running the launcher of ``group`` with options ``o`` on the inputs ``s``."""
+    x, step, B, C, D, acs, dy = s["x"], s["step"], s["B"], s["C"], s["D"], s["acs"], s["dy"]
+    cb = k._cb(B, C, CHUNK, o) if o["cb_shared"] else None
+    slots = k._slots(x, CHUNK, o)
+    if group == "states":
+        return lambda: k._states_fwd(x, step, s["A2"], B, None, CHUNK, o)
+    if group == "cb":
+        return lambda: k._cb(B, C, CHUNK, o)
+    if group == "scan":
+        return lambda: k._scan_fwd(x, step, B, C, cb, D, acs, s["hlp"], CHUNK, o, x.dtype)
+    if group == "dstates":
+        return lambda: k._states_bwd(dy, C, acs, s["states"], None, CHUNK, o)
+    if group == "dx":
+        return lambda: k._dx_bwd(x, step, B, C, cb, D, acs, s["gout"], dy, slots, CHUNK, o)
+    if group == "dcb":
+        return lambda: k._dcb_bwd(x, step, B, C, cb, acs, dy, slots, CHUNK, o)
+    if group == "finish":
+        slots.zero_()
+        return lambda: k._finish_bwd(slots, s["w"], s["ddecay"], step, s["A"], s["dstep"], CHUNK, o)
+    dcb = k._dcb_bwd(x, step, B, C, cb, acs, dy, slots, CHUNK, o)
+    if group == "db":
+        return lambda: k._db_bwd(x, step, C, acs, s["gout"], dcb, CHUNK, o)
+    return lambda: k._dc_bwd(B, C, acs, s["states"], dy, dcb, slots, CHUNK, o)
+
+
+def section_sweep(groups):
+    """One line per (variant, shape); then the op with the defaults and with each group's best."""
+    import time
+
+    from seqblocks.ops.ssd import triton as k
+
+    t0 = time.time()
+    print("\n== SSD kernel sweep (bf16, P 64, N 128, chunk 256, one group) ==", flush=True)
+    best: dict[tuple, tuple[float, dict]] = {}
+    for Bsz, T, d_model in SHAPES:
+        H = 2 * d_model // P
+        tag = f"B{Bsz} T{T} H{H}"
+        s = _sweep_shape(k, Bsz, T, H)
+        for group, over in sweep_variants():
+            if group not in groups:
+                continue
+            o = k.launch_options(torch.bfloat16, P, N, H, 1, CHUNK, over)
+            ms = timed(_sweep_call(k, group, s, o), warmup=5, rep=30)
+            ROWS.append({"section": "sweep", "group": group, "shape": tag, "overrides": over, "ms": ms})
+            print(f"  sweep {group:8s} {tag:16s} ms {ms if ms is None else round(ms, 4)!s:>8s}  {over}"
+                  f"  [{time.time() - t0:.0f} s]", flush=True)
+            if ms is not None and ((tag, group) not in best or ms < best[(tag, group)][0]):
+                best[(tag, group)] = (ms, over)
+        del s
+    print(f"  (sweep took {time.time() - t0:.0f} s)")
+    for Bsz, T, d_model in SHAPES:
+        H = 2 * d_model // P
+        tag = f"B{Bsz} T{T} H{H}"
+        picked: dict = {}
+        for group in groups:
+            if (tag, group) in best:
+                picked.update(best[(tag, group)][1])
+        x, dt, A, B, C, D, dt_bias = ins = op_inputs(Bsz, T, H)
+        for label, opts in (("defaults", None), ("best of each group", picked)):
+            def run():
+                return k.ssd_triton(x, dt, A, B, C, D, dt_bias=dt_bias, return_final_state=True, chunk_size=CHUNK,
+                                    options=opts)
+
+            with torch.no_grad():
+                f = bench(run)
+            fb = bench(fwd_bwd(run, ins))
+            ROWS.append({"section": "sweep_op", "shape": tag, "label": label, "options": opts, "fwd_ms": f,
+                         "fwd_bwd_ms": fb})
+            print(f"  op {tag:16s} {label:20s} fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  {opts or ''}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="time the variants of every Triton kernel instead")
+    p.add_argument("--sweep-groups", default=",".join(SWEEP_KERNELS),
+                   help=f"kernel groups of --sweep (any of {','.join(SWEEP_KERNELS)})")
     p.add_argument("--sections", default="op,layer,decode")
     p.add_argument("--anchors", default="/tmp/anchors", help="build_anchors.py's BUILD_DIR")
     p.add_argument("--anchors-src", default=os.environ.get("ANCHORS_SRC", "/work/shared/anchors"),
                    help="the folder holding build_anchors.py")
     p.add_argument("--json", default=None, help="write all rows to this file")
     args = p.parse_args(argv)
+    groups = [g for g in args.sweep_groups.split(",") if g]
+    unknown = sorted(set(groups) - set(SWEEP_KERNELS))
+    if unknown:
+        p.error(f"--sweep-groups: unknown {unknown}; expected some of {list(SWEEP_KERNELS)}")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/ssd.py needs a CUDA device")
     torch.manual_seed(0)
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    if args.sweep:
+        section_sweep(groups)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": ROWS, "device": torch.cuda.get_device_name()}, f, indent=1)
+        return
     bw, mm = copy_bandwidth(), matmul_rate()
     print(f"measured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     anchors = load_anchors(args.anchors, args.anchors_src)

@@ -2,7 +2,10 @@
 every input gradient (random cotangents on y and on the final state), on the CPU.
 
 The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``); ``tests/interpreter.py`` says why
-the cases run in a child process. Small chunks (16 / 32) and odd lengths cross chunk boundaries.
+the cases run in a child process. Small chunks (16 / 32) and odd lengths cross chunk boundaries; the
+launch-option variants (``launch_options``: split / fused state passes, CB shared or per kernel, head
+blocks, mixed tiles) compute the same function, and the CB / dCB scratch tiles above the diagonal,
+which no kernel writes, never reach a result (filled with NaN here).
 
 Shapes: B batch, T time, H heads, P head width, N state, G groups.
 """
@@ -50,23 +53,25 @@ def _call(fn, t, **kw):
               return_final_state=True, **kw)
 
 
-def _triton(*args, block_len=None, **kw):
+def _triton(*args, block_len=None, options=None, **kw):
     from seqblocks.ops.ssd.triton import ssd_triton
 
     kw.pop("backend")
-    return ssd_triton(*args, block_len=block_len, **kw)
+    return ssd_triton(*args, block_len=block_len, options=options, **kw)
 
 
-def check(t, *, chunk_size=16, tol=2e-4, compare_torch=True, block_len=None, **kw):
+def check(t, *, chunk_size=16, tol=2e-4, compare_torch=True, block_len=None, options=None, **kw):
     """Triton == reference (float64) forward and in every gradient; also == the chunked torch path.
-    ``block_len`` below the chunk makes each chunk span several programs' tiles."""
+    ``block_len`` below the chunk makes each chunk span several programs' tiles; ``options`` are
+    launch-option overrides (``launch_options``)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
     ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
     full, ref = {**dict.fromkeys(NAMES), **leaves}, {**dict.fromkeys(NAMES), **ref_leaves}
-    if block_len is None:
+    if block_len is None and options is None:
         y, final = _call(ssd, full, chunk_size=chunk_size, backend="triton", **kw)
     else:
-        y, final = _call(_triton, full, chunk_size=chunk_size, backend="triton", block_len=block_len, **kw)
+        y, final = _call(_triton, full, chunk_size=chunk_size, backend="triton", block_len=block_len,
+                         options=options, **kw)
     y_r, final_r = _call(ssd_ref, ref, **kw)
     assert y.dtype == t["x"].dtype and final.dtype == torch.float32
     g = torch.Generator().manual_seed(1)
@@ -132,6 +137,93 @@ def test_bf16():
 
 def test_default_chunk_and_width_above_block():
     check(inputs(Bsz=1, T=70, H=2, P=20, N=17), chunk_size=64)
+
+
+# Launch-option variants (seqblocks.ops.ssd.triton.launch_options) on a chunk of 64 with four heads in
+# two groups, P = 20 and N = 17 (masked lanes; two P blocks of 16), T = 100 (a partial last chunk).
+_MIXED = dict(state_bl=16, state_bp=16, cb_block=32, scan_bl=32, scan_bs=16, scan_bp=16, dstate_bl=32, dstate_bp=16,
+              dx_bs=32, dx_bl=16, dcb_block=16, db_bs=16, db_bl=32, dc_bl=16, dc_bs=32)
+VARIANTS = {
+    "split_passes": dict(state_fused=False, dstate_fused=False, pass_block=128),
+    "mixed_tiles_shared_cb": dict(_MIXED, cb_shared=True),
+    "mixed_tiles_private_cb": dict(_MIXED, cb_shared=False),
+    "one_head_per_block": dict(dcb_heads=1, dbc_heads=1, cb_shared=True),
+    "wide_rows": dict(scan_bl=64, scan_bs=16, dx_bs=16, dx_bl=64, db_bs=16, db_bl=64, dc_bl=64, dc_bs=16,
+                      cb_block=16, dcb_block=32),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_launch_option_variants(variant):
+    t = inputs(Bsz=1, T=100, H=4, P=20, G=2, N=17, D="channel", h0=True)
+    check(t, chunk_size=64, options=VARIANTS[variant])
+
+
+def test_launch_option_variants_bf16():
+    t = inputs(Bsz=1, T=80, H=4, P=16, G=1, N=32, dtype=torch.bfloat16, h0=True)
+    for opts in ({"cb_shared": False, "dcb_heads": 3}, {"state_fused": False, "dstate_fused": False, "dbc_heads": 3}):
+        check(t, chunk_size=32, tol=3e-2, compare_torch=False, options=opts)
+
+
+@pytest.mark.parametrize("readers", ["cb", "dcb"])
+def test_scratch_tiles_above_the_diagonal_never_reach_a_result(monkeypatch, readers):
+    """CB / dCB are written for the tiles on and below the diagonal at the writer's tile size; readers with
+    larger tiles select the entries above it away. NaN-filled scratch must leave every result as it was.
+    "cb": CB in tiles of 16 read by the output, dx and dCB kernels in tiles of 32; "dcb": dCB in tiles of
+    16 read by the dB and dC kernels in tiles of 32."""
+    from seqblocks.ops.ssd import triton as kernels
+
+    monkeypatch.setattr(kernels, "_scratch", lambda *shape, device: torch.full(shape, math.nan, device=device))
+    t = inputs(Bsz=1, T=70, H=2, P=5, N=6, h0=True)
+    small = dict(cb_shared=True, cb_block=16, dcb_block=16)
+    tiles = dict(scan_bl=16, scan_bs=32, dx_bs=16, dx_bl=32, dcb_block=32) if readers == "cb" else \
+        dict(db_bs=16, db_bl=32, dc_bl=16, dc_bs=32)
+    check(t, chunk_size=64, options={**small, **tiles})
+
+
+def test_launch_options_reject_bad_values():
+    from seqblocks.ops.ssd.triton import launch_options
+
+    o = launch_options(torch.bfloat16, 64, 128, 24, 1)
+    assert o["cb_shared"] and o["scan_bl"] == 64 and o["dcb_heads"] == 24
+    assert not launch_options(torch.bfloat16, 64, 128, 8, 8)["cb_shared"]  # each head its own B / C
+    assert launch_options(torch.float32, 64, 128, 8, 8)["cb_shared"]
+    assert launch_options(torch.bfloat16, 64, 128, 24, 1, 32)["scan_bl"] == 32  # clipped to the chunk
+    for bad, err in (({"scan_tile": 64}, ValueError), ({"scan_bl": 48}, ValueError), ({"dx_bs": 8}, ValueError),
+                     ({"scan_warps": 3}, ValueError), ({"dbc_heads": 0}, ValueError),
+                     ({"cb_shared": 1}, TypeError), ({"scan_bl": 64.0}, TypeError)):
+        with pytest.raises(err, match="ssd launch options"):
+            launch_options(torch.bfloat16, 64, 128, 24, 1, overrides=bad)
+
+
+@pytest.mark.slow
+def test_sweep_variants_equal_the_defaults():
+    """Every point of ``benchmarks/ssd.py --sweep`` at Mamba-2's P 64, N 128, chunk 256 (bf16, T 300)
+    gives the default launch's results, forward and backward."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import ssd as bench
+
+    from seqblocks.ops.ssd.triton import ssd_triton
+
+    t = inputs(Bsz=1, T=300, H=2, P=64, N=128, z=False, dtype=torch.bfloat16, h0=True)
+    g = torch.Generator().manual_seed(2)
+    gy = torch.randn(1, 300, 2, 64, generator=g)
+
+    def run(opts):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
+        y, final = ssd_triton(*(leaves.get(k) for k in NAMES[:7]), dt_bias=leaves["dt_bias"],
+                              initial_state=leaves["initial_state"], return_final_state=True, options=opts)
+        grads = torch.autograd.grad((y.float() * gy).sum() + final.sum(), list(leaves.values()))
+        return [y, final, *grads]
+
+    want = run(None)
+    for group, over in bench.sweep_variants():
+        for a, b in zip(run(over), want):
+            scale = b.float().abs().max().item()
+            assert (a.float() - b.float()).abs().max().item() <= 2e-2 * scale, (group, over)
 
 
 @pytest.mark.parametrize(("name", "value"), [("x", math.nan), ("x", math.inf), ("B", math.nan), ("dt", math.nan)])
