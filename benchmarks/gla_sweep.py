@@ -4,7 +4,8 @@
     python benchmarks/gla_sweep.py [--ops gla,simple_gla] [--shape 8,4096,16,128] [--gate gla|strong]
                                    [--variants default,bwd_bk=128,...] [--profile] [--list] [--json out.json]
 
-Each variant is ``gla_options``' defaults with a few fields replaced (``VARIANTS``; ``--list`` prints
+Each variant is ``gla_options``' defaults (per op: the scalar decay's key blocks are wider) with a few
+fields replaced (``VARIANTS``; ``--list`` prints
 them, no GPU needed). For each op and variant: the forward (no gradients) and forward + backward
 (random cotangents on o and the final state, no initial state) of ``gla_triton`` at (B, T, H, K = V),
 bf16, median ms by ``triton.testing.do_bench``, and the ratio to the default variant; fla's
@@ -34,6 +35,8 @@ VARIANTS: list[tuple[str, dict]] = [
     ("fwd_bk=16", {"fwd_bk": 16}),
     ("fwd_bk=64", {"fwd_bk": 64}),
     ("fwd_bk=64+fwd_warps=4", {"fwd_bk": 64, "fwd_warps": 4}),
+    ("fwd_bk=32", {"fwd_bk": 32}),
+    ("fwd_bk=128", {"fwd_bk": 128}),
     ("fwd_warps=4", {"fwd_warps": 4}),
     ("fwd_stages=1", {"fwd_stages": 1}),
     ("fwd_stages=3", {"fwd_stages": 3}),
@@ -47,6 +50,7 @@ VARIANTS: list[tuple[str, dict]] = [
     # _bwd_chunk: key block (128 covers K = 128: dv in the same kernel, no _bwd_dv), V tile, warps
     ("bwd_bk=128", {"bwd_bk": 128}),
     ("bwd_bk=128+bwd_bv=16", {"bwd_bk": 128, "bwd_bv": 16}),
+    ("bwd_bk=64", {"bwd_bk": 64}),
     ("bwd_bk=32", {"bwd_bk": 32}),
     ("bwd_bk=32+bwd_warps=4", {"bwd_bk": 32, "bwd_warps": 4}),
     ("bwd_bv=16", {"bwd_bv": 16}),
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
         for name in args.variants:
             over = dict(VARIANTS)[name]
             try:
-                opts = gla_options(K, K, torch.bfloat16, **over)
+                opts = gla_options(K, K, torch.bfloat16, scalar=scalar, **over)
                 fn = lambda q, k, v, g: gla_triton(q, k, v, g, scale=K**-0.5, output_final_state=True,
                                                    scalar=scalar, options=opts)
                 fwd, fwd_bwd = _timers(fn, tensors)
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
                   flush=True)
             rows.append({"op": op, "variant": name, "overrides": over, "fwd_ms": f, "fwd_bwd_ms": fb})
         if args.profile:
-            opts = gla_options(K, K, torch.bfloat16)
+            opts = gla_options(K, K, torch.bfloat16, scalar=scalar)
             fn = lambda q, k, v, g: gla_triton(q, k, v, g, scale=K**-0.5, output_final_state=True, scalar=scalar,
                                                options=opts)
             _, fwd_bwd = _timers(fn, tensors)

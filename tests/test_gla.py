@@ -170,12 +170,14 @@ if not INTERPRETER:
 
         from seqblocks.ops.gla import triton as kernels
 
-        o = kernels.gla_options(K, V, torch.float32 if dtype == "fp32" else torch.bfloat16)
+        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        o = kernels.gla_options(K, V, dt)
         base = {"H": 16, "K": K, "V": V, "BT": 64, "BC": 16, "LOWP": dtype != "fp32", "CHUNK_RANGE": o.chunk_range,
                 "BLOCK_RANGE": o.block_range}
         BK = max(16, triton.next_power_of_2(K))
         jobs = []
         for scalar in (False, True):
+            o = kernels.gla_options(K, V, dt, scalar=scalar)
             tag = "scalar" if scalar else "gla"
             for strong in (False, True) if not scalar else (False,):
                 name = f"{tag}{' strong' if strong else ''}"
@@ -184,6 +186,7 @@ if not INTERPRETER:
                 jobs.append((name, kernels._fwd_chunk, c | {"BK": o.fwd_bk}, warps or o.fwd_warps, o.fwd_stages))
                 jobs.append((name, kernels._bwd_chunk, c | {"BK": o.bwd_bk, "BV": o.bwd_bv, "FUSE_DV": o.bwd_bk >= K},
                              warps or o.bwd_warps, o.bwd_stages))
+        o = kernels.gla_options(K, V, dt)
         state = base | {"BK": BK, "BV": o.state_bv}
         jobs += [("gla", kernels._fwd_state, state | {"HAS_H0": True, "HAS_HT": True, "SAVE": True}, o.state_warps,
                   o.state_stages),
@@ -258,6 +261,7 @@ if not INTERPRETER:
         o = gla_options(128, 128)
         assert (o.fwd_bk, o.bwd_bk, o.state_bv, o.chunk_range) == (32, 64, 32, 128.0)
         assert gla_options(128, 128, torch.float32).bwd_bk == 16  # fp32 products: narrower key blocks
+        assert (gla_options(128, 128, scalar=True).fwd_bk, gla_options(128, 128, scalar=True).bwd_bk) == (128, 128)
         assert gla_options(12, 20).fwd_bk == 16 and gla_options(12, 20).state_bv == 32
         assert gla_options(128, 128, bwd_bk=128, chunk_range=0).bwd_bk == 128
 
@@ -401,3 +405,27 @@ else:
             for a, b in zip([t.grad for t in leaves], packed[:4]):
                 assert_close(a, b[:, s:e], atol=1e-5, rtol=1e-5)
             assert_close(h.grad, packed[4][n : n + 1], atol=1e-5, rtol=1e-5)
+
+    @overflow_ok
+    @pytest.mark.parametrize("name", OPS)
+    def test_triton_split_key_and_value_blocks(name):
+        # K = 32 in key blocks of 16 (the forward's loop over K, two _bwd_chunk programs a chunk, dv from
+        # _bwd_dv, the scalar decay's dg summed over key blocks), V = 48 in blocks of 16 (masked lanes),
+        # one chunk flagged strong
+        from seqblocks.ops.gla.triton import gla_options, gla_triton
+
+        cu = torch.tensor([0, 70, 100])
+        (q, k, v, g), h0 = _inputs(name, 1, 100, 1, 32, 48, N=2)
+        if name == "gla":
+            g = g.clone()
+            g[:, 64:100] = -8.0
+        opts = gla_options(32, 48, fwd_bk=16, bwd_bk=16, state_bv=16, bwd_bv=16, dv_bv=16)
+
+        def fn(*a, **kw):
+            return gla_triton(*a, scale=32**-0.5, scalar=name == "simple_gla", options=opts, **kw)
+        o, s, grads = _grads(fn, [q, k, v, g], h0, cu)
+        o_r, s_r, grads_r = _grads(OPS[name][1], [t.double() for t in (q, k, v, g)], h0.double(), cu)
+        assert_close(o.double(), o_r, atol=1e-4, rtol=1e-4)
+        assert_close(s.double(), s_r, atol=1e-4, rtol=1e-4)
+        for a, b in zip(grads, grads_r):
+            assert_close(a.double(), b, atol=5e-4, rtol=5e-4)

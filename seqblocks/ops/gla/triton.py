@@ -114,25 +114,27 @@ _STAGES = ("fwd_stages", "state_stages", "bwd_stages")
 _RANGES = ("chunk_range", "block_range")
 
 
-def gla_options(K: int, V: int, dtype: torch.dtype = torch.bfloat16, **overrides) -> GLAOptions:
-    """The launch parameters of one ``gla`` / ``simple_gla`` call at key width K, value width V and input
-    dtype ``dtype`` (q's; fp32 takes narrower backward key blocks).
+def gla_options(K: int, V: int, dtype: torch.dtype = torch.bfloat16, *, scalar: bool = False,
+                **overrides) -> GLAOptions:
+    """The launch parameters of one ``gla`` (``scalar`` False) / ``simple_gla`` (True) call at key width K,
+    value width V and input dtype ``dtype`` (q's; fp32 takes narrower backward key blocks).
 
     The defaults are the largest tiles that compile for sm_90 without spills at K = V = 128 in bf16
     (Triton 3.9; docs/kernels.md lists the registers), not yet timed on a GPU:
     ``python benchmarks/gla_sweep.py`` times the main variants at (8, 4096, 16, 128) and prints one
     line each. Fields (``overrides`` replace any of them):
 
-    - ``fwd_bk`` (32, at most the next power of two >= K): keys per step of ``_fwd_chunk``'s loop over K (the score tile is summed over the
-      steps); ``fwd_warps`` (8), ``fwd_stages`` (2).
+    - ``fwd_bk`` (32, scalar decay 128; at most the next power of two >= K): keys per step of
+      ``_fwd_chunk``'s loop over K (the score tile is summed over the steps); ``fwd_warps`` (8),
+      ``fwd_stages`` (2).
     - ``state_bv`` (32, at most the next power of two >= V): the V block of the chunk walks
       ``_fwd_state`` / ``_bwd_dstate`` (one program per sequence, head and V block holds a
       [K, state_bv] fp32 state); ``state_warps`` (8), ``state_stages`` (2: the next chunk's tiles load
       during this chunk's products).
-    - ``bwd_bk`` (64, at most the next power of two >= K; fp32 inputs 16): keys per ``_bwd_chunk`` program (a grid axis). When it covers K
-      the program also finishes dv (one pass over the states' adjoints, but more registers), else
-      ``_bwd_dv`` does (``dv_bv`` 64, ``dv_warps`` 4). ``bwd_bv`` (32): the tile of its loop over V;
-      ``bwd_warps`` (8), ``bwd_stages`` (2).
+    - ``bwd_bk`` (64, scalar decay 128; at most the next power of two >= K; fp32 inputs 16): keys per
+      ``_bwd_chunk`` program (a grid axis). When it covers K the program also finishes dv (one pass over
+      the states' adjoints fewer, but more registers), else ``_bwd_dv`` does (``dv_bv`` 64,
+      ``dv_warps`` 4). ``bwd_bv`` (32): the tile of its loop over V; ``bwd_warps`` (8), ``bwd_stages`` (2).
     - ``strong_warps`` (8): warps of the second ``_fwd_chunk`` / ``_bwd_chunk`` launches, which serve
       only the chunks flagged as decaying by more than ``chunk_range`` nats (forms B and C).
     - ``chunk_range`` (128.0): the largest decay range, in nats, over which a chunk's scores are one
@@ -150,8 +152,10 @@ def gla_options(K: int, V: int, dtype: torch.dtype = torch.bfloat16, **overrides
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, triton.next_power_of_2(V))
     wide = dtype == torch.float32  # IEEE fp32 products hold more registers
-    defaults = GLAOptions(fwd_bk=min(BK, 32), fwd_warps=8, fwd_stages=2, state_bv=min(BV, 32), state_warps=8,
-                          state_stages=2, bwd_bk=16 if wide else min(BK, 64), bwd_bv=min(BV, 32), bwd_warps=8,
+    # the scalar decay's chunk kernels hold no per-key decay tiles: wider key blocks fit (dv fused at K 128)
+    defaults = GLAOptions(fwd_bk=min(BK, 128 if scalar else 32), fwd_warps=8, fwd_stages=2, state_bv=min(BV, 32),
+                          state_warps=8, state_stages=2, bwd_bk=16 if wide else min(BK, 128 if scalar else 64),
+                          bwd_bv=min(BV, 32), bwd_warps=8,
                           bwd_stages=2, dv_bv=min(BV, 64), dv_warps=4, strong_warps=8, chunk_range=_MAX_RANGE,
                           block_range=_MAX_RANGE)
     names = {f.name for f in dataclasses.fields(GLAOptions)}
@@ -712,10 +716,11 @@ def gla_triton(q, k, v, g, *, scale, initial_state=None, output_final_state=Fals
                options: GLAOptions | None = None):
     """``gla`` / ``simple_gla`` on the kernels (inputs already checked). Returns (o, final state or None).
 
-    ``options`` (``gla_options``; default: ``gla_options(K, V, q.dtype)``) sets the launch parameters of this
-    call's forward and backward; the benchmarks pass each variant of their sweeps this way."""
+    ``options`` (``gla_options``; default: ``gla_options(K, V, q.dtype, scalar=scalar)``) sets the launch
+    parameters of this call's forward and backward; the benchmarks pass each variant of their sweeps this
+    way."""
     if options is None:
-        options = gla_options(q.shape[-1], v.shape[-1], q.dtype)
+        options = gla_options(q.shape[-1], v.shape[-1], q.dtype, scalar=scalar)
     elif not isinstance(options, GLAOptions):
         raise TypeError(f"gla_triton: options must be a GLAOptions (from gla_options), got {type(options).__name__}")
     o, ht = _GLATriton.apply(q, k, v, g, initial_state, scale, output_final_state, cu_seqlens, scalar, options)
