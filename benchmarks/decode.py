@@ -50,19 +50,16 @@ ROWS: list[dict] = []
 
 @contextlib.contextmanager
 def mamba_fusion(enabled: bool):
-    """Within the region, Mamba's decode step takes the fused ``mamba_step`` (True, the default) or
-    the unfused one (False: its fusion test answers no)."""
+    """Within the region, Mamba's decode step takes the fused ``mamba_step`` (True, the default here)
+    or the unfused one (False); ``Mamba.fuse_decode_step`` is the switch, off in the library."""
     from seqblocks.layers.mixers.mamba import Mamba
 
-    if enabled:
-        yield
-        return
-    real = Mamba._fuses_step
-    Mamba._fuses_step = lambda self, xz: False
+    real = Mamba.fuse_decode_step
+    Mamba.fuse_decode_step = enabled
     try:
         yield
     finally:
-        Mamba._fuses_step = real
+        Mamba.fuse_decode_step = real
 
 
 def copy_bandwidth() -> float:

@@ -188,6 +188,9 @@ def triton_steps(monkeypatch):
     returned collects the ops that ran one."""
     real = _backend.resolve_backend
     served: set[str] = set()
+    from seqblocks.layers.mixers.mamba import Mamba
+
+    monkeypatch.setattr(Mamba, "fuse_decode_step", True)  # opt-in (seqblocks/layers/mixers/mamba.py)
 
     def forced(backend, *tensors, op, has_kernel=True):
         if backend == "auto" and op in STEP_OPS and has_kernel:
