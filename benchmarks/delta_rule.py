@@ -153,10 +153,9 @@ def section_stages(bw, shapes):
         odt = dr._operand_dtype(q)
 
         def wy():
-            return dr._wy_stage(k, v, g, beta, None, table, True, o["C"], o["BK"], o["BV"], o["MODE"], odt, False,
-                                True)
+            return dr._wy_stage(k, v, g, beta, None, table, True, o["C"], o["BK"], o["BV"], o["MODE"], odt, False)
 
-        G, rk, _, W, U, _ = wy()
+        G, rk, _, W, U = wy()
 
         def state():
             return dr._state_stage(k, W, U, G, rk, t["h0"], None, offsets, table.shape[0], B, o["C"], o["BKS"],

@@ -67,17 +67,16 @@ if not INTERPRETER:
         types = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "do", "o", "dq", "dk", "dvo", "dbeta", "dg",
                                       "Wbuf", "Ubuf", "Tbuf", "h", "vnew", "dvl", "dh", "dv", "dw", "dk3")}
         types |= {n: "*fp32" for n in ("Gbuf", "Rk", "Rq", "h0", "ht", "dht", "dh0", "rs", "dqs")}
-        types |= {"Fbuf": "*i32", "Qbad": "*i8"}
         types |= {"chunk_table": "*i64", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
         flags = {"H": H, "K": K, "V": V, "C": o["C"], "GATED": True, "VARLEN": True, "L2NORM": True, "EPS": 1e-6,
                  "MODE": 0, "HAS_H0": True, "STORE_DH0": True}
         nkb = triton.cdiv(K, o["BKQ"])
         state = {"BKS": o["BKS"], "NK": o["NK"], "BV": o["BVS"]}
         kernels = [  # (kernel, its tiles and flags, warps, stages), as _chunk_forward / _chunk_backward launch them
-            (dr.chunk_wy_kernel, {"BK": o["BK"], "BV": o["BV"], "STORE_T": False, "STORE_FIRST": True}, 4, 2),
+            (dr.chunk_wy_kernel, {"BK": o["BK"], "BV": o["BV"], "STORE_T": False}, 4, 2),
             (dr.chunk_state_kernel, state | {"STORE_HT": True, "STORE_V": True}, 4, o["STAGES"]),
             (dr.chunk_out_kernel, {"BK": o["BK"], "BV": o["BV"]}, 4, 2),
-            (dr.chunk_wy_kernel, {"BK": o["BK"], "BV": o["BV"], "STORE_T": True, "STORE_FIRST": False}, 4, 2),
+            (dr.chunk_wy_kernel, {"BK": o["BK"], "BV": o["BV"], "STORE_T": True}, 4, 2),
             (dr.chunk_state_kernel, state | {"STORE_HT": False, "STORE_V": True}, 4, o["STAGES"]),
             (dr.chunk_bwd_dv_local_kernel, {"BK": o["BK"], "BV": o["BV"]}, 4, 2),
             (dr.chunk_bwd_dh_kernel, state, o["WARPS_DH"], o["STAGES"]),
@@ -120,7 +119,7 @@ else:
         t = _inputs(1, 130, K=24, V=40, gated=gated)
         k, v, beta, g = t["k"], t["v"], t["beta"], t.get("g")
         offsets, table = dr._chunk_offsets(1, 130, 64, None, k.device)
-        G, rk, Tm, W, U, _ = dr._wy_stage(k, v, g, beta, None, table, l2, 64, 16, 32, 1, torch.float32, True)
+        G, rk, Tm, W, U = dr._wy_stage(k, v, g, beta, None, table, l2, 64, 16, 32, 1, torch.float32, True)
         kn = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + 1e-6) if l2 else k
         for c0 in (0, 64, 128):
             sl = slice(c0, min(c0 + 64, 130))

@@ -14,7 +14,7 @@ from seqblocks.ops._packing import check_cu_seqlens
 
 __all__ = ["check_inputs", "check_step_inputs", "compute_dtype", "l2norm", "L2NORM_EPS", "TRITON_DTYPES",
            "kernel_serves",
-           "nonfinite_flags", "zero_nonfinite", "first_bad", "poison"]
+           "nonfinite_flags", "nan_to_zero", "zero_nonfinite", "first_bad", "poison"]
 
 #: Input dtypes the Triton kernels serve (float64 runs the PyTorch path).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -131,6 +131,13 @@ def nonfinite_flags(q, k, v, g, beta):
             row = row & torch.isfinite(g)
         bad_v = (v * 0) != 0  # NaN for NaN and +-inf, 0 (or -0) for every finite value
     return bad_q, (~row, bad_v)
+
+
+def nan_to_zero(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor with NaN / +-inf replaced by 0 (one pass; no autograd: for kernels whose gradients
+    at those entries vanish anyway, since the outputs they reach are poisoned)."""
+    return tuple(None if t is None else torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                 for t in tensors)
 
 
 def zero_nonfinite(q, k, v, g, beta):

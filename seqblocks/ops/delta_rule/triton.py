@@ -48,14 +48,12 @@ Shapes: B batch, T time, H heads, K key width, V value width, C chunk, N sequenc
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from seqblocks.ops.delta_rule._checks import L2NORM_EPS
+from seqblocks.ops.delta_rule._checks import L2NORM_EPS, first_bad, nan_to_zero, nonfinite_flags, poison
 from seqblocks.ops.triton_dot import dot, dot_mode
 
 __all__ = ["gated_delta_rule_triton", "delta_rule_step_triton"]
@@ -83,18 +81,6 @@ def _slot(chunk_table, cu_seqlens, i_s, T, VARLEN: tl.constexpr):
     valid = seq >= 0
     bos, eos, base = _seq_bounds(cu_seqlens, tl.maximum(seq, 0), T, VARLEN)
     return valid, t0, tl.where(valid, eos, t0), base  # an invalid slot gets an empty token range
-
-
-@triton.jit
-def _fin(x):
-    # the non-finite rule's zeroing at load: NaN and +-inf read as 0 (module docstring)
-    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
-
-
-@triton.jit
-def _bad(x):
-    # 1 where x is NaN or +-inf
-    return tl.where(tl.abs(x) < float("inf"), 0, 1)
 
 
 @triton.jit
@@ -131,15 +117,13 @@ def _block_inverse(A, C: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf, Ubuf, Fbuf, T, H: tl.constexpr,
+def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf, Ubuf, T, H: tl.constexpr,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, STORE_T: tl.constexpr,
-                    STORE_FIRST: tl.constexpr, EPS: tl.constexpr, MODE: tl.constexpr):
+                    EPS: tl.constexpr, MODE: tl.constexpr):
     """Stage 1, per (chunk, head), every chunk in parallel: G = cumsum(g) in the chunk (to Gbuf), the
     keys' reciprocal norms (to Rk, with L2NORM), A = diag(b) (K K^T o D) strictly lower, T = (I + A)^-1
-    blocked (to Tbuf with STORE_T), W = T diag(b e^G) K and U' = T diag(b) V in Wbuf's dtype. Non-finite
-    inputs read as 0; with STORE_FIRST, Fbuf [slot, H, V] (int32) gets each value column's first time
-    index in the chunk whose k row, g, beta or v entry is not finite (T + C past the end where none is)."""
+    blocked (to Tbuf with STORE_T), W = T diag(b e^G) K and U' = T diag(b) V in Wbuf's dtype."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
     rows_c = tl.arange(0, C)
@@ -147,12 +131,8 @@ def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf
     mask_t = t < eos
     tok = ((base + t) * H + i_h).to(tl.int64)
     b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
-    row_bad = _bad(b_b)  # only read with STORE_FIRST (the compiler drops it otherwise)
-    b_b = _fin(b_b)
     if GATED:
-        b_g = tl.load(g + tok, mask=mask_t, other=0.0).to(tl.float32)
-        row_bad = row_bad | _bad(b_g)
-        G = tl.cumsum(_fin(b_g), 0)
+        G = tl.cumsum(tl.load(g + tok, mask=mask_t, other=0.0).to(tl.float32), 0)
         tl.store(Gbuf + tok, G, mask=mask_t)
     else:
         G = tl.zeros([C], dtype=tl.float32)
@@ -161,9 +141,6 @@ def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf
     for k0 in range(0, K, BK):  # K K^T over key tiles
         cols = k0 + tl.arange(0, BK)
         b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=mask_t[:, None] & (cols < K)[None, :], other=0.0)
-        if STORE_FIRST:
-            row_bad = row_bad | tl.max(_bad(b_k), 1)
-        b_k = _fin(b_k)
         kk += dot(b_k, tl.trans(b_k), MODE)
         if L2NORM:
             ssq += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1)
@@ -185,18 +162,13 @@ def chunk_wy_kernel(k, v, g, beta, chunk_table, cu_seqlens, Gbuf, Rk, Tbuf, Wbuf
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         m = mask_t[:, None] & (cols < K)[None, :]
-        b_k = _fin(tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32))
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
         W = dot(Tw, (b_k * kscale[:, None]).to(wdt), MODE)
         tl.store(Wbuf + tok[:, None] * K + cols[None, :], W.to(wdt), mask=m)
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         m = mask_t[:, None] & (cols < V)[None, :]
         b_v = tl.load(v + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        if STORE_FIRST:
-            bad = ((_bad(b_v) | row_bad[:, None]) != 0) & m
-            first = tl.min(tl.where(bad, t[:, None], T + C), 0).to(tl.int32)
-            tl.store(Fbuf + (i_s * H + i_h).to(tl.int64) * V + cols, first, mask=cols < V)
-        b_v = _fin(b_v)
         U = dot(Tw, (b_v * b_b[:, None]).to(wdt), MODE)
         tl.store(Ubuf + tok[:, None] * V + cols[None, :], U.to(Ubuf.dtype.element_ty), mask=m)
 
@@ -220,7 +192,7 @@ def _put_state_tile(ptr, S, r0, rows, cols_v, mask_v, K: tl.constexpr, V: tl.con
 def _w_state(Wbuf, tok, mask_t, r0, rows, S, K: tl.constexpr, MODE: tl.constexpr):
     # W[:, r0 + rows] @ S for one state tile S [BKS, BV] (already in the operand dtype): [C, BV]
     kc = r0 + rows
-    W = _fin(tl.load(Wbuf + tok[:, None] * K + kc[None, :], mask=mask_t[:, None] & (kc < K)[None, :], other=0.0))
+    W = tl.load(Wbuf + tok[:, None] * K + kc[None, :], mask=mask_t[:, None] & (kc < K)[None, :], other=0.0)
     return dot(W.to(S.dtype), S, MODE)
 
 
@@ -228,7 +200,7 @@ def _w_state(Wbuf, tok, mask_t, r0, rows, S, K: tl.constexpr, MODE: tl.constexpr
 def _state_step(S, k, tok, mask_t, r0, rows, vs, gamma, K: tl.constexpr, MODE: tl.constexpr):
     # S <- gamma S + K[:, r0 + rows]^T vs: the keys read transposed, [BKS, C]
     kc = r0 + rows
-    kT = _fin(tl.load(k + tok[None, :] * K + kc[:, None], mask=(kc < K)[:, None] & mask_t[None, :], other=0.0))
+    kT = tl.load(k + tok[None, :] * K + kc[:, None], mask=(kc < K)[:, None] & mask_t[None, :], other=0.0)
     return gamma * S + dot(kT.to(vs.dtype), vs, MODE)
 
 
@@ -323,14 +295,13 @@ def chunk_state_kernel(k, Wbuf, Ubuf, Gbuf, Rk, h0, ht, h, vnew, chunk_offsets, 
 
 
 @triton.jit
-def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, Qbad, chunk_table, cu_seqlens, T, H: tl.constexpr,
-                     K: tl.constexpr, V: tl.constexpr, scale, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, chunk_table, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, scale, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      GATED: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr,
                      MODE: tl.constexpr):
     """Stage 3, per (chunk, head, V block), every chunk in parallel: with h_c the chunk's starting state,
     o = scale diag(rq) (diag(e^G) Q h_c + ((Q K^T) o D diag(rk)) v_new), D_ij = exp(G_i - G_j) for
-    j <= i (rq, rk the reciprocal norms, 1 without L2NORM; q's computed here over the key tiles). Non-finite
-    q / k read as 0; Qbad [B, T, H] (int8) marks the tokens whose q row is not finite (V block 0 stores it)."""
+    j <= i (rq, rk the reciprocal norms, 1 without L2NORM; q's computed here over the key tiles)."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
     rows_c = tl.arange(0, C)
@@ -346,14 +317,11 @@ def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, Qbad, chunk_table, cu_seqlens, 
     acc_o = tl.zeros([C, BV], dtype=tl.float32)
     acc_s = tl.zeros([C, C], dtype=tl.float32)
     ssq = tl.zeros([C], dtype=tl.float32)
-    q_bad = tl.zeros([C], dtype=tl.int32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         mask_k = cols < K
         b_q = tl.load(q + tok[:, None] * K + cols[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        q_bad = q_bad | tl.max(_bad(b_q), 1)
-        b_q = _fin(b_q)
-        b_kT = _fin(tl.load(k + tok[None, :] * K + cols[:, None], mask=mask_k[:, None] & mask_t[None, :], other=0.0))
+        b_kT = tl.load(k + tok[None, :] * K + cols[:, None], mask=mask_k[:, None] & mask_t[None, :], other=0.0)
         m_h = (cols < k_end)[:, None] & mask_v[None, :]
         b_h = tl.load(hc + cols[:, None].to(tl.int64) * V + cols_v[None, :], mask=m_h, other=0.0)
         acc_o += dot(b_q.to(sdt), b_h, MODE)
@@ -373,8 +341,6 @@ def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, Qbad, chunk_table, cu_seqlens, 
     if L2NORM:
         out = out * (1.0 / tl.sqrt(ssq + EPS))[:, None]
     tl.store(o + tok[:, None] * V + cols_v[None, :], (scale * out).to(o.dtype.element_ty), mask=m_tv)
-    if i_v == 0:
-        tl.store(Qbad + tok, q_bad.to(tl.int8), mask=mask_t)
 
 
 @triton.jit
@@ -396,8 +362,8 @@ def chunk_bwd_dv_local_kernel(q, k, Gbuf, Rk, do, dvl, Rq, chunk_table, cu_seqle
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         m = mask_t[:, None] & (cols < K)[None, :]
-        b_q = _fin(tl.load(q + tok[:, None] * K + cols[None, :], mask=m, other=0.0))
-        b_k = _fin(tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0))
+        b_q = tl.load(q + tok[:, None] * K + cols[None, :], mask=m, other=0.0)
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0)
         pt += dot(b_k, tl.trans(b_q), MODE)
         if L2NORM:
             ssq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
@@ -565,7 +531,7 @@ def chunk_bwd_dqk_kernel(q, k, vnew, h, dh, dv, do, Gbuf, Rq, Rk, dq, dk, dw, rs
     p_tk = tok[:, None] * K + cols_k[None, :]
     tl.store(dw + p_tk, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
     # the epilogue keeps few [C, BK] tiles live: k^ (operand dtype), then q^
-    b_k = _fin(tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32))
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     if L2NORM:
         b_k = b_k * tl.load(Rk + tok, mask=mask_t, other=0.0)[:, None]
     b_k = b_k.to(sdt)
@@ -581,7 +547,7 @@ def chunk_bwd_dqk_kernel(q, k, vnew, h, dh, dv, do, Gbuf, Rq, Rk, dq, dk, dw, rs
         b_dq = b_dq * scale
     dPs = tl.where(causal, dP * scale, 0.0).to(sdt)
     b_dq += dot(dPs, b_k, MODE)
-    b_q = _fin(tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32))
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     if L2NORM:
         rq = tl.load(Rq + tok, mask=mask_t, other=0.0)
         b_q = b_q * rq[:, None]
@@ -619,7 +585,7 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
     mask_t = t < eos
     tok = ((base + t) * H + i_h).to(tl.int64)
     odt = Tbuf.dtype.element_ty
-    b_b = _fin(tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32))
+    b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
     strict = rows_c[:, None] > rows_c[None, :]
     if GATED:
         G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
@@ -638,7 +604,7 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
         cols = v0 + tl.arange(0, BV)
         m = mask_t[:, None] & (cols < V)[None, :]
         b_du = tl.load(dv + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(odt)
-        b_v = _fin(tl.load(v + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(tl.float32))
+        b_v = tl.load(v + tok[:, None] * V + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dT += dot(b_du, tl.trans((b_v * b_b[:, None]).to(odt)), MODE)
         dvb = dot(Tt, b_du, MODE)
         tl.store(dvo + tok[:, None] * V + cols[None, :], (dvb * b_b[:, None]).to(dvo.dtype.element_ty), mask=m)
@@ -649,7 +615,7 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
     for k0 in range(0, K, BK):  # W = T diag(b e^G) K^
         cols = k0 + tl.arange(0, BK)
         m = mask_t[:, None] & (cols < K)[None, :]
-        b_k = _fin(tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0))
+        b_k = tl.load(k + tok[:, None] * K + cols[None, :], mask=m, other=0.0)
         b_dw = tl.load(dw + tok[:, None] * K + cols[None, :], mask=m, other=0.0).to(odt)
         kk += dot(b_k, tl.trans(b_k), MODE)
         dT += dot(b_dw, tl.trans((b_k.to(tl.float32) * wb[:, None]).to(odt)), MODE)
@@ -687,7 +653,7 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
         cols = k0 + tl.arange(0, BK)
         m = mask_t[:, None] & (cols < K)[None, :]
         p = tok[:, None] * K + cols[None, :]
-        b_k = _fin(tl.load(k + p, mask=m, other=0.0).to(tl.float32)) * rk[:, None]
+        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
         kn = b_k.to(odt)
         d_k = tl.load(dk3 + p, mask=m, other=0.0).to(tl.float32) + dot(Mo, kn, MODE) + dot(tl.trans(Mo), kn, MODE)
         if L2NORM:
@@ -699,7 +665,7 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
             cols = k0 + tl.arange(0, BK)
             m = mask_t[:, None] & (cols < K)[None, :]
             p = tok[:, None] * K + cols[None, :]
-            b_q = _fin(tl.load(q + p, mask=m, other=0.0).to(tl.float32)) * rq[:, None]
+            b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
             d_q = tl.load(dqs + p, mask=m, other=0.0)
             tl.store(dq + p, (rq[:, None] * (d_q - b_q * sq[:, None])).to(dq.dtype.element_ty), mask=m)
     tl.store(dbeta + tok, d_b.to(dbeta.dtype.element_ty), mask=mask_t)
@@ -707,39 +673,6 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
         d_G = sq - sk + d_kw + s_a - s_at + tl.where(rows_c == C - 1, tl.sum(r, 0), 0.0)
         d_g = tl.sum(d_G, 0) - tl.cumsum(d_G, 0) + d_G
         tl.store(dg + tok, d_g.to(dg.dtype.element_ty), mask=mask_t)
-
-
-@triton.jit
-def poison_kernel(x, y, first, q_bad, chunk_table, cu_seqlens, T, fill, H: tl.constexpr, V: tl.constexpr,
-                  C: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
-    """The non-finite rule on a [B, T, H, V] tensor, per (chunk, head, V block): ``y = fill`` where a token
-    is at or after its column's first bad index (``first`` [N, H, V]) or its q is bad (``q_bad`` [B, T, H]),
-    else ``x`` (``y`` may be ``x``). The forward fills the outputs with NaN in place; the backward gives
-    those outputs a zero cotangent."""
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, base = _slot(chunk_table, cu_seqlens, i_s, T, VARLEN)
-    seq = tl.maximum(tl.load(chunk_table + 2 * i_s), 0).to(tl.int64)
-    t = t0 + tl.arange(0, C)
-    mask_t = t < eos
-    tok = ((base + t) * H + i_h).to(tl.int64)
-    cols_v = i_v * BV + tl.arange(0, BV)
-    mask_v = cols_v < V
-    m = mask_t[:, None] & mask_v[None, :]
-    f = tl.load(first + (seq * H + i_h) * V + cols_v, mask=mask_v, other=2147483647)
-    qb = tl.load(q_bad + tok, mask=mask_t, other=0)
-    bad = (t[:, None] >= f[None, :]) | (qb[:, None] != 0)
-    p = tok[:, None] * V + cols_v[None, :]
-    val = tl.load(x + p, mask=m, other=0.0)
-    tl.store(y + p, tl.where(bad, fill, val.to(tl.float32)).to(y.dtype.element_ty), mask=m)
-
-
-def _poison(x, y, first, q_bad, cu_seqlens, table, fill, C):
-    Bsz, T, H, V = x.shape
-    BV = max(16, min(64, triton.next_power_of_2(V)))
-    poison_kernel[(table.shape[0], H, triton.cdiv(V, BV))](
-        x, y, first, q_bad, table, table if cu_seqlens is None else cu_seqlens, T, fill, H, V, C=C, BV=BV,
-        VARLEN=cu_seqlens is not None, num_warps=4)
-    return y
 
 
 @triton.jit
@@ -850,11 +783,9 @@ def _operand_dtype(q: Tensor) -> torch.dtype:
     return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
 
 
-def _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, out_dtype, store_t,
-              store_first=False):
-    """Stage 1: (G, rk, T or None, W, U', first or None), T, W and U' in ``out_dtype``; G and rk are None
-    when ungated / without the L2 norm; ``first`` [slots, H, V] int32, each chunk's first non-finite index
-    per value column (``store_first``)."""
+def _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, out_dtype, store_t):
+    """Stage 1: (G, rk, T or None, W, U'), T, W and U' in ``out_dtype``; G and rk are None when ungated /
+    without the L2 norm."""
     Bsz, T, H, K = k.shape
     V = v.shape[-1]
     f32 = {"device": k.device, "dtype": torch.float32}
@@ -863,14 +794,13 @@ def _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, 
     Tbuf = torch.empty(Bsz, T, H, C, device=k.device, dtype=out_dtype) if store_t else None
     W = torch.empty(Bsz, T, H, K, device=k.device, dtype=out_dtype)
     U = torch.empty(Bsz, T, H, V, device=k.device, dtype=out_dtype)
-    first = torch.empty(table.shape[0], H, V, device=k.device, dtype=torch.int32) if store_first else None
     cu = table if cu_seqlens is None else cu_seqlens  # an unused pointer when dense
     chunk_wy_kernel[(table.shape[0], H)](
         k, v, beta if g is None else g, beta, table, cu, W if G is None else G, W if rk is None else rk,
-        W if Tbuf is None else Tbuf, W, U, W if first is None else first, T, H, K, V, C=C, BK=BK, BV=BV,
-        GATED=g is not None, VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, STORE_T=store_t,
-        STORE_FIRST=store_first, EPS=L2NORM_EPS, MODE=MODE, num_warps=4, num_stages=2)
-    return G, rk, Tbuf, W, U, first
+        W if Tbuf is None else Tbuf, W, U, T, H, K, V, C=C, BK=BK, BV=BV, GATED=g is not None,
+        VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, STORE_T=store_t, EPS=L2NORM_EPS, MODE=MODE,
+        num_warps=4, num_stages=2)
+    return G, rk, Tbuf, W, U
 
 
 def _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, slots, N, C, BKS, NK, BV, STAGES, MODE,
@@ -891,30 +821,19 @@ def _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, slots, N, C
 
 
 def _out_stage(q, k, G, rk, h, vnew, cu_seqlens, table, scale, use_qk_l2norm, C, BK, BV, MODE):
-    """Stage 3: (o [B, T, H, V] in q's dtype, q_bad [B, T, H] bool: the tokens whose q is not finite)."""
+    """Stage 3: o [B, T, H, V] in q's dtype."""
     Bsz, T, H, K = q.shape
     V = vnew.shape[-1]
     o = torch.empty(Bsz, T, H, V, device=q.device, dtype=q.dtype)
-    q_bad = torch.empty(Bsz, T, H, device=q.device, dtype=torch.int8)
     chunk_out_kernel[(table.shape[0], H, triton.cdiv(V, BV))](
-        q, k, h if G is None else G, h if rk is None else rk, h, vnew, o, q_bad, table,
+        q, k, h if G is None else G, h if rk is None else rk, h, vnew, o, table,
         table if cu_seqlens is None else cu_seqlens, T, H, K, V, scale, C=C, BK=BK, BV=BV, GATED=G is not None,
         VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, MODE=MODE, num_warps=4, num_stages=2)
-    return o, q_bad
-
-
-def _sequence_first(first: Tensor, table: Tensor, N: int) -> Tensor:
-    """[N, H, V]: the chunks' first non-finite indices ([slots, H, V]) reduced over each sequence's chunks
-    (spare slots, sequence -1, are dropped)."""
-    seq = table[:, 0]
-    rows = torch.where(seq < 0, N, seq)[:, None, None].expand_as(first)
-    out = torch.full((N + 1, *first.shape[1:]), torch.iinfo(torch.int32).max, device=first.device, dtype=first.dtype)
-    return out.scatter_reduce(0, rows, first, "amin")[:N]
+    return o
 
 
 def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
-    """The three forward stages and the non-finite rule: (o, final state fp32, first [N, H, V] int32, q_bad
-    [B, T, H] int8), the outputs and final-state columns the rule poisons set to NaN (``poison_kernel``)."""
+    """The three forward stages: (o, final state fp32)."""
     Bsz, T, H, K = q.shape
     V = v.shape[-1]
     N = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -922,20 +841,13 @@ def _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2
     C, MODE = opts["C"], opts["MODE"]
     offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
     odt = _operand_dtype(q)
-    G, rk, _, W, U, first = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, opts["BK"], opts["BV"],
-                                      MODE, odt, False, True)
+    G, rk, _, W, U = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, opts["BK"], opts["BV"], MODE,
+                               odt, False)
     h, vnew, final = _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, table.shape[0], N, C,
                                   opts["BKS"], opts["NK"], opts["BVS"], opts["STAGES"], MODE, odt, True, True)
     del W, U
-    o, q_bad = _out_stage(q, k, G, rk, h, vnew, cu_seqlens, table, scale, use_qk_l2norm, C, opts["BK"], opts["BV"],
-                          MODE)
-    if cu_seqlens is None:  # chunk slots are row-major: [B, chunks, H, V]
-        first = first.view(Bsz, -1, H, V).amin(1)
-    else:
-        first = _sequence_first(first, table, N)
-    _poison(o, o, first, q_bad, cu_seqlens, table, math.nan, C)
-    final = final.masked_fill((first < T)[:, :, None, :], math.nan)
-    return o, final, first, q_bad
+    o = _out_stage(q, k, G, rk, h, vnew, cu_seqlens, table, scale, use_qk_l2norm, C, opts["BK"], opts["BV"], MODE)
+    return o, final
 
 
 def _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, chunk_size):
@@ -949,7 +861,7 @@ def _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale,
     offsets, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
     slots = table.shape[0]
     odt = _operand_dtype(q)
-    G, rk, Tbuf, W, U, _ = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, odt, True)
+    G, rk, Tbuf, W, U = _wy_stage(k, v, g, beta, cu_seqlens, table, use_qk_l2norm, C, BK, BV, MODE, odt, True)
     h, vnew, _ = _state_stage(k, W, U, G, rk, initial_state, cu_seqlens, offsets, slots, N, C, opts["BKS"],
                               opts["NK"], opts["BVS"], opts["STAGES"], MODE, odt, False, True)
     del U
@@ -995,31 +907,23 @@ def _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale,
 
 class DeltaRuleTriton(torch.autograd.Function):
     """The chunked kernels: the three-stage forward (saving only the inputs) and the backward pipeline,
-    which recomputes stages 1-2 first. The kernels read non-finite inputs as 0; the forward also returns
-    the non-finite rule's flags (not differentiable), which the caller turns into NaN outputs."""
+    which recomputes stages 1-2 first."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size):
-        q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
-        g = None if g is None else g.contiguous()
-        o, final, first, q_bad = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
-                                                chunk_size)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, first, q_bad)
+        # Non-finite entries become 0 here (their gradients vanish: every output they reach is poisoned
+        # by the caller); the copies are contiguous.
+        q, k, v, g, beta = nan_to_zero(q, k, v, g, beta)
+        o, final = _chunk_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
         ctx.options = (scale, use_qk_l2norm, chunk_size)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial_state, cu_seqlens, first, q_bad = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
         scale, use_qk_l2norm, chunk_size = ctx.options
-        # The poisoned outputs and final-state columns were set, not computed: their cotangents are 0.
-        Bsz, T, H, K = q.shape
-        C = _forward_options(q, chunk_size, K, v.shape[-1], first.shape[0], H)["C"]
-        _, table = _chunk_offsets(Bsz, T, C, cu_seqlens, q.device)
-        do = do.contiguous()
-        do = _poison(do, torch.empty_like(do), first, q_bad, cu_seqlens, table, 0.0, C)
-        dfinal = dfinal.masked_fill((first < T)[:, :, None, :], 0.0)
-        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do,
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, initial_state, cu_seqlens, do.contiguous(),
                                                      dfinal.contiguous().float(), scale, use_qk_l2norm, chunk_size)
         dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
@@ -1031,13 +935,14 @@ def gated_delta_rule_triton(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, b
                             ) -> tuple[Tensor, Tensor | None]:
     """The chunked gated delta rule (``g`` None: ungated) on the Triton kernels; contract of ``gated_delta_rule``.
 
-    Non-finite inputs follow the PyTorch path's rule: the kernels read them as 0 and find each column's
-    first bad index; the outputs from there on are set to NaN (``poison_kernel``) and get a zero
-    cotangent in the backward, so every gradient matches the PyTorch path's.
+    Non-finite inputs follow the PyTorch path's rule (zeroed inside the autograd function, their outputs
+    NaN after).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    bad_q, bad = nonfinite_flags(q, k, v, g, beta)
     o, final = DeltaRuleTriton.apply(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
                                      chunk_size)
+    o, final = poison(o, final, bad_q, first_bad(bad, cu_seqlens), cu_seqlens)
     return o, (final if output_final_state else None)
 
 
