@@ -93,7 +93,9 @@ def launch_options(dtype: torch.dtype, P: int, N: int, H: int, G: int, chunk: in
 
     The defaults were picked from an offline sm_90 compile (Triton's ptxas; registers, no spills,
     shared memory well under 200 KB a program) at Mamba-2's P = 64, N = 128, chunk 256;
-    ``benchmarks/ssd.py --sweep`` times the alternatives on a GPU. Every value computes the same
+    ``benchmarks/ssd.py --sweep`` times the alternatives on a GPU; for bf16 / fp16 the output kernel's
+    source tile, dx's and dB's row tiles, dCB's stages and dB / dC's heads per program now take each
+    group's fastest variant of the H200 sweep of 2026-12-03. Every value computes the same
     function (``tests/test_ssd_triton.py`` runs non-default ones against the reference).
 
     Keys, with their bf16 / fp16 (fp32) defaults; ``*_warps``: warps per program, ``*_stages``:
@@ -164,6 +166,8 @@ def launch_options(dtype: torch.dtype, P: int, N: int, H: int, G: int, chunk: in
     o.update(state_fused=True, state_stages=3, pass_block=1024, pass_warps=4, cb_shared=shared, cb_stages=2,
              scan_stages=2, dstate_fused=True, dstate_stages=3, dx_stages=2, dcb_stages=2, db_stages=2, dc_stages=2,
              dcb_heads=H // G, dbc_heads=8, finish_warps=4)
+    if half:  # each kernel group's fastest variant in the H200 sweep (Triton 3.6, 2026-12-03; docs/benchmarks.md)
+        o.update(scan_bs=32, dx_bl=32, db_bl=32, dcb_stages=3, dbc_heads=64)
     for key, value in (overrides or {}).items():
         if key not in o:
             raise ValueError(f"ssd launch options: unknown key {key!r}; expected one of {sorted(o)}")
