@@ -40,14 +40,10 @@ def _block_e(batch: int, channels: int) -> int:
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, off_ptr, E,
-                      sxb, sxe, ssb, ssw, sse, swe, sww, syb,
-                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADVANCE: tl.constexpr,
-                      BLOCK_E: tl.constexpr):
-    b = tl.program_id(0)
-    eb = tl.program_id(1)
-    e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
-    m = e < E
+def _conv_window_step(x_ptr, state_ptr, w_ptr, b_ptr, b, e, m, sxb, sxe, ssb, ssw, sse, swe, sww,
+                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    # One token of the depthwise conv for channels e of row b: the new input and the W - 1 cached ones
+    # against the taps (+ bias, SiLU), fp32; the window shifted in place (slot k - 1 takes slot k).
     x = tl.load(x_ptr + b * sxb + e * sxe, mask=m, other=0.0)
     acc = tl.load(w_ptr + e * swe + (W - 1) * sww, mask=m, other=0.0).to(tl.float32) * x.to(tl.float32)
     if HAS_BIAS:
@@ -62,6 +58,20 @@ def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, off_ptr, E,
         tl.store(row + (W - 2) * ssw, x.to(state_ptr.dtype.element_ty), mask=m)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
+    return acc
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, off_ptr, E,
+                      sxb, sxe, ssb, ssw, sse, swe, sww, syb,
+                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADVANCE: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    eb = tl.program_id(1)
+    e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    m = e < E
+    acc = _conv_window_step(x_ptr, state_ptr, w_ptr, b_ptr, b, e, m, sxb, sxe, ssb, ssw, sse, swe, sww,
+                            W, HAS_BIAS, SILU)
     tl.store(y_ptr + b * syb + e, acc.to(y_ptr.dtype.element_ty), mask=m)
     if ADVANCE:
         if eb == 0:
@@ -204,20 +214,8 @@ def _mamba_conv_xproj_kernel(x_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xs_ptr, part
     eb = tl.program_id(1)
     e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
     m = e < E
-    x = tl.load(x_ptr + b * sxb + e * sxe, mask=m, other=0.0)
-    acc = tl.load(cw_ptr + e * swe + (W - 1) * sww, mask=m, other=0.0).to(tl.float32) * x.to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(cb_ptr + e, mask=m, other=0.0).to(tl.float32)
-    row = cs_ptr + b * ssb + e * sse
-    for k in tl.static_range(W - 1):
-        v = tl.load(row + k * ssw, mask=m, other=0.0)
-        acc += tl.load(cw_ptr + e * swe + k * sww, mask=m, other=0.0).to(tl.float32) * v.to(tl.float32)
-        if k > 0:  # shift the window: slot k - 1 takes slot k's value (read just above)
-            tl.store(row + (k - 1) * ssw, v, mask=m)
-    if W > 1:
-        tl.store(row + (W - 2) * ssw, x.to(cs_ptr.dtype.element_ty), mask=m)
-    if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))
+    acc = _conv_window_step(x_ptr, cs_ptr, cw_ptr, cb_ptr, b, e, m, sxb, sxe, ssb, ssw, sse, swe, sww,
+                            W, HAS_BIAS, SILU)
     xs = acc.to(xs_ptr.dtype.element_ty)
     tl.store(xs_ptr + b * sxsb + e, xs, mask=m)
     # x_proj reads xs as stored (rounded to its dtype), as the GEMM of the unfused step does.
