@@ -572,3 +572,20 @@ def test_configs_without_d_state_for_mixers_that_have_none(tmp_path):
     assert model(torch.randint(0, 37, (1, 4))).logits.shape == (1, 4, 37)
     mamba = ModelConfig.from_data({**data, "mixer_types": ["mamba", "attn"], "mixer_kwargs": None})
     assert mamba.layers[0].mixer_config.d_state == 16  # the mixer's own default
+
+
+def test_padded_head_multiplies_every_row_and_returns_a_view():
+    """With a padded vocabulary the head's GEMM runs at the padded width (an aligned output row, so
+    cuBLAS keeps its aligned kernels) and the logits are a view of the first vocab_size columns, equal
+    to a product with the sliced weight; the GPU presets pad 50,277 tokens to 50,280 rows."""
+    from seqblocks.presets import get_preset
+
+    torch.manual_seed(0)
+    model = LRNNLMHeadModel(d_model=16, d_state=4, n_layer=1, vocab_size=29, mixer_types=["mamba"],
+                            pad_vocab_size_multiple=8)
+    hidden = torch.randn(2, 3, 16)
+    logits = model.head_logits(hidden)
+    assert logits.shape == (2, 3, 29) and logits.stride(1) == 32  # the padded GEMM's row
+    torch.testing.assert_close(logits, hidden @ model.lm_head.weight[:29].T)
+    cfg = get_preset("mamba-130m")["model"]
+    assert cfg["vocab_size"] == 50277 and cfg["pad_vocab_size_multiple"] == 8
