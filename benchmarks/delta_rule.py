@@ -55,6 +55,17 @@ def matmul_rate() -> float:
     return 2 * 8192 ** 3 / (bench(lambda: a @ a) * 1e-3)
 
 
+def unguard_fla() -> None:
+    """fla 0.6.0 refuses its gated (and simple-GLA) backward on Hopper with Triton in [3.4, 3.7.1) (its
+    results are wrong there, its issue #640). For timing only, its module-level hardware flag is cleared
+    so the same kernels run: the times are its kernels' times; its gradients on this stack are not used."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    if getattr(chunk_o, "IS_NVIDIA_HOPPER", False):
+        chunk_o.IS_NVIDIA_HOPPER = False
+        print("  fla: Hopper guard of its gated backward cleared for timing (--fla-unguarded)")
+
+
 def fla_ops(unguard: bool = False) -> dict:
     try:
         from fla.ops.delta_rule import chunk_delta_rule
@@ -63,14 +74,7 @@ def fla_ops(unguard: bool = False) -> dict:
         print(f"  fla: not installed ({type(e).__name__}: {e})")
         return {}
     if unguard:
-        # fla 0.6.0 refuses its gated backward on Hopper with Triton in [3.4, 3.7.1) (its results are wrong
-        # there, its issue #640). For timing only, its module-level hardware flag is cleared so the same
-        # kernels run: the times are its kernels' times; its gradients on this stack are not used.
-        import fla.ops.common.chunk_o as chunk_o
-
-        if getattr(chunk_o, "IS_NVIDIA_HOPPER", False):
-            chunk_o.IS_NVIDIA_HOPPER = False
-            print("  fla: Hopper guard of its gated backward cleared for timing (--fla-unguarded)")
+        unguard_fla()
     return {"chunk_delta": chunk_delta_rule, "chunk_gated": chunk_gated_delta_rule,
             "recurrent_gated": fused_recurrent_gated_delta_rule}
 

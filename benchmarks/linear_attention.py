@@ -2,7 +2,7 @@
 """Linear-attention benchmarks: GLA, simple GLA and the delta rules against fla 0.6.0, one run, one table.
 
     python benchmarks/linear_attention.py [--quick] [--cases gla,simple_gla,delta_rule,gated_delta_rule]
-                                          [--json out.json]
+                                          [--fla-unguarded] [--json out.json]
 
 Each case (``CASES``) names our op, its fla anchors and how to build the inputs. For every case and
 shape, (B, T, H, K=V) = (8, 4096, 16, 128) and (2, 16384, 16, 128), bf16:
@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the first shape only")
     p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--fla-unguarded", action="store_true",
+                   help="clear fla's Hopper guard of its gated backward, for timing only (delta_rule.unguard_fla)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -262,6 +264,13 @@ def main(argv=None) -> int:
     bw, rate = copy_bandwidth(), matmul_rate()
     print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s",
           flush=True)
+    if args.fla_unguarded:
+        try:
+            from delta_rule import unguard_fla  # the sibling script (benchmarks/ is on sys.path)
+
+            unguard_fla()
+        except Exception as e:  # fla absent: its rows say "not installed" anyway
+            print(f"  fla guard not cleared ({type(e).__name__}: {e})", flush=True)
     wanted = {c for c in args.cases.split(",") if c}
     shapes = SHAPES[:1] if args.quick else SHAPES
     for case in _cases():

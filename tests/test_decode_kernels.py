@@ -341,7 +341,7 @@ if not INTERPRETER:
         kernels = [
             (ss_step._conv_step_kernel, {"x_ptr": bf, "state_ptr": bf, "w_ptr": bf, "b_ptr": bf, "y_ptr": bf,
                                          "off_ptr": "*i64"}, (),
-             {"W": 4, "HAS_BIAS": True, "SILU": True, "ADVANCE": True, "BLOCK_E": 64}),
+             {"W": 4, "WP": 4, "HAS_BIAS": True, "SILU": True, "ADVANCE": True, "BLOCK_E": 64}),
             (ss_step._ssu_kernel, {"state_ptr": "*fp32", "u_ptr": bf, "dt_ptr": bf, "a_ptr": "*fp32", "bm_ptr": bf,
                                    "cm_ptr": bf, "d_ptr": "*fp32", "z_ptr": bf, "bias_ptr": "*fp32", "da_ptr": bf,
                                    "y_ptr": bf}, (),

@@ -353,7 +353,7 @@ if not INTERPRETER:  # compiled on the host (the child under the interpreter wou
             "x_ptr": bf, "cs_ptr": bf, "cw_ptr": bf, "cb_ptr": bf, "wx_ptr": bf, "xs_ptr": bf, "part_ptr": f32,
             "off_ptr": "*i64", **{n: i32 for n in ("E", "J", "NBLK", "sxb", "sxe", "ssb", "ssw", "sse", "swe", "sww",
                                                     "swxj", "swxe", "sxsb")}},
-            {"W": 4, "HAS_BIAS": True, "SILU": True, "ADVANCE": True, "BLOCK_E": cfg["BLOCK_E_A"],
+            {"W": 4, "WP": 4, "HAS_BIAS": True, "SILU": True, "ADVANCE": True, "BLOCK_E": cfg["BLOCK_E_A"],
              "BLOCK_J": cfg["BLOCK_J"]}, cfg["WARPS_A"])
         b = compile_for_sm90(k._mamba_dt_ssu_kernel, {
             "part_ptr": f32, "wdt_ptr": bf, "xs_ptr": bf, "z_ptr": bf, "state_ptr": f32, "a_ptr": f32, "d_ptr": f32,

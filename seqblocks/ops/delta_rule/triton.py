@@ -698,6 +698,7 @@ def step_kernel(state, q, k, v, g, beta, o, H: tl.constexpr, K: tl.constexpr, V:
         S = S * tl.exp(tl.load(g + bh).to(tl.float32))
     u = b_b * (b_v - tl.sum(S * b_k[:, None], 0))  # [BV]
     S = S + b_k[:, None] * u[None, :]
+    tl.debug_barrier()  # every thread holding a copy of a state element has read it before it is overwritten
     tl.store(p_s, S.to(state.dtype.element_ty), mask=m_s)
     b_o = scale * tl.sum(S * b_q[:, None], 0)
     tl.store(o + bh * V + cols_v, b_o.to(o.dtype.element_ty), mask=mask_v)

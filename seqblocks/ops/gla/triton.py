@@ -604,6 +604,7 @@ def _step_kernel(state, q, k, v, g, o, scale, H, K, V, BK: tl.constexpr, BV: tl.
     else:
         decay = tl.exp(tl.load(g + bh * K + kk, mask=km, other=0.0).to(tl.float32))[:, None]
     S = S * decay + k_t[:, None] * v_t[None, :]
+    tl.debug_barrier()  # every thread holding a copy of a state element has read it before it is overwritten
     tl.store(s_ptr, S, mask=s_mask)
     out = tl.sum(q_t[:, None] * S, axis=0) * scale
     tl.store(o + bh * V + vv, out.to(o.dtype.element_ty), mask=vm)

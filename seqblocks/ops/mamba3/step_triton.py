@@ -93,6 +93,7 @@ def _mamba3_step_kernel(ANGLE, SSM, KST, VST, Q, K, V, ADT, DT, TRAP, QB, KB, AN
         sm = mp[:, None] & mn[None, :]
         h = alpha * tl.load(st, mask=sm, other=0.0) \
             + tl.sum(beta * x_old[:, :, None] * k_old[:, None, :] + gamma * x[:, :, None] * kr[:, None, :], 0)
+        tl.debug_barrier()  # every thread holding a copy of a state element has read it before it is overwritten
         tl.store(st, h, mask=sm)
         y = tl.sum(h[None, :, :] * qr[:, None, :], 2)                            # [R, BLOCK_P]
         if HAS_D:
@@ -114,6 +115,7 @@ def _mamba3_step_kernel(ANGLE, SSM, KST, VST, Q, K, V, ADT, DT, TRAP, QB, KB, AN
         else:
             tl.store(Y + bh * P + offs_p, tl.sum(y, 0).to(Y.dtype.element_ty), mask=mp)
         tl.store(VST + bh * P + offs_p, v, mask=mp)
+    tl.debug_barrier()  # the cached key and angles were read by every thread before they are replaced
     tl.store(KST + ((pid_b * R + offs_r[:, None]) * H + pid_h) * N + offs_n[None, :], kr, mask=mn[None, :])
     tl.store(ANGLE + bh * S + pair, theta, mask=ma & first)
 

@@ -41,21 +41,28 @@ def _block_e(batch: int, channels: int) -> int:
 
 @triton.jit
 def _conv_window_step(x_ptr, state_ptr, w_ptr, b_ptr, b, e, m, sxb, sxe, ssb, ssw, sse, swe, sww,
-                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+                      W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     # One token of the depthwise conv for channels e of row b: the new input and the W - 1 cached ones
     # against the taps (+ bias, SiLU), fp32; the window shifted in place (slot k - 1 takes slot k).
     x = tl.load(x_ptr + b * sxb + e * sxe, mask=m, other=0.0)
     acc = tl.load(w_ptr + e * swe + (W - 1) * sww, mask=m, other=0.0).to(tl.float32) * x.to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e, mask=m, other=0.0).to(tl.float32)
-    row = state_ptr + b * ssb + e * sse
-    for k in tl.static_range(W - 1):
-        v = tl.load(row + k * ssw, mask=m, other=0.0)
-        acc += tl.load(w_ptr + e * swe + k * sww, mask=m, other=0.0).to(tl.float32) * v.to(tl.float32)
-        if k > 0:  # shift the window: slot k - 1 takes slot k's value (read just above)
-            tl.store(row + (k - 1) * ssw, v, mask=m)
     if W > 1:
-        tl.store(row + (W - 2) * ssw, x.to(state_ptr.dtype.element_ty), mask=m)
+        # The whole cached window as one [BLOCK_E, WP] tile (WP = W - 1 rounded up to a power of two), read
+        # before anything is written back.
+        k = tl.arange(0, WP)
+        mk = m[:, None] & (k[None, :] < W - 1)
+        row = state_ptr + b * ssb + e[:, None] * sse
+        win = tl.load(row + k[None, :] * ssw, mask=mk, other=0.0)
+        taps = tl.load(w_ptr + e[:, None] * swe + k[None, :] * sww, mask=mk, other=0.0)
+        acc += tl.sum(taps.to(tl.float32) * win.to(tl.float32), axis=1)
+        # A tile smaller than the program's threads is held by several threads: all of them must have read
+        # the window before it is shifted, or a late reader's acc (which kernel A's x_proj tile takes
+        # through a layout change) sees shifted slots. On the GPU that was a race (docs/kernels.md).
+        tl.debug_barrier()
+        tl.store(row + (k[None, :] - 1) * ssw, win, mask=mk & (k[None, :] >= 1))
+        tl.store(state_ptr + b * ssb + e * sse + (W - 2) * ssw, x.to(state_ptr.dtype.element_ty), mask=m)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     return acc
@@ -64,14 +71,15 @@ def _conv_window_step(x_ptr, state_ptr, w_ptr, b_ptr, b, e, m, sxb, sxe, ssb, ss
 @triton.jit
 def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, off_ptr, E,
                       sxb, sxe, ssb, ssw, sse, swe, sww, syb,
-                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADVANCE: tl.constexpr,
+                      W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                             ADVANCE: tl.constexpr,
                       BLOCK_E: tl.constexpr):
     b = tl.program_id(0)
     eb = tl.program_id(1)
     e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
     m = e < E
     acc = _conv_window_step(x_ptr, state_ptr, w_ptr, b_ptr, b, e, m, sxb, sxe, ssb, ssw, sse, swe, sww,
-                            W, HAS_BIAS, SILU)
+                            W, WP, HAS_BIAS, SILU)
     tl.store(y_ptr + b * syb + e, acc.to(y_ptr.dtype.element_ty), mask=m)
     if ADVANCE:
         if eb == 0:
@@ -94,8 +102,8 @@ def conv_step_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Te
         seqlen_offset if seqlen_offset is not None else y, E,
         x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         weight.stride(0), weight.stride(1), y.stride(0),
-        W=W, HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"), ADVANCE=seqlen_offset is not None,
-        BLOCK_E=BLOCK_E, num_warps=2,
+        W=W, WP=triton.next_power_of_2(max(W - 1, 1)), HAS_BIAS=bias is not None,
+        SILU=activation in ("silu", "swish"), ADVANCE=seqlen_offset is not None, BLOCK_E=BLOCK_E, num_warps=2,
     )
     return y
 
@@ -147,6 +155,7 @@ def _ssu_kernel(state_ptr, u_ptr, dt_ptr, a_ptr, bm_ptr, cm_ptr, d_ptr, z_ptr, b
         else:  # mamba
             gamma = dt[:, None] + tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
     h = a_bar * h + gamma * Bm * u[:, None]
+    tl.debug_barrier()  # every (possibly replicated) thread has read the state before it is overwritten
     tl.store(s_ptrs, h, mask=m2)
     y = tl.sum(Cm * h, axis=1)
     if HAS_D:
@@ -206,7 +215,8 @@ def selective_state_update_triton(
 def _mamba_conv_xproj_kernel(x_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xs_ptr, part_ptr, off_ptr,
                              E, J, NBLK,
                              sxb, sxe, ssb, ssw, sse, swe, sww, swxj, swxe, sxsb,
-                             W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADVANCE: tl.constexpr,
+                             W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                             ADVANCE: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr):
     # Kernel A: the conv step of BLOCK_E channels of one row (as _conv_step_kernel), then this block's
     # share of x_proj, part[b, eb, j] = sum over its channels e of W_x[j, e] * xs[e], in fp32.
@@ -215,7 +225,7 @@ def _mamba_conv_xproj_kernel(x_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xs_ptr, part
     e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
     m = e < E
     acc = _conv_window_step(x_ptr, cs_ptr, cw_ptr, cb_ptr, b, e, m, sxb, sxe, ssb, ssw, sse, swe, sww,
-                            W, HAS_BIAS, SILU)
+                            W, WP, HAS_BIAS, SILU)
     xs = acc.to(xs_ptr.dtype.element_ty)
     tl.store(xs_ptr + b * sxsb + e, xs, mask=m)
     # x_proj reads xs as stored (rounded to its dtype), as the GEMM of the unfused step does.
@@ -291,6 +301,7 @@ def _mamba_dt_ssu_kernel(part_ptr, wdt_ptr, xs_ptr, z_ptr, state_ptr, a_ptr, d_p
         else:  # mamba
             gamma = dt[:, None] + tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
     h = a_bar * h + gamma * Bm[None, :] * u[:, None]
+    tl.debug_barrier()  # as in _ssu_kernel
     tl.store(s_ptrs, h, mask=m2)
     y = tl.sum(Cm[None, :] * h, axis=1)
     if HAS_D:
@@ -362,9 +373,9 @@ def mamba_step_triton(
         x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         conv_weight.stride(0), conv_weight.stride(1), x_proj_weight.stride(0), x_proj_weight.stride(1),
         xs.stride(0),
-        W=W, HAS_BIAS=conv_bias is not None, SILU=activation in ("silu", "swish"),
-        ADVANCE=seqlen_offset is not None, BLOCK_E=cfg["BLOCK_E_A"], BLOCK_J=cfg["BLOCK_J"],
-        num_warps=cfg["WARPS_A"],
+        W=W, WP=triton.next_power_of_2(max(W - 1, 1)), HAS_BIAS=conv_bias is not None,
+        SILU=activation in ("silu", "swish"), ADVANCE=seqlen_offset is not None, BLOCK_E=cfg["BLOCK_E_A"],
+        BLOCK_J=cfg["BLOCK_J"], num_warps=cfg["WARPS_A"],
     )
     dummy = xs
     _mamba_dt_ssu_kernel[(Bsz, triton.cdiv(E, cfg["BLOCK_E"]))](

@@ -1159,6 +1159,7 @@ def _state_update(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     s_m = pm[:, None] & nm[None, :]
     s = tl.load(state_ptr + s_off, mask=s_m, other=0.0).to(tl.float32)
     s = decay * s + (dt * x)[:, None] * Bv[None, :]
+    tl.debug_barrier()  # every thread holding a copy of a state element has read it before it is overwritten
     tl.store(state_ptr + s_off, s.to(state_ptr.dtype.element_ty), mask=s_m)
     y = tl.sum(s * Cv[None, :], 1)
     if HAS_D:
