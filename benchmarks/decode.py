@@ -51,7 +51,7 @@ ROWS: list[dict] = []
 @contextlib.contextmanager
 def mamba_fusion(enabled: bool):
     """Within the region, Mamba's decode step takes the fused ``mamba_step`` (True, the default here)
-    or the unfused one (False); ``Mamba.fuse_decode_step`` is the switch, off in the library."""
+    or the unfused one (False); ``Mamba.fuse_decode_step`` is the switch, on in the library."""
     from seqblocks.layers.mixers.mamba import Mamba
 
     real = Mamba.fuse_decode_step

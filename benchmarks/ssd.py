@@ -2,7 +2,8 @@
 """SSD (Mamba-2) benchmarks: the op, the Mamba2 layer and its decode step, against mamba_ssm and fla.
 
     python benchmarks/ssd.py [--sections op,layer,decode] [--anchors /tmp/anchors]
-                             [--anchors-src /work/shared/anchors] [--json out.json]
+                             [--anchors-src /work/shared/anchors] [--quick] [--no-fla] [--fla-unguarded]
+                             [--json out.json]
     python benchmarks/ssd.py --sweep [--sweep-groups states,cb,scan,dstates,dx,dcb,db,dc,finish] [--json out.json]
 
 Sections (bf16, Mamba-2's defaults: headdim P = 64, d_state N = 128, one group, expand 2), at
@@ -103,7 +104,9 @@ def add_row(section, name, ours, anchors: dict[str, float | None], floor_ms=None
            "best_anchor_ms": present.get(best), "ratio": ours / present[best] if best else None,
            "floor_ms": floor_ms, "pct_roofline": 100 * floor_ms / ours if floor_ms and ours else None}
     ROWS.append(row)
-    anc = f"{best} {present[best]:8.3f} ms  ours/anchor {row['ratio']:5.2f}" if best else "anchors not installed"
+    anc = (f"best {best} {present[best]:8.3f} ms  ours/anchor {row['ratio']:5.2f}" if best else "anchors not installed")
+    others = ", ".join(f"{k} {v:.3f} ms" for k, v in present.items() if k != best)
+    anc += f" ({others})" if others else ""
     pct = f"{row['pct_roofline']:5.1f}% of roofline" if row["pct_roofline"] is not None else ""
     print(f"  {name:44s} ours {ours:8.3f} ms | {anc} | {pct}", flush=True)
 
@@ -364,6 +367,10 @@ def main(argv=None):
     p.add_argument("--anchors-src", default=os.environ.get("ANCHORS_SRC", "/work/shared/anchors"),
                    help="the folder holding build_anchors.py")
     p.add_argument("--json", default=None, help="write all rows to this file")
+    p.add_argument("--quick", action="store_true", help="the first shape only")
+    p.add_argument("--no-fla", action="store_true", help="leave fla's rows out (its autotuning takes minutes)")
+    p.add_argument("--fla-unguarded", action="store_true",
+                   help="clear fla's Hopper guard of its gated backward, for timing only (delta_rule.unguard_fla)")
     args = p.parse_args(argv)
     groups = [g for g in args.sweep_groups.split(",") if g]
     unknown = sorted(set(groups) - set(SWEEP_KERNELS))
@@ -384,6 +391,17 @@ def main(argv=None):
     bw, mm = copy_bandwidth(), matmul_rate()
     print(f"measured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     anchors = load_anchors(args.anchors, args.anchors_src)
+    if args.quick:
+        SHAPES[1:] = []
+    if args.no_fla:
+        anchors["fla chunk_simple_gla"] = None
+    if args.fla_unguarded:
+        try:
+            from delta_rule import unguard_fla  # the sibling script (benchmarks/ is on sys.path)
+
+            unguard_fla()
+        except Exception as e:  # noqa: BLE001 - fla absent: its rows say "not installed" anyway
+            print(f"  fla guard not cleared ({type(e).__name__}: {e})", flush=True)
     secs = args.sections.split(",")
     if "op" in secs:
         section_op(anchors, bw, mm)

@@ -35,7 +35,9 @@ def _inputs(B, T, H, K, V, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("mode", ["dense", "cu_seqlens"])
-@pytest.mark.parametrize(("K", "V"), [(128, 128), (256, 512)])
+# (16, 16) / (16, 48): narrow heads (MQAR's d_model 64 / 4 heads), whose 16-wide tiles once made Triton 3.6
+# address shared memory out of range on sm_90 (triton._MIN_TILE).
+@pytest.mark.parametrize(("K", "V"), [(128, 128), (256, 512), (16, 16), (16, 48)])
 def test_delta_rule_triton_gpu(dtype, gated, mode, K, V):
     from seqblocks.ops.delta_rule import delta_rule, gated_delta_rule
 

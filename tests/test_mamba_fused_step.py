@@ -190,7 +190,7 @@ def triton_steps(monkeypatch):
     served: set[str] = set()
     from seqblocks.layers.mixers.mamba import Mamba
 
-    monkeypatch.setattr(Mamba, "fuse_decode_step", True)  # opt-in (seqblocks/layers/mixers/mamba.py)
+    monkeypatch.setattr(Mamba, "fuse_decode_step", True)  # the default, pinned here (seqblocks/layers/mixers/mamba.py)
 
     def forced(backend, *tensors, op, has_kernel=True):
         if backend == "auto" and op in STEP_OPS and has_kernel:

@@ -96,10 +96,9 @@ class Mamba(Mixer):
     # Kept fp32 under a bf16 / fp16 cast of the module (A, the skip D and the step bias; Mixer.keep_in_fp32).
     keep_in_fp32 = ("A_log", "D", "dt_proj.bias")
     #: Decode through ``mamba_step`` (two fused launches for conv + x_proj + dt_proj + state update)
-    #: where it computes what the module path does. Off by default: on the H200 its real-shape GPU test
-    #: failed at batch 8 (state 8 % from the composed bf16 path, 2026-12-03) and is not diagnosed yet;
-    #: set ``Mamba.fuse_decode_step = True`` (or on one instance) to take it (docs/kernels.md).
-    fuse_decode_step: bool = False
+    #: where it computes what the module path does (docs/kernels.md). Set ``Mamba.fuse_decode_step =
+    #: False`` (or on one instance) to keep the seven-launch step that calls the modules.
+    fuse_decode_step: bool = True
 
     inputs = frozenset({"lengths", "integration_timesteps"})
     # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk: the conv takes

@@ -704,6 +704,13 @@ def step_kernel(state, q, k, v, g, beta, o, H: tl.constexpr, K: tl.constexpr, V:
     tl.store(o + bh * V + cols_v, b_o.to(o.dtype.element_ty), mask=mask_v)
 
 
+# The narrowest key / value tile of the chunked kernels. tl.dot takes 16, but with 16-column tiles (heads of
+# K = V = 16) Triton 3.6's sm_90 code for chunk_wy_kernel's W = T diag(.) K product addressed shared memory
+# out of range ("illegal memory access"; compute-sanitizer, H200, 2026-12-04; K = 32 ran clean): narrower
+# heads take masked 32-wide tiles instead.
+_MIN_TILE = 32
+
+
 def _forward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: int) -> dict:
     """Tiles of the three forward stages (first settings from sm_90 compiles, not timed on a GPU).
 
@@ -717,7 +724,7 @@ def _forward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: i
     memory would. At K = V = 128 in bf16 (B 8, H 16) the three kernels take 154 / 118 / 147 registers and
     32 / 12 / 41 KB of shared memory (sm_90, Triton 3.9; no spills), far under the H200's 227 KB."""
     C = max(16, min(64, triton.next_power_of_2(chunk_size)))
-    BK = max(16, min(64, triton.next_power_of_2(K)))  # >= 16: tl.dot's minimum
+    BK = max(_MIN_TILE, min(64, triton.next_power_of_2(K)))
     BKS = BK if K <= 4 * BK else triton.next_power_of_2(triton.cdiv(K, 4))
     NK = triton.cdiv(K, BKS)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
@@ -727,9 +734,9 @@ def _forward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: i
         BVS = 64
     else:
         BVS = 32
-    BVS = max(16, min(BVS, triton.next_power_of_2(V)))
+    BVS = max(_MIN_TILE, min(BVS, triton.next_power_of_2(V)))
     stages = 2 if rows * H * triton.cdiv(V, BVS) <= sms else 1
-    BV = max(16, min(64, triton.next_power_of_2(V)))
+    BV = max(_MIN_TILE, min(64, triton.next_power_of_2(V)))
     return {"C": C, "BK": BK, "BKS": BKS, "NK": NK, "BVS": BVS, "STAGES": stages, "BV": BV, "MODE": dot_mode(q)}
 
 
@@ -748,10 +755,10 @@ def _backward_options(q: Tensor, chunk_size: int, K: int, V: int, rows: int, H: 
     Triton 3.9; no spills)."""
     opts = _forward_options(q, chunk_size, K, V, rows, H)
     wide = _operand_dtype(q) == torch.float32  # 4-byte buffers and operands: half the tiles
-    BKQ = max(16, triton.next_power_of_2(K)) if K <= 64 else 128 if K % 128 == 0 else 64
+    BKQ = max(_MIN_TILE, triton.next_power_of_2(K)) if K <= 64 else 128 if K % 128 == 0 else 64
     BVQ = max(16, min(32 if wide else 64, triton.next_power_of_2(V) // 2))  # >= 2 V tiles: see the docstring
-    BKW = max(16, min(32, triton.next_power_of_2(K))) if wide else opts["BK"]
-    BVW = max(16, min(32, triton.next_power_of_2(V))) if wide else opts["BV"]
+    BKW = _MIN_TILE if wide else opts["BK"]
+    BVW = _MIN_TILE if wide else opts["BV"]
     return opts | {"BKQ": BKQ, "BVQ": BVQ, "WARPS_Q": 8, "BKW": BKW, "BVW": BVW, "WARPS_WY": 8,
                    "WARPS_DH": 8 if opts["BKS"] > 64 else 4}
 
