@@ -396,12 +396,9 @@ def main(argv=None):
     if args.no_fla:
         anchors["fla chunk_simple_gla"] = None
     if args.fla_unguarded:
-        try:
-            from delta_rule import unguard_fla  # the sibling script (benchmarks/ is on sys.path)
+        from delta_rule import unguard_fla  # the sibling script (benchmarks/ is on sys.path)
 
-            unguard_fla()
-        except Exception as e:  # noqa: BLE001 - fla absent: its rows say "not installed" anyway
-            print(f"  fla guard not cleared ({type(e).__name__}: {e})", flush=True)
+        unguard_fla()
     secs = args.sections.split(",")
     if "op" in secs:
         section_op(anchors, bw, mm)

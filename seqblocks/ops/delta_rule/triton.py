@@ -707,7 +707,8 @@ def step_kernel(state, q, k, v, g, beta, o, H: tl.constexpr, K: tl.constexpr, V:
 # The narrowest key / value tile of the chunked kernels. tl.dot takes 16, but with 16-column tiles (heads of
 # K = V = 16) Triton 3.6's sm_90 code for chunk_wy_kernel's W = T diag(.) K product addressed shared memory
 # out of range ("illegal memory access"; compute-sanitizer, H200, 2026-12-04; K = 32 ran clean): narrower
-# heads take masked 32-wide tiles instead.
+# heads take masked 32-wide tiles instead. Backward 3's V tile (BVQ) keeps its floor of 16: it ran clean at V = 16
+# (tests/test_delta_rule_gpu.py) and V = 32 (the same call's one-off K = V = 32 runs).
 _MIN_TILE = 32
 
 

@@ -72,8 +72,7 @@ def _conv_window_step(x_ptr, state_ptr, w_ptr, b_ptr, b, e, m, sxb, sxe, ssb, ss
 def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, off_ptr, E,
                       sxb, sxe, ssb, ssw, sse, swe, sww, syb,
                       W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                             ADVANCE: tl.constexpr,
-                      BLOCK_E: tl.constexpr):
+                      ADVANCE: tl.constexpr, BLOCK_E: tl.constexpr):
     b = tl.program_id(0)
     eb = tl.program_id(1)
     e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
