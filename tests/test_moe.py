@@ -51,11 +51,17 @@ def _layer(name, dtype=torch.float64, seed=0, **extra):
     return layer.to(dtype)
 
 
+def _assert_same_fp64(a, b):
+    """Equal to fp64 rounding: the fast path's GEMMs run on other shapes than the dense reference's, and
+    a BLAS may block those sums differently (one ulp seen on an AMD EPYC CPU, bit-equal on others)."""
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_fast_path_bit_equal_to_dense_reference_fp64(name):
+def test_fast_path_equal_to_dense_reference_fp64(name):
     layer = _layer(name)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
-    assert torch.equal(layer(x), layer.forward_dense(x))
+    _assert_same_fp64(layer(x), layer.forward_dense(x))
 
 
 @pytest.mark.parametrize("name", ["moe", "moe_sigmoid_groups", "shared_moe", "latent_moe"])
@@ -99,7 +105,7 @@ def test_bias_modes_route_by_logits_or_corrected_scores(router):
         torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True), rtol=1e-12, atol=0)
         torch.testing.assert_close(probs, scores / scores.sum(-1, keepdim=True), rtol=1e-12, atol=0)
         x = h.view(4, 10, 16)
-        assert torch.equal(layer(x), layer.forward_dense(x))
+        _assert_same_fp64(layer(x), layer.forward_dense(x))
         routes[mode] = (index, weights)
         with torch.no_grad():  # with b = 0 every mode routes as the default
             layer.expert_bias.zero_()
