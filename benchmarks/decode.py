@@ -3,7 +3,7 @@
 
     python benchmarks/decode.py [--presets mamba-130m,hybrid-130m,llama-125m] [--batches 1,8]
                                 [--tokens 256] [--prompt-len 32] [--repeats 3] [--json out.json]
-                                [--fused | --no-fused | --compare-fused]
+                                [--fused | --no-fused | --compare-fused] [--anchors /tmp/anchors]
     python benchmarks/decode.py --aten-counts          # CPU: ATen calls per decode step of each mixer
 
 For each preset (random weights, bf16), batch size and mode (eager, CUDA graph) it prints our
@@ -17,10 +17,12 @@ attention layers: an upper bound), over the device-to-device copy bandwidth meas
 The anchor is mamba_ssm's ``MambaLMHeadModel.generate(..., cg=True)`` (``cg=False`` for eager) with
 a randomly initialised model of the same shape (24 layers, d_model 768, attention layers of the
 hybrid at the same positions); it is reported as "not installed" when mamba_ssm does not import and
-"no anchor" for the transformer.
+"no anchor" for the transformer. ``--anchors BUILD_DIR`` imports it as ``.anchors/build_anchors.py`` built
+it there (``--anchors-src`` names the folder of that script).
 
-Mamba layers decode through the fused ``mamba_step`` (conv + x_proj + dt_proj + state update in two
-launches, docs/kernels.md "Decode step kernels") by default; ``--no-fused`` times the unfused step
+Mamba layers decode through the fused step (in_proj + conv + x_proj + dt_proj + state update + gate in
+two launches, with the block's add + norm inside the first: ``mamba_layer_step``, docs/kernels.md
+"Decode step kernels") by default; ``--no-fused`` times the unfused step
 (x_proj and dt_proj as cuBLAS GEMMs around ``conv_step`` and ``selective_state_update``), and
 ``--compare-fused`` times both, one after the other, in the same run (rows carry ``fused``).
 
@@ -38,6 +40,7 @@ import contextlib
 import importlib
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -239,6 +242,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--aten-counts", action="store_true", help="count ATen calls per step on the CPU and exit")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--anchors", default=None,
+                   help="build folder of .anchors/build_anchors.py: mamba_ssm imported from there")
+    p.add_argument("--anchors-src", default=".anchors", help="folder holding build_anchors.py")
     fusion = p.add_mutually_exclusive_group()
     fusion.add_argument("--fused", dest="fused", action="store_const", const="fused", default="fused",
                         help="Mamba steps through the fused mamba_step (default)")
@@ -247,6 +253,11 @@ def main() -> None:
     fusion.add_argument("--compare-fused", dest="fused", action="store_const", const="both",
                         help="time the fused and the unfused step, one after the other")
     args = p.parse_args()
+    if args.anchors:
+        sys.path[:0] = [args.anchors_src]
+        import build_anchors
+
+        build_anchors.activate(args.anchors)
     if args.aten_counts:
         aten_counts()
     else:

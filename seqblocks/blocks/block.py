@@ -13,6 +13,10 @@ The stream value is the same as pre-norm's, but the add and the following norm a
 they run as one op (``seqblocks.ops.add_norm``), where a kernel can read and write each tensor once. The
 last block's ``hidden_states + residual`` is added by the model's final norm.
 
+A decode step of a mixer that can take the add and the norm into its own fused step (``Mamba``'s
+``add_norm_step``) hands them over: with ``fused_add_norm=True`` the block's first half is then the mixer's
+launches alone (docs/kernels.md, "Decode step kernels").
+
 Shapes: B batch, T time, D width.
 """
 
@@ -102,13 +106,27 @@ class Block(nn.Module):
         if residual is not None and residual.shape != hidden_states.shape:
             raise ValueError(f"Block: residual shape {tuple(residual.shape)} != hidden_states shape "
                              f"{tuple(hidden_states.shape)}")
-        if self.norm is not None:
+        fused_step = self._fused_step(hidden_states, residual, inference_params, mixer_kwargs)
+        if fused_step is not None:
+            hidden_states, residual = fused_step
+        elif self.norm is not None:
             hidden_states, residual = self._add_norm(hidden_states, residual, self.norm)
             hidden_states = call_any_mixer(self.mixer, hidden_states, inference_params, mixer_kwargs)
         if self.mlp is not None:
             hidden_states, residual = self._add_norm(hidden_states, residual, self.norm2)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
+
+    def _fused_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, inference_params: Any,
+                    mixer_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # A decode step (one token, a cache, no optional inputs) of a mixer that can take the add and the
+        # norm into its own step (``Mamba.add_norm_step``); None: the usual add_norm, then the mixer. The
+        # mixer decides whether it computes the same there, and returns None where it would not.
+        step = getattr(self.mixer, "add_norm_step", None)
+        if (step is None or not self.fused_add_norm or self.norm is None or inference_params is None
+                or hidden_states.shape[1] != 1 or any(v is not None for v in mixer_kwargs.values())):
+            return None
+        return step(hidden_states, residual, self.norm, self.residual_in_fp32, inference_params)
 
     def _add_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                   norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

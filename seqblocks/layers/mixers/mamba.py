@@ -44,7 +44,7 @@ from seqblocks.layers.recompute import RecomputedSaves
 from seqblocks.ops.causal_conv1d import causal_conv1d, runs_kernel
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_scan, selective_state_update
-from seqblocks.ops.selective_scan.step import conv_step, mamba_step
+from seqblocks.ops.selective_scan.step import conv_step, mamba_layer_step, mamba_step
 from seqblocks.parallel.conv import conv_halo
 from seqblocks.parallel.scan import chunk_lengths, mixer_context, selective_scan_cp
 from seqblocks.registry import MIXERS
@@ -95,10 +95,15 @@ class Mamba(Mixer):
 
     # Kept fp32 under a bf16 / fp16 cast of the module (A, the skip D and the step bias; Mixer.keep_in_fp32).
     keep_in_fp32 = ("A_log", "D", "dt_proj.bias")
-    #: Decode through ``mamba_step`` (two fused launches for conv + x_proj + dt_proj + state update)
+    #: Decode through ``mamba_step`` (two fused launches for conv + x_proj + dt_proj + state update + gate)
     #: where it computes what the module path does (docs/kernels.md). Set ``Mamba.fuse_decode_step =
     #: False`` (or on one instance) to keep the seven-launch step that calls the modules.
     fuse_decode_step: bool = True
+    #: Also fold in_proj, and in a ``Block`` with ``fused_add_norm`` the add + norm before it
+    #: (``add_norm_step``), into those two launches (``mamba_layer_step``: three launches a block instead
+    #: of five). Off: on the H200 the folded step measured 1.04x (batch 1) and 1.01x (batch 8) the time of
+    #: the five-launch one at its best block sizes (``benchmarks/mamba_step_fold.py``, docs/kernels.md).
+    fold_in_proj: bool = False
 
     inputs = frozenset({"lengths", "integration_timesteps"})
     # Under ``seqblocks.parallel.context_parallel`` the forward runs on its time chunk: the conv takes
@@ -316,14 +321,67 @@ class Mamba(Mixer):
             return False
         return not torch.is_autocast_enabled(xz.device.type)
 
+    def _fuses_in_proj(self, x: torch.Tensor) -> bool:
+        """Whether folding in_proj into the fused step computes what calling it would: a plain
+        ``nn.Linear`` without hooks, its weight (and bias) plain tensors in x's dtype."""
+        in_proj = self.in_proj
+        if type(in_proj) is not nn.Linear or in_proj._forward_hooks or in_proj._forward_pre_hooks:
+            return False
+        plain = (torch.Tensor, nn.Parameter)
+        return (type(in_proj.weight) in plain and in_proj.weight.dtype == x.dtype
+                and (in_proj.bias is None or type(in_proj.bias) in plain))
+
+    def _layer_step(self, x: torch.Tensor, cache: MambaCache, **norm: Any) -> torch.Tensor | tuple:
+        # in_proj .. out_proj's input as one op (with ``norm``: the block's add + norm before it too).
+        return mamba_layer_step(
+            x, self.in_proj.weight, cache.conv_state, self.conv_weight, self.x_proj.weight, self.dt_proj.weight,
+            cache.ssm_state, self.A_log, self.conv_bias, self.D, in_proj_bias=self.in_proj.bias,
+            delta_bias=self.dt_proj.bias, delta_softplus=True, discretization=self.discretization, a_is_log=True,
+            activation="silu", seqlen_offset=cache.seqlen_offset, **norm)
+
+    def add_norm_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                      residual_in_fp32: bool, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step of ``Block``'s Add -> Norm -> Mamba in one op (``Block.forward`` calls it with
+        ``fused_add_norm=True``) when ``fold_in_proj`` is set: the residual add and the norm run inside the
+        fused step's first kernel, so the block's mixer half is three launches on CUDA (two and out_proj).
+        Returns ``(hidden_states [B, 1, D], residual [B, 1, D])`` as the block's add_norm followed by this
+        mixer's forward would, or None with ``fold_in_proj`` off or where that call would differ (hooks on
+        this module or in_proj, a global hook, ``use_fast_path=False``, context parallelism, dtypes the fold
+        does not keep, a norm ``ops.add_norm`` cannot stand in for, a subclass overriding ``forward``); the
+        block then takes its usual path.
+
+        Raises:
+            TypeError / ValueError: a cache of the wrong type or batch size (as ``forward``)."""
+        from seqblocks.layers.norm import is_fusable_norm, norm_params
+
+        if (not self.fold_in_proj or hidden_states.dim() != 3 or hidden_states.shape[1] != 1
+                or hidden_states.shape[2] != self.d_model
+                or not getattr(self, "use_fast_path", True) or self._forward_hooks or self._forward_pre_hooks
+                or not is_fusable_norm(norm) or is_empty(hidden_states)
+                or type(self).forward is not Mamba.forward or type(self)._step is not Mamba._step):
+            return None  # (a subclass that changes the call keeps it)
+        check_cache("Mamba", cache, MambaCache, hidden_states.shape[0], hidden_states.device)
+        x = hidden_states[:, 0]
+        if (mixer_context("Mamba", cache) is not None or hidden_states.dtype != self.in_proj.weight.dtype
+                or not self._fuses_in_proj(x) or not self._fuses_step(x)):
+            return None
+        weight, bias, eps, is_rms = norm_params(norm, hidden_states.dtype)
+        y, new_residual = self._layer_step(x, cache, residual=None if residual is None else residual[:, 0],
+                                           norm="rmsnorm" if is_rms else "layernorm", norm_weight=weight,
+                                           norm_bias=bias, eps=eps, residual_in_fp32=residual_in_fp32)
+        return self.out_proj(y).unsqueeze(1), new_residual.unsqueeze(1)
+
     def _step(self, x: torch.Tensor, cache: MambaCache, ts: torch.Tensor | None) -> torch.Tensor:
         # One token, x [B, 1, D] (docs/kernels.md, "Decode step kernels"). The conv and SSM states
         # update in place and the conv op advances the cache's token count. With plain projections and
         # no event intervals, everything between in_proj and out_proj is ``mamba_step``: two Triton
-        # launches on CUDA, x_proj and dt_proj folded in (x_dbl kept in fp32 there). Otherwise four
-        # GEMMs on views (no copies) around two fused ops, the projections called as the modules (as in
-        # the prefill, so hooks or a swapped Linear act alike); dt_proj's bias is left to the fused step.
+        # launches on CUDA, x_proj and dt_proj folded in (x_dbl kept in fp32 there); with
+        # ``fold_in_proj`` and a plain in_proj, in_proj too (``mamba_layer_step``). Otherwise
+        # four GEMMs on views (no copies) around two fused ops, the projections called as the modules (as
+        # in the prefill, so hooks or a swapped Linear act alike); dt_proj's bias is left to the fused step.
         E, R, N = self.d_inner, self.dt_rank, self.d_state
+        if ts is None and self.fold_in_proj and self._fuses_in_proj(x[:, 0]) and self._fuses_step(x[:, 0]):
+            return self.out_proj(self._layer_step(x[:, 0], cache)).unsqueeze(1)
         xz = self.in_proj(x[:, 0])  # [B, 2E]
         if ts is None and self._fuses_step(xz):
             y = mamba_step(xz[:, :E], cache.conv_state, self.conv_weight, self.x_proj.weight, self.dt_proj.weight,

@@ -9,7 +9,12 @@ followed by ``seqlen_offset += 1``, which is its specification.
 ``selective_state_update``) in two Triton launches; its PyTorch path composes those four ops, which
 is its specification (up to where x_proj's output is rounded, see its docstring).
 
-Shapes: B batch, E channels, W filter width, N state, R dt rank.
+``mamba_layer_step`` is ``mamba_step`` with in_proj, and optionally the block's residual add and norm
+before it, folded into the same two launches; its PyTorch path (``add_norm``, ``F.linear``,
+``mamba_step``) is its specification. Measured no faster than in_proj as a GEMM on the H200, so
+``Mamba`` uses it only with ``fold_in_proj`` (docs/kernels.md, "Decode step kernels").
+
+Shapes: B batch, D model width, E channels, W filter width, N state, R dt rank.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from seqblocks.ops._backend import outside_autocast, resolve_backend
+from seqblocks.ops.add_norm import add_norm
 from seqblocks.ops.causal_conv1d import ACTIVATIONS, causal_conv1d_update
 from seqblocks.ops.discretize import DISCRETIZATIONS
 from seqblocks.ops.selective_scan import selective_state_update
 
-__all__ = ["conv_step", "mamba_step"]
+__all__ = ["conv_step", "mamba_step", "mamba_layer_step"]
 
 
 def _check_conv_step(op: str, x, conv_state, weight, bias, activation, seqlen_offset) -> None:
@@ -227,3 +233,144 @@ def mamba_step(
     return selective_state_update(ssm_state, xs, delta, A, x_dbl[:, R:R + N], x_dbl[:, R + N:], D, z,
                                   delta_bias=delta_bias, delta_softplus=delta_softplus,
                                   discretization=discretization, a_is_log=a_is_log, backend=backend)
+
+
+_NORMS = (None, "layernorm", "rmsnorm")
+
+
+def _check_layer_step(x, in_proj_weight, in_proj_bias, conv_weight, residual, norm, norm_weight, norm_bias) -> None:
+    op = "mamba_layer_step"
+    for name, t in (("x", x), ("in_proj_weight", in_proj_weight), ("conv_weight", conv_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("x", x), ("in_proj_weight", in_proj_weight), ("in_proj_bias", in_proj_bias),
+                    ("residual", residual), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            raise TypeError(f"{op}: {name} must be a real floating-point Tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must have shape [B, D], got {tuple(x.shape)}")
+    Dm, E = x.shape[1], conv_weight.shape[0] if conv_weight.dim() == 2 else -1
+    if in_proj_weight.shape != (2 * E, Dm):
+        raise ValueError(f"{op}: in_proj_weight must have shape [2E, D] = [{2 * E}, {Dm}] (E from conv_weight, D "
+                         f"from x), got {tuple(in_proj_weight.shape)}")
+    if in_proj_weight.dtype != x.dtype:
+        raise TypeError(f"{op}: in_proj_weight must have x's dtype {x.dtype}, got {in_proj_weight.dtype}")
+    if in_proj_bias is not None and in_proj_bias.shape != (2 * E,):
+        raise ValueError(f"{op}: in_proj_bias must have shape [{2 * E}], got {tuple(in_proj_bias.shape)}")
+    if norm not in _NORMS:
+        raise ValueError(f"{op}: unknown norm {norm!r}; expected one of {_NORMS}")
+    if norm is None:
+        given = [n for n, t in (("residual", residual), ("norm_weight", norm_weight), ("norm_bias", norm_bias))
+                 if t is not None]
+        if given:
+            raise ValueError(f"{op}: {given} given without a norm; pass norm='layernorm' or 'rmsnorm'")
+        return
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if p is not None and p.shape != (Dm,):
+            raise ValueError(f"{op}: {name} must have shape [{Dm}], got {tuple(p.shape)}")
+    if norm == "rmsnorm" and norm_bias is not None:
+        raise ValueError(f"{op}: RMSNorm takes no bias")
+
+
+@outside_autocast
+def mamba_layer_step(
+    x: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    ssm_state: torch.Tensor,
+    A: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    *,
+    in_proj_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual_in_fp32: bool = False,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    discretization: str = "mamba",
+    a_is_log: bool = False,
+    activation: str | None = "silu",
+    seqlen_offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One Mamba decode step from the layer's input to out_proj's input, with in_proj (and optionally the
+    block's residual add and norm before it) folded in; updates both caches in place.
+
+    The specification (the PyTorch path)::
+
+        h, r = add_norm(x, residual, norm_weight, norm_bias, eps, norm == "rmsnorm", residual_in_fp32,
+                        prenorm=True)                                 # only with a norm; else h = x
+        xz   = F.linear(h, in_proj_weight, in_proj_bias)              # [B, 2E]
+        y    = mamba_step(xz[:, :E], conv_state, ..., z=xz[:, E:], ...)
+
+    The Triton path is ``mamba_step``'s two launches with in_proj inside them: kernel A applies in_proj's
+    x rows of its channel block to h before the conv (with a norm, each program forms the row's residual
+    and norm itself; the row's first program stores them), kernel B applies the z rows of its channels
+    for the gate. So a Mamba block's decode step is three launches: these two and out_proj. It serves
+    what ``mamba_step``'s serves, with in_proj's weight in x's dtype, and rounds h, xz and x_proj's
+    output where ``mamba_step``'s Triton path and ``add_norm`` round them.
+
+    Args:
+        x (Tensor): [B, D] the layer's input: the block's input (the previous branch output) with a norm,
+            in_proj's input without.
+        in_proj_weight (Tensor): [2E, D] in x's dtype (the x half, then the z half).
+        conv_state, conv_weight, x_proj_weight, dt_proj_weight, ssm_state, A, conv_bias, D: as in
+            ``mamba_step``.
+        in_proj_bias (Tensor | None): [2E]. Default: None.
+        residual (Tensor | None): [B, D] the residual stream (with a norm; None: the first block). Default:
+            None.
+        norm (str | None): None, "layernorm" or "rmsnorm". Default: None.
+        norm_weight, norm_bias (Tensor | None): [D] the norm's scale and shift. Default: None.
+        eps (float): the norm's epsilon. Default: 1e-5.
+        residual_in_fp32 (bool): store the new residual in fp32 (as ``add_norm``). Default: False.
+        delta_bias, delta_softplus, discretization, a_is_log, activation, seqlen_offset, backend: as in
+            ``mamba_step``.
+
+    Returns:
+        y (Tensor): [B, E] in x's dtype, out_proj's input; with a norm ``(y, new_residual [B, D])``.
+
+    Raises:
+        TypeError / ValueError: as ``mamba_step``, and for in_proj's weight or bias, the residual or the
+            norm's parameters of the wrong shape or dtype, an unknown norm, norm inputs without a norm.
+    """
+    _check_layer_step(x, in_proj_weight, in_proj_bias, conv_weight, residual, norm, norm_weight, norm_bias)
+    E = conv_weight.shape[0]
+    # mamba_step's checks on a stand-in for in_proj's x half (shape and dtype only).
+    _check_mamba_step(x.new_empty((x.shape[0], E), device="meta"), conv_state, conv_weight, x_proj_weight,
+                      dt_proj_weight, ssm_state, A, conv_bias, D, None, delta_bias, discretization, a_is_log,
+                      activation, seqlen_offset)
+    tensors = (x, in_proj_weight, in_proj_bias, residual, norm_weight, norm_bias, conv_state, conv_weight,
+               x_proj_weight, dt_proj_weight, ssm_state, A, conv_bias, D, delta_bias)
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    served = (discretization != "zoh" and not recorded and ssm_state.dtype == torch.float32 and E > 0
+              and all(t is None or (t.is_floating_point() and t.dtype.itemsize <= 4) for t in tensors))
+    if resolve_backend(backend, x, conv_state, ssm_state, op="mamba_layer_step", has_kernel=served) == "triton":
+        from seqblocks.ops.selective_scan.step_triton import mamba_layer_step_triton
+
+        if norm is not None:  # the kernels read the rows with unit feature stride
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+        return mamba_layer_step_triton(
+            x, in_proj_weight, conv_state, conv_weight, x_proj_weight, dt_proj_weight, ssm_state, A, conv_bias, D,
+            in_proj_bias=in_proj_bias, residual=residual, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+            eps=eps, residual_in_fp32=residual_in_fp32, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            discretization=discretization, a_is_log=a_is_log, activation=activation, seqlen_offset=seqlen_offset)
+    h, r = x, None
+    if norm is not None:
+        h, r = add_norm(x, residual, norm_weight, norm_bias, eps, norm == "rmsnorm", residual_in_fp32, prenorm=True,
+                        backend=backend)
+    xz = F.linear(h, in_proj_weight, in_proj_bias)
+    y = mamba_step(xz[:, :E], conv_state, conv_weight, x_proj_weight, dt_proj_weight, ssm_state, A, conv_bias, D,
+                   xz[:, E:], delta_bias=delta_bias, delta_softplus=delta_softplus, discretization=discretization,
+                   a_is_log=a_is_log, activation=activation, seqlen_offset=seqlen_offset, backend=backend)
+    return y if norm is None else (y, r)
