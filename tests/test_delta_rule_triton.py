@@ -79,6 +79,26 @@ else:
     def test_chunk_kernel_bf16_inputs():
         _check(_inputs(2, 33, dtype=torch.bfloat16), 3e-2, chunk_size=16)
 
+    def test_chunk_kernel_reads_strided_inputs():
+        """q, k and v as [B, T, H, K] views with T innermost (a short conv's transposed output, as the
+        mixers' q / k / v are on the PyTorch conv): the kernels take contiguous copies. They used to read
+        the views' memory as if contiguous (O(1) wrong outputs, seen replaying a GPU training step)."""
+        t = _inputs(2, 21, H=2, K=8, V=12)
+        for n in ("q", "k", "v"):
+            x = t[n]
+            t[n] = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, T stride 1
+            assert not t[n].is_contiguous() and t[n].stride(1) == 1 and torch.equal(t[n], x)
+        _check(t, 1e-4, chunk_size=16, use_qk_l2norm=True)
+
+    @pytest.mark.parametrize("T", [20, 45])
+    def test_chunk_kernel_strong_decay_in_a_partial_chunk(T):
+        """A sequence end inside a chunk (T = 20 of 64; 45 = 16 + 16 + 13) with decay strong enough that
+        G falls below -88 within the chunk: the padded rows used G = 0, so exp(G_i - G_j) of a padded
+        row overflowed and its zeros became NaN in the backward's sums (MQAR at lr 1e-2 on the GPU)."""
+        t = _inputs(2, T, H=2, K=8, V=12)
+        t["g"] = -(torch.rand(2, T, 2, generator=torch.Generator().manual_seed(3)) * 6 + 4)  # -4 .. -10 a step
+        _check(t, 1e-4, chunk_size=64 if T == 20 else 16, use_qk_l2norm=True)
+
     @pytest.mark.parametrize("gated", [False, True])
     @pytest.mark.parametrize("l2", [False, True])
     def test_step_kernel_equals_torch_step(gated, l2):

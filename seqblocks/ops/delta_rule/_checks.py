@@ -134,9 +134,13 @@ def nonfinite_flags(q, k, v, g, beta):
 
 
 def nan_to_zero(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Each tensor with NaN / +-inf replaced by 0 (one pass; no autograd: for kernels whose gradients
-    at those entries vanish anyway, since the outputs they reach are poisoned)."""
-    return tuple(None if t is None else torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    """Each tensor with NaN / +-inf replaced by 0, as a contiguous copy (one pass; no autograd: for kernels
+    whose gradients at those entries vanish anyway, since the outputs they reach are poisoned). The copy is
+    written into a fresh contiguous tensor: ``nan_to_num`` alone keeps its input's strides, and the
+    kernels address rows as contiguous (a [B, T, H, K] view with T innermost, as a short conv's
+    transposed output is, would be read in the wrong order)."""
+    return tuple(None if t is None else torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0,
+                                                         out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
                  for t in tensors)
 
 

@@ -74,6 +74,19 @@ def _seq_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _load_G(Gbuf, tok, mask_t):
+    """The chunk's cumulative log decay G, its padded rows (t >= the sequence end, a suffix of the chunk)
+    continuing the last valid row's value, as if g = 0 there (stage 1's cumsum gives them that too). With
+    0 there instead, G_i - G_j of a padded row i and a valid j is -G_j > 0, whose exp overflows under
+    strong decay (G below -88 within a chunk) and turns the padded rows' zeros into NaN, which the
+    backward's sums over rows then carry into valid gradients."""
+    G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+    n_valid = tl.sum(mask_t.to(tl.int32), 0)
+    G_last = tl.sum(tl.where(tl.arange(0, G.shape[0]) == n_valid - 1, G, 0.0), 0)
+    return tl.where(mask_t, G, G_last)
+
+
+@triton.jit
 def _slot(chunk_table, cu_seqlens, i_s, T, VARLEN: tl.constexpr):
     # chunk slot -> (valid, first token t0, eos, base) of its sequence; slots past the last chunk are invalid
     seq = tl.load(chunk_table + 2 * i_s).to(tl.int64)
@@ -267,7 +280,7 @@ def chunk_state_kernel(k, Wbuf, Ubuf, Gbuf, Rk, h0, ht, h, vnew, chunk_offsets, 
         if GATED:
             last = ((base + tl.minimum(c0 + C, eos) - 1) * H + i_h).to(tl.int64)
             G_end = tl.load(Gbuf + last)
-            G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+            G = _load_G(Gbuf, tok, mask_t)
             w = tl.where(mask_t, tl.exp(G_end - G), 0.0)
             gamma = tl.exp(G_end)
         else:
@@ -330,7 +343,7 @@ def chunk_out_kernel(q, k, Gbuf, Rk, h, vnew, o, chunk_table, cu_seqlens, T, H: 
             ssq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
     causal = rows_c[:, None] >= rows_c[None, :]
     if GATED:
-        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        G = _load_G(Gbuf, tok, mask_t)
         acc_o = acc_o * tl.exp(G)[:, None]
         acc_s = acc_s * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
     if L2NORM:
@@ -376,7 +389,7 @@ def chunk_bwd_dv_local_kernel(q, k, Gbuf, Rk, do, dvl, Rq, chunk_table, cu_seqle
         pt = pt * tl.load(Rk + tok, mask=mask_t, other=0.0)[:, None]
     pt = pt * w_q[None, :]
     if GATED:
-        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        G = _load_G(Gbuf, tok, mask_t)
         pt = pt * tl.exp(tl.where(later, G[None, :] - G[:, None], 0.0))
     odt = dvl.dtype.element_ty
     Pt = tl.where(later, pt, 0.0).to(odt)
@@ -441,7 +454,7 @@ def chunk_bwd_dh_kernel(q, k, Wbuf, Gbuf, Rq, Rk, do, dht, dh0, dh, dv, chunk_of
         if GATED:
             last = ((base + tl.minimum(c0 + C, eos) - 1) * H + i_h).to(tl.int64)
             G_end = tl.load(Gbuf + last)
-            G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+            G = _load_G(Gbuf, tok, mask_t)
             w_k = tl.where(mask_t, tl.exp(G_end - G), 0.0)
             w_q = tl.where(mask_t, tl.exp(G), 0.0) * scale
             gamma = tl.exp(G_end)
@@ -538,7 +551,7 @@ def chunk_bwd_dqk_kernel(q, k, vnew, h, dh, dv, do, Gbuf, Rq, Rk, dq, dk, dw, rs
     causal = rows_c[:, None] >= rows_c[None, :]
     if GATED:
         last = tl.minimum(eos - t0, C) - 1
-        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        G = _load_G(Gbuf, tok, mask_t)
         G_end = tl.sum(tl.where(rows_c == last, G, 0.0), 0)
         b_dq = b_dq * (scale * tl.exp(G))[:, None]
         b_dk = b_dk * tl.where(mask_t, tl.exp(G_end - G), 0.0)[:, None]
@@ -588,7 +601,7 @@ def chunk_bwd_wy_kernel(q, k, v, beta, Gbuf, Rq, Rk, Tbuf, dv, dw, dk3, rs, dqs,
     b_b = tl.load(beta + tok, mask=mask_t, other=0.0).to(tl.float32)
     strict = rows_c[:, None] > rows_c[None, :]
     if GATED:
-        G = tl.load(Gbuf + tok, mask=mask_t, other=0.0)
+        G = _load_G(Gbuf, tok, mask_t)
         eG = tl.exp(G)
     else:
         G = tl.zeros([C], dtype=tl.float32)
