@@ -14,8 +14,8 @@ they run as one op (``seqblocks.ops.add_norm``), where a kernel can read and wri
 last block's ``hidden_states + residual`` is added by the model's final norm.
 
 A decode step of a mixer that can take the add and the norm into its own fused step (``Mamba``'s
-``add_norm_step``) hands them over: with ``fused_add_norm=True`` the block's first half is then the mixer's
-launches alone (docs/kernels.md, "Decode step kernels").
+``add_norm_step``, with ``Mamba.fold_in_proj`` set) hands them over: with ``fused_add_norm=True`` the
+block's first half is then the mixer's launches alone (docs/kernels.md, "Decode step kernels").
 
 Shapes: B batch, T time, D width.
 """
