@@ -267,6 +267,26 @@ def test_state_update_bf16_inputs_fp32_state():
     torch.testing.assert_close(s_tri, s_torch, atol=1e-5, rtol=1e-5)
 
 
+def test_state_update_reads_strided_inputs():
+    """A and dt_bias as strided [H] views (columns of larger tensors), x, B, C and z with their last two
+    dimensions' strides swapped: the kernel reads contiguous copies. A and dt_bias used to be passed as
+    given, and the kernel read them at the wrong heads (here y off by 1.2, the state by 2.1)."""
+    t = inputs(Bsz=3, T=1, H=4, P=5, G=2, N=6)
+    g = torch.Generator().manual_seed(4)
+    A = torch.cat([t["A"][:, None], -torch.rand(4, 1, generator=g)], 1)[:, 0]            # stride 2
+    bias = torch.cat([torch.randn(4, 2, generator=g), t["dt_bias"][:, None]], 1)[:, 2]   # stride 3
+    assert A.stride() == (2,) and bias.stride() == (3,)
+    args = [t["x"][:, 0], t["dt"][:, 0], A, t["B"][:, 0], t["C"][:, 0], t["D"], t["z"][:, 0]]
+    views = [a if a.dim() != 3 else a.transpose(1, 2).contiguous().transpose(1, 2) for a in args]
+    assert all(torch.equal(a, b) for a, b in zip(args, views)) and not views[0].is_contiguous()
+    state = torch.randn(3, 4, 5, 6, generator=g)
+    s_tri, s_torch = state.clone(), state.clone()
+    y_tri = ssd_state_update(s_tri, *views, dt_bias=bias, backend="triton")
+    y_torch = ssd_state_update(s_torch, *(a.contiguous() for a in args), dt_bias=bias.contiguous(), backend="torch")
+    torch.testing.assert_close(y_tri, y_torch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_tri, s_torch, atol=1e-5, rtol=1e-5)
+
+
 def test_float64_is_not_served():
     t = inputs(T=5, dtype=torch.float64)
     with pytest.raises(ValueError, match="no Triton kernel"):

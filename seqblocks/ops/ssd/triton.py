@@ -1191,9 +1191,13 @@ def ssd_state_update_triton(
     and is overwritten in place. See ``seqblocks.ops.ssd.ssd_state_update``."""
     Bsz, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+    # The kernel addresses every input as contiguous, the per-head A and dt_bias too (element h at offset h),
+    # so they are copied like the rest: passed as given, a strided [H] view of either (a column of a larger
+    # tensor) was read at the wrong heads.
+    x, dt, A, B, C = x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous()
     z = None if z is None else z.contiguous()
     D = None if D is None else D.contiguous()
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
     y = torch.empty_like(x)
     BN = triton.next_power_of_2(N)
     BP = min(triton.next_power_of_2(P), max(1, 4096 // BN))
