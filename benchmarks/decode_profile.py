@@ -1,0 +1,99 @@
+# ruff: noqa: B023  (closures are run at once, inside the loop that binds them)
+"""Where a decode token's time goes: the captured step's kernels against the whole ``generate`` loop.
+
+    python benchmarks/decode_profile.py [--preset mamba-130m] [--batches 1,8] [--tokens 256] [--top 12]
+
+For each batch size (random weights, bf16, CUDA graph): the time per token of ``generate`` (median of
+three calls after a warm-up that captures the graph), the time of one bare replay of the captured step
+(``graph_decoder(...).graph.replay()``, 200 replays), so the difference is what the loop adds around the
+graph (sampling, the input copy, Python), and the step's kernels from ``torch.profiler``, summed by name,
+the largest first, with their share of the replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+
+from seqblocks.generation import generate, graph_decoder
+from seqblocks.presets import build_model, get_preset
+
+
+def seconds(fn, repeats: int) -> float:
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def kernel_table(fn) -> tuple[collections.Counter, collections.Counter]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total, count = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total[e.name[:90]] += e.time_range.elapsed_us()
+            count[e.name[:90]] += 1
+    return total, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mamba-130m")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = build_model(get_preset(args.preset)["model"], device=torch.device("cuda"), dtype=torch.bfloat16).eval()
+    vocab = get_preset(args.preset)["model"]["vocab_size"]
+    print(f"{args.preset}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompt = torch.randint(0, vocab, (batch, args.prompt_len), device="cuda")
+
+        def gen():
+            return generate(model, prompt, args.tokens, temperature=0, cuda_graph=True)
+
+        gen()
+        walls = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gen()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        per_token = statistics.median(walls) / args.tokens
+        decoder = graph_decoder(model, batch, args.prompt_len + args.tokens, prompt.device)
+        replay = seconds(decoder.graph.replay, 200)
+        print(f"\nB={batch}: generate {per_token * 1e6:7.1f} us a token ({batch / per_token:,.0f} tok/s); bare replay "
+              f"{replay * 1e6:7.1f} us ({100 * replay / per_token:.0f} %); around the graph "
+              f"{(per_token - replay) * 1e6:7.1f} us", flush=True)
+        total, count = kernel_table(decoder.graph.replay)
+        in_graph = set(total)
+        busy = sum(total.values())
+        print(f"  kernels in one replay: {sum(count.values())}, busy {busy:.1f} us of the {replay * 1e6:.1f} us replay")
+        for name, us in total.most_common(args.top):
+            print(f"  {us:8.1f} us  {100 * us / max(busy, 1e-9):5.1f} %  x{count[name]:<4d} {name}")
+        total, count = kernel_table(lambda: generate(model, prompt, 16, temperature=0, cuda_graph=True))
+        outside = {n: us for n, us in total.items() if n not in in_graph}
+        print(f"  a 16-token generate: {sum(count.values())} device ops; those not in the replay (the prefill "
+              f"and the loop around the graph), by time:")
+        for name, us in sorted(outside.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"  {us:8.1f} us  x{count[name]:<4d} {name}")
+
+
+if __name__ == "__main__":
+    main()
