@@ -382,6 +382,34 @@ else:
         for a, b in zip(grads, grads_r):
             assert_close(a.double(), b, atol=5e-2, rtol=5e-2)
 
+    def _time_innermost(x):
+        y = x.movedim(1, -1).contiguous().movedim(-1, 1)  # the same values, T stride 1
+        assert not y.is_contiguous() and y.stride(1) == 1 and torch.equal(y, x)
+        return y
+
+    @overflow_ok
+    @pytest.mark.parametrize("name, T, case", [("gla", 90, "strong"), ("simple_gla", 20, "strong"),
+                                               ("simple_gla", 90, "strong"), ("gla", 45, "strided"),
+                                               ("simple_gla", 45, "strided")])
+    def test_triton_partial_chunk_strong_decay_and_strided_inputs(name, T, case):
+        """Forward and every gradient against the float64 reference where a sequence ends inside a chunk
+        of 64 under decay of -4 .. -10 a step (padded rows must repeat the last valid cumulative decay,
+        or exp of their differences overflows into NaN as in the delta rule's kernels), and with q, k,
+        v, g as views with T innermost (which the kernels must not read as if contiguous)."""
+        inputs, h0 = _inputs(name, 2, T, 2, 16, 16)
+        if case == "strong":
+            gen = torch.Generator().manual_seed(3)
+            inputs[3] = -(torch.rand(inputs[3].shape, generator=gen) * 6 + 4)
+        else:
+            inputs = [_time_innermost(t) for t in inputs]
+        fast = OPS[name][0]
+        o, s, grads = _grads(lambda *a, **kw: fast(*a, backend="triton", **kw), inputs, h0)
+        o_r, s_r, grads_r = _grads(OPS[name][1], [t.double() for t in inputs], h0.double())
+        assert_close(o.double(), o_r, atol=1e-4, rtol=1e-4)
+        assert_close(s.double(), s_r, atol=1e-4, rtol=1e-4)
+        for d, a, b in zip(["dq", "dk", "dv", "dg", "dh0"], grads, grads_r, strict=True):
+            assert_close(a.double(), b, atol=5e-4, rtol=5e-4, msg=d)
+
     @pytest.mark.parametrize("name", OPS)
     def test_triton_packed_gradients_equal_separate_calls(name):
         # dg is summed inside chunks only: nothing leaks across a packed boundary

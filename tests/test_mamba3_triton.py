@@ -156,10 +156,10 @@ else:
     def _fp32(inputs):
         return {k: v.float() for k, v in inputs.items()}
 
-    def _check(inputs, state, atol=2e-4, **kw):
+    def _check(inputs, state, atol=2e-4, chunk_size=16, **kw):
         ref_out, ref_grads = outputs_and_grads(mamba3_ref, inputs, state, **kw)
         st = None if state is None else type(state)(*(s.float() for s in state))
-        out, grads = outputs_and_grads(mamba3, _fp32(inputs), st, backend="triton", chunk_size=16, **kw)
+        out, grads = outputs_and_grads(mamba3, _fp32(inputs), st, backend="triton", chunk_size=chunk_size, **kw)
         for name, a, b in zip(("y", "angle", "ssm", "k", "v"), out, ref_out):
             assert_scaled(a, b, atol, name)
         for name, g in ref_grads.items():
@@ -261,6 +261,29 @@ else:
                 assert_scaled(y.float(), ref.double(), atol, f"y[{t}]")
                 for name, a, b in zip(Mamba3State._fields, ours, theirs):
                     assert_scaled(a, b.double(), 1e-5, f"{name}[{t}]")
+
+    def _time_innermost(x):
+        y = x.movedim(1, -1).contiguous().movedim(-1, 1)  # the same values, T stride 1
+        assert not y.is_contiguous() and y.stride(1) == 1 and torch.equal(y, x)
+        return y
+
+    @pytest.mark.parametrize(("T", "chunk", "mimo", "R", "case"), [(20, 64, False, 1, "strong"),
+                                                                   (45, 16, True, 2, "strong"),
+                                                                   (45, 16, False, 1, "strided")])
+    def test_triton_partial_chunk_strong_decay_and_strided_inputs(T, chunk, mimo, R, case):
+        """Forward and every gradient against the float64 reference where the sequence ends inside a chunk
+        (20 of the default 64; 45 = 16 + 16 + 13) under decay of -4 .. -10 a step (padded rows must repeat
+        the last valid cumulative decay, or exp of their differences overflows into NaN as in the delta
+        rule's kernels), and with q, k, v, adt, dt, trap, angles, z as views with T innermost (which the
+        kernels must not read as if contiguous)."""
+        inputs = make_inputs(2, T, R, mimo=mimo)
+        if case == "strong":
+            g = torch.Generator().manual_seed(3)
+            inputs["adt"] = -(torch.rand(inputs["adt"].shape, generator=g, dtype=torch.float64) * 6 + 4)
+        else:  # the float32 copies keep the strides
+            for n in ("q", "k", "v", "adt", "dt", "trap", "angles", "z"):
+                inputs[n] = _time_innermost(inputs[n])
+        _check(inputs, random_state(2, R), chunk_size=chunk)
 
     def test_triton_bf16():
         inputs = make_inputs(2, 33, 1)

@@ -287,6 +287,29 @@ def test_state_update_reads_strided_inputs():
     torch.testing.assert_close(s_tri, s_torch, atol=1e-5, rtol=1e-5)
 
 
+def _time_innermost(x):
+    y = x.movedim(1, -1).contiguous().movedim(-1, 1)  # the same values, T stride 1
+    assert not y.is_contiguous() and y.stride(1) == 1 and torch.equal(y, x)
+    return y
+
+
+@pytest.mark.parametrize(("T", "chunk", "case"), [(20, None, "strong"), (45, 16, "strong"), (45, 16, "strided")])
+def test_partial_chunk_strong_decay_and_strided_inputs(T, chunk, case):
+    """Forward and every gradient against the float64 reference where the sequence ends inside a chunk
+    (20 of the default 256; 45 = 16 + 16 + 13) under decay of -40 .. -240 a step (padded rows must
+    repeat the last valid cumulative decay, or exp of their differences overflows into NaN as in the
+    delta rule's kernels), and with x, dt, B, C, z as views with T innermost (which the kernels must
+    not read as if contiguous)."""
+    t = inputs(Bsz=2, T=T, H=2, P=5, N=6, h0=True)
+    if case == "strong":
+        t["A"] = -torch.tensor([20.0, 40.0])
+        t["dt"] = torch.rand(2, T, 2, generator=torch.Generator().manual_seed(3)) * 4 + 2  # softplus: ~2 .. 6
+    else:
+        for n in ("x", "dt", "B", "C", "z"):
+            t[n] = _time_innermost(t[n])
+    check(t, chunk_size=chunk)
+
+
 def test_float64_is_not_served():
     t = inputs(T=5, dtype=torch.float64)
     with pytest.raises(ValueError, match="no Triton kernel"):
