@@ -4,10 +4,12 @@
     python benchmarks/decode_profile.py [--preset mamba-130m] [--batches 1,8] [--tokens 256] [--top 12]
 
 For each batch size (random weights, bf16, CUDA graph): the time per token of ``generate`` (median of
-three calls after a warm-up that captures the graph), the time of one bare replay of the captured step
-(``graph_decoder(...).graph.replay()``, 200 replays), so the difference is what the loop adds around the
-graph (sampling, the input copy, Python), and the step's kernels from ``torch.profiler``, summed by name,
-the largest first, with their share of the replay.
+three calls after a warm-up that captures the graph), split into what each further token costs (the slope
+between ``--tokens`` and twice as many) and what each call costs once (the prefill, the graph lookup, the
+cache reset: the intercept); the time of one bare replay of the captured step
+(``graph_decoder(...).graph.replay()``, 200 replays), so that the slope minus the replay is what the loop
+adds around the graph per token (sampling, the input copy, Python); and the step's kernels from
+``torch.profiler``, summed by name, the largest first, with their share of the replay.
 """
 
 from __future__ import annotations
@@ -64,30 +66,38 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         prompt = torch.randint(0, vocab, (batch, args.prompt_len), device="cuda")
 
-        def gen():
-            return generate(model, prompt, args.tokens, temperature=0, cuda_graph=True)
+        def wall(tokens: int) -> float:
+            """Median seconds of a ``tokens``-token greedy ``generate`` (its graph captured beforehand)."""
+            generate(model, prompt, tokens, temperature=0, cuda_graph=True, max_seqlen=capacity)
+            walls = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                generate(model, prompt, tokens, temperature=0, cuda_graph=True, max_seqlen=capacity)
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - t0)
+            return statistics.median(walls)
 
-        gen()
-        walls = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            gen()
-            torch.cuda.synchronize()
-            walls.append(time.perf_counter() - t0)
-        per_token = statistics.median(walls) / args.tokens
-        decoder = graph_decoder(model, batch, args.prompt_len + args.tokens, prompt.device)
+        # Both lengths share one capacity (and so one captured graph): the longer run's.
+        n1, n2 = args.tokens, 2 * args.tokens
+        capacity = args.prompt_len + n2
+        w2 = wall(n2)
+        w1 = wall(n1)
+        per_token = w1 / n1
+        slope = (w2 - w1) / (n2 - n1)
+        decoder = graph_decoder(model, batch, capacity, prompt.device)
         replay = seconds(decoder.graph.replay, 200)
-        print(f"\nB={batch}: generate {per_token * 1e6:7.1f} us a token ({batch / per_token:,.0f} tok/s); bare replay "
-              f"{replay * 1e6:7.1f} us ({100 * replay / per_token:.0f} %); around the graph "
-              f"{(per_token - replay) * 1e6:7.1f} us", flush=True)
+        print(f"\nB={batch}: generate {per_token * 1e6:7.1f} us a token over {n1} ({batch / per_token:,.0f} tok/s): "
+              f"{slope * 1e6:7.1f} us each further token, {(w1 - slope * n1) * 1e3:6.2f} ms once a call; bare replay "
+              f"{replay * 1e6:7.1f} us; around the graph {(slope - replay) * 1e6:7.1f} us a token", flush=True)
         total, count = kernel_table(decoder.graph.replay)
         in_graph = set(total)
         busy = sum(total.values())
         print(f"  kernels in one replay: {sum(count.values())}, busy {busy:.1f} us of the {replay * 1e6:.1f} us replay")
         for name, us in total.most_common(args.top):
             print(f"  {us:8.1f} us  {100 * us / max(busy, 1e-9):5.1f} %  x{count[name]:<4d} {name}")
-        total, count = kernel_table(lambda: generate(model, prompt, 16, temperature=0, cuda_graph=True))
+        total, count = kernel_table(lambda: generate(model, prompt, 16, temperature=0, cuda_graph=True,
+                                                     max_seqlen=capacity))
         outside = {n: us for n, us in total.items() if n not in in_graph}
         print(f"  a 16-token generate: {sum(count.values())} device ops; those not in the replay (the prefill "
               f"and the loop around the graph), by time:")
