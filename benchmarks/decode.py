@@ -20,9 +20,9 @@ hybrid at the same positions); it is reported as "not installed" when mamba_ssm 
 "no anchor" for the transformer. ``--anchors BUILD_DIR`` imports it as ``.anchors/build_anchors.py`` built
 it there (``--anchors-src`` names the folder of that script).
 
-Mamba layers decode through the fused step (in_proj + conv + x_proj + dt_proj + state update + gate in
-two launches, with the block's add + norm inside the first: ``mamba_layer_step``, docs/kernels.md
-"Decode step kernels") by default; ``--no-fused`` times the unfused step
+Mamba layers decode through the fused ``mamba_step`` (conv + x_proj + dt_proj + state update + gate in
+two launches, docs/kernels.md "Decode step kernels"; in_proj folded in too only with ``Mamba.fold_in_proj``,
+off by default) by default; ``--no-fused`` times the unfused step
 (x_proj and dt_proj as cuBLAS GEMMs around ``conv_step`` and ``selective_state_update``), and
 ``--compare-fused`` times both, one after the other, in the same run (rows carry ``fused``).
 

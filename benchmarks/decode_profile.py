@@ -8,20 +8,20 @@ three calls after a warm-up that captures the graph), split into what each furth
 between ``--tokens`` and twice as many) and what each call costs once (the prefill, the graph lookup, the
 cache reset: the intercept); the time of one bare replay of the captured step
 (``graph_decoder(...).graph.replay()``, 200 replays), so that the slope minus the replay is what the loop
-adds around the graph per token (sampling, the input copy, Python); and the step's kernels from
-``torch.profiler``, summed by name, the largest first, with their share of the replay.
+adds around the graph per token (sampling, the input copy, Python); and the step's kernels by name, the
+largest first, with their share of the replay (``kernel_profile.profile``, ``count_kernels``).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import time
 
 import torch
+from kernel_profile import profile as kernels_by_name  # benchmarks/kernel_profile.py, beside this script
 
-from seqblocks.generation import generate, graph_decoder
+from seqblocks.generation import count_kernels, generate, graph_decoder
 from seqblocks.presets import build_model, get_preset
 
 
@@ -34,21 +34,6 @@ def seconds(fn, repeats: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / repeats
-
-
-def kernel_table(fn) -> tuple[collections.Counter, collections.Counter]:
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    total, count = collections.Counter(), collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total[e.name[:90]] += e.time_range.elapsed_us()
-            count[e.name[:90]] += 1
-    return total, count
 
 
 def main() -> None:
@@ -90,19 +75,19 @@ def main() -> None:
         print(f"\nB={batch}: generate {per_token * 1e6:7.1f} us a token over {n1} ({batch / per_token:,.0f} tok/s): "
               f"{slope * 1e6:7.1f} us each further token, {(w1 - slope * n1) * 1e3:6.2f} ms once a call; bare replay "
               f"{replay * 1e6:7.1f} us; around the graph {(slope - replay) * 1e6:7.1f} us a token", flush=True)
-        total, count = kernel_table(decoder.graph.replay)
-        in_graph = set(total)
-        busy = sum(total.values())
-        print(f"  kernels in one replay: {sum(count.values())}, busy {busy:.1f} us of the {replay * 1e6:.1f} us replay")
-        for name, us in total.most_common(args.top):
-            print(f"  {us:8.1f} us  {100 * us / max(busy, 1e-9):5.1f} %  x{count[name]:<4d} {name}")
-        total, count = kernel_table(lambda: generate(model, prompt, 16, temperature=0, cuda_graph=True,
-                                                     max_seqlen=capacity))
-        outside = {n: us for n, us in total.items() if n not in in_graph}
-        print(f"  a 16-token generate: {sum(count.values())} device ops; those not in the replay (the prefill "
-              f"and the loop around the graph), by time:")
-        for name, us in sorted(outside.items(), key=lambda kv: -kv[1])[:args.top]:
-            print(f"  {us:8.1f} us  x{count[name]:<4d} {name}")
+        per = kernels_by_name(decoder.graph.replay, [], False, 20)  # name -> ms a replay
+        busy = sum(per.values()) * 1e3
+        print(f"  kernels in one replay: {count_kernels(decoder.graph.replay)}, busy {busy:.1f} us of the "
+              f"{replay * 1e6:.1f} us replay")
+        for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"  {ms * 1e3:8.1f} us  {100 * ms * 1e3 / max(busy, 1e-9):5.1f} %  {name[:90]}")
+        total = kernels_by_name(lambda: generate(model, prompt, 16, temperature=0, cuda_graph=True,
+                                                 max_seqlen=capacity), [], False, 1)
+        outside = {n: ms for n, ms in total.items() if n not in per}
+        print("  a 16-token generate: the device ops not in the replay (the prefill and the loop around the "
+              "graph), by time:")
+        for name, ms in sorted(outside.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"  {ms * 1e3:8.1f} us  {name[:90]}")
 
 
 if __name__ == "__main__":

@@ -362,8 +362,7 @@ class Mamba(Mixer):
             return None  # (a subclass that changes the call keeps it)
         check_cache("Mamba", cache, MambaCache, hidden_states.shape[0], hidden_states.device)
         x = hidden_states[:, 0]
-        if (mixer_context("Mamba", cache) is not None or hidden_states.dtype != self.in_proj.weight.dtype
-                or not self._fuses_in_proj(x) or not self._fuses_step(x)):
+        if mixer_context("Mamba", cache) is not None or not self._fuses_in_proj(x) or not self._fuses_step(x):
             return None
         weight, bias, eps, is_rms = norm_params(norm, hidden_states.dtype)
         y, new_residual = self._layer_step(x, cache, residual=None if residual is None else residual[:, 0],
