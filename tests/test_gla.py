@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from interpreter import INTERPRETER, run_file_under_interpreter
+from layouts import time_innermost
 
 from seqblocks.ops._backend import triton_available
 from seqblocks.ops.gla import gla, gla_ref, gla_step, simple_gla, simple_gla_ref, simple_gla_step
@@ -382,10 +383,6 @@ else:
         for a, b in zip(grads, grads_r):
             assert_close(a.double(), b, atol=5e-2, rtol=5e-2)
 
-    def _time_innermost(x):
-        y = x.movedim(1, -1).contiguous().movedim(-1, 1)  # the same values, T stride 1
-        assert not y.is_contiguous() and y.stride(1) == 1 and torch.equal(y, x)
-        return y
 
     @overflow_ok
     @pytest.mark.parametrize("name, T, case", [("gla", 90, "strong"), ("simple_gla", 20, "strong"),
@@ -401,7 +398,7 @@ else:
             gen = torch.Generator().manual_seed(3)
             inputs[3] = -(torch.rand(inputs[3].shape, generator=gen) * 6 + 4)
         else:
-            inputs = [_time_innermost(t) for t in inputs]
+            inputs = [time_innermost(t) for t in inputs]
         fast = OPS[name][0]
         o, s, grads = _grads(lambda *a, **kw: fast(*a, backend="triton", **kw), inputs, h0)
         o_r, s_r, grads_r = _grads(OPS[name][1], [t.double() for t in inputs], h0.double())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from interpreter import INTERPRETER, run_file_under_interpreter
+from layouts import time_innermost
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
@@ -262,10 +263,6 @@ else:
                 for name, a, b in zip(Mamba3State._fields, ours, theirs):
                     assert_scaled(a, b.double(), 1e-5, f"{name}[{t}]")
 
-    def _time_innermost(x):
-        y = x.movedim(1, -1).contiguous().movedim(-1, 1)  # the same values, T stride 1
-        assert not y.is_contiguous() and y.stride(1) == 1 and torch.equal(y, x)
-        return y
 
     @pytest.mark.parametrize(("T", "chunk", "mimo", "R", "case"), [(20, 64, False, 1, "strong"),
                                                                    (45, 16, True, 2, "strong"),
@@ -282,7 +279,7 @@ else:
             inputs["adt"] = -(torch.rand(inputs["adt"].shape, generator=g, dtype=torch.float64) * 6 + 4)
         else:  # the float32 copies keep the strides
             for n in ("q", "k", "v", "adt", "dt", "trap", "angles", "z"):
-                inputs[n] = _time_innermost(inputs[n])
+                inputs[n] = time_innermost(inputs[n])
         _check(inputs, random_state(2, R), chunk_size=chunk)
 
     def test_triton_bf16():

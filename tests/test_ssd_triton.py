@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from interpreter import INTERPRETER, run_file_under_interpreter
+from layouts import time_innermost
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot be tested")
 
@@ -287,10 +288,6 @@ def test_state_update_reads_strided_inputs():
     torch.testing.assert_close(s_tri, s_torch, atol=1e-5, rtol=1e-5)
 
 
-def _time_innermost(x):
-    y = x.movedim(1, -1).contiguous().movedim(-1, 1)  # the same values, T stride 1
-    assert not y.is_contiguous() and y.stride(1) == 1 and torch.equal(y, x)
-    return y
 
 
 @pytest.mark.parametrize(("T", "chunk", "case"), [(20, None, "strong"), (45, 16, "strong"), (45, 16, "strided")])
@@ -306,7 +303,7 @@ def test_partial_chunk_strong_decay_and_strided_inputs(T, chunk, case):
         t["dt"] = torch.rand(2, T, 2, generator=torch.Generator().manual_seed(3)) * 4 + 2  # softplus: ~2 .. 6
     else:
         for n in ("x", "dt", "B", "C", "z"):
-            t[n] = _time_innermost(t[n])
+            t[n] = time_innermost(t[n])
     check(t, chunk_size=chunk)
 
 
